@@ -1,0 +1,50 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "KVRecall",
+    products: [
+        .library(name: "KVRecall", targets: ["KVRecall"]),
+        .executable(name: "kvrecall", targets: ["KVRecallCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // liblmdb, found through pkg-config (Debian: liblmdb-dev).
+        .systemLibrary(
+            name: "CLMDB",
+            pkgConfig: "lmdb",
+            providers: [.apt(["liblmdb-dev"])]
+        ),
+        // OpenBLAS's CBLAS interface (Debian: libopenblas-dev).
+        .systemLibrary(
+            name: "CBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+        // Vectorised f16/bf16 kernels with a runtime CPU check and a portable fallback.
+        .target(name: "CKernels"),
+        .target(
+            name: "KVRecall",
+            dependencies: ["CLMDB", "CBLAS", "CKernels"]
+        ),
+        .executableTarget(
+            name: "KVRecallCLI",
+            dependencies: [
+                "KVRecall",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .target(
+            name: "KVRecallTestSupport",
+            dependencies: ["KVRecall"],
+            path: "Tests/KVRecallTestSupport"
+        ),
+        .testTarget(
+            name: "KVRecallTests",
+            dependencies: ["KVRecall", "KVRecallTestSupport"]
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,40 @@
+/* Vectorised reduced-precision kernels for KVRecall.
+ *
+ * Every function picks an AVX2/FMA/F16C body at run time when the CPU has it and a
+ * portable body otherwise; both give the same f32 results up to summation order.
+ * Row pointers may be unaligned (vectors are read straight from LMDB's memory map).
+ */
+#ifndef KVKERNELS_H
+#define KVKERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 1 when the vectorised bodies are in use (AVX2 + FMA + F16C present). */
+int kvr_has_fast_path(void);
+
+/* dst[i] = float(src[i]) for i < n. */
+void kvr_f16_to_f32(const uint16_t *src, float *dst, size_t n);
+void kvr_bf16_to_f32(const uint16_t *src, float *dst, size_t n);
+
+/* dst[i] = round-to-nearest-even(src[i]); NaN stays NaN, overflow goes to +-Inf. */
+void kvr_f32_to_f16(const float *src, uint16_t *dst, size_t n);
+void kvr_f32_to_bf16(const float *src, uint16_t *dst, size_t n);
+
+/* Inner products of one f32 query q[d] with n contiguous rows of width d:
+ * out[i] = dot(q, rows + i*d), i < n. */
+void kvr_scores_f32(const float *q, const float *rows, size_t n, size_t d, float *out);
+void kvr_scores_f16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out);
+void kvr_scores_bf16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out);
+
+/* Single inner product of two f32 vectors of length d. */
+float kvr_dot_f32(const float *a, const float *b, size_t d);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

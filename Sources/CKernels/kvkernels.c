@@ -1,0 +1,274 @@
+#include "kvkernels.h"
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVR_X86 1
+#define FAST __attribute__((target("avx2,fma,f16c")))
+#else
+#define KVR_X86 0
+#endif
+
+/* ---- portable scalar bodies ---- */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t mant = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            int e = -1;
+            do { e++; mant <<= 1; } while ((mant & 0x400u) == 0);
+            mant &= 0x3FFu;
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | (mant << 13);
+        }
+    } else if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t absx = x & 0x7FFFFFFFu;
+    if (absx > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((absx >> 13) & 0x3FFu)); /* NaN */
+    if (absx >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* overflow (incl. rounding) -> Inf */
+    if (absx < 0x38800000u) {                                     /* result is subnormal or zero */
+        if (absx < 0x33000000u) return (uint16_t)sign;            /* below half the smallest subnormal */
+        uint32_t e = absx >> 23;
+        uint32_t m = (absx & 0x7FFFFFu) | 0x800000u;
+        uint32_t shift = 126 - e;                                  /* value = m * 2^(e-150); unit 2^-24 */
+        uint32_t halfm = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1u);
+        uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (halfm & 1u))) halfm++;
+        return (uint16_t)(sign | halfm);
+    }
+    uint32_t rounded = absx + 0x0FFFu + ((absx >> 13) & 1u);      /* round to nearest even */
+    return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x0040u); /* quiet NaN */
+    x += 0x7FFFu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+static float dot_f32_portable(const float *a, const float *b, size_t d) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        s0 += a[i] * b[i]; s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2]; s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < d; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* ---- AVX2 / FMA / F16C bodies ---- */
+#if KVR_X86
+FAST static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    s = _mm_add_ss(s, sh);
+    return _mm_cvtss_f32(s);
+}
+
+FAST static inline __m256 load_f16x8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+FAST static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    __m256i w = _mm256_cvtepu16_epi32(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+FAST static void f16_to_f32_fast(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_f16x8(src + i));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+FAST static void bf16_to_f32_fast(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_bf16x8(src + i));
+    for (; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+
+FAST static void f32_to_f16_fast(const float *src, uint16_t *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128((__m128i *)(dst + i), h);
+    }
+    for (; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
+FAST static float dot_f32_fast(const float *a, const float *b, size_t d) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= d; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float s = hsum256(_mm256_add_ps(acc0, acc1));
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Scores four rows at a time so each query register load is shared. */
+#define SCORE_BODY(LOAD, T)                                                        \
+    size_t r = 0;                                                                  \
+    for (; r + 4 <= n; r += 4) {                                                   \
+        const T *r0 = rows + r * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;       \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                 \
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                 \
+        size_t i = 0;                                                              \
+        for (; i + 8 <= d; i += 8) {                                               \
+            __m256 qv = _mm256_loadu_ps(q + i);                                    \
+            a0 = _mm256_fmadd_ps(qv, LOAD(r0 + i), a0);                            \
+            a1 = _mm256_fmadd_ps(qv, LOAD(r1 + i), a1);                            \
+            a2 = _mm256_fmadd_ps(qv, LOAD(r2 + i), a2);                            \
+            a3 = _mm256_fmadd_ps(qv, LOAD(r3 + i), a3);                            \
+        }                                                                          \
+        float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3); \
+        for (; i < d; i++) {                                                       \
+            s0 += q[i] * SCALAR(r0[i]); s1 += q[i] * SCALAR(r1[i]);                \
+            s2 += q[i] * SCALAR(r2[i]); s3 += q[i] * SCALAR(r3[i]);                \
+        }                                                                          \
+        out[r] = s0; out[r + 1] = s1; out[r + 2] = s2; out[r + 3] = s3;            \
+    }                                                                              \
+    for (; r < n; r++) {                                                           \
+        const T *row = rows + r * d;                                               \
+        __m256 a0 = _mm256_setzero_ps();                                           \
+        size_t i = 0;                                                              \
+        for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LOAD(row + i), a0); \
+        float s = hsum256(a0);                                                     \
+        for (; i < d; i++) s += q[i] * SCALAR(row[i]);                             \
+        out[r] = s;                                                                \
+    }
+
+#define LOADF32(p) _mm256_loadu_ps(p)
+#define SCALAR(x) (x)
+FAST static void scores_f32_fast(const float *q, const float *rows, size_t n, size_t d, float *out) {
+    SCORE_BODY(LOADF32, float)
+}
+#undef SCALAR
+#define SCALAR(x) half_to_float(x)
+FAST static void scores_f16_fast(const float *q, const uint16_t *rows, size_t n, size_t d, float *out) {
+    SCORE_BODY(load_f16x8, uint16_t)
+}
+#undef SCALAR
+#define SCALAR(x) bf16_to_float(x)
+FAST static void scores_bf16_fast(const float *q, const uint16_t *rows, size_t n, size_t d, float *out) {
+    SCORE_BODY(load_bf16x8, uint16_t)
+}
+#undef SCALAR
+
+static int detect_fast(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+static int detect_fast(void) { return 0; }
+#endif
+
+static int fast_state = -1;
+
+int kvr_has_fast_path(void) {
+    int s = __atomic_load_n(&fast_state, __ATOMIC_RELAXED);
+    if (s < 0) {
+        s = detect_fast();
+        __atomic_store_n(&fast_state, s, __ATOMIC_RELAXED);
+    }
+    return s;
+}
+
+void kvr_f16_to_f32(const uint16_t *src, float *dst, size_t n) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { f16_to_f32_fast(src, dst, n); return; }
+#endif
+    for (size_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+void kvr_bf16_to_f32(const uint16_t *src, float *dst, size_t n) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { bf16_to_f32_fast(src, dst, n); return; }
+#endif
+    for (size_t i = 0; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+
+void kvr_f32_to_f16(const float *src, uint16_t *dst, size_t n) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { f32_to_f16_fast(src, dst, n); return; }
+#endif
+    for (size_t i = 0; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
+void kvr_f32_to_bf16(const float *src, uint16_t *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = float_to_bf16(src[i]);
+}
+
+float kvr_dot_f32(const float *a, const float *b, size_t d) {
+#if KVR_X86
+    if (kvr_has_fast_path()) return dot_f32_fast(a, b, d);
+#endif
+    return dot_f32_portable(a, b, d);
+}
+
+void kvr_scores_f32(const float *q, const float *rows, size_t n, size_t d, float *out) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { scores_f32_fast(q, rows, n, d, out); return; }
+#endif
+    for (size_t r = 0; r < n; r++) out[r] = dot_f32_portable(q, rows + r * d, d);
+}
+
+void kvr_scores_f16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { scores_f16_fast(q, rows, n, d, out); return; }
+#endif
+    for (size_t r = 0; r < n; r++) {
+        const uint16_t *row = rows + r * d;
+        float s = 0;
+        for (size_t i = 0; i < d; i++) s += q[i] * half_to_float(row[i]);
+        out[r] = s;
+    }
+}
+
+void kvr_scores_bf16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { scores_bf16_fast(q, rows, n, d, out); return; }
+#endif
+    for (size_t r = 0; r < n; r++) {
+        const uint16_t *row = rows + r * d;
+        float s = 0;
+        for (size_t i = 0; i < d; i++) s += q[i] * bf16_to_float(row[i]);
+        out[r] = s;
+    }
+}

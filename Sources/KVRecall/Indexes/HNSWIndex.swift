@@ -1,0 +1,410 @@
+import Dispatch
+import Foundation
+
+/// Hierarchical Navigable Small World graph (Malkov & Yashunin) for inner-product search.
+///
+/// Layout as in hnswlib: layer-0 links in one flat buffer of `count x (maxM0 + 1)` Int32 slots
+/// (slot 0 holds the neighbour count), upper-layer links in a second flat buffer addressed by a
+/// per-node offset. Vectors are not copied: they are read from the store's memory map.
+///
+/// Build: nodes are inserted in batches. Within a batch the candidate searches run in parallel
+/// against the graph as it stood at the batch start (plus the batch's earlier nodes, scored
+/// directly), then the links are made in node order. The result depends only on the keys,
+/// the parameters and the seed — not on the thread count or timing.
+public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
+    public static let formatVersion = 1
+    public let kind = "hnsw"
+    public let dimension: Int
+    public private(set) var count = 0
+    public let M: Int
+    public let maxM0: Int
+    public let efConstruction: Int
+    public let seed: UInt64
+    public var threads: Int
+    let levelMultiplier: Double
+
+    private(set) var links0: [Int32] = []
+    private(set) var levels: [Int32] = []
+    private(set) var upperOffset: [Int32] = []
+    private(set) var upperLinks: [Int32] = []
+    private(set) var entryPoint: Int32 = -1
+    private(set) var maxLevel = -1
+    private var rng: SeededGenerator
+
+    public init(dimension: Int, M: Int = 16, efConstruction: Int = 200, seed: UInt64 = 42, threads: Int = 2) throws {
+        guard M >= 2 else { throw IndexError.invalidParameter("M must be at least 2 (got \(M))") }
+        guard M <= 1024 else { throw IndexError.invalidParameter("M must be at most 1024 (got \(M))") }
+        guard efConstruction >= 1 else { throw IndexError.invalidParameter("ef-construction must be at least 1") }
+        self.dimension = dimension
+        self.M = M
+        self.maxM0 = 2 * M
+        self.efConstruction = max(efConstruction, M)
+        self.seed = seed
+        self.threads = max(1, threads)
+        levelMultiplier = 1 / log(Double(M))
+        rng = SeededGenerator(seed: seed)
+    }
+
+    var stride0: Int { maxM0 + 1 }
+    var strideUpper: Int { M + 1 }
+
+    // MARK: Link access
+
+    @inline(__always)
+    func neighbours(_ node: Int, level: Int) -> ArraySlice<Int32> {
+        if level == 0 {
+            let base = node * stride0
+            return links0[(base + 1)..<(base + 1 + Int(links0[base]))]
+        }
+        let base = Int(upperOffset[node]) + (level - 1) * strideUpper
+        return upperLinks[(base + 1)..<(base + 1 + Int(upperLinks[base]))]
+    }
+
+    private func setNeighbours(_ node: Int, level: Int, _ list: [Int32]) {
+        if level == 0 {
+            let base = node * stride0
+            links0[base] = Int32(list.count)
+            for (i, n) in list.enumerated() { links0[base + 1 + i] = n }
+        } else {
+            let base = Int(upperOffset[node]) + (level - 1) * strideUpper
+            upperLinks[base] = Int32(list.count)
+            for (i, n) in list.enumerated() { upperLinks[base + 1 + i] = n }
+        }
+    }
+
+    // MARK: Search primitives
+
+    /// Greedy walk at one layer: moves to the best neighbour until none improves.
+    @inline(__always)
+    func greedy(query: UnsafePointer<Float>, keys: VectorView, from start: Int32, level: Int,
+                computations: inout Int) -> (Int32, Float) {
+        var current = start
+        var best = keys.score(query: query, row: Int(start))
+        computations += 1
+        var changed = true
+        while changed {
+            changed = false
+            for n in neighbours(Int(current), level: level) {
+                let s = keys.score(query: query, row: Int(n))
+                computations += 1
+                if s > best {
+                    best = s
+                    current = n
+                    changed = true
+                }
+            }
+        }
+        return (current, best)
+    }
+
+    /// Beam search at one layer: the `ef` best nodes reachable from `entries`.
+    func searchLayer(query: UnsafePointer<Float>, keys: VectorView, entries: [(Int32, Float)], ef: Int, level: Int,
+                     scratch: SearchScratch, limit: Int) -> MinScoreHeap {
+        scratch.visited.reset(capacity: limit)
+        scratch.candidates.removeAll()
+        var results = MinScoreHeap(capacity: ef + 1)
+        for (e, s) in entries where Int(e) < limit {
+            _ = scratch.visited.insert(Int(e))
+            scratch.candidates.push(s, e)
+            results.push(s, e)
+            if results.count > ef { results.pop() }
+        }
+        while !scratch.candidates.isEmpty {
+            let (s, c) = scratch.candidates.pop()
+            if results.count >= ef && s < results.bottomScore { break }
+            for n in neighbours(Int(c), level: level) {
+                let ni = Int(n)
+                guard ni < limit, scratch.visited.insert(ni) else { continue }
+                let sn = keys.score(query: query, row: ni)
+                scratch.computations += 1
+                if results.count < ef || sn > results.bottomScore {
+                    scratch.candidates.push(sn, n)
+                    results.push(sn, n)
+                    if results.count > ef { results.pop() }
+                }
+            }
+        }
+        return results
+    }
+
+    /// hnswlib's neighbour-selection heuristic: take candidates best first, keep one only if it is
+    /// closer to the base than to every neighbour kept so far (for inner product: base.e > e.r).
+    func selectNeighbours(_ candidates: [(score: Float, id: Int32)], keys: VectorView, max m: Int,
+                          scratch: SearchScratch) -> [Int32] {
+        if candidates.count <= m { return candidates.map(\.id) }
+        var kept: [Int32] = []
+        kept.reserveCapacity(m)
+        let d = dimension
+        for cand in candidates {
+            if kept.count >= m { break }
+            keys.decodeRow(Int(cand.id), into: scratch.vector)
+            var good = true
+            for r in kept {
+                let s = keys.score(query: scratch.vector, row: Int(r))
+                scratch.computations += 1
+                if s > cand.score { good = false; break }
+            }
+            _ = d
+            if good { kept.append(cand.id) }
+        }
+        return kept
+    }
+
+    // MARK: Build
+
+    public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard range.lowerBound == count, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("HNSW adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+        let newCount = range.upperBound
+        // Reserve link storage and draw levels (in node order, from the seeded generator).
+        links0 += [Int32](repeating: 0, count: (newCount - count) * stride0)
+        for _ in range {
+            let u = max(Double(rng.next() >> 11) / Double(1 << 53), 1e-300)
+            let level = Int(-log(u) * levelMultiplier)
+            levels.append(Int32(level))
+            if level > 0 {
+                upperOffset.append(Int32(upperLinks.count))
+                upperLinks += [Int32](repeating: 0, count: level * strideUpper)
+            } else {
+                upperOffset.append(-1)
+            }
+        }
+        let pool = (0..<threads).map { _ in SearchScratch(dimension: dimension, capacity: newCount) }
+        var next = range.lowerBound
+        if count == 0 && next < newCount {
+            // The first node is the graph.
+            entryPoint = Int32(next)
+            maxLevel = Int(levels[next])
+            next += 1
+            count = next
+        }
+        while next < newCount {
+            // Small batches while the graph is small, so early nodes see each other.
+            let batch = min(newCount - next, max(1, min(512, count / 8)))
+            let batchRange = next..<(next + batch)
+            var plans = [[[Int32]]](repeating: [], count: batch)
+            let frozenCount = count
+            plans.withUnsafeMutableBufferPointer { out in
+                let chunk = (batch + threads - 1) / threads
+                DispatchQueue.concurrentPerform(iterations: min(threads, batch)) { t in
+                    let scratch = pool[t]
+                    let lo = t * chunk
+                    for j in lo..<min(batch, lo + chunk) {
+                        out[j] = self.plan(node: batchRange.lowerBound + j, keys: keys, frozenCount: frozenCount,
+                                           batchStart: batchRange.lowerBound, scratch: scratch)
+                    }
+                }
+            }
+            for (j, plan) in plans.enumerated() {
+                link(node: batchRange.lowerBound + j, plan: plan, keys: keys, scratch: pool[0])
+            }
+            next += batch
+            count = next
+            progress?(count - range.lowerBound, range.count)
+        }
+    }
+
+    /// Chooses the neighbours of `node` on each of its layers, reading only the frozen graph.
+    private func plan(node: Int, keys: VectorView, frozenCount: Int, batchStart: Int, scratch: SearchScratch) -> [[Int32]] {
+        let q = scratch.query
+        keys.decodeRow(node, into: q)
+        let nodeLevel = Int(levels[node])
+        var ep = entryPoint
+        var epScore: Float = 0
+        var computations = 0
+        if maxLevel > nodeLevel {
+            for level in stride(from: maxLevel, to: nodeLevel, by: -1) {
+                (ep, epScore) = greedy(query: q, keys: keys, from: ep, level: level, computations: &computations)
+            }
+        } else {
+            epScore = keys.score(query: q, row: Int(ep))
+        }
+        var entries = [(ep, epScore)]
+        var result = [[Int32]](repeating: [], count: nodeLevel + 1)
+        for level in stride(from: min(nodeLevel, maxLevel), through: 0, by: -1) {
+            var found = searchLayer(query: q, keys: keys, entries: entries, ef: efConstruction, level: level,
+                                    scratch: scratch, limit: frozenCount).sortedDescending()
+            // Earlier nodes of this batch that reach this layer are candidates too.
+            var extra: [(score: Float, id: Int32)] = []
+            for other in batchStart..<node where Int(levels[other]) >= level {
+                extra.append((keys.score(query: q, row: other), Int32(other)))
+            }
+            if !extra.isEmpty {
+                found = (found + extra).sorted { $0.score != $1.score ? $0.score > $1.score : $0.id < $1.id }
+            }
+            result[level] = selectNeighbours(found, keys: keys, max: M, scratch: scratch)
+            entries = found.prefix(1).map { ($0.id, $0.score) }
+        }
+        return result
+    }
+
+    /// Links `node` to its planned neighbours and adds the reverse edges, pruning full lists.
+    private func link(node: Int, plan: [[Int32]], keys: VectorView, scratch: SearchScratch) {
+        let nodeLevel = Int(levels[node])
+        for level in 0..<plan.count where level <= nodeLevel {
+            let chosen = plan[level]
+            setNeighbours(node, level: level, chosen)
+            let cap = level == 0 ? maxM0 : M
+            for n in chosen {
+                let ni = Int(n)
+                var list = Array(neighbours(ni, level: level))
+                if list.contains(Int32(node)) { continue }
+                if list.count < cap {
+                    list.append(Int32(node))
+                    setNeighbours(ni, level: level, list)
+                    continue
+                }
+                keys.decodeRow(ni, into: scratch.query)
+                var scored = list.map { (score: keys.score(query: scratch.query, row: Int($0)), id: $0) }
+                scored.append((keys.score(query: scratch.query, row: node), Int32(node)))
+                scored.sort { $0.score != $1.score ? $0.score > $1.score : $0.id < $1.id }
+                setNeighbours(ni, level: level, selectNeighbours(scored, keys: keys, max: cap, scratch: scratch))
+            }
+        }
+        if nodeLevel > maxLevel {
+            maxLevel = nodeLevel
+            entryPoint = Int32(node)
+        }
+    }
+
+    // MARK: Search
+
+    public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                       keys: VectorView) throws -> SearchResults {
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        guard count > 0, entryPoint >= 0 else { throw IndexError.notBuilt("the HNSW index is empty") }
+        guard keys.count >= count else {
+            throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
+        }
+        guard parameters.ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
+        var results = SearchResults(k: k, queryCount: m)
+        results.stats.keyCount = count
+        let threads = max(1, min(parameters.threads, m))
+        let scratches = (0..<threads).map { _ in SearchScratch(dimension: dimension, capacity: count) }
+        let chunk = (m + threads - 1) / threads
+        let ef = max(parameters.ef, k)
+        results.ids.withUnsafeMutableBufferPointer { ids in
+            results.scores.withUnsafeMutableBufferPointer { scores in
+                DispatchQueue.concurrentPerform(iterations: threads) { t in
+                    let scratch = scratches[t]
+                    for q in (t * chunk)..<min(m, (t + 1) * chunk) {
+                        let query = queries.baseAddress! + q * dimension
+                        var ep = entryPoint
+                        var computations = 0
+                        var epScore: Float = 0
+                        if maxLevel > 0 {
+                            for level in stride(from: maxLevel, to: 0, by: -1) {
+                                (ep, epScore) = greedy(query: query, keys: keys, from: ep, level: level, computations: &computations)
+                            }
+                        } else {
+                            epScore = keys.score(query: query, row: Int(ep))
+                            computations += 1
+                        }
+                        scratch.computations += computations
+                        let found = searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0,
+                                                scratch: scratch, limit: count).sortedDescending()
+                        for (j, hit) in found.prefix(k).enumerated() {
+                            ids[q * k + j] = Int(hit.id)
+                            scores[q * k + j] = hit.score
+                        }
+                    }
+                }
+            }
+        }
+        results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
+        return results
+    }
+
+    // MARK: Persistence
+
+    public func sections() -> [String: [UInt8]] {
+        var meta = ByteWriter()
+        for v in [dimension, count, M, maxM0, efConstruction, maxLevel] { meta.write(Int64(v)) }
+        meta.write(entryPoint)
+        meta.write(seed)
+        meta.write(rng.state)
+        var graph = ByteWriter()
+        graph.write(array: links0)
+        graph.write(array: levels)
+        graph.write(array: upperOffset)
+        graph.write(array: upperLinks)
+        return ["meta": meta.bytes, "graph": graph.bytes]
+    }
+
+    public convenience init(sections: [String: [UInt8]]) throws {
+        guard let metaBytes = sections["meta"], let graphBytes = sections["graph"] else {
+            throw IndexError.corrupt("HNSW index lacks its meta or graph section")
+        }
+        var meta = ByteReader(metaBytes, context: "hnsw meta")
+        let v = try (0..<6).map { _ in Int(try meta.read(Int64.self)) }
+        let (dimension, count, M, maxM0, efC, maxLevel) = (v[0], v[1], v[2], v[3], v[4], v[5])
+        let entry = try meta.read(Int32.self)
+        let seed = try meta.read(UInt64.self)
+        let state = try meta.read(UInt64.self)
+        guard dimension > 0, count >= 0, M >= 2, maxM0 == 2 * M else { throw IndexError.corrupt("HNSW meta out of range") }
+        try self.init(dimension: dimension, M: M, efConstruction: efC, seed: seed)
+        var graph = ByteReader(graphBytes, context: "hnsw graph")
+        links0 = try graph.readArray(Int32.self)
+        levels = try graph.readArray(Int32.self)
+        upperOffset = try graph.readArray(Int32.self)
+        upperLinks = try graph.readArray(Int32.self)
+        guard links0.count == count * stride0, levels.count == count, upperOffset.count == count,
+              count == 0 || (entry >= 0 && Int(entry) < count) else {
+            throw IndexError.corrupt("HNSW graph sizes disagree with its node count \(count)")
+        }
+        // Every link must name a node, so a damaged section cannot send a search out of bounds.
+        for i in 0..<count {
+            let base = i * stride0
+            guard links0[base] >= 0, Int(links0[base]) <= maxM0,
+                  links0[(base + 1)..<(base + 1 + Int(links0[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                throw IndexError.corrupt("HNSW node \(i) has an invalid layer-0 link list")
+            }
+            if levels[i] > 0 {
+                let end = Int(upperOffset[i]) + Int(levels[i]) * strideUpper
+                guard upperOffset[i] >= 0, end <= upperLinks.count else { throw IndexError.corrupt("HNSW node \(i) upper links out of range") }
+            }
+        }
+        guard upperLinks.allSatisfy({ $0 >= 0 && Int($0) < max(count, maxM0 + 1) }) else {
+            throw IndexError.corrupt("HNSW upper links name unknown nodes")
+        }
+        self.count = count
+        self.entryPoint = entry
+        self.maxLevel = maxLevel
+        rng.state = state
+    }
+}
+
+/// Per-thread scratch for graph walks, reused across queries.
+final class SearchScratch {
+    let visited: VisitedSet
+    var candidates = MaxScoreHeap(capacity: 256)
+    let query: UnsafeMutablePointer<Float>
+    let vector: UnsafeMutablePointer<Float>
+    var computations = 0
+
+    init(dimension: Int, capacity: Int) {
+        visited = VisitedSet(capacity: capacity)
+        query = .allocate(capacity: dimension)
+        vector = .allocate(capacity: dimension)
+    }
+
+    deinit {
+        query.deallocate()
+        vector.deallocate()
+    }
+}
+
+/// SplitMix64, the library's seeded generator: the same seed gives the same index.
+public struct SeededGenerator: RandomNumberGenerator, Sendable {
+    public var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,127 @@
+/// Per-call search knobs. Each index reads the ones it understands and ignores the rest.
+public struct SearchParameters: Sendable {
+    /// HNSW / graph beam width (candidate list size).
+    public var ef: Int = 64
+    /// IVF lists probed.
+    public var nprobe: Int = 8
+    /// Centroid tree: clusters kept per level.
+    public var beam: Int = 8
+    /// LSH: tables a key must collide in to be a candidate.
+    public var minCollisions: Int = 2
+    /// Threads to spread a query batch over.
+    public var threads: Int = 1
+    public init() {}
+}
+
+/// What one search touched, summed over its queries.
+public struct SearchStats: Sendable, Equatable {
+    /// Query-key inner products computed (re-ranking and scanning), over all queries.
+    public var distanceComputations = 0
+    /// Other work: centroid or hash scores, over all queries.
+    public var auxiliaryComputations = 0
+    /// Queries searched.
+    public var queries = 0
+    /// Keys in the searched set.
+    public var keyCount = 0
+
+    public init(distanceComputations: Int = 0, auxiliaryComputations: Int = 0, queries: Int = 0, keyCount: Int = 0) {
+        self.distanceComputations = distanceComputations
+        self.auxiliaryComputations = auxiliaryComputations
+        self.queries = queries
+        self.keyCount = keyCount
+    }
+
+    /// Mean fraction of keys scored per query (DESIGN.md section 6: keys scanned).
+    public var keysScannedFraction: Double {
+        guard queries > 0, keyCount > 0 else { return 0 }
+        return Double(distanceComputations) / Double(queries) / Double(keyCount)
+    }
+
+    public static func += (a: inout SearchStats, b: SearchStats) {
+        a.distanceComputations += b.distanceComputations
+        a.auxiliaryComputations += b.auxiliaryComputations
+        a.queries += b.queries
+        a.keyCount = max(a.keyCount, b.keyCount)
+    }
+}
+
+/// Results of a batch search: `queryCount x k` ids and scores, row-major, best first per query.
+/// Rows with fewer than `k` hits are padded with id -1 and score -inf.
+public struct SearchResults: Sendable {
+    public let k: Int
+    public let queryCount: Int
+    public var ids: [Int]
+    public var scores: [Float]
+    public var stats: SearchStats
+
+    public init(k: Int, queryCount: Int) {
+        self.k = k
+        self.queryCount = queryCount
+        ids = [Int](repeating: -1, count: k * queryCount)
+        scores = [Float](repeating: -.infinity, count: k * queryCount)
+        stats = SearchStats(queries: queryCount)
+    }
+
+    /// The hits of query `q`, best first, without padding.
+    public func hits(_ q: Int) -> [(id: Int, score: Float)] {
+        (0..<k).compactMap { j in ids[q * k + j] >= 0 ? (ids[q * k + j], scores[q * k + j]) : nil }
+    }
+
+    /// Writes the content of a selection as row `q`.
+    mutating func store(_ top: TopK, query q: Int) {
+        for (j, hit) in top.sorted().enumerated() {
+            ids[q * k + j] = hit.id
+            scores[q * k + j] = hit.score
+        }
+    }
+}
+
+/// The index abstraction (faiss's `Index` is the model): fixed dimension, vectors addressed by
+/// position, batch search with per-call parameters and statistics. Indexes hold only their own
+/// structure; the key vectors are read from the store's memory map through a `VectorView`
+/// passed to each call, valid inside one read transaction.
+public protocol VectorIndex {
+    /// Short name: "flat", "hnsw", "ivf", "lsh", "tree", "retrieval".
+    var kind: String { get }
+    var dimension: Int { get }
+    /// Keys indexed (positions 0..<count).
+    var count: Int { get }
+    /// Top-`k` by inner product for `queries` (`m x dimension`, row-major f32).
+    func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                keys: VectorView) throws -> SearchResults
+}
+
+/// Validates a search call's shape against an index and its keys.
+func validateSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, dimension: Int, keys: VectorView) throws -> Int {
+    guard keys.dimension == dimension else {
+        throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension)
+    }
+    guard queries.count % dimension == 0 else {
+        throw IndexError.dimensionMismatch(expected: dimension, actual: queries.count)
+    }
+    guard k >= 1 else { throw IndexError.invalidParameter("k must be at least 1 (got \(k))") }
+    guard k <= keys.count else {
+        throw IndexError.invalidParameter("k = \(k) exceeds the \(keys.count) keys of head \(keys.info.id)")
+    }
+    return queries.count / dimension
+}
+
+/// Errors of index building and search.
+public enum IndexError: Error, CustomStringConvertible, Equatable, Sendable {
+    case dimensionMismatch(expected: Int, actual: Int)
+    case invalidParameter(String)
+    case notBuilt(String)
+    case corrupt(String)
+    case unsupportedVersion(found: Int, supported: Int)
+
+    public var description: String {
+        switch self {
+        case .dimensionMismatch(let e, let a): return "dimension mismatch: the index has dimension \(e), the data \(a)"
+        case .invalidParameter(let m): return "invalid parameter: \(m)"
+        case .notBuilt(let m): return m
+        case .corrupt(let m): return "corrupt index: \(m)"
+        case .unsupportedVersion(let f, let s):
+            return "index format version \(f) is not supported (this build reads version \(s)); rebuild the index"
+        }
+    }
+}

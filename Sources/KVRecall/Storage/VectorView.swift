@@ -1,0 +1,123 @@
+import CKernels
+import CLMDB
+
+/// A zero-copy view of one stream (keys, values or prefill queries) of one head, valid only
+/// inside the read transaction that made it. A block table maps block number to a pointer into
+/// LMDB's memory map; row `i` lives in block `i / blockSize` at row `i % blockSize`.
+///
+/// Rows may be unaligned in the map (LMDB guarantees little alignment), so readers use the C
+/// kernels' unaligned loads or `decode`; `alignedF32Block` says when BLAS may read a block in place.
+public struct VectorView {
+    public let info: HeadInfo
+    public let kind: VectorKind
+    public let count: Int
+    public var dimension: Int { info.dimension }
+    public var dtype: DType { info.dtype }
+    public var blockSize: Int { info.blockSize }
+    /// Base pointer of each block, in order.
+    public let blocks: [UnsafeRawPointer]
+
+    init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String) throws {
+        self.info = info
+        self.kind = kind
+        let count = info.rows(kind)
+        self.count = count
+        let bs = info.blockSize
+        let width = info.bytesPerVector
+        let expectedBlocks = (count + bs - 1) / bs
+        let kind = kind
+        var table: [UnsafeRawPointer] = []
+        table.reserveCapacity(expectedBlocks)
+        try txn.scan(db, prefix: StoreKey.vectorPrefix(info.id, kind)) { key, value in
+            let number = Int(StoreKey.decodeBlockNumber(key))
+            guard number == table.count else {
+                throw StoreError(.corrupt, "\(kind) block \(table.count) is missing (found \(number))", path: path, head: info.id)
+            }
+            if number >= expectedBlocks { return false }
+            let rowsHere = min(bs, count - number * bs)
+            guard value.count >= rowsHere * width, let base = value.baseAddress else {
+                throw StoreError(.corrupt, "\(kind) block \(number) holds \(value.count) bytes, expected \(rowsHere * width)",
+                                 path: path, head: info.id)
+            }
+            table.append(base)
+            return table.count < expectedBlocks
+        }
+        guard table.count == expectedBlocks else {
+            throw StoreError(.corrupt, "\(kind) has \(table.count) blocks, expected \(expectedBlocks)", path: path, head: info.id)
+        }
+        blocks = table
+    }
+
+    /// Number of rows in block `b`.
+    @inline(__always)
+    public func rowsInBlock(_ b: Int) -> Int { Swift.min(blockSize, count - b * blockSize) }
+
+    /// Pointer to row `i` in the map.
+    @inline(__always)
+    public func row(_ i: Int) -> UnsafeRawPointer {
+        blocks[i / blockSize] + (i % blockSize) * info.bytesPerVector
+    }
+
+    /// Row `i` converted to f32 into `out` (`dimension` floats).
+    @inline(__always)
+    public func decodeRow(_ i: Int, into out: UnsafeMutablePointer<Float>) {
+        decodeRows(row(i), count: 1, into: out)
+    }
+
+    /// `count` contiguous rows starting at `src` converted to f32.
+    @inline(__always)
+    public func decodeRows(_ src: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
+        let n = count * dimension
+        switch dtype {
+        case .f32: UnsafeMutableRawPointer(out).copyMemory(from: src, byteCount: n * 4)
+        case .f16: kvr_f16_to_f32(src.assumingMemoryBound(to: UInt16.self), out, n)
+        case .bf16: kvr_bf16_to_f32(src.assumingMemoryBound(to: UInt16.self), out, n)
+        }
+    }
+
+    /// Rows `range` as a row-major f32 array.
+    public func decode(rows range: Range<Int>) -> [Float] {
+        var out = [Float](repeating: 0, count: range.count * dimension)
+        out.withUnsafeMutableBufferPointer { buf in
+            var i = range.lowerBound
+            while i < range.upperBound {
+                let inBlock = i % blockSize
+                let take = Swift.min(blockSize - inBlock, range.upperBound - i)
+                decodeRows(row(i), count: take, into: buf.baseAddress! + (i - range.lowerBound) * dimension)
+                i += take
+            }
+        }
+        return out
+    }
+
+    /// Inner products of `query` (f32, `dimension`) with rows `start..<start+n` of one block.
+    @inline(__always)
+    public func scores(query: UnsafePointer<Float>, block b: Int, into out: UnsafeMutablePointer<Float>) {
+        let n = rowsInBlock(b)
+        let base = blocks[b]
+        switch dtype {
+        case .f32: kvr_scores_f32(query, base.assumingMemoryBound(to: Float.self), n, dimension, out)
+        case .f16: kvr_scores_f16(query, base.assumingMemoryBound(to: UInt16.self), n, dimension, out)
+        case .bf16: kvr_scores_bf16(query, base.assumingMemoryBound(to: UInt16.self), n, dimension, out)
+        }
+    }
+
+    /// Inner product of `query` with row `i` (graph walks, re-ranking).
+    @inline(__always)
+    public func score(query: UnsafePointer<Float>, row i: Int) -> Float {
+        var s: Float = 0
+        let p = row(i)
+        switch dtype {
+        case .f32: kvr_scores_f32(query, p.assumingMemoryBound(to: Float.self), 1, dimension, &s)
+        case .f16: kvr_scores_f16(query, p.assumingMemoryBound(to: UInt16.self), 1, dimension, &s)
+        case .bf16: kvr_scores_bf16(query, p.assumingMemoryBound(to: UInt16.self), 1, dimension, &s)
+        }
+        return s
+    }
+
+    /// Block `b` as f32 rows BLAS can read in place, when stored as aligned f32.
+    public func alignedF32Block(_ b: Int) -> UnsafePointer<Float>? {
+        guard dtype == .f32, Int(bitPattern: blocks[b]) % MemoryLayout<Float>.alignment == 0 else { return nil }
+        return blocks[b].assumingMemoryBound(to: Float.self)
+    }
+}

@@ -1,0 +1,92 @@
+import ArgumentParser
+import Foundation
+import KVRecall
+
+/// `--store DIR`, shared by every command that reads or writes a store.
+struct StoreOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Store directory (one LMDB environment).", valueName: "dir"))
+    var store: String
+
+    func open(create: Bool = false, readOnly: Bool = false) throws -> KVStore {
+        var options = Environment.Options()
+        options.readOnly = readOnly
+        return try KVStore(path: store, create: create, options: options)
+    }
+}
+
+/// `--context C --layer L --head H`: which head a command addresses.
+struct HeadOptions: ParsableArguments {
+    @Option(help: "Context id (one store may hold several sequences).")
+    var context: UInt32 = 0
+    @Option(help: "Layer number.")
+    var layer: UInt16 = 0
+    @Option(help: "KV-head number (the first head, for 3-D inputs).")
+    var head: UInt16 = 0
+
+    var id: HeadID { HeadID(context: context, layer: layer, head: head) }
+}
+
+/// Loads an f32 matrix `[rows, d]` from `.npy` or from a named tensor of a `.safetensors` file.
+func loadTensor(path: String, tensorName: String?, role: String) throws -> Tensor {
+    if path.hasSuffix(".safetensors") {
+        guard let tensorName else {
+            let names = (try? Safetensors.read(path: path).names()) ?? []
+            throw ValidationError("\(path): a .safetensors file needs --\(role)-tensor NAME (tensors: \(names.joined(separator: ", ")))")
+        }
+        return try Safetensors.read(path: path).tensor(named: tensorName)
+    }
+    if tensorName != nil {
+        throw ValidationError("--\(role)-tensor applies to .safetensors files; \(path) is read as .npy")
+    }
+    return try NPY.read(path: path)
+}
+
+/// A single 2-D query matrix, checked against the head's dimension.
+func loadQueries(path: String, tensorName: String?, dimension: Int) throws -> (rows: Int, values: [Float]) {
+    let t = try loadTensor(path: path, tensorName: tensorName, role: "queries")
+    guard t.shape.count == 2 else {
+        throw FormatError(path: path, problem: .badShape("queries must be [M, d], got \(t.shape)"))
+    }
+    guard t.shape[1] == dimension else {
+        throw FormatError(path: path, problem: .badShape("queries have dimension \(t.shape[1]) but the head has \(dimension)"))
+    }
+    if let bad = t.firstNonFinite(rowWidth: dimension) {
+        throw FormatError(path: path, problem: .nonFinite(row: bad.row, column: bad.column))
+    }
+    return (t.shape[0], t.floats())
+}
+
+/// A progress bar on standard error, drawn only when it is a terminal.
+final class ProgressBar {
+    let label: String
+    let enabled: Bool
+    private var lastDrawn = -1
+    private let start = monotonicNanos()
+
+    init(_ label: String, enabled: Bool = isatty(2) != 0) {
+        self.label = label
+        self.enabled = enabled
+    }
+
+    func update(_ done: Int, _ total: Int) {
+        guard enabled, total > 0 else { return }
+        let percent = done * 100 / total
+        guard percent != lastDrawn else { return }
+        lastDrawn = percent
+        let width = 30
+        let filled = width * done / total
+        let elapsed = Double(monotonicNanos() - start) / 1e9
+        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+        FileHandle.standardError.write("\r\(label) [\(bar)] \(percent)% \(done)/\(total) \(fmt(elapsed, 1))s".data(using: .utf8)!)
+        if done >= total { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+    }
+}
+
+/// Serialises a JSON-compatible value with stable key order.
+func jsonString(_ object: Any) throws -> String {
+    let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    return String(decoding: data, as: UTF8.self)
+}
+
+/// Replaces non-finite floats (not representable in JSON) by nil.
+func jsonNumber(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }

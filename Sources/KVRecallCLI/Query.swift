@@ -1,0 +1,92 @@
+import ArgumentParser
+import Foundation
+import KVRecall
+
+struct Query: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Top-k keys by inner product for each query row (exact unless --index).",
+        discussion: """
+        Each query row is searched on its own and timed; the median is reported.
+        --json prints {"k": K, "results": [{"ids": [...], "scores": [...]}, ...],
+                       "stats": {"keys_scanned_fraction": x, "median_query_us": y}}.
+
+        Example:
+          kvrecall query --store s --layer 2 --head 6 --queries Data/minilm/queries.npy -k 10
+        """
+    )
+
+    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var headOptions: HeadOptions
+    @Option(help: ArgumentHelp("Query vectors [M, d]: .npy or .safetensors.", valueName: "file"))
+    var queries: String
+    @Option(help: ArgumentHelp("Tensor name of the queries in a .safetensors file.", valueName: "name"))
+    var queriesTensor: String?
+    @Option(name: .short, help: "How many keys per query.")
+    var k: Int = 10
+    @Option(help: "Only the first N query rows.")
+    var limit: Int?
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    func validate() throws {
+        if k < 1 { throw ValidationError("-k must be at least 1") }
+        if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
+    }
+
+    func run() throws {
+        let store = try storeOptions.open(readOnly: true)
+        defer { store.close() }
+        let info = try store.info(headOptions.id)
+        var (rows, values) = try loadQueries(path: queries, tensorName: queriesTensor, dimension: info.dimension)
+        if let limit, limit < rows {
+            rows = limit
+            values = Array(values.prefix(limit * info.dimension))
+        }
+        guard k <= info.count else {
+            throw ValidationError("-k \(k) exceeds the \(info.count) keys of head \(info.id)")
+        }
+        let d = info.dimension
+        var all = SearchResults(k: k, queryCount: rows)
+        var micros: [Double] = []
+        try store.read { snapshot in
+            let keys = try snapshot.vectors(headOptions.id, .keys)
+            let index = FlatIndex(keys: keys)
+            let params = SearchParameters()
+            try values.withUnsafeBufferPointer { qb in
+                for q in 0..<rows {
+                    let one = UnsafeBufferPointer(rebasing: qb[(q * d)..<((q + 1) * d)])
+                    let t0 = monotonicNanos()
+                    let r = try index.search(one, k: k, parameters: params, keys: keys)
+                    micros.append(Double(monotonicNanos() - t0) / 1e3)
+                    for j in 0..<k {
+                        all.ids[q * k + j] = r.ids[j]
+                        all.scores[q * k + j] = r.scores[j]
+                    }
+                    all.stats += r.stats
+                }
+            }
+        }
+        all.stats.queries = rows
+        let med = median(micros)
+        if json {
+            let results: [[String: Any]] = (0..<rows).map { q in
+                let hits = all.hits(q)
+                return ["ids": hits.map(\.id), "scores": hits.map { jsonNumber($0.score) }]
+            }
+            print(try jsonString(["k": k, "results": results,
+                                  "stats": ["keys_scanned_fraction": all.stats.keysScannedFraction,
+                                            "median_query_us": med]]))
+            return
+        }
+        print("head \(info.id): \(info.count) keys, d=\(d), \(info.dtype.rawValue); \(rows) queries, k=\(k), exact")
+        var table = TextTable(["query", "top ids", "top scores"])
+        for q in 0..<min(rows, 20) {
+            let hits = all.hits(q).prefix(5)
+            table.add(["\(q)", hits.map { "\($0.id)" }.joined(separator: " "),
+                       hits.map { fmt(Double($0.score), 3) }.joined(separator: " ")])
+        }
+        print(table.render())
+        if rows > 20 { print("... \(rows - 20) more rows (use --json for all)") }
+        print("keys scanned \(fmt(all.stats.keysScannedFraction * 100, 1))%, median \(fmt(med, 1)) us per query")
+    }
+}
