@@ -43,7 +43,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KVRecallTests",
-            dependencies: ["KVRecall", "KVRecallTestSupport"]
+            dependencies: ["KVRecall", "KVRecallTestSupport", "KVRecallCLI"]
         ),
     ],
     swiftLanguageModes: [.v5]

@@ -21,7 +21,7 @@ public enum NPY {
     /// its size matched the file size). The tensor is named after the file
     /// (`keys.npy` -> `keys`).
     public static func read(path: String) throws -> Tensor {
-        let reader = try FileIO.Reader(path: path)
+        let reader = try FormatFileIO.Reader(path: path)
         let prefix = try reader.read(offset: 0, count: min(reader.size, 12 + maxHeaderLength))
         let header = try prefix.withUnsafeBytes { try parseHeader($0, fileSize: reader.size, path: path) }
         let payload = try reader.read(offset: header.dataOffset, count: header.payloadLength)
@@ -53,7 +53,7 @@ public enum NPY {
     /// without building the whole image in memory.
     public static func write(_ tensor: Tensor, to path: String) throws {
         let header = try headerBytes(for: tensor, path: path)
-        try FileIO.writeAtomically(path: path, chunks: [header, tensor.data])
+        try FormatFileIO.writeAtomically(path: path, chunks: [header, tensor.data])
     }
 
     // MARK: - Reading
@@ -252,219 +252,221 @@ public enum NPY {
 
 // MARK: - Python literal subset
 
-/// The values that can appear in an `.npy` header (a Python dict literal).
-indirect enum PyLiteral {
-    case string(String)
-    case int(Int)
-    /// An integer literal that does not fit in `Int`, kept as written.
-    case bigInt(String)
-    case bool(Bool)
-    case none
-    case tuple([PyLiteral])
-    case list([PyLiteral])
-    case dict([(PyLiteral, PyLiteral)])
+extension NPY {
+    /// The values that can appear in an `.npy` header (a Python dict literal).
+    indirect enum PyLiteral {
+        case string(String)
+        case int(Int)
+        /// An integer literal that does not fit in `Int`, kept as written.
+        case bigInt(String)
+        case bool(Bool)
+        case none
+        case tuple([PyLiteral])
+        case list([PyLiteral])
+        case dict([(PyLiteral, PyLiteral)])
 
-    var kindName: String {
-        switch self {
-        case .string: return "a string"
-        case .int, .bigInt: return "an integer"
-        case .bool: return "a boolean"
-        case .none: return "None"
-        case .tuple: return "a tuple"
-        case .list: return "a list"
-        case .dict: return "a dict"
+        var kindName: String {
+            switch self {
+            case .string: return "a string"
+            case .int, .bigInt: return "an integer"
+            case .bool: return "a boolean"
+            case .none: return "None"
+            case .tuple: return "a tuple"
+            case .list: return "a list"
+            case .dict: return "a dict"
+            }
+        }
+
+        /// Python-style rendering for messages.
+        var repr: String {
+            switch self {
+            case .string(let s): return "'\(s)'"
+            case .int(let i): return String(i)
+            case .bigInt(let digits): return digits
+            case .bool(let b): return b ? "True" : "False"
+            case .none: return "None"
+            case .tuple(let items):
+                return "(" + items.map(\.repr).joined(separator: ", ") + (items.count == 1 ? ",)" : ")")
+            case .list(let items): return "[" + items.map(\.repr).joined(separator: ", ") + "]"
+            case .dict(let items): return "{" + items.map { "\($0.0.repr): \($0.1.repr)" }.joined(separator: ", ") + "}"
+            }
         }
     }
 
-    /// Python-style rendering for messages.
-    var repr: String {
-        switch self {
-        case .string(let s): return "'\(s)'"
-        case .int(let i): return String(i)
-        case .bigInt(let digits): return digits
-        case .bool(let b): return b ? "True" : "False"
-        case .none: return "None"
-        case .tuple(let items):
-            return "(" + items.map(\.repr).joined(separator: ", ") + (items.count == 1 ? ",)" : ")")
-        case .list(let items): return "[" + items.map(\.repr).joined(separator: ", ") + "]"
-        case .dict(let items): return "{" + items.map { "\($0.0.repr): \($0.1.repr)" }.joined(separator: ", ") + "}"
+    /// Parses the literal subset numpy writes (and `ast.literal_eval` would
+    /// accept for it): quoted strings, integers (optional Python 2 `L`), True,
+    /// False, None, tuples, lists and dicts, with trailing commas. Nesting is
+    /// capped, so hostile input cannot exhaust the stack.
+    struct PyLiteralParser {
+        struct SyntaxError: Error { let message: String }
+
+        private let bytes: [UInt8]
+        private let utf8: Bool
+        private var position = 0
+        private static let maxDepth = 32
+
+        init(bytes: [UInt8], utf8: Bool) {
+            self.bytes = bytes
+            self.utf8 = utf8
         }
-    }
-}
 
-/// Parses the literal subset numpy writes (and `ast.literal_eval` would
-/// accept for it): quoted strings, integers (optional Python 2 `L`), True,
-/// False, None, tuples, lists and dicts, with trailing commas. Nesting is
-/// capped, so hostile input cannot exhaust the stack.
-struct PyLiteralParser {
-    struct SyntaxError: Error { let message: String }
-
-    private let bytes: [UInt8]
-    private let utf8: Bool
-    private var position = 0
-    private static let maxDepth = 32
-
-    init(bytes: [UInt8], utf8: Bool) {
-        self.bytes = bytes
-        self.utf8 = utf8
-    }
-
-    /// One value followed only by whitespace (numpy pads with spaces and `\n`).
-    mutating func parseDocument() throws -> PyLiteral {
-        let value = try parseValue(depth: 0)
-        skipWhitespace()
-        if position < bytes.count {
-            throw error("unexpected \(describeByte(bytes[position])) after the header dict")
+        /// One value followed only by whitespace (numpy pads with spaces and `\n`).
+        mutating func parseDocument() throws -> PyLiteral {
+            let value = try parseValue(depth: 0)
+            skipWhitespace()
+            if position < bytes.count {
+                throw error("unexpected \(describeByte(bytes[position])) after the header dict")
+            }
+            return value
         }
-        return value
-    }
 
-    private func error(_ message: String) -> SyntaxError {
-        SyntaxError(message: "\(message) at header offset \(position)")
-    }
-
-    private func describeByte(_ b: UInt8) -> String {
-        (0x21...0x7E).contains(b) ? "character '\(Character(Unicode.Scalar(b)))'" : "byte 0x\(String(b, radix: 16))"
-    }
-
-    private mutating func skipWhitespace() {
-        while position < bytes.count, [0x20, 0x09, 0x0A, 0x0D, 0x0C, 0x0B].contains(bytes[position]) {
-            position += 1
+        private func error(_ message: String) -> SyntaxError {
+            SyntaxError(message: "\(message) at header offset \(position)")
         }
-    }
 
-    private mutating func parseValue(depth: Int) throws -> PyLiteral {
-        guard depth < Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth) levels") }
-        skipWhitespace()
-        guard position < bytes.count else { throw error("unexpected end of header") }
-        let b = bytes[position]
-        switch b {
-        case UInt8(ascii: "'"), UInt8(ascii: "\""):
-            return .string(try parseString())
-        case UInt8(ascii: "("):
-            position += 1
-            let (items, sawComma) = try parseItems(until: UInt8(ascii: ")"), depth: depth)
-            // `(3)` is just a parenthesised 3 in Python, not a tuple.
-            return items.count == 1 && !sawComma ? items[0] : .tuple(items)
-        case UInt8(ascii: "["):
-            position += 1
-            return .list(try parseItems(until: UInt8(ascii: "]"), depth: depth).items)
-        case UInt8(ascii: "{"):
-            position += 1
-            return try parseDict(depth: depth)
-        case UInt8(ascii: "-"), UInt8(ascii: "+"), UInt8(ascii: "0")...UInt8(ascii: "9"):
-            return try parseInteger()
-        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "_"):
-            let start = position
-            while position < bytes.count, isIdentifierByte(bytes[position]) { position += 1 }
-            let word = String(decoding: bytes[start..<position], as: UTF8.self)
-            switch word {
-            case "True": return .bool(true)
-            case "False": return .bool(false)
-            case "None": return .none
+        private func describeByte(_ b: UInt8) -> String {
+            (0x21...0x7E).contains(b) ? "character '\(Character(Unicode.Scalar(b)))'" : "byte 0x\(String(b, radix: 16))"
+        }
+
+        private mutating func skipWhitespace() {
+            while position < bytes.count, [0x20, 0x09, 0x0A, 0x0D, 0x0C, 0x0B].contains(bytes[position]) {
+                position += 1
+            }
+        }
+
+        private mutating func parseValue(depth: Int) throws -> PyLiteral {
+            guard depth < Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth) levels") }
+            skipWhitespace()
+            guard position < bytes.count else { throw error("unexpected end of header") }
+            let b = bytes[position]
+            switch b {
+            case UInt8(ascii: "'"), UInt8(ascii: "\""):
+                return .string(try parseString())
+            case UInt8(ascii: "("):
+                position += 1
+                let (items, sawComma) = try parseItems(until: UInt8(ascii: ")"), depth: depth)
+                // `(3)` is just a parenthesised 3 in Python, not a tuple.
+                return items.count == 1 && !sawComma ? items[0] : .tuple(items)
+            case UInt8(ascii: "["):
+                position += 1
+                return .list(try parseItems(until: UInt8(ascii: "]"), depth: depth).items)
+            case UInt8(ascii: "{"):
+                position += 1
+                return try parseDict(depth: depth)
+            case UInt8(ascii: "-"), UInt8(ascii: "+"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+                return try parseInteger()
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "_"):
+                let start = position
+                while position < bytes.count, isIdentifierByte(bytes[position]) { position += 1 }
+                let word = String(decoding: bytes[start..<position], as: UTF8.self)
+                switch word {
+                case "True": return .bool(true)
+                case "False": return .bool(false)
+                case "None": return .none
+                default:
+                    position = start
+                    throw error("unexpected name '\(word)'")
+                }
             default:
-                position = start
-                throw error("unexpected name '\(word)'")
+                throw error("unexpected \(describeByte(b))")
             }
-        default:
-            throw error("unexpected \(describeByte(b))")
         }
-    }
 
-    private func isIdentifierByte(_ b: UInt8) -> Bool {
-        (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(b) || (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b)
-            || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || b == UInt8(ascii: "_")
-    }
+        private func isIdentifierByte(_ b: UInt8) -> Bool {
+            (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(b) || (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || b == UInt8(ascii: "_")
+        }
 
-    /// Comma-separated values up to `close`; a trailing comma is allowed.
-    private mutating func parseItems(until close: UInt8, depth: Int) throws -> (items: [PyLiteral], sawComma: Bool) {
-        var items: [PyLiteral] = []
-        var sawComma = false
-        while true {
-            skipWhitespace()
-            guard position < bytes.count else { throw error("unterminated '\(Character(Unicode.Scalar(close)))' sequence") }
-            if bytes[position] == close { position += 1; return (items, sawComma) }
-            items.append(try parseValue(depth: depth + 1))
-            skipWhitespace()
-            guard position < bytes.count else { throw error("unterminated '\(Character(Unicode.Scalar(close)))' sequence") }
-            if bytes[position] == UInt8(ascii: ",") {
+        /// Comma-separated values up to `close`; a trailing comma is allowed.
+        private mutating func parseItems(until close: UInt8, depth: Int) throws -> (items: [PyLiteral], sawComma: Bool) {
+            var items: [PyLiteral] = []
+            var sawComma = false
+            while true {
+                skipWhitespace()
+                guard position < bytes.count else { throw error("unterminated '\(Character(Unicode.Scalar(close)))' sequence") }
+                if bytes[position] == close { position += 1; return (items, sawComma) }
+                items.append(try parseValue(depth: depth + 1))
+                skipWhitespace()
+                guard position < bytes.count else { throw error("unterminated '\(Character(Unicode.Scalar(close)))' sequence") }
+                if bytes[position] == UInt8(ascii: ",") {
+                    position += 1
+                    sawComma = true
+                } else if bytes[position] != close {
+                    throw error("expected ',' or '\(Character(Unicode.Scalar(close)))' but found \(describeByte(bytes[position]))")
+                }
+            }
+        }
+
+        private mutating func parseDict(depth: Int) throws -> PyLiteral {
+            var items: [(PyLiteral, PyLiteral)] = []
+            while true {
+                skipWhitespace()
+                guard position < bytes.count else { throw error("unterminated dict") }
+                if bytes[position] == UInt8(ascii: "}") { position += 1; return .dict(items) }
+                let key = try parseValue(depth: depth + 1)
+                skipWhitespace()
+                guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else {
+                    throw error("expected ':' after dict key \(key.repr)")
+                }
                 position += 1
-                sawComma = true
-            } else if bytes[position] != close {
-                throw error("expected ',' or '\(Character(Unicode.Scalar(close)))' but found \(describeByte(bytes[position]))")
+                let value = try parseValue(depth: depth + 1)
+                items.append((key, value))
+                skipWhitespace()
+                guard position < bytes.count else { throw error("unterminated dict") }
+                if bytes[position] == UInt8(ascii: ",") {
+                    position += 1
+                } else if bytes[position] != UInt8(ascii: "}") {
+                    throw error("expected ',' or '}' but found \(describeByte(bytes[position]))")
+                }
             }
         }
-    }
 
-    private mutating func parseDict(depth: Int) throws -> PyLiteral {
-        var items: [(PyLiteral, PyLiteral)] = []
-        while true {
-            skipWhitespace()
-            guard position < bytes.count else { throw error("unterminated dict") }
-            if bytes[position] == UInt8(ascii: "}") { position += 1; return .dict(items) }
-            let key = try parseValue(depth: depth + 1)
-            skipWhitespace()
-            guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else {
-                throw error("expected ':' after dict key \(key.repr)")
-            }
+        /// Quoted string without interpreting escapes (a backslash keeps the next
+        /// byte verbatim); only the dtype string is used, and no valid one has escapes.
+        private mutating func parseString() throws -> String {
+            let quote = bytes[position]
             position += 1
-            let value = try parseValue(depth: depth + 1)
-            items.append((key, value))
-            skipWhitespace()
-            guard position < bytes.count else { throw error("unterminated dict") }
-            if bytes[position] == UInt8(ascii: ",") {
+            let start = position
+            while position < bytes.count, bytes[position] != quote {
+                if bytes[position] == 0x0A { throw error("newline inside a string") }
+                if bytes[position] == UInt8(ascii: "\\") { position += 1 }
                 position += 1
-            } else if bytes[position] != UInt8(ascii: "}") {
-                throw error("expected ',' or '}' but found \(describeByte(bytes[position]))")
             }
+            guard position < bytes.count else { throw error("unterminated string") }
+            let content = bytes[start..<position]
+            position += 1
+            if utf8 { return String(decoding: content, as: UTF8.self) }
+            return String(String.UnicodeScalarView(content.map { Unicode.Scalar($0) })) // latin-1
         }
-    }
 
-    /// Quoted string without interpreting escapes (a backslash keeps the next
-    /// byte verbatim); only the dtype string is used, and no valid one has escapes.
-    private mutating func parseString() throws -> String {
-        let quote = bytes[position]
-        position += 1
-        let start = position
-        while position < bytes.count, bytes[position] != quote {
-            if bytes[position] == 0x0A { throw error("newline inside a string") }
-            if bytes[position] == UInt8(ascii: "\\") { position += 1 }
-            position += 1
+        private mutating func parseInteger() throws -> PyLiteral {
+            let start = position
+            var negative = false
+            if bytes[position] == UInt8(ascii: "-") || bytes[position] == UInt8(ascii: "+") {
+                negative = bytes[position] == UInt8(ascii: "-")
+                position += 1
+                skipWhitespace()
+            }
+            let digitsStart = position
+            var value = 0
+            var overflow = false
+            while position < bytes.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[position]) {
+                let digit = Int(bytes[position] - UInt8(ascii: "0"))
+                let (times10, o1) = value.multipliedReportingOverflow(by: 10)
+                let (next, o2) = negative ? times10.subtractingReportingOverflow(digit) : times10.addingReportingOverflow(digit)
+                overflow = overflow || o1 || o2
+                value = next
+                position += 1
+            }
+            guard position > digitsStart else { throw error("expected digits after sign") }
+            let text = String(decoding: bytes[start..<position], as: UTF8.self)
+            if position < bytes.count, bytes[position] == UInt8(ascii: "L") || bytes[position] == UInt8(ascii: "l") {
+                position += 1 // Python 2 long suffix, written by old numpy
+            }
+            if position < bytes.count, isIdentifierByte(bytes[position]) || bytes[position] == UInt8(ascii: ".") {
+                throw error("only plain integers are allowed, found '\(text)\(Character(Unicode.Scalar(bytes[position])))'")
+            }
+            return overflow ? .bigInt(text) : .int(value)
         }
-        guard position < bytes.count else { throw error("unterminated string") }
-        let content = bytes[start..<position]
-        position += 1
-        if utf8 { return String(decoding: content, as: UTF8.self) }
-        return String(String.UnicodeScalarView(content.map { Unicode.Scalar($0) })) // latin-1
-    }
-
-    private mutating func parseInteger() throws -> PyLiteral {
-        let start = position
-        var negative = false
-        if bytes[position] == UInt8(ascii: "-") || bytes[position] == UInt8(ascii: "+") {
-            negative = bytes[position] == UInt8(ascii: "-")
-            position += 1
-            skipWhitespace()
-        }
-        let digitsStart = position
-        var value = 0
-        var overflow = false
-        while position < bytes.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[position]) {
-            let digit = Int(bytes[position] - UInt8(ascii: "0"))
-            let (times10, o1) = value.multipliedReportingOverflow(by: 10)
-            let (next, o2) = negative ? times10.subtractingReportingOverflow(digit) : times10.addingReportingOverflow(digit)
-            overflow = overflow || o1 || o2
-            value = next
-            position += 1
-        }
-        guard position > digitsStart else { throw error("expected digits after sign") }
-        let text = String(decoding: bytes[start..<position], as: UTF8.self)
-        if position < bytes.count, bytes[position] == UInt8(ascii: "L") || bytes[position] == UInt8(ascii: "l") {
-            position += 1 // Python 2 long suffix, written by old numpy
-        }
-        if position < bytes.count, isIdentifierByte(bytes[position]) || bytes[position] == UInt8(ascii: ".") {
-            throw error("only plain integers are allowed, found '\(text)\(Character(Unicode.Scalar(bytes[position])))'")
-        }
-        return overflow ? .bigInt(text) : .int(value)
     }
 }

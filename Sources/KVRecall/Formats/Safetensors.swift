@@ -21,7 +21,7 @@ public enum Safetensors {
     /// `SafetensorsFile.tensor(named:)`, so opening a multi-GB file costs only
     /// its header.
     public static func read(path: String) throws -> SafetensorsFile {
-        let reader = try FileIO.Reader(path: path)
+        let reader = try FormatFileIO.Reader(path: path)
         let headerLength = try checkPrelude(fileSize: reader.size, path: path) {
             try reader.read(offset: 0, count: 8)
         }
@@ -62,7 +62,7 @@ public enum Safetensors {
     /// tensor's data rather than concatenating them.
     public static func write(tensors: [Tensor], metadata: [String: String] = [:], to path: String) throws {
         let (prefix, ordered) = try prepare(tensors: tensors, metadata: metadata, path: path)
-        try FileIO.writeAtomically(path: path, chunks: [prefix] + ordered.map(\.data))
+        try FormatFileIO.writeAtomically(path: path, chunks: [prefix] + ordered.map(\.data))
     }
 
     // MARK: - Reading
@@ -408,7 +408,7 @@ public struct SafetensorsFile: Sendable {
         case .memory(let bytes):
             data = Array(bytes[begin ..< dataStart + entry.dataOffsets.upperBound])
         case .file:
-            let reader = try FileIO.Reader(path: path)
+            let reader = try FormatFileIO.Reader(path: path)
             guard reader.size == fileSize else {
                 throw FormatError(path: path, problem: .io("file changed size since its header was read (\(fileSize) -> \(reader.size) bytes)"))
             }
@@ -420,240 +420,242 @@ public struct SafetensorsFile: Sendable {
 
 // MARK: - Strict JSON
 
-/// JSON values; objects keep member order, numbers keep integers exact.
-indirect enum JSONValue {
-    case object([(String, JSONValue)])
-    case array([JSONValue])
-    case string(String)
-    /// A number written without fraction or exponent that fits in `Int`.
-    case integer(Int)
-    /// Any other number, as written.
-    case number(String)
-    case bool(Bool)
-    case null
+extension Safetensors {
+    /// JSON values; objects keep member order, numbers keep integers exact.
+    indirect enum JSONValue {
+        case object([(String, JSONValue)])
+        case array([JSONValue])
+        case string(String)
+        /// A number written without fraction or exponent that fits in `Int`.
+        case integer(Int)
+        /// Any other number, as written.
+        case number(String)
+        case bool(Bool)
+        case null
 
-    var kindName: String {
-        switch self {
-        case .object: return "an object"
-        case .array: return "an array"
-        case .string: return "a string"
-        case .integer: return "an integer"
-        case .number(let text): return Self.isIntegerLiteral(text) ? "an out-of-range integer" : "a non-integer number"
-        case .bool: return "a boolean"
-        case .null: return "null"
+        var kindName: String {
+            switch self {
+            case .object: return "an object"
+            case .array: return "an array"
+            case .string: return "a string"
+            case .integer: return "an integer"
+            case .number(let text): return Self.isIntegerLiteral(text) ? "an out-of-range integer" : "a non-integer number"
+            case .bool: return "a boolean"
+            case .null: return "null"
+            }
+        }
+
+        static func isIntegerLiteral(_ text: String) -> Bool {
+            !text.contains(where: { $0 == "." || $0 == "e" || $0 == "E" })
         }
     }
 
-    static func isIntegerLiteral(_ text: String) -> Bool {
-        !text.contains(where: { $0 == "." || $0 == "e" || $0 == "E" })
-    }
-}
+    /// RFC 8259 parser over raw bytes: rejects invalid UTF-8, lone surrogates,
+    /// control characters in strings, duplicate object keys, trailing garbage
+    /// (only whitespace padding may follow) and nesting deeper than 64.
+    struct JSONParser {
+        struct SyntaxError: Error { let message: String }
 
-/// RFC 8259 parser over raw bytes: rejects invalid UTF-8, lone surrogates,
-/// control characters in strings, duplicate object keys, trailing garbage
-/// (only whitespace padding may follow) and nesting deeper than 64.
-struct JSONParser {
-    struct SyntaxError: Error { let message: String }
+        private let bytes: UnsafeRawBufferPointer
+        private var position = 0
+        private static let maxDepth = 64
 
-    private let bytes: UnsafeRawBufferPointer
-    private var position = 0
-    private static let maxDepth = 64
+        init(bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
 
-    init(bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
+        mutating func parseDocument() throws -> JSONValue {
+            let value = try parseValue(depth: 0)
+            skipWhitespace()
+            if position < bytes.count { throw error("unexpected \(describe(bytes[position])) after the top-level value") }
+            return value
+        }
 
-    mutating func parseDocument() throws -> JSONValue {
-        let value = try parseValue(depth: 0)
-        skipWhitespace()
-        if position < bytes.count { throw error("unexpected \(describe(bytes[position])) after the top-level value") }
-        return value
-    }
+        private func error(_ message: String) -> SyntaxError {
+            SyntaxError(message: "\(message) at byte \(position)")
+        }
 
-    private func error(_ message: String) -> SyntaxError {
-        SyntaxError(message: "\(message) at byte \(position)")
-    }
+        private func describe(_ b: UInt8) -> String {
+            (0x21...0x7E).contains(b) ? "'\(Character(Unicode.Scalar(b)))'" : "byte 0x\(String(b, radix: 16))"
+        }
 
-    private func describe(_ b: UInt8) -> String {
-        (0x21...0x7E).contains(b) ? "'\(Character(Unicode.Scalar(b)))'" : "byte 0x\(String(b, radix: 16))"
-    }
+        private mutating func skipWhitespace() {
+            while position < bytes.count {
+                switch bytes[position] {
+                case 0x20, 0x09, 0x0A, 0x0D: position += 1
+                default: return
+                }
+            }
+        }
 
-    private mutating func skipWhitespace() {
-        while position < bytes.count {
+        private mutating func parseValue(depth: Int) throws -> JSONValue {
+            guard depth < Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth) levels") }
+            skipWhitespace()
+            guard position < bytes.count else { throw error("unexpected end of input") }
             switch bytes[position] {
-            case 0x20, 0x09, 0x0A, 0x0D: position += 1
-            default: return
+            case UInt8(ascii: "{"): return try parseObject(depth: depth)
+            case UInt8(ascii: "["): return try parseArray(depth: depth)
+            case UInt8(ascii: "\""): return .string(try parseString())
+            case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return try parseNumber()
+            case UInt8(ascii: "t"): try expectWord("true"); return .bool(true)
+            case UInt8(ascii: "f"): try expectWord("false"); return .bool(false)
+            case UInt8(ascii: "n"): try expectWord("null"); return .null
+            case let b: throw error("unexpected \(describe(b))")
             }
         }
-    }
 
-    private mutating func parseValue(depth: Int) throws -> JSONValue {
-        guard depth < Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth) levels") }
-        skipWhitespace()
-        guard position < bytes.count else { throw error("unexpected end of input") }
-        switch bytes[position] {
-        case UInt8(ascii: "{"): return try parseObject(depth: depth)
-        case UInt8(ascii: "["): return try parseArray(depth: depth)
-        case UInt8(ascii: "\""): return .string(try parseString())
-        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return try parseNumber()
-        case UInt8(ascii: "t"): try expectWord("true"); return .bool(true)
-        case UInt8(ascii: "f"): try expectWord("false"); return .bool(false)
-        case UInt8(ascii: "n"): try expectWord("null"); return .null
-        case let b: throw error("unexpected \(describe(b))")
-        }
-    }
-
-    private mutating func expectWord(_ word: StaticString) throws {
-        let count = word.utf8CodeUnitCount
-        let matches = position + count <= bytes.count && word.withUTF8Buffer { expected in
-            (0..<count).allSatisfy { bytes[position + $0] == expected[$0] }
-        }
-        guard matches else { throw error("invalid literal") }
-        position += count
-    }
-
-    private mutating func parseObject(depth: Int) throws -> JSONValue {
-        position += 1
-        var members: [(String, JSONValue)] = []
-        var keys = Set<String>()
-        skipWhitespace()
-        if position < bytes.count, bytes[position] == UInt8(ascii: "}") { position += 1; return .object(members) }
-        while true {
-            skipWhitespace()
-            guard position < bytes.count, bytes[position] == UInt8(ascii: "\"") else { throw error("expected a string key") }
-            let keyStart = position
-            let key = try parseString()
-            guard keys.insert(key).inserted else {
-                position = keyStart
-                throw error("duplicate key \(Safetensors.jsonString(key))")
+        private mutating func expectWord(_ word: StaticString) throws {
+            let count = word.utf8CodeUnitCount
+            let matches = position + count <= bytes.count && word.withUTF8Buffer { expected in
+                (0..<count).allSatisfy { bytes[position + $0] == expected[$0] }
             }
-            skipWhitespace()
-            guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else { throw error("expected ':'") }
-            position += 1
-            members.append((key, try parseValue(depth: depth + 1)))
-            skipWhitespace()
-            guard position < bytes.count else { throw error("unterminated object") }
-            if bytes[position] == UInt8(ascii: ",") { position += 1; continue }
-            if bytes[position] == UInt8(ascii: "}") { position += 1; return .object(members) }
-            throw error("expected ',' or '}' but found \(describe(bytes[position]))")
+            guard matches else { throw error("invalid literal") }
+            position += count
         }
-    }
 
-    private mutating func parseArray(depth: Int) throws -> JSONValue {
-        position += 1
-        var items: [JSONValue] = []
-        skipWhitespace()
-        if position < bytes.count, bytes[position] == UInt8(ascii: "]") { position += 1; return .array(items) }
-        while true {
-            items.append(try parseValue(depth: depth + 1))
+        private mutating func parseObject(depth: Int) throws -> JSONValue {
+            position += 1
+            var members: [(String, JSONValue)] = []
+            var keys = Set<String>()
             skipWhitespace()
-            guard position < bytes.count else { throw error("unterminated array") }
-            if bytes[position] == UInt8(ascii: ",") { position += 1; continue }
-            if bytes[position] == UInt8(ascii: "]") { position += 1; return .array(items) }
-            throw error("expected ',' or ']' but found \(describe(bytes[position]))")
+            if position < bytes.count, bytes[position] == UInt8(ascii: "}") { position += 1; return .object(members) }
+            while true {
+                skipWhitespace()
+                guard position < bytes.count, bytes[position] == UInt8(ascii: "\"") else { throw error("expected a string key") }
+                let keyStart = position
+                let key = try parseString()
+                guard keys.insert(key).inserted else {
+                    position = keyStart
+                    throw error("duplicate key \(Safetensors.jsonString(key))")
+                }
+                skipWhitespace()
+                guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else { throw error("expected ':'") }
+                position += 1
+                members.append((key, try parseValue(depth: depth + 1)))
+                skipWhitespace()
+                guard position < bytes.count else { throw error("unterminated object") }
+                if bytes[position] == UInt8(ascii: ",") { position += 1; continue }
+                if bytes[position] == UInt8(ascii: "}") { position += 1; return .object(members) }
+                throw error("expected ',' or '}' but found \(describe(bytes[position]))")
+            }
         }
-    }
 
-    private mutating func parseString() throws -> String {
-        position += 1 // opening quote
-        var buffer: [UInt8] = []
-        var runStart = position
-        while true {
-            guard position < bytes.count else { throw error("unterminated string") }
-            let b = bytes[position]
-            if b == UInt8(ascii: "\"") { break }
-            if b < 0x20 { throw error("unescaped control character in string") }
-            if b != UInt8(ascii: "\\") { position += 1; continue }
-            buffer.append(contentsOf: bytes[runStart..<position])
+        private mutating func parseArray(depth: Int) throws -> JSONValue {
             position += 1
-            guard position < bytes.count else { throw error("unterminated escape") }
-            let escape = bytes[position]
-            position += 1
-            switch escape {
-            case UInt8(ascii: "\""): buffer.append(0x22)
-            case UInt8(ascii: "\\"): buffer.append(0x5C)
-            case UInt8(ascii: "/"): buffer.append(0x2F)
-            case UInt8(ascii: "b"): buffer.append(0x08)
-            case UInt8(ascii: "f"): buffer.append(0x0C)
-            case UInt8(ascii: "n"): buffer.append(0x0A)
-            case UInt8(ascii: "r"): buffer.append(0x0D)
-            case UInt8(ascii: "t"): buffer.append(0x09)
-            case UInt8(ascii: "u"):
-                var scalar = try parseHex4()
-                if (0xD800...0xDBFF).contains(scalar) {
-                    guard position + 1 < bytes.count, bytes[position] == UInt8(ascii: "\\"), bytes[position + 1] == UInt8(ascii: "u") else {
+            var items: [JSONValue] = []
+            skipWhitespace()
+            if position < bytes.count, bytes[position] == UInt8(ascii: "]") { position += 1; return .array(items) }
+            while true {
+                items.append(try parseValue(depth: depth + 1))
+                skipWhitespace()
+                guard position < bytes.count else { throw error("unterminated array") }
+                if bytes[position] == UInt8(ascii: ",") { position += 1; continue }
+                if bytes[position] == UInt8(ascii: "]") { position += 1; return .array(items) }
+                throw error("expected ',' or ']' but found \(describe(bytes[position]))")
+            }
+        }
+
+        private mutating func parseString() throws -> String {
+            position += 1 // opening quote
+            var buffer: [UInt8] = []
+            var runStart = position
+            while true {
+                guard position < bytes.count else { throw error("unterminated string") }
+                let b = bytes[position]
+                if b == UInt8(ascii: "\"") { break }
+                if b < 0x20 { throw error("unescaped control character in string") }
+                if b != UInt8(ascii: "\\") { position += 1; continue }
+                buffer.append(contentsOf: bytes[runStart..<position])
+                position += 1
+                guard position < bytes.count else { throw error("unterminated escape") }
+                let escape = bytes[position]
+                position += 1
+                switch escape {
+                case UInt8(ascii: "\""): buffer.append(0x22)
+                case UInt8(ascii: "\\"): buffer.append(0x5C)
+                case UInt8(ascii: "/"): buffer.append(0x2F)
+                case UInt8(ascii: "b"): buffer.append(0x08)
+                case UInt8(ascii: "f"): buffer.append(0x0C)
+                case UInt8(ascii: "n"): buffer.append(0x0A)
+                case UInt8(ascii: "r"): buffer.append(0x0D)
+                case UInt8(ascii: "t"): buffer.append(0x09)
+                case UInt8(ascii: "u"):
+                    var scalar = try parseHex4()
+                    if (0xD800...0xDBFF).contains(scalar) {
+                        guard position + 1 < bytes.count, bytes[position] == UInt8(ascii: "\\"), bytes[position + 1] == UInt8(ascii: "u") else {
+                            throw error("unpaired surrogate")
+                        }
+                        position += 2
+                        let low = try parseHex4()
+                        guard (0xDC00...0xDFFF).contains(low) else { throw error("unpaired surrogate") }
+                        scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
+                    } else if (0xDC00...0xDFFF).contains(scalar) {
                         throw error("unpaired surrogate")
                     }
-                    position += 2
-                    let low = try parseHex4()
-                    guard (0xDC00...0xDFFF).contains(low) else { throw error("unpaired surrogate") }
-                    scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
-                } else if (0xDC00...0xDFFF).contains(scalar) {
-                    throw error("unpaired surrogate")
+                    buffer.append(contentsOf: Array(String(Character(Unicode.Scalar(scalar)!)).utf8))
+                default:
+                    position -= 1
+                    throw error("invalid escape '\\\(Character(Unicode.Scalar(escape)))'")
                 }
-                buffer.append(contentsOf: Array(String(Character(Unicode.Scalar(scalar)!)).utf8))
-            default:
-                position -= 1
-                throw error("invalid escape '\\\(Character(Unicode.Scalar(escape)))'")
+                runStart = position
             }
-            runStart = position
-        }
-        let end = position
-        position += 1 // closing quote
-        let text: String?
-        if buffer.isEmpty {
-            text = String(bytes: bytes[runStart..<end], encoding: .utf8)
-        } else {
-            buffer.append(contentsOf: bytes[runStart..<end])
-            text = String(bytes: buffer, encoding: .utf8)
-        }
-        guard let text else { position = runStart; throw error("invalid UTF-8 in string") }
-        return text
-    }
-
-    private mutating func parseHex4() throws -> UInt32 {
-        guard position + 4 <= bytes.count else { throw error("truncated \\u escape") }
-        var value: UInt32 = 0
-        for _ in 0..<4 {
-            let b = bytes[position]
-            let digit: UInt32
-            switch b {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): digit = UInt32(b - UInt8(ascii: "0"))
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = UInt32(b - UInt8(ascii: "a") + 10)
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): digit = UInt32(b - UInt8(ascii: "A") + 10)
-            default: throw error("invalid \\u escape")
+            let end = position
+            position += 1 // closing quote
+            let text: String?
+            if buffer.isEmpty {
+                text = String(bytes: bytes[runStart..<end], encoding: .utf8)
+            } else {
+                buffer.append(contentsOf: bytes[runStart..<end])
+                text = String(bytes: buffer, encoding: .utf8)
             }
-            value = value << 4 | digit
-            position += 1
+            guard let text else { position = runStart; throw error("invalid UTF-8 in string") }
+            return text
         }
-        return value
-    }
 
-    private mutating func parseNumber() throws -> JSONValue {
-        let start = position
-        func isDigit(_ i: Int) -> Bool { i < bytes.count && (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[i]) }
-        if bytes[position] == UInt8(ascii: "-") { position += 1 }
-        guard isDigit(position) else { throw error("invalid number") }
-        if bytes[position] == UInt8(ascii: "0") {
-            position += 1
-            if isDigit(position) { throw error("leading zero in number") }
-        } else {
-            while isDigit(position) { position += 1 }
+        private mutating func parseHex4() throws -> UInt32 {
+            guard position + 4 <= bytes.count else { throw error("truncated \\u escape") }
+            var value: UInt32 = 0
+            for _ in 0..<4 {
+                let b = bytes[position]
+                let digit: UInt32
+                switch b {
+                case UInt8(ascii: "0")...UInt8(ascii: "9"): digit = UInt32(b - UInt8(ascii: "0"))
+                case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = UInt32(b - UInt8(ascii: "a") + 10)
+                case UInt8(ascii: "A")...UInt8(ascii: "F"): digit = UInt32(b - UInt8(ascii: "A") + 10)
+                default: throw error("invalid \\u escape")
+                }
+                value = value << 4 | digit
+                position += 1
+            }
+            return value
         }
-        var integral = true
-        if position < bytes.count, bytes[position] == UInt8(ascii: ".") {
-            integral = false
-            position += 1
+
+        private mutating func parseNumber() throws -> JSONValue {
+            let start = position
+            func isDigit(_ i: Int) -> Bool { i < bytes.count && (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[i]) }
+            if bytes[position] == UInt8(ascii: "-") { position += 1 }
             guard isDigit(position) else { throw error("invalid number") }
-            while isDigit(position) { position += 1 }
+            if bytes[position] == UInt8(ascii: "0") {
+                position += 1
+                if isDigit(position) { throw error("leading zero in number") }
+            } else {
+                while isDigit(position) { position += 1 }
+            }
+            var integral = true
+            if position < bytes.count, bytes[position] == UInt8(ascii: ".") {
+                integral = false
+                position += 1
+                guard isDigit(position) else { throw error("invalid number") }
+                while isDigit(position) { position += 1 }
+            }
+            if position < bytes.count, bytes[position] == UInt8(ascii: "e") || bytes[position] == UInt8(ascii: "E") {
+                integral = false
+                position += 1
+                if position < bytes.count, bytes[position] == UInt8(ascii: "+") || bytes[position] == UInt8(ascii: "-") { position += 1 }
+                guard isDigit(position) else { throw error("invalid number") }
+                while isDigit(position) { position += 1 }
+            }
+            let text = String(decoding: bytes[start..<position], as: UTF8.self)
+            if integral, let value = Int(text) { return .integer(value) }
+            return .number(text)
         }
-        if position < bytes.count, bytes[position] == UInt8(ascii: "e") || bytes[position] == UInt8(ascii: "E") {
-            integral = false
-            position += 1
-            if position < bytes.count, bytes[position] == UInt8(ascii: "+") || bytes[position] == UInt8(ascii: "-") { position += 1 }
-            guard isDigit(position) else { throw error("invalid number") }
-            while isDigit(position) { position += 1 }
-        }
-        let text = String(decoding: bytes[start..<position], as: UTF8.self)
-        if integral, let value = Int(text) { return .integer(value) }
-        return .number(text)
     }
 }

@@ -375,7 +375,7 @@ extension FormatError.Problem {
 
 /// Minimal POSIX file access: one copy from the kernel straight into the
 /// destination array, explicit sizes (no unbounded reads), and atomic writes.
-enum FileIO {
+enum FormatFileIO {
     /// A read-only descriptor plus the file size taken at open time.
     final class Reader {
         let path: String
@@ -385,10 +385,10 @@ enum FileIO {
         init(path: String) throws {
             self.path = path
             let fd = open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw FileIO.error(path, "cannot open for reading") }
+            guard fd >= 0 else { throw FormatFileIO.error(path, "cannot open for reading") }
             var info = stat()
             guard fstat(fd, &info) == 0 else {
-                let error = FileIO.error(path, "cannot stat")
+                let error = FormatFileIO.error(path, "cannot stat")
                 close(fd)
                 throw error
             }
@@ -412,7 +412,7 @@ enum FileIO {
                     let n = pread(fd, base + done, count - done, off_t(offset + done))
                     if n < 0 {
                         if errno == EINTR { continue }
-                        throw FileIO.error(path, "read failed")
+                        throw FormatFileIO.error(path, "read failed")
                     }
                     if n == 0 {
                         throw FormatError(path: path, problem: .truncated(expected: offset + count, actual: offset + done))
