@@ -33,6 +33,7 @@ let package = Package(
             name: "KVRecallCLI",
             dependencies: [
                 "KVRecall",
+                "CKernels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import CKernels
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -106,6 +107,19 @@ struct BenchExact: ParsableCommand {
         }
         let sgemvMs = median(sgemv) / 1e3
         table.add(["cblas_sgemv f32 (scores only)", fmt(sgemvMs, 3), "1.00x", ""])
+        // Our f32 kernel and selection over the same contiguous memory: separates kernel cost from map cost.
+        var top = TopK(k: data.k)
+        let contiguous = keys.withUnsafeBufferPointer { kb in
+            scores.withUnsafeMutableBufferPointer { sb in
+                timePerQuery(rows: rows, d: d, queries: queries) { q in
+                    kvr_scores_f32(q.baseAddress!, kb.baseAddress!, n, d, sb.baseAddress!)
+                    top.reset()
+                    top.push(scores: sb.baseAddress!, count: n, firstID: 0)
+                }
+            }
+        }
+        let contiguousMs = median(contiguous) / 1e3
+        table.add(["kvrecall kernel f32 (top-\(data.k), heap memory)", fmt(contiguousMs, 3), fmt(contiguousMs / sgemvMs, 2) + "x", ""])
         var oursF32 = 0.0
         for dtype in DType.allCases {
             let (store, cleanup) = try data.temporaryStore(dtype.rawValue)
