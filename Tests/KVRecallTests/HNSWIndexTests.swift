@@ -1,0 +1,99 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+@Suite struct HNSWIndexTests {
+    func build(_ f: IndexFixture, M: Int = 16, efC: Int = 100, threads: Int = 2, upTo: Int? = nil) throws -> HNSWIndex {
+        let index = try HNSWIndex(dimension: f.d, M: M, efConstruction: efC, seed: 9, threads: threads)
+        try f.withKeys { try index.add(keys: $0, range: 0..<(upTo ?? f.n), progress: nil) }
+        return index
+    }
+
+    @Test func recallMeetsFloorAndEfTradesWork() throws {
+        let f = try IndexFixture()
+        let index = try build(f)
+        var low = SearchParameters(); low.ef = 16
+        var high = SearchParameters(); high.ef = 128
+        let (r16, s16) = try f.recall(of: index, k: 10, parameters: low)
+        let (r128, s128) = try f.recall(of: index, k: 10, parameters: high)
+        // Documented floor: M=16, efConstruction=100, ef=128 on 4096 x 32 clustered keys.
+        #expect(r128 >= 0.95, "recall@10 \(r128)")
+        #expect(r128 >= r16)
+        #expect(s128.keysScannedFraction > s16.keysScannedFraction)
+        #expect(s128.keysScannedFraction < 0.5)
+    }
+
+    @Test func sameSeedSameGraphWhateverTheThreadCount() throws {
+        let f = try IndexFixture(n: 1500)
+        let a = try build(f, threads: 1)
+        let b = try build(f, threads: 2)
+        #expect(a.sections() == b.sections())
+    }
+
+    @Test func persistenceRoundTripGivesIdenticalResults() throws {
+        let f = try IndexFixture(n: 2000)
+        let index = try build(f)
+        try IndexCatalog.save(index, kindVersion: HNSWIndex.formatVersion, in: f.store, head: f.id)
+        let loaded = try IndexCatalog.load(HNSWIndex.self, from: try f.store.loadIndex(f.id, name: "hnsw"), head: f.id, name: "hnsw")
+        var p = SearchParameters(); p.ef = 40
+        try f.withKeys { keys in
+            try f.queries.withUnsafeBufferPointer { q in
+                let a = try index.search(q, k: 10, parameters: p, keys: keys)
+                let b = try loaded.search(q, k: 10, parameters: p, keys: keys)
+                #expect(a.ids == b.ids && a.scores == b.scores)
+                #expect(a.stats == b.stats)
+            }
+        }
+    }
+
+    @Test func incrementalAddFindsTheNewKeys() throws {
+        let f = try IndexFixture(n: 2000)
+        let index = try build(f, upTo: 1500)
+        #expect(index.count == 1500)
+        // Keys 1500..<2000 are not indexed yet: a query equal to key 1700 cannot find it.
+        let probe = Array(f.keys[(1700 * f.d)..<(1701 * f.d)])
+        var p = SearchParameters(); p.ef = 64
+        let before = try f.withKeys { keys in try probe.withUnsafeBufferPointer { try index.search($0, k: 5, parameters: p, keys: keys) } }
+        #expect(!before.ids.contains(1700))
+        try f.withKeys { try index.add(keys: $0, range: 1500..<2000, progress: nil) }
+        #expect(index.count == 2000)
+        let (r, _) = try f.recall(of: index, k: 10, parameters: p)
+        #expect(r >= 0.9)
+        let exact = try f.exact(k: 5, queries: probe)[0]
+        let after = try f.withKeys { keys in try probe.withUnsafeBufferPointer { try index.search($0, k: 5, parameters: p, keys: keys) } }
+        #expect(after.ids.contains(exact[0]))
+    }
+
+    @Test func badParametersAndCorruptSectionsAreErrors() throws {
+        #expect(throws: IndexError.invalidParameter("M must be at least 2 (got 1)")) { try HNSWIndex(dimension: 8, M: 1) }
+        let f = try IndexFixture(n: 300)
+        let index = try build(f, M: 4, efC: 20)
+        try f.withKeys { keys in
+            let q = [Float](repeating: 1, count: f.d)
+            #expect(throws: IndexError.self) { try q.withUnsafeBufferPointer { try index.search($0, k: 301, parameters: SearchParameters(), keys: keys) } }
+            var zero = SearchParameters(); zero.ef = 0
+            #expect(throws: IndexError.invalidParameter("ef must be at least 1")) {
+                try q.withUnsafeBufferPointer { try index.search($0, k: 1, parameters: zero, keys: keys) }
+            }
+            #expect(throws: IndexError.invalidParameter("HNSW adds keys in order: expected range starting at 300 within 300 keys, got 0..<10")) {
+                try index.add(keys: keys, range: 0..<10, progress: nil)
+            }
+        }
+        var sections = index.sections()
+        sections["graph"]!.removeLast(7)
+        #expect(throws: IndexError.self) { try HNSWIndex(sections: sections) }
+        var bad = index.sections()
+        // Point a layer-0 link at a node that does not exist.
+        var graph = ByteReader(bad["graph"]!, context: "t")
+        var links = try graph.readArray(Int32.self)
+        links[1] = 1_000_000
+        var w = ByteWriter()
+        w.write(array: links)
+        bad["graph"] = w.bytes + Array(bad["graph"]!.dropFirst(w.bytes.count))
+        #expect(throws: IndexError.self) { try HNSWIndex(sections: bad) }
+        #expect(throws: IndexError.notBuilt("no 'hnsw' index for head 0/0/0; build it first with `kvrecall build --index hnsw`")) {
+            try IndexCatalog.load(HNSWIndex.self, from: nil, head: HeadID(), name: "hnsw")
+        }
+    }
+}
