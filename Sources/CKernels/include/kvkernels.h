@@ -31,6 +31,12 @@ void kvr_scores_f32(const float *q, const float *rows, size_t n, size_t d, float
 void kvr_scores_f16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out);
 void kvr_scores_bf16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out);
 
+/* Hints the CPU to fetch the cache lines of [p, p + bytes) (graph walks: the next neighbour's row). */
+static inline void kvr_prefetch(const void *p, size_t bytes) {
+    const char *c = (const char *)p;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 /* Single inner product of two f32 vectors of length d. */
 float kvr_dot_f32(const float *a, const float *b, size_t d);
 

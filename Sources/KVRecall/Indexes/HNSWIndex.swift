@@ -23,10 +23,12 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     public var threads: Int
     let levelMultiplier: Double
 
-    private(set) var links0: [Int32] = []
+    /// Layer-0 links: `count x (maxM0 + 1)` slots, slot 0 the neighbour count.
+    let links0 = Int32Buffer()
     private(set) var levels: [Int32] = []
+    /// Per node, the offset of its upper-layer slots in `upperLinks`, or -1.
     private(set) var upperOffset: [Int32] = []
-    private(set) var upperLinks: [Int32] = []
+    let upperLinks = Int32Buffer()
     private(set) var entryPoint: Int32 = -1
     private(set) var maxLevel = -1
     private var rng: SeededGenerator
@@ -50,26 +52,19 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
 
     // MARK: Link access
 
+    /// The neighbour list of `node` at `level`, pointing into the link buffer (valid until the next growth).
     @inline(__always)
-    func neighbours(_ node: Int, level: Int) -> ArraySlice<Int32> {
-        if level == 0 {
-            let base = node * stride0
-            return links0[(base + 1)..<(base + 1 + Int(links0[base]))]
-        }
-        let base = Int(upperOffset[node]) + (level - 1) * strideUpper
-        return upperLinks[(base + 1)..<(base + 1 + Int(upperLinks[base]))]
+    func neighbours(_ node: Int, level: Int) -> UnsafeMutableBufferPointer<Int32> {
+        let slot = level == 0 ? links0.pointer + node * stride0
+                              : upperLinks.pointer + Int(upperOffset[node]) + (level - 1) * strideUpper
+        return UnsafeMutableBufferPointer(start: slot + 1, count: Int(slot[0]))
     }
 
     private func setNeighbours(_ node: Int, level: Int, _ list: [Int32]) {
-        if level == 0 {
-            let base = node * stride0
-            links0[base] = Int32(list.count)
-            for (i, n) in list.enumerated() { links0[base + 1 + i] = n }
-        } else {
-            let base = Int(upperOffset[node]) + (level - 1) * strideUpper
-            upperLinks[base] = Int32(list.count)
-            for (i, n) in list.enumerated() { upperLinks[base + 1 + i] = n }
-        }
+        let slot = level == 0 ? links0.pointer + node * stride0
+                              : upperLinks.pointer + Int(upperOffset[node]) + (level - 1) * strideUpper
+        slot[0] = Int32(list.count)
+        for (i, n) in list.enumerated() { slot[1 + i] = n }
     }
 
     // MARK: Search primitives
@@ -97,34 +92,51 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         return (current, best)
     }
 
-    /// Beam search at one layer: the `ef` best nodes reachable from `entries`.
+    /// Beam search at one layer: leaves the `ef` best nodes reachable from `entries` in
+    /// `scratch.results`. Unvisited neighbours are gathered and prefetched before they are scored.
     func searchLayer(query: UnsafePointer<Float>, keys: VectorView, entries: [(Int32, Float)], ef: Int, level: Int,
-                     scratch: SearchScratch, limit: Int) -> MinScoreHeap {
+                     scratch: SearchScratch, limit: Int) {
         scratch.visited.reset(capacity: limit)
-        scratch.candidates.removeAll()
-        var results = MinScoreHeap(capacity: ef + 1)
+        let (stamps, generation) = scratch.visited.walk
+        // Locals, written back at the end: no exclusivity checks on the scratch object in the loop.
+        var candidates = scratch.candidates
+        var results = scratch.results
+        candidates.removeAll()
+        results.removeAll()
         for (e, s) in entries where Int(e) < limit {
-            _ = scratch.visited.insert(Int(e))
-            scratch.candidates.push(s, e)
+            stamps[Int(e)] = generation
+            candidates.push(s, e)
             results.push(s, e)
             if results.count > ef { results.pop() }
         }
-        while !scratch.candidates.isEmpty {
-            let (s, c) = scratch.candidates.pop()
+        let pending = scratch.pending
+        var computed = 0
+        while !candidates.isEmpty {
+            let (s, c) = candidates.pop()
             if results.count >= ef && s < results.bottomScore { break }
+            var waiting = 0
             for n in neighbours(Int(c), level: level) {
                 let ni = Int(n)
-                guard ni < limit, scratch.visited.insert(ni) else { continue }
-                let sn = keys.score(query: query, row: ni)
-                scratch.computations += 1
+                guard ni < limit, stamps[ni] != generation else { continue }
+                stamps[ni] = generation
+                keys.prefetch(row: ni)
+                pending[waiting] = n
+                waiting += 1
+            }
+            for j in 0..<waiting {
+                let n = pending[j]
+                let sn = keys.score(query: query, row: Int(n))
                 if results.count < ef || sn > results.bottomScore {
-                    scratch.candidates.push(sn, n)
+                    candidates.push(sn, n)
                     results.push(sn, n)
                     if results.count > ef { results.pop() }
                 }
             }
+            computed += waiting
         }
-        return results
+        scratch.candidates = candidates
+        scratch.results = results
+        scratch.computations += computed
     }
 
     /// hnswlib's neighbour-selection heuristic: take candidates best first, keep one only if it is
@@ -159,14 +171,14 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         }
         let newCount = range.upperBound
         // Reserve link storage and draw levels (in node order, from the seeded generator).
-        links0 += [Int32](repeating: 0, count: (newCount - count) * stride0)
+        links0.grow(by: (newCount - count) * stride0)
         for _ in range {
             let u = max(Double(rng.next() >> 11) / Double(1 << 53), 1e-300)
             let level = Int(-log(u) * levelMultiplier)
             levels.append(Int32(level))
             if level > 0 {
                 upperOffset.append(Int32(upperLinks.count))
-                upperLinks += [Int32](repeating: 0, count: level * strideUpper)
+                upperLinks.grow(by: level * strideUpper)
             } else {
                 upperOffset.append(-1)
             }
@@ -182,7 +194,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         }
         while next < newCount {
             // Small batches while the graph is small, so early nodes see each other.
-            let batch = min(newCount - next, max(1, min(512, count / 8)))
+            let batch = min(newCount - next, max(1, min(64, count / 8)))
             let batchRange = next..<(next + batch)
             var plans = [[[Int32]]](repeating: [], count: batch)
             let frozenCount = count
@@ -224,15 +236,17 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         var entries = [(ep, epScore)]
         var result = [[Int32]](repeating: [], count: nodeLevel + 1)
         for level in stride(from: min(nodeLevel, maxLevel), through: 0, by: -1) {
-            var found = searchLayer(query: q, keys: keys, entries: entries, ef: efConstruction, level: level,
-                                    scratch: scratch, limit: frozenCount).sortedDescending()
+            searchLayer(query: q, keys: keys, entries: entries, ef: efConstruction, level: level,
+                        scratch: scratch, limit: frozenCount)
+            var found = scratch.results.drainDescending()
             // Earlier nodes of this batch that reach this layer are candidates too.
             var extra: [(score: Float, id: Int32)] = []
             for other in batchStart..<node where Int(levels[other]) >= level {
                 extra.append((keys.score(query: q, row: other), Int32(other)))
             }
             if !extra.isEmpty {
-                found = (found + extra).sorted { $0.score != $1.score ? $0.score > $1.score : $0.id < $1.id }
+                sortBestFirst(&extra)
+                found = mergeBestFirst(found, extra)
             }
             result[level] = selectNeighbours(found, keys: keys, max: M, scratch: scratch)
             entries = found.prefix(1).map { ($0.id, $0.score) }
@@ -259,7 +273,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
                 keys.decodeRow(ni, into: scratch.query)
                 var scored = list.map { (score: keys.score(query: scratch.query, row: Int($0)), id: $0) }
                 scored.append((keys.score(query: scratch.query, row: node), Int32(node)))
-                scored.sort { $0.score != $1.score ? $0.score > $1.score : $0.id < $1.id }
+                sortBestFirst(&scored)
                 setNeighbours(ni, level: level, selectNeighbours(scored, keys: keys, max: cap, scratch: scratch))
             }
         }
@@ -303,11 +317,16 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
                             computations += 1
                         }
                         scratch.computations += computations
-                        let found = searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0,
-                                                scratch: scratch, limit: count).sortedDescending()
-                        for (j, hit) in found.prefix(k).enumerated() {
+                        searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0,
+                                    scratch: scratch, limit: count)
+                        // Pop the worst until k remain, then fill best-last.
+                        while scratch.results.count > k { scratch.results.pop() }
+                        var j = scratch.results.count - 1
+                        while !scratch.results.isEmpty {
+                            let hit = scratch.results.pop()
                             ids[q * k + j] = Int(hit.id)
                             scores[q * k + j] = hit.score
+                            j -= 1
                         }
                     }
                 }
@@ -326,10 +345,10 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         meta.write(seed)
         meta.write(rng.state)
         var graph = ByteWriter()
-        graph.write(array: links0)
+        graph.write(array: links0.array)
         graph.write(array: levels)
         graph.write(array: upperOffset)
-        graph.write(array: upperLinks)
+        graph.write(array: upperLinks.array)
         return ["meta": meta.bytes, "graph": graph.bytes]
     }
 
@@ -346,27 +365,32 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         guard dimension > 0, count >= 0, M >= 2, maxM0 == 2 * M else { throw IndexError.corrupt("HNSW meta out of range") }
         try self.init(dimension: dimension, M: M, efConstruction: efC, seed: seed)
         var graph = ByteReader(graphBytes, context: "hnsw graph")
-        links0 = try graph.readArray(Int32.self)
+        let links = try graph.readArray(Int32.self)
         levels = try graph.readArray(Int32.self)
         upperOffset = try graph.readArray(Int32.self)
-        upperLinks = try graph.readArray(Int32.self)
-        guard links0.count == count * stride0, levels.count == count, upperOffset.count == count,
+        let upper = try graph.readArray(Int32.self)
+        guard links.count == count * stride0 else { throw IndexError.corrupt("HNSW layer-0 links have \(links.count) slots, expected \(count * stride0)") }
+        for i in 0..<count {
+            let base = i * stride0
+            guard links[base] >= 0, Int(links[base]) <= maxM0,
+                  links[(base + 1)..<(base + 1 + Int(links[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                throw IndexError.corrupt("HNSW node \(i) has an invalid layer-0 link list")
+            }
+        }
+        links0.append(contentsOf: links)
+        upperLinks.append(contentsOf: upper)
+        guard levels.count == count, upperOffset.count == count,
               count == 0 || (entry >= 0 && Int(entry) < count) else {
             throw IndexError.corrupt("HNSW graph sizes disagree with its node count \(count)")
         }
         // Every link must name a node, so a damaged section cannot send a search out of bounds.
         for i in 0..<count {
-            let base = i * stride0
-            guard links0[base] >= 0, Int(links0[base]) <= maxM0,
-                  links0[(base + 1)..<(base + 1 + Int(links0[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
-                throw IndexError.corrupt("HNSW node \(i) has an invalid layer-0 link list")
-            }
             if levels[i] > 0 {
                 let end = Int(upperOffset[i]) + Int(levels[i]) * strideUpper
                 guard upperOffset[i] >= 0, end <= upperLinks.count else { throw IndexError.corrupt("HNSW node \(i) upper links out of range") }
             }
         }
-        guard upperLinks.allSatisfy({ $0 >= 0 && Int($0) < max(count, maxM0 + 1) }) else {
+        guard upper.allSatisfy({ $0 >= 0 && Int($0) < max(count, maxM0 + 1) }) else {
             throw IndexError.corrupt("HNSW upper links name unknown nodes")
         }
         self.count = count
@@ -380,6 +404,9 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
 final class SearchScratch {
     let visited: VisitedSet
     var candidates = MaxScoreHeap(capacity: 256)
+    var results = MinScoreHeap(capacity: 256)
+    /// Neighbours gathered for scoring (at most one list).
+    let pending = UnsafeMutablePointer<Int32>.allocate(capacity: 4096)
     let query: UnsafeMutablePointer<Float>
     let vector: UnsafeMutablePointer<Float>
     var computations = 0
@@ -393,6 +420,9 @@ final class SearchScratch {
     deinit {
         query.deallocate()
         vector.deallocate()
+        pending.deallocate()
+        candidates.deallocate()
+        results.deallocate()
     }
 }
 
@@ -407,4 +437,34 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
+}
+
+/// Sorts short candidate lists best first (score descending, ties to the lower id). Insertion
+/// sort: the lists here hold a few dozen to a few hundred entries and are mostly ordered already.
+@inline(__always)
+func sortBestFirst(_ list: inout [(score: Float, id: Int32)]) {
+    list.withUnsafeMutableBufferPointer { a in
+        guard a.count > 1 else { return }
+        for i in 1..<a.count {
+            let x = a[i]
+            var j = i - 1
+            while j >= 0 && (a[j].score < x.score || (a[j].score == x.score && a[j].id > x.id)) {
+                a[j + 1] = a[j]
+                j -= 1
+            }
+            a[j + 1] = x
+        }
+    }
+}
+
+/// Merges two best-first lists into one.
+func mergeBestFirst(_ a: [(score: Float, id: Int32)], _ b: [(score: Float, id: Int32)]) -> [(score: Float, id: Int32)] {
+    var out: [(score: Float, id: Int32)] = []
+    out.reserveCapacity(a.count + b.count)
+    var i = 0, j = 0
+    while i < a.count || j < b.count {
+        let takeA = j == b.count || (i < a.count && (a[i].score > b[j].score || (a[i].score == b[j].score && a[i].id < b[j].id)))
+        if takeA { out.append(a[i]); i += 1 } else { out.append(b[j]); j += 1 }
+    }
+    return out
 }

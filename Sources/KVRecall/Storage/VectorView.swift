@@ -16,6 +16,12 @@ public struct VectorView {
     public var blockSize: Int { info.blockSize }
     /// Base pointer of each block, in order.
     public let blocks: [UnsafeRawPointer]
+    /// The same table as a raw pointer for hot loops, kept alive by `tableOwner`.
+    private let table: UnsafePointer<UnsafeRawPointer>
+    private let tableOwner: BlockTable
+    /// log2(blockSize) when it is a power of two (the default), else -1.
+    private let blockShift: Int
+    private let rowBytes: Int
 
     init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String) throws {
         self.info = info
@@ -46,6 +52,10 @@ public struct VectorView {
             throw StoreError(.corrupt, "\(kind) has \(table.count) blocks, expected \(expectedBlocks)", path: path, head: info.id)
         }
         blocks = table
+        tableOwner = BlockTable(table)
+        self.table = UnsafePointer(tableOwner.pointer)
+        blockShift = bs & (bs - 1) == 0 ? bs.trailingZeroBitCount : -1
+        rowBytes = width
     }
 
     /// Number of rows in block `b`.
@@ -55,8 +65,15 @@ public struct VectorView {
     /// Pointer to row `i` in the map.
     @inline(__always)
     public func row(_ i: Int) -> UnsafeRawPointer {
-        blocks[i / blockSize] + (i % blockSize) * info.bytesPerVector
+        if blockShift >= 0 {
+            return table[i &>> blockShift] + (i & (blockSize &- 1)) &* rowBytes
+        }
+        return table[i / blockSize] + (i % blockSize) * rowBytes
     }
+
+    /// Bytes of one stored row.
+    @inline(__always)
+    public var bytesPerRow: Int { rowBytes }
 
     /// Row `i` converted to f32 into `out` (`dimension` floats).
     @inline(__always)
@@ -105,14 +122,24 @@ public struct VectorView {
     /// Inner product of `query` with row `i` (graph walks, re-ranking).
     @inline(__always)
     public func score(query: UnsafePointer<Float>, row i: Int) -> Float {
-        var s: Float = 0
         let p = row(i)
-        switch dtype {
-        case .f32: kvr_scores_f32(query, p.assumingMemoryBound(to: Float.self), 1, dimension, &s)
-        case .f16: kvr_scores_f16(query, p.assumingMemoryBound(to: UInt16.self), 1, dimension, &s)
-        case .bf16: kvr_scores_bf16(query, p.assumingMemoryBound(to: UInt16.self), 1, dimension, &s)
+        switch info.dtype {
+        case .f32: return kvr_dot_f32(query, p.assumingMemoryBound(to: Float.self), info.dimension)
+        case .f16:
+            var s: Float = 0
+            kvr_scores_f16(query, p.assumingMemoryBound(to: UInt16.self), 1, info.dimension, &s)
+            return s
+        case .bf16:
+            var s: Float = 0
+            kvr_scores_bf16(query, p.assumingMemoryBound(to: UInt16.self), 1, info.dimension, &s)
+            return s
         }
-        return s
+    }
+
+    /// Starts fetching row `i` into the cache (graph walks score it soon after).
+    @inline(__always)
+    public func prefetch(row i: Int) {
+        kvr_prefetch(row(i), rowBytes)
     }
 
     /// Block `b` as f32 rows BLAS can read in place, when stored as aligned f32.
@@ -120,4 +147,14 @@ public struct VectorView {
         guard dtype == .f32, Int(bitPattern: blocks[b]) % MemoryLayout<Float>.alignment == 0 else { return nil }
         return blocks[b].assumingMemoryBound(to: Float.self)
     }
+}
+
+/// Owns a copy of a block table as raw memory, so hot loops index it without array checks.
+final class BlockTable {
+    let pointer: UnsafeMutablePointer<UnsafeRawPointer>
+    init(_ blocks: [UnsafeRawPointer]) {
+        pointer = .allocate(capacity: max(1, blocks.count))
+        for (i, b) in blocks.enumerated() { (pointer + i).initialize(to: b) }
+    }
+    deinit { pointer.deallocate() }
 }
