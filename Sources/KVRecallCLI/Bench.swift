@@ -6,7 +6,7 @@ import CKernels
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks (release builds only): medians and ratios against baselines run in the same process.",
-        subcommands: [BenchExact.self]
+        subcommands: [BenchExact.self, BenchANN.self]
     )
 }
 
@@ -44,15 +44,19 @@ struct BenchData: ParsableArguments {
         return (store, { store.close(); try? FileManager.default.removeItem(atPath: path) })
     }
 
+    /// Appends `records` to the JSON list in `--json` (the Tools/bench schema), creating it if needed.
     func emit(_ records: [[String: Any]]) throws {
         guard let json else { return }
-        var text = ""
-        for r in records { text += try jsonString(r) + "\n" }
-        if !FileManager.default.fileExists(atPath: json) { _ = FileManager.default.createFile(atPath: json, contents: nil) }
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: json))
-        handle.seekToEndOfFile()
-        handle.write(text.data(using: .utf8)!)
-        handle.closeFile()
+        var all: [Any] = []
+        if let data = FileManager.default.contents(atPath: json), !data.isEmpty {
+            guard let existing = try? JSONSerialization.jsonObject(with: data) as? [Any] else {
+                throw RunError("\(json): exists but is not a JSON list of benchmark records")
+            }
+            all = existing
+        }
+        all += records as [Any]
+        let data = try JSONSerialization.data(withJSONObject: all, options: [.prettyPrinted, .sortedKeys])
+        guard FileManager.default.createFile(atPath: json, contents: data) else { throw RunError("\(json): cannot write") }
     }
 }
 

@@ -13,8 +13,9 @@ struct KVRecallCommand: ParsableCommand {
         Typical session:
           kvrecall ingest --store /tmp/s --keys K.npy --values V.npy --queries Q.npy --layer 2 --head 6
           kvrecall info   --store /tmp/s
-          kvrecall query  --store /tmp/s --layer 2 --head 6 --queries decode.npy -k 10
+          kvrecall build  --store /tmp/s --layer 2 --head 6 --index hnsw
+          kvrecall query  --store /tmp/s --layer 2 --head 6 --queries decode.npy -k 10 --index hnsw --ef 64
         """,
-        subcommands: [Ingest.self, Info.self, Query.self, Demo.self, Bench.self]
+        subcommands: [Ingest.self, Info.self, Build.self, Query.self, Attend.self, Demo.self, Bench.self]
     )
 }

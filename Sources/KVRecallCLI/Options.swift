@@ -31,12 +31,12 @@ func loadTensor(path: String, tensorName: String?, role: String) throws -> Tenso
     if path.hasSuffix(".safetensors") {
         guard let tensorName else {
             let names = (try? Safetensors.read(path: path).names()) ?? []
-            throw ValidationError("\(path): a .safetensors file needs --\(role)-tensor NAME (tensors: \(names.joined(separator: ", ")))")
+            throw RunError("\(path): a .safetensors file needs --\(role)-tensor NAME (tensors: \(names.joined(separator: ", ")))")
         }
         return try Safetensors.read(path: path).tensor(named: tensorName)
     }
     if tensorName != nil {
-        throw ValidationError("--\(role)-tensor applies to .safetensors files; \(path) is read as .npy")
+        throw RunError("--\(role)-tensor applies to .safetensors files; \(path) is read as .npy")
     }
     return try NPY.read(path: path)
 }
@@ -90,3 +90,41 @@ func jsonString(_ object: Any) throws -> String {
 
 /// Replaces non-finite floats (not representable in JSON) by nil.
 func jsonNumber(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }
+
+/// Per-call search knobs, named as faiss and hnswlib users know them.
+struct SearchParameterOptions: ParsableArguments {
+    @Option(help: "HNSW: candidate list size at search.")
+    var ef: Int = 64
+    @Option(help: "IVF: lists probed.")
+    var nprobe: Int = 8
+    @Option(help: "Tree: clusters kept per level.")
+    var beam: Int = 8
+    @Option(help: "LSH: tables a key must share with the query to be a candidate.")
+    var minCollisions: Int = 2
+    @Option(help: "Threads over the query batch.")
+    var threads: Int = 1
+
+    func validate() throws {
+        if ef < 1 { throw ValidationError("--ef must be at least 1") }
+        if nprobe < 1 { throw ValidationError("--nprobe must be at least 1") }
+        if beam < 1 { throw ValidationError("--beam must be at least 1") }
+        if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1") }
+        if threads < 1 { throw ValidationError("--threads must be at least 1") }
+    }
+
+    var parameters: SearchParameters {
+        var p = SearchParameters()
+        p.ef = ef
+        p.nprobe = nprobe
+        p.beam = beam
+        p.minCollisions = minCollisions
+        p.threads = threads
+        return p
+    }
+}
+
+/// A failure found while running a command (not a usage mistake): printed without the usage text.
+struct RunError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}

@@ -27,10 +27,16 @@ struct Query: ParsableCommand {
     var limit: Int?
     @Flag(help: "Print one JSON object.")
     var json = false
+    @Option(help: "Search this index (hnsw, ivf, lsh, tree; built with `kvrecall build`) instead of exact search.")
+    var index: String?
+    @OptionGroup var search: SearchParameterOptions
 
     func validate() throws {
         if k < 1 { throw ValidationError("-k must be at least 1") }
         if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
+        if let index, IndexKind(rawValue: index) == nil && index != "flat" {
+            throw ValidationError("--index must be one of flat, hnsw, ivf, lsh, tree, retrieval, landmark (got '\(index)')")
+        }
     }
 
     func run() throws {
@@ -43,15 +49,17 @@ struct Query: ParsableCommand {
             values = Array(values.prefix(limit * info.dimension))
         }
         guard k <= info.count else {
-            throw ValidationError("-k \(k) exceeds the \(info.count) keys of head \(info.id)")
+            throw RunError("-k \(k) exceeds the \(info.count) keys of head \(info.id)")
         }
         let d = info.dimension
         var all = SearchResults(k: k, queryCount: rows)
         var micros: [Double] = []
         try store.read { snapshot in
             let keys = try snapshot.vectors(headOptions.id, .keys)
-            let index = FlatIndex(keys: keys)
-            let params = SearchParameters()
+            let index: any VectorIndex = try self.index.flatMap(IndexKind.init(rawValue:)).map {
+                try IndexCatalog.load($0, snapshot: snapshot, head: headOptions.id)
+            } ?? FlatIndex(keys: keys)
+            let params = search.parameters
             try values.withUnsafeBufferPointer { qb in
                 for q in 0..<rows {
                     let one = UnsafeBufferPointer(rebasing: qb[(q * d)..<((q + 1) * d)])
@@ -78,7 +86,7 @@ struct Query: ParsableCommand {
                                             "median_query_us": med]]))
             return
         }
-        print("head \(info.id): \(info.count) keys, d=\(d), \(info.dtype.rawValue); \(rows) queries, k=\(k), exact")
+        print("head \(info.id): \(info.count) keys, d=\(d), \(info.dtype.rawValue); \(rows) queries, k=\(k), \(index ?? "exact")")
         var table = TextTable(["query", "top ids", "top scores"])
         for q in 0..<min(rows, 20) {
             let hits = all.hits(q).prefix(5)

@@ -32,6 +32,8 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     private(set) var entryPoint: Int32 = -1
     private(set) var maxLevel = -1
     private var rng: SeededGenerator
+    /// Scratch reused across searches (visited stamps for every node are too costly to allocate per query).
+    let scratchPool = ScratchPool()
 
     public init(dimension: Int, M: Int = 16, efConstruction: Int = 200, seed: UInt64 = 42, threads: Int = 2) throws {
         guard M >= 2 else { throw IndexError.invalidParameter("M must be at least 2 (got \(M))") }
@@ -92,51 +94,17 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         return (current, best)
     }
 
-    /// Beam search at one layer: leaves the `ef` best nodes reachable from `entries` in
-    /// `scratch.results`. Unvisited neighbours are gathered and prefetched before they are scored.
+    /// Beam search at one layer (see `beamSearch`).
+    @inline(__always)
     func searchLayer(query: UnsafePointer<Float>, keys: VectorView, entries: [(Int32, Float)], ef: Int, level: Int,
                      scratch: SearchScratch, limit: Int) {
-        scratch.visited.reset(capacity: limit)
-        let (stamps, generation) = scratch.visited.walk
-        // Locals, written back at the end: no exclusivity checks on the scratch object in the loop.
-        var candidates = scratch.candidates
-        var results = scratch.results
-        candidates.removeAll()
-        results.removeAll()
-        for (e, s) in entries where Int(e) < limit {
-            stamps[Int(e)] = generation
-            candidates.push(s, e)
-            results.push(s, e)
-            if results.count > ef { results.pop() }
+        if level == 0 {
+            beamSearch(StridedLinks(base: links0.pointer, stride: stride0), query: query, keys: keys, entries: entries,
+                       ef: ef, scratch: scratch, limit: limit)
+        } else {
+            beamSearch(UpperLayerLinks(index: self, level: level), query: query, keys: keys, entries: entries,
+                       ef: ef, scratch: scratch, limit: limit)
         }
-        let pending = scratch.pending
-        var computed = 0
-        while !candidates.isEmpty {
-            let (s, c) = candidates.pop()
-            if results.count >= ef && s < results.bottomScore { break }
-            var waiting = 0
-            for n in neighbours(Int(c), level: level) {
-                let ni = Int(n)
-                guard ni < limit, stamps[ni] != generation else { continue }
-                stamps[ni] = generation
-                keys.prefetch(row: ni)
-                pending[waiting] = n
-                waiting += 1
-            }
-            for j in 0..<waiting {
-                let n = pending[j]
-                let sn = keys.score(query: query, row: Int(n))
-                if results.count < ef || sn > results.bottomScore {
-                    candidates.push(sn, n)
-                    results.push(sn, n)
-                    if results.count > ef { results.pop() }
-                }
-            }
-            computed += waiting
-        }
-        scratch.candidates = candidates
-        scratch.results = results
-        scratch.computations += computed
     }
 
     /// hnswlib's neighbour-selection heuristic: take candidates best first, keep one only if it is
@@ -215,6 +183,40 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
             next += batch
             count = next
             progress?(count - range.lowerBound, range.count)
+        }
+        repairOrphans()
+    }
+
+    /// Gives every layer-0 node without an incoming edge one, so no key is unreachable: the
+    /// heuristic pruning can drop a node from every list that held it (hnswlib leaves such nodes
+    /// unreachable). The edge goes into a neighbour's list with room, or replaces a link whose
+    /// target keeps another incoming edge.
+    func repairOrphans() {
+        var indegree = [Int32](repeating: 0, count: count)
+        for i in 0..<count { for n in neighbours(i, level: 0) { indegree[Int(n)] += 1 } }
+        for orphan in 0..<count where indegree[orphan] == 0 && Int32(orphan) != entryPoint {
+            let candidates = Array(neighbours(orphan, level: 0))
+            var linked = false
+            for n in candidates where neighbours(Int(n), level: 0).count < maxM0 {
+                var list = Array(neighbours(Int(n), level: 0))
+                list.append(Int32(orphan))
+                setNeighbours(Int(n), level: 0, list)
+                linked = true
+                break
+            }
+            if !linked {
+                outer: for n in candidates {
+                    var list = Array(neighbours(Int(n), level: 0))
+                    for j in stride(from: list.count - 1, through: 0, by: -1) where indegree[Int(list[j])] >= 2 {
+                        indegree[Int(list[j])] -= 1
+                        list[j] = Int32(orphan)
+                        setNeighbours(Int(n), level: 0, list)
+                        linked = true
+                        break outer
+                    }
+                }
+            }
+            if linked { indegree[orphan] = 1 }
         }
     }
 
@@ -296,7 +298,8 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         var results = SearchResults(k: k, queryCount: m)
         results.stats.keyCount = count
         let threads = max(1, min(parameters.threads, m))
-        let scratches = (0..<threads).map { _ in SearchScratch(dimension: dimension, capacity: count) }
+        let scratches = (0..<threads).map { _ in scratchPool.take(dimension: dimension, capacity: count) }
+        defer { scratches.forEach(scratchPool.give) }
         let chunk = (m + threads - 1) / threads
         let ef = max(parameters.ef, k)
         results.ids.withUnsafeMutableBufferPointer { ids in
@@ -319,15 +322,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
                         scratch.computations += computations
                         searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0,
                                     scratch: scratch, limit: count)
-                        // Pop the worst until k remain, then fill best-last.
-                        while scratch.results.count > k { scratch.results.pop() }
-                        var j = scratch.results.count - 1
-                        while !scratch.results.isEmpty {
-                            let hit = scratch.results.pop()
-                            ids[q * k + j] = Int(hit.id)
-                            scores[q * k + j] = hit.score
-                            j -= 1
-                        }
+                        drainResults(scratch, k: k, row: q, ids: ids, scores: scores)
                     }
                 }
             }
@@ -400,6 +395,15 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     }
 }
 
+/// HNSW's upper layers: per-node offsets into one buffer, `M + 1` slots per level.
+struct UpperLayerLinks: NeighbourSource {
+    let index: HNSWIndex
+    let level: Int
+
+    @inline(__always)
+    func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32> { index.neighbours(node, level: level) }
+}
+
 /// Per-thread scratch for graph walks, reused across queries.
 final class SearchScratch {
     let visited: VisitedSet
@@ -423,6 +427,28 @@ final class SearchScratch {
         pending.deallocate()
         candidates.deallocate()
         results.deallocate()
+    }
+}
+
+/// A lock-protected stack of scratch objects, so concurrent searches each get their own and
+/// repeated searches reuse them.
+final class ScratchPool: @unchecked Sendable {
+    private let lock = NSLock()
+    private var free: [SearchScratch] = []
+
+    func take(dimension: Int, capacity: Int) -> SearchScratch {
+        lock.lock()
+        let s = free.popLast()
+        lock.unlock()
+        let scratch = s ?? SearchScratch(dimension: dimension, capacity: capacity)
+        scratch.computations = 0
+        return scratch
+    }
+
+    func give(_ scratch: SearchScratch) {
+        lock.lock()
+        free.append(scratch)
+        lock.unlock()
     }
 }
 

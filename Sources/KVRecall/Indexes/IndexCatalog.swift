@@ -27,6 +27,14 @@ public struct IndexBuildParameters: Sendable {
     /// LSH: tables (L) and bits per table (K). MagicPIG uses K=10, L=150.
     public var tables = 150
     public var bits = 10
+    /// Retrieval graph: degree cap, exact neighbours per training query, training queries used.
+    public var graphDegree = 48
+    public var queryNeighbours = 100
+    public var trainingQueries = 8192
+    public var localNeighbours = 8
+    /// Landmark: positions per block.
+    public var landmarkBlockSize = 64
+    public var connectivitySlots = 2
     /// Centroid tree: levels (2+), and fine centroids as a fraction of N (Squeezed Attention: 5%).
     public var levels = 2
     public var fineFraction = 0.05
@@ -66,5 +74,82 @@ public enum IndexCatalog {
         let version = Int(try reader.read(UInt32.self))
         guard version == T.formatVersion else { throw IndexError.unsupportedVersion(found: version, supported: T.formatVersion) }
         return try T(sections: sections)
+    }
+}
+
+/// The index kinds `kvrecall build` knows.
+public enum IndexKind: String, CaseIterable, Sendable {
+    case hnsw, ivf, lsh, tree
+    /// RetrievalAttention's query-aware graph, trained on the head's prefill queries.
+    case retrieval
+    /// Landmark attention's block representatives (mean key, and min/max for Quest's bound).
+    case landmark
+
+    var type: any BuildableIndex.Type {
+        switch self {
+        case .hnsw: return HNSWIndex.self
+        case .lsh: return LSHIndex.self
+        case .retrieval: return RetrievalGraphIndex.self
+        case .landmark: return LandmarkIndex.self
+        case .ivf: return IVFIndex.self
+        case .tree: return CentroidTreeIndex.self
+        }
+    }
+}
+
+extension IndexCatalog {
+    /// An empty index of `kind` for `dimension`, configured by `parameters` for a head of `count` keys.
+    public static func make(_ kind: IndexKind, dimension: Int, count: Int, parameters p: IndexBuildParameters) throws -> any BuildableIndex {
+        switch kind {
+        case .hnsw:
+            return try HNSWIndex(dimension: dimension, M: p.M, efConstruction: p.efConstruction, seed: p.seed, threads: p.threads)
+        case .lsh:
+            return try LSHIndex(dimension: dimension, tables: p.tables, bits: p.bits, seed: p.seed, threads: p.threads)
+        case .retrieval:
+            return try RetrievalGraphIndex(dimension: dimension, M: p.graphDegree, queryNeighbours: p.queryNeighbours,
+                                           maxTrainingQueries: p.trainingQueries, efConstruction: min(p.efConstruction, 64),
+                                           connectivitySlots: p.connectivitySlots, localNeighbours: p.localNeighbours,
+                                           threads: p.threads)
+        case .landmark:
+            return try LandmarkIndex(dimension: dimension, blockSize: p.landmarkBlockSize)
+        case .ivf:
+            return try IVFIndex(dimension: dimension, parameters: p)
+        case .tree:
+            return try CentroidTreeIndex(dimension: dimension, parameters: p)
+        }
+    }
+
+    /// Builds `kind` over all keys of a view (inside its read transaction). The retrieval graph
+    /// also needs the head's prefill `queries`.
+    public static func build(_ kind: IndexKind, keys: VectorView, queries: VectorView? = nil, parameters: IndexBuildParameters,
+                             progress: ((Int, Int) -> Void)? = nil) throws -> any BuildableIndex {
+        guard keys.count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) has no keys to index") }
+        let index = try make(kind, dimension: keys.dimension, count: keys.count, parameters: parameters)
+        if let graph = index as? RetrievalGraphIndex {
+            guard let queries else { throw IndexError.notBuilt("the retrieval index is built from prefill queries; none were given") }
+            try graph.build(keys: keys, queries: queries, progress: progress)
+        } else {
+            try index.add(keys: keys, range: 0..<keys.count, progress: progress)
+        }
+        return index
+    }
+
+    /// Persists any index under its kind name.
+    public static func save(_ index: any BuildableIndex, in store: KVStore, head id: HeadID) throws {
+        try saveOpened(index, store: store, head: id)
+    }
+
+    private static func saveOpened<T: BuildableIndex>(_ index: T, store: KVStore, head id: HeadID) throws {
+        try save(index, kindVersion: T.formatVersion, in: store, head: id)
+    }
+
+    /// Loads index `kind` of head `id` inside a snapshot.
+    public static func load(_ kind: IndexKind, snapshot: StoreSnapshot, head id: HeadID) throws -> any BuildableIndex {
+        try load(kind.type, from: try snapshot.index(id, name: kind.rawValue), head: id, name: kind.rawValue)
+    }
+
+    /// Bytes an index occupies (sum of its sections).
+    public static func byteSize(_ index: any BuildableIndex) -> Int {
+        index.sections().values.reduce(0) { $0 + $1.count }
     }
 }

@@ -8,6 +8,10 @@ public struct SearchParameters: Sendable {
     public var beam: Int = 8
     /// LSH: tables a key must collide in to be a candidate.
     public var minCollisions: Int = 2
+    /// Landmark: blocks kept (0 picks ceil(4k / block size)).
+    public var blocks: Int = 0
+    /// Landmark: rank blocks by Quest's per-channel min/max upper bound instead of the mean key.
+    public var landmarkBound = false
     /// Threads to spread a query batch over.
     public var threads: Int = 1
     public init() {}

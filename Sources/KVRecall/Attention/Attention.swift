@@ -1,0 +1,101 @@
+import Foundation
+
+/// Knobs of one attention call.
+public struct AttentionParameters: Sendable {
+    /// Positions retrieved beyond the static part.
+    public var k = 100
+    /// First positions always attended (attention sinks).
+    public var sinks = 4
+    /// Last positions always attended (the recent window).
+    public var window = 64
+    /// Score scale; nil means 1/sqrt(d).
+    public var scale: Float? = nil
+    /// Passed to the selecting index.
+    public var search = SearchParameters()
+    /// Estimation zone and adaptive budget (the `estimate` method).
+    public var estimation = EstimationParameters()
+    public init() {}
+}
+
+/// The result of attention for one GQA group (the query heads sharing one KV head).
+public struct AttentionResult: Sendable {
+    /// One output and log-sum-exp per query head.
+    public var heads: [PartialAttention]
+    /// Positions the method chose outside the static part, best first.
+    public var retrieved: [Int]
+    /// Every attended position, ascending (static part and retrieved).
+    public var attended: [Int]
+    /// What the selection touched.
+    public var stats: SearchStats
+    /// Clusters whose contribution was estimated rather than attended (estimation zone).
+    public var estimatedClusters = 0
+    /// Positions covered by those estimates.
+    public var estimated: [Int] = []
+}
+
+public enum Attention {
+    /// The static part of a context of `n` positions: sinks then window, ascending, no duplicates.
+    public static func staticPositions(count n: Int, sinks: Int, window: Int) -> [Int] {
+        let head = 0..<min(max(0, sinks), n)
+        let tail = max(head.upperBound, n - max(0, window))..<n
+        return Array(head) + Array(tail)
+    }
+
+    /// Attention for the query heads `queries` (`g x d`, row-major) of one KV head.
+    ///
+    /// With `selector == nil` every position is attended (exact attention). Otherwise the
+    /// selector picks `k` positions outside the static part once for the whole group — searched
+    /// with the sum of the group's queries, whose score is the sum of the per-head scores — and
+    /// each head attends exactly to the static part plus those positions.
+    public static func attend(queries: UnsafeBufferPointer<Float>, selector: (any VectorIndex)?, keys: VectorView,
+                              values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
+        let d = keys.dimension
+        guard queries.count % d == 0, queries.count > 0 else {
+            throw IndexError.dimensionMismatch(expected: d, actual: queries.count)
+        }
+        guard values.count == keys.count else {
+            throw IndexError.corrupt("head has \(keys.count) keys but \(values.count) values")
+        }
+        guard keys.count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) is empty") }
+        guard parameters.k >= 1, parameters.sinks >= 0, parameters.window >= 0 else {
+            throw IndexError.invalidParameter("k must be positive and sinks, window non-negative")
+        }
+        let g = queries.count / d
+        let n = keys.count
+        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
+        defer { scratch.deallocate() }
+
+        guard let selector else {
+            var heads: [PartialAttention] = []
+            for h in 0..<g {
+                let scores = AttentionKernel.allScores(query: queries.baseAddress! + h * d, keys: keys, scale: scale)
+                heads.append(AttentionKernel.attendAll(scores: scores, values: values, scratch: scratch))
+            }
+            return AttentionResult(heads: heads, retrieved: [], attended: Array(0..<n),
+                                   stats: SearchStats(distanceComputations: n * g, queries: 1, keyCount: n))
+        }
+
+        let fixed = staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
+        let isStatic = Set(fixed)
+        var summed = [Float](repeating: 0, count: d)
+        for h in 0..<g { for j in 0..<d { summed[j] += queries[h * d + j] } }
+        let want = min(n, parameters.k + fixed.count)
+        var retrieved: [Int] = []
+        var stats = SearchStats()
+        if fixed.count < n {
+            let found = try summed.withUnsafeBufferPointer {
+                try selector.search($0, k: want, parameters: parameters.search, keys: keys)
+            }
+            stats = found.stats
+            retrieved = Array(found.hits(0).map(\.id).filter { !isStatic.contains($0) }.prefix(parameters.k))
+        }
+        let attended = (fixed + retrieved).sorted()
+        var heads: [PartialAttention] = []
+        for h in 0..<g {
+            heads.append(AttentionKernel.attend(query: queries.baseAddress! + h * d, positions: attended,
+                                                keys: keys, values: values, scale: scale, scratch: scratch))
+        }
+        return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
+    }
+}

@@ -1,0 +1,161 @@
+import Foundation
+
+/// Exact per-cluster statistics of an IVF partition of a head: member count, mean key and value
+/// sum. They let a cluster stand in for its members (RetroInfer's estimation zone): for query q,
+/// sum_{i in c} exp(s q.k_i) v_i  is estimated by  n_c exp(s q.mean_c) (value_sum_c / n_c).
+/// Computed once per head from the keys and values (O(N d)) and reused for every query.
+public struct ClusterSummary: Sendable {
+    public let clusters: Int
+    public let dimension: Int
+    public let valueDimension: Int
+    public let sizes: [Int]
+    /// `clusters x dimension`, row-major.
+    public let meanKeys: [Float]
+    /// `clusters x valueDimension`, row-major.
+    public let valueSums: [Float]
+    /// Cluster of each position.
+    public let clusterOf: [Int32]
+    /// Members of each cluster.
+    public let members: [[Int32]]
+
+    public init(ivf: IVFIndex, keys: VectorView, values: VectorView) throws {
+        guard ivf.count == keys.count, values.count == keys.count else {
+            throw IndexError.corrupt("the IVF index covers \(ivf.count) keys but the head holds \(keys.count); rebuild it")
+        }
+        let d = keys.dimension, dv = values.dimension, c = ivf.nlist
+        var sizes = [Int](repeating: 0, count: c)
+        var meanKeys = [Float](repeating: 0, count: c * d)
+        var valueSums = [Float](repeating: 0, count: c * dv)
+        var clusterOf = [Int32](repeating: -1, count: keys.count)
+        var members = [[Int32]](repeating: [], count: c)
+        var row = [Float](repeating: 0, count: max(d, dv))
+        for l in 0..<c {
+            members[l] = Array(ivf.list(l))
+            sizes[l] = members[l].count
+            for id in members[l] {
+                let i = Int(id)
+                clusterOf[i] = Int32(l)
+                keys.decodeRow(i, into: &row)
+                for j in 0..<d { meanKeys[l * d + j] += row[j] }
+                values.decodeRow(i, into: &row)
+                for j in 0..<dv { valueSums[l * dv + j] += row[j] }
+            }
+            if sizes[l] > 0 { for j in 0..<d { meanKeys[l * d + j] /= Float(sizes[l]) } }
+        }
+        clusters = c
+        dimension = d
+        valueDimension = dv
+        self.sizes = sizes
+        self.meanKeys = meanKeys
+        self.valueSums = valueSums
+        self.clusterOf = clusterOf
+        self.members = members
+    }
+}
+
+/// Options of the estimation zone and the adaptive budget.
+public struct EstimationParameters: Sendable {
+    /// Clusters below the retrieval cut whose contribution is estimated; nil for all of them.
+    public var clusters: Int? = nil
+    /// Adaptive budget: retrieve clusters until their estimated attention mass reaches `topP`.
+    public var topP: Double? = nil
+    /// Most positions the adaptive budget may retrieve.
+    public var maxRetrieved = 4096
+    public init() {}
+}
+
+extension Attention {
+    /// RetroInfer-style attention for one GQA group: clusters ranked by the group's summed score
+    /// against their mean key; the best clusters (until `k` positions, or until the estimated mass
+    /// reaches `topP`) form the retrieval zone and are attended exactly with the static part; the
+    /// next clusters (the estimation zone) contribute their estimate, merged by log-sum-exp.
+    /// Static positions are removed from the clusters they belong to, so nothing counts twice.
+    public static func attendEstimated(queries: UnsafeBufferPointer<Float>, summary: ClusterSummary, keys: VectorView,
+                                       values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
+        let estimation = parameters.estimation
+        let d = keys.dimension, dv = values.dimension
+        guard queries.count % d == 0, queries.count > 0 else { throw IndexError.dimensionMismatch(expected: d, actual: queries.count) }
+        guard summary.dimension == d, summary.clusterOf.count == keys.count else {
+            throw IndexError.corrupt("cluster summary does not match the head")
+        }
+        if let p = estimation.topP, !(p > 0 && p <= 1) { throw IndexError.invalidParameter("top-p must be in (0, 1] (got \(p))") }
+        let g = queries.count / d
+        let n = keys.count
+        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let fixed = staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
+        // Static members leave their cluster's count and value sum.
+        var sizes = summary.sizes
+        var valueSums = summary.valueSums
+        var row = [Float](repeating: 0, count: dv)
+        for i in fixed {
+            let c = Int(summary.clusterOf[i])
+            guard c >= 0 else { continue }
+            sizes[c] -= 1
+            values.decodeRow(i, into: &row)
+            for j in 0..<dv { valueSums[c * dv + j] -= row[j] }
+        }
+        // Rank clusters by the group's summed score against their mean key.
+        var summed = [Float](repeating: 0, count: d)
+        for h in 0..<g { for j in 0..<d { summed[j] += queries[h * d + j] } }
+        var clusterScores = [Float](repeating: 0, count: summary.clusters)
+        summary.meanKeys.withUnsafeBufferPointer { m in
+            summed.withUnsafeBufferPointer { q in
+                for c in 0..<summary.clusters {
+                    var s: Float = 0
+                    for j in 0..<d { s += q[j] * m[c * d + j] }
+                    clusterScores[c] = s
+                }
+            }
+        }
+        let ranked = (0..<summary.clusters).filter { sizes[$0] > 0 }.sorted {
+            clusterScores[$0] != clusterScores[$1] ? clusterScores[$0] > clusterScores[$1] : $0 < $1
+        }
+        // Retrieval zone: by token budget k, or adaptively until the estimated mass reaches top-p.
+        var retrievedClusters = 0
+        var retrievedCount = 0
+        if let p = estimation.topP {
+            let logMass = ranked.map { scale * clusterScores[$0] / Float(g) + Float(log(Double(sizes[$0]))) }
+            let total = logSumExp(logMass)
+            var cumulative = 0.0
+            while retrievedClusters < ranked.count && cumulative < p
+                    && retrievedCount + sizes[ranked[retrievedClusters]] <= max(estimation.maxRetrieved, sizes[ranked[0]]) {
+                cumulative += exp(Double(logMass[retrievedClusters] - total))
+                retrievedCount += sizes[ranked[retrievedClusters]]
+                retrievedClusters += 1
+            }
+        } else {
+            while retrievedClusters < ranked.count && retrievedCount < parameters.k {
+                retrievedCount += sizes[ranked[retrievedClusters]]
+                retrievedClusters += 1
+            }
+        }
+        let isStatic = Set(fixed)
+        var retrieved: [Int] = []
+        for c in ranked.prefix(retrievedClusters) {
+            for id in summary.members[c] where !isStatic.contains(Int(id)) { retrieved.append(Int(id)) }
+        }
+        let estimatedZone = Array(ranked.dropFirst(retrievedClusters).prefix(estimation.clusters ?? Int.max))
+        let attended = (fixed + retrieved).sorted()
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(d, dv))
+        defer { scratch.deallocate() }
+        var heads: [PartialAttention] = []
+        for h in 0..<g {
+            let query = queries.baseAddress! + h * d
+            var partial = AttentionKernel.attend(query: query, positions: attended, keys: keys, values: values,
+                                                 scale: scale, scratch: scratch)
+            for c in estimatedZone {
+                var s: Float = 0
+                for j in 0..<d { s += query[j] * summary.meanKeys[c * d + j] }
+                let count = Float(sizes[c])
+                let output = (0..<dv).map { valueSums[c * dv + $0] / count }
+                partial = partial.merged(with: PartialAttention(output: output, lse: scale * s + log(count)))
+            }
+            heads.append(partial)
+        }
+        var estimated: [Int] = []
+        for c in estimatedZone { for id in summary.members[c] where !isStatic.contains(Int(id)) { estimated.append(Int(id)) } }
+        let stats = SearchStats(distanceComputations: retrieved.count, auxiliaryComputations: summary.clusters, queries: 1, keyCount: n)
+        return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats,
+                               estimatedClusters: estimatedZone.count, estimated: estimated)
+    }
+}

@@ -1,0 +1,444 @@
+import CKernels
+import Dispatch
+import Foundation
+
+/// Hierarchical centroids (Squeezed Attention): a k-means tree over the centred keys, searched
+/// top-down by inner product.
+///
+/// - Level 0 holds the fine centroids: `fineFraction x N` clusters (default 5%) of the keys of the
+///   first add, centred by their mean as in `IVFIndex`. Each coarser level clusters the centroids of
+///   the level below into 1/`branching` (1/8) as many, up to `levels` levels (>= 2). A fixed branching
+///   factor keeps every level's beam meaningful: a beam of B nodes expands to about 8B children,
+///   of which B are kept, while the top level stays small enough to score in full.
+/// - A coarse node's vector is the key-count-weighted mean of its children, i.e. the mean of every
+///   key beneath it, so q·c is the mean score of its subtree (see `IVFIndex` on probing by inner product).
+/// - Nodes are stored in depth-first order, so each node's children are one contiguous run of the
+///   level below (scored by one kernel call) and each fine cluster's keys one run of `listIDs`.
+/// - Search by beam (`SearchParameters.beam`): score every top-level node, keep the `beam` best,
+///   score their children, keep the `beam` best, ... down to fine clusters, then score their keys
+///   exactly. Or by an estimated-softmax threshold (`search(_:k:beam:threshold:scale:threads:keys:)`).
+/// - Later adds put each new key in the list of its nearest fine centroid; the tree stays.
+/// - Searches may run concurrently with each other, not with `add`.
+public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
+    public static let formatVersion = 1
+    /// Nodes of a level per node of the level above.
+    public static let branching = 8
+
+    public let kind = "tree"
+    public let dimension: Int
+    public private(set) var count = 0
+    /// Levels of centroids (fine = level 0).
+    public let levels: Int
+    public let fineFraction: Double
+    public let metric: ClusterMetric
+    public let iterations: Int
+    public let seed: UInt64
+    /// Threads for training and assignment.
+    public var threads: Int
+    /// Mean of the training keys (empty until trained).
+    public private(set) var mean: [Float] = []
+    /// Centroids of each level (level 0 = fine), `count_l x dimension`, depth-first order.
+    public private(set) var centroids: [[Float]] = []
+    /// For level l >= 1: `count_l + 1` offsets of each node's children in level l - 1 (entry 0 is empty).
+    private(set) var childOffsets: [[Int]] = []
+    /// Keys of fine cluster f: `listIDs[listOffsets[f]..<listOffsets[f + 1]]`, ascending.
+    private(set) var listOffsets: [Int] = [0]
+    private(set) var listIDs: [Int32] = []
+    /// Keys beneath each node, per level, and their logarithms (-inf for none).
+    private(set) var subtreeSizes: [[Int]] = []
+    private var logSizes: [[Float]] = []
+
+    public init(dimension: Int, levels: Int = 2, fineFraction: Double = 0.05, metric: ClusterMetric = .l2,
+                iterations: Int = 20, seed: UInt64 = 42, threads: Int = 2) throws {
+        guard dimension >= 1 else { throw IndexError.invalidParameter("dimension must be at least 1 (got \(dimension))") }
+        guard (2...32).contains(levels) else { throw IndexError.invalidParameter("levels must be in 2...32 (got \(levels))") }
+        guard fineFraction > 0, fineFraction <= 1 else {
+            throw IndexError.invalidParameter("fine fraction must be in (0, 1] (got \(fineFraction))")
+        }
+        guard iterations >= 0 else { throw IndexError.invalidParameter("iterations must be >= 0 (got \(iterations))") }
+        self.dimension = dimension
+        self.levels = levels
+        self.fineFraction = fineFraction
+        self.metric = metric
+        self.iterations = iterations
+        self.seed = seed
+        self.threads = max(1, threads)
+    }
+
+    public convenience init(dimension: Int, parameters: IndexBuildParameters) throws {
+        try self.init(dimension: dimension, levels: parameters.levels, fineFraction: parameters.fineFraction,
+                      metric: parameters.clusterMetric, iterations: parameters.iterations, seed: parameters.seed,
+                      threads: parameters.threads)
+    }
+
+    /// Builds over all keys of `keys`.
+    public convenience init(keys: VectorView, parameters: IndexBuildParameters = IndexBuildParameters(),
+                            progress: ((Int, Int) -> Void)? = nil) throws {
+        try self.init(dimension: keys.dimension, parameters: parameters)
+        try add(keys: keys, range: 0..<keys.count, progress: progress)
+    }
+
+    public var isTrained: Bool { !centroids.isEmpty }
+
+    /// Nodes per level, fine first.
+    public var levelCounts: [Int] { centroids.map { $0.count / dimension } }
+
+    /// Keys beneath each node of `level`.
+    public func clusterSizes(level: Int) -> [Int] { subtreeSizes[level] }
+
+    // MARK: Build
+
+    public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard range.lowerBound == count, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("the centroid tree adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+        guard range.upperBound <= Int(Int32.max) else { throw IndexError.invalidParameter("the tree holds at most \(Int32.max) keys") }
+        guard !range.isEmpty else { return }
+        let labels: [Int32]
+        if isTrained {
+            labels = IVFIndex.assignKeys(keys, range: range, centroids: centroids[0], mean: mean, metric: metric, threads: threads)
+        } else {
+            labels = try train(keys: keys, range: range)
+        }
+        (listOffsets, listIDs) = IVFIndex.merge(offsets: listOffsets, ids: listIDs, lists: levelCounts[0], adding: labels,
+                                                firstID: range.lowerBound)
+        count = range.upperBound
+        computeSizes()
+        progress?(range.count, range.count)
+    }
+
+    /// Builds every level from `range`; returns the fine cluster of each key of `range` (in final numbering).
+    private func train(keys: VectorView, range: Range<Int>) throws -> [Int32] {
+        let n = range.count, d = dimension
+        let fine = max(1, min(n, Int((fineFraction * Double(n)).rounded())))
+        let mu = IVFIndex.meanKey(keys, range: range)
+        let (rows, all) = IVFIndex.trainingRows(keys, range: range, perCentroid: IVFIndex.maxPointsPerCentroid, k: fine,
+                                                mean: mu, seed: seed)
+        var options = KMeans.Options(k: fine, metric: metric, iterations: iterations, seed: seed, threads: threads)
+        let fineResult = try KMeans.train(rows, dimension: d, options: options)
+        var keyLabels = all ? fineResult.labels
+            : IVFIndex.assignKeys(keys, range: range, centroids: fineResult.centroids, mean: mu, metric: metric, threads: threads)
+        // Level l clusters the nodes of level l - 1; parent[l][i] is the parent of node i of level l - 1.
+        var levelCentroids = [fineResult.centroids]
+        var parents: [[Int32]] = [[]]
+        for l in 1..<levels {
+            let below = levelCentroids[l - 1].count / d
+            let k = max(1, (below + CentroidTreeIndex.branching - 1) / CentroidTreeIndex.branching)
+            options = KMeans.Options(k: k, metric: metric, iterations: iterations, seed: seed &+ UInt64(l), threads: threads)
+            let result = try KMeans.train(levelCentroids[l - 1], dimension: d, options: options)
+            levelCentroids.append(result.centroids)
+            parents.append(result.labels)
+        }
+        // Depth-first numbering: order[l][new] = old index; children of a node follow their parent's order.
+        var order = [[Int]](repeating: [], count: levels)
+        var offsets = [[Int]](repeating: [], count: levels)
+        order[levels - 1] = Array(0..<(levelCentroids[levels - 1].count / d))
+        for l in stride(from: levels - 1, to: 0, by: -1) {
+            let below = levelCentroids[l - 1].count / d
+            var rank = [Int](repeating: 0, count: order[l].count)
+            for (newIndex, old) in order[l].enumerated() { rank[old] = newIndex }
+            var byParent = [[Int]](repeating: [], count: order[l].count)
+            for child in 0..<below { byParent[rank[Int(parents[l][child])]].append(child) }
+            offsets[l] = [0]
+            for group in byParent {
+                order[l - 1] += group
+                offsets[l].append(order[l - 1].count)
+            }
+        }
+        var newFine = [Int32](repeating: 0, count: fine)
+        for (newIndex, old) in order[0].enumerated() { newFine[old] = Int32(newIndex) }
+        for i in keyLabels.indices { keyLabels[i] = newFine[Int(keyLabels[i])] }
+        mean = mu
+        centroids = (0..<levels).map { l in
+            var out = [Float](repeating: 0, count: order[l].count * d)
+            for (newIndex, old) in order[l].enumerated() {
+                for t in 0..<d { out[newIndex * d + t] = levelCentroids[l][old * d + t] }
+            }
+            return out
+        }
+        childOffsets = offsets
+        // Coarse vectors: key-weighted means of their children (the mean of their subtree's keys).
+        var sizes = [Int](repeating: 0, count: fine)
+        for l in keyLabels { sizes[Int(l)] += 1 }
+        for l in 1..<levels {
+            var parentSizes = [Int](repeating: 0, count: order[l].count)
+            for p in 0..<parentSizes.count {
+                var acc = [Double](repeating: 0, count: d)
+                for c in offsets[l][p]..<offsets[l][p + 1] {
+                    parentSizes[p] += sizes[c]
+                    for t in 0..<d { acc[t] += Double(sizes[c]) * Double(centroids[l - 1][c * d + t]) }
+                }
+                if parentSizes[p] > 0 {
+                    for t in 0..<d { centroids[l][p * d + t] = Float(acc[t] / Double(parentSizes[p])) }
+                }
+            }
+            sizes = parentSizes
+        }
+        return keyLabels
+    }
+
+    /// Recomputes keys beneath every node from the fine lists.
+    private func computeSizes() {
+        let counts = levelCounts
+        guard !counts.isEmpty else { subtreeSizes = []; logSizes = []; return }
+        var sizes = [(0..<counts[0]).map { listOffsets[$0 + 1] - listOffsets[$0] }]
+        for l in 1..<counts.count {
+            sizes.append((0..<counts[l]).map { p in
+                (childOffsets[l][p]..<childOffsets[l][p + 1]).reduce(0) { $0 + sizes[l - 1][$1] }
+            })
+        }
+        subtreeSizes = sizes
+        logSizes = sizes.map { $0.map { $0 > 0 ? Float(log(Double($0))) : -.infinity } }
+    }
+
+    // MARK: Search
+
+    /// How a descent keeps nodes at each level.
+    enum Descent {
+        /// The `beam` best by centroid score.
+        case beam(Int)
+        /// Those whose share of the estimated softmax mass reaches `threshold`, at most `cap`, by mass.
+        case threshold(Float, cap: Int, scale: Float)
+    }
+
+    /// Beam descent with `parameters.beam` nodes per level (at least 1); a beam as large as the
+    /// fine level scans every key, so it is exact.
+    public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                       keys: VectorView) throws -> SearchResults {
+        guard parameters.beam >= 1 else { throw IndexError.invalidParameter("beam must be at least 1 (got \(parameters.beam))") }
+        return try run(queries, k: k, descent: .beam(min(parameters.beam, max(1, levelCounts.max() ?? 1))),
+                       threads: parameters.threads, keys: keys)
+    }
+
+    /// Descent by an estimated-softmax threshold (Squeezed Attention). Each candidate node (every
+    /// top-level node, then the children of the nodes kept) gets an estimated attention mass
+    /// `size x exp(scale x q·c)` — the softmax numerator of its keys if each scored like its
+    /// centroid — and is kept when its share of the level's estimated total reaches `threshold`.
+    /// The level's total is the candidates' mass plus the mass of every subtree dropped higher up
+    /// (at its ancestor's estimate), so it estimates the softmax denominator over all keys and a
+    /// share means the same at every level. The best candidate is always kept, and at most `beam`
+    /// (nil: no cap), by mass. `scale` is the attention scale, 1/sqrt(dimension) by default.
+    /// Threshold 0 keeps every non-empty node (exact search).
+    public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, beam: Int? = nil, threshold: Float,
+                       scale: Float? = nil, threads: Int = 1, keys: VectorView) throws -> SearchResults {
+        guard threshold >= 0, threshold <= 1 else {
+            throw IndexError.invalidParameter("threshold must be in [0, 1] (got \(threshold))")
+        }
+        if let beam, beam < 1 { throw IndexError.invalidParameter("beam must be at least 1 (got \(beam))") }
+        let s = scale ?? 1 / Float(dimension).squareRoot()
+        guard s.isFinite, s > 0 else { throw IndexError.invalidParameter("scale must be positive (got \(s))") }
+        let widest = max(1, levelCounts.max() ?? 1)
+        return try run(queries, k: k, descent: .threshold(threshold, cap: min(beam ?? widest, widest), scale: s),
+                       threads: threads, keys: keys)
+    }
+
+    private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: Descent, threads: Int,
+                     keys: VectorView) throws -> SearchResults {
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        guard count > 0, isTrained else { throw IndexError.notBuilt("the centroid tree is empty; add keys first") }
+        guard keys.count >= count else {
+            throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
+        }
+        var results = SearchResults(k: k, queryCount: m)
+        results.stats.keyCount = count
+        guard m > 0 else { return results }
+        let d = dimension, qb = IVFIndex.queryBatch, top = levels - 1
+        let topCount = centroids[top].count / d
+        let widest = levelCounts.max()!
+        let keep: Int
+        switch descent {
+        case .beam(let b): keep = b
+        case .threshold(_, let cap, _): keep = cap
+        }
+        let batches = (m + qb - 1) / qb
+        let workers = max(1, min(threads, batches))
+        if workers > 1 { BLAS.setThreads(1) }
+        var work = [(scanned: Int, scored: Int)](repeating: (0, 0), count: workers)
+        // Local copies (no exclusivity checks on the class's properties in the loop).
+        let centroids = self.centroids, childOffsets = self.childOffsets
+        let sizes = subtreeSizes, logSizes = self.logSizes
+        results.ids.withUnsafeMutableBufferPointer { outIDs in
+            results.scores.withUnsafeMutableBufferPointer { outScores in
+                work.withUnsafeMutableBufferPointer { work in
+                    listOffsets.withUnsafeBufferPointer { off in
+                        listIDs.withUnsafeBufferPointer { ids in
+                            DispatchQueue.concurrentPerform(iterations: workers) { t in
+                                let topScores = UnsafeMutablePointer<Float>.allocate(capacity: qb * topCount)
+                                let candScores = UnsafeMutablePointer<Float>.allocate(capacity: widest)
+                                let candIDs = UnsafeMutablePointer<Int32>.allocate(capacity: widest)
+                                defer { topScores.deallocate(); candScores.deallocate(); candIDs.deallocate() }
+                                var kept = RankedSelection(k: keep)
+                                var best = RankedSelection(k: k)
+                                var scanned = 0, scored = 0
+                                var b = t
+                                while b < batches {
+                                    let lo = b * qb, rows = min(qb, m - lo)
+                                    centroids[top].withUnsafeBufferPointer { c in
+                                        BLAS.scoresNT(m: rows, n: topCount, k: d, a: queries.baseAddress! + lo * d,
+                                                      b: c.baseAddress!, c: topScores)
+                                    }
+                                    for r in 0..<rows {
+                                        let q = queries.baseAddress! + (lo + r) * d
+                                        var mass = MassEstimate()
+                                        scored += topCount
+                                        // Top level: every non-empty node is a candidate.
+                                        var n = 0
+                                        let row = topScores + r * topCount
+                                        for j in 0..<topCount where sizes[top][j] > 0 {
+                                            candScores[n] = row[j]; candIDs[n] = Int32(j); n += 1
+                                        }
+                                        Self.select(descent, logSizes: logSizes[top], scores: candScores, ids: candIDs,
+                                                    count: n, mass: &mass, into: &kept)
+                                        for l in stride(from: top, to: 0, by: -1) {
+                                            n = 0
+                                            centroids[l - 1].withUnsafeBufferPointer { c in
+                                                for j in 0..<kept.count {
+                                                    let p = Int(kept.id(at: j))
+                                                    let a = childOffsets[l][p], e = childOffsets[l][p + 1]
+                                                    guard e > a else { continue }
+                                                    let base = n
+                                                    kvr_scores_f32(q, c.baseAddress! + a * d, e - a, d, candScores + base)
+                                                    scored += e - a
+                                                    for child in a..<e where sizes[l - 1][child] > 0 {
+                                                        candScores[n] = candScores[base + child - a]
+                                                        candIDs[n] = Int32(child)
+                                                        n += 1
+                                                    }
+                                                }
+                                            }
+                                            Self.select(descent, logSizes: logSizes[l - 1], scores: candScores, ids: candIDs,
+                                                        count: n, mass: &mass, into: &kept)
+                                        }
+                                        best.reset()
+                                        scanned += IVFIndex.scan(query: q, lists: kept, offsets: off, ids: ids, keys: keys, into: &best)
+                                        best.drain(ids: outIDs.baseAddress! + (lo + r) * k, scores: outScores.baseAddress! + (lo + r) * k)
+                                    }
+                                    b += workers
+                                }
+                                work[t] = (scanned, scored)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        results.stats.distanceComputations = work.reduce(0) { $0 + $1.scanned }
+        results.stats.auxiliaryComputations = work.reduce(0) { $0 + $1.scored }
+        return results
+    }
+
+    /// Estimated softmax mass of the subtrees dropped so far, relative to exp(`reference`).
+    struct MassEstimate {
+        var reference = -Double.infinity
+        var dropped: Double = 0
+    }
+
+    /// Keeps the candidates of one level (ids of non-empty nodes, with their centroid scores).
+    @inline(__always)
+    private static func select(_ descent: Descent, logSizes: [Float], scores: UnsafeMutablePointer<Float>,
+                               ids: UnsafePointer<Int32>, count n: Int, mass: inout MassEstimate,
+                               into kept: inout RankedSelection) {
+        kept.reset()
+        switch descent {
+        case .beam:
+            for i in 0..<n where scores[i] >= kept.threshold { kept.push(scores[i], ids[i]) }
+        case .threshold(let threshold, _, let scale):
+            guard n > 0 else { return }
+            // Log of the estimated mass: log(size) + scale q·c.
+            var top: Float = -.infinity
+            var argTop = 0
+            for i in 0..<n {
+                scores[i] = logSizes[Int(ids[i])] + scale * scores[i]
+                if scores[i] > top { top = scores[i]; argTop = i }
+            }
+            let reference = max(mass.reference, Double(top))
+            let dropped = mass.reference.isFinite ? mass.dropped * exp(mass.reference - reference) : 0
+            var total = dropped
+            for i in 0..<n { total += exp(Double(scores[i]) - reference) }
+            let cut = Double(threshold) * total
+            kept.push(scores[argTop], ids[argTop])
+            for i in 0..<n where i != argTop && scores[i] >= kept.threshold && exp(Double(scores[i]) - reference) >= cut {
+                kept.push(scores[i], ids[i])
+            }
+            var keptMass: Double = 0
+            for j in 0..<kept.count { keptMass += exp(Double(kept.score(at: j)) - reference) }
+            mass = MassEstimate(reference: reference, dropped: max(0, total - keptMass))
+        }
+    }
+
+    // MARK: Persistence
+
+    public func sections() -> [String: [UInt8]] {
+        var meta = ByteWriter()
+        meta.write(UInt32(CentroidTreeIndex.formatVersion))
+        for v in [dimension, count, levels, iterations] { meta.write(Int64(v)) }
+        meta.write(fineFraction)
+        meta.write(IVFIndex.metricCode(metric))
+        meta.write(seed)
+        var cen = ByteWriter()
+        cen.write(array: mean)
+        cen.write(UInt32(centroids.count))
+        for level in centroids { cen.write(array: level) }
+        var tree = ByteWriter()
+        for l in 1..<max(1, centroids.count) { tree.write(array: childOffsets[l].map(Int64.init)) }
+        tree.write(array: listOffsets.map(Int64.init))
+        tree.write(array: listIDs)
+        return ["meta": meta.bytes, "centroids": cen.bytes, "tree": tree.bytes]
+    }
+
+    public convenience init(sections: [String: [UInt8]]) throws {
+        guard let metaBytes = sections["meta"], let cenBytes = sections["centroids"], let treeBytes = sections["tree"] else {
+            throw IndexError.corrupt("centroid tree lacks its meta, centroids or tree section")
+        }
+        var meta = ByteReader(metaBytes, context: "tree meta")
+        let version = Int(try meta.read(UInt32.self))
+        guard version == CentroidTreeIndex.formatVersion else {
+            throw IndexError.unsupportedVersion(found: version, supported: CentroidTreeIndex.formatVersion)
+        }
+        let v = try (0..<4).map { _ in try meta.read(Int64.self) }
+        let fraction = try meta.readDouble()
+        let metric = try IVFIndex.metric(code: try meta.read(UInt8.self))
+        let seed = try meta.read(UInt64.self)
+        guard meta.isAtEnd else { throw IndexError.corrupt("tree meta has trailing bytes") }
+        let (dimension, count, levels, iterations) = (v[0], v[1], v[2], v[3])
+        guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count), (2...32).contains(levels),
+              (0...1_000_000).contains(iterations), fraction > 0, fraction <= 1 else {
+            throw IndexError.corrupt("tree meta out of range (dimension \(dimension), count \(count), levels \(levels))")
+        }
+        try self.init(dimension: Int(dimension), levels: Int(levels), fineFraction: fraction, metric: metric,
+                      iterations: Int(iterations), seed: seed)
+        let d = Int(dimension), n = Int(count), depth = Int(levels)
+        var cen = ByteReader(cenBytes, context: "tree centroids")
+        let mean = try cen.readFloatArray()
+        let stored = Int(try cen.read(UInt32.self))
+        guard stored == (n > 0 ? depth : 0) else { throw IndexError.corrupt("tree stores \(stored) levels for \(n) keys, expected \(depth)") }
+        let levelCentroids = try (0..<stored).map { _ in try cen.readFloatArray() }
+        guard cen.isAtEnd, mean.count == (stored > 0 ? d : 0), mean.allSatisfy(\.isFinite),
+              levelCentroids.allSatisfy({ !$0.isEmpty && $0.count % d == 0 && $0.allSatisfy(\.isFinite) }) else {
+            throw IndexError.corrupt("tree centroids do not match dimension \(d), or are not finite")
+        }
+        let counts = levelCentroids.map { $0.count / d }
+        var tree = ByteReader(treeBytes, context: "tree structure")
+        var offsets: [[Int]] = [[]]
+        for l in 1..<max(1, stored) {
+            let o = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
+            guard o.count == counts[l] + 1, o.first == 0, o.last == counts[l - 1],
+                  zip(o, o.dropFirst()).allSatisfy({ $0 <= $1 }) else {
+                throw IndexError.corrupt("tree level \(l) child offsets do not cover the \(counts[l - 1]) nodes below")
+            }
+            offsets.append(o)
+        }
+        let listOffsets = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
+        let listIDs = try tree.readArray(Int32.self)
+        guard tree.isAtEnd else { throw IndexError.corrupt("tree structure has trailing bytes") }
+        try IVFIndex.validateCSR(offsets: listOffsets, ids: listIDs, lists: counts.first ?? 0, count: n, what: "tree")
+        self.count = n
+        self.mean = mean
+        self.centroids = levelCentroids
+        self.childOffsets = offsets
+        self.listOffsets = listOffsets
+        self.listIDs = listIDs
+        computeSizes()
+    }
+}

@@ -1,0 +1,87 @@
+/// Where a graph walk reads a node's neighbour list. Generic parameters specialise the walk
+/// per layout, so the indirection costs nothing in the hot loop.
+protocol NeighbourSource {
+    func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32>
+}
+
+/// Fixed-stride adjacency: node `i`'s slots start at `base + i * stride`; slot 0 is the count.
+struct StridedLinks: NeighbourSource {
+    let base: UnsafeMutablePointer<Int32>
+    let stride: Int
+
+    @inline(__always)
+    func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32> {
+        let slot = base + node &* stride
+        return UnsafeMutableBufferPointer(start: slot + 1, count: Int(slot[0]))
+    }
+}
+
+/// Beam search over a proximity graph by inner product (HNSW's search-layer, RoarGraph's
+/// search): leaves the `ef` best nodes reachable from `entries` in `scratch.results`.
+/// Nodes at or above `limit` are skipped (a frozen graph during batched inserts).
+/// Unvisited neighbours are gathered and prefetched before any of them is scored.
+/// With `norms` (squared key norms), nodes are ranked by 2 q.k - |k|^2, i.e. by L2 distance to
+/// the query (key-to-key neighbourhoods); without, by inner product.
+@inline(__always)
+func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Float>, keys: VectorView,
+                                        entries: [(Int32, Float)], ef: Int, scratch: SearchScratch, limit: Int,
+                                        norms: UnsafePointer<Float>? = nil) {
+    scratch.visited.reset(capacity: limit)
+    let (stamps, generation) = scratch.visited.walk
+    // Locals, written back at the end: no exclusivity checks on the scratch object in the loop.
+    var candidates = scratch.candidates
+    var results = scratch.results
+    candidates.removeAll()
+    results.removeAll()
+    for (e, s) in entries where Int(e) < limit && stamps[Int(e)] != generation {
+        stamps[Int(e)] = generation
+        candidates.push(s, e)
+        results.push(s, e)
+        if results.count > ef { results.pop() }
+    }
+    let pending = scratch.pending
+    var computed = 0
+    while !candidates.isEmpty {
+        let (s, c) = candidates.pop()
+        if results.count >= ef && s < results.bottomScore { break }
+        var waiting = 0
+        for n in links.neighbours(Int(c)) {
+            let ni = Int(n)
+            guard ni < limit, stamps[ni] != generation else { continue }
+            stamps[ni] = generation
+            keys.prefetch(row: ni)
+            pending[waiting] = n
+            waiting += 1
+        }
+        for j in 0..<waiting {
+            let n = pending[j]
+            var sn = keys.score(query: query, row: Int(n))
+            if let norms { sn = 2 * sn - norms[Int(n)] }
+            if results.count < ef || sn > results.bottomScore {
+                candidates.push(sn, n)
+                results.push(sn, n)
+                if results.count > ef { results.pop() }
+            }
+        }
+        computed += waiting
+    }
+    scratch.candidates = candidates
+    scratch.results = results
+    scratch.computations += computed
+}
+
+/// Writes the best `k` of `scratch.results` into row `q` of result buffers, best first.
+@inline(__always)
+func drainResults(_ scratch: SearchScratch, k: Int, row q: Int, ids: UnsafeMutableBufferPointer<Int>,
+                  scores: UnsafeMutableBufferPointer<Float>) {
+    var results = scratch.results
+    while results.count > k { results.pop() }
+    var j = results.count - 1
+    while !results.isEmpty {
+        let hit = results.pop()
+        ids[q * k + j] = Int(hit.id)
+        scores[q * k + j] = hit.score
+        j -= 1
+    }
+    scratch.results = results
+}

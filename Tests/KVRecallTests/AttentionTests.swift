@@ -1,0 +1,102 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+@Suite struct AttentionTests {
+    /// Naive softmax attention in double precision over `positions`.
+    static func naive(query: [Float], keys: [Float], values: [Float], d: Int, positions: [Int], scale: Double) -> (out: [Double], lse: Double) {
+        let scores = positions.map { i in (0..<d).reduce(0.0) { $0 + Double(query[$1]) * Double(keys[i * d + $1]) } * scale }
+        let m = scores.max()!
+        let w = scores.map { exp($0 - m) }
+        let l = w.reduce(0, +)
+        var out = [Double](repeating: 0, count: d)
+        for (j, i) in positions.enumerated() { for c in 0..<d { out[c] += w[j] * Double(values[i * d + c]) / l } }
+        return (out, m + log(l))
+    }
+
+    func fixture(n: Int = 600, d: Int = 16) throws -> IndexFixture { try IndexFixture(n: n, d: d, clusters: 12, queryCount: 4) }
+
+    @Test func exactEqualsNaiveSoftmax() throws {
+        let f = try fixture()
+        try f.store.read { s in
+            let keys = try s.vectors(f.id, .keys), values = try s.vectors(f.id, .values)
+            let q = Array(f.queries.prefix(2 * f.d))
+            let r = try q.withUnsafeBufferPointer { try Attention.attend(queries: $0, selector: nil, keys: keys, values: values, parameters: AttentionParameters()) }
+            #expect(r.heads.count == 2 && r.attended.count == f.n)
+            for h in 0..<2 {
+                let ref = Self.naive(query: Array(q[(h * f.d)..<((h + 1) * f.d)]), keys: f.keys, values: f.keys, d: f.d,
+                                     positions: Array(0..<f.n), scale: 1 / Double(f.d).squareRoot())
+                #expect(abs(Double(r.heads[h].lse) - ref.lse) < 1e-3)
+                for c in 0..<f.d { #expect(abs(Double(r.heads[h].output[c]) - ref.out[c]) < 1e-4 * max(1, abs(ref.out[c]))) }
+            }
+        }
+    }
+
+    @Test func logSumExpMergeOfAnySplitEqualsTheUnion() throws {
+        let f = try fixture()
+        var rng = SeededRandom(seed: 4)
+        try f.store.read { s in
+            let keys = try s.vectors(f.id, .keys), values = try s.vectors(f.id, .values)
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: f.d)
+            defer { scratch.deallocate() }
+            let q = Array(f.queries.prefix(f.d))
+            for trial in 0..<5 {
+                let union = Array(Set((0..<200).map { _ in Int.random(in: 0..<f.n, using: &rng) })).sorted()
+                let cut = trial == 0 ? 0 : Int.random(in: 1..<union.count, using: &rng)
+                let (a, b) = (Array(union[..<cut]), Array(union[cut...]))
+                let whole = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: union, keys: keys, values: values, scale: 0.25, scratch: scratch) }
+                let pa = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: a, keys: keys, values: values, scale: 0.25, scratch: scratch) }
+                let pb = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: b, keys: keys, values: values, scale: 0.25, scratch: scratch) }
+                let merged = pa.merged(with: pb)
+                #expect(abs(merged.lse - whole.lse) < 1e-4)
+                #expect(relativeError(merged.output, whole.output) < 1e-5)
+            }
+        }
+    }
+
+    /// Every selector, built over the fixture's keys.
+    func selectors(_ f: IndexFixture) throws -> [(String, any VectorIndex)] {
+        try f.store.read { s in
+            let keys = try s.vectors(f.id, .keys)
+            var out: [(String, any VectorIndex)] = [("hip", HiPSelector(keys: keys))]
+            var p = IndexBuildParameters()
+            p.M = 8; p.efConstruction = 40; p.tables = 16; p.bits = 6; p.nlist = 16
+            for kind in IndexKind.allCases where kind != .retrieval {
+                out.append((kind.rawValue, try IndexCatalog.build(kind, keys: keys, parameters: p)))
+            }
+            return out
+        }
+    }
+
+    @Test func withKEqualToNEveryMethodEqualsExact() throws {
+        let f = try fixture(n: 300)
+        var p = AttentionParameters()
+        p.k = f.n
+        p.search.ef = f.n
+        p.search.nprobe = 16
+        p.search.beam = 1000
+        p.search.minCollisions = 1
+        p.search.blocks = 1000
+        try f.store.read { s in
+            let keys = try s.vectors(f.id, .keys), values = try s.vectors(f.id, .values)
+            let q = Array(f.queries.prefix(2 * f.d))
+            let exact = try q.withUnsafeBufferPointer { try Attention.attend(queries: $0, selector: nil, keys: keys, values: values, parameters: p) }
+            for (name, selector) in try selectors(f) {
+                let r = try q.withUnsafeBufferPointer { try Attention.attend(queries: $0, selector: selector, keys: keys, values: values, parameters: p) }
+                if name == "lsh" { continue }  // LSH only returns keys sharing a bucket with the query
+                #expect(r.attended == Array(0..<f.n), "\(name) attended \(r.attended.count)")
+                for h in 0..<2 {
+                    #expect(relativeError(r.heads[h].output, exact.heads[h].output) < 1e-5, "\(name)")
+                    #expect(abs(r.heads[h].lse - exact.heads[h].lse) < 1e-4, "\(name)")
+                }
+            }
+        }
+    }
+
+    @Test func staticPartIsSinksAndWindowWithoutDuplicates() {
+        #expect(Attention.staticPositions(count: 10, sinks: 4, window: 3) == [0, 1, 2, 3, 7, 8, 9])
+        #expect(Attention.staticPositions(count: 5, sinks: 4, window: 3) == [0, 1, 2, 3, 4])
+        #expect(Attention.staticPositions(count: 3, sinks: 0, window: 0) == [])
+    }
+}

@@ -1,0 +1,394 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+/// A temporary store holding clustered gaussian keys (with a common offset, like LLM keys) and
+/// queries drawn from another distribution, for the clustered-index tests.
+final class ClusteredFixture {
+    let dir = TemporaryDirectory("kvrecall-ivf")
+    let store: KVStore
+    let n: Int, d: Int
+    let keys: [Float]
+    let queries: [Float]
+    var queryCount: Int { queries.count / d }
+
+    init(n: Int = 4096, d: Int = 32, clusters: Int = 256, queryCount: Int = 48, seed: UInt64 = 7, dtype: DType = .f32,
+         centreScale: Float = 1, noise: Float = 1) throws {
+        self.n = n
+        self.d = d
+        var rng = SeededRandom(seed: seed)
+        let centres = rng.gaussianMatrix(rows: clusters, dim: d).map { $0 * centreScale }
+        var keys = [Float](repeating: 0, count: n * d)
+        for i in 0..<n {
+            let c = Int(rng.next() % UInt64(clusters))
+            for t in 0..<d { keys[i * d + t] = centres[c * d + t] + noise * rng.gaussian() + (t < 4 ? 3 : 0) }
+        }
+        // Queries: a scaled cluster direction plus noise and their own offset (out of the key cloud).
+        var queries = [Float](repeating: 0, count: queryCount * d)
+        for q in 0..<queryCount {
+            let c = Int(rng.next() % UInt64(clusters))
+            for t in 0..<d { queries[q * d + t] = 1.5 * centres[c * d + t] + rng.gaussian() + (t >= d - 4 ? -2 : 0) }
+        }
+        self.queries = queries
+        let store = try KVStore(path: dir.path, create: true)
+        try store.createHead(HeadID(), dimension: d, dtype: dtype)
+        try keys.withUnsafeBufferPointer { try store.append(HeadID(), keys: $0, values: $0) }
+        self.keys = try store.copyVectors(HeadID(), .keys)
+        self.store = store
+    }
+
+    deinit { store.close() }
+
+    func append(_ rows: [Float]) throws {
+        try rows.withUnsafeBufferPointer { try store.append(HeadID(), keys: $0, values: $0) }
+    }
+
+    func read<T>(_ body: (VectorView) throws -> T) throws -> T {
+        try store.read { snapshot in try body(try snapshot.vectors(HeadID(), .keys)) }
+    }
+
+    func search(_ index: some VectorIndex, k: Int, _ parameters: SearchParameters = SearchParameters(),
+                queries: [Float]? = nil) throws -> SearchResults {
+        try read { keys in
+            try (queries ?? self.queries).withUnsafeBufferPointer { try index.search($0, k: k, parameters: parameters, keys: keys) }
+        }
+    }
+
+    func exact(k: Int) throws -> SearchResults {
+        try read { keys in try search(FlatIndex(keys: keys), k: k) }
+    }
+
+    /// Exact ids one query at a time (the kernel path, not sgemm), to compare ids exactly.
+    func exactSingle(k: Int, query q: Int) throws -> [Int] {
+        let one = Array(queries[(q * d)..<((q + 1) * d)])
+        return try read { keys in try search(FlatIndex(keys: keys), k: k, queries: one).hits(0).map(\.id) }
+    }
+}
+
+/// Mean recall@k of `got` against `exact` (DESIGN.md section 6).
+func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
+    var total = 0.0
+    for q in 0..<exact.queryCount {
+        let truth = Set(exact.hits(q).map(\.id))
+        total += Double(got.hits(q).filter { truth.contains($0.id) }.count) / Double(exact.k)
+    }
+    return total / Double(exact.queryCount)
+}
+
+@Suite struct KMeansTests {
+    static func blobs(n: Int, d: Int, clusters: Int, seed: UInt64) -> [Float] {
+        var rng = SeededRandom(seed: seed)
+        let centres = rng.gaussianMatrix(rows: clusters, dim: d).map { $0 * 4 }
+        return (0..<n).flatMap { i in (0..<d).map { t in centres[(i % clusters) * d + t] + rng.gaussian() } }
+    }
+
+    @Test(arguments: ClusterMetric.allCases)
+    func decreasesObjectiveAndIsDeterministic(metric: ClusterMetric) throws {
+        let (n, d) = (3000, 16)
+        let rows = Self.blobs(n: n, d: d, clusters: 24, seed: 3)
+        var options = KMeans.Options(k: 32, metric: metric, iterations: 15, seed: 9, threads: 1)
+        let a = try KMeans.train(rows, dimension: d, options: options)
+        #expect(a.passes >= 2)
+        #expect(a.objectiveHistory.last! < a.objectiveHistory.first!)
+        if metric == .l2 {
+            // Lloyd never increases the inertia (beyond rounding).
+            for (x, y) in zip(a.objectiveHistory, a.objectiveHistory.dropFirst()) { #expect(y <= x * (1 + 1e-5)) }
+        }
+        #expect(a.sizes.reduce(0, +) == n && a.labels.count == n)
+        #expect(a.centroids.allSatisfy { $0.isFinite })
+        options.threads = 2
+        let b = try KMeans.train(rows, dimension: d, options: options)
+        #expect(a.centroids == b.centroids && a.labels == b.labels && a.objectiveHistory == b.objectiveHistory)
+        options.seed = 10
+        let c = try KMeans.train(rows, dimension: d, options: options)
+        #expect(c.centroids != a.centroids)
+    }
+
+    @Test func subsamplesLargeInputsAndLabelsEveryRow() throws {
+        let rows = Self.blobs(n: 2000, d: 8, clusters: 5, seed: 4)
+        var options = KMeans.Options(k: 5, iterations: 10, seed: 1)
+        options.maxPointsPerCentroid = 40  // trains on 200 of the 2000 rows
+        let r = try KMeans.train(rows, dimension: 8, options: options)
+        #expect(r.labels.count == 2000 && r.sizes.reduce(0, +) == 2000)
+        // Well-separated blobs: every blob lands in one cluster.
+        for i in 0..<2000 { #expect(r.labels[i] == r.labels[i % 5]) }
+    }
+
+    @Test func repairsEmptyClusters() throws {
+        // 8 distinct points, each 8 times: 12 clusters cannot all be filled, so repairs happen.
+        var rng = SeededRandom(seed: 2)
+        let distinct = rng.gaussianMatrix(rows: 8, dim: 6)
+        let rows = (0..<64).flatMap { i in distinct[((i % 8) * 6)..<((i % 8) * 6 + 6)] }
+        let r = try KMeans.train(rows, dimension: 6, options: KMeans.Options(k: 12, iterations: 10, seed: 5))
+        #expect(r.repairs > 0)
+        #expect(r.sizes.reduce(0, +) == 64)
+        #expect(r.centroids.allSatisfy { $0.isFinite })
+        #expect(r.objective < 1e-3)  // every point sits on a centroid
+        // k close to n with distinct points.
+        let close = rng.gaussianMatrix(rows: 40, dim: 6)
+        let s = try KMeans.train(close, dimension: 6, options: KMeans.Options(k: 38, iterations: 10, seed: 5))
+        #expect(s.sizes.reduce(0, +) == 40 && s.centroids.allSatisfy { $0.isFinite })
+        #expect(s.objective <= s.objectiveHistory.first! * (1 + 1e-5))
+        let exact = try KMeans.train(close, dimension: 6, options: KMeans.Options(k: 40, iterations: 5, seed: 5))
+        #expect(exact.objective < 1e-3 && exact.sizes.allSatisfy { $0 == 1 })
+    }
+
+    @Test func argMinTakesTheFirstMinimum() {
+        var rng = SeededRandom(seed: 8)
+        for n in [1, 2, 3, 4, 5, 8, 13, 64, 257] {
+            for _ in 0..<20 {
+                // Few distinct values, so ties are common.
+                let v = (0..<n).map { _ in Float(rng.next() % 4) }
+                let (i, m) = v.withUnsafeBufferPointer { KMeans.argMin($0.baseAddress!, count: n) }
+                #expect(m == v.min()! && i == v.firstIndex(of: m)!)
+            }
+        }
+    }
+
+    @Test func rejectsBadArguments() throws {
+        let rows = [Float](repeating: 1, count: 40)
+        #expect(throws: IndexError.invalidParameter("k-means needs k >= 1 (got 0)")) {
+            try KMeans.train(rows, dimension: 4, options: KMeans.Options(k: 0))
+        }
+        #expect(throws: IndexError.invalidParameter("k-means k = 11 exceeds the 10 rows")) {
+            try KMeans.train(rows, dimension: 4, options: KMeans.Options(k: 11))
+        }
+        #expect(throws: IndexError.dimensionMismatch(expected: 3, actual: 40)) {
+            try KMeans.train(rows, dimension: 3, options: KMeans.Options(k: 2))
+        }
+    }
+}
+
+@Suite struct IVFIndexTests {
+    static func build(_ f: ClusteredFixture, nlist: Int? = nil, metric: ClusterMetric = .l2, seed: UInt64 = 42,
+                      threads: Int = 2, count: Int? = nil) throws -> IVFIndex {
+        let index = try IVFIndex(dimension: f.d, nlist: nlist, metric: metric, iterations: 12, seed: seed, threads: threads)
+        try f.read { keys in try index.add(keys: keys, range: 0..<(count ?? keys.count), progress: nil) }
+        return index
+    }
+
+    static func probes(_ n: Int) -> SearchParameters {
+        var p = SearchParameters()
+        p.nprobe = n
+        return p
+    }
+
+    @Test(arguments: ClusterMetric.allCases)
+    func recallAgainstFlat(metric: ClusterMetric) throws {
+        let f = try ClusteredFixture()
+        let index = try Self.build(f, metric: metric)
+        #expect(index.nlist == 256)  // 4 sqrt(4096)
+        #expect(index.listSizes.reduce(0, +) == f.n)
+        let exact = try f.exact(k: 10)
+        // Measured: nprobe 16 (1/16 of the lists) recall 0.896 (l2) / 0.910 (ip), 5.6% / 6.3% of keys
+        // scanned; nprobe 64 (nlist/4) 0.992 / 0.987, 24% / 25%.
+        let quarter = try f.search(index, k: 10, Self.probes(64))
+        #expect(meanRecall(quarter, exact) >= 0.97)
+        #expect(quarter.stats.keysScannedFraction < 0.3)
+        #expect(quarter.stats.auxiliaryComputations == f.queryCount * 256)
+        let few = try f.search(index, k: 10, Self.probes(16))
+        #expect(meanRecall(few, exact) >= 0.85)
+        #expect(few.stats.keysScannedFraction < quarter.stats.keysScannedFraction)
+        // Probing every list is exact.
+        let all = try f.search(index, k: 10, Self.probes(256))
+        #expect(meanRecall(all, exact) == 1)
+        #expect(all.stats.keysScannedFraction == 1)
+        for q in 0..<3 {
+            let one = Array(f.queries[(q * f.d)..<((q + 1) * f.d)])
+            let got = try f.search(index, k: 10, Self.probes(256), queries: one).hits(0).map(\.id)
+            #expect(got == (try f.exactSingle(k: 10, query: q)))
+        }
+    }
+
+    @Test(arguments: [DType.f16, .bf16])
+    func reducedPrecisionKeys(dtype: DType) throws {
+        let f = try ClusteredFixture(n: 1024, queryCount: 16, dtype: dtype)
+        let index = try Self.build(f)
+        #expect(index.nlist == 128)
+        for q in 0..<3 {
+            let one = Array(f.queries[(q * f.d)..<((q + 1) * f.d)])
+            let got = try f.search(index, k: 10, Self.probes(128), queries: one).hits(0).map(\.id)
+            #expect(got == (try f.exactSingle(k: 10, query: q)))
+        }
+        // Measured: nprobe 32 (nlist/4) recall 0.89 (f16, bf16) with 256 clusters in 1024 keys.
+        #expect(meanRecall(try f.search(index, k: 10, Self.probes(32)), try f.exact(k: 10)) >= 0.85)
+    }
+
+    @Test func scannedKeysAreTheProbedLists() throws {
+        let f = try ClusteredFixture()
+        let index = try Self.build(f)
+        let sizes = index.listSizes
+        for q in 0..<5 {
+            let one = Array(f.queries[(q * f.d)..<((q + 1) * f.d)])
+            let lists = try one.withUnsafeBufferPointer { try index.probedLists(query: $0, nprobe: 20) }
+            #expect(Set(lists).count == 20)
+            let r = try f.search(index, k: 10, Self.probes(20), queries: one)
+            #expect(r.stats.distanceComputations == lists.reduce(0) { $0 + sizes[$1] })
+            #expect(r.stats.keysScannedFraction == Double(r.stats.distanceComputations) / Double(f.n))
+            #expect(r.stats.keysScannedFraction < 1)
+            // Every hit comes from a probed list.
+            let probed = Set(lists.flatMap { index.list($0).map(Int.init) })
+            #expect(r.hits(0).allSatisfy { probed.contains($0.id) })
+        }
+    }
+
+    @Test func threadsDoNotChangeResults() throws {
+        let f = try ClusteredFixture(queryCount: 70)
+        let index = try Self.build(f)
+        var p = Self.probes(8)
+        let one = try f.search(index, k: 7, p)
+        p.threads = 3
+        let three = try f.search(index, k: 7, p)
+        #expect(one.ids == three.ids && one.scores == three.scores && one.stats == three.stats)
+    }
+
+    @Test func persistenceRoundTrips() throws {
+        let f = try ClusteredFixture(n: 2048, queryCount: 16)
+        let index = try Self.build(f)
+        let sections = index.sections()
+        // Same seed, same bytes; the thread count does not matter.
+        #expect(try Self.build(f, threads: 1).sections() == sections)
+        #expect(try Self.build(f, seed: 43).sections() != sections)
+        let restored = try IVFIndex(sections: sections)
+        #expect(restored.sections() == sections)
+        let p = Self.probes(12)
+        let a = try f.search(index, k: 10, p)
+        #expect(try f.search(restored, k: 10, p).ids == a.ids)
+        try IndexCatalog.save(index, kindVersion: IVFIndex.formatVersion, in: f.store, head: HeadID())
+        let loaded = try IndexCatalog.load(IVFIndex.self, from: try f.store.loadIndex(HeadID(), name: "ivf"),
+                                           head: HeadID(), name: "ivf")
+        #expect(loaded.nlist == index.nlist && loaded.count == index.count)
+        let b = try f.search(loaded, k: 10, p)
+        #expect(b.ids == a.ids && b.scores == a.scores)
+        // An untrained index round-trips too.
+        let empty = try IVFIndex(dimension: 8, nlist: 4)
+        let back = try IVFIndex(sections: empty.sections())
+        #expect(back.count == 0 && back.requestedNlist == 4 && !back.isTrained)
+    }
+
+    @Test func incrementalAddFindsNewKeys() throws {
+        let f = try ClusteredFixture(n: 3000, queryCount: 4)
+        let index = try Self.build(f)
+        #expect(index.nlist == 219)
+        // Far-away keys along the first query: they must now rank first.
+        let q = Array(f.queries[0..<f.d])
+        let norm = q.reduce(0) { $0 + $1 * $1 }.squareRoot()
+        let far = (0..<12).flatMap { j in q.map { $0 / norm * Float(60 + j) } }
+        try f.append(far)
+        try f.read { keys in try index.add(keys: keys, range: 3000..<3012, progress: nil) }
+        #expect(index.count == 3012 && index.listSizes.reduce(0, +) == 3012)
+        let r = try f.search(index, k: 12, Self.probes(32), queries: q)
+        #expect(r.hits(0).map(\.id) == Array((3000..<3012).reversed()))
+        // Keys go in order only.
+        try f.append(far)
+        #expect(throws: IndexError.self) {
+            try f.read { keys in try index.add(keys: keys, range: 3013..<3024, progress: nil) }
+        }
+        // Training on a prefix then adding the rest in pieces gives a complete index.
+        let g = try ClusteredFixture(n: 2048, queryCount: 8)
+        let part = try Self.build(g, nlist: 64, count: 1500)
+        try g.read { keys in
+            try part.add(keys: keys, range: 1500..<1800, progress: nil)
+            try part.add(keys: keys, range: 1800..<2048, progress: nil)
+        }
+        #expect(part.count == 2048)
+        #expect(Set(part.ids.map(Int.init)) == Set(0..<2048))
+        #expect(meanRecall(try g.search(part, k: 10, Self.probes(64)), try g.exact(k: 10)) == 1)
+    }
+
+    @Test func rejectsBadParameters() throws {
+        let f = try ClusteredFixture(n: 600, queryCount: 2)
+        let index = try Self.build(f, nlist: 20)
+        #expect(throws: IndexError.invalidParameter("nprobe 21 exceeds nlist 20")) { try f.search(index, k: 5, Self.probes(21)) }
+        #expect(throws: IndexError.invalidParameter("nprobe must be at least 1 (got 0)")) { try f.search(index, k: 5, Self.probes(0)) }
+        #expect(throws: IndexError.invalidParameter("k = 601 exceeds the 600 keys of head 0/0/0")) { try f.search(index, k: 601) }
+        #expect(throws: IndexError.dimensionMismatch(expected: 32, actual: 31)) {
+            try f.search(index, k: 5, queries: [Float](repeating: 1, count: 31))
+        }
+        #expect(throws: IndexError.invalidParameter("nlist 601 exceeds the 600 keys to train on")) { try Self.build(f, nlist: 601) }
+        #expect(throws: IndexError.invalidParameter("nlist must be at least 1 (got 0)")) { try IVFIndex(dimension: 32, nlist: 0) }
+        let narrow = try IVFIndex(dimension: 16)
+        #expect(throws: IndexError.dimensionMismatch(expected: 16, actual: 32)) {
+            try f.read { keys in try narrow.add(keys: keys, range: 0..<600, progress: nil) }
+        }
+        let empty = try IVFIndex(dimension: 32)
+        #expect(throws: IndexError.notBuilt("the IVF index is empty; add keys first")) { try f.search(empty, k: 5) }
+        #expect(throws: IndexError.self) {
+            try f.read { keys in try empty.add(keys: keys, range: 0..<601, progress: nil) }
+        }
+    }
+
+    @Test func corruptSectionsThrow() throws {
+        let f = try ClusteredFixture(n: 500, queryCount: 1)
+        let good = try Self.build(f, nlist: 10).sections()
+        func expectCorrupt(_ sections: [String: [UInt8]], _ label: String) {
+            do {
+                _ = try IVFIndex(sections: sections)
+                Issue.record("\(label): loaded")
+            } catch let error as IndexError {
+                if case .corrupt = error {} else { Issue.record("\(label): \(error)") }
+            } catch { Issue.record("\(label): \(error)") }
+        }
+        for name in good.keys.sorted() {
+            var missing = good
+            missing[name] = nil
+            expectCorrupt(missing, "missing \(name)")
+            for cut in [0, 1, 7, good[name]!.count / 2, good[name]!.count - 1] {
+                var s = good
+                s[name] = Array(good[name]![0..<cut])
+                expectCorrupt(s, "\(name) cut at \(cut)")
+            }
+            var longer = good
+            longer[name]! += [0]
+            expectCorrupt(longer, "\(name) with a trailing byte")
+        }
+        // A list id out of range, a duplicated id, offsets out of order, a NaN centroid.
+        var lists = ByteReader(good["lists"]!, context: "test")
+        let offsets = try lists.readArray(Int64.self)
+        let ids = try lists.readArray(Int32.self)
+        func listsSection(_ o: [Int64], _ i: [Int32]) -> [String: [UInt8]] {
+            var w = ByteWriter()
+            w.write(array: o)
+            w.write(array: i)
+            var s = good
+            s["lists"] = w.bytes
+            return s
+        }
+        #expect(throws: Never.self) { _ = try IVFIndex(sections: listsSection(offsets, ids)) }
+        var bad = ids
+        bad[3] = 500
+        expectCorrupt(listsSection(offsets, bad), "id out of range")
+        bad = ids
+        bad[3] = bad[4]
+        expectCorrupt(listsSection(offsets, bad), "duplicate id")
+        var o = offsets
+        o.swapAt(2, 3)
+        if o[2] != o[3] { expectCorrupt(listsSection(o, ids), "offsets out of order") }
+        o = offsets
+        o[10] = 499
+        expectCorrupt(listsSection(o, ids), "offsets short")
+        var cen = good["centroids"]!
+        cen.replaceSubrange((cen.count - 4)..<cen.count, with: [0x00, 0x00, 0xC0, 0x7F])  // a NaN
+        var s = good
+        s["centroids"] = cen
+        expectCorrupt(s, "NaN centroid")
+        // Another version is refused as such.
+        var meta = good["meta"]!
+        meta[0] = 9
+        s = good
+        s["meta"] = meta
+        #expect(throws: IndexError.unsupportedVersion(found: 9, supported: 1)) { try IVFIndex(sections: s) }
+        // Any single flipped byte either loads a usable index or throws; it never crashes a search.
+        var rng = SeededRandom(seed: 1)
+        for _ in 0..<60 {
+            let name = good.keys.sorted()[Int(rng.next() % 3)]
+            var t = good
+            let at = Int(rng.next() % UInt64(good[name]!.count))
+            t[name]![at] ^= UInt8(1 << (rng.next() % 8))
+            if let index = try? IVFIndex(sections: t), index.dimension == f.d, index.count <= f.n {
+                _ = try f.search(index, k: 5, Self.probes(index.nlist))
+            }
+        }
+    }
+}

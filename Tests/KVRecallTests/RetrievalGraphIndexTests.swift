@@ -1,0 +1,124 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+/// The query-aware graph on the real MiniLM sample: decode queries come from a held-out window,
+/// so they are out of distribution for the keys the way decode queries are.
+@Suite struct RetrievalGraphIndexTests {
+    struct Sample {
+        let dir = TemporaryDirectory("kvrecall-retrieval")
+        let store: KVStore
+        let decode: [Float]
+        let keys: Tensor
+        let values: Tensor
+        let d = 32
+
+        init(keyRows: Int? = nil) throws {
+            let data = repositoryDataDirectory() + "/minilm"
+            keys = try NPY.read(path: data + "/keys.npy")
+            values = try NPY.read(path: data + "/values.npy")
+            let prefill = try NPY.read(path: data + "/prefill_queries.npy")
+            decode = try NPY.read(path: data + "/queries.npy").floats()
+            store = try KVStore(path: dir.path, create: true)
+            try store.createHead(HeadID(), dimension: d, dtype: .f32)
+            let k = keys.floats(), v = values.floats()
+            let rows = keyRows ?? keys.shape[0]
+            try k.withUnsafeBufferPointer { kb in
+                try v.withUnsafeBufferPointer { vb in
+                    try store.append(HeadID(), keys: UnsafeBufferPointer(rebasing: kb[0..<(rows * d)]),
+                                     values: UnsafeBufferPointer(rebasing: vb[0..<(rows * d)]))
+                }
+            }
+            try prefill.floats().withUnsafeBufferPointer { try store.appendQueries(HeadID(), queries: $0) }
+        }
+
+        func appendRest(from rows: Int) throws {
+            let k = keys.floats(), v = values.floats()
+            try k.withUnsafeBufferPointer { kb in
+                try v.withUnsafeBufferPointer { vb in
+                    try store.append(HeadID(), keys: UnsafeBufferPointer(rebasing: kb[(rows * d)...]),
+                                     values: UnsafeBufferPointer(rebasing: vb[(rows * d)...]))
+                }
+            }
+        }
+
+        func build(threads: Int = 2) throws -> RetrievalGraphIndex {
+            let index = try RetrievalGraphIndex(dimension: d, M: 32, threads: threads)
+            try store.read { s in try index.build(keys: try s.vectors(HeadID(), .keys), queries: try s.vectors(HeadID(), .queries)) }
+            return index
+        }
+
+        func recall(_ index: some VectorIndex, ef: Int, k: Int = 10) throws -> (Double, SearchStats) {
+            var p = SearchParameters()
+            p.ef = ef
+            return try store.read { s in
+                let view = try s.vectors(HeadID(), .keys)
+                let (r, truth) = try decode.withUnsafeBufferPointer {
+                    (try index.search($0, k: k, parameters: p, keys: view),
+                     try FlatIndex(keys: view).search($0, k: k, parameters: SearchParameters(), keys: view))
+                }
+                let total = (0..<r.queryCount).map { q in
+                    KVRecall.recall(retrieved: r.hits(q).map(\.id), exact: truth.hits(q).map(\.id))
+                }.reduce(0, +)
+                return (total / Double(r.queryCount), r.stats)
+            }
+        }
+    }
+
+    @Test func beatsKeyOnlyHNSWOnDecodeQueries() throws {
+        let sample = try Sample()
+        let graph = try sample.build()
+        let hnsw = try HNSWIndex(dimension: 32, M: 16, efConstruction: 100, seed: 1)
+        try sample.store.read { s in try hnsw.add(keys: try s.vectors(HeadID(), .keys), range: 0..<4096, progress: nil) }
+        let (graphRecall, graphStats) = try sample.recall(graph, ef: 16)
+        let (hnswRecall, _) = try sample.recall(hnsw, ef: 16)
+        // Measured (release): 0.988 against HNSW's 0.901 at ef 16; floors sit a little lower.
+        #expect(graphRecall >= 0.95, "retrieval recall@10 \(graphRecall)")
+        #expect(graphRecall > hnswRecall + 0.03, "retrieval \(graphRecall) vs hnsw \(hnswRecall)")
+        #expect(graphStats.keysScannedFraction < 0.15)
+        let (wide, _) = try sample.recall(graph, ef: 128)
+        #expect(wide >= 0.99)
+    }
+
+    @Test func deterministicAndPersistent() throws {
+        let sample = try Sample()
+        let one = try sample.build(threads: 1)
+        let two = try sample.build(threads: 2)
+        #expect(one.sections() == two.sections())
+        try IndexCatalog.save(two, in: sample.store, head: HeadID())
+        let loaded = try sample.store.read { s in try IndexCatalog.load(.retrieval, snapshot: s, head: HeadID()) }
+        let (a, sa) = try sample.recall(two, ef: 32)
+        let (b, sb) = try sample.recall(loaded, ef: 32)
+        #expect(a == b && sa == sb)
+    }
+
+    @Test func incrementalAddLinksNewKeys() throws {
+        let sample = try Sample(keyRows: 3000)
+        let graph = try sample.build()
+        try sample.appendRest(from: 3000)
+        try sample.store.read { s in try graph.add(keys: try s.vectors(HeadID(), .keys), range: 3000..<4096, progress: nil) }
+        #expect(graph.count == 4096)
+        let (r, _) = try sample.recall(graph, ef: 64)
+        #expect(r >= 0.95, "recall after adding keys \(r)")
+    }
+
+    @Test func errors() throws {
+        let dir = TemporaryDirectory()
+        let store = try KVStore(path: dir.path, create: true)
+        try store.createHead(HeadID(), dimension: 4, dtype: .f32)
+        let k = [Float](repeating: 1, count: 40)
+        try k.withUnsafeBufferPointer { try store.append(HeadID(), keys: $0, values: $0) }
+        let graph = try RetrievalGraphIndex(dimension: 4)
+        try store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            #expect(throws: IndexError.self) { try graph.build(keys: keys, queries: try s.vectors(HeadID(), .queries)) }
+            #expect(throws: IndexError.self) { try graph.add(keys: keys, range: 0..<10, progress: nil) }
+        }
+        #expect(throws: IndexError.invalidParameter("M must be in 2...1024 (got 1)")) { try RetrievalGraphIndex(dimension: 4, M: 1) }
+        let sample = try Sample()
+        var sections = try sample.build().sections()
+        sections["graph"]!.removeLast(3)
+        #expect(throws: IndexError.self) { try RetrievalGraphIndex(sections: sections) }
+    }
+}
