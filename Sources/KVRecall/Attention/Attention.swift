@@ -29,8 +29,9 @@ public struct AttentionResult: Sendable {
     public var stats: SearchStats
     /// Clusters whose contribution was estimated rather than attended (estimation zone).
     public var estimatedClusters = 0
-    /// Positions covered by those estimates.
-    public var estimated: [Int] = []
+    /// Members of the estimated clusters (shared with the cluster summary, not copied); static
+    /// positions among them were attended exactly instead.
+    public var estimated: [[Int32]] = []
 }
 
 public enum Attention {

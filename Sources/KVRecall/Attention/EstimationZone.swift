@@ -138,22 +138,35 @@ extension Attention {
         let attended = (fixed + retrieved).sorted()
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(d, dv))
         defer { scratch.deallocate() }
+        // The estimation zone as one partial per head: with s_c the scaled score of cluster c's
+        // mean key, the clusters' merged output is sum_c exp(s_c - M) valueSum_c / sum_c exp(s_c - M) n_c.
+        let zoneMeans = estimatedZone.flatMap { c in summary.meanKeys[(c * d)..<((c + 1) * d)] }
+        var zoneScores = [Float](repeating: 0, count: estimatedZone.count)
         var heads: [PartialAttention] = []
         for h in 0..<g {
             let query = queries.baseAddress! + h * d
             var partial = AttentionKernel.attend(query: query, positions: attended, keys: keys, values: values,
                                                  scale: scale, scratch: scratch)
-            for c in estimatedZone {
-                var s: Float = 0
-                for j in 0..<d { s += query[j] * summary.meanKeys[c * d + j] }
-                let count = Float(sizes[c])
-                let output = (0..<dv).map { valueSums[c * dv + $0] / count }
-                partial = partial.merged(with: PartialAttention(output: output, lse: scale * s + log(count)))
+            if !estimatedZone.isEmpty {
+                zoneMeans.withUnsafeBufferPointer { m in
+                    zoneScores.withUnsafeMutableBufferPointer { z in
+                        BLAS.gemv(n: estimatedZone.count, k: d, a: m.baseAddress!, x: query, y: z.baseAddress!)
+                    }
+                }
+                let top = zoneScores.max()! * scale
+                var weightSum = 0.0
+                var output = [Double](repeating: 0, count: dv)
+                for (j, c) in estimatedZone.enumerated() {
+                    let w = exp(Double(zoneScores[j] * scale - top))
+                    weightSum += w * Double(sizes[c])
+                    for v in 0..<dv { output[v] += w * Double(valueSums[c * dv + v]) }
+                }
+                let zone = PartialAttention(output: output.map { Float($0 / weightSum) }, lse: top + Float(log(weightSum)))
+                partial = partial.merged(with: zone)
             }
             heads.append(partial)
         }
-        var estimated: [Int] = []
-        for c in estimatedZone { for id in summary.members[c] where !isStatic.contains(Int(id)) { estimated.append(Int(id)) } }
+        let estimated = estimatedZone.map { summary.members[$0] }
         let stats = SearchStats(distanceComputations: retrieved.count, auxiliaryComputations: summary.clusters, queries: 1, keyCount: n)
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats,
                                estimatedClusters: estimatedZone.count, estimated: estimated)

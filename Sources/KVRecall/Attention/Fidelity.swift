@@ -40,7 +40,10 @@ extension Attention {
             var mass = 0.0
             for i in result.attended { mass += exp(Double(scores[i] - exact.lse)) }
             // Estimated clusters contribute (approximately) the mass of their members.
-            for i in result.estimated { mass += exp(Double(scores[i] - exact.lse)) }
+            let fixedSet = Set(fixed)
+            for cluster in result.estimated {
+                for id in cluster where !fixedSet.contains(Int(id)) { mass += exp(Double(scores[Int(id)] - exact.lse)) }
+            }
             sums.mass += min(1, mass)
             sums.error += relativeError(result.heads[h].output, exact.output)
             let oracleSet = Array(Set(topIDs).union(fixed)).sorted()

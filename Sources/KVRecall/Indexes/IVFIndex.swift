@@ -208,7 +208,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     }
 
     /// Keys prefetched ahead of the one being scored.
-    nonisolated(unsafe) static var prefetchDistance = 8
+    static let prefetchDistance = 8
 
     /// Scores every key of the selected lists into `top`; returns the keys scored. A second cursor
     /// runs `prefetchDistance` keys ahead (across list boundaries) and prefetches their rows, so
