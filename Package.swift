@@ -6,6 +6,8 @@ let package = Package(
     products: [
         .library(name: "KVRecall", targets: ["KVRecall"]),
         .executable(name: "kvrecall", targets: ["KVRecallCLI"]),
+        // The C ABI (include/kvrecall.h) as a shared library: libKVRecallC.so.
+        .library(name: "KVRecallC", type: .dynamic, targets: ["KVRecallC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -29,6 +31,9 @@ let package = Package(
             name: "KVRecall",
             dependencies: ["CLMDB", "CBLAS", "CKernels"]
         ),
+        // The C header (include/kvrecall.h) and its C-only part, so Swift sees the ABI's types.
+        .target(name: "KVRecallABI", path: "include", publicHeadersPath: "."),
+        .target(name: "KVRecallC", dependencies: ["KVRecall", "KVRecallABI"]),
         .executableTarget(
             name: "KVRecallCLI",
             dependencies: [

@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash Tools/setup.sh
+swift build
 swift build --build-tests
 swift test --skip-build

@@ -16,6 +16,6 @@ struct KVRecallCommand: ParsableCommand {
           kvrecall build  --store /tmp/s --layer 2 --head 6 --index hnsw
           kvrecall query  --store /tmp/s --layer 2 --head 6 --queries decode.npy -k 10 --index hnsw --ef 64
         """,
-        subcommands: [Ingest.self, Info.self, Build.self, Query.self, Attend.self, Demo.self, Bench.self]
+        subcommands: [Ingest.self, Info.self, Build.self, Query.self, Attend.self, Replay.self, Demo.self, Bench.self]
     )
 }

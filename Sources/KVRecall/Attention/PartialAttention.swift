@@ -66,7 +66,7 @@ enum AttentionKernel {
     static func allScores(query: UnsafePointer<Float>, keys: VectorView, scale: Float) -> [Float] {
         var scores = [Float](repeating: 0, count: keys.count)
         scores.withUnsafeMutableBufferPointer { s in
-            for b in 0..<keys.blocks.count {
+            for b in 0..<keys.blockCount {
                 keys.scores(query: query, block: b, into: s.baseAddress! + b * keys.blockSize)
             }
             for i in 0..<s.count { s[i] *= scale }
@@ -81,7 +81,7 @@ enum AttentionKernel {
         var out = [Float](repeating: 0, count: dv)
         var l: Double = 0
         out.withUnsafeMutableBufferPointer { o in
-            for b in 0..<values.blocks.count {
+            for b in 0..<values.blockCount {
                 let rows = values.rowsInBlock(b)
                 let base = b * values.blockSize
                 for r in 0..<rows {

@@ -61,7 +61,7 @@ public struct FlatIndex: VectorIndex {
             defer { scratch.deallocate() }
             for q in 0..<m {
                 let query = queries.baseAddress! + q * d
-                for b in 0..<keys.blocks.count {
+                for b in 0..<keys.blockCount {
                     keys.scores(query: query, block: b, into: scratch)
                     tops[q].push(scores: scratch, count: keys.rowsInBlock(b), firstID: b * bs)
                 }
@@ -71,7 +71,7 @@ public struct FlatIndex: VectorIndex {
         let decoded = UnsafeMutablePointer<Float>.allocate(capacity: bs * d)
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: bs * m)
         defer { decoded.deallocate(); scores.deallocate() }
-        for b in 0..<keys.blocks.count {
+        for b in 0..<keys.blockCount {
             let n = keys.rowsInBlock(b)
             let rows: UnsafePointer<Float>
             if let inPlace = keys.alignedF32Block(b) {

@@ -10,7 +10,7 @@ import CLMDB
 public struct VectorView {
     public let info: HeadInfo
     public let kind: VectorKind
-    public let count: Int
+    public private(set) var count: Int
     public var dimension: Int { info.dimension }
     public var dtype: DType { info.dtype }
     public var blockSize: Int { info.blockSize }
@@ -57,6 +57,17 @@ public struct VectorView {
         blockShift = bs & (bs - 1) == 0 ? bs.trailingZeroBitCount : -1
         rowBytes = width
     }
+
+    /// The same view limited to its first `n` rows (an index built over a prefix sees only it).
+    public func limited(to n: Int) -> VectorView {
+        var view = self
+        view.count = Swift.max(0, Swift.min(n, count))
+        return view
+    }
+
+    /// Blocks holding the view's rows (the table may hold more after `limited(to:)`).
+    @inline(__always)
+    public var blockCount: Int { (count + blockSize - 1) / blockSize }
 
     /// Number of rows in block `b`.
     @inline(__always)

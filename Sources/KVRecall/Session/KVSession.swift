@@ -1,0 +1,340 @@
+import Dispatch
+import Foundation
+
+/// How a decoder's cache is laid out and attended.
+public struct SessionConfiguration: Codable, Equatable, Sendable {
+    public var layers: Int
+    public var kvHeads: Int
+    /// Query heads sharing one KV head (GQA group size).
+    public var queryHeadsPerKV: Int
+    public var headDimension: Int
+    public var dtype: DType
+    /// Attention method for decode steps; `exact` attends everything.
+    public var method: String
+    public var k: Int
+    public var sinks: Int
+    public var window: Int
+    public var ef: Int
+    public var nprobe: Int
+    /// Keys that left the window are indexed in batches of this many (bounded work per step).
+    public var upkeepBatch: Int
+    /// The store's context id for this sequence.
+    public var context: UInt32
+
+    public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
+                method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
+                ef: Int = 400, nprobe: Int = 64, upkeepBatch: Int = 64, context: UInt32 = 0) {
+        self.layers = layers
+        self.kvHeads = kvHeads
+        self.queryHeadsPerKV = queryHeadsPerKV
+        self.headDimension = headDimension
+        self.dtype = dtype
+        self.method = method.rawValue
+        self.k = k
+        self.sinks = sinks
+        self.window = window
+        self.ef = ef
+        self.nprobe = nprobe
+        self.upkeepBatch = upkeepBatch
+        self.context = context
+    }
+
+    func validate() throws {
+        guard layers >= 1, kvHeads >= 1, queryHeadsPerKV >= 1, headDimension >= 1 else {
+            throw SessionError.invalidArgument("layers, KV heads, query heads per KV head and head dimension must be positive")
+        }
+        guard layers <= Int(UInt16.max), kvHeads <= Int(UInt16.max) else {
+            throw SessionError.invalidArgument("at most 65535 layers and KV heads")
+        }
+        guard AttentionMethod(rawValue: method) != nil else {
+            throw SessionError.invalidArgument("unknown method '\(method)' (one of \(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        guard k >= 1, sinks >= 0, window >= 0, ef >= 1, nprobe >= 1, upkeepBatch >= 1 else {
+            throw SessionError.invalidArgument("k, ef, nprobe and the upkeep batch must be positive; sinks and window non-negative")
+        }
+    }
+
+    var attentionMethod: AttentionMethod { AttentionMethod(rawValue: method)! }
+}
+
+/// Errors of the decoder session.
+public enum SessionError: Error, CustomStringConvertible, Equatable {
+    case invalidArgument(String)
+    case wrongOrder(String)
+    case unknownLayer(Int, layers: Int)
+
+    public var description: String {
+        switch self {
+        case .invalidArgument(let m): return "invalid argument: \(m)"
+        case .wrongOrder(let m): return "call out of order: \(m)"
+        case .unknownLayer(let l, let n): return "layer \(l) does not exist (the session has \(n) layers)"
+        }
+    }
+}
+
+/// A decoder-facing KV cache: append each step's keys and values per layer, attend each step's
+/// queries per layer for all heads. Vectors live in a KVRecall store; each KV head keeps an
+/// index of the keys that have left the window (built once after prefill, then extended in
+/// small batches), while the sinks, the window and any not-yet-indexed keys are attended exactly.
+///
+/// Thread-safety: one decoder thread drives a session; heads are spread over the cores inside
+/// `attend`. Not for concurrent calls.
+public final class KVSession {
+    public let configuration: SessionConfiguration
+    public let store: KVStore
+    private let temporaryDirectory: String?
+    /// Per (layer, kv head): the in-memory index of keys 0..<index.count.
+    private var indexes: [[(any BuildableIndex)?]]
+    private var prepared = false
+    public var parameters: AttentionParameters
+
+    static let configurationKey = "kvrecall.session"
+
+    /// Opens a session on `directory` (a new or existing store), or on a temporary store removed
+    /// at `close()` when `directory` is nil. An existing session's configuration must match.
+    public init(configuration: SessionConfiguration, directory: String?) throws {
+        try configuration.validate()
+        self.configuration = configuration
+        var options = Environment.Options()
+        options.noSync = true  // decode steps commit without fsync; checkpoint() syncs
+        if let directory {
+            store = try KVStore(path: directory, create: true, options: options)
+            temporaryDirectory = nil
+        } else {
+            let path = NSTemporaryDirectory() + "kvrecall-session-\(UUID().uuidString)"
+            store = try KVStore(path: path, create: true, options: options)
+            temporaryDirectory = path
+        }
+        indexes = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
+        parameters = AttentionParameters()
+        parameters.k = configuration.k
+        parameters.sinks = configuration.sinks
+        parameters.window = configuration.window
+        parameters.search.ef = configuration.ef
+        parameters.search.nprobe = configuration.nprobe
+        try createHeads()
+    }
+
+    /// Reopens a checkpointed session from its store, with its saved configuration and indexes.
+    public convenience init(resuming directory: String) throws {
+        let probe = try KVStore(path: directory)
+        let heads = try probe.heads()
+        probe.close()
+        guard let raw = heads.first(where: { $0.metadata[KVSession.configurationKey] != nil })?.metadata[KVSession.configurationKey],
+              let configuration = try? JSONDecoder().decode(SessionConfiguration.self, from: Data(raw.utf8)) else {
+            throw SessionError.invalidArgument("\(directory) holds no checkpointed session")
+        }
+        try self.init(configuration: configuration, directory: directory)
+        try store.read { snapshot in
+            for layer in 0..<configuration.layers {
+                for head in 0..<configuration.kvHeads {
+                    let id = headID(layer, head)
+                    if let kind = configuration.attentionMethod.indexKind, try snapshot.index(id, name: kind.rawValue) != nil {
+                        indexes[layer][head] = try IndexCatalog.load(kind, snapshot: snapshot, head: id)
+                        prepared = true
+                    }
+                }
+            }
+        }
+    }
+
+    deinit { close() }
+
+    /// Closes the store (and removes a temporary one).
+    public func close() {
+        guard store.environment.isOpen else { return }
+        store.close()
+        if let temporaryDirectory { try? FileManager.default.removeItem(atPath: temporaryDirectory) }
+    }
+
+    func headID(_ layer: Int, _ head: Int) -> HeadID {
+        HeadID(context: configuration.context, layer: UInt16(layer), head: UInt16(head))
+    }
+
+    private func createHeads() throws {
+        let encoded = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
+        for layer in 0..<configuration.layers {
+            for head in 0..<configuration.kvHeads {
+                var metadata: [String: String] = [:]
+                if layer == 0 && head == 0 { metadata[KVSession.configurationKey] = encoded }
+                try store.createHead(headID(layer, head), dimension: configuration.headDimension, dtype: configuration.dtype,
+                                     metadata: metadata)
+            }
+        }
+    }
+
+    private func checkLayer(_ layer: Int) throws {
+        guard layer >= 0 && layer < configuration.layers else { throw SessionError.unknownLayer(layer, layers: configuration.layers) }
+    }
+
+    /// Keys of (`layer`, `head`) held by its index (0 before `buildIndexes` or for exact/HiP).
+    public func indexedCount(layer: Int, head: Int) throws -> Int {
+        try checkLayer(layer)
+        guard head >= 0 && head < configuration.kvHeads else {
+            throw SessionError.invalidArgument("KV head \(head) does not exist (the session has \(configuration.kvHeads))")
+        }
+        return indexes[layer][head]?.count ?? 0
+    }
+
+    /// Tokens cached for `layer`.
+    public func length(layer: Int) throws -> Int {
+        try checkLayer(layer)
+        return try store.info(headID(layer, 0)).count
+    }
+
+    /// Appends `tokens` new tokens to every KV head of `layer`: `keys` and `values` are
+    /// `[kvHeads, tokens, headDimension]`, row-major. Keys that leave the window are indexed in
+    /// batches of `upkeepBatch`.
+    public func append(layer: Int, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>) throws {
+        try checkLayer(layer)
+        let d = configuration.headDimension, h = configuration.kvHeads
+        guard keys.count == values.count, keys.count > 0, keys.count % (h * d) == 0 else {
+            throw SessionError.invalidArgument("keys and values must both hold [\(h) heads, tokens, \(d)] floats (got \(keys.count) and \(values.count))")
+        }
+        let tokens = keys.count / (h * d)
+        for head in 0..<h {
+            let span = (head * tokens * d)..<((head + 1) * tokens * d)
+            try store.append(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
+                             values: UnsafeBufferPointer(rebasing: values[span]))
+        }
+        if prepared { try upkeep(layer: layer, force: false) }
+    }
+
+    /// Stores a prompt's prefill queries for `layer`: `[kvHeads, tokens, headDimension]` (one
+    /// representative query head per KV head, or the group's sum); the retrieval graph learns from them.
+    public func appendPrefillQueries(layer: Int, queries: UnsafeBufferPointer<Float>) throws {
+        try checkLayer(layer)
+        let d = configuration.headDimension, h = configuration.kvHeads
+        guard queries.count > 0, queries.count % (h * d) == 0 else {
+            throw SessionError.invalidArgument("queries must hold [\(h) heads, tokens, \(d)] floats (got \(queries.count))")
+        }
+        let tokens = queries.count / (h * d)
+        for head in 0..<h {
+            try store.appendQueries(headID(layer, head),
+                                    queries: UnsafeBufferPointer(rebasing: queries[(head * tokens * d)..<((head + 1) * tokens * d)]))
+        }
+    }
+
+    /// Builds every head's index once, over the keys outside the window (after prefill).
+    public func buildIndexes(parameters build: IndexBuildParameters = IndexBuildParameters(),
+                             progress: ((Int, Int) -> Void)? = nil) throws {
+        guard let kind = configuration.attentionMethod.indexKind else { prepared = true; return }
+        let total = configuration.layers * configuration.kvHeads
+        var done = 0
+        for layer in 0..<configuration.layers {
+            for head in 0..<configuration.kvHeads {
+                let id = headID(layer, head)
+                indexes[layer][head] = try store.read { snapshot -> (any BuildableIndex)? in
+                    let keys = try snapshot.vectors(id, .keys)
+                    let upTo = max(0, keys.count - configuration.window)
+                    guard upTo > configuration.sinks else { return nil }
+                    let index = try IndexCatalog.make(kind, dimension: keys.dimension, count: upTo, parameters: build)
+                    if let graph = index as? RetrievalGraphIndex {
+                        try graph.build(keys: try KVSession.prefix(keys, upTo), queries: try snapshot.vectors(id, .queries))
+                    } else {
+                        try index.add(keys: keys, range: 0..<upTo, progress: nil)
+                    }
+                    return index
+                }
+                done += 1
+                progress?(done, total)
+            }
+        }
+        prepared = true
+    }
+
+    /// A view limited to the first `n` rows (so a build sees exactly the keys it indexes).
+    static func prefix(_ view: VectorView, _ n: Int) throws -> VectorView { view.limited(to: n) }
+
+    /// Indexes keys that have left the window, in whole batches (all of them with `force`).
+    private func upkeep(layer: Int, force: Bool) throws {
+        guard configuration.attentionMethod.indexKind != nil else { return }
+        for head in 0..<configuration.kvHeads {
+            guard let index = indexes[layer][head] else { continue }
+            let id = headID(layer, head)
+            try store.read { snapshot in
+                let keys = try snapshot.vectors(id, .keys)
+                let upTo = max(index.count, keys.count - configuration.window)
+                let pending = upTo - index.count
+                guard pending >= configuration.upkeepBatch || (force && pending > 0) else { return }
+                try index.add(keys: keys.limited(to: upTo), range: index.count..<upTo, progress: nil)
+            }
+        }
+    }
+
+    /// Attention for one decode step of `layer`: `queries` is `[kvHeads, queryHeadsPerKV, headDimension]`;
+    /// returns the outputs in the same layout. KV heads run in parallel.
+    public func attend(layer: Int, queries: UnsafeBufferPointer<Float>) throws -> [Float] {
+        try checkLayer(layer)
+        let d = configuration.headDimension, h = configuration.kvHeads, g = configuration.queryHeadsPerKV
+        guard queries.count == h * g * d else {
+            throw SessionError.invalidArgument("queries must hold [\(h) KV heads, \(g) query heads, \(d)] = \(h * g * d) floats (got \(queries.count))")
+        }
+        var outputs = [Float](repeating: 0, count: h * g * d)
+        let failures = FirstError()
+        let method = configuration.attentionMethod
+        try store.read { snapshot in
+            outputs.withUnsafeMutableBufferPointer { out in
+                DispatchQueue.concurrentPerform(iterations: h) { head in
+                    do {
+                        let id = headID(layer, head)
+                        let keys = try snapshot.vectors(id, .keys)
+                        let values = try snapshot.vectors(id, .values)
+                        guard keys.count > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)") }
+                        var p = parameters
+                        var selector: (any VectorIndex)? = nil
+                        if method != .exact {
+                            if let index = indexes[layer][head] {
+                                selector = index
+                                // Keys not yet indexed are attended exactly, like the window.
+                                p.window = max(p.window, keys.count - index.count)
+                            } else if method == .hip {
+                                selector = HiPSelector(keys: keys)
+                            } else {
+                                p.window = keys.count  // nothing indexed yet: attend everything
+                                selector = nil
+                            }
+                        }
+                        let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
+                        let result: AttentionResult
+                        if let selector, p.window < keys.count {
+                            result = try Attention.attend(queries: group, selector: selector, keys: keys, values: values, parameters: p)
+                        } else {
+                            result = try Attention.attend(queries: group, selector: nil, keys: keys, values: values, parameters: p)
+                        }
+                        for (j, partial) in result.heads.enumerated() {
+                            for c in 0..<d { out[(head * g + j) * d + c] = partial.output[c] }
+                        }
+                    } catch {
+                        failures.record(error)
+                    }
+                }
+            }
+        }
+        if let error = failures.first { throw error }
+        return outputs
+    }
+
+    /// Indexes every pending key and writes the indexes and vectors durably, so the session can
+    /// be resumed with `init(resuming:)`.
+    public func checkpoint() throws {
+        for layer in 0..<configuration.layers {
+            try upkeep(layer: layer, force: true)
+            for head in 0..<configuration.kvHeads {
+                if let index = indexes[layer][head] { try IndexCatalog.save(index, in: store, head: headID(layer, head)) }
+            }
+        }
+        try store.environment.sync()
+    }
+}
+
+/// Keeps the first error thrown by parallel work.
+final class FirstError: @unchecked Sendable {
+    private let lock = NSLock()
+    private(set) var first: Error?
+    func record(_ error: Error) {
+        lock.lock()
+        if first == nil { first = error }
+        lock.unlock()
+    }
+}
