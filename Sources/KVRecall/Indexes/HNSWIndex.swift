@@ -187,36 +187,24 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         repairOrphans()
     }
 
-    /// Gives every layer-0 node without an incoming edge one, so no key is unreachable: the
-    /// heuristic pruning can drop a node from every list that held it (hnswlib leaves such nodes
-    /// unreachable). The edge goes into a neighbour's list with room, or replaces a link whose
-    /// target keeps another incoming edge.
+    /// Gives layer-0 nodes without an incoming edge one, so they stay reachable: the heuristic
+    /// pruning can drop a node from every list that held it (hnswlib leaves such nodes
+    /// unreachable). The edge is appended to the list of a neighbour, or of a neighbour's
+    /// neighbour, that has room; no existing edge is ever replaced, so navigation is untouched.
     func repairOrphans() {
         var indegree = [Int32](repeating: 0, count: count)
         for i in 0..<count { for n in neighbours(i, level: 0) { indegree[Int(n)] += 1 } }
         for orphan in 0..<count where indegree[orphan] == 0 && Int32(orphan) != entryPoint {
-            let candidates = Array(neighbours(orphan, level: 0))
-            var linked = false
-            for n in candidates where neighbours(Int(n), level: 0).count < maxM0 {
+            let first = Array(neighbours(orphan, level: 0))
+            var candidates = first
+            for n in first { candidates += neighbours(Int(n), level: 0) }
+            for n in candidates where Int(n) != orphan && neighbours(Int(n), level: 0).count < maxM0 {
                 var list = Array(neighbours(Int(n), level: 0))
                 list.append(Int32(orphan))
                 setNeighbours(Int(n), level: 0, list)
-                linked = true
+                indegree[orphan] = 1
                 break
             }
-            if !linked {
-                outer: for n in candidates {
-                    var list = Array(neighbours(Int(n), level: 0))
-                    for j in stride(from: list.count - 1, through: 0, by: -1) where indegree[Int(list[j])] >= 2 {
-                        indegree[Int(list[j])] -= 1
-                        list[j] = Int32(orphan)
-                        setNeighbours(Int(n), level: 0, list)
-                        linked = true
-                        break outer
-                    }
-                }
-            }
-            if linked { indegree[orphan] = 1 }
         }
     }
 
