@@ -54,7 +54,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         }
     }
 
-    var attentionMethod: AttentionMethod { AttentionMethod(rawValue: method)! }
+    public var attentionMethod: AttentionMethod { AttentionMethod(rawValue: method)! }
 }
 
 /// Errors of the decoder session.
@@ -272,36 +272,12 @@ public final class KVSession {
         }
         var outputs = [Float](repeating: 0, count: h * g * d)
         let failures = FirstError()
-        let method = configuration.attentionMethod
         try store.read { snapshot in
             outputs.withUnsafeMutableBufferPointer { out in
                 DispatchQueue.concurrentPerform(iterations: h) { head in
                     do {
-                        let id = headID(layer, head)
-                        let keys = try snapshot.vectors(id, .keys)
-                        let values = try snapshot.vectors(id, .values)
-                        guard keys.count > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)") }
-                        var p = parameters
-                        var selector: (any VectorIndex)? = nil
-                        if method != .exact {
-                            if let index = indexes[layer][head] {
-                                selector = index
-                                // Keys not yet indexed are attended exactly, like the window.
-                                p.window = max(p.window, keys.count - index.count)
-                            } else if method == .hip {
-                                selector = HiPSelector(keys: keys)
-                            } else {
-                                p.window = keys.count  // nothing indexed yet: attend everything
-                                selector = nil
-                            }
-                        }
                         let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
-                        let result: AttentionResult
-                        if let selector, p.window < keys.count {
-                            result = try Attention.attend(queries: group, selector: selector, keys: keys, values: values, parameters: p)
-                        } else {
-                            result = try Attention.attend(queries: group, selector: nil, keys: keys, values: values, parameters: p)
-                        }
+                        let result = try attendHead(snapshot: snapshot, layer: layer, head: head, queries: group)
                         for (j, partial) in result.heads.enumerated() {
                             for c in 0..<d { out[(head * g + j) * d + c] = partial.output[c] }
                         }
@@ -313,6 +289,38 @@ public final class KVSession {
         }
         if let error = failures.first { throw error }
         return outputs
+    }
+
+    /// The full attention result (attended positions, statistics) of one KV head's query group.
+    public func attendDetailed(layer: Int, head: Int, queries: UnsafeBufferPointer<Float>) throws -> AttentionResult {
+        try checkLayer(layer)
+        guard head >= 0 && head < configuration.kvHeads else { throw SessionError.invalidArgument("KV head \(head) does not exist") }
+        return try store.read { snapshot in try attendHead(snapshot: snapshot, layer: layer, head: head, queries: queries) }
+    }
+
+    private func attendHead(snapshot: StoreSnapshot, layer: Int, head: Int, queries group: UnsafeBufferPointer<Float>) throws -> AttentionResult {
+        let id = headID(layer, head)
+        let keys = try snapshot.vectors(id, .keys)
+        let values = try snapshot.vectors(id, .values)
+        guard keys.count > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)") }
+        let method = configuration.attentionMethod
+        var p = parameters
+        var selector: (any VectorIndex)? = nil
+        if method != .exact {
+            if let index = indexes[layer][head] {
+                selector = index
+                // Keys not yet indexed are attended exactly, like the window.
+                p.window = max(p.window, keys.count - index.count)
+            } else if method == .hip {
+                selector = HiPSelector(keys: keys)
+            } else {
+                p.window = keys.count  // nothing indexed yet: attend everything
+            }
+        }
+        if let selector, p.window < keys.count {
+            return try Attention.attend(queries: group, selector: selector, keys: keys, values: values, parameters: p)
+        }
+        return try Attention.attend(queries: group, selector: nil, keys: keys, values: values, parameters: p)
     }
 
     /// Indexes every pending key and writes the indexes and vectors durably, so the session can

@@ -1,0 +1,147 @@
+import ArgumentParser
+import Foundation
+import KVRecall
+
+struct BenchSession: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "session",
+        abstract: "Per-token decode time of a KVSession: exact attention against a retrieval method.",
+        discussion: """
+        Fills every (layer, KV head) of two sessions (exact, and --method) with --context tokens of the
+        synthetic set (keys, values and prefill queries from Tools/make_synthetic.py; heads take
+        different rotations of it), builds the retrieval indexes, then decodes --steps tokens: per
+        layer, append one token's K/V for all KV heads and attend its GQA query groups. Reports
+        per-token attention time over all layers (median), the speed-up, recall@k of the retrieved
+        set against exact top-k, and resident memory.
+
+        Example:
+          kvrecall bench session --data Tools/bench/out/synth --layers 4 --kv-heads 8 --group 4 --context 32768
+        """
+    )
+
+    @Option(help: ArgumentHelp("Synthetic set folder (keys, values, prefill_queries, queries .npy).", valueName: "dir"))
+    var data: String
+    @Option var layers: Int = 4
+    @Option var kvHeads: Int = 8
+    @Option(help: "Query heads per KV head.")
+    var group: Int = 4
+    @Option(help: "Prompt tokens per head.")
+    var context: Int = 32768
+    @Option(help: "Decode steps timed.")
+    var steps: Int = 16
+    @Option(help: "Retrieval method of the second session.")
+    var method: String = "retrieval"
+    @Option var dtype: String = "f16"
+    @Option(name: .short) var k: Int = 100
+    @Option var ef: Int = 400
+    @Option(help: ArgumentHelp("Folder for the two stores (default: system temp; removed afterwards).", valueName: "dir"))
+    var scratch: String?
+
+    func validate() throws {
+        guard AttentionMethod(rawValue: method) != nil, method != "estimate" else { throw ValidationError("--method: a session method") }
+        guard DType(rawValue: dtype) != nil else { throw ValidationError("--dtype must be f32, f16 or bf16") }
+        if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
+    }
+
+    func run() throws {
+        BLAS.setThreads(1)
+        let keys = try NPY.read(path: "\(data)/keys.npy"), values = try NPY.read(path: "\(data)/values.npy")
+        let prefill = try NPY.read(path: "\(data)/prefill_queries.npy"), decode = try NPY.read(path: "\(data)/queries.npy")
+        let d = keys.shape[1], n = keys.shape[0]
+        guard context + steps <= n else { throw RunError("--context + --steps exceeds the \(n) keys of \(data)") }
+        let (kf, vf, pf, qf) = (keys.floats(), values.floats(), prefill.floats(), decode.floats())
+        let base = scratch ?? NSTemporaryDirectory()
+        var sessions: [KVSession] = []
+        defer { sessions.forEach { s in let path = s.store.path; s.close(); try? FileManager.default.removeItem(atPath: path) } }
+        for m in [AttentionMethod.exact, AttentionMethod(rawValue: method)!] {
+            let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
+                                              dtype: DType(rawValue: dtype)!, method: m, k: k, ef: ef)
+            sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
+        }
+        // Head h of layer l reads the synthetic set rotated by a per-head offset.
+        func rotated(_ source: [Float], rows: Int, start: Int, count: Int) -> [Float] {
+            var out = [Float](); out.reserveCapacity(count * d)
+            for r in 0..<count { let i = (start + r) % rows; out += source[(i * d)..<((i + 1) * d)] }
+            return out
+        }
+        let fill0 = monotonicNanos()
+        for layer in 0..<layers {
+            var kBuf = [Float](), vBuf = [Float](), pBuf = [Float]()
+            for head in 0..<kvHeads {
+                let offset = (layer * kvHeads + head) * 9973 % (n - context - steps + 1)
+                kBuf += rotated(kf, rows: n, start: offset, count: context)
+                vBuf += rotated(vf, rows: n, start: offset, count: context)
+                pBuf += rotated(pf, rows: prefill.shape[0], start: 0, count: prefill.shape[0])
+            }
+            for s in sessions {
+                try kBuf.withUnsafeBufferPointer { kb in try vBuf.withUnsafeBufferPointer { vb in try s.append(layer: layer, keys: kb, values: vb) } }
+                if s.configuration.attentionMethod == .retrieval {
+                    try pBuf.withUnsafeBufferPointer { try s.appendPrefillQueries(layer: layer, queries: $0) }
+                }
+            }
+        }
+        let fillSeconds = Double(monotonicNanos() - fill0) / 1e9
+        let build0 = monotonicNanos()
+        var buildParameters = IndexBuildParameters()
+        buildParameters.threads = 2
+        try sessions[1].buildIndexes(parameters: buildParameters)
+        let buildSeconds = Double(monotonicNanos() - build0) / 1e9
+        print("\(layers) layers x \(kvHeads) KV heads x \(group) query heads, d=\(d), \(dtype), context \(context): filled in \(fmt(fillSeconds, 1)) s, \(method) indexes built in \(fmt(buildSeconds, 1)) s")
+        var times: [[Double]] = [[], []]
+        var recallSum = 0.0, recallCount = 0
+        for step in 0..<steps {
+            var elapsed = [0.0, 0.0]
+            for layer in 0..<layers {
+                var kBuf = [Float](), vBuf = [Float](), qBuf = [Float]()
+                for head in 0..<kvHeads {
+                    let offset = (layer * kvHeads + head) * 9973 % (n - context - steps + 1)
+                    let row = (offset + context + step) % n
+                    kBuf += kf[(row * d)..<((row + 1) * d)]
+                    vBuf += vf[(row * d)..<((row + 1) * d)]
+                    // A GQA group's query heads look for the same keys: one decode query, per-head scales.
+                    let qi = (step * kvHeads + head + layer * 131) % decode.shape[0]
+                    for g in 0..<group {
+                        let scale = 1 + 0.1 * Float(g % 3) - 0.05 * Float(g / 3)
+                        qBuf += qf[(qi * d)..<((qi + 1) * d)].map { $0 * scale }
+                    }
+                }
+                for (i, s) in sessions.enumerated() {
+                    try kBuf.withUnsafeBufferPointer { kb in try vBuf.withUnsafeBufferPointer { vb in try s.append(layer: layer, keys: kb, values: vb) } }
+                    let t0 = monotonicNanos()
+                    _ = try qBuf.withUnsafeBufferPointer { try s.attend(layer: layer, queries: $0) }
+                    elapsed[i] += Double(monotonicNanos() - t0) / 1e3
+                }
+                if step == 0 || step == steps - 1 {
+                    // Recall of the retrieval session's selection on the first head of this layer.
+                    let r = try sessions[1].store.read { snapshot -> Double in
+                        let id = HeadID(layer: UInt16(layer), head: 0)
+                        let keys = try snapshot.vectors(id, .keys), values = try snapshot.vectors(id, .values)
+                        let p = sessions[1].parameters
+                        return try qBuf.withUnsafeBufferPointer { qb -> Double in
+                            let groupQueries = UnsafeBufferPointer(rebasing: qb[0..<(group * d)])
+                            let result = try sessions[1].attendDetailed(layer: layer, head: 0, queries: groupQueries)
+                            return Attention.fidelity(of: result, queries: groupQueries, keys: keys, values: values, parameters: p).recall
+                        }
+                    }
+                    recallSum += r
+                    recallCount += 1
+                }
+            }
+            times[0].append(elapsed[0]); times[1].append(elapsed[1])
+        }
+        let exactMs = median(times[0]) / 1e3, retrievalMs = median(times[1]) / 1e3
+        var table = TextTable(["method", "per_token_ms", "per_layer_ms", "speedup", "recall@\(k)"])
+        table.add(["exact", fmt(exactMs, 2), fmt(exactMs / Double(layers), 3), "1.00x", "1.000"])
+        table.add([method, fmt(retrievalMs, 2), fmt(retrievalMs / Double(layers), 3), fmt(exactMs / retrievalMs, 2) + "x",
+                   fmt(recallSum / Double(max(1, recallCount)), 3)])
+        print(table.render())
+        print("resident memory: \(residentMegabytes()) MB (both sessions' maps and indexes)")
+    }
+}
+
+/// VmRSS of this process in MB, from /proc/self/status.
+func residentMegabytes() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return -1 }
+    return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) / 1024
+}
