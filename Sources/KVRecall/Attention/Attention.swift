@@ -68,11 +68,7 @@ public enum Attention {
         defer { scratch.deallocate() }
 
         guard let selector else {
-            var heads: [PartialAttention] = []
-            for h in 0..<g {
-                let scores = AttentionKernel.allScores(query: queries.baseAddress! + h * d, keys: keys, scale: scale)
-                heads.append(AttentionKernel.attendAll(scores: scores, values: values, scratch: scratch))
-            }
+            let heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values, scale: scale)
             return AttentionResult(heads: heads, retrieved: [], attended: Array(0..<n),
                                    stats: SearchStats(distanceComputations: n * g, queries: 1, keyCount: n))
         }

@@ -97,3 +97,64 @@ enum AttentionKernel {
         return PartialAttention(output: out, lse: m + Float(log(l)))
     }
 }
+
+extension AttentionKernel {
+    /// Exact attention of `g` query heads (`g x d`) over every position, with BLAS: per block of
+    /// keys one sgemm for the group's scores, then per block of values one sgemm for the weighted
+    /// sum. Reduced-precision blocks are converted once per block. Memory-bandwidth bound.
+    static func attendAllGroup(queries: UnsafePointer<Float>, g: Int, keys: VectorView, values: VectorView,
+                               scale: Float) -> [PartialAttention] {
+        let n = keys.count, d = keys.dimension, dv = values.dimension, bs = keys.blockSize
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * n)
+        let decoded = UnsafeMutablePointer<Float>.allocate(capacity: bs * max(d, dv))
+        let weights = UnsafeMutablePointer<Float>.allocate(capacity: g * bs)
+        var out = [Float](repeating: 0, count: g * dv)
+        defer { scores.deallocate(); decoded.deallocate(); weights.deallocate() }
+        // Scores, block by block: [g, rows] written into the [g, n] matrix at column b * bs.
+        let blockScores = UnsafeMutablePointer<Float>.allocate(capacity: g * bs)
+        defer { blockScores.deallocate() }
+        for b in 0..<keys.blockCount {
+            let rows = keys.rowsInBlock(b)
+            let k: UnsafePointer<Float>
+            if let inPlace = keys.alignedF32Block(b) { k = inPlace } else {
+                keys.decodeRows(keys.blocks[b], count: rows, into: decoded)
+                k = UnsafePointer(decoded)
+            }
+            BLAS.scoresNT(m: g, n: rows, k: d, a: queries, b: k, c: blockScores, alpha: scale)
+            for h in 0..<g { (scores + h * n + b * bs).update(from: blockScores + h * rows, count: rows) }
+        }
+        var maxima = [Float](repeating: -.infinity, count: g)
+        var sums = [Double](repeating: 0, count: g)
+        for h in 0..<g {
+            let row = scores + h * n
+            var m = -Float.infinity
+            for i in 0..<n { m = max(m, row[i]) }
+            maxima[h] = m
+        }
+        out.withUnsafeMutableBufferPointer { o in
+            for b in 0..<values.blockCount {
+                let rows = values.rowsInBlock(b)
+                for h in 0..<g {
+                    let row = scores + h * n + b * bs
+                    var s = 0.0
+                    for i in 0..<rows {
+                        let w = expf(row[i] - maxima[h])
+                        weights[h * rows + i] = w
+                        s += Double(w)
+                    }
+                    sums[h] += s
+                }
+                let v: UnsafePointer<Float>
+                if let inPlace = values.alignedF32Block(b) { v = inPlace } else {
+                    values.decodeRows(values.blocks[b], count: rows, into: decoded)
+                    v = UnsafePointer(decoded)
+                }
+                BLAS.gemm(m: g, n: dv, k: rows, a: weights, b: v, c: o.baseAddress!, beta: 1)
+            }
+        }
+        return (0..<g).map { h in
+            let inv = Float(1 / sums[h])
+            return PartialAttention(output: (0..<dv).map { out[h * dv + $0] * inv }, lse: maxima[h] + Float(log(sums[h])))
+        }
+    }
+}
