@@ -1,17 +1,11 @@
 import Foundation
 import KVRecall
 
-/// SplitMix64: a small deterministic generator, so every test's data is reproducible from a seed.
+/// The library's seeded generator with test helpers, so every test's data is reproducible from a seed.
 public struct SeededRandom: RandomNumberGenerator {
-    private var state: UInt64
-    public init(seed: UInt64) { state = seed }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    private var generator: SeededGenerator
+    public init(seed: UInt64) { generator = SeededGenerator(seed: seed) }
+    public mutating func next() -> UInt64 { generator.next() }
 
     /// A standard normal sample (Box–Muller).
     public mutating func gaussian() -> Float {

@@ -1,3 +1,5 @@
+import Dispatch
+
 /// Where a graph walk reads a node's neighbour list. Generic parameters specialise the walk
 /// per layout, so the indirection costs nothing in the hot loop.
 protocol NeighbourSource {
@@ -84,4 +86,32 @@ func drainResults(_ scratch: SearchScratch, k: Int, row q: Int, ids: UnsafeMutab
         j -= 1
     }
     scratch.results = results
+}
+
+/// Runs `search` for every query of a batch, spread over `threads`, each thread with its own
+/// pooled scratch; the walk leaves its hits in `scratch.results`, which are drained into the
+/// batch's results. Shared by the graph indexes' `search`.
+func searchGraphBatch(_ queries: UnsafeBufferPointer<Float>, dimension: Int, k: Int, threads requested: Int,
+                      keyCount: Int, pool: ScratchPool,
+                      _ search: (UnsafePointer<Float>, SearchScratch) -> Void) -> SearchResults {
+    let m = queries.count / dimension
+    var results = SearchResults(k: k, queryCount: m)
+    results.stats.keyCount = keyCount
+    let threads = max(1, min(requested, m))
+    let scratches = (0..<threads).map { _ in pool.take(dimension: dimension, capacity: keyCount) }
+    defer { scratches.forEach(pool.give) }
+    let chunk = (m + threads - 1) / threads
+    results.ids.withUnsafeMutableBufferPointer { ids in
+        results.scores.withUnsafeMutableBufferPointer { scores in
+            DispatchQueue.concurrentPerform(iterations: threads) { t in
+                let scratch = scratches[t]
+                for q in (t * chunk)..<min(m, (t + 1) * chunk) {
+                    search(queries.baseAddress! + q * dimension, scratch)
+                    drainResults(scratch, k: k, row: q, ids: ids, scores: scores)
+                }
+            }
+        }
+    }
+    results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
+    return results
 }

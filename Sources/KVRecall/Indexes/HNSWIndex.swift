@@ -277,46 +277,29 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0, entryPoint >= 0 else { throw IndexError.notBuilt("the HNSW index is empty") }
         guard keys.count >= count else {
             throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
         }
         guard parameters.ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
-        var results = SearchResults(k: k, queryCount: m)
-        results.stats.keyCount = count
-        let threads = max(1, min(parameters.threads, m))
-        let scratches = (0..<threads).map { _ in scratchPool.take(dimension: dimension, capacity: count) }
-        defer { scratches.forEach(scratchPool.give) }
-        let chunk = (m + threads - 1) / threads
         let ef = max(parameters.ef, k)
-        results.ids.withUnsafeMutableBufferPointer { ids in
-            results.scores.withUnsafeMutableBufferPointer { scores in
-                DispatchQueue.concurrentPerform(iterations: threads) { t in
-                    let scratch = scratches[t]
-                    for q in (t * chunk)..<min(m, (t + 1) * chunk) {
-                        let query = queries.baseAddress! + q * dimension
-                        var ep = entryPoint
-                        var computations = 0
-                        var epScore: Float = 0
-                        if maxLevel > 0 {
-                            for level in stride(from: maxLevel, to: 0, by: -1) {
-                                (ep, epScore) = greedy(query: query, keys: keys, from: ep, level: level, computations: &computations)
-                            }
-                        } else {
-                            epScore = keys.score(query: query, row: Int(ep))
-                            computations += 1
-                        }
-                        scratch.computations += computations
-                        searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0,
-                                    scratch: scratch, limit: count)
-                        drainResults(scratch, k: k, row: q, ids: ids, scores: scores)
-                    }
+        return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
+                                pool: scratchPool) { query, scratch in
+            var ep = entryPoint
+            var epScore: Float = 0
+            var computations = 0
+            if maxLevel > 0 {
+                for level in stride(from: maxLevel, to: 0, by: -1) {
+                    (ep, epScore) = greedy(query: query, keys: keys, from: ep, level: level, computations: &computations)
                 }
+            } else {
+                epScore = keys.score(query: query, row: Int(ep))
+                computations += 1
             }
+            scratch.computations += computations
+            searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0, scratch: scratch, limit: count)
         }
-        results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
-        return results
     }
 
     // MARK: Persistence

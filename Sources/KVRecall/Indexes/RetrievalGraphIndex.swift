@@ -327,34 +327,18 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
         guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
         guard parameters.ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
-        var results = SearchResults(k: k, queryCount: m)
-        results.stats.keyCount = count
-        let threads = max(1, min(parameters.threads, m))
-        let scratches = (0..<threads).map { _ in scratchPool.take(dimension: dimension, capacity: count) }
-        defer { scratches.forEach(scratchPool.give) }
-        let chunk = (m + threads - 1) / threads
         let ef = max(parameters.ef, k)
         let graph = self.graph
-        results.ids.withUnsafeMutableBufferPointer { ids in
-            results.scores.withUnsafeMutableBufferPointer { scores in
-                DispatchQueue.concurrentPerform(iterations: threads) { t in
-                    let scratch = scratches[t]
-                    for q in (t * chunk)..<min(m, (t + 1) * chunk) {
-                        let query = queries.baseAddress! + q * dimension
-                        let starts = entries.map { ($0, keys.score(query: query, row: Int($0))) }
-                        scratch.computations += starts.count
-                        beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count)
-                        drainResults(scratch, k: k, row: q, ids: ids, scores: scores)
-                    }
-                }
-            }
+        return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
+                                pool: scratchPool) { query, scratch in
+            let starts = entries.map { ($0, keys.score(query: query, row: Int($0))) }
+            scratch.computations += starts.count
+            beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count)
         }
-        results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
-        return results
     }
 
     // MARK: Persistence

@@ -1,8 +1,22 @@
-/// Binary heaps of (score, id) over raw buffers, for graph walks. They are plain structs of
-/// pointers so a hot loop can hold one in a local variable (no exclusivity checks, no
-/// copy-on-write); the owner calls `deallocate()`. `MaxScoreHeap` pops the best candidate;
-/// `MinScoreHeap` keeps the worst of a bounded result set at its root.
-public struct MaxScoreHeap {
+/// Which of two scores a heap keeps at its root.
+public protocol HeapOrder {
+    static func before(_ a: Float, _ b: Float) -> Bool
+}
+
+/// The best (highest) score at the root: candidate lists.
+public enum HighestFirst: HeapOrder {
+    @inline(__always) public static func before(_ a: Float, _ b: Float) -> Bool { a > b }
+}
+
+/// The worst (lowest) score at the root: bounded result sets.
+public enum LowestFirst: HeapOrder {
+    @inline(__always) public static func before(_ a: Float, _ b: Float) -> Bool { a < b }
+}
+
+/// A binary heap of (score, id) over raw buffers, for graph walks. A plain struct of pointers
+/// so a hot loop can hold it in a local variable (no exclusivity checks, no copy-on-write);
+/// the owner calls `deallocate()`.
+public struct ScoreHeap<Order: HeapOrder> {
     public private(set) var scores: UnsafeMutablePointer<Float>
     public private(set) var ids: UnsafeMutablePointer<Int32>
     public private(set) var count = 0
@@ -17,8 +31,8 @@ public struct MaxScoreHeap {
     public func deallocate() { scores.deallocate(); ids.deallocate() }
 
     public var isEmpty: Bool { count == 0 }
-    public var topScore: Float { scores[0] }
-    public var topID: Int32 { ids[0] }
+    /// The root's score: the best for `HighestFirst`, the worst kept for `LowestFirst`.
+    public var rootScore: Float { scores[0] }
     public mutating func removeAll() { count = 0 }
 
     private mutating func grow() {
@@ -40,7 +54,7 @@ public struct MaxScoreHeap {
         count += 1
         while i > 0 {
             let p = (i - 1) >> 1
-            if scores[p] >= s { break }
+            if !Order.before(s, scores[p]) { break }
             scores[i] = scores[p]; ids[i] = ids[p]
             i = p
         }
@@ -57,8 +71,8 @@ public struct MaxScoreHeap {
             let l = 2 * i + 1
             if l >= count { break }
             var c = l
-            if l + 1 < count && scores[l + 1] > scores[l] { c = l + 1 }
-            if scores[c] <= s { break }
+            if l + 1 < count && Order.before(scores[l + 1], scores[l]) { c = l + 1 }
+            if !Order.before(scores[c], s) { break }
             scores[i] = scores[c]; ids[i] = ids[c]
             i = c
         }
@@ -67,69 +81,12 @@ public struct MaxScoreHeap {
     }
 }
 
-public struct MinScoreHeap {
-    public private(set) var scores: UnsafeMutablePointer<Float>
-    public private(set) var ids: UnsafeMutablePointer<Int32>
-    public private(set) var count = 0
-    private var capacity: Int
+public typealias MaxScoreHeap = ScoreHeap<HighestFirst>
+public typealias MinScoreHeap = ScoreHeap<LowestFirst>
 
-    public init(capacity: Int = 64) {
-        self.capacity = max(16, capacity)
-        scores = .allocate(capacity: self.capacity)
-        ids = .allocate(capacity: self.capacity)
-    }
-
-    public func deallocate() { scores.deallocate(); ids.deallocate() }
-
-    public var isEmpty: Bool { count == 0 }
+extension ScoreHeap where Order == LowestFirst {
     /// The worst kept score.
-    public var bottomScore: Float { scores[0] }
-    public mutating func removeAll() { count = 0 }
-
-    private mutating func grow() {
-        let newCapacity = capacity * 2
-        let s = UnsafeMutablePointer<Float>.allocate(capacity: newCapacity)
-        let i = UnsafeMutablePointer<Int32>.allocate(capacity: newCapacity)
-        s.moveInitialize(from: scores, count: count)
-        i.moveInitialize(from: ids, count: count)
-        deallocate()
-        scores = s
-        ids = i
-        capacity = newCapacity
-    }
-
-    @inline(__always)
-    public mutating func push(_ s: Float, _ id: Int32) {
-        if count == capacity { grow() }
-        var i = count
-        count += 1
-        while i > 0 {
-            let p = (i - 1) >> 1
-            if scores[p] <= s { break }
-            scores[i] = scores[p]; ids[i] = ids[p]
-            i = p
-        }
-        scores[i] = s; ids[i] = id
-    }
-
-    @inline(__always) @discardableResult
-    public mutating func pop() -> (score: Float, id: Int32) {
-        let top = (scores[0], ids[0])
-        count -= 1
-        let s = scores[count], id = ids[count]
-        var i = 0
-        while true {
-            let l = 2 * i + 1
-            if l >= count { break }
-            var c = l
-            if l + 1 < count && scores[l + 1] < scores[l] { c = l + 1 }
-            if scores[c] >= s { break }
-            scores[i] = scores[c]; ids[i] = ids[c]
-            i = c
-        }
-        scores[i] = s; ids[i] = id
-        return top
-    }
+    public var bottomScore: Float { rootScore }
 
     /// Empties the heap into a list sorted best first (score descending; equal scores keep heap order).
     public mutating func drainDescending() -> [(score: Float, id: Int32)] {
