@@ -109,6 +109,18 @@ import KVRecallTestSupport
         #expect(try runCLI(["ingest", "--help"]).stdout.contains("Examples"))
     }
 
+    @Test func replayFeedsTheRealTraceThroughASession() throws {
+        let exact = try runCLI(["replay", "--data", data, "--method", "exact"])
+        #expect(exact.status == 0, "\(exact.stderr)")
+        // steps, final tokens, mean, median and max error: exact attention through the session is exact.
+        #expect(exact.stdout.contains("  256          4352      0.0000        0.0000     0.0000"), "\(exact.stdout)")
+        let retrieval = try runCLI(["replay", "--data", data, "--method", "retrieval", "-k", "100", "--ef", "64"])
+        #expect(retrieval.status == 0, "\(retrieval.stderr)")
+        let row = retrieval.stdout.split(separator: "\n").last.map { $0.split(separator: " ").compactMap { Double($0) } } ?? []
+        // Mean error near the oracle top-100's 0.65 on this diffuse head; never wildly off.
+        #expect(row.count == 6 && row[2] < 0.72 && row[4] < 1.2, "\(retrieval.stdout)")
+    }
+
     @Test func demoRunsOnTheBundledSample() throws {
         let r = try runCLI(["demo", "--data", data, "-k", "10"])
         #expect(r.status == 0, "\(r.stderr)")
