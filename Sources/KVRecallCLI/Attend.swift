@@ -45,15 +45,9 @@ struct AttentionOptions: ParsableArguments {
     }
 }
 
-/// One method's run over a query set: per-group results, medians and mean fidelity.
-struct MethodRun {
-    let method: AttentionMethod
-    var results: [AttentionResult] = []
-    var micros: [Double] = []
-    var recall = 0.0, mass = 0.0, error = 0.0, oracleMass = 0.0, oracleError = 0.0, scanned = 0.0
-
-    var medianMicros: Double { median(micros) }
-
+/// JSON form of a method's run (`attend --json`); the run itself and the table are shared with the
+/// REPL and the demo (KVRecall's MethodComparison.swift).
+extension MethodRun {
     var json: [String: Any] {
         ["method": method.rawValue,
          "outputs": results.flatMap { $0.heads.map { $0.output.map(jsonNumber) } },
@@ -62,46 +56,6 @@ struct MethodRun {
                      "keys_scanned_fraction": scanned, "median_query_us": medianMicros,
                      "oracle_attention_mass": oracleMass, "oracle_output_error": oracleError] as [String: Any]]
     }
-}
-
-/// Runs `method` over `groups` query groups of one head and measures fidelity.
-func runMethod(_ method: AttentionMethod, snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
-               parameters: AttentionParameters) throws -> MethodRun {
-    let prepared = try method.prepare(snapshot: snapshot, head: head)
-    let keys = prepared.keys, values = prepared.values
-    let d = keys.dimension
-    var run = MethodRun(method: method)
-    let groups = queries.count / (d * groupSize)
-    try queries.withUnsafeBufferPointer { qb in
-        for gi in 0..<groups {
-            let group = UnsafeBufferPointer(rebasing: qb[(gi * groupSize * d)..<((gi + 1) * groupSize * d)])
-            let t0 = monotonicNanos()
-            let result = try prepared.attend(group, parameters: parameters)
-            run.micros.append(Double(monotonicNanos() - t0) / 1e3)
-            let f = Attention.fidelity(of: result, queries: group, keys: keys, values: values, parameters: parameters)
-            run.recall += f.recall
-            run.mass += f.attentionMass
-            run.error += f.outputError
-            run.oracleMass += f.oracleMass
-            run.oracleError += f.oracleError
-            run.scanned += result.stats.keysScannedFraction
-            run.results.append(result)
-        }
-    }
-    let n = Double(max(1, groups))
-    run.recall /= n; run.mass /= n; run.error /= n; run.oracleMass /= n; run.oracleError /= n; run.scanned /= n
-    return run
-}
-
-/// The side-by-side table of several methods' runs.
-func methodTable(_ runs: [MethodRun], k: Int) -> TextTable {
-    let exactMicros = runs.first { $0.method == .exact }?.medianMicros
-    var table = TextTable(["method", "recall@\(k)", "attn_mass", "output_err", "oracle_err", "keys_scanned", "median_us", "vs_exact"])
-    for r in runs {
-        table.add([r.method.rawValue, fmt(r.recall, 3), fmt(r.mass, 3), fmt(r.error, 4), fmt(r.oracleError, 4),
-                   fmt(r.scanned, 4), fmt(r.medianMicros, 1), exactMicros.map { fmt(r.medianMicros / $0, 3) + "x" } ?? ""])
-    }
-    return table
 }
 
 struct Attend: ParsableCommand {
@@ -152,7 +106,7 @@ struct Attend: ParsableCommand {
         }
         let built = try store.indexNames()[headOptions.id] ?? []
         let methods: [AttentionMethod] = method == "all"
-            ? AttentionMethod.allCases.filter { $0.indexKind.map { built.contains($0.rawValue) } ?? true }
+            ? AttentionMethod.available(built: built)
             : [AttentionMethod(rawValue: method)!]
         let runs = try store.read { snapshot in
             try methods.map { try runMethod($0, snapshot: snapshot, head: headOptions.id, queries: values,

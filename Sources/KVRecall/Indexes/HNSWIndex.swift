@@ -132,8 +132,10 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
 
     // MARK: Build
 
-    public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+    public func add(keys mapped: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard mapped.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: mapped.dimension) }
+        // Large adds read a heap copy (huge pages); small incremental ones read the map.
+        let keys = range.count >= 4096 ? mapped.limited(to: range.upperBound).materialized() : mapped
         guard range.lowerBound == count, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("HNSW adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
         }

@@ -159,10 +159,12 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     }
 
     /// Builds the graph over all keys from the prefill `queries` of the same head.
-    public func build(keys: VectorView, queries: VectorView, progress: ((Int, Int) -> Void)? = nil) throws {
-        guard keys.dimension == dimension, queries.dimension == dimension else {
-            throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension)
+    public func build(keys mapped: VectorView, queries: VectorView, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard mapped.dimension == dimension, queries.dimension == dimension else {
+            throw IndexError.dimensionMismatch(expected: dimension, actual: mapped.dimension)
         }
+        // The build reads keys at random many times: from a heap copy (huge pages) when large.
+        let keys = mapped.count >= 4096 ? mapped.materialized() : mapped
         guard count == 0 else { throw IndexError.invalidParameter("the retrieval graph is already built; add keys instead") }
         guard queries.count > 0 else {
             throw IndexError.notBuilt("head \(keys.info.id) has no prefill queries; ingest them with --queries to build a retrieval index")

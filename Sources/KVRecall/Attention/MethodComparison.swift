@@ -1,0 +1,72 @@
+/// One attention method's run over a query set: per-group results, latencies and mean fidelity.
+/// Shared by `kvrecall attend`, `kvrecall demo` and the REPL's `attend` / `compare`.
+public struct MethodRun: Sendable {
+    public let method: AttentionMethod
+    /// One result per query group.
+    public var results: [AttentionResult] = []
+    /// Latency of every timed `attend` call, in microseconds.
+    public var micros: [Double] = []
+    /// Means over the groups of the fidelity metrics and of the keys-scanned fraction.
+    public var recall = 0.0, mass = 0.0, error = 0.0, oracleMass = 0.0, oracleError = 0.0, scanned = 0.0
+
+    public init(method: AttentionMethod) { self.method = method }
+
+    public var medianMicros: Double { median(micros) }
+}
+
+/// Runs `method` over the query groups in `queries` (`groupSize` rows of the head's dimension
+/// each) of head `head` and measures fidelity against exact attention. Each group is attended
+/// `repetitions` times (all timed, the first result kept), for a steadier median latency when
+/// there are few queries.
+public func runMethod(_ method: AttentionMethod, snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
+                      parameters: AttentionParameters, repetitions: Int = 1) throws -> MethodRun {
+    let prepared = try method.prepare(snapshot: snapshot, head: head)
+    let keys = prepared.keys, values = prepared.values
+    let d = keys.dimension
+    var run = MethodRun(method: method)
+    let groups = queries.count / (d * groupSize)
+    try queries.withUnsafeBufferPointer { qb in
+        for gi in 0..<groups {
+            let group = UnsafeBufferPointer(rebasing: qb[(gi * groupSize * d)..<((gi + 1) * groupSize * d)])
+            var first: AttentionResult?
+            for _ in 0..<max(1, repetitions) {
+                let t0 = monotonicNanos()
+                let result = try prepared.attend(group, parameters: parameters)
+                run.micros.append(Double(monotonicNanos() - t0) / 1e3)
+                if first == nil { first = result }
+            }
+            let result = first!
+            let f = Attention.fidelity(of: result, queries: group, keys: keys, values: values, parameters: parameters)
+            run.recall += f.recall
+            run.mass += f.attentionMass
+            run.error += f.outputError
+            run.oracleMass += f.oracleMass
+            run.oracleError += f.oracleError
+            run.scanned += result.stats.keysScannedFraction
+            run.results.append(result)
+        }
+    }
+    let n = Double(max(1, groups))
+    run.recall /= n; run.mass /= n; run.error /= n; run.oracleMass /= n; run.oracleError /= n; run.scanned /= n
+    return run
+}
+
+/// The side-by-side table of several methods' runs (recall against exact top-k, attention mass,
+/// output error, the oracle's error, keys scanned, median latency and latency relative to exact).
+public func methodTable(_ runs: [MethodRun], k: Int) -> TextTable {
+    let exactMicros = runs.first { $0.method == .exact }?.medianMicros
+    var table = TextTable(["method", "recall@\(k)", "attn_mass", "output_err", "oracle_err", "keys_scanned", "median_us", "vs_exact"])
+    for r in runs {
+        table.add([r.method.rawValue, fmt(r.recall, 3), fmt(r.mass, 3), fmt(r.error, 4), fmt(r.oracleError, 4),
+                   fmt(r.scanned, 4), fmt(r.medianMicros, 1), exactMicros.map { fmt(r.medianMicros / $0, 3) + "x" } ?? ""])
+    }
+    return table
+}
+
+extension AttentionMethod {
+    /// The methods usable on a head whose built indexes are `built` (index names), in
+    /// `allCases` order: those needing no index, and those whose index exists.
+    public static func available(built: Set<String>) -> [AttentionMethod] {
+        allCases.filter { $0.indexKind.map { built.contains($0.rawValue) } ?? true }
+    }
+}
