@@ -25,6 +25,13 @@ let package = Package(
             pkgConfig: "openblas",
             providers: [.apt(["libopenblas-dev"])]
         ),
+        // libedit through pkg-config (Debian: libedit-dev): line editing, history and completion
+        // for `kvrecall repl`, through its readline-compatible API.
+        .systemLibrary(
+            name: "CEditLine",
+            pkgConfig: "libedit",
+            providers: [.apt(["libedit-dev"])]
+        ),
         // Vectorised f16/bf16 kernels with a runtime CPU check and a portable fallback.
         .target(name: "CKernels"),
         .target(
@@ -39,6 +46,7 @@ let package = Package(
             dependencies: [
                 "KVRecall",
                 "CKernels",
+                "CEditLine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

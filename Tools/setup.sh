@@ -16,4 +16,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 command -v swift >/dev/null || { echo "setup: swift is not on PATH (Swift 6 toolchain required)" >&2; exit 1; }
-pkg-config --exists lmdb openblas || { echo "setup: pkg-config cannot find lmdb/openblas" >&2; exit 1; }
+pkg-config --exists lmdb openblas libedit || { echo "setup: pkg-config cannot find lmdb, openblas or libedit" >&2; exit 1; }
