@@ -42,12 +42,15 @@ struct Ingest: ParsableCommand {
     var allowNonFinite = false
     @Flag(help: "No progress bar.")
     var quiet = false
+    @Option(help: ArgumentHelp("Rows committed per write transaction (crash tests use small values).", visibility: .hidden))
+    var rowsPerTransaction: Int = 16384
 
     func validate() throws {
         if let dtype, DType(rawValue: dtype) == nil {
             throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)')")
         }
         if blockSize < 1 || blockSize > 65536 { throw ValidationError("--block-size must be in 1...65536") }
+        if rowsPerTransaction < 1 { throw ValidationError("--rows-per-transaction must be at least 1") }
     }
 
     func run() throws {
@@ -63,7 +66,8 @@ struct Ingest: ParsableCommand {
         let start = monotonicNanos()
         let infos = try store.ingest(keys: k, values: v, queries: q, first: headOptions.id, dtype: storage,
                                      blockSize: blockSize, allowNonFinite: allowNonFinite,
-                                     metadata: ["source_keys": keys], progress: bar.update)
+                                     metadata: ["source_keys": keys], rowsPerTransaction: rowsPerTransaction,
+                                     progress: bar.update)
         let seconds = Double(monotonicNanos() - start) / 1e9
         for info in infos {
             print("head \(info.id): \(info.count) keys/values, \(info.queryCount) prefill queries, d=\(info.dimension), \(info.dtype.rawValue)")

@@ -34,16 +34,31 @@ public func runCLI(_ arguments: [String], stdin: String? = nil, environment: [St
     try? input.fileHandleForWriting.close()
     // Read both pipes concurrently so a full pipe never blocks the child.
     let errBox = DataBox()
-    let errThread = Thread { errBox.data = err.fileHandleForReading.readDataToEndOfFile() }
+    let errThread = Thread { errBox.put(err.fileHandleForReading.readDataToEndOfFile()) }
     errThread.start()
     let outData = out.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    while !errThread.isFinished { usleep(1000) }
-    let errData = errBox.data
+    let errData = errBox.take()
     return CLIResult(status: process.terminationStatus,
                      stdout: String(decoding: outData, as: UTF8.self),
                      stderr: String(decoding: errData, as: UTF8.self))
 }
 
-/// Holds bytes read on another thread; read only after that thread has finished.
-private final class DataBox: @unchecked Sendable { var data = Data() }
+/// Hands bytes read on another thread to the waiting one (a condition variable, so the hand-over
+/// is synchronised: polling `Thread.isFinished` is not, and ThreadSanitizer reports it).
+private final class DataBox: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var data: Data?
+    func put(_ value: Data) {
+        condition.lock()
+        data = value
+        condition.signal()
+        condition.unlock()
+    }
+    func take() -> Data {
+        condition.lock()
+        defer { condition.unlock() }
+        while data == nil { condition.wait() }
+        return data!
+    }
+}

@@ -97,15 +97,15 @@ import KVRecallTestSupport
         let values: [Float] = [0, 1, -2.5, 65504, 0.000061035156, 5.9604645e-8, .infinity, -.infinity]
         var half = [UInt16](repeating: 0, count: values.count)
         var back = [Float](repeating: 0, count: values.count)
-        encode(values.withUnsafeBufferPointer { $0 }, dtype: .f16, into: &half)
+        values.withUnsafeBufferPointer { encode($0, dtype: .f16, into: &half) }
         half.withUnsafeBufferPointer { h in back.withUnsafeMutableBufferPointer { kvrDecodeF16(h, $0) } }
         #expect(back == values)
         // Rounding: 1 + 2^-11 is halfway between two halves and rounds to even (1.0).
         var h1: UInt16 = 0
-        encode([Float(1 + 1.0 / 2048)].withUnsafeBufferPointer { $0 }, dtype: .f16, into: &h1)
+        [Float(1 + 1.0 / 2048)].withUnsafeBufferPointer { encode($0, dtype: .f16, into: &h1) }
         #expect(h1 == 0x3C00)
         var b: UInt16 = 0
-        encode([Float(-2.5)].withUnsafeBufferPointer { $0 }, dtype: .bf16, into: &b)
+        [Float(-2.5)].withUnsafeBufferPointer { encode($0, dtype: .bf16, into: &b) }
         #expect(b == 0xC020)
     }
 }

@@ -117,8 +117,9 @@ import KVRecallTestSupport
                             }
                             if info.count == 0 { return }
                             let q = [Float](repeating: 1, count: d)
-                            let top = try FlatIndex(keys: keys).search(q.withUnsafeBufferPointer { $0 }, k: 1,
-                                                                      parameters: SearchParameters(), keys: keys)
+                            let top = try q.withUnsafeBufferPointer {
+                                try FlatIndex(keys: keys).search($0, k: 1, parameters: SearchParameters(), keys: keys)
+                            }
                             if top.ids[0] != info.count - 1 { failures.add() }
                             let i = Int.random(in: 0..<info.count, using: &rng)
                             var row = [Float](repeating: 0, count: d)

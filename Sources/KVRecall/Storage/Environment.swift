@@ -51,6 +51,8 @@ public final class Environment: @unchecked Sendable {
         pthread_rwlock_init(&rwlock, &attr)
         pthread_rwlockattr_destroy(&attr)
 
+        // (A throw from here on still runs deinit, whose close() takes the rwlock: it is not destroyed.)
+        if !options.readOnly { try Environment.allocateLockFile(path: path, maxReaders: options.maxReaders) }
         var handle: OpaquePointer?
         try check(mdb_env_create(&handle), "mdb_env_create", path: path)
         env = handle
@@ -64,15 +66,81 @@ public final class Environment: @unchecked Sendable {
             try check(mdb_env_open(handle, path, flags, 0o644), "cannot open LMDB environment", path: path)
             var info = MDB_envinfo()
             if mdb_env_info(handle, &info) == MDB_SUCCESS { mapSize = Int(info.me_mapsize) }
+            try Environment.checkNotTruncated(handle, path: path)
         } catch {
             mdb_env_close(handle)
             env = nil
-            pthread_rwlock_destroy(&rwlock)
             throw error
         }
     }
 
     deinit { close() }
+
+    /// LMDB reads pages through the memory map, so a data file cut short (a bad copy, a full disk
+    /// during a copy) would kill the process with SIGBUS at the first read past its end. The meta
+    /// page (read with `pread` by `mdb_env_open`) names the last page in use: compare before any
+    /// other page is touched. The meta is read before the size, and a writer writes pages before
+    /// the meta that names them, so a concurrent writer in another process cannot cause a false alarm.
+    private static func checkNotTruncated(_ handle: OpaquePointer?, path: String) throws {
+        var info = MDB_envinfo()
+        var stat = MDB_stat()
+        guard mdb_env_info(handle, &info) == MDB_SUCCESS, mdb_env_stat(handle, &stat) == MDB_SUCCESS else { return }
+        let needed = (Int(info.me_last_pgno) + 1) * Int(stat.ms_psize)
+        guard let attrs = try? FileManager.default.attributesOfItem(atPath: path + "/data.mdb"),
+              let size = (attrs[.size] as? NSNumber)?.intValue else { return }
+        if size < needed {
+            throw StoreError(.corrupt, "data.mdb is truncated: it has \(size) bytes but its last committed page ends at byte \(needed)",
+                             path: path)
+        }
+    }
+
+    /// LMDB sizes a new lock.mdb with ftruncate and then writes it through a memory map: on a full
+    /// file system the first write to that sparse file's pages kills the process with SIGBUS. So a
+    /// missing or empty lock file is created here with its blocks allocated, which turns a full disk
+    /// into an error. The size is at least what LMDB asks for ((maxreaders - 1) reader slots of 64
+    /// bytes plus a header under 4 KiB); LMDB adopts a lock file that is already big enough. A lock
+    /// file that exists with a size is left alone: other processes may have it mapped.
+    static func allocateLockFile(path: String, maxReaders: UInt32) throws {
+        let lockPath = path + "/lock.mdb"
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return }  // LMDB reports why when it opens the file itself
+        defer { closeDescriptor(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0, info.st_size == 0 else { return }
+        #if os(Linux)
+        let size = off_t((Int(maxReaders) * 64 + 4096 + 4095) / 4096 * 4096)
+        let rc = posix_fallocate(fd, 0, size)
+        if rc == ENOSPC || rc == EDQUOT {
+            _ = ftruncate(fd, 0)
+            throw StoreError(.io, code: rc, "cannot create lock.mdb: \(String(cString: strerror(rc))): the disk is probably full", path: path)
+        }
+        #endif
+    }
+
+    /// A failed commit. LMDB reports a short write, which is what a full file system gives, as EIO;
+    /// for EIO, ENOSPC and EDQUOT the error says how much room the file system has left.
+    static func commitError(_ rc: Int32, path: String) -> StoreError {
+        let error = StoreError.lmdb(rc, "mdb_txn_commit", path: path)
+        guard rc == EIO || rc == ENOSPC || rc == EDQUOT else { return error }
+        var fs = statvfs()
+        guard statvfs(path, &fs) == 0 else { return error }
+        let free = Int(fs.f_bavail) * Int(fs.f_frsize)
+        let hint = free < 64 << 20 ? ": the disk is probably full" : ""
+        return StoreError(.io, code: rc, "\(error.message) writing the transaction; the file system holding the store has \(free) bytes free\(hint)",
+                          path: path)
+    }
+
+    /// Whether the environment holds nothing at all: no named database and no record in the main
+    /// database. That is what a store creation interrupted before its first commit leaves.
+    func isEmpty() throws -> Bool {
+        try read { txn in
+            var dbi = MDB_dbi()
+            try check(mdb_dbi_open(txn.txn, nil, 0, &dbi), "mdb_dbi_open (main)", path: path)
+            var stat = MDB_stat()
+            try check(mdb_stat(txn.txn, dbi, &stat), "mdb_stat", path: path)
+            return stat.ms_entries == 0
+        }
+    }
 
     /// Closes the environment. Every transaction must have ended; further use throws.
     public func close() {
@@ -100,9 +168,11 @@ public final class Environment: @unchecked Sendable {
         var rc = mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn)
         if rc == MDB_MAP_RESIZED {
             // Another process grew the map: adopt its size, which needs no transaction open here.
+            // The shared lock is held again before any error leaves (the defer releases it).
             pthread_rwlock_unlock(&rwlock)
-            try adoptForeignMapSize()
+            let adopted = Result { try adoptForeignMapSize() }
             pthread_rwlock_rdlock(&rwlock)
+            try adopted.get()
             rc = mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn)
         }
         try check(rc, "mdb_txn_begin (read)", path: path)
@@ -132,7 +202,8 @@ public final class Environment: @unchecked Sendable {
                     throw error
                 }
                 // mdb_txn_commit frees the transaction whether or not it succeeds.
-                try check(mdb_txn_commit(txn), "mdb_txn_commit", path: path)
+                let rc = mdb_txn_commit(txn)
+                if rc != MDB_SUCCESS { throw Environment.commitError(rc, path: path) }
                 outcome = .success(value)
             } catch {
                 outcome = .failure(error)
@@ -143,6 +214,12 @@ public final class Environment: @unchecked Sendable {
             case .success(let value):
                 return value
             case .failure(let error):
+                // Another process grew the map past this one's size: adopt it and begin again
+                // (`body` has not run: the error came from mdb_txn_begin).
+                if let e = error as? StoreError, e.code == MDB_MAP_RESIZED {
+                    try adoptForeignMapSize()
+                    continue
+                }
                 guard let e = error as? StoreError, e.code == MDB_MAP_FULL, options.growth else { throw error }
                 try grow()
             }
@@ -193,10 +270,11 @@ public final class Environment: @unchecked Sendable {
             let handles = try names.map { try database($0, txn: txn!, create: create) }
             if create { try initialize(WriteTransaction(txn!, environment: self), handles) }
             try validate(ReadTransaction(txn!, environment: self), handles)
-            try check(mdb_txn_commit(txn), "mdb_txn_commit", path: path)
+            let rc = mdb_txn_commit(txn)
+            if rc != MDB_SUCCESS { txn = nil; throw Environment.commitError(rc, path: path) }
             return handles
         } catch {
-            mdb_txn_abort(txn)
+            if txn != nil { mdb_txn_abort(txn) }
             databasesLock.lock()
             databases.removeAll()
             databasesLock.unlock()
@@ -233,3 +311,6 @@ public final class Environment: @unchecked Sendable {
         try check(mdb_env_sync(try handle(), 1), "mdb_env_sync", path: path)
     }
 }
+
+/// `close(2)`, which the methods above cannot name directly (`Environment.close()` shadows it).
+private func closeDescriptor(_ fd: Int32) { _ = close(fd) }

@@ -37,11 +37,13 @@ extension KVStore {
     }
 
     /// Appends validated tensors to head `first` (2-D) or heads `first.head ..< first.head + H` (3-D),
-    /// creating the heads with `dtype` when needed. Returns the heads' records afterwards.
+    /// creating the heads with `dtype` when needed. Each head's rows are committed in transactions of at
+    /// most `rowsPerTransaction` rows (see `append`). Returns the heads' records afterwards.
     @discardableResult
     public func ingest(keys: Tensor, values: Tensor, queries: Tensor?, first: HeadID, dtype: DType,
                        blockSize: Int = KVStore.defaultBlockSize, allowNonFinite: Bool = false,
-                       metadata: [String: String] = [:], progress: ((Int, Int) -> Void)? = nil) throws -> [HeadInfo] {
+                       metadata: [String: String] = [:], rowsPerTransaction: Int = 16384,
+                       progress: ((Int, Int) -> Void)? = nil) throws -> [HeadInfo] {
         let headCount = keys.shape.count == 3 ? keys.shape[0] : 1
         let d = keys.shape.last!
         let rows = keys.shape[keys.shape.count - 2]
@@ -63,14 +65,17 @@ extension KVStore {
             try keyFloats.withUnsafeBufferPointer { kb in
                 try valueFloats.withUnsafeBufferPointer { vb in
                     try append(id, keys: UnsafeBufferPointer(rebasing: kb[span]), values: UnsafeBufferPointer(rebasing: vb[span]),
-                               allowNonFinite: allowNonFinite) { done, _ in progress?(doneBefore + done, totalRows) }
+                               allowNonFinite: allowNonFinite, rowsPerTransaction: rowsPerTransaction) { done, _ in
+                        progress?(doneBefore + done, totalRows)
+                    }
                 }
             }
             doneBefore += rows
             if queryRows > 0 {
                 let qspan = (h * queryRows * d)..<((h + 1) * queryRows * d)
                 try queryFloats.withUnsafeBufferPointer { qb in
-                    try appendQueries(id, queries: UnsafeBufferPointer(rebasing: qb[qspan]), allowNonFinite: allowNonFinite) { done, _ in
+                    try appendQueries(id, queries: UnsafeBufferPointer(rebasing: qb[qspan]), allowNonFinite: allowNonFinite,
+                                      rowsPerTransaction: rowsPerTransaction) { done, _ in
                         progress?(doneBefore + done, totalRows)
                     }
                 }

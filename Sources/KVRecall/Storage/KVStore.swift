@@ -31,7 +31,14 @@ public final class KVStore: @unchecked Sendable {
         if exists && !isDir.boolValue {
             throw StoreError(.notAStore, "not a directory (a store is a directory holding data.mdb)", path: path)
         }
-        let hasData = fm.fileExists(atPath: path + "/data.mdb")
+        var hasData = fm.fileExists(atPath: path + "/data.mdb")
+        // A process killed while creating a store can leave a 0-byte data.mdb (before LMDB wrote its
+        // meta pages) or an LMDB environment with no database yet (before the first commit below).
+        // Neither holds data: creating finishes the job; anything else gets a clear error.
+        let interrupted = "holds an empty LMDB environment (a store creation was interrupted); ingest into it to create the store"
+        if hasData, ((try? fm.attributesOfItem(atPath: path + "/data.mdb"))?[.size] as? NSNumber)?.intValue == 0 {
+            guard create, !options.readOnly else { throw StoreError(.notAStore, interrupted, path: path) }
+        }
         if !hasData {
             guard create else {
                 throw StoreError(.notAStore, exists ? "no KVRecall store here (no data.mdb)" : "no such store directory", path: path)
@@ -46,6 +53,10 @@ public final class KVStore: @unchecked Sendable {
         let env = try Environment(path: path, options: options)
         environment = env
         do {
+            if hasData, try env.isEmpty() {
+                guard create, !options.readOnly else { throw StoreError(.notAStore, interrupted, path: path) }
+                hasData = false
+            }
             let names = ["meta", "heads", "vectors", "indexes"]
             let handles: [MDB_dbi]
             if hasData {
@@ -220,6 +231,9 @@ public final class KVStore: @unchecked Sendable {
 
     private func appendRows(_ id: HeadID, kinds: [(VectorKind, UnsafeBufferPointer<Float>)], rows: Int,
                             rowsPerTransaction: Int, progress: ((Int, Int) -> Void)?) throws {
+        guard rowsPerTransaction > 0 else {
+            throw StoreError(.invalidArgument, "rowsPerTransaction must be at least 1 (got \(rowsPerTransaction))", path: path, head: id)
+        }
         var done = 0
         progress?(0, rows)
         while done < rows {
