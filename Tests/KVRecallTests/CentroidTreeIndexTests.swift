@@ -187,26 +187,9 @@ import KVRecallTestSupport
     @Test func corruptSectionsThrow() throws {
         let f = try ClusteredFixture(n: 500, queryCount: 1)
         let good = try Self.build(f, levels: 3).sections()
+        expectCorruptVariantsRefused(good, cuts: [0, 1, 9], trailing: 1) { _ = try CentroidTreeIndex(sections: $0) }
         func expectCorrupt(_ sections: [String: [UInt8]], _ label: String) {
-            do {
-                _ = try CentroidTreeIndex(sections: sections)
-                Issue.record("\(label): loaded")
-            } catch let error as IndexError {
-                if case .corrupt = error {} else { Issue.record("\(label): \(error)") }
-            } catch { Issue.record("\(label): \(error)") }
-        }
-        for name in good.keys.sorted() {
-            var missing = good
-            missing[name] = nil
-            expectCorrupt(missing, "missing \(name)")
-            for cut in [0, 1, 9, good[name]!.count / 2, good[name]!.count - 1] {
-                var s = good
-                s[name] = Array(good[name]![0..<cut])
-                expectCorrupt(s, "\(name) cut at \(cut)")
-            }
-            var longer = good
-            longer[name]! += [1]
-            expectCorrupt(longer, "\(name) with a trailing byte")
+            expectRefusedAsCorrupt(sections, label) { _ = try CentroidTreeIndex(sections: $0) }
         }
         // Child offsets that do not cover the level below.
         var tree = ByteReader(good["tree"]!, context: "test")

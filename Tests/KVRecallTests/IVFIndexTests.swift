@@ -322,26 +322,9 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
     @Test func corruptSectionsThrow() throws {
         let f = try ClusteredFixture(n: 500, queryCount: 1)
         let good = try Self.build(f, nlist: 10).sections()
+        expectCorruptVariantsRefused(good, cuts: [0, 1, 7], trailing: 0) { _ = try IVFIndex(sections: $0) }
         func expectCorrupt(_ sections: [String: [UInt8]], _ label: String) {
-            do {
-                _ = try IVFIndex(sections: sections)
-                Issue.record("\(label): loaded")
-            } catch let error as IndexError {
-                if case .corrupt = error {} else { Issue.record("\(label): \(error)") }
-            } catch { Issue.record("\(label): \(error)") }
-        }
-        for name in good.keys.sorted() {
-            var missing = good
-            missing[name] = nil
-            expectCorrupt(missing, "missing \(name)")
-            for cut in [0, 1, 7, good[name]!.count / 2, good[name]!.count - 1] {
-                var s = good
-                s[name] = Array(good[name]![0..<cut])
-                expectCorrupt(s, "\(name) cut at \(cut)")
-            }
-            var longer = good
-            longer[name]! += [0]
-            expectCorrupt(longer, "\(name) with a trailing byte")
+            expectRefusedAsCorrupt(sections, label) { _ = try IVFIndex(sections: $0) }
         }
         // A list id out of range, a duplicated id, offsets out of order, a NaN centroid.
         var lists = ByteReader(good["lists"]!, context: "test")
