@@ -41,10 +41,17 @@ let package = Package(
         // The C header (include/kvrecall.h) and its C-only part, so Swift sees the ABI's types.
         .target(name: "KVRecallABI", path: "include", publicHeadersPath: "."),
         .target(name: "KVRecallC", dependencies: ["KVRecall", "KVRecallABI"]),
+        // A real decoder above the engine: GGUF reader, tokenizer, Gemma 3 forward pass whose global
+        // layers attend through a KVSession. The engine never imports it.
+        .target(
+            name: "KVRecallDecoder",
+            dependencies: ["KVRecall", "CBLAS", "CKernels"]
+        ),
         .executableTarget(
             name: "KVRecallCLI",
             dependencies: [
                 "KVRecall",
+                "KVRecallDecoder",
                 "CKernels",
                 "CEditLine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -58,6 +65,10 @@ let package = Package(
         .testTarget(
             name: "KVRecallTests",
             dependencies: ["KVRecall", "KVRecallTestSupport", "KVRecallCLI"]
+        ),
+        .testTarget(
+            name: "KVRecallDecoderTests",
+            dependencies: ["KVRecallDecoder", "KVRecall", "KVRecallTestSupport", "KVRecallCLI"]
         ),
     ],
     swiftLanguageModes: [.v5]

@@ -1,0 +1,101 @@
+import ArgumentParser
+import Foundation
+import KVRecall
+import KVRecallDecoder
+
+/// `--model FILE`: the GGUF model, by default the cache Tools/fetch_model.sh fills.
+struct ModelOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Gemma 3 GGUF file (default: $KVRECALL_MODELS or ~/.cache/kvrecall/models, filled by Tools/fetch_model.sh).",
+                               valueName: "file"))
+    var model: String?
+
+    func load() throws -> Gemma3Model {
+        let path = try Gemma3Model.resolvePath(model)
+        let start = monotonicNanos()
+        let loaded = try Gemma3Model(path: path)
+        let c = loaded.configuration
+        FileHandle.standardError.write(
+            "model: \(path) (\(c.blockCount) blocks, \(c.queryHeads) query heads over \(c.kvHeads) KV head, d \(c.headDimension), global blocks \(c.globalBlocks.map(String.init).joined(separator: ",")); loaded in \(fmt(Double(monotonicNanos() - start) / 1e9, 1)) s)\n"
+                .data(using: .utf8)!)
+        return loaded
+    }
+}
+
+/// How the global layers attend at decode time: the method(s) and their knobs.
+struct DecoderMethodOptions: ParsableArguments {
+    static let methods: [AttentionMethod] = [.exact, .retrieval, .hip, .landmark, .hnsw, .ivf, .lsh, .tree]
+
+    @Option(help: ArgumentHelp("Decode-time attention of the global layers: \(methods.map(\.rawValue).joined(separator: ", ")); a comma-separated list or 'all' runs each from one shared prefill.",
+                               valueName: "method"))
+    var method: String = "exact"
+    @Option(name: .short, help: "Positions retrieved beyond the static part.")
+    var k: Int = 100
+    @Option(help: "First positions always attended (attention sinks).")
+    var sinks: Int = 4
+    @Option(help: "Last positions always attended (recent window) in the global layers.")
+    var window: Int = 64
+    @Option(help: "HNSW / retrieval graph: candidate list size at search.")
+    var ef: Int = 400
+    @Option(help: "IVF: lists probed.")
+    var nprobe: Int = 64
+    @Option(help: "Tree: clusters kept per level.")
+    var beam: Int = 8
+    @Option(help: "LSH: tables a key must share with the query to be a candidate.")
+    var minCollisions: Int = 2
+    @Option(help: "Storage type of the cached keys and values: f32, f16, bf16.")
+    var dtype: String = "f16"
+
+    func validate() throws {
+        _ = try methodList()
+        if k < 1 { throw ValidationError("-k must be at least 1 (got \(k))") }
+        if sinks < 0 { throw ValidationError("--sinks must be non-negative (got \(sinks))") }
+        if window < 0 { throw ValidationError("--window must be non-negative (got \(window))") }
+        if ef < 1 { throw ValidationError("--ef must be at least 1 (got \(ef))") }
+        if nprobe < 1 { throw ValidationError("--nprobe must be at least 1 (got \(nprobe))") }
+        if beam < 1 { throw ValidationError("--beam must be at least 1 (got \(beam))") }
+        if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1 (got \(minCollisions))") }
+        if DType(rawValue: dtype) == nil { throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)')") }
+    }
+
+    func methodList() throws -> [AttentionMethod] {
+        if method == "all" { return Self.methods }
+        return try method.split(separator: ",").map { name in
+            let trimmed = name.trimmingCharacters(in: .whitespaces)
+            guard let m = AttentionMethod(rawValue: trimmed), Self.methods.contains(m) else {
+                if trimmed == AttentionMethod.estimate.rawValue {
+                    throw ValidationError("--method estimate is not available in the decoder session yet (use attend on a captured trace)")
+                }
+                throw ValidationError("--method must be one of \(Self.methods.map(\.rawValue).joined(separator: ", ")) or all (got '\(trimmed)')")
+            }
+            return m
+        }
+    }
+
+    func options(for method: AttentionMethod) -> DecoderAttentionOptions {
+        var o = DecoderAttentionOptions()
+        o.method = method
+        o.k = k
+        o.sinks = sinks
+        o.window = window
+        o.ef = ef
+        o.nprobe = nprobe
+        o.beam = beam
+        o.minCollisions = minCollisions
+        o.dtype = DType(rawValue: dtype) ?? .f16
+        return o
+    }
+}
+
+/// Writes a line to standard error.
+func note(_ line: String) {
+    fflush(stdout)
+    FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
+}
+
+/// Reads a UTF-8 text file, naming it in the error.
+func readText(_ path: String) throws -> String {
+    guard FileManager.default.fileExists(atPath: path) else { throw RunError("\(path): no such file") }
+    guard let data = FileManager.default.contents(atPath: path) else { throw RunError("\(path): cannot be read") }
+    guard let text = String(data: data, encoding: .utf8) else { throw RunError("\(path): not UTF-8 text") }
+    return text
+}

@@ -1,0 +1,89 @@
+import ArgumentParser
+import Foundation
+import KVRecall
+import KVRecallDecoder
+
+struct Generate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Generate text with Gemma 3, its global layers attending through KVRecall.",
+        discussion: """
+        The prompt (BOS + its tokens) is prefilled with exact attention; the global layers' keys,
+        values and prefill queries go into a KV session, which builds the method's indexes; then
+        each new token is decoded greedily, the global layers attending with --method. Text streams
+        to standard output; prefill time, index build time and ms per token go to standard error.
+        With several methods (comma-separated), each continues from the same prefill.
+
+        Examples:
+          kvrecall generate --prompt "The capital of France is" --max-tokens 16
+          kvrecall generate --prompt-file Data/text/short.txt --max-tokens 32 --method exact,retrieval
+        """
+    )
+
+    @OptionGroup var modelOptions: ModelOptions
+    @Option(help: "Prompt text.")
+    var prompt: String?
+    @Option(help: ArgumentHelp("Read the prompt from a UTF-8 file.", valueName: "file"))
+    var promptFile: String?
+    @Option(help: "Tokens to generate (greedy); stops early at the end-of-sequence token.")
+    var maxTokens: Int = 32
+    @OptionGroup var methodOptions: DecoderMethodOptions
+
+    func validate() throws {
+        if (prompt == nil) == (promptFile == nil) { throw ValidationError("give exactly one of --prompt and --prompt-file") }
+        if maxTokens < 1 { throw ValidationError("--max-tokens must be at least 1 (got \(maxTokens))") }
+    }
+
+    func run() throws {
+        let text = try prompt ?? readText(promptFile!)
+        let model = try modelOptions.load()
+        let ids = [model.tokenizer.bosID] + model.tokenizer.encode(text)
+        guard ids.count + maxTokens <= model.configuration.contextLength else {
+            throw RunError("the prompt has \(ids.count) tokens; with --max-tokens \(maxTokens) it exceeds the context length \(model.configuration.contextLength)")
+        }
+        let methods = try methodOptions.methodList()
+        var exact = DecoderAttentionOptions()
+        exact.method = .exact
+        let prefiller = try Gemma3Sequence(model: model, options: exact)
+        let bar = ProgressBar("prefill")
+        let start = monotonicNanos()
+        let logits = try prefiller.prefill(ids, logits: .last, progress: bar.update)
+        let prefillSeconds = Double(monotonicNanos() - start) / 1e9
+        let state = try prefiller.snapshot()
+        prefiller.close()
+        note("prefill: \(ids.count) tokens in \(fmt(prefillSeconds, 2)) s (\(fmt(Double(ids.count) / prefillSeconds, 1)) tokens/s)")
+
+        for method in methods {
+            let sequence = try Gemma3Sequence(model: model, options: methodOptions.options(for: method), restoring: state)
+            defer { sequence.close() }
+            let buildStart = monotonicNanos()
+            try sequence.buildIndexes()
+            let buildSeconds = Double(monotonicNanos() - buildStart) / 1e9
+            if methods.count > 1 { print("[\(method.rawValue)] ", terminator: "") }
+            print(text, terminator: "")
+            fflush(stdout)
+            var next = argmax(logits)
+            var produced = 0
+            var stepNanos: UInt64 = 0
+            var pending: [UInt8] = []
+            while produced < maxTokens {
+                produced += 1
+                if next == model.tokenizer.eosID { break }
+                pending += model.tokenizer.decodePiece(next)
+                // Stream whole UTF-8 characters only.
+                if let s = String(validating: pending, as: UTF8.self) {
+                    print(s, terminator: "")
+                    fflush(stdout)
+                    pending = []
+                }
+                guard produced < maxTokens else { break }
+                let t0 = monotonicNanos()
+                next = argmax(try sequence.step(next))
+                stepNanos += monotonicNanos() - t0
+            }
+            if !pending.isEmpty { print(String(decoding: pending, as: UTF8.self), terminator: "") }
+            print("")
+            let steps = max(1, produced - 1)
+            note("[\(method.rawValue)] index build \(fmt(buildSeconds, 2)) s, decode \(fmt(Double(stepNanos) / 1e6 / Double(steps), 1)) ms/token over \(steps) steps")
+        }
+    }
+}

@@ -1,0 +1,167 @@
+import Foundation
+import KVRecall
+
+/// Attention-level diagnostics of a decode run: means over global layers, query heads and steps,
+/// against exact attention over the session's keys computed on the side.
+public struct AttentionFidelity: Sendable {
+    public var recall = 0.0
+    public var attentionMass = 0.0
+    public var keysScannedFraction = 0.0
+    public var outputError = 0.0
+    public var samples = 0
+}
+
+/// Teacher-forced scoring of one method.
+public struct PerplexityReport: Sendable {
+    public var method: String
+    public var prefillTokens: Int
+    public var scoredTokens: Int
+    public var perplexity: Double
+    public var top1Accuracy: Double
+    public var meanNLL: Double
+    public var prefillSeconds: Double
+    public var indexBuildSeconds: Double
+    public var decodeMsPerToken: Double
+    public var fidelity: AttentionFidelity?
+
+    public var json: [String: Any] {
+        var object: [String: Any] = [
+            "method": method, "prefill_tokens": prefillTokens, "scored_tokens": scoredTokens,
+            "perplexity": perplexity, "top1_accuracy": top1Accuracy, "mean_nll": meanNLL,
+            "prefill_s": prefillSeconds, "index_build_s": indexBuildSeconds, "decode_ms_per_token": decodeMsPerToken,
+        ]
+        if let f = fidelity {
+            object["attention"] = ["recall": f.recall, "attention_mass": f.attentionMass,
+                                   "keys_scanned_fraction": f.keysScannedFraction, "output_error": f.outputError]
+        }
+        return object
+    }
+}
+
+/// -log softmax(logits)[target] and whether `target` is the arg-max (ties: lowest id).
+func negativeLogLikelihood(_ logits: ArraySlice<Float>, target: Int) -> (nll: Double, top1: Bool) {
+    var peak = -Float.infinity, best = logits.startIndex
+    for i in logits.indices where logits[i] > peak {
+        peak = logits[i]
+        best = i
+    }
+    var sum = 0.0
+    for x in logits { sum += exp(Double(x - peak)) }
+    let lse = Double(peak) + log(sum)
+    return (lse - Double(logits[logits.startIndex + target]), best - logits.startIndex == target)
+}
+
+/// Greedy choice: the arg-max id (ties: lowest id).
+public func argmax(_ logits: [Float]) -> Int32 {
+    var peak = -Float.infinity, best = 0
+    for (i, x) in logits.enumerated() where x > peak {
+        peak = x
+        best = i
+    }
+    return Int32(best)
+}
+
+func seconds(since start: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 }
+
+/// Perplexity evaluation: prefill `ids[0..<prefill]` once with exact attention, then for each
+/// method build its indexes and score `ids[prefill..<prefill+scored]` teacher-forced, one decode
+/// step per token (each token predicted from everything before it, the first from the prefill's
+/// last position).
+public struct PerplexityEvaluation {
+    public let model: Gemma3Model
+    public let ids: [Int32]
+    public let prefill: Int
+    public let scored: Int
+
+    public init(model: Gemma3Model, ids: [Int32], prefill: Int, scored: Int) throws {
+        guard prefill >= 1 else { throw DecoderError("--prefill must be at least 1") }
+        guard scored >= 1 else { throw DecoderError("--tokens must be at least 1") }
+        guard prefill + scored <= ids.count else {
+            throw DecoderError("the text has \(ids.count) tokens (with BOS); --prefill \(prefill) + --tokens \(scored) needs \(prefill + scored)")
+        }
+        guard prefill + scored <= model.configuration.contextLength else {
+            throw DecoderError("--prefill + --tokens = \(prefill + scored) exceeds the model's context length \(model.configuration.contextLength)")
+        }
+        self.model = model
+        self.ids = ids
+        self.prefill = prefill
+        self.scored = scored
+    }
+
+    /// The shared prefill: its state, last logits and time.
+    public func runPrefill(progress: ((Int, Int) -> Void)? = nil) throws -> (state: PrefillState, logits: [Float], seconds: Double) {
+        var options = DecoderAttentionOptions()
+        options.method = .exact
+        let sequence = try Gemma3Sequence(model: model, options: options)
+        defer { sequence.close() }
+        let start = DispatchTime.now().uptimeNanoseconds
+        let logits = try sequence.prefill(Array(ids[0..<prefill]), logits: .last, progress: progress)
+        return (try sequence.snapshot(), logits, seconds(since: start))
+    }
+
+    /// Scores one method from a shared prefill.
+    public func score(options: DecoderAttentionOptions, from prefillState: (state: PrefillState, logits: [Float], seconds: Double),
+                      fidelity: Bool, progress: ((Int, Int) -> Void)? = nil) throws -> PerplexityReport {
+        let sequence = try Gemma3Sequence(model: model, options: options, restoring: prefillState.state)
+        defer { sequence.close() }
+        let buildStart = DispatchTime.now().uptimeNanoseconds
+        try sequence.buildIndexes()
+        let buildSeconds = seconds(since: buildStart)
+        var tracker: FidelityTracker? = nil
+        if fidelity {
+            let t = FidelityTracker(session: sequence.session)
+            tracker = t
+            sequence.decodeObserver = { layer, queries, _ in try t.observe(layer: layer, queries: queries) }
+        }
+        var nll = 0.0, correct = 0
+        var logits = prefillState.logits
+        var stepNanos: UInt64 = 0
+        for t in 0..<scored {
+            let target = Int(ids[prefill + t])
+            let r = negativeLogLikelihood(logits[...], target: target)
+            nll += r.nll
+            if r.top1 { correct += 1 }
+            progress?(t + 1, scored)
+            guard t + 1 < scored else { break }
+            let start = DispatchTime.now().uptimeNanoseconds
+            logits = try sequence.step(ids[prefill + t])
+            stepNanos += DispatchTime.now().uptimeNanoseconds - start
+        }
+        let mean = nll / Double(scored)
+        return PerplexityReport(method: options.method.rawValue, prefillTokens: prefill, scoredTokens: scored,
+                                perplexity: exp(mean), top1Accuracy: Double(correct) / Double(scored), meanNLL: mean,
+                                prefillSeconds: prefillState.seconds, indexBuildSeconds: buildSeconds,
+                                decodeMsPerToken: scored > 1 ? Double(stepNanos) / 1e6 / Double(scored - 1) : 0,
+                                fidelity: tracker?.result)
+    }
+}
+
+/// Measures each decode step's global attention against exact attention on the session's keys.
+final class FidelityTracker {
+    let session: KVSession
+    private(set) var result = AttentionFidelity()
+
+    init(session: KVSession) { self.session = session }
+
+    func observe(layer: Int, queries: [Float]) throws {
+        let c = session.configuration
+        let groupWidth = c.queryHeadsPerKV * c.headDimension
+        for head in 0..<c.kvHeads {
+            let group = Array(queries[(head * groupWidth)..<((head + 1) * groupWidth)])
+            try group.withUnsafeBufferPointer { qp in
+                let detailed = try session.attendDetailed(layer: layer, head: head, queries: qp)
+                let id = HeadID(context: c.context, layer: UInt16(layer), head: UInt16(head))
+                try session.store.read { snapshot in
+                    let keys = try snapshot.vectors(id, .keys), values = try snapshot.vectors(id, .values)
+                    let f = Attention.fidelity(of: detailed, queries: qp, keys: keys, values: values, parameters: session.parameters)
+                    let n = Double(result.samples)
+                    result.recall = (result.recall * n + f.recall) / (n + 1)
+                    result.attentionMass = (result.attentionMass * n + f.attentionMass) / (n + 1)
+                    result.outputError = (result.outputError * n + f.outputError) / (n + 1)
+                    result.keysScannedFraction = (result.keysScannedFraction * n + detailed.stats.keysScannedFraction) / (n + 1)
+                    result.samples += 1
+                }
+            }
+        }
+    }
+}
