@@ -43,9 +43,11 @@ let package = Package(
         .target(name: "KVRecallC", dependencies: ["KVRecall", "KVRecallABI"]),
         // A real decoder above the engine: GGUF reader, tokenizer, Gemma 3 forward pass whose global
         // layers attend through a KVSession. The engine never imports it.
+        // The decoder's own C kernel: matrix-vector products read from Q8_0 blocks.
+        .target(name: "CDecoderKernels"),
         .target(
             name: "KVRecallDecoder",
-            dependencies: ["KVRecall", "CBLAS", "CKernels"]
+            dependencies: ["KVRecall", "CBLAS", "CKernels", "CDecoderKernels"]
         ),
         .executableTarget(
             name: "KVRecallCLI",

@@ -11,7 +11,7 @@ struct TinyGemma {
     static let vocabulary = 3 + 256 + 41
 
     let path: String
-    /// Every tensor's values as the file stores them (f32, or f16-rounded for the embedding).
+    /// Every tensor's values as the file stores them (f32; the embedding dequantized from Q8_0).
     var tensors: [String: [Float]] = [:]
 
     /// Writes the model under `directory`.
@@ -63,7 +63,18 @@ struct TinyGemma {
             stored[name] = values
         }
         let e = Self.embedding, q = Self.heads * Self.d, kv = Self.kvHeads * Self.d
-        add("token_embd.weight", rows: Self.vocabulary, columns: e, scale: 0.5, half: true)
+        // The embedding (and output matrix) as Q8_0, like the real model's: decode steps read it
+        // through the Q8_0 kernel, prefills through its f32 dequantization.
+        let embedding = (0..<(Self.vocabulary * e)).map { _ in rng.gaussian() * 0.5 }
+        let blocks = ggmlQuantizeQ8_0(embedding)
+        writer.addTensor(name: "token_embd.weight", dimensions: [e, Self.vocabulary], type: .q8_0, data: blocks)
+        var dequantized = [Float](repeating: 0, count: embedding.count)
+        try blocks.withUnsafeBytes { raw in
+            try dequantized.withUnsafeMutableBufferPointer { out in
+                try ggmlDequantize(.q8_0, from: raw.baseAddress!, count: embedding.count, into: out.baseAddress!)
+            }
+        }
+        stored["token_embd.weight"] = dequantized
         norm("output_norm.weight", e)
         for b in 0..<Self.blocks {
             let p = "blk.\(b)."
@@ -158,7 +169,11 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
 }
 
 @Suite struct Gemma3ForwardTests {
-    static let ids: [Int32] = [2, 270, 263, 300, 5, 77, 268, 291, 104, 259, 280, 33, 299, 262, 266, 101, 264, 290, 272, 45, 260, 281]
+    /// 100 tokens: past the local window's trimming point (window - 1 + 64 rows), so trimming is checked too.
+    static let ids: [Int32] = {
+        var rng = SeededRandom(seed: 5)
+        return [2] + (0..<99).map { _ in Int32.random(in: 3..<Int32(TinyGemma.vocabulary), using: &rng) }
+    }()
 
     @Test func configurationReadsTheTinyModel() throws {
         let dir = TemporaryDirectory("tiny-gemma")
@@ -215,11 +230,11 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         options.dtype = .f32
         let original = try Gemma3Sequence(model: model, options: options)
         defer { original.close() }
-        _ = try original.prefill(Array(Self.ids[0..<12]), chunk: 5)
+        _ = try original.prefill(Array(Self.ids[0..<80]), chunk: 5)
         let restored = try Gemma3Sequence(model: model, options: options, restoring: try original.snapshot())
         defer { restored.close() }
-        #expect(restored.position == 12)
-        for t in 12..<Self.ids.count {
+        #expect(restored.position == 80)
+        for t in 80..<Self.ids.count {
             let a = try original.step(Self.ids[t]), b = try restored.step(Self.ids[t])
             #expect(a == b)
         }
@@ -246,6 +261,26 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         for t in 0..<5 {
             let logits = try sequence.step(ids[t + 1])
             #expect(logits.count == TinyGemma.vocabulary && logits.allSatisfy(\.isFinite))
+        }
+    }
+
+    @Test func q8_0MatrixVectorEqualsTheDequantizedProduct() throws {
+        var rng = SeededRandom(seed: 29)
+        let rows = 37, columns = 96
+        let values = (0..<(rows * columns)).map { _ in rng.gaussian() }
+        let blocks = ggmlQuantizeQ8_0(values)
+        var dequantized = [Float](repeating: 0, count: values.count)
+        try blocks.withUnsafeBytes { raw in
+            try dequantized.withUnsafeMutableBufferPointer { out in
+                try ggmlDequantize(.q8_0, from: raw.baseAddress!, count: values.count, into: out.baseAddress!)
+            }
+        }
+        let x = (0..<columns).map { _ in rng.gaussian() }
+        var out = [Float](repeating: 0, count: rows)
+        Gemma3Kernels.q8_0MatrixVector(blocks, rows: rows, columns: columns, x, into: &out)
+        for r in 0..<rows {
+            let expected = (0..<columns).reduce(0.0) { $0 + Double(dequantized[r * columns + $1]) * Double(x[$1]) }
+            #expect(abs(Double(out[r]) - expected) < 1e-4 * max(1, abs(expected)), "row \(r)")
         }
     }
 

@@ -1,4 +1,6 @@
 import CBLAS
+import CDecoderKernels
+import CKernels
 import Dispatch
 import Foundation
 
@@ -7,14 +9,30 @@ import Foundation
 /// when the rows are many.
 enum Gemma3Kernels {
     /// `out[n, W.rows] = x[n, W.columns] · Wᵀ`.
+    /// One row (a decode step) runs as row-chunked dot products on every core, which holds up
+    /// better than BLAS's threaded sgemv on a shared machine.
     static func linear(_ x: UnsafePointer<Float>, rows n: Int, _ w: Matrix, into out: UnsafeMutablePointer<Float>) {
         w.values.withUnsafeBufferPointer { wp in
             if n == 1 {
-                cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(w.rows), Int32(w.columns), 1, wp.baseAddress, Int32(w.columns),
-                            x, 1, 0, out, 1)
+                let base = wp.baseAddress!
+                parallelRows(w.rows, costPerItem: w.columns) { range in
+                    kvr_scores_f32(x, base + range.lowerBound * w.columns, range.count, w.columns, out + range.lowerBound)
+                }
             } else {
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(w.rows), Int32(w.columns), 1,
                             x, Int32(w.columns), wp.baseAddress, Int32(w.columns), 0, out, Int32(w.rows))
+            }
+        }
+    }
+
+    /// `out[rows] = W x` with W given as Q8_0 blocks `[rows, columns / 32]`.
+    static func q8_0MatrixVector(_ blocks: [UInt8], rows: Int, columns: Int, _ x: UnsafePointer<Float>,
+                                 into out: UnsafeMutablePointer<Float>) {
+        let rowBytes = columns / 32 * 34
+        blocks.withUnsafeBytes { b in
+            let base = b.baseAddress!
+            parallelRows(rows, costPerItem: columns) { range in
+                kvd_q8_0_matvec(base + range.lowerBound * rowBytes, range.count, columns, x, out + range.lowerBound)
             }
         }
     }

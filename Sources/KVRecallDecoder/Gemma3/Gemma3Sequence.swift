@@ -247,7 +247,11 @@ public final class Gemma3Sequence {
                                   epsilon: c.rmsEpsilon, into: &normed)
         }
         var logits = [Float](repeating: 0, count: rows.count * c.vocabularySize)
-        Gemma3Kernels.linear(normed, rows: rows.count, w.tokenEmbedding, into: &logits)
+        if rows.count == 1, let blocks = w.tokenEmbeddingQ8_0 {
+            Gemma3Kernels.q8_0MatrixVector(blocks, rows: c.vocabularySize, columns: e, normed, into: &logits)
+        } else {
+            Gemma3Kernels.linear(normed, rows: rows.count, w.tokenEmbedding, into: &logits)
+        }
         return logits
     }
 

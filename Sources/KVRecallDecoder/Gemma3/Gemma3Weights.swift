@@ -43,6 +43,9 @@ public struct Gemma3BlockWeights: Sendable {
 public struct Gemma3Weights: Sendable {
     /// `[vocabulary, embedding]`: the input embedding and (tied) the output matrix.
     public let tokenEmbedding: Matrix
+    /// The same matrix as the file's Q8_0 blocks, when it is Q8_0: decode steps compute the
+    /// logits from it (a quarter of the bytes, the same weights).
+    public let tokenEmbeddingQ8_0: [UInt8]?
     public let outputNorm: [Float]
     public let blocks: [Gemma3BlockWeights]
 
@@ -66,6 +69,8 @@ public struct Gemma3Weights: Sendable {
         }
         let e = c.embedding, q = c.queryHeads * c.headDimension, kv = c.kvHeads * c.headDimension
         tokenEmbedding = try matrix("token_embd.weight", rows: c.vocabularySize, columns: e)
+        let embeddingTensor = try file.requireTensor("token_embd.weight")
+        tokenEmbeddingQ8_0 = embeddingTensor.type == .q8_0 ? [UInt8](file.bytes(of: embeddingTensor)) : nil
         outputNorm = try vector("output_norm.weight", e)
         var loaded = [Result<Gemma3BlockWeights, Error>?](repeating: nil, count: c.blockCount)
         let lock = NSLock()
