@@ -62,3 +62,31 @@ private final class DataBox: @unchecked Sendable {
         return data!
     }
 }
+
+/// The release build of `kvrecall` when it exists (`swift build -c release --product kvrecall`,
+/// which Tools/test.sh runs): the real-model tests need its speed. Else the debug build.
+public func kvrecallReleaseExecutable() -> String {
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let release = root.appendingPathComponent(".build/release/kvrecall").path
+    return FileManager.default.isExecutableFile(atPath: release) ? release : kvrecallExecutable()
+}
+
+/// Runs `executable` with `arguments` and captures its output (see `runCLI`).
+@discardableResult
+public func runExecutable(_ executable: String, _ arguments: [String]) throws -> CLIResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let errBox = DataBox()
+    let errThread = Thread { errBox.put(err.fileHandleForReading.readDataToEndOfFile()) }
+    errThread.start()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return CLIResult(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                     stderr: String(decoding: errBox.take(), as: UTF8.self))
+}

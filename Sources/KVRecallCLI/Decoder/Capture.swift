@@ -38,6 +38,8 @@ struct Capture: ParsableCommand {
     var decodeQueries: Int = 256
     @Option(help: ArgumentHelp("Output directory (created).", valueName: "dir"))
     var out: String
+    @Option(help: "Element type of the written arrays: f32, or f16 (half the bytes; for small samples).")
+    var dtype: String = "f32"
 
     func validate() throws {
         if tokens < 2 { throw ValidationError("--tokens must be at least 2 (got \(tokens))") }
@@ -45,6 +47,7 @@ struct Capture: ParsableCommand {
             throw ValidationError("--decode-queries must be in 1..<--tokens (got \(decodeQueries))")
         }
         _ = try blocks()
+        if dtype != "f32" && dtype != "f16" { throw ValidationError("--dtype must be f32 or f16 (got '\(dtype)')") }
     }
 
     func blocks() throws -> [Int] {
@@ -91,7 +94,7 @@ struct Capture: ParsableCommand {
             let queries = sequence.recordedQueries[layer]  // [n, g, d]: row t*g + h
             func write(_ suffix: String, _ rows: Int, _ floats: [Float]) throws {
                 let path = (out as NSString).appendingPathComponent("\(name)_\(suffix).npy")
-                try NPY.write(Tensor(name: suffix, shape: [rows, d], dtype: .f32, floats: floats), to: path)
+                try NPY.write(Tensor(name: suffix, shape: [rows, d], dtype: dtype == "f16" ? .f16 : .f32, floats: floats), to: path)
                 files.append(path)
             }
             try write("keys", n, keys)
@@ -102,7 +105,7 @@ struct Capture: ParsableCommand {
         let manifest: [String: Any] = [
             "model": (model.path as NSString).lastPathComponent, "text": text, "tokens": tokens,
             "decode_queries": decodeQueries, "blocks": wanted, "query_heads_per_kv": g / c.kvHeads,
-            "head_dimension": d, "scale": Double(c.attentionScale),
+            "head_dimension": d, "scale": Double(c.attentionScale), "dtype": dtype,
             "layout": "keys/values [N, d]; queries [positions * query_heads, d], row position*query_heads + head",
         ]
         try (try jsonString(manifest) + "\n").write(toFile: (out as NSString).appendingPathComponent("manifest.json"),

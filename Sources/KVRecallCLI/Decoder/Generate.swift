@@ -59,7 +59,8 @@ struct Generate: ParsableCommand {
             try sequence.buildIndexes()
             let buildSeconds = Double(monotonicNanos() - buildStart) / 1e9
             if methods.count > 1 { print("[\(method.rawValue)] ", terminator: "") }
-            print(text, terminator: "")
+            // A long prompt is shown by its end only.
+            print(text.count > 240 ? "…" + text.suffix(200) : text, terminator: "")
             fflush(stdout)
             var next = argmax(logits)
             var produced = 0
