@@ -30,7 +30,7 @@ def main():
 
     exact = next((r for r in ppl if r["method"] == "exact"), None)
     contexts = sorted({x["context"] for p in passkey for x in p["results"]})
-    header = ["method", "perplexity", "vs exact", "top-1", "build s", "ms/token", "recall", "mass", "scanned"]
+    header = ["method", "perplexity", "vs exact", "top-1", "build s", "ms/token", "attn ms", "recall", "mass", "scanned"]
     header += [f"passkey {c}" for c in contexts]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -45,10 +45,11 @@ def main():
             a = r.get("attention", {})
             cells += [f'{r["perplexity"]:.3f}', f"{change:+.2f}%", f'{r["top1_accuracy"]:.3f}',
                       f'{r["index_build_s"]:.2f}', f'{r["decode_ms_per_token"]:.1f}',
+                      f'{r.get("global_attention_ms_per_token", float("nan")):.2f}',
                       f'{a.get("recall", float("nan")):.3f}', f'{a.get("attention_mass", float("nan")):.3f}',
                       f'{a.get("keys_scanned_fraction", float("nan")):.4f}']
         else:
-            cells += [""] * 8
+            cells += [""] * 9
         for c in contexts:
             x = next((y for y in (p or {"results": []})["results"] if y["context"] == c), None)
             cells.append(f'{x["correct"]}/{x["trials"]}' if x else "")
@@ -56,12 +57,13 @@ def main():
         print("| " + " | ".join(cells) + " |")
     if speed:
         print()
-        print("| context | method | prefill tokens/s | index build s | build / prefill | decode ms/token |")
-        print("|---|---|---|---|---|---|")
+        print("| context | method | prefill tokens/s | index build s | build / prefill | decode ms/token | global attention ms/token |")
+        print("|---|---|---|---|---|---|---|")
         for s in speed:
             tps = s["prefill_tokens"] / s["prefill_s"]
             print(f'| {s["context"]} | {s["method"]} | {tps:.0f} | {s["index_build_s"]:.2f} | '
-                  f'{s["index_build_s"] / s["prefill_s"]:.3f} | {s["decode_ms_per_token"]:.1f} |')
+                  f'{s["index_build_s"] / s["prefill_s"]:.3f} | {s["decode_ms_per_token"]:.1f} | '
+                  f'{s.get("global_attention_ms_per_token", float("nan")):.2f} |')
 
     if args.png and (ppl or passkey):
         import matplotlib

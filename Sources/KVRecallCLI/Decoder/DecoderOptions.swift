@@ -44,6 +44,8 @@ struct DecoderMethodOptions: ParsableArguments {
     var minCollisions: Int = 2
     @Option(help: "Storage type of the cached keys and values: f32, f16, bf16.")
     var dtype: String = "f16"
+    @Option(help: "Retrieval graph training queries per KV head: summed (the group's sum per position) or every-head.")
+    var prefillQueries: String = "summed"
 
     func validate() throws {
         _ = try methodList()
@@ -54,6 +56,9 @@ struct DecoderMethodOptions: ParsableArguments {
         if nprobe < 1 { throw ValidationError("--nprobe must be at least 1 (got \(nprobe))") }
         if beam < 1 { throw ValidationError("--beam must be at least 1 (got \(beam))") }
         if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1 (got \(minCollisions))") }
+        if PrefillQueryRule(rawValue: prefillQueries) == nil {
+            throw ValidationError("--prefill-queries must be summed or every-head (got '\(prefillQueries)')")
+        }
         if DType(rawValue: dtype) == nil { throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)')") }
     }
 
@@ -82,6 +87,7 @@ struct DecoderMethodOptions: ParsableArguments {
         o.beam = beam
         o.minCollisions = minCollisions
         o.dtype = DType(rawValue: dtype) ?? .f16
+        o.prefillQueries = PrefillQueryRule(rawValue: prefillQueries) ?? .summed
         return o
     }
 }

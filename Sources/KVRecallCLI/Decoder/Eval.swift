@@ -22,7 +22,7 @@ struct Eval: ParsableCommand {
 
         JSON (--json): perplexity {"method", "prefill_tokens", "scored_tokens", "perplexity",
         "top1_accuracy", "mean_nll", "prefill_s", "index_build_s", "decode_ms_per_token",
-        "attention": {...}} (an array for several methods); passkey {"method", "results":
+        "global_attention_ms_per_token", "attention": {...}} (an array for several methods); passkey {"method", "results":
         [{"context", "trials", "correct"}]} (an array for several methods).
 
         Examples:
@@ -108,12 +108,13 @@ struct Eval: ParsableCommand {
             return
         }
         let exact = reports.first { $0.method == "exact" }
-        var header = ["method", "perplexity", "vs_exact", "top1", "mean_nll", "build_s", "ms/token"]
+        var header = ["method", "perplexity", "vs_exact", "top1", "mean_nll", "build_s", "ms/token", "attn_ms"]
         if fidelity { header += ["recall", "attn_mass", "scanned", "out_err"] }
         var table = TextTable(header)
         for r in reports {
             var row = [r.method, fmt(r.perplexity, 3), exact.map { fmt((r.perplexity / $0.perplexity - 1) * 100, 2) + "%" } ?? "",
-                       fmt(r.top1Accuracy, 3), fmt(r.meanNLL, 4), fmt(r.indexBuildSeconds, 2), fmt(r.decodeMsPerToken, 1)]
+                       fmt(r.top1Accuracy, 3), fmt(r.meanNLL, 4), fmt(r.indexBuildSeconds, 2), fmt(r.decodeMsPerToken, 1),
+                       fmt(r.globalAttentionMsPerToken, 2)]
             if let f = r.fidelity {
                 row += [fmt(f.recall, 3), fmt(f.attentionMass, 3), fmt(f.keysScannedFraction, 4), fmt(f.outputError, 3)]
             }

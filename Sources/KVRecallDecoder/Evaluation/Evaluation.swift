@@ -22,6 +22,8 @@ public struct PerplexityReport: Sendable {
     public var prefillSeconds: Double
     public var indexBuildSeconds: Double
     public var decodeMsPerToken: Double
+    /// The part of a decode step spent in the session's attention of the global layers.
+    public var globalAttentionMsPerToken: Double
     public var fidelity: AttentionFidelity?
 
     public var json: [String: Any] {
@@ -29,6 +31,7 @@ public struct PerplexityReport: Sendable {
             "method": method, "prefill_tokens": prefillTokens, "scored_tokens": scoredTokens,
             "perplexity": perplexity, "top1_accuracy": top1Accuracy, "mean_nll": meanNLL,
             "prefill_s": prefillSeconds, "index_build_s": indexBuildSeconds, "decode_ms_per_token": decodeMsPerToken,
+            "global_attention_ms_per_token": globalAttentionMsPerToken,
         ]
         if let f = fidelity {
             object["attention"] = ["recall": f.recall, "attention_mass": f.attentionMass,
@@ -132,6 +135,7 @@ public struct PerplexityEvaluation {
                                 perplexity: exp(mean), top1Accuracy: Double(correct) / Double(scored), meanNLL: mean,
                                 prefillSeconds: prefillState.seconds, indexBuildSeconds: buildSeconds,
                                 decodeMsPerToken: scored > 1 ? Double(stepNanos) / 1e6 / Double(scored - 1) : 0,
+                                globalAttentionMsPerToken: scored > 1 ? Double(sequence.globalAttentionNanos) / 1e6 / Double(scored - 1) : 0,
                                 fidelity: tracker?.result)
     }
 }

@@ -14,9 +14,20 @@ public struct DecoderAttentionOptions: Sendable {
     public var dtype: DType = .f16
     /// Index build knobs (HNSW M, IVF nlist, graph degree...).
     public var build = IndexBuildParameters()
+    /// What the retrieval graph learns from: the group's summed query per position, or every
+    /// query head's own query (4x the rows).
+    public var prefillQueries: PrefillQueryRule = .summed
     /// The session's store directory; nil for a temporary one removed at `close()`.
     public var storeDirectory: String? = nil
     public init() {}
+}
+
+/// Which prefill queries the session stores for each KV head.
+public enum PrefillQueryRule: String, Sendable, CaseIterable {
+    /// One row per position: the sum of the group's queries (what a summed-query selection searches with).
+    case summed
+    /// One row per position and query head of the group.
+    case everyHead = "every-head"
 }
 
 /// Which positions of a prefill return logits.
@@ -41,13 +52,15 @@ public final class Gemma3Sequence {
     /// Called after each global-layer attention of a decode step with (global layer index,
     /// queries `[kvHeads, group, d]`, outputs): a hook for diagnostics such as fidelity.
     public var decodeObserver: ((Int, [Float], [Float]) throws -> Void)?
+    /// Time spent in the session's global attention over all decode steps (append excluded).
+    public private(set) var globalAttentionNanos: UInt64 = 0
 
     private let configuration: Gemma3Configuration
     private var local: [LocalWindow?]
     /// Global layers' keys and values during the prefill, `[tokens, kvHeads, d]` (exact, f32).
     private var prefillKeys: [[Float]]
     private var prefillValues: [[Float]]
-    /// Global layers' summed prefill queries, `[tokens, kvHeads, d]` (kept for `snapshot()`).
+    /// Global layers' prefill queries, every query head, `[tokens, queryHeads, d]` (kept for `snapshot()`).
     private var prefillQueries: [[Float]]
     private var decoding = false
 
@@ -63,8 +76,8 @@ public final class Gemma3Sequence {
         sc.context = 0
         session = try KVSession(configuration: sc, directory: options.storeDirectory)
         session.parameters.scale = c.attentionScale
-        session.parameters.search.beam = options.beam
-        session.parameters.search.minCollisions = options.minCollisions
+        session.parameters.search.tree.beam = options.beam
+        session.parameters.search.lsh.minCollisions = options.minCollisions
         local = (0..<c.blockCount).map { c.isGlobal($0) ? nil : LocalWindow(window: c.slidingWindow, width: c.kvHeads * c.headDimension) }
         let globals = c.globalBlocks.count
         prefillKeys = Array(repeating: [], count: globals)
@@ -90,7 +103,8 @@ public final class Gemma3Sequence {
             try keys.withUnsafeBufferPointer { kb in
                 try values.withUnsafeBufferPointer { vb in try session.append(layer: g, keys: kb, values: vb) }
             }
-            let queries = Self.headMajor(state.globalQueries[g], tokens: n, heads: c.kvHeads, dimension: d)
+            let queries = Self.trainingQueries(state.globalQueries[g], tokens: n, kvHeads: c.kvHeads, group: c.groupSize,
+                                               dimension: d, rule: options.prefillQueries)
             try queries.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: g, queries: $0) }
         }
         prefillKeys = state.globalKeys
@@ -268,23 +282,18 @@ public final class Gemma3Sequence {
         }
         if decode {
             // [1, queryHeads, d] is [kvHeads, group, d] for one token.
+            let start = DispatchTime.now().uptimeNanoseconds
             let result = try q.withUnsafeBufferPointer { try session.attend(layer: g, queries: $0) }
+            globalAttentionNanos += DispatchTime.now().uptimeNanoseconds - start
             for i in 0..<result.count { out[i] = result[i] }
             try decodeObserver?(g, q, result)
             return
         }
-        // Prefill: the group's summed query stands for the group in the retrieval graph's training set.
-        var summed = [Float](repeating: 0, count: c.kvHeads * n * d)
-        for t in 0..<n {
-            for kvh in 0..<c.kvHeads {
-                for j in 0..<group {
-                    let src = (t * c.queryHeads + kvh * group + j) * d, dst = (kvh * n + t) * d
-                    for i in 0..<d { summed[dst + i] += q[src + i] }
-                }
-            }
-        }
-        try summed.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: g, queries: $0) }
-        prefillQueries[g].append(contentsOf: Self.tokenMajor(summed, tokens: n, heads: c.kvHeads, dimension: d))
+        // Prefill: the training queries of the retrieval graph, [kvHeads, rows, d].
+        let training = Self.trainingQueries(q, tokens: n, kvHeads: c.kvHeads, group: group, dimension: d,
+                                            rule: options.prefillQueries)
+        try training.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: g, queries: $0) }
+        prefillQueries[g].append(contentsOf: q)
         prefillKeys[g].append(contentsOf: k)
         prefillValues[g].append(contentsOf: v)
         let m = prefillKeys[g].count / (c.kvHeads * d)
@@ -301,6 +310,25 @@ public final class Gemma3Sequence {
                 }
             }
         }
+    }
+
+    /// `[kvHeads, rows, d]` training rows from `[tokens, kvHeads * group, d]` queries: per KV head,
+    /// the group's sum per token, or every head's query (row t * group + j).
+    static func trainingQueries(_ q: [Float], tokens n: Int, kvHeads: Int, group: Int, dimension d: Int,
+                                rule: PrefillQueryRule) -> [Float] {
+        let perToken = rule == .summed ? 1 : group
+        var out = [Float](repeating: 0, count: kvHeads * n * perToken * d)
+        for t in 0..<n {
+            for kvh in 0..<kvHeads {
+                for j in 0..<group {
+                    let src = (t * kvHeads * group + kvh * group + j) * d
+                    let row = rule == .summed ? t : t * group + j
+                    let dst = (kvh * n * perToken + row) * d
+                    for i in 0..<d { out[dst + i] += q[src + i] }
+                }
+            }
+        }
+        return out
     }
 
     static func tokenMajor(_ x: [Float], tokens n: Int, heads: Int, dimension d: Int) -> [Float] {
@@ -385,7 +413,7 @@ final class LocalWindow {
 public struct PrefillState: Sendable {
     public let position: Int
     let localWindows: [(keys: [Float], values: [Float], firstPosition: Int)?]
-    /// Per global layer, `[tokens, kvHeads, d]`.
+    /// Per global layer, `[tokens, kvHeads, d]`; queries `[tokens, queryHeads, d]`.
     let globalKeys: [[Float]]
     let globalValues: [[Float]]
     let globalQueries: [[Float]]

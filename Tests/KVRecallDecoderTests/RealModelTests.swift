@@ -1,0 +1,110 @@
+import Foundation
+import KVRecall
+import KVRecallTestSupport
+import Testing
+@testable import KVRecallDecoder
+
+/// Path of Gemma 3 270M in the model cache (Tools/fetch_model.sh; Tools/test.sh fetches it).
+let realModelPath: String = Gemma3Model.defaultPath
+let realModelAvailable = FileManager.default.fileExists(atPath: realModelPath)
+
+/// Gemma 3 270M end to end through the release CLI (Tools/test.sh builds it).
+@Suite(.enabled(if: realModelAvailable, "Gemma 3 270M is not in the model cache (bash Tools/fetch_model.sh)"))
+struct RealModelTests {
+    static let shortText = repositoryDataDirectory() + "/text/short.txt"
+
+    /// Perplexity of Data/text/short.txt, BOS + tokens, prefill 1024, tokens 1024..<1280 scored
+    /// (each from every token before it), by the independent numpy float32 reference:
+    /// `python Tools/reference/gemma3_reference.py ppl --text Data/text/short.txt --tokens 1280 --score-from 1024`.
+    static let referencePerplexity = 0.0  // REFERENCE_PPL: set from the reference run
+
+    @Test func greedyContinuationMatchesTheModel() throws {
+        let r = try runExecutable(kvrecallReleaseExecutable(),
+                                  ["generate", "--prompt", "The capital of France is", "--max-tokens", "16", "--method", "exact"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("The capital of France is the capital of the country of France. It is the largest city in France"),
+                "\(r.stdout)")
+        #expect(r.stderr.contains("ms/token"))
+    }
+
+    @Test func perplexityMatchesTheReferenceAndRetrievalStaysClose() throws {
+        let r = try runExecutable(kvrecallReleaseExecutable(),
+                                  ["eval", "--text", Self.shortText, "--prefill", "1024", "--tokens", "256",
+                                   "--method", "exact,retrieval", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let reports = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]])
+        let exact = try #require(reports.first { $0["method"] as? String == "exact" })
+        let retrieval = try #require(reports.first { $0["method"] as? String == "retrieval" })
+        let exactPPL = try #require(exact["perplexity"] as? Double)
+        let retrievalPPL = try #require(retrieval["perplexity"] as? Double)
+        #expect(exact["scored_tokens"] as? Int == 256 && exact["prefill_tokens"] as? Int == 1024)
+        #expect(abs(exactPPL / Self.referencePerplexity - 1) < 0.01, "exact \(exactPPL), reference \(Self.referencePerplexity)")
+        #expect(abs(retrievalPPL / exactPPL - 1) < 0.02, "retrieval \(retrievalPPL), exact \(exactPPL)")
+        let top1 = try #require(exact["top1_accuracy"] as? Double)
+        #expect(top1 > 0.3 && top1 < 0.8)
+    }
+
+    @Test func passkeyIsFoundInAThousandTokens() throws {
+        let r = try runExecutable(kvrecallReleaseExecutable(),
+                                  ["eval", "--passkey", "--context", "1024", "--trials", "2", "--method", "exact,retrieval", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let results = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]])
+        for method in results {
+            let rows = try #require(method["results"] as? [[String: Any]])
+            #expect(rows.count == 1 && rows[0]["context"] as? Int == 1024 && rows[0]["trials"] as? Int == 2)
+            #expect(rows[0]["correct"] as? Int == 2, "\(method)")
+        }
+    }
+
+    @Test func captureWritesTracesTheEngineReads() throws {
+        let dir = TemporaryDirectory("capture")
+        let r = try runExecutable(kvrecallReleaseExecutable(),
+                                  ["capture", "--text", Self.shortText, "--tokens", "300", "--layers", "5,17",
+                                   "--decode-queries", "20", "--out", dir.path])
+        #expect(r.status == 0, "\(r.stderr)")
+        let keys = try NPY.read(path: dir.path + "/layer05_keys.npy")
+        let prefill = try NPY.read(path: dir.path + "/layer05_prefill_queries.npy")
+        let queries = try NPY.read(path: dir.path + "/layer17_queries.npy")
+        #expect(keys.shape == [300, 256])
+        #expect(prefill.shape == [280 * 4, 256])
+        #expect(queries.shape == [20 * 4, 256])
+        #expect(try keys.floats().allSatisfy(\.isFinite))
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/manifest.json"))
+        // The engine takes them as they are: ingest, then exact attention for a GQA group.
+        let store = dir.path + "/store"
+        let ingest = try runCLI(["ingest", "--store", store, "--keys", dir.path + "/layer05_keys.npy",
+                                 "--values", dir.path + "/layer05_values.npy", "--queries", dir.path + "/layer05_prefill_queries.npy",
+                                 "--layer", "5"])
+        #expect(ingest.status == 0, "\(ingest.stderr)")
+    }
+}
+
+/// The decoder commands' argument checks (no model needed).
+@Suite struct DecoderCommandTests {
+    @Test(arguments: [
+        (["generate", "--max-tokens", "4"], "exactly one of --prompt and --prompt-file"),
+        (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["generate", "--prompt", "x", "--method", "estimate"], "estimate is not available"),
+        (["generate", "--prompt", "x", "--method", "nope"], "--method must be one of"),
+        (["generate", "--prompt", "x", "-k", "0"], "-k must be at least 1"),
+        (["eval", "--prefill", "10", "--tokens", "5"], "give --text FILE"),
+        (["eval", "--text", "a.txt", "--prefill", "10"], "needs --prefill P and --tokens T"),
+        (["eval", "--passkey", "--context", "10"], "--context must list token counts"),
+        (["capture", "--text", "a.txt", "--tokens", "100", "--decode-queries", "100", "--out", "/tmp/x"], "--decode-queries"),
+        (["generate", "--prompt", "x", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such model file"),
+    ])
+    func badArgumentsAreRefused(arguments: [String], message: String) throws {
+        let r = try runCLI(arguments)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains(message), "\(r.stderr)")
+    }
+
+    @Test func aDamagedModelFileIsNamed() throws {
+        let dir = TemporaryDirectory("bad-model")
+        let path = dir.path + "/bad.gguf"
+        try Data("GGUF this is not a model".utf8).write(to: URL(fileURLWithPath: path))
+        let r = try runCLI(["generate", "--prompt", "x", "--model", path])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains(path), "\(r.stderr)")
+    }
+}
