@@ -37,7 +37,7 @@ struct AttentionOptions: ParsableArguments {
         p.sinks = sinks
         p.window = window
         p.search = search.parameters
-        p.search.landmarkBound = questBound
+        p.search.landmark.bound = questBound
         p.estimation.clusters = estimateClusters
         p.estimation.topP = topP
         p.estimation.maxRetrieved = maxRetrieved

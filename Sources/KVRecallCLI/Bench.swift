@@ -112,7 +112,7 @@ struct BenchExact: ParsableCommand {
         let sgemvMs = median(sgemv) / 1e3
         table.add(["cblas_sgemv f32 (scores only)", fmt(sgemvMs, 3), "1.00x", ""])
         // Our f32 kernel and selection over the same contiguous memory: separates kernel cost from map cost.
-        var top = TopK(k: data.k)
+        var top = TopK<Int>(k: data.k)
         let contiguous = keys.withUnsafeBufferPointer { kb in
             scores.withUnsafeMutableBufferPointer { sb in
                 timePerQuery(rows: rows, d: d, queries: queries) { q in

@@ -45,6 +45,7 @@ struct BenchANN: ParsableCommand {
         case .tree: return "beam"
         case .retrieval: return "ef"
         case .landmark: return "blocks"
+        case .flat, .hip: return "-"
         }
     }
 
@@ -81,12 +82,13 @@ struct BenchANN: ParsableCommand {
                 for value in sweepValues {
                     var p = SearchParameters()
                     switch kind {
-                    case .hnsw: p.ef = value
-                    case .ivf: p.nprobe = value
-                    case .lsh: p.minCollisions = value
-                    case .tree: p.beam = value
-                    case .retrieval: p.ef = value
-                    case .landmark: p.blocks = value
+                    case .hnsw: p.graph.ef = value
+                    case .ivf: p.ivf.nprobe = value
+                    case .lsh: p.lsh.minCollisions = value
+                    case .tree: p.tree.beam = value
+                    case .retrieval: p.graph.ef = value
+                    case .landmark: p.landmark.blocks = value
+                    case .flat, .hip: break
                     }
                     var recallSum = 0.0
                     var stats = SearchStats()

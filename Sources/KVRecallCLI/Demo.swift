@@ -92,8 +92,8 @@ struct Demo: ParsableCommand {
         print(build.render())
         var parameters = AttentionParameters()
         parameters.k = attentionK
-        parameters.search.ef = 128
-        parameters.search.nprobe = 8
+        parameters.search.graph.ef = 128
+        parameters.search.ivf.nprobe = 8
         let runs = try main.read { snapshot in
             try AttentionMethod.allCases.map {
                 try runMethod($0, snapshot: snapshot, head: HeadID(), queries: queries, groupSize: 1, parameters: parameters)

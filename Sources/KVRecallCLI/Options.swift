@@ -114,10 +114,10 @@ struct SearchParameterOptions: ParsableArguments {
 
     var parameters: SearchParameters {
         var p = SearchParameters()
-        p.ef = ef
-        p.nprobe = nprobe
-        p.beam = beam
-        p.minCollisions = minCollisions
+        p.graph.ef = ef
+        p.ivf.nprobe = nprobe
+        p.tree.beam = beam
+        p.lsh.minCollisions = minCollisions
         p.threads = threads
         return p
     }

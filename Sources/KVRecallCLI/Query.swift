@@ -28,15 +28,13 @@ struct Query: ParsableCommand {
     @Flag(help: "Print one JSON object.")
     var json = false
     @Option(help: "Search this index (hnsw, ivf, lsh, tree; built with `kvrecall build`) instead of exact search.")
-    var index: String?
+    var index: IndexKind?
     @OptionGroup var search: SearchParameterOptions
 
     func validate() throws {
         if k < 1 { throw ValidationError("-k must be at least 1") }
         if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
-        if let index, IndexKind(rawValue: index) == nil && index != "flat" {
-            throw ValidationError("--index must be one of flat, hnsw, ivf, lsh, tree, retrieval, landmark (got '\(index)')")
-        }
+        if index == .hip { throw ValidationError("--index hip: HiP needs no index; use `kvrecall attend --method hip`") }
     }
 
     func run() throws {
@@ -56,7 +54,7 @@ struct Query: ParsableCommand {
         var micros: [Double] = []
         try store.read { snapshot in
             let keys = try snapshot.vectors(headOptions.id, .keys)
-            let index: any VectorIndex = try self.index.flatMap(IndexKind.init(rawValue:)).map {
+            let index: any VectorIndex = try self.index.flatMap { $0.type == nil ? nil : $0 }.map {
                 try IndexCatalog.load($0, snapshot: snapshot, head: headOptions.id)
             } ?? FlatIndex(keys: keys)
             let params = search.parameters
@@ -86,7 +84,7 @@ struct Query: ParsableCommand {
                                             "median_query_us": med]]))
             return
         }
-        print("head \(info.id): \(info.count) keys, d=\(d), \(info.dtype.rawValue); \(rows) queries, k=\(k), \(index ?? "exact")")
+        print("head \(info.id): \(info.count) keys, d=\(d), \(info.dtype.rawValue); \(rows) queries, k=\(k), \(index?.rawValue ?? "exact")")
         var table = TextTable(["query", "top ids", "top scores"])
         for q in 0..<min(rows, 20) {
             let hits = all.hits(q).prefix(5)

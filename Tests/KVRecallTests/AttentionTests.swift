@@ -62,7 +62,7 @@ import KVRecallTestSupport
             var out: [(String, any VectorIndex)] = [("hip", HiPSelector(keys: keys))]
             var p = IndexBuildParameters()
             p.M = 8; p.efConstruction = 40; p.tables = 16; p.bits = 6; p.nlist = 16
-            for kind in IndexKind.allCases where kind != .retrieval {
+            for kind in IndexKind.stored where kind != .retrieval {
                 out.append((kind.rawValue, try IndexCatalog.build(kind, keys: keys, parameters: p)))
             }
             return out
@@ -73,11 +73,11 @@ import KVRecallTestSupport
         let f = try fixture(n: 300)
         var p = AttentionParameters()
         p.k = f.n
-        p.search.ef = f.n
-        p.search.nprobe = 16
-        p.search.beam = 1000
-        p.search.minCollisions = 1
-        p.search.blocks = 1000
+        p.search.graph.ef = f.n
+        p.search.ivf.nprobe = 16
+        p.search.tree.beam = 1000
+        p.search.lsh.minCollisions = 1
+        p.search.landmark.blocks = 1000
         try f.store.read { s in
             let keys = try s.vectors(f.id, .keys), values = try s.vectors(f.id, .values)
             let q = Array(f.queries.prefix(2 * f.d))
@@ -121,8 +121,8 @@ import KVRecallTestSupport
         let queries = Array(try NPY.read(path: data + "/queries.npy").floats().prefix(64 * 32))
         var p = AttentionParameters()
         p.k = 100
-        p.search.ef = 128
-        p.search.nprobe = 8
+        p.search.graph.ef = 128
+        p.search.ivf.nprobe = 8
         // (min recall@100, max output error). Measured on these 64 queries: exact 1.0/0; retrieval
         // 0.978/0.716; hip 0.398/0.628; landmark 0.441/0.628; hnsw 0.961/0.715; ivf 0.438/0.915;
         // lsh 0.661/0.723; tree 0.559/0.860; estimate 0.555/0.115 (oracle top-100 error 0.715).

@@ -14,7 +14,7 @@ import KVRecallTestSupport
 
     static func beam(_ b: Int, threads: Int = 1) -> SearchParameters {
         var p = SearchParameters()
-        p.beam = b
+        p.tree.beam = b
         p.threads = threads
         return p
     }
@@ -127,7 +127,7 @@ import KVRecallTestSupport
         #expect(restored.sections() == sections && restored.levelCounts == index.levelCounts)
         let a = try f.search(index, k: 10, Self.beam(6))
         #expect(try f.search(restored, k: 10, Self.beam(6)).ids == a.ids)
-        try IndexCatalog.save(index, kindVersion: CentroidTreeIndex.formatVersion, in: f.store, head: HeadID())
+        try IndexCatalog.save(index, in: f.store, head: HeadID())
         let loaded = try IndexCatalog.load(CentroidTreeIndex.self, from: try f.store.loadIndex(HeadID(), name: "tree"),
                                            head: HeadID(), name: "tree")
         let b = try f.search(loaded, k: 10, Self.beam(6))
@@ -153,7 +153,7 @@ import KVRecallTestSupport
         #expect(r.hits(0).map(\.id) == Array((3000..<3012).reversed()))
         let t = try threshold(f, index, k: 12, 0.05, queries: q)
         #expect(t.hits(0).map(\.id) == Array((3000..<3012).reversed()))
-        #expect(Set(index.listIDs.map(Int.init)) == Set(0..<3012))
+        #expect(Set(index.lists.ids.map(Int.init)) == Set(0..<3012))
     }
 
     @Test func rejectsBadParameters() throws {

@@ -13,8 +13,8 @@ import KVRecallTestSupport
     @Test func recallMeetsFloorAndEfTradesWork() throws {
         let f = try IndexFixture()
         let index = try build(f)
-        var low = SearchParameters(); low.ef = 16
-        var high = SearchParameters(); high.ef = 128
+        var low = SearchParameters(); low.graph.ef = 16
+        var high = SearchParameters(); high.graph.ef = 128
         let (r16, s16) = try f.recall(of: index, k: 10, parameters: low)
         let (r128, s128) = try f.recall(of: index, k: 10, parameters: high)
         // Documented floor: M=16, efConstruction=100, ef=128 on 4096 x 32 clustered keys.
@@ -34,9 +34,9 @@ import KVRecallTestSupport
     @Test func persistenceRoundTripGivesIdenticalResults() throws {
         let f = try IndexFixture(n: 2000)
         let index = try build(f)
-        try IndexCatalog.save(index, kindVersion: HNSWIndex.formatVersion, in: f.store, head: f.id)
+        try IndexCatalog.save(index, in: f.store, head: f.id)
         let loaded = try IndexCatalog.load(HNSWIndex.self, from: try f.store.loadIndex(f.id, name: "hnsw"), head: f.id, name: "hnsw")
-        var p = SearchParameters(); p.ef = 40
+        var p = SearchParameters(); p.graph.ef = 40
         try f.withKeys { keys in
             try f.queries.withUnsafeBufferPointer { q in
                 let a = try index.search(q, k: 10, parameters: p, keys: keys)
@@ -53,7 +53,7 @@ import KVRecallTestSupport
         #expect(index.count == 1500)
         // Keys 1500..<2000 are not indexed yet: a query equal to key 1700 cannot find it.
         let probe = Array(f.keys[(1700 * f.d)..<(1701 * f.d)])
-        var p = SearchParameters(); p.ef = 64
+        var p = SearchParameters(); p.graph.ef = 64
         let before = try f.withKeys { keys in try probe.withUnsafeBufferPointer { try index.search($0, k: 5, parameters: p, keys: keys) } }
         #expect(!before.ids.contains(1700))
         try f.withKeys { try index.add(keys: $0, range: 1500..<2000, progress: nil) }
@@ -72,7 +72,7 @@ import KVRecallTestSupport
         try f.withKeys { keys in
             let q = [Float](repeating: 1, count: f.d)
             #expect(throws: IndexError.self) { try q.withUnsafeBufferPointer { try index.search($0, k: 301, parameters: SearchParameters(), keys: keys) } }
-            var zero = SearchParameters(); zero.ef = 0
+            var zero = SearchParameters(); zero.graph.ef = 0
             #expect(throws: IndexError.invalidParameter("ef must be at least 1")) {
                 try q.withUnsafeBufferPointer { try index.search($0, k: 1, parameters: zero, keys: keys) }
             }

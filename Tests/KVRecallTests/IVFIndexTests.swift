@@ -170,7 +170,7 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
 
     static func probes(_ n: Int) -> SearchParameters {
         var p = SearchParameters()
-        p.nprobe = n
+        p.ivf.nprobe = n
         return p
     }
 
@@ -255,7 +255,7 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
         let p = Self.probes(12)
         let a = try f.search(index, k: 10, p)
         #expect(try f.search(restored, k: 10, p).ids == a.ids)
-        try IndexCatalog.save(index, kindVersion: IVFIndex.formatVersion, in: f.store, head: HeadID())
+        try IndexCatalog.save(index, in: f.store, head: HeadID())
         let loaded = try IndexCatalog.load(IVFIndex.self, from: try f.store.loadIndex(HeadID(), name: "ivf"),
                                            head: HeadID(), name: "ivf")
         #expect(loaded.nlist == index.nlist && loaded.count == index.count)
@@ -293,7 +293,7 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
             try part.add(keys: keys, range: 1800..<2048, progress: nil)
         }
         #expect(part.count == 2048)
-        #expect(Set(part.ids.map(Int.init)) == Set(0..<2048))
+        #expect(Set(part.lists.ids.map(Int.init)) == Set(0..<2048))
         #expect(meanRecall(try g.search(part, k: 10, Self.probes(64)), try g.exact(k: 10)) == 1)
     }
 

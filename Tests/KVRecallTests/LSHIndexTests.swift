@@ -13,8 +13,8 @@ import KVRecallTestSupport
     @Test func recallMeetsFloorAndCollisionsTradeWork() throws {
         let f = try IndexFixture()
         let index = try build(f)
-        var p2 = SearchParameters(); p2.minCollisions = 2
-        var p8 = SearchParameters(); p8.minCollisions = 8
+        var p2 = SearchParameters(); p2.lsh.minCollisions = 2
+        var p8 = SearchParameters(); p8.lsh.minCollisions = 8
         let (r2, s2) = try f.recall(of: index, k: 10, parameters: p2)
         let (r8, s8) = try f.recall(of: index, k: 10, parameters: p8)
         // Documented floor: 40 tables x 8 bits, at least 2 collisions, 4096 x 32 clustered keys.
@@ -27,7 +27,7 @@ import KVRecallTestSupport
     @Test func oneTableOneCollisionScoresExactlyTheQueryBucket() throws {
         let f = try IndexFixture(n: 500)
         let index = try build(f, tables: 1, bits: 3)
-        var p = SearchParameters(); p.minCollisions = 1
+        var p = SearchParameters(); p.lsh.minCollisions = 1
         let (_, stats) = try f.recall(of: index, k: 1, parameters: p, queries: Array(f.queries.prefix(f.d)))
         let sizes = zip(index.bucketOffsets[0], index.bucketOffsets[0].dropFirst()).map { Int($1 - $0) }
         #expect(sizes.contains(stats.distanceComputations))
@@ -38,7 +38,7 @@ import KVRecallTestSupport
         let f = try IndexFixture(n: 1500)
         let index = try build(f)
         #expect(try build(f).sections() == index.sections())
-        try IndexCatalog.save(index, kindVersion: LSHIndex.formatVersion, in: f.store, head: f.id)
+        try IndexCatalog.save(index, in: f.store, head: f.id)
         let loaded = try IndexCatalog.load(LSHIndex.self, from: try f.store.loadIndex(f.id, name: "lsh"), head: f.id, name: "lsh")
         try f.withKeys { keys in
             try f.queries.withUnsafeBufferPointer { q in
@@ -58,7 +58,7 @@ import KVRecallTestSupport
         #expect(parts.count == 1200)
         #expect(parts.bucketIDs.allSatisfy { $0.count == 1200 })
         let probe = Array(f.keys[(1100 * f.d)..<(1101 * f.d)])
-        var p = SearchParameters(); p.minCollisions = 1
+        var p = SearchParameters(); p.lsh.minCollisions = 1
         let r = try f.withKeys { keys in try probe.withUnsafeBufferPointer { try parts.search($0, k: 3, parameters: p, keys: keys) } }
         #expect(r.ids.contains(try f.exact(k: 1, queries: probe)[0][0]))
         _ = whole
@@ -69,7 +69,7 @@ import KVRecallTestSupport
         #expect(throws: IndexError.invalidParameter("tables must be in 1...1024 (got 0)")) { try LSHIndex(dimension: 8, tables: 0) }
         let f = try IndexFixture(n: 300)
         let index = try build(f, tables: 4, bits: 4)
-        var p = SearchParameters(); p.minCollisions = 5
+        var p = SearchParameters(); p.lsh.minCollisions = 5
         try f.withKeys { keys in
             #expect(throws: IndexError.invalidParameter("min-collisions 5 must be in 1...4 (the table count)")) {
                 try f.queries.withUnsafeBufferPointer { try index.search($0, k: 1, parameters: p, keys: keys) }

@@ -469,7 +469,7 @@ struct SoakCounters {
                 var c = SoakCounters()
                 var rng = SeededRandom(seed: UInt64(100 + r))
                 var params = SearchParameters()
-                params.ef = 32
+                params.graph.ef = 32
                 while !stop.get() {
                     do {
                         try store.read { s in

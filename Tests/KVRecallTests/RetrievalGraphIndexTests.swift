@@ -51,7 +51,7 @@ import KVRecallTestSupport
 
         func recall(_ index: some VectorIndex, ef: Int, k: Int = 10) throws -> (Double, SearchStats) {
             var p = SearchParameters()
-            p.ef = ef
+            p.graph.ef = ef
             return try store.read { s in
                 let view = try s.vectors(HeadID(), .keys)
                 let (r, truth) = try decode.withUnsafeBufferPointer {

@@ -33,7 +33,7 @@ extension Attention {
             let query = queries.baseAddress! + h * d
             let scores = AttentionKernel.allScores(query: query, keys: keys, scale: scale)
             let exact = AttentionKernel.attendAll(scores: scores, values: values, scratch: scratch)
-            var top = TopK(k: k)
+            var top = TopK<Int>(k: k)
             top.push(scores: scores, count: n, firstID: 0)
             let topIDs = top.sorted().map(\.id)
             sums.recall += Double(topIDs.filter { attended.contains($0) }.count) / Double(k)

@@ -3,7 +3,7 @@
 /// them, and repeat until the chunks are single keys — about log2(N / k) rounds of 2k scores,
 /// O(k log N) per query, and no index to build.
 public struct HiPSelector: VectorIndex {
-    public let kind = "hip"
+    public let kind = IndexKind.hip
     public let dimension: Int
     public let count: Int
 
@@ -24,7 +24,7 @@ public struct HiPSelector: VectorIndex {
             // Chunks as [lo, hi) ranges, initially 2k (or n) equal ones.
             let initial = min(2 * k, n)
             var chunks: [(lo: Int, hi: Int)] = (0..<initial).map { (n * $0 / initial, n * ($0 + 1) / initial) }
-            var top = TopK(k: k)
+            var top = TopK<Int>(k: k)
             while true {
                 top.reset()
                 for (c, chunk) in chunks.enumerated() {

@@ -2,8 +2,8 @@
 /// positions, each summarised by its mean key and, for Quest's bound, its per-channel min and
 /// max. Search scores the blocks, keeps the best ones and returns the best keys inside them.
 public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.landmark
     public static let formatVersion = 1
-    public let kind = "landmark"
     public let dimension: Int
     public private(set) var count = 0
     public let blockSize: Int
@@ -19,6 +19,10 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
     }
 
     var blockCount: Int { (count + blockSize - 1) / blockSize }
+
+    /// Landmarks learn nothing before adding.
+    public var isTrained: Bool { true }
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {}
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
@@ -64,15 +68,16 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
                        keys: VectorView) throws -> SearchResults {
         let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0 else { throw IndexError.notBuilt("the landmark index is empty") }
-        let keep = min(blockCount, parameters.blocks > 0 ? parameters.blocks : (4 * k + blockSize - 1) / blockSize)
+        try parameters.landmark.validate()
+        let keep = min(blockCount, parameters.landmark.blocks > 0 ? parameters.landmark.blocks : (4 * k + blockSize - 1) / blockSize)
         var results = SearchResults(k: k, queryCount: m)
         results.stats.keyCount = count
         for q in 0..<m {
             let query = queries.baseAddress! + q * dimension
-            var best = TopK(k: keep)
-            for b in 0..<blockCount { best.push(blockScore(b, query: query, bound: parameters.landmarkBound), b) }
+            var best = TopK<Int>(k: keep)
+            for b in 0..<blockCount { best.push(blockScore(b, query: query, bound: parameters.landmark.bound), b) }
             results.stats.auxiliaryComputations += blockCount
-            var top = TopK(k: k)
+            var top = TopK<Int>(k: k)
             for block in best.sorted().map(\.id).sorted() {
                 for i in (block * blockSize)..<min(count, (block + 1) * blockSize) {
                     top.push(keys.score(query: query, row: i), i)
@@ -95,21 +100,19 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public convenience init(sections: [String: [UInt8]]) throws {
-        guard let metaBytes = sections["meta"], let blockBytes = sections["blocks"] else {
-            throw IndexError.corrupt("landmark index lacks a section")
+        let v = try readSection(sections, "meta", of: .landmark) { meta in try (0..<3).map { _ in Int(try meta.read(Int64.self)) } }
+        guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (1...Int(Int32.max)).contains(v[2]) else {
+            throw IndexError.corrupt("landmark meta out of range")
         }
-        var meta = ByteReader(metaBytes, context: "landmark meta")
-        let v = try (0..<3).map { _ in Int(try meta.read(Int64.self)) }
-        guard v[0] > 0, v[1] >= 0, v[2] >= 1 else { throw IndexError.corrupt("landmark meta out of range") }
         try self.init(dimension: v[0], blockSize: v[2])
-        var reader = ByteReader(blockBytes, context: "landmark blocks")
-        sums = try reader.readFloatArray()
-        mins = try reader.readFloatArray()
-        maxs = try reader.readFloatArray()
+        (sums, mins, maxs) = try readSection(sections, "blocks", of: .landmark) {
+            try ($0.readFloatArray(), $0.readFloatArray(), $0.readFloatArray())
+        }
         count = v[1]
         let expected = blockCount * dimension
-        guard sums.count == expected, mins.count == expected, maxs.count == expected else {
-            throw IndexError.corrupt("landmark blocks have the wrong size")
+        guard sums.count == expected, mins.count == expected, maxs.count == expected,
+              sums.allSatisfy(\.isFinite), zip(mins, maxs).allSatisfy({ $0 <= $1 && $0.isFinite && $1.isFinite }) else {
+            throw IndexError.corrupt("landmark blocks have the wrong size, or bounds that are not finite and ordered")
         }
     }
 }

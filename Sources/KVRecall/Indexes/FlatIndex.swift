@@ -6,7 +6,7 @@ import Dispatch
 /// a batch goes through `sgemm` per block (reduced-precision blocks converted once per block),
 /// so each block is read from memory once for the whole batch.
 public struct FlatIndex: VectorIndex {
-    public let kind = "flat"
+    public let kind = IndexKind.flat
     public let dimension: Int
     public let count: Int
 
@@ -51,10 +51,10 @@ public struct FlatIndex: VectorIndex {
     }
 
     /// Exact top-k of each query over all keys.
-    static func scan(_ queries: UnsafeBufferPointer<Float>, k: Int, keys: VectorView) -> [TopK] {
+    static func scan(_ queries: UnsafeBufferPointer<Float>, k: Int, keys: VectorView) -> [TopK<Int>] {
         let d = keys.dimension
         let m = queries.count / d
-        var tops = [TopK](repeating: TopK(k: k), count: m)
+        var tops = [TopK<Int>](repeating: TopK<Int>(k: k), count: m)
         let bs = keys.blockSize
         if m < gemmBatchThreshold {
             let scratch = UnsafeMutablePointer<Float>.allocate(capacity: bs)

@@ -12,8 +12,8 @@ import Foundation
 /// directly), then the links are made in node order. The result depends only on the keys,
 /// the parameters and the seed — not on the thread count or timing.
 public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.hnsw
     public static let formatVersion = 1
-    public let kind = "hnsw"
     public let dimension: Int
     public private(set) var count = 0
     public let M: Int
@@ -284,8 +284,8 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         guard keys.count >= count else {
             throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
         }
-        guard parameters.ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
-        let ef = max(parameters.ef, k)
+        try parameters.graph.validate()
+        let ef = max(parameters.graph.ef, k)
         return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
                                 pool: scratchPool) { query, scratch in
             var ep = entryPoint
@@ -304,6 +304,10 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         }
     }
 
+    /// HNSW learns nothing before adding.
+    public var isTrained: Bool { true }
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {}
+
     // MARK: Persistence
 
     public func sections() -> [String: [UInt8]] {
@@ -321,22 +325,22 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public convenience init(sections: [String: [UInt8]]) throws {
-        guard let metaBytes = sections["meta"], let graphBytes = sections["graph"] else {
-            throw IndexError.corrupt("HNSW index lacks its meta or graph section")
+        let (v, entry, seed, state) = try readSection(sections, "meta", of: .hnsw) { meta in
+            (try (0..<6).map { _ in Int(try meta.read(Int64.self)) }, try meta.read(Int32.self),
+             try meta.read(UInt64.self), try meta.read(UInt64.self))
         }
-        var meta = ByteReader(metaBytes, context: "hnsw meta")
-        let v = try (0..<6).map { _ in Int(try meta.read(Int64.self)) }
         let (dimension, count, M, maxM0, efC, maxLevel) = (v[0], v[1], v[2], v[3], v[4], v[5])
-        let entry = try meta.read(Int32.self)
-        let seed = try meta.read(UInt64.self)
-        let state = try meta.read(UInt64.self)
-        guard dimension > 0, count >= 0, M >= 2, maxM0 == 2 * M else { throw IndexError.corrupt("HNSW meta out of range") }
+        guard (1...65536).contains(dimension), (0...Int(Int32.max)).contains(count), (2...1024).contains(M), maxM0 == 2 * M,
+              efC >= 1, (count == 0) == (maxLevel == -1), (-1...64).contains(maxLevel) else {
+            throw IndexError.corrupt("HNSW meta out of range")
+        }
         try self.init(dimension: dimension, M: M, efConstruction: efC, seed: seed)
-        var graph = ByteReader(graphBytes, context: "hnsw graph")
-        let links = try graph.readArray(Int32.self)
-        levels = try graph.readArray(Int32.self)
-        upperOffset = try graph.readArray(Int32.self)
-        let upper = try graph.readArray(Int32.self)
+        let (links, levels, upperOffset, upper) = try readSection(sections, "graph", of: .hnsw) { graph in
+            (try graph.readArray(Int32.self), try graph.readArray(Int32.self), try graph.readArray(Int32.self),
+             try graph.readArray(Int32.self))
+        }
+        self.levels = levels
+        self.upperOffset = upperOffset
         guard links.count == count * stride0 else { throw IndexError.corrupt("HNSW layer-0 links have \(links.count) slots, expected \(count * stride0)") }
         for i in 0..<count {
             let base = i * stride0
@@ -350,6 +354,10 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         guard levels.count == count, upperOffset.count == count,
               count == 0 || (entry >= 0 && Int(entry) < count) else {
             throw IndexError.corrupt("HNSW graph sizes disagree with its node count \(count)")
+        }
+        // The entry point is a node of the top layer, and no node is above it.
+        guard count == 0 || (Int(levels[Int(entry)]) == maxLevel && levels.allSatisfy { $0 >= 0 && Int($0) <= maxLevel }) else {
+            throw IndexError.corrupt("HNSW entry point \(entry) is not on the top layer \(maxLevel)")
         }
         // Every link must name a node, so a damaged section cannot send a search out of bounds.
         for i in 0..<count {

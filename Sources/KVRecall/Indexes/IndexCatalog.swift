@@ -1,15 +1,43 @@
 import Foundation
 
-/// An index built from a head's keys and persisted in the store.
+/// An index built from a head's keys and persisted in the store. The life cycle is faiss's:
+/// `train` (learn the structure: means, centroids, hyperplanes, the retrieval graph's training
+/// queries), then `add` (index positions, incrementally), then `search`.
 public protocol BuildableIndex: AnyObject, VectorIndex {
+    /// The kind every instance has (the catalog checks a stored header against it).
+    static var kind: IndexKind { get }
     /// Version of this index's on-disk sections; a reader refuses any other.
     static var formatVersion: Int { get }
-    /// Restores an index from `sections()` output.
+    /// Restores an index from `sections()` output, refusing any damaged or inconsistent section.
     init(sections: [String: [UInt8]]) throws
-    /// Adds keys `range` of `keys` (positions; `range.lowerBound` must equal `count`): incremental add.
+    /// True once `train` ran (always for kinds that learn nothing).
+    var isTrained: Bool { get }
+    /// Learns what the index needs before adding, from keys `range` and, for the query-aware
+    /// retrieval graph, from the head's prefill `queries` (ignored by the other kinds).
+    func train(keys: VectorView, range: Range<Int>, queries: VectorView?) throws
+    /// Adds keys `range` of `keys` (positions; `range.lowerBound` must equal `count`). An untrained
+    /// index that can learn from keys alone trains on `range` first, so incremental callers need
+    /// no separate first step.
     func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)?) throws
     /// The index as named binary sections (see `ByteWriter`).
     func sections() -> [String: [UInt8]]
+}
+
+extension BuildableIndex {
+    public var kind: IndexKind { Self.kind }
+}
+
+/// Reads section `name` of a stored index through one checked path: it must exist and `body`
+/// must consume it exactly, so a missing, cut or lengthened section is `IndexError.corrupt`.
+func readSection<T>(_ sections: [String: [UInt8]], _ name: String, of kind: IndexKind,
+                    _ body: (inout ByteReader) throws -> T) throws -> T {
+    guard let bytes = sections[name] else { throw IndexError.corrupt("\(kind.rawValue) index lacks its '\(name)' section") }
+    var reader = ByteReader(bytes, context: "\(kind.rawValue) \(name)")
+    let value = try body(&reader)
+    guard reader.isAtEnd else {
+        throw IndexError.corrupt("\(kind.rawValue) \(name) has \(bytes.count - reader.offset) trailing bytes")
+    }
+    return value
 }
 
 /// How an index is built. Names follow faiss and hnswlib.
@@ -49,43 +77,58 @@ public enum ClusterMetric: String, Sendable, CaseIterable {
     case l2, ip
 }
 
-/// Loads and saves indexes by kind name.
+/// Loads and saves indexes by kind.
 public enum IndexCatalog {
-    /// Section holding the kind name and the kind's format version.
+    /// Section holding the kind's format version (u32) and its name: the one header every stored index has.
     static let headerSection = "header"
 
-    /// Persists `index` as index `name` of head `id` (replacing any earlier one) in one transaction.
-    public static func save(_ index: some BuildableIndex, kindVersion: Int, in store: KVStore, head id: HeadID, name: String? = nil) throws {
+    /// Persists `index` as index `name` (default: its kind) of head `id`, replacing any earlier one, in one transaction.
+    public static func save<T: BuildableIndex>(_ index: T, in store: KVStore, head id: HeadID, name: String? = nil) throws {
         var sections = index.sections()
         var header = ByteWriter()
-        header.write(UInt32(kindVersion))
-        header.write(array: Array(index.kind.utf8))
+        header.write(UInt32(T.formatVersion))
+        header.write(array: Array(T.kind.rawValue.utf8))
         sections[headerSection] = header.bytes
-        try store.saveIndex(id, name: name ?? index.kind, sections: sections)
+        try store.saveIndex(id, name: name ?? T.kind.rawValue, sections: sections)
     }
 
-    /// Restores index `name` of head `id` as type `T`, checking kind and version.
+    /// Restores index `name` of head `id` as type `T`: the header must name `T`'s kind and format
+    /// version, then `T` validates its sections.
     public static func load<T: BuildableIndex>(_ type: T.Type, from sections: [String: [UInt8]]?, head id: HeadID, name: String) throws -> T {
         guard let sections else {
             throw IndexError.notBuilt("no '\(name)' index for head \(id); build it first with `kvrecall build --index \(name)`")
         }
-        guard let raw = sections[headerSection] else { throw IndexError.corrupt("index '\(name)' has no header") }
-        var reader = ByteReader(raw, context: "index '\(name)' header")
-        let version = Int(try reader.read(UInt32.self))
+        let (version, kind) = try readSection(sections, headerSection, of: T.kind) { reader -> (Int, String) in
+            let version = Int(try reader.read(UInt32.self))
+            let name = try reader.readArray(UInt8.self, maxCount: 64)
+            return (version, String(decoding: name, as: UTF8.self))
+        }
+        guard kind == T.kind.rawValue else {
+            throw IndexError.corrupt("index '\(name)' of head \(id) holds a '\(kind)' index, not '\(T.kind.rawValue)'")
+        }
         guard version == T.formatVersion else { throw IndexError.unsupportedVersion(found: version, supported: T.formatVersion) }
         return try T(sections: sections)
     }
 }
 
-/// The index kinds `kvrecall build` knows.
+/// Every kind of index: the six `kvrecall build` stores, exact `flat`, and `hip` (a selector
+/// that needs no index).
 public enum IndexKind: String, CaseIterable, Sendable {
     case hnsw, ivf, lsh, tree
     /// RetrievalAttention's query-aware graph, trained on the head's prefill queries.
     case retrieval
     /// Landmark attention's block representatives (mean key, and min/max for Quest's bound).
     case landmark
+    /// Exact search over every key.
+    case flat
+    /// HiP's hierarchical chunk pruning (no stored structure).
+    case hip
 
-    var type: any BuildableIndex.Type {
+    /// The kinds built and stored by `kvrecall build`, in the CLI's order.
+    public static let stored: [IndexKind] = [.hnsw, .ivf, .lsh, .tree, .retrieval, .landmark]
+
+    /// The stored index type of this kind (nil for `flat` and `hip`, which store nothing).
+    public var type: (any BuildableIndex.Type)? {
         switch self {
         case .hnsw: return HNSWIndex.self
         case .lsh: return LSHIndex.self
@@ -93,6 +136,7 @@ public enum IndexKind: String, CaseIterable, Sendable {
         case .landmark: return LandmarkIndex.self
         case .ivf: return IVFIndex.self
         case .tree: return CentroidTreeIndex.self
+        case .flat, .hip: return nil
         }
     }
 }
@@ -116,6 +160,8 @@ extension IndexCatalog {
             return try IVFIndex(dimension: dimension, parameters: p)
         case .tree:
             return try CentroidTreeIndex(dimension: dimension, parameters: p)
+        case .flat, .hip:
+            throw IndexError.invalidParameter("'\(kind.rawValue)' is not a stored index kind (one of \(IndexKind.stored.map(\.rawValue).joined(separator: ", ")))")
         }
     }
 
@@ -125,27 +171,15 @@ extension IndexCatalog {
                              progress: ((Int, Int) -> Void)? = nil) throws -> any BuildableIndex {
         guard keys.count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) has no keys to index") }
         let index = try make(kind, dimension: keys.dimension, count: keys.count, parameters: parameters)
-        if let graph = index as? RetrievalGraphIndex {
-            guard let queries else { throw IndexError.notBuilt("the retrieval index is built from prefill queries; none were given") }
-            try graph.build(keys: keys, queries: queries, progress: progress)
-        } else {
-            try index.add(keys: keys, range: 0..<keys.count, progress: progress)
-        }
+        try index.train(keys: keys, range: 0..<keys.count, queries: queries)
+        try index.add(keys: keys, range: 0..<keys.count, progress: progress)
         return index
-    }
-
-    /// Persists any index under its kind name.
-    public static func save(_ index: any BuildableIndex, in store: KVStore, head id: HeadID) throws {
-        try saveOpened(index, store: store, head: id)
-    }
-
-    private static func saveOpened<T: BuildableIndex>(_ index: T, store: KVStore, head id: HeadID) throws {
-        try save(index, kindVersion: T.formatVersion, in: store, head: id)
     }
 
     /// Loads index `kind` of head `id` inside a snapshot.
     public static func load(_ kind: IndexKind, snapshot: StoreSnapshot, head id: HeadID) throws -> any BuildableIndex {
-        try load(kind.type, from: try snapshot.index(id, name: kind.rawValue), head: id, name: kind.rawValue)
+        guard let type = kind.type else { throw IndexError.invalidParameter("'\(kind.rawValue)' is not a stored index kind") }
+        return try load(type, from: try snapshot.index(id, name: kind.rawValue), head: id, name: kind.rawValue)
     }
 
     /// Bytes an index occupies (sum of its sections).

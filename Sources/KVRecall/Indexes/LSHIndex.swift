@@ -11,8 +11,8 @@ import Foundation
 /// queries need no normalising for bucketing. Each table is a CSR bucket array: `2^K + 1`
 /// offsets into one flat id buffer; no per-vector allocation.
 public final class LSHIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.lsh
     public static let formatVersion = 1
-    public let kind = "lsh"
     public let dimension: Int
     public private(set) var count = 0
     public let tables: Int
@@ -59,6 +59,18 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         }
     }
 
+    /// True once the centring mean is known.
+    public var isTrained: Bool { !mean.isEmpty }
+
+    /// Learns the centring mean from keys `range`.
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard !range.isEmpty, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("LSH trains on a non-empty range within \(keys.count) keys, got \(range)")
+        }
+        mean = meanKey(keys, range: range)
+    }
+
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
@@ -66,7 +78,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         }
         let n = range.count
         guard n > 0 else { return }
-        if mean.isEmpty { mean = meanOfRows(keys, range) }
+        if !isTrained { try train(keys: keys, range: range) }
         // Hash the new keys in chunks spread over the threads.
         let codes = UnsafeMutablePointer<UInt16>.allocate(capacity: n * tables)
         defer { codes.deallocate() }
@@ -129,14 +141,14 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                        keys: VectorView) throws -> SearchResults {
         let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0 else { throw IndexError.notBuilt("the LSH index is empty") }
-        guard (1...tables).contains(parameters.minCollisions) else {
-            throw IndexError.invalidParameter("min-collisions \(parameters.minCollisions) must be in 1...\(tables) (the table count)")
+        guard (1...tables).contains(parameters.lsh.minCollisions) else {
+            throw IndexError.invalidParameter("min-collisions \(parameters.lsh.minCollisions) must be in 1...\(tables) (the table count)")
         }
         var results = SearchResults(k: k, queryCount: m)
         results.stats.keyCount = count
         let threads = max(1, min(parameters.threads, m))
         let chunk = (m + threads - 1) / threads
-        let need = UInt16(parameters.minCollisions)
+        let need = UInt16(parameters.lsh.minCollisions)
         let computed = Counter()
         results.ids.withUnsafeMutableBufferPointer { ids in
             results.scores.withUnsafeMutableBufferPointer { scores in
@@ -146,7 +158,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: projections)
                     var code = [UInt16](repeating: 0, count: tables)
                     defer { scratch.deallocate() }
-                    var top = TopK(k: k)
+                    var top = TopK<Int>(k: k)
                     var local = 0
                     for q in (t * chunk)..<min(m, (t + 1) * chunk) {
                         let query = queries.baseAddress! + q * dimension
@@ -205,46 +217,33 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public convenience init(sections: [String: [UInt8]]) throws {
-        guard let metaBytes = sections["meta"], let planeBytes = sections["planes"], let bucketBytes = sections["buckets"] else {
-            throw IndexError.corrupt("LSH index lacks a section")
+        let (v, seed) = try readSection(sections, "meta", of: .lsh) { meta in
+            (try (0..<4).map { _ in Int(try meta.read(Int64.self)) }, try meta.read(UInt64.self))
         }
-        var meta = ByteReader(metaBytes, context: "lsh meta")
-        let v = try (0..<4).map { _ in Int(try meta.read(Int64.self)) }
-        let seed = try meta.read(UInt64.self)
-        guard v[0] > 0, v[1] >= 0, (1...1024).contains(v[2]), (1...16).contains(v[3]) else { throw IndexError.corrupt("LSH meta out of range") }
+        guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (1...1024).contains(v[2]), (1...16).contains(v[3]) else {
+            throw IndexError.corrupt("LSH meta out of range")
+        }
         try self.init(dimension: v[0], tables: v[2], bits: v[3], seed: seed)
-        var planes = ByteReader(planeBytes, context: "lsh planes")
-        hyperplanes = try planes.readFloatArray()
-        mean = try planes.readFloatArray()
-        guard hyperplanes.count == tables * bits * dimension, mean.count == dimension || (v[1] == 0 && mean.isEmpty) else {
-            throw IndexError.corrupt("LSH hyperplanes or mean have the wrong size")
+        (hyperplanes, mean) = try readSection(sections, "planes", of: .lsh) { try ($0.readFloatArray(), $0.readFloatArray()) }
+        guard hyperplanes.count == tables * bits * dimension, mean.count == dimension || (v[1] == 0 && mean.isEmpty),
+              hyperplanes.allSatisfy(\.isFinite), mean.allSatisfy(\.isFinite) else {
+            throw IndexError.corrupt("LSH hyperplanes or mean have the wrong size, or are not finite")
         }
-        var reader = ByteReader(bucketBytes, context: "lsh buckets")
         let count = v[1]
-        for t in 0..<tables {
-            let offsets = try reader.readArray(Int32.self)
-            let ids = try reader.readArray(Int32.self)
-            guard offsets.count == (1 << bits) + 1, offsets.first == 0, Int(offsets.last!) == ids.count, ids.count == count,
-                  zip(offsets, offsets.dropFirst()).allSatisfy({ $0 <= $1 }), ids.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
-                throw IndexError.corrupt("LSH table \(t) is inconsistent")
+        try readSection(sections, "buckets", of: .lsh) { reader in
+            for t in 0..<tables {
+                let offsets = try reader.readArray(Int32.self)
+                let ids = try reader.readArray(Int32.self)
+                guard offsets.count == (1 << bits) + 1, offsets.first == 0, Int(offsets.last!) == ids.count, ids.count == count,
+                      zip(offsets, offsets.dropFirst()).allSatisfy({ $0 <= $1 }), ids.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                    throw IndexError.corrupt("LSH table \(t) is inconsistent")
+                }
+                bucketOffsets[t] = offsets
+                bucketIDs[t] = ids
             }
-            bucketOffsets[t] = offsets
-            bucketIDs[t] = ids
         }
         self.count = count
     }
-}
-
-/// Mean of rows `range` of a view, in f32 (accumulated in f64).
-func meanOfRows(_ keys: VectorView, _ range: Range<Int>) -> [Float] {
-    let d = keys.dimension
-    var sum = [Double](repeating: 0, count: d)
-    var row = [Float](repeating: 0, count: d)
-    for i in range {
-        keys.decodeRow(i, into: &row)
-        for j in 0..<d { sum[j] += Double(row[j]) }
-    }
-    return sum.map { Float($0 / Double(max(1, range.count))) }
 }
 
 /// A standard normal sample (Box–Muller) from the seeded generator.

@@ -13,8 +13,8 @@ import Foundation
 /// connected; later keys (decode-time upkeep) are added the same way.
 /// Search is a beam search from the entry points.
 public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.retrieval
     public static let formatVersion = 1
-    public let kind = "retrieval"
     public let dimension: Int
     public private(set) var count = 0
     /// Degree cap of the query-derived (projection) edges.
@@ -158,30 +158,53 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         setProjectionList(target, current)
     }
 
-    /// Builds the graph over all keys from the prefill `queries` of the same head.
-    public func build(keys mapped: VectorView, queries: VectorView, progress: ((Int, Int) -> Void)? = nil) throws {
-        guard mapped.dimension == dimension, queries.dimension == dimension else {
-            throw IndexError.dimensionMismatch(expected: dimension, actual: mapped.dimension)
-        }
-        // The build reads keys at random many times: from a heap copy (huge pages) when large.
-        let keys = mapped.count >= 4096 ? mapped.materialized() : mapped
+    /// Training queries kept by `train` until the first `add` builds the graph from them
+    /// (`t x dimension`, row-major).
+    private var trainingQueries: [Float] = []
+
+    /// True once training queries are kept or the graph is built.
+    public var isTrained: Bool { count > 0 || !trainingQueries.isEmpty }
+
+    /// Keeps an evenly spaced sample of at most `maxTrainingQueries` of the head's prefill `queries`;
+    /// the first `add` builds the graph from them.
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView?) throws {
         guard count == 0 else { throw IndexError.invalidParameter("the retrieval graph is already built; add keys instead") }
+        guard let queries else { throw IndexError.notBuilt("the retrieval index is built from prefill queries; none were given") }
+        guard keys.dimension == dimension, queries.dimension == dimension else {
+            throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension == dimension ? queries.dimension : keys.dimension)
+        }
         guard queries.count > 0 else {
             throw IndexError.notBuilt("head \(keys.info.id) has no prefill queries; ingest them with --queries to build a retrieval index")
         }
-        let n = keys.count
-        let nq = min(queryNeighbours, n)
-        links.grow(by: n * stride)
-        projectionCount = [Int32](repeating: 0, count: n)
-        localCount = [Int32](repeating: 0, count: n)
-        connectivityCursor = [UInt8](repeating: 0, count: n)
-        // 1. Exact top-Nq keys of an evenly spaced sample of training queries.
         let t = min(queries.count, maxTrainingQueries)
         let picks = (0..<t).map { $0 * queries.count / t }
         var training = [Float](repeating: 0, count: t * dimension)
         training.withUnsafeMutableBufferPointer { buf in
             for (j, i) in picks.enumerated() { queries.decodeRow(i, into: buf.baseAddress! + j * dimension) }
         }
+        trainingQueries = training
+    }
+
+    /// Builds the graph over all keys from the prefill `queries` of the same head (`train` then `add`).
+    public func build(keys: VectorView, queries: VectorView, progress: ((Int, Int) -> Void)? = nil) throws {
+        try train(keys: keys, range: 0..<keys.count, queries: queries)
+        try add(keys: keys, range: 0..<keys.count, progress: progress)
+    }
+
+    /// Builds the graph over every key of `mapped` from the training queries.
+    private func project(keys mapped: VectorView, progress: ((Int, Int) -> Void)?) throws {
+        // The build reads keys at random many times: from a heap copy (huge pages) when large.
+        let keys = mapped.count >= 4096 ? mapped.materialized() : mapped
+        let n = keys.count
+        let nq = min(queryNeighbours, n)
+        links.grow(by: n * stride)
+        projectionCount = [Int32](repeating: 0, count: n)
+        localCount = [Int32](repeating: 0, count: n)
+        connectivityCursor = [UInt8](repeating: 0, count: n)
+        // 1. Exact top-Nq keys of an evenly spaced sample of training queries (picked by `train`).
+        let training = trainingQueries
+        trainingQueries = []
+        let t = training.count / dimension
         var params = SearchParameters()
         params.threads = threads
         let truth = try training.withUnsafeBufferPointer {
@@ -256,7 +279,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                         let lo = b * rowsPerBlock, rows = min(rowsPerBlock, h - lo)
                         BLAS.scoresNT(m: rows, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
                         for r in 0..<rows {
-                            var top = TopK(k: min(localNeighbours + 1, h))
+                            var top = TopK<Int>(k: min(localNeighbours + 1, h))
                             let row = scores + r * h
                             for j in 0..<h { top.push(2 * row[j] - norms[j], j) }  // -|x - y|^2 + |x|^2
                             out[lo + r] = top.sorted().filter { $0.id != lo + r }.prefix(localNeighbours).map { Int32(hot[$0.id]) }
@@ -312,11 +335,16 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Adds keys `range` (decode-time upkeep): each is searched for and linked.
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard count > 0 else {
+        guard isTrained else {
             throw IndexError.notBuilt("the retrieval graph must first be built from prefill queries")
         }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("keys are added in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+        if count == 0 {
+            guard !range.isEmpty else { return }
+            try project(keys: keys.limited(to: range.upperBound), progress: progress)
+            return
         }
         links.grow(by: range.count * stride)
         projectionCount += [Int32](repeating: 0, count: range.count)
@@ -332,8 +360,8 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
         guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
-        guard parameters.ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
-        let ef = max(parameters.ef, k)
+        try parameters.graph.validate()
+        let ef = max(parameters.graph.ef, k)
         let graph = self.graph
         return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
                                 pool: scratchPool) { query, scratch in
@@ -361,20 +389,18 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public convenience init(sections: [String: [UInt8]]) throws {
-        guard let metaBytes = sections["meta"], let graphBytes = sections["graph"] else {
-            throw IndexError.corrupt("retrieval index lacks its meta or graph section")
+        let v = try readSection(sections, "meta", of: .retrieval) { meta in try (0..<9).map { _ in Int(try meta.read(Int64.self)) } }
+        guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (2...1024).contains(v[2]),
+              (2...1_000_000).contains(v[3]), (1...Int(Int32.max)).contains(v[4]), (1...1_000_000).contains(v[5]),
+              (1...1_000_000).contains(v[6]), (0...255).contains(v[7]), (0...255).contains(v[8]) else {
+            throw IndexError.corrupt("retrieval meta out of range")
         }
-        var meta = ByteReader(metaBytes, context: "retrieval meta")
-        let v = try (0..<9).map { _ in Int(try meta.read(Int64.self)) }
-        guard v[0] > 0, v[1] >= 0 else { throw IndexError.corrupt("retrieval meta out of range") }
         try self.init(dimension: v[0], M: v[2], queryNeighbours: v[3], maxTrainingQueries: v[4], efConstruction: v[5],
                       entryCount: v[6], connectivitySlots: v[7], localNeighbours: v[8])
-        var reader = ByteReader(graphBytes, context: "retrieval graph")
-        let entries = try reader.readArray(Int32.self)
-        let flat = try reader.readArray(Int32.self)
-        let projection = try reader.readArray(Int32.self)
-        let local = try reader.readArray(Int32.self)
-        let cursors = try reader.readArray(UInt8.self)
+        let (entries, flat, projection, local, cursors) = try readSection(sections, "graph", of: .retrieval) { reader in
+            (try reader.readArray(Int32.self), try reader.readArray(Int32.self), try reader.readArray(Int32.self),
+             try reader.readArray(Int32.self), try reader.readArray(UInt8.self))
+        }
         let count = v[1]
         guard flat.count == count * stride, projection.count == count, local.count == count, cursors.count == count, !entries.isEmpty || count == 0,
               entries.allSatisfy({ $0 >= 0 && Int($0) < count }) else {

@@ -1,20 +1,79 @@
-/// Per-call search knobs. Each index reads the ones it understands and ignores the rest.
-public struct SearchParameters: Sendable {
-    /// HNSW / graph beam width (candidate list size).
-    public var ef: Int = 64
-    /// IVF lists probed.
-    public var nprobe: Int = 8
-    /// Centroid tree: clusters kept per level.
-    public var beam: Int = 8
-    /// LSH: tables a key must collide in to be a candidate.
-    public var minCollisions: Int = 2
-    /// Landmark: blocks kept (0 picks ceil(4k / block size)).
-    public var blocks: Int = 0
-    /// Landmark: rank blocks by Quest's per-channel min/max upper bound instead of the mean key.
-    public var landmarkBound = false
+/// Per-call search knobs, one typed struct per index family (faiss's `SearchParametersIVF`,
+/// `SearchParametersHNSW`, ...); each index reads only its own struct and `threads`.
+public struct SearchParameters: Sendable, Equatable {
+    /// HNSW and the retrieval graph.
+    public var graph = GraphSearchParameters()
+    /// IVF.
+    public var ivf = IVFSearchParameters()
+    /// The centroid tree.
+    public var tree = TreeSearchParameters()
+    /// LSH.
+    public var lsh = LSHSearchParameters()
+    /// Landmark blocks.
+    public var landmark = LandmarkSearchParameters()
     /// Threads to spread a query batch over.
     public var threads: Int = 1
     public init() {}
+
+    /// Checks every knob (each index also checks its own at search time).
+    public func validate() throws {
+        try graph.validate(); try ivf.validate(); try tree.validate(); try lsh.validate(); try landmark.validate()
+        guard threads >= 1 else { throw IndexError.invalidParameter("threads must be at least 1 (got \(threads))") }
+    }
+}
+
+/// Graph beam search (HNSW, retrieval graph).
+public struct GraphSearchParameters: Sendable, Equatable {
+    /// Beam width (candidate list size); raised to k when smaller.
+    public var ef = 64
+    public init(ef: Int = 64) { self.ef = ef }
+    public func validate() throws {
+        guard ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
+    }
+}
+
+/// Inverted-file probing.
+public struct IVFSearchParameters: Sendable, Equatable {
+    /// Lists probed.
+    public var nprobe = 8
+    public init(nprobe: Int = 8) { self.nprobe = nprobe }
+    public func validate() throws {
+        guard nprobe >= 1 else { throw IndexError.invalidParameter("nprobe must be at least 1 (got \(nprobe))") }
+    }
+}
+
+/// Centroid-tree descent.
+public struct TreeSearchParameters: Sendable, Equatable {
+    /// Clusters kept per level.
+    public var beam = 8
+    public init(beam: Int = 8) { self.beam = beam }
+    public func validate() throws {
+        guard beam >= 1 else { throw IndexError.invalidParameter("beam must be at least 1 (got \(beam))") }
+    }
+}
+
+/// LSH candidate filter.
+public struct LSHSearchParameters: Sendable, Equatable {
+    /// Tables a key must collide in to be a candidate.
+    public var minCollisions = 2
+    public init(minCollisions: Int = 2) { self.minCollisions = minCollisions }
+    public func validate() throws {
+        guard minCollisions >= 1 else {
+            throw IndexError.invalidParameter("min-collisions must be at least 1 (got \(minCollisions))")
+        }
+    }
+}
+
+/// Landmark block selection.
+public struct LandmarkSearchParameters: Sendable, Equatable {
+    /// Blocks kept (0 picks ceil(4k / block size)).
+    public var blocks = 0
+    /// Rank blocks by Quest's per-channel min/max upper bound instead of the mean key.
+    public var bound = false
+    public init(blocks: Int = 0, bound: Bool = false) { self.blocks = blocks; self.bound = bound }
+    public func validate() throws {
+        guard blocks >= 0 else { throw IndexError.invalidParameter("blocks must be non-negative (got \(blocks))") }
+    }
 }
 
 /// What one search touched, summed over its queries.
@@ -72,7 +131,7 @@ public struct SearchResults: Sendable {
     }
 
     /// Writes the content of a selection as row `q`.
-    mutating func store(_ top: TopK, query q: Int) {
+    mutating func store(_ top: TopK<Int>, query q: Int) {
         for (j, hit) in top.sorted().enumerated() {
             ids[q * k + j] = hit.id
             scores[q * k + j] = hit.score
@@ -85,8 +144,7 @@ public struct SearchResults: Sendable {
 /// structure; the key vectors are read from the store's memory map through a `VectorView`
 /// passed to each call, valid inside one read transaction.
 public protocol VectorIndex {
-    /// Short name: "flat", "hnsw", "ivf", "lsh", "tree", "retrieval".
-    var kind: String { get }
+    var kind: IndexKind { get }
     var dimension: Int { get }
     /// Keys indexed (positions 0..<count).
     var count: Int { get }

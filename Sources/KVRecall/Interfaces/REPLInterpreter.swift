@@ -42,8 +42,8 @@ public final class REPLInterpreter {
             p.k = k
             p.sinks = sinks
             p.window = window
-            p.search.ef = ef
-            p.search.nprobe = nprobe
+            p.search.graph.ef = ef
+            p.search.ivf.nprobe = nprobe
             return p
         }
     }
@@ -487,7 +487,7 @@ public final class REPLInterpreter {
         let rec = record(run, info: info, query: q, parameters: parameters)
         let exactLSE = logSumExp(scores)
         let methodLSE = result.heads[0].lse
-        var top = TopK(k: min(parameters.k, n))
+        var top = TopK<Int>(k: min(parameters.k, n))
         top.push(scores: scores, count: n, firstID: 0)
         let exactTop = Set(top.sorted().map(\.id))
         let fixedSet = Set(Attention.staticPositions(count: n, sinks: parameters.sinks, window: parameters.window))
@@ -533,11 +533,11 @@ public final class REPLInterpreter {
     /// The search parameter that steers `method`, as "ef 64".
     private func searchKnob(_ method: AttentionMethod, _ p: AttentionParameters) -> String? {
         switch method {
-        case .hnsw, .retrieval: return "ef \(p.search.ef)"
-        case .ivf, .estimate: return "nprobe \(p.search.nprobe)"
-        case .tree: return "beam \(p.search.beam)"
-        case .lsh: return "min collisions \(p.search.minCollisions)"
-        case .landmark: return p.search.blocks > 0 ? "blocks \(p.search.blocks)" : "blocks auto (4k / block size)"
+        case .hnsw, .retrieval: return "ef \(p.search.graph.ef)"
+        case .ivf, .estimate: return "nprobe \(p.search.ivf.nprobe)"
+        case .tree: return "beam \(p.search.tree.beam)"
+        case .lsh: return "min collisions \(p.search.lsh.minCollisions)"
+        case .landmark: return p.search.landmark.blocks > 0 ? "blocks \(p.search.landmark.blocks)" : "blocks auto (4k / block size)"
         case .exact, .hip: return nil
         }
     }
@@ -560,7 +560,7 @@ public final class REPLInterpreter {
             }
         }
         guard !runs.isEmpty else { throw REPLError("every method failed: " + failed.joined(separator: "; ")) }
-        var lines = ["compare on head \(info.id), query \(q.label): k=\(parameters.k), sinks \(parameters.sinks), window \(parameters.window), ef \(parameters.search.ef), nprobe \(parameters.search.nprobe); median of \(repetitions) runs",
+        var lines = ["compare on head \(info.id), query \(q.label): k=\(parameters.k), sinks \(parameters.sinks), window \(parameters.window), ef \(parameters.search.graph.ef), nprobe \(parameters.search.ivf.nprobe); median of \(repetitions) runs",
                      style.render(methodTable(runs, k: parameters.k))]
         if !missing.isEmpty {
             lines.append("not built (kvrecall build --index NAME): \(missingList(missing))")

@@ -1,34 +1,44 @@
 /// A bounded selection of the `k` best (score, id) pairs: highest score first, ties to the lower id.
+/// Generic over the id type: `Int` for positions handed to callers, `Int32` for list and node
+/// numbers inside the indexes (half the memory traffic in a scan).
 ///
 /// A binary min-heap over flat arrays whose root is the worst kept pair, so rejecting a
-/// candidate — the common case in a scan — costs one comparison against `threshold`.
-public struct TopK {
+/// candidate — the common case in a scan — costs one comparison against `threshold`. Reused
+/// across queries: `reset` keeps the storage, `drain` writes the pairs best first without allocating.
+public struct TopK<ID: FixedWidthInteger> {
     public let k: Int
     public private(set) var count = 0
     private var scores: [Float]
-    private var ids: [Int]
+    private var ids: [ID]
 
     public init(k: Int) {
         precondition(k > 0, "k must be positive")
         self.k = k
         scores = [Float](repeating: 0, count: k)
-        ids = [Int](repeating: 0, count: k)
+        ids = [ID](repeating: 0, count: k)
     }
 
-    /// Score a candidate must beat (or tie with a lower id) to enter; -inf while not full.
+    /// Score a candidate must reach (and beat, or tie with a lower id) to enter; -inf while not full.
     @inline(__always)
     public var threshold: Float { count < k ? -.infinity : scores[0] }
 
+    @inline(__always)
     public mutating func reset() { count = 0 }
+
+    /// Kept id `i`, in heap order (not ranked).
+    @inline(__always) public func id(at i: Int) -> ID { ids[i] }
+
+    /// Kept score `i`, in heap order.
+    @inline(__always) public func score(at i: Int) -> Float { scores[i] }
 
     /// True when (s1, i1) ranks after (s2, i2).
     @inline(__always)
-    static func worse(_ s1: Float, _ i1: Int, _ s2: Float, _ i2: Int) -> Bool {
+    static func worse(_ s1: Float, _ i1: ID, _ s2: Float, _ i2: ID) -> Bool {
         s1 < s2 || (s1 == s2 && i1 > i2)
     }
 
     @inline(__always)
-    public mutating func push(_ score: Float, _ id: Int) {
+    public mutating func push(_ score: Float, _ id: ID) {
         if count < k {
             var i = count
             count += 1
@@ -36,46 +46,46 @@ public struct TopK {
             ids[i] = id
             while i > 0 {  // sift up
                 let parent = (i - 1) / 2
-                guard TopK.worse(scores[i], ids[i], scores[parent], ids[parent]) else { break }
+                guard Self.worse(scores[i], ids[i], scores[parent], ids[parent]) else { break }
                 scores.swapAt(i, parent)
                 ids.swapAt(i, parent)
                 i = parent
             }
             return
         }
-        guard TopK.worse(scores[0], ids[0], score, id) else { return }
+        guard Self.worse(scores[0], ids[0], score, id) else { return }
         scores[0] = score
         ids[0] = id
-        siftDown(0)
+        siftDown()
     }
 
     /// Scores `n` candidates with ids `firstID...` in one pass.
     @inline(__always)
-    public mutating func push(scores s: UnsafePointer<Float>, count n: Int, firstID: Int) {
+    public mutating func push(scores s: UnsafePointer<Float>, count n: Int, firstID: ID = 0) {
         var i = 0
         while i < n && count < k {
-            push(s[i], firstID + i)
+            push(s[i], firstID + ID(truncatingIfNeeded: i))
             i += 1
         }
         var t = threshold
         while i < n {
             if s[i] > t {  // equal scores come with higher ids here, so they never enter
-                push(s[i], firstID + i)
+                push(s[i], firstID + ID(truncatingIfNeeded: i))
                 t = scores[0]
             }
             i += 1
         }
     }
 
-    private mutating func siftDown(_ start: Int) {
-        var i = start
+    private mutating func siftDown() {
+        var i = 0
         while true {
             let l = 2 * i + 1
             if l >= count { return }
             var w = l
             let r = l + 1
-            if r < count && TopK.worse(scores[r], ids[r], scores[l], ids[l]) { w = r }
-            guard TopK.worse(scores[w], ids[w], scores[i], ids[i]) else { return }
+            if r < count && Self.worse(scores[r], ids[r], scores[l], ids[l]) { w = r }
+            guard Self.worse(scores[w], ids[w], scores[i], ids[i]) else { return }
             scores.swapAt(i, w)
             ids.swapAt(i, w)
             i = w
@@ -83,7 +93,24 @@ public struct TopK {
     }
 
     /// The kept pairs, best first.
-    public func sorted() -> [(score: Float, id: Int)] {
-        (0..<count).map { (scores[$0], ids[$0]) }.sorted { TopK.worse($1.0, $1.1, $0.0, $0.1) }
+    public func sorted() -> [(score: Float, id: ID)] {
+        (0..<count).map { (scores[$0], ids[$0]) }.sorted { Self.worse($1.0, $1.1, $0.0, $0.1) }
+    }
+
+    /// Writes the kept pairs best first to `ids` / `scores` and empties the selection; returns how many.
+    @discardableResult
+    public mutating func drain(ids outIDs: UnsafeMutablePointer<Int>, scores outScores: UnsafeMutablePointer<Float>) -> Int {
+        let n = count
+        while count > 0 {
+            outIDs[count - 1] = Int(ids[0])
+            outScores[count - 1] = scores[0]
+            count -= 1
+            if count > 0 {
+                scores[0] = scores[count]
+                ids[0] = ids[count]
+                siftDown()
+            }
+        }
+        return n
     }
 }

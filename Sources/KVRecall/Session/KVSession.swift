@@ -110,8 +110,8 @@ public final class KVSession {
         parameters.k = configuration.k
         parameters.sinks = configuration.sinks
         parameters.window = configuration.window
-        parameters.search.ef = configuration.ef
-        parameters.search.nprobe = configuration.nprobe
+        parameters.search.graph.ef = configuration.ef
+        parameters.search.ivf.nprobe = configuration.nprobe
         try createHeads()
     }
 
@@ -229,11 +229,9 @@ public final class KVSession {
                     let upTo = max(0, keys.count - configuration.window)
                     guard upTo > configuration.sinks else { return nil }
                     let index = try IndexCatalog.make(kind, dimension: keys.dimension, count: upTo, parameters: build)
-                    if let graph = index as? RetrievalGraphIndex {
-                        try graph.build(keys: try KVSession.prefix(keys, upTo), queries: try snapshot.vectors(id, .queries))
-                    } else {
-                        try index.add(keys: keys, range: 0..<upTo, progress: nil)
-                    }
+                    let indexed = keys.limited(to: upTo)
+                    try index.train(keys: indexed, range: 0..<upTo, queries: try snapshot.vectors(id, .queries))
+                    try index.add(keys: indexed, range: 0..<upTo, progress: nil)
                     return index
                 }
                 done += 1
@@ -242,9 +240,6 @@ public final class KVSession {
         }
         prepared = true
     }
-
-    /// A view limited to the first `n` rows (so a build sees exactly the keys it indexes).
-    static func prefix(_ view: VectorView, _ n: Int) throws -> VectorView { view.limited(to: n) }
 
     /// Indexes keys that have left the window, in whole batches (all of them with `force`).
     private func upkeep(layer: Int, force: Bool) throws {

@@ -20,11 +20,11 @@ import Foundation
 /// - Later adds put each new key in the list of its nearest fine centroid; the tree stays.
 /// - Searches may run concurrently with each other, not with `add`.
 public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.tree
     public static let formatVersion = 1
     /// Nodes of a level per node of the level above.
     public static let branching = 8
 
-    public let kind = "tree"
     public let dimension: Int
     public private(set) var count = 0
     /// Levels of centroids (fine = level 0).
@@ -41,9 +41,10 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     public private(set) var centroids: [[Float]] = []
     /// For level l >= 1: `count_l + 1` offsets of each node's children in level l - 1 (entry 0 is empty).
     private(set) var childOffsets: [[Int]] = []
-    /// Keys of fine cluster f: `listIDs[listOffsets[f]..<listOffsets[f + 1]]`, ascending.
-    private(set) var listOffsets: [Int] = [0]
-    private(set) var listIDs: [Int32] = []
+    /// The keys of each fine cluster (one inverted list per level-0 node).
+    public private(set) var lists = InvertedLists(lists: 0)
+    /// Fine labels of the keys `train` saw when it saw all of them, for the `add` of the same range.
+    private var trainedLabels: (range: Range<Int>, labels: [Int32])?
     /// Keys beneath each node, per level, and their logarithms (-inf for none).
     private(set) var subtreeSizes: [[Int]] = []
     private var logSizes: [[Float]] = []
@@ -88,6 +89,18 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     // MARK: Build
 
+    /// Trains every level on keys `range`.
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard !isTrained else { throw IndexError.invalidParameter("the centroid tree is already trained") }
+        guard !range.isEmpty, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("the centroid tree trains on a non-empty range within \(keys.count) keys, got \(range)")
+        }
+        let labels = try trainLevels(keys: keys, range: range)
+        lists = InvertedLists(lists: levelCounts[0])
+        trainedLabels = (range, labels)
+    }
+
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
@@ -95,30 +108,31 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         }
         guard range.upperBound <= Int(Int32.max) else { throw IndexError.invalidParameter("the tree holds at most \(Int32.max) keys") }
         guard !range.isEmpty else { return }
+        if !isTrained { try train(keys: keys, range: range) }
         let labels: [Int32]
-        if isTrained {
-            labels = IVFIndex.assignKeys(keys, range: range, centroids: centroids[0], mean: mean, metric: metric, threads: threads)
+        if let trained = trainedLabels, trained.range == range {
+            labels = trained.labels
         } else {
-            labels = try train(keys: keys, range: range)
+            labels = assignKeys(keys, range: range, centroids: centroids[0], mean: mean, metric: metric, threads: threads)
         }
-        (listOffsets, listIDs) = IVFIndex.merge(offsets: listOffsets, ids: listIDs, lists: levelCounts[0], adding: labels,
-                                                firstID: range.lowerBound)
+        trainedLabels = nil
+        lists.append(labels: labels, firstID: range.lowerBound)
         count = range.upperBound
         computeSizes()
         progress?(range.count, range.count)
     }
 
     /// Builds every level from `range`; returns the fine cluster of each key of `range` (in final numbering).
-    private func train(keys: VectorView, range: Range<Int>) throws -> [Int32] {
+    private func trainLevels(keys: VectorView, range: Range<Int>) throws -> [Int32] {
         let n = range.count, d = dimension
         let fine = max(1, min(n, Int((fineFraction * Double(n)).rounded())))
-        let mu = IVFIndex.meanKey(keys, range: range)
-        let (rows, all) = IVFIndex.trainingRows(keys, range: range, perCentroid: IVFIndex.maxPointsPerCentroid, k: fine,
+        let mu = meanKey(keys, range: range)
+        let (rows, all) = trainingRows(keys, range: range, perCentroid: IVFIndex.maxPointsPerCentroid, k: fine,
                                                 mean: mu, seed: seed)
         var options = KMeans.Options(k: fine, metric: metric, iterations: iterations, seed: seed, threads: threads)
         let fineResult = try KMeans.train(rows, dimension: d, options: options)
         var keyLabels = all ? fineResult.labels
-            : IVFIndex.assignKeys(keys, range: range, centroids: fineResult.centroids, mean: mu, metric: metric, threads: threads)
+            : assignKeys(keys, range: range, centroids: fineResult.centroids, mean: mu, metric: metric, threads: threads)
         // Level l clusters the nodes of level l - 1; parent[l][i] is the parent of node i of level l - 1.
         var levelCentroids = [fineResult.centroids]
         var parents: [[Int32]] = [[]]
@@ -182,7 +196,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     private func computeSizes() {
         let counts = levelCounts
         guard !counts.isEmpty else { subtreeSizes = []; logSizes = []; return }
-        var sizes = [(0..<counts[0]).map { listOffsets[$0 + 1] - listOffsets[$0] }]
+        var sizes = [lists.sizes]
         for l in 1..<counts.count {
             sizes.append((0..<counts[l]).map { p in
                 (childOffsets[l][p]..<childOffsets[l][p + 1]).reduce(0) { $0 + sizes[l - 1][$1] }
@@ -194,20 +208,12 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     // MARK: Search
 
-    /// How a descent keeps nodes at each level.
-    enum Descent {
-        /// The `beam` best by centroid score.
-        case beam(Int)
-        /// Those whose share of the estimated softmax mass reaches `threshold`, at most `cap`, by mass.
-        case threshold(Float, cap: Int, scale: Float)
-    }
-
-    /// Beam descent with `parameters.beam` nodes per level (at least 1); a beam as large as the
-    /// fine level scans every key, so it is exact.
+    /// Beam descent with `parameters.tree.beam` nodes per level; a beam as large as the fine
+    /// level scans every key, so it is exact.
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        guard parameters.beam >= 1 else { throw IndexError.invalidParameter("beam must be at least 1 (got \(parameters.beam))") }
-        return try run(queries, k: k, descent: .beam(min(parameters.beam, max(1, levelCounts.max() ?? 1))),
+        try parameters.tree.validate()
+        return try run(queries, k: k, descent: .beam(min(parameters.tree.beam, max(1, levelCounts.max() ?? 1))),
                        threads: parameters.threads, keys: keys)
     }
 
@@ -233,99 +239,160 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
                        threads: threads, keys: keys)
     }
 
-    private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: Descent, threads: Int,
+    private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: TreeQuantizer.Descent, threads: Int,
                      keys: VectorView) throws -> SearchResults {
         let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0, isTrained else { throw IndexError.notBuilt("the centroid tree is empty; add keys first") }
         guard keys.count >= count else {
             throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
         }
-        var results = SearchResults(k: k, queryCount: m)
-        results.stats.keyCount = count
-        guard m > 0 else { return results }
-        let d = dimension, qb = IVFIndex.queryBatch, top = levels - 1
-        let topCount = centroids[top].count / d
-        let widest = levelCounts.max()!
-        let keep: Int
-        switch descent {
-        case .beam(let b): keep = b
-        case .threshold(_, let cap, _): keep = cap
+        let quantizer = TreeQuantizer(dimension: dimension, centroids: centroids, childOffsets: childOffsets,
+                                      sizes: subtreeSizes, logSizes: logSizes, descent: descent)
+        return searchInvertedLists(queries, queryCount: m, k: k, dimension: dimension, threads: threads,
+                                   quantizer: quantizer, lists: lists, keys: keys)
+    }
+
+    // MARK: Persistence
+
+    public func sections() -> [String: [UInt8]] {
+        var meta = ByteWriter()
+        meta.write(UInt32(CentroidTreeIndex.formatVersion))
+        for v in [dimension, count, levels, iterations] { meta.write(Int64(v)) }
+        meta.write(fineFraction)
+        meta.write(metric.code)
+        meta.write(seed)
+        var cen = ByteWriter()
+        cen.write(array: mean)
+        cen.write(UInt32(centroids.count))
+        for level in centroids { cen.write(array: level) }
+        var tree = ByteWriter()
+        for l in 1..<max(1, centroids.count) { tree.write(array: childOffsets[l].map(Int64.init)) }
+        lists.write(to: &tree)
+        return ["meta": meta.bytes, "centroids": cen.bytes, "tree": tree.bytes]
+    }
+
+    public convenience init(sections: [String: [UInt8]]) throws {
+        let (v, fraction, metric, seed) = try readSection(sections, "meta", of: .tree) { meta -> ([Int64], Double, ClusterMetric, UInt64) in
+            let version = Int(try meta.read(UInt32.self))
+            guard version == CentroidTreeIndex.formatVersion else {
+                throw IndexError.unsupportedVersion(found: version, supported: CentroidTreeIndex.formatVersion)
+            }
+            let v = try (0..<4).map { _ in try meta.read(Int64.self) }
+            return (v, try meta.readDouble(), try ClusterMetric(code: try meta.read(UInt8.self)), try meta.read(UInt64.self))
         }
-        let batches = (m + qb - 1) / qb
-        let workers = max(1, min(threads, batches))
-        if workers > 1 { BLAS.setThreads(1) }
-        var work = [(scanned: Int, scored: Int)](repeating: (0, 0), count: workers)
-        // Local copies (no exclusivity checks on the class's properties in the loop).
-        let centroids = self.centroids, childOffsets = self.childOffsets
-        let sizes = subtreeSizes, logSizes = self.logSizes
-        results.ids.withUnsafeMutableBufferPointer { outIDs in
-            results.scores.withUnsafeMutableBufferPointer { outScores in
-                work.withUnsafeMutableBufferPointer { work in
-                    listOffsets.withUnsafeBufferPointer { off in
-                        listIDs.withUnsafeBufferPointer { ids in
-                            DispatchQueue.concurrentPerform(iterations: workers) { t in
-                                let topScores = UnsafeMutablePointer<Float>.allocate(capacity: qb * topCount)
-                                let candScores = UnsafeMutablePointer<Float>.allocate(capacity: widest)
-                                let candIDs = UnsafeMutablePointer<Int32>.allocate(capacity: widest)
-                                defer { topScores.deallocate(); candScores.deallocate(); candIDs.deallocate() }
-                                var kept = RankedSelection(k: keep)
-                                var best = RankedSelection(k: k)
-                                var scanned = 0, scored = 0
-                                var b = t
-                                while b < batches {
-                                    let lo = b * qb, rows = min(qb, m - lo)
-                                    centroids[top].withUnsafeBufferPointer { c in
-                                        BLAS.scoresNT(m: rows, n: topCount, k: d, a: queries.baseAddress! + lo * d,
-                                                      b: c.baseAddress!, c: topScores)
-                                    }
-                                    for r in 0..<rows {
-                                        let q = queries.baseAddress! + (lo + r) * d
-                                        var mass = MassEstimate()
-                                        scored += topCount
-                                        // Top level: every non-empty node is a candidate.
-                                        var n = 0
-                                        let row = topScores + r * topCount
-                                        for j in 0..<topCount where sizes[top][j] > 0 {
-                                            candScores[n] = row[j]; candIDs[n] = Int32(j); n += 1
-                                        }
-                                        Self.select(descent, logSizes: logSizes[top], scores: candScores, ids: candIDs,
-                                                    count: n, mass: &mass, into: &kept)
-                                        for l in stride(from: top, to: 0, by: -1) {
-                                            n = 0
-                                            centroids[l - 1].withUnsafeBufferPointer { c in
-                                                for j in 0..<kept.count {
-                                                    let p = Int(kept.id(at: j))
-                                                    let a = childOffsets[l][p], e = childOffsets[l][p + 1]
-                                                    guard e > a else { continue }
-                                                    let base = n
-                                                    kvr_scores_f32(q, c.baseAddress! + a * d, e - a, d, candScores + base)
-                                                    scored += e - a
-                                                    for child in a..<e where sizes[l - 1][child] > 0 {
-                                                        candScores[n] = candScores[base + child - a]
-                                                        candIDs[n] = Int32(child)
-                                                        n += 1
-                                                    }
-                                                }
-                                            }
-                                            Self.select(descent, logSizes: logSizes[l - 1], scores: candScores, ids: candIDs,
-                                                        count: n, mass: &mass, into: &kept)
-                                        }
-                                        best.reset()
-                                        scanned += IVFIndex.scan(query: q, lists: kept, offsets: off, ids: ids, keys: keys, into: &best)
-                                        best.drain(ids: outIDs.baseAddress! + (lo + r) * k, scores: outScores.baseAddress! + (lo + r) * k)
-                                    }
-                                    b += workers
-                                }
-                                work[t] = (scanned, scored)
-                            }
-                        }
+        let (dimension, count, levels, iterations) = (v[0], v[1], v[2], v[3])
+        guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count), (2...32).contains(levels),
+              (0...1_000_000).contains(iterations), fraction > 0, fraction <= 1 else {
+            throw IndexError.corrupt("tree meta out of range (dimension \(dimension), count \(count), levels \(levels))")
+        }
+        try self.init(dimension: Int(dimension), levels: Int(levels), fineFraction: fraction, metric: metric,
+                      iterations: Int(iterations), seed: seed)
+        let d = Int(dimension), n = Int(count), depth = Int(levels)
+        let (mean, levelCentroids) = try readSection(sections, "centroids", of: .tree) { cen -> ([Float], [[Float]]) in
+            let mean = try cen.readFloatArray()
+            let stored = Int(try cen.read(UInt32.self))
+            guard stored == (n > 0 ? depth : 0) else {
+                throw IndexError.corrupt("tree stores \(stored) levels for \(n) keys, expected \(depth)")
+            }
+            return (mean, try (0..<stored).map { _ in try cen.readFloatArray() })
+        }
+        guard mean.count == (levelCentroids.isEmpty ? 0 : d), mean.allSatisfy(\.isFinite),
+              levelCentroids.allSatisfy({ !$0.isEmpty && $0.count % d == 0 && $0.allSatisfy(\.isFinite) }) else {
+            throw IndexError.corrupt("tree centroids do not match dimension \(d), or are not finite")
+        }
+        let counts = levelCentroids.map { $0.count / d }
+        let (offsets, lists) = try readSection(sections, "tree", of: .tree) { tree -> ([[Int]], InvertedLists) in
+            var offsets: [[Int]] = [[]]
+            for l in 1..<max(1, counts.count) {
+                let o = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
+                guard o.count == counts[l] + 1, o.first == 0, o.last == counts[l - 1],
+                      zip(o, o.dropFirst()).allSatisfy({ $0 <= $1 }) else {
+                    throw IndexError.corrupt("tree level \(l) child offsets do not cover the \(counts[l - 1]) nodes below")
+                }
+                offsets.append(o)
+            }
+            return (offsets, try InvertedLists.read(from: &tree, lists: counts.first ?? 0, keyCount: n, what: "tree"))
+        }
+        self.count = n
+        self.mean = mean
+        self.centroids = levelCentroids
+        self.childOffsets = offsets
+        self.lists = lists
+        computeSizes()
+    }
+}
+
+/// The centroid tree's quantizer: the top level is scored by the batch's `sgemm`, then each
+/// level's kept nodes expand to their children (one contiguous run, one kernel call each), down
+/// to the fine clusters whose lists are scanned.
+struct TreeQuantizer: ListQuantizer {
+    /// How a descent keeps nodes at each level.
+    enum Descent {
+        /// The `beam` best by centroid score.
+        case beam(Int)
+        /// Those whose share of the estimated softmax mass reaches `threshold`, at most `cap`, by mass.
+        case threshold(Float, cap: Int, scale: Float)
+    }
+
+    /// Candidate buffers for one worker.
+    struct Scratch {
+        let scores: UnsafeMutablePointer<Float>
+        let ids: UnsafeMutablePointer<Int32>
+    }
+
+    let dimension: Int
+    let centroids: [[Float]]
+    let childOffsets: [[Int]]
+    let sizes: [[Int]]
+    let logSizes: [[Float]]
+    let descent: Descent
+
+    var top: Int { centroids.count - 1 }
+    var coarse: [Float] { centroids[top] }
+    var coarseCount: Int { centroids[top].count / dimension }
+    var maxSelected: Int {
+        switch descent {
+        case .beam(let b): return b
+        case .threshold(_, let cap, _): return cap
+        }
+    }
+    private var widest: Int { centroids.map { $0.count / dimension }.max()! }
+
+    func makeScratch() -> Scratch { Scratch(scores: .allocate(capacity: widest), ids: .allocate(capacity: widest)) }
+    func release(_ scratch: Scratch) { scratch.scores.deallocate(); scratch.ids.deallocate() }
+
+    func select(query q: UnsafePointer<Float>, coarseScores row: UnsafeMutablePointer<Float>,
+                into kept: inout TopK<Int32>, scratch: Scratch) -> Int {
+        let d = dimension, top = self.top
+        let candScores = scratch.scores, candIDs = scratch.ids
+        var mass = MassEstimate()
+        var scored = 0
+        // Top level: every non-empty node is a candidate.
+        var n = 0
+        for j in 0..<coarseCount where sizes[top][j] > 0 {
+            candScores[n] = row[j]; candIDs[n] = Int32(j); n += 1
+        }
+        Self.select(descent, logSizes: logSizes[top], scores: candScores, ids: candIDs, count: n, mass: &mass, into: &kept)
+        for l in stride(from: top, to: 0, by: -1) {
+            n = 0
+            centroids[l - 1].withUnsafeBufferPointer { c in
+                for j in 0..<kept.count {
+                    let p = Int(kept.id(at: j))
+                    let a = childOffsets[l][p], e = childOffsets[l][p + 1]
+                    guard e > a else { continue }
+                    let base = n
+                    kvr_scores_f32(q, c.baseAddress! + a * d, e - a, d, candScores + base)
+                    scored += e - a
+                    for child in a..<e where sizes[l - 1][child] > 0 {
+                        candScores[n] = candScores[base + child - a]
+                        candIDs[n] = Int32(child)
+                        n += 1
                     }
                 }
             }
+            Self.select(descent, logSizes: logSizes[l - 1], scores: candScores, ids: candIDs, count: n, mass: &mass, into: &kept)
         }
-        results.stats.distanceComputations = work.reduce(0) { $0 + $1.scanned }
-        results.stats.auxiliaryComputations = work.reduce(0) { $0 + $1.scored }
-        return results
+        return scored
     }
 
     /// Estimated softmax mass of the subtrees dropped so far, relative to exp(`reference`).
@@ -338,7 +405,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     @inline(__always)
     private static func select(_ descent: Descent, logSizes: [Float], scores: UnsafeMutablePointer<Float>,
                                ids: UnsafePointer<Int32>, count n: Int, mass: inout MassEstimate,
-                               into kept: inout RankedSelection) {
+                               into kept: inout TopK<Int32>) {
         kept.reset()
         switch descent {
         case .beam:
@@ -365,80 +432,5 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
             for j in 0..<kept.count { keptMass += exp(Double(kept.score(at: j)) - reference) }
             mass = MassEstimate(reference: reference, dropped: max(0, total - keptMass))
         }
-    }
-
-    // MARK: Persistence
-
-    public func sections() -> [String: [UInt8]] {
-        var meta = ByteWriter()
-        meta.write(UInt32(CentroidTreeIndex.formatVersion))
-        for v in [dimension, count, levels, iterations] { meta.write(Int64(v)) }
-        meta.write(fineFraction)
-        meta.write(IVFIndex.metricCode(metric))
-        meta.write(seed)
-        var cen = ByteWriter()
-        cen.write(array: mean)
-        cen.write(UInt32(centroids.count))
-        for level in centroids { cen.write(array: level) }
-        var tree = ByteWriter()
-        for l in 1..<max(1, centroids.count) { tree.write(array: childOffsets[l].map(Int64.init)) }
-        tree.write(array: listOffsets.map(Int64.init))
-        tree.write(array: listIDs)
-        return ["meta": meta.bytes, "centroids": cen.bytes, "tree": tree.bytes]
-    }
-
-    public convenience init(sections: [String: [UInt8]]) throws {
-        guard let metaBytes = sections["meta"], let cenBytes = sections["centroids"], let treeBytes = sections["tree"] else {
-            throw IndexError.corrupt("centroid tree lacks its meta, centroids or tree section")
-        }
-        var meta = ByteReader(metaBytes, context: "tree meta")
-        let version = Int(try meta.read(UInt32.self))
-        guard version == CentroidTreeIndex.formatVersion else {
-            throw IndexError.unsupportedVersion(found: version, supported: CentroidTreeIndex.formatVersion)
-        }
-        let v = try (0..<4).map { _ in try meta.read(Int64.self) }
-        let fraction = try meta.readDouble()
-        let metric = try IVFIndex.metric(code: try meta.read(UInt8.self))
-        let seed = try meta.read(UInt64.self)
-        guard meta.isAtEnd else { throw IndexError.corrupt("tree meta has trailing bytes") }
-        let (dimension, count, levels, iterations) = (v[0], v[1], v[2], v[3])
-        guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count), (2...32).contains(levels),
-              (0...1_000_000).contains(iterations), fraction > 0, fraction <= 1 else {
-            throw IndexError.corrupt("tree meta out of range (dimension \(dimension), count \(count), levels \(levels))")
-        }
-        try self.init(dimension: Int(dimension), levels: Int(levels), fineFraction: fraction, metric: metric,
-                      iterations: Int(iterations), seed: seed)
-        let d = Int(dimension), n = Int(count), depth = Int(levels)
-        var cen = ByteReader(cenBytes, context: "tree centroids")
-        let mean = try cen.readFloatArray()
-        let stored = Int(try cen.read(UInt32.self))
-        guard stored == (n > 0 ? depth : 0) else { throw IndexError.corrupt("tree stores \(stored) levels for \(n) keys, expected \(depth)") }
-        let levelCentroids = try (0..<stored).map { _ in try cen.readFloatArray() }
-        guard cen.isAtEnd, mean.count == (stored > 0 ? d : 0), mean.allSatisfy(\.isFinite),
-              levelCentroids.allSatisfy({ !$0.isEmpty && $0.count % d == 0 && $0.allSatisfy(\.isFinite) }) else {
-            throw IndexError.corrupt("tree centroids do not match dimension \(d), or are not finite")
-        }
-        let counts = levelCentroids.map { $0.count / d }
-        var tree = ByteReader(treeBytes, context: "tree structure")
-        var offsets: [[Int]] = [[]]
-        for l in 1..<max(1, stored) {
-            let o = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
-            guard o.count == counts[l] + 1, o.first == 0, o.last == counts[l - 1],
-                  zip(o, o.dropFirst()).allSatisfy({ $0 <= $1 }) else {
-                throw IndexError.corrupt("tree level \(l) child offsets do not cover the \(counts[l - 1]) nodes below")
-            }
-            offsets.append(o)
-        }
-        let listOffsets = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
-        let listIDs = try tree.readArray(Int32.self)
-        guard tree.isAtEnd else { throw IndexError.corrupt("tree structure has trailing bytes") }
-        try IVFIndex.validateCSR(offsets: listOffsets, ids: listIDs, lists: counts.first ?? 0, count: n, what: "tree")
-        self.count = n
-        self.mean = mean
-        self.centroids = levelCentroids
-        self.childOffsets = offsets
-        self.listOffsets = listOffsets
-        self.listIDs = listIDs
-        computeSizes()
     }
 }
