@@ -1,0 +1,93 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+/// The catalog's one header (kind and version, both checked) and the one section reader, for
+/// every stored kind: a damaged section or header is `IndexError.corrupt`, never a crash.
+@Suite struct IndexCatalogTests {
+    /// Every stored kind built small over the first 1024 keys of the real sample (with its prefill queries).
+    static func builtIndexes() throws -> (RetrievalGraphIndexTests.Sample, [(IndexKind, any BuildableIndex)]) {
+        let sample = try RetrievalGraphIndexTests.Sample(keyRows: 1024)
+        var p = IndexBuildParameters()
+        p.M = 8; p.efConstruction = 40; p.tables = 8; p.bits = 6; p.nlist = 16; p.graphDegree = 16
+        p.trainingQueries = 256; p.queryNeighbours = 20
+        let built = try sample.store.read { s in
+            try IndexKind.stored.map { kind in
+                (kind, try IndexCatalog.build(kind, keys: try s.vectors(HeadID(), .keys), queries: try s.vectors(HeadID(), .queries),
+                                              parameters: p))
+            }
+        }
+        return (sample, built)
+    }
+
+    /// Saves `index` and returns its stored sections, header included.
+    static func stored(_ index: some BuildableIndex, in store: KVStore) throws -> [String: [UInt8]] {
+        try IndexCatalog.save(index, in: store, head: HeadID())
+        return try #require(try store.loadIndex(HeadID(), name: index.kind.rawValue))
+    }
+
+    @Test(arguments: IndexKind.stored)
+    func damagedSectionsAreRefusedForEveryKind(kind: IndexKind) throws {
+        let (sample, built) = try Self.builtIndexes()
+        let index = try #require(built.first { $0.0 == kind }?.1)
+        let good = try Self.stored(index, in: sample.store)
+        let type = try #require(kind.type)
+        // The stored form loads back to the same sections.
+        #expect(try IndexCatalog.load(type, from: good, head: HeadID(), name: kind.rawValue).sections() == index.sections())
+        expectCorruptVariantsRefused(good, cuts: [0, 1, 7], trailing: 0) {
+            _ = try IndexCatalog.load(type, from: $0, head: HeadID(), name: kind.rawValue)
+        }
+    }
+
+    @Test func headerKindAndVersionAreBothChecked() throws {
+        let (sample, built) = try Self.builtIndexes()
+        let index: any BuildableIndex = built.first { $0.0 == .hnsw }!.1
+        let hnsw = try Self.stored(index, in: sample.store)
+        // An HNSW index read as IVF: the header names another kind.
+        expectRefusedAsCorrupt(hnsw, "hnsw read as ivf") { _ = try IndexCatalog.load(IVFIndex.self, from: $0, head: HeadID(), name: "ivf") }
+        // A newer version of the right kind.
+        var newer = hnsw
+        var header = ByteWriter()
+        header.write(UInt32(HNSWIndex.formatVersion + 1))
+        header.write(array: Array("hnsw".utf8))
+        newer["header"] = header.bytes
+        #expect(throws: IndexError.unsupportedVersion(found: HNSWIndex.formatVersion + 1, supported: HNSWIndex.formatVersion)) {
+            try IndexCatalog.load(HNSWIndex.self, from: newer, head: HeadID(), name: "hnsw")
+        }
+    }
+
+    @Test func hnswEntryPointMustBeOnTheTopLayer() throws {
+        let (_, built) = try Self.builtIndexes()
+        let good = built.first { $0.0 == .hnsw }!.1.sections()
+        // Rewrite the meta with maxLevel one above the entry point's level.
+        var meta = ByteReader(good["meta"]!, context: "t")
+        var v = try (0..<6).map { _ in try meta.read(Int64.self) }
+        let rest = Array(good["meta"]![meta.offset...])
+        v[5] += 1
+        var w = ByteWriter()
+        for x in v { w.write(x) }
+        var bad = good
+        bad["meta"] = w.bytes + rest
+        expectRefusedAsCorrupt(bad, "max level above the entry point") { _ = try HNSWIndex(sections: $0) }
+    }
+
+    @Test func trainThenAddEqualsAddAlone() throws {
+        // `add` on an untrained index trains on its range first: the same index either way.
+        let sample = try RetrievalGraphIndexTests.Sample(keyRows: 1024)
+        var p = IndexBuildParameters()
+        p.nlist = 16; p.tables = 8; p.bits = 6
+        try sample.store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            for kind in [IndexKind.ivf, .tree, .lsh] {
+                let a = try IndexCatalog.make(kind, dimension: 32, count: keys.count, parameters: p)
+                try a.train(keys: keys, range: 0..<keys.count, queries: nil)
+                try a.add(keys: keys, range: 0..<keys.count, progress: nil)
+                let b = try IndexCatalog.make(kind, dimension: 32, count: keys.count, parameters: p)
+                try b.add(keys: keys, range: 0..<keys.count, progress: nil)
+                #expect(a.sections() == b.sections(), "\(kind)")
+                #expect(a.isTrained && b.isTrained)
+            }
+        }
+    }
+}
