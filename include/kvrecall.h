@@ -40,7 +40,8 @@ enum kvrecall_method {
     KVRECALL_METHOD_HNSW = 4,
     KVRECALL_METHOD_IVF = 5,
     KVRECALL_METHOD_LSH = 6,
-    KVRECALL_METHOD_TREE = 7
+    KVRECALL_METHOD_TREE = 7,
+    KVRECALL_METHOD_ESTIMATE = 8   /* RetroInfer estimation zone over IVF clusters */
 };
 
 typedef struct kvrecall_config {

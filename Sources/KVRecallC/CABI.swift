@@ -111,7 +111,7 @@ private func layerIndex(_ layer: UInt32, _ s: KVSession) throws -> Int {
 }
 
 private let methods: [Int32: AttentionMethod] = [
-    0: .exact, 1: .retrieval, 2: .hip, 3: .landmark, 4: .hnsw, 5: .ivf, 6: .lsh, 7: .tree,
+    0: .exact, 1: .retrieval, 2: .hip, 3: .landmark, 4: .hnsw, 5: .ivf, 6: .lsh, 7: .tree, 8: .estimate,
 ]
 
 @_cdecl("kvrecall_session_open")

@@ -109,8 +109,8 @@ struct Attend: ParsableCommand {
             ? AttentionMethod.available(built: built)
             : [AttentionMethod(rawValue: method)!]
         let runs = try store.read { snapshot in
-            try methods.map { try runMethod($0, snapshot: snapshot, head: headOptions.id, queries: values,
-                                            groupSize: attention.group, parameters: attention.parameters) }
+            try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values,
+                           groupSize: attention.group, parameters: attention.parameters).map { try $0.get() }
         }
         if json {
             print(try jsonString(method == "all" ? runs.map(\.json) as Any : runs[0].json))

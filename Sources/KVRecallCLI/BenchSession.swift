@@ -30,7 +30,7 @@ struct BenchSession: ParsableCommand {
     @Option(help: "Decode steps timed.")
     var steps: Int = 16
     @Option(help: "Retrieval method of the second session.")
-    var method: String = "retrieval"
+    var method: AttentionMethod = .retrieval
     @Option var dtype: String = "f16"
     @Option(name: .short) var k: Int = 100
     @Option var ef: Int = 400
@@ -38,7 +38,6 @@ struct BenchSession: ParsableCommand {
     var scratch: String?
 
     func validate() throws {
-        guard AttentionMethod(rawValue: method) != nil, method != "estimate" else { throw ValidationError("--method: a session method") }
         guard DType(rawValue: dtype) != nil else { throw ValidationError("--dtype must be f32, f16 or bf16") }
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
     }
@@ -53,7 +52,7 @@ struct BenchSession: ParsableCommand {
         let base = scratch ?? NSTemporaryDirectory()
         var sessions: [KVSession] = []
         defer { sessions.forEach { s in let path = s.store.path; s.close(); try? FileManager.default.removeItem(atPath: path) } }
-        for m in [AttentionMethod.exact, AttentionMethod(rawValue: method)!] {
+        for m in [AttentionMethod.exact, method] {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
                                               dtype: DType(rawValue: dtype)!, method: m, k: k, ef: ef)
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
@@ -132,7 +131,7 @@ struct BenchSession: ParsableCommand {
         let exactMs = median(times[0]) / 1e3, retrievalMs = median(times[1]) / 1e3
         var table = TextTable(["method", "per_token_ms", "per_layer_ms", "speedup", "recall@\(k)"])
         table.add(["exact", fmt(exactMs, 2), fmt(exactMs / Double(layers), 3), "1.00x", "1.000"])
-        table.add([method, fmt(retrievalMs, 2), fmt(retrievalMs / Double(layers), 3), fmt(exactMs / retrievalMs, 2) + "x",
+        table.add([method.rawValue, fmt(retrievalMs, 2), fmt(retrievalMs / Double(layers), 3), fmt(exactMs / retrievalMs, 2) + "x",
                    fmt(recallSum / Double(max(1, recallCount)), 3)])
         print(table.render())
         print("resident memory: \(residentMegabytes()) MB (both sessions' maps and indexes)")

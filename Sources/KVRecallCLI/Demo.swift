@@ -95,9 +95,8 @@ struct Demo: ParsableCommand {
         parameters.search.graph.ef = 128
         parameters.search.ivf.nprobe = 8
         let runs = try main.read { snapshot in
-            try AttentionMethod.allCases.map {
-                try runMethod($0, snapshot: snapshot, head: HeadID(), queries: queries, groupSize: 1, parameters: parameters)
-            }
+            try runMethods(AttentionMethod.allCases, snapshot: snapshot, head: HeadID(), queries: queries, groupSize: 1,
+                           parameters: parameters).map { try $0.get() }
         }
         print("\nAttention, k=\(attentionK), sinks 4, window 64, over \(rows) decode queries (oracle = exact top-k + static part):")
         print(methodTable(runs, k: attentionK).render())

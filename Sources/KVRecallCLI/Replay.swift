@@ -16,16 +16,10 @@ struct Replay: ParsableCommand {
     @Option(help: ArgumentHelp("Folder with keys, values, prefill_queries and trace_{queries,keys,values}.npy (default: Data/minilm).", valueName: "dir"))
     var data: String?
     @Option(help: "Attention method of the session.")
-    var method: String = "retrieval"
+    var method: AttentionMethod = .retrieval
     @OptionGroup var attention: AttentionOptions
     @Flag(help: "Print every step.")
     var verbose = false
-
-    func validate() throws {
-        guard let m = AttentionMethod(rawValue: method), m != .estimate else {
-            throw ValidationError("--method must be one of exact, retrieval, hip, landmark, hnsw, ivf, lsh, tree")
-        }
-    }
 
     func run() throws {
         let dir = try data ?? locateSampleData()
@@ -37,12 +31,13 @@ struct Replay: ParsableCommand {
             throw RunError("\(dir): trace_queries/keys/values must share one [steps, \(d)] shape")
         }
         var config = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
-                                          method: AttentionMethod(rawValue: method)!, k: attention.k, sinks: attention.sinks,
+                                          method: method, k: attention.k, sinks: attention.sinks,
                                           window: attention.window, ef: attention.search.ef, nprobe: attention.search.nprobe)
         config.upkeepBatch = 16
         let session = try KVSession(configuration: config, directory: nil)
         defer { session.close() }
         session.parameters.search = attention.parameters.search
+        session.parameters.estimation = attention.parameters.estimation
         try keys.floats().withUnsafeBufferPointer { k in
             try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
         }

@@ -6,7 +6,7 @@ public enum AttentionMethod: String, CaseIterable, Sendable {
     case retrieval
     /// HiP: hierarchical chunk pruning, no index.
     case hip
-    /// Landmark: block representatives (mean key; Quest bound with `landmarkBound`).
+    /// Landmark: block representatives (mean key; Quest bound with `search.landmark.bound`).
     case landmark
     /// Index top-k with a key-only index.
     case hnsw, ivf, lsh, tree
@@ -28,41 +28,90 @@ public enum AttentionMethod: String, CaseIterable, Sendable {
         }
     }
 
-    /// The method ready to answer queries on head `id` inside `snapshot`: its selector (HiP's
-    /// search or the head's persisted index; an error naming the build command when it was never
-    /// built), and for `estimate` the cluster summary, computed once.
+    /// The method ready to answer queries on head `id` inside `snapshot`, with the head's
+    /// persisted index (an error naming the build command when it was never built).
     public func prepare(snapshot: StoreSnapshot, head id: HeadID) throws -> PreparedAttention {
         let keys = try snapshot.vectors(id, .keys)
         let values = try snapshot.vectors(id, .values)
-        switch self {
-        case .exact:
-            return PreparedAttention(method: self, keys: keys, values: values, selector: nil, summary: nil)
-        case .hip:
-            return PreparedAttention(method: self, keys: keys, values: values, selector: HiPSelector(keys: keys), summary: nil)
-        case .estimate:
-            let ivf = try IndexCatalog.load(IVFIndex.self, from: try snapshot.index(id, name: "ivf"), head: id, name: "ivf")
-            return PreparedAttention(method: self, keys: keys, values: values, selector: ivf,
-                                     summary: try ClusterSummary(ivf: ivf, keys: keys, values: values))
-        default:
-            return PreparedAttention(method: self, keys: keys, values: values,
-                                     selector: try IndexCatalog.load(indexKind!, snapshot: snapshot, head: id), summary: nil)
-        }
+        let index = try indexKind.map { try IndexCatalog.load($0, snapshot: snapshot, head: id) }
+        return PreparedAttention(method: try PreparedMethod(self, index: index, keys: keys, values: values), keys: keys, values: values)
     }
 }
 
-/// An attention method bound to one head's vectors inside a read transaction.
-public struct PreparedAttention {
+/// One head's attention method with what it needs across calls: its index and, for `estimate`,
+/// the cluster summary (computed once from the IVF lists). Independent of any transaction, so
+/// a session or the REPL keeps one per head and passes each call the views of its transaction.
+///
+/// `attend` is the one dispatcher behind the CLI, the REPL, `KVSession` and the C ABI.
+public final class PreparedMethod: @unchecked Sendable {
     public let method: AttentionMethod
+    /// The head's index of `method.indexKind` (nil for exact and HiP, or a session head not yet indexed).
+    public let index: (any BuildableIndex)?
+    /// The estimation zone's per-cluster statistics over the keys `index` holds.
+    public let summary: ClusterSummary?
+
+    /// Prepares `method` with `index`, the head's index of `method.indexKind` (or nil: a method
+    /// needing an index then attends every position exactly, as a session does before its build).
+    /// `keys` and `values` are read only for `estimate`'s cluster summary.
+    public init(_ method: AttentionMethod, index: (any BuildableIndex)?, keys: VectorView, values: VectorView) throws {
+        if let index, index.kind != method.indexKind {
+            throw IndexError.invalidParameter("method \(method.rawValue) reads a \(method.indexKind?.rawValue ?? "no") index, not \(index.kind.rawValue)")
+        }
+        self.method = method
+        self.index = method.indexKind == nil ? nil : index
+        if method == .estimate, let ivf = index as? IVFIndex {
+            summary = try ClusterSummary(ivf: ivf, keys: keys, values: values)
+        } else {
+            summary = nil
+        }
+    }
+
+    /// Attention for one GQA group (`g x d` queries, row-major) over a head's `keys` and `values`.
+    /// Keys beyond the index (appended since it was built or extended) are attended exactly, like
+    /// the window; when the static part covers every position the result is exact attention.
+    public func attend(_ queries: UnsafeBufferPointer<Float>, keys: VectorView, values: VectorView,
+                       parameters: AttentionParameters) throws -> AttentionResult {
+        var p = parameters
+        let n = keys.count
+        var selector: (any VectorIndex)? = nil
+        switch method {
+        case .exact:
+            break
+        case .hip:
+            selector = HiPSelector(keys: keys)
+        default:
+            if let index {
+                guard index.count <= n else {
+                    throw IndexError.corrupt("the \(index.kind.rawValue) index covers \(index.count) keys but the head holds \(n)")
+                }
+                if index.count < n { p.window = max(p.window, n - index.count) }
+                selector = index
+            }
+        }
+        guard let selector, p.sinks + p.window < n else {
+            return try Attention.attend(queries: queries, selector: nil, keys: keys, values: values, parameters: p)
+        }
+        if let summary {
+            return try Attention.attendEstimated(queries: queries, summary: summary, keys: keys, values: values, parameters: p)
+        }
+        return try Attention.attend(queries: queries, selector: selector, keys: keys, values: values, parameters: p)
+    }
+}
+
+/// A prepared method bound to one head's vectors inside a read transaction.
+public struct PreparedAttention {
+    public let method: PreparedMethod
     public let keys: VectorView
     public let values: VectorView
-    public let selector: (any VectorIndex)?
-    public let summary: ClusterSummary?
+
+    public init(method: PreparedMethod, keys: VectorView, values: VectorView) {
+        self.method = method
+        self.keys = keys
+        self.values = values
+    }
 
     /// Attention for one GQA group (`g x d` queries).
     public func attend(_ queries: UnsafeBufferPointer<Float>, parameters: AttentionParameters) throws -> AttentionResult {
-        if let summary {
-            return try Attention.attendEstimated(queries: queries, summary: summary, keys: keys, values: values, parameters: parameters)
-        }
-        return try Attention.attend(queries: queries, selector: selector, keys: keys, values: values, parameters: parameters)
+        try method.attend(queries, keys: keys, values: values, parameters: parameters)
     }
 }

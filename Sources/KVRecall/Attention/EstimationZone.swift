@@ -3,7 +3,9 @@ import Foundation
 /// Exact per-cluster statistics of an IVF partition of a head: member count, mean key and value
 /// sum. They let a cluster stand in for its members (RetroInfer's estimation zone): for query q,
 /// sum_{i in c} exp(s q.k_i) v_i  is estimated by  n_c exp(s q.mean_c) (value_sum_c / n_c).
-/// Computed once per head from the keys and values (O(N d)) and reused for every query.
+/// Computed once per head from the keys and values (O(N d)) and reused for every query. It covers
+/// the keys the IVF index holds (a session's index lags the head by the keys not yet indexed,
+/// which the dispatcher attends exactly like the window).
 public struct ClusterSummary: Sendable {
     public let clusters: Int
     public let dimension: Int
@@ -13,20 +15,20 @@ public struct ClusterSummary: Sendable {
     public let meanKeys: [Float]
     /// `clusters x valueDimension`, row-major.
     public let valueSums: [Float]
-    /// Cluster of each position.
+    /// Cluster of each position the index holds (positions 0..<clusterOf.count).
     public let clusterOf: [Int32]
     /// Members of each cluster.
     public let members: [[Int32]]
 
     public init(ivf: IVFIndex, keys: VectorView, values: VectorView) throws {
-        guard ivf.count == keys.count, values.count == keys.count else {
+        guard ivf.count <= keys.count, values.count == keys.count else {
             throw IndexError.corrupt("the IVF index covers \(ivf.count) keys but the head holds \(keys.count); rebuild it")
         }
         let d = keys.dimension, dv = values.dimension, c = ivf.nlist
         var sizes = [Int](repeating: 0, count: c)
         var meanKeys = [Float](repeating: 0, count: c * d)
         var valueSums = [Float](repeating: 0, count: c * dv)
-        var clusterOf = [Int32](repeating: -1, count: keys.count)
+        var clusterOf = [Int32](repeating: -1, count: ivf.count)
         var members = [[Int32]](repeating: [], count: c)
         var row = [Float](repeating: 0, count: max(d, dv))
         for l in 0..<c {
@@ -75,7 +77,7 @@ extension Attention {
         let estimation = parameters.estimation
         let d = keys.dimension, dv = values.dimension
         guard queries.count % d == 0, queries.count > 0 else { throw IndexError.dimensionMismatch(expected: d, actual: queries.count) }
-        guard summary.dimension == d, summary.clusterOf.count == keys.count else {
+        guard summary.dimension == d, summary.clusterOf.count <= keys.count else {
             throw IndexError.corrupt("cluster summary does not match the head")
         }
         if let p = estimation.topP, !(p > 0 && p <= 1) { throw IndexError.invalidParameter("top-p must be in (0, 1] (got \(p))") }
@@ -87,7 +89,7 @@ extension Attention {
         var sizes = summary.sizes
         var valueSums = summary.valueSums
         var row = [Float](repeating: 0, count: dv)
-        for i in fixed {
+        for i in fixed where i < summary.clusterOf.count {
             let c = Int(summary.clusterOf[i])
             guard c >= 0 else { continue }
             sizes[c] -= 1

@@ -20,35 +20,69 @@ public struct MethodRun: Sendable {
 /// there are few queries.
 public func runMethod(_ method: AttentionMethod, snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
                       parameters: AttentionParameters, repetitions: Int = 1) throws -> MethodRun {
-    let prepared = try method.prepare(snapshot: snapshot, head: head)
-    let keys = prepared.keys, values = prepared.values
+    try runMethods([method], snapshot: snapshot, head: head, queries: queries, groupSize: groupSize,
+                   parameters: parameters, repetitions: repetitions)[0].get()
+}
+
+/// Runs several methods over the same query groups: each group's exact reference (scores, exact
+/// output, top-k, oracle) is computed once and shared by every method's fidelity. A method that
+/// cannot be prepared or fails gives its error and the others go on.
+public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
+                       parameters: AttentionParameters, repetitions: Int = 1) throws -> [Result<MethodRun, Error>] {
+    let keys = try snapshot.vectors(head, .keys)
+    let values = try snapshot.vectors(head, .values)
     let d = keys.dimension
-    var run = MethodRun(method: method)
+    var outcomes: [Result<MethodRun, Error>] = []
+    var prepared: [PreparedAttention?] = []
+    for method in methods {
+        do {
+            prepared.append(try method.prepare(snapshot: snapshot, head: head))
+            outcomes.append(.success(MethodRun(method: method)))
+        } catch {
+            prepared.append(nil)
+            outcomes.append(.failure(error))
+        }
+    }
     let groups = queries.count / (d * groupSize)
-    try queries.withUnsafeBufferPointer { qb in
+    queries.withUnsafeBufferPointer { qb in
         for gi in 0..<groups {
             let group = UnsafeBufferPointer(rebasing: qb[(gi * groupSize * d)..<((gi + 1) * groupSize * d)])
-            var first: AttentionResult?
-            for _ in 0..<max(1, repetitions) {
-                let t0 = monotonicNanos()
-                let result = try prepared.attend(group, parameters: parameters)
-                run.micros.append(Double(monotonicNanos() - t0) / 1e3)
-                if first == nil { first = result }
+            var reference: ExactReference?
+            for (m, outcome) in outcomes.enumerated() {
+                guard case .success(var run) = outcome, let method = prepared[m] else { continue }
+                do {
+                    var first: AttentionResult?
+                    for _ in 0..<max(1, repetitions) {
+                        let t0 = monotonicNanos()
+                        let result = try method.attend(group, parameters: parameters)
+                        run.micros.append(Double(monotonicNanos() - t0) / 1e3)
+                        if first == nil { first = result }
+                    }
+                    let result = first!
+                    if reference == nil { reference = ExactReference(queries: group, keys: keys, values: values, parameters: parameters) }
+                    let f = Attention.fidelity(of: result, reference: reference!)
+                    run.recall += f.recall
+                    run.mass += f.attentionMass
+                    run.error += f.outputError
+                    run.oracleMass += f.oracleMass
+                    run.oracleError += f.oracleError
+                    run.scanned += result.stats.keysScannedFraction
+                    run.results.append(result)
+                    outcomes[m] = .success(run)
+                } catch {
+                    outcomes[m] = .failure(error)
+                }
             }
-            let result = first!
-            let f = Attention.fidelity(of: result, queries: group, keys: keys, values: values, parameters: parameters)
-            run.recall += f.recall
-            run.mass += f.attentionMass
-            run.error += f.outputError
-            run.oracleMass += f.oracleMass
-            run.oracleError += f.oracleError
-            run.scanned += result.stats.keysScannedFraction
-            run.results.append(result)
         }
     }
     let n = Double(max(1, groups))
-    run.recall /= n; run.mass /= n; run.error /= n; run.oracleMass /= n; run.oracleError /= n; run.scanned /= n
-    return run
+    return outcomes.map { outcome in
+        outcome.map { run in
+            var run = run
+            run.recall /= n; run.mass /= n; run.error /= n; run.oracleMass /= n; run.oracleError /= n; run.scanned /= n
+            return run
+        }
+    }
 }
 
 /// The side-by-side table of several methods' runs (recall against exact top-k, attention mass,

@@ -549,12 +549,12 @@ public final class REPLInterpreter {
         let (available, missing) = try availableMethods(store, info.id)
         var failed: [String] = []
         let runs = try store.read { snapshot in
-            available.compactMap { method -> MethodRun? in
-                do {
-                    return try runMethod(method, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
-                                         parameters: parameters, repetitions: repetitions)
-                } catch {
-                    failed.append("\(method.rawValue): \(error)")
+            try runMethods(available, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
+                           parameters: parameters, repetitions: repetitions).enumerated().compactMap { m, outcome -> MethodRun? in
+                switch outcome {
+                case .success(let run): return run
+                case .failure(let error):
+                    failed.append("\(available[m].rawValue): \(error)")
                     return nil
                 }
             }

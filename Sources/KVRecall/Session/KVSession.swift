@@ -14,8 +14,16 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var k: Int
     public var sinks: Int
     public var window: Int
+    /// HNSW / retrieval graph beam width.
     public var ef: Int
+    /// IVF (and `estimate`) lists probed.
     public var nprobe: Int
+    /// Centroid tree: clusters kept per level.
+    public var beam: Int
+    /// LSH: tables a key must collide in.
+    public var minCollisions: Int
+    /// Landmark: rank blocks by Quest's min/max bound instead of the mean key.
+    public var landmarkBound: Bool
     /// Keys that left the window are indexed in batches of this many (bounded work per step).
     public var upkeepBatch: Int
     /// The store's context id for this sequence.
@@ -23,7 +31,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
-                ef: Int = 400, nprobe: Int = 64, upkeepBatch: Int = 64, context: UInt32 = 0) {
+                ef: Int = 400, nprobe: Int = 64, beam: Int = 8, minCollisions: Int = 2, landmarkBound: Bool = false,
+                upkeepBatch: Int = 64, context: UInt32 = 0) {
         self.layers = layers
         self.kvHeads = kvHeads
         self.queryHeadsPerKV = queryHeadsPerKV
@@ -35,11 +44,56 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.window = window
         self.ef = ef
         self.nprobe = nprobe
+        self.beam = beam
+        self.minCollisions = minCollisions
+        self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
         self.context = context
     }
 
-    func validate() throws {
+    private enum CodingKeys: String, CodingKey {
+        case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
+        case landmarkBound, upkeepBatch, context
+    }
+
+    /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
+    /// bound) take their defaults when an older checkpoint lacks them.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        layers = try c.decode(Int.self, forKey: .layers)
+        kvHeads = try c.decode(Int.self, forKey: .kvHeads)
+        queryHeadsPerKV = try c.decode(Int.self, forKey: .queryHeadsPerKV)
+        headDimension = try c.decode(Int.self, forKey: .headDimension)
+        dtype = try c.decode(DType.self, forKey: .dtype)
+        method = try c.decode(String.self, forKey: .method)
+        k = try c.decode(Int.self, forKey: .k)
+        sinks = try c.decode(Int.self, forKey: .sinks)
+        window = try c.decode(Int.self, forKey: .window)
+        ef = try c.decode(Int.self, forKey: .ef)
+        nprobe = try c.decode(Int.self, forKey: .nprobe)
+        beam = try c.decodeIfPresent(Int.self, forKey: .beam) ?? 8
+        minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions) ?? 2
+        landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
+        upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
+        context = try c.decode(UInt32.self, forKey: .context)
+    }
+
+    /// The attention parameters of a decode step under this configuration.
+    public var attentionParameters: AttentionParameters {
+        var p = AttentionParameters()
+        p.k = k
+        p.sinks = sinks
+        p.window = window
+        p.search.graph.ef = ef
+        p.search.ivf.nprobe = nprobe
+        p.search.tree.beam = beam
+        p.search.lsh.minCollisions = minCollisions
+        p.search.landmark.bound = landmarkBound
+        return p
+    }
+
+    /// Checks shapes, the method name and every knob.
+    public func validate() throws {
         guard layers >= 1, kvHeads >= 1, queryHeadsPerKV >= 1, headDimension >= 1 else {
             throw SessionError.invalidArgument("layers, KV heads, query heads per KV head and head dimension must be positive")
         }
@@ -49,8 +103,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         guard AttentionMethod(rawValue: method) != nil else {
             throw SessionError.invalidArgument("unknown method '\(method)' (one of \(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
-        guard k >= 1, sinks >= 0, window >= 0, ef >= 1, nprobe >= 1, upkeepBatch >= 1 else {
-            throw SessionError.invalidArgument("k, ef, nprobe and the upkeep batch must be positive; sinks and window non-negative")
+        guard k >= 1, sinks >= 0, window >= 0, ef >= 1, nprobe >= 1, beam >= 1, minCollisions >= 1, upkeepBatch >= 1 else {
+            throw SessionError.invalidArgument("k, ef, nprobe, beam, min-collisions and the upkeep batch must be positive; sinks and window non-negative")
         }
     }
 
@@ -85,6 +139,8 @@ public final class KVSession {
     private let temporaryDirectory: String?
     /// Per (layer, kv head): the in-memory index of keys 0..<index.count.
     private var indexes: [[(any BuildableIndex)?]]
+    /// Per (layer, kv head): the method prepared over `indexes` (dropped when its index grows).
+    private var methods: [[PreparedMethod?]]
     private var prepared = false
     public var parameters: AttentionParameters
 
@@ -106,12 +162,8 @@ public final class KVSession {
             temporaryDirectory = path
         }
         indexes = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
-        parameters = AttentionParameters()
-        parameters.k = configuration.k
-        parameters.sinks = configuration.sinks
-        parameters.window = configuration.window
-        parameters.search.graph.ef = configuration.ef
-        parameters.search.ivf.nprobe = configuration.nprobe
+        methods = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
+        parameters = configuration.attentionParameters
         try createHeads()
     }
 
@@ -131,6 +183,7 @@ public final class KVSession {
                     let id = headID(layer, head)
                     if let kind = configuration.attentionMethod.indexKind, try snapshot.index(id, name: kind.rawValue) != nil {
                         indexes[layer][head] = try IndexCatalog.load(kind, snapshot: snapshot, head: id)
+                        methods[layer][head] = nil
                         prepared = true
                     }
                 }
@@ -234,6 +287,7 @@ public final class KVSession {
                     try index.add(keys: indexed, range: 0..<upTo, progress: nil)
                     return index
                 }
+                methods[layer][head] = nil
                 done += 1
                 progress?(done, total)
             }
@@ -253,6 +307,7 @@ public final class KVSession {
                 let pending = upTo - index.count
                 guard pending >= configuration.upkeepBatch || (force && pending > 0) else { return }
                 try index.add(keys: keys.limited(to: upTo), range: index.count..<upTo, progress: nil)
+                methods[layer][head] = nil
             }
         }
     }
@@ -268,11 +323,12 @@ public final class KVSession {
         var outputs = [Float](repeating: 0, count: h * g * d)
         let failures = FirstError()
         try store.read { snapshot in
+            let prepared = try (0..<h).map { try preparedMethod(snapshot: snapshot, layer: layer, head: $0) }
             outputs.withUnsafeMutableBufferPointer { out in
                 DispatchQueue.concurrentPerform(iterations: h) { head in
                     do {
                         let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
-                        let result = try attendHead(snapshot: snapshot, layer: layer, head: head, queries: group)
+                        let result = try attendHead(snapshot: snapshot, layer: layer, head: head, method: prepared[head], queries: group)
                         for (j, partial) in result.heads.enumerated() {
                             for c in 0..<d { out[(head * g + j) * d + c] = partial.output[c] }
                         }
@@ -290,32 +346,31 @@ public final class KVSession {
     public func attendDetailed(layer: Int, head: Int, queries: UnsafeBufferPointer<Float>) throws -> AttentionResult {
         try checkLayer(layer)
         guard head >= 0 && head < configuration.kvHeads else { throw SessionError.invalidArgument("KV head \(head) does not exist") }
-        return try store.read { snapshot in try attendHead(snapshot: snapshot, layer: layer, head: head, queries: queries) }
+        return try store.read { snapshot in
+            try attendHead(snapshot: snapshot, layer: layer, head: head,
+                           method: try preparedMethod(snapshot: snapshot, layer: layer, head: head), queries: queries)
+        }
     }
 
-    private func attendHead(snapshot: StoreSnapshot, layer: Int, head: Int, queries group: UnsafeBufferPointer<Float>) throws -> AttentionResult {
+    /// The head's method over its current index, prepared once and kept until the index grows.
+    private func preparedMethod(snapshot: StoreSnapshot, layer: Int, head: Int) throws -> PreparedMethod {
+        if let cached = methods[layer][head] { return cached }
+        let id = headID(layer, head)
+        let method = try PreparedMethod(configuration.attentionMethod, index: indexes[layer][head],
+                                        keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values))
+        methods[layer][head] = method
+        return method
+    }
+
+    /// One head's query group through the shared dispatcher (`PreparedMethod.attend`): keys not
+    /// yet indexed are attended exactly like the window, and everything before `buildIndexes`.
+    private func attendHead(snapshot: StoreSnapshot, layer: Int, head: Int, method: PreparedMethod,
+                            queries group: UnsafeBufferPointer<Float>) throws -> AttentionResult {
         let id = headID(layer, head)
         let keys = try snapshot.vectors(id, .keys)
         let values = try snapshot.vectors(id, .values)
         guard keys.count > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)") }
-        let method = configuration.attentionMethod
-        var p = parameters
-        var selector: (any VectorIndex)? = nil
-        if method != .exact {
-            if let index = indexes[layer][head] {
-                selector = index
-                // Keys not yet indexed are attended exactly, like the window.
-                p.window = max(p.window, keys.count - index.count)
-            } else if method == .hip {
-                selector = HiPSelector(keys: keys)
-            } else {
-                p.window = keys.count  // nothing indexed yet: attend everything
-            }
-        }
-        if let selector, p.window < keys.count {
-            return try Attention.attend(queries: group, selector: selector, keys: keys, values: values, parameters: p)
-        }
-        return try Attention.attend(queries: group, selector: nil, keys: keys, values: values, parameters: p)
+        return try method.attend(group, keys: keys, values: values, parameters: parameters)
     }
 
     /// Indexes every pending key and writes the indexes and vectors durably, so the session can
