@@ -23,12 +23,8 @@ struct AttentionOptions: ParsableArguments {
     @OptionGroup var search: SearchParameterOptions
 
     func validate() throws {
-        if k < 1 { throw ValidationError("-k must be at least 1") }
-        if sinks < 0 || window < 0 { throw ValidationError("--sinks and --window must be non-negative") }
         if group < 1 { throw ValidationError("--group must be at least 1") }
-        if let topP, !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1]") }
-        if let estimateClusters, estimateClusters < 0 { throw ValidationError("--estimate-clusters must be non-negative") }
-        if maxRetrieved < 1 { throw ValidationError("--max-retrieved must be at least 1") }
+        try validateSettings { try parameters.validate() }
     }
 
     var parameters: AttentionParameters {

@@ -24,21 +24,23 @@ struct BenchANN: ParsableCommand {
     var prefill: String?
     @Option(help: ArgumentHelp("In-distribution queries (e.g. held-out keys) [M, d] .npy.", valueName: "file"))
     var keyQueries: String?
-    @Option(help: "Index kind: hnsw, ivf, lsh or tree.")
-    var index: String
+    @Option(help: ArgumentHelp("Index kind.", valueName: "kind"))
+    var index: IndexKind
     @Option(help: "Comma-separated values of the swept search parameter.")
     var sweep: String
     @OptionGroup var build: BuildParameterOptions
 
     func validate() throws {
-        if IndexKind(rawValue: index) == nil { throw ValidationError("--index must be one of hnsw, ivf, lsh, tree, retrieval, landmark") }
+        guard index.type != nil else {
+            throw ValidationError("--index must be one of \(IndexKind.stored.map(\.rawValue).joined(separator: ", ")) (got '\(index.rawValue)')")
+        }
         if sweepValues.isEmpty { throw ValidationError("--sweep needs comma-separated positive integers (got '\(sweep)')") }
     }
 
     var sweepValues: [Int] { sweep.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }.filter { $0 > 0 } }
 
     var parameterName: String {
-        switch IndexKind(rawValue: index)! {
+        switch index {
         case .hnsw: return "ef"
         case .ivf: return "nprobe"
         case .lsh: return "min_collisions"
@@ -51,7 +53,7 @@ struct BenchANN: ParsableCommand {
 
     func run() throws {
         BLAS.setThreads(1)
-        let kind = IndexKind(rawValue: index)!
+        let kind = index
         let (keyTensor, d, decode, decodeRows) = try data.load()
         var sets: [(name: String, rows: Int, values: [Float])] = [("ood:" + data.queries, decodeRows, decode)]
         if let keyQueries {
@@ -109,7 +111,7 @@ struct BenchANN: ParsableCommand {
                     table.add([String(set.name.prefix(4)), "\(value)", fmt(rec, 3), fmt(qps, 0), fmt(med, 1), fmt(stats.keysScannedFraction, 4)])
                     records.append(["library": "kvrecall", "method": kind.rawValue, "params": [parameterName: value] as [String: Any],
                                     "build_params": ["M": build.M, "ef_construction": build.efConstruction, "nlist": build.nlist ?? -1,
-                                                     "tables": build.tables, "bits": build.bits, "cluster_metric": build.clusterMetric,
+                                                     "tables": build.tables, "bits": build.bits, "cluster_metric": build.clusterMetric.rawValue,
                                                      "threads": build.threads] as [String: Any],
                                     "k": data.k, "query_set": set.name.hasPrefix("ood") ? "decode" : "heldout_keys",
                                     "recall": rec, "qps": qps, "median_us": med, "build_s": buildSeconds,

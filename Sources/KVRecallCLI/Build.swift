@@ -12,8 +12,8 @@ struct BuildParameterOptions: ParsableArguments {
     var nlist: Int?
     @Option(help: "k-means iterations (IVF, tree).")
     var iterations: Int = 20
-    @Option(help: "k-means metric: l2 or ip (IVF, tree).")
-    var clusterMetric: String = "l2"
+    @Option(help: "k-means metric (IVF, tree).")
+    var clusterMetric: ClusterMetric = .l2
     @Option(help: "LSH: number of tables (L).")
     var tables: Int = 150
     @Option(help: "LSH: bits per table (K), 1...16.")
@@ -40,22 +40,7 @@ struct BuildParameterOptions: ParsableArguments {
     var threads: Int = 2
 
     func validate() throws {
-        if M < 2 { throw ValidationError("--M must be at least 2 (got \(M))") }
-        if efConstruction < 1 { throw ValidationError("--ef-construction must be at least 1") }
-        if let nlist, nlist < 1 { throw ValidationError("--nlist must be at least 1") }
-        if iterations < 1 { throw ValidationError("--iterations must be at least 1") }
-        if ClusterMetric(rawValue: clusterMetric) == nil { throw ValidationError("--cluster-metric must be l2 or ip") }
-        if !(1...16).contains(bits) { throw ValidationError("--bits must be in 1...16") }
-        if !(1...1024).contains(tables) { throw ValidationError("--tables must be in 1...1024") }
-        if levels < 2 { throw ValidationError("--levels must be at least 2") }
-        if graphDegree < 2 { throw ValidationError("--graph-degree must be at least 2") }
-        if queryNeighbours < 2 { throw ValidationError("--query-neighbours must be at least 2") }
-        if trainingQueries < 1 { throw ValidationError("--training-queries must be at least 1") }
-        if landmarkBlockSize < 1 { throw ValidationError("--landmark-block-size must be at least 1") }
-        if !(0...255).contains(localNeighbours) { throw ValidationError("--local-neighbours must be in 0...255") }
-        if !(0...255).contains(connectivitySlots) { throw ValidationError("--connectivity-slots must be in 0...255") }
-        if !(fineFraction > 0 && fineFraction <= 1) { throw ValidationError("--fine-fraction must be in (0, 1]") }
-        if threads < 1 { throw ValidationError("--threads must be at least 1") }
+        try validateSettings { try parameters.validate() }
     }
 
     var parameters: IndexBuildParameters {
@@ -64,7 +49,7 @@ struct BuildParameterOptions: ParsableArguments {
         p.efConstruction = efConstruction
         p.nlist = nlist
         p.iterations = iterations
-        p.clusterMetric = ClusterMetric(rawValue: clusterMetric) ?? .l2
+        p.clusterMetric = clusterMetric
         p.tables = tables
         p.bits = bits
         p.levels = levels
@@ -100,18 +85,20 @@ struct Build: ParsableCommand {
     @OptionGroup var headOptions: HeadOptions
     @Flag(help: "Build for every head of the store.")
     var allHeads = false
-    @Option(help: "Index kind: hnsw, ivf, lsh or tree.")
-    var index: String
+    @Option(help: ArgumentHelp("Index kind.", valueName: "kind"))
+    var index: IndexKind
     @OptionGroup var build: BuildParameterOptions
     @Flag(help: "No progress bar.")
     var quiet = false
 
     func validate() throws {
-        if IndexKind(rawValue: index) == nil { throw ValidationError("--index must be one of hnsw, ivf, lsh, tree, retrieval, landmark (got '\(index)')") }
+        guard index.type != nil else {
+            throw ValidationError("--index must be one of \(IndexKind.stored.map(\.rawValue).joined(separator: ", ")) (got '\(index.rawValue)')")
+        }
     }
 
     func run() throws {
-        let kind = IndexKind(rawValue: index)!
+        let kind = index
         let store = try storeOptions.open()
         defer { store.close() }
         let heads = allHeads ? try store.heads().map(\.id) : [headOptions.id]

@@ -105,11 +105,7 @@ struct SearchParameterOptions: ParsableArguments {
     var threads: Int = 1
 
     func validate() throws {
-        if ef < 1 { throw ValidationError("--ef must be at least 1") }
-        if nprobe < 1 { throw ValidationError("--nprobe must be at least 1") }
-        if beam < 1 { throw ValidationError("--beam must be at least 1") }
-        if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1") }
-        if threads < 1 { throw ValidationError("--threads must be at least 1") }
+        try validateSettings { try parameters.validate() }
     }
 
     var parameters: SearchParameters {

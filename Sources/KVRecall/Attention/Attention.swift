@@ -15,6 +15,17 @@ public struct AttentionParameters: Sendable {
     /// Estimation zone and adaptive budget (the `estimate` method).
     public var estimation = EstimationParameters()
     public init() {}
+
+    /// Checks every knob (shared by the CLI, the REPL and the session).
+    public func validate() throws {
+        guard k >= 1 else { throw IndexError.invalidParameter("k must be at least 1 (got \(k))") }
+        guard sinks >= 0, window >= 0 else {
+            throw IndexError.invalidParameter("sinks and window must be non-negative (got \(sinks), \(window))")
+        }
+        if let scale { guard scale.isFinite, scale > 0 else { throw IndexError.invalidParameter("scale must be positive (got \(scale))") } }
+        try search.validate()
+        try estimation.validate()
+    }
 }
 
 /// The result of attention for one GQA group (the query heads sharing one KV head).

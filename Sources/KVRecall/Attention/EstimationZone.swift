@@ -64,6 +64,12 @@ public struct EstimationParameters: Sendable {
     /// Most positions the adaptive budget may retrieve.
     public var maxRetrieved = 4096
     public init() {}
+
+    public func validate() throws {
+        if let topP { guard topP > 0 && topP <= 1 else { throw IndexError.invalidParameter("top-p must be in (0, 1] (got \(topP))") } }
+        if let clusters { guard clusters >= 0 else { throw IndexError.invalidParameter("estimated clusters must be non-negative (got \(clusters))") } }
+        guard maxRetrieved >= 1 else { throw IndexError.invalidParameter("max retrieved must be at least 1 (got \(maxRetrieved))") }
+    }
 }
 
 extension Attention {

@@ -70,6 +70,28 @@ public struct IndexBuildParameters: Sendable {
     /// Threads for the build.
     public var threads = 2
     public init() {}
+
+    /// Checks every knob; the one rule the CLI, the REPL, the session and the index types share.
+    public func validate() throws {
+        func check(_ ok: Bool, _ message: @autoclosure () -> String) throws {
+            if !ok { throw IndexError.invalidParameter(message()) }
+        }
+        try check((2...1024).contains(M), "M must be in 2...1024 (got \(M))")
+        try check(efConstruction >= 1, "ef-construction must be at least 1 (got \(efConstruction))")
+        if let nlist { try check(nlist >= 1, "nlist must be at least 1 (got \(nlist))") }
+        try check(iterations >= 1, "k-means iterations must be at least 1 (got \(iterations))")
+        try check((1...1024).contains(tables), "tables must be in 1...1024 (got \(tables))")
+        try check((1...16).contains(bits), "bits must be in 1...16 (got \(bits))")
+        try check((2...1024).contains(graphDegree), "graph degree must be in 2...1024 (got \(graphDegree))")
+        try check(queryNeighbours >= 2, "query neighbours must be at least 2 (got \(queryNeighbours))")
+        try check(trainingQueries >= 1, "training queries must be at least 1 (got \(trainingQueries))")
+        try check((0...255).contains(localNeighbours), "local neighbours must be in 0...255 (got \(localNeighbours))")
+        try check((0...255).contains(connectivitySlots), "connectivity slots must be in 0...255 (got \(connectivitySlots))")
+        try check(landmarkBlockSize >= 1, "landmark block size must be at least 1 (got \(landmarkBlockSize))")
+        try check((2...32).contains(levels), "levels must be in 2...32 (got \(levels))")
+        try check(fineFraction > 0 && fineFraction <= 1, "fine fraction must be in (0, 1] (got \(fineFraction))")
+        try check(threads >= 1, "threads must be at least 1 (got \(threads))")
+    }
 }
 
 /// How k-means compares a key with a centroid.
@@ -144,6 +166,7 @@ public enum IndexKind: String, CaseIterable, Sendable {
 extension IndexCatalog {
     /// An empty index of `kind` for `dimension`, configured by `parameters` for a head of `count` keys.
     public static func make(_ kind: IndexKind, dimension: Int, count: Int, parameters p: IndexBuildParameters) throws -> any BuildableIndex {
+        try p.validate()
         switch kind {
         case .hnsw:
             return try HNSWIndex(dimension: dimension, M: p.M, efConstruction: p.efConstruction, seed: p.seed, threads: p.threads)

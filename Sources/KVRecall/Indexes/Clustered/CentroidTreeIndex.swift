@@ -56,7 +56,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         guard fineFraction > 0, fineFraction <= 1 else {
             throw IndexError.invalidParameter("fine fraction must be in (0, 1] (got \(fineFraction))")
         }
-        guard iterations >= 0 else { throw IndexError.invalidParameter("iterations must be >= 0 (got \(iterations))") }
+        guard iterations >= 1 else { throw IndexError.invalidParameter("k-means iterations must be at least 1 (got \(iterations))") }
         self.dimension = dimension
         self.levels = levels
         self.fineFraction = fineFraction
@@ -282,7 +282,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         }
         let (dimension, count, levels, iterations) = (v[0], v[1], v[2], v[3])
         guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count), (2...32).contains(levels),
-              (0...1_000_000).contains(iterations), fraction > 0, fraction <= 1 else {
+              (1...1_000_000).contains(iterations), fraction > 0, fraction <= 1 else {
             throw IndexError.corrupt("tree meta out of range (dimension \(dimension), count \(count), levels \(levels))")
         }
         try self.init(dimension: Int(dimension), levels: Int(levels), fineFraction: fraction, metric: metric,

@@ -53,7 +53,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
                 seed: UInt64 = 42, threads: Int = 2) throws {
         guard dimension >= 1 else { throw IndexError.invalidParameter("dimension must be at least 1 (got \(dimension))") }
         if let nlist, nlist < 1 { throw IndexError.invalidParameter("nlist must be at least 1 (got \(nlist))") }
-        guard iterations >= 0 else { throw IndexError.invalidParameter("iterations must be >= 0 (got \(iterations))") }
+        guard iterations >= 1 else { throw IndexError.invalidParameter("k-means iterations must be at least 1 (got \(iterations))") }
         self.dimension = dimension
         self.requestedNlist = nlist
         self.metric = metric
@@ -194,7 +194,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count),
               requested == -1 || (1...Int64(Int32.max)).contains(requested),
               (0...max(count, 0)).contains(nlist), (nlist == 0) == (count == 0),
-              (0...1_000_000).contains(iterations) else {
+              (1...1_000_000).contains(iterations) else {
             throw IndexError.corrupt("IVF meta out of range (dimension \(dimension), count \(count), nlist \(nlist))")
         }
         try self.init(dimension: Int(dimension), nlist: requested == -1 ? nil : Int(requested), metric: metric,
