@@ -114,6 +114,31 @@ private let methods: [Int32: AttentionMethod] = [
     0: .exact, 1: .retrieval, 2: .hip, 3: .landmark, 4: .hnsw, 5: .ivf, 6: .lsh, 7: .tree, 8: .estimate,
 ]
 
+private let dtypes: [Int32: DType] = [0: .f32, 1: .f16, 2: .bf16]
+
+/// The C defaults are `SessionConfiguration`'s, so they are written once, in the library.
+@_cdecl("kvrecall_config_default")
+public func kvrecall_config_default(_ config: UnsafeMutablePointer<kvrecall_config>?, _ layers: UInt32, _ kvHeads: UInt32,
+                                    _ queryHeadsPerKV: UInt32, _ headDim: UInt32) {
+    guard let config else { return }
+    let defaults = SessionConfiguration(layers: Int(layers), kvHeads: Int(kvHeads), queryHeadsPerKV: Int(queryHeadsPerKV),
+                                        headDimension: Int(headDim))
+    var c = kvrecall_config()
+    c.struct_size = MemoryLayout<kvrecall_config>.size
+    c.layers = layers
+    c.kv_heads = kvHeads
+    c.query_heads_per_kv = queryHeadsPerKV
+    c.head_dim = headDim
+    c.dtype = dtypes.first { $0.value == defaults.dtype }!.key
+    c.method = methods.first { $0.value == defaults.attentionMethod }!.key
+    c.k = UInt32(defaults.k)
+    c.sinks = UInt32(defaults.sinks)
+    c.window = UInt32(defaults.window)
+    c.ef = UInt32(defaults.ef)
+    c.nprobe = UInt32(defaults.nprobe)
+    config.pointee = c
+}
+
 @_cdecl("kvrecall_session_open")
 public func kvrecall_session_open(_ config: UnsafePointer<kvrecall_config>?, _ directory: UnsafePointer<CChar>?,
                                   _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
@@ -125,7 +150,6 @@ public func kvrecall_session_open(_ config: UnsafePointer<kvrecall_config>?, _ d
             throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(c.struct_size), this library expects \(MemoryLayout<kvrecall_config>.size): header mismatch or unset (use kvrecall_config_default)")
         }
         guard let method = methods[c.method] else { throw ABIError(KVRECALL_ERR_ARGUMENT, "unknown method \(c.method)") }
-        let dtypes: [Int32: DType] = [0: .f32, 1: .f16, 2: .bf16]
         guard let dtype = dtypes[c.dtype] else { throw ABIError(KVRECALL_ERR_ARGUMENT, "unknown dtype \(c.dtype)") }
         let configuration = SessionConfiguration(
             layers: Int(c.layers), kvHeads: Int(c.kv_heads), queryHeadsPerKV: Int(c.query_heads_per_kv),

@@ -98,6 +98,31 @@ public final class PreparedMethod: @unchecked Sendable {
     }
 }
 
+/// Prepared methods kept across read transactions of a store, as the REPL does between commands:
+/// an entry is reused while the snapshot sees the same last write (`ReadTransaction.generation`),
+/// so an index rebuilt by another process is loaded again, and an unchanged one is not.
+public final class PreparedMethodCache {
+    private var entries: [String: (generation: Int, method: PreparedMethod)] = [:]
+
+    public init() {}
+
+    /// `method` on head `id`, bound to `snapshot`'s views; loaded and prepared only when needed.
+    public func prepare(_ method: AttentionMethod, snapshot: StoreSnapshot, head id: HeadID) throws -> PreparedAttention {
+        let key = "\(id)/\(method.rawValue)"
+        let generation = snapshot.txn.generation
+        let keys = try snapshot.vectors(id, .keys)
+        let values = try snapshot.vectors(id, .values)
+        if let entry = entries[key], entry.generation == generation {
+            return PreparedAttention(method: entry.method, keys: keys, values: values)
+        }
+        let prepared = try method.prepare(snapshot: snapshot, head: id)
+        entries[key] = (generation, prepared.method)
+        return prepared
+    }
+
+    public func removeAll() { entries = [:] }
+}
+
 /// A prepared method bound to one head's vectors inside a read transaction.
 public struct PreparedAttention {
     public let method: PreparedMethod

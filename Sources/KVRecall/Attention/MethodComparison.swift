@@ -19,16 +19,18 @@ public struct MethodRun: Sendable {
 /// `repetitions` times (all timed, the first result kept), for a steadier median latency when
 /// there are few queries.
 public func runMethod(_ method: AttentionMethod, snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
-                      parameters: AttentionParameters, repetitions: Int = 1) throws -> MethodRun {
+                      parameters: AttentionParameters, repetitions: Int = 1, cache: PreparedMethodCache? = nil) throws -> MethodRun {
     try runMethods([method], snapshot: snapshot, head: head, queries: queries, groupSize: groupSize,
-                   parameters: parameters, repetitions: repetitions)[0].get()
+                   parameters: parameters, repetitions: repetitions, cache: cache)[0].get()
 }
 
 /// Runs several methods over the same query groups: each group's exact reference (scores, exact
 /// output, top-k, oracle) is computed once and shared by every method's fidelity. A method that
-/// cannot be prepared or fails gives its error and the others go on.
+/// cannot be prepared or fails gives its error and the others go on. With a `cache`, methods
+/// prepared by an earlier call on the same data are reused.
 public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
-                       parameters: AttentionParameters, repetitions: Int = 1) throws -> [Result<MethodRun, Error>] {
+                       parameters: AttentionParameters, repetitions: Int = 1,
+                       cache: PreparedMethodCache? = nil) throws -> [Result<MethodRun, Error>] {
     let keys = try snapshot.vectors(head, .keys)
     let values = try snapshot.vectors(head, .values)
     let d = keys.dimension
@@ -36,7 +38,7 @@ public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, he
     var prepared: [PreparedAttention?] = []
     for method in methods {
         do {
-            prepared.append(try method.prepare(snapshot: snapshot, head: head))
+            prepared.append(try cache?.prepare(method, snapshot: snapshot, head: head) ?? method.prepare(snapshot: snapshot, head: head))
             outcomes.append(.success(MethodRun(method: method)))
         } catch {
             prepared.append(nil)

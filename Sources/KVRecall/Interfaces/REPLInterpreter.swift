@@ -76,6 +76,8 @@ public final class REPLInterpreter {
     }
 
     public private(set) var store: KVStore?
+    /// Methods prepared by earlier commands (index loaded, cluster summary computed), reused while the store is unchanged.
+    private let preparedMethods = PreparedMethodCache()
     public private(set) var headID: HeadID?
     public private(set) var query: CurrentQuery?
     public private(set) var settings = Settings()
@@ -99,6 +101,7 @@ public final class REPLInterpreter {
     public func close() {
         store?.close()
         store = nil
+        preparedMethods.removeAll()
         headID = nil
         query = nil
         lastSearch = []
@@ -213,6 +216,7 @@ public final class REPLInterpreter {
             throw error
         }
         close()
+        preparedMethods.removeAll()
         store = opened
         guard let first = heads.first else {
             return "opened \(path): no heads yet (add some with `kvrecall ingest`)"
@@ -316,13 +320,16 @@ public final class REPLInterpreter {
         if name == "k", let store, let headID, let info = try? store.info(headID), number > info.count {
             throw REPLError("k \(number) exceeds the \(info.count) keys of head \(headID)")
         }
+        var changed = settings
         switch name {
-        case "k": settings.k = number
-        case "ef": settings.ef = number
-        case "nprobe": settings.nprobe = number
-        case "window": settings.window = number
-        default: settings.sinks = number
+        case "k": changed.k = number
+        case "ef": changed.ef = number
+        case "nprobe": changed.nprobe = number
+        case "window": changed.window = number
+        default: changed.sinks = number
         }
+        do { try changed.attention.validate() } catch let error as IndexError { throw REPLError("\(error)") }
+        settings = changed
         return "\(name) = \(number)"
     }
 
@@ -478,7 +485,7 @@ public final class REPLInterpreter {
         let scale = 1 / Float(d).squareRoot()
         let (run, scores) = try store.read { snapshot -> (MethodRun, [Float]) in
             let run = try runMethod(method, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
-                                    parameters: parameters, repetitions: repetitions)
+                                    parameters: parameters, repetitions: repetitions, cache: preparedMethods)
             let keys = try snapshot.vectors(info.id, .keys)
             let scores = q.vector.withUnsafeBufferPointer { AttentionKernel.allScores(query: $0.baseAddress!, keys: keys, scale: scale) }
             return (run, scores)
@@ -550,7 +557,7 @@ public final class REPLInterpreter {
         var failed: [String] = []
         let runs = try store.read { snapshot in
             try runMethods(available, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
-                           parameters: parameters, repetitions: repetitions).enumerated().compactMap { m, outcome -> MethodRun? in
+                           parameters: parameters, repetitions: repetitions, cache: preparedMethods).enumerated().compactMap { m, outcome -> MethodRun? in
                 switch outcome {
                 case .success(let run): return run
                 case .failure(let error):

@@ -10,6 +10,10 @@ public struct ReadTransaction {
         self.environment = environment
     }
 
+    /// The id of the last write transaction this snapshot sees: two snapshots with the same id
+    /// see the same data, so whatever was derived from one is valid for the other.
+    public var generation: Int { Int(mdb_txn_id(txn)) }
+
     /// The value stored under `key`, as a buffer pointing into the memory map, or nil.
     /// The buffer is valid only while this transaction is open.
     public func get(_ dbi: MDB_dbi, _ key: [UInt8]) throws -> UnsafeRawBufferPointer? {
