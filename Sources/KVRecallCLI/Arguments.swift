@@ -6,6 +6,7 @@ import KVRecall
 extension IndexKind: ExpressibleByArgument {}
 extension AttentionMethod: ExpressibleByArgument {}
 extension ClusterMetric: ExpressibleByArgument {}
+extension GroupSelection: ExpressibleByArgument {}
 
 /// Runs a library settings type's `validate()` as an argument check: the library owns the rules
 /// (the same for the CLI, the REPL, the session and the C ABI), its message becomes the usage error.

@@ -12,6 +12,8 @@ struct AttentionOptions: ParsableArguments {
     var window: Int = 64
     @Option(help: "Query heads per KV head (GQA): consecutive query rows form one group.")
     var group: Int = 1
+    @Option(help: "GQA selection: union (every head's own top-k, attended by all), union-capped (the union capped at k), summed (one search with the group's summed query).")
+    var groupSelection: GroupSelection = .union
     @Flag(help: "Landmark: rank blocks by Quest's min/max bound instead of the mean key.")
     var questBound = false
     @Option(help: "Estimate: clusters below the retrieval cut that are estimated (default: all).")
@@ -33,6 +35,7 @@ struct AttentionOptions: ParsableArguments {
         p.sinks = sinks
         p.window = window
         p.search = search.parameters
+        p.groupSelection = groupSelection
         p.search.landmark.bound = questBound
         p.estimation.clusters = estimateClusters
         p.estimation.topP = topP

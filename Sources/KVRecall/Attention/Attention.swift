@@ -1,5 +1,18 @@
 import Foundation
 
+/// How an index selects positions for the query heads of one GQA group.
+public enum GroupSelection: String, CaseIterable, Sendable, Codable {
+    /// Every query head searches with its own query (one batched search); each head attends the
+    /// union of the heads' top-k (up to g x k positions). Heads of a real group look at different
+    /// keys (docs/ARCHITECTURE.md, "GQA selection"), so this is the default.
+    case union
+    /// The union taken rank by rank across the heads and capped at k positions: the budget of
+    /// `summed`, the coverage spread over the heads.
+    case unionCapped = "union-capped"
+    /// One search with the sum of the group's queries (its score is the sum of the heads' scores).
+    case summed
+}
+
 /// Knobs of one attention call.
 public struct AttentionParameters: Sendable {
     /// Positions retrieved beyond the static part.
@@ -14,6 +27,8 @@ public struct AttentionParameters: Sendable {
     public var search = SearchParameters()
     /// Estimation zone and adaptive budget (the `estimate` method).
     public var estimation = EstimationParameters()
+    /// How a GQA group's heads share the selection.
+    public var groupSelection = GroupSelection.union
     public init() {}
 
     /// Checks every knob (shared by the CLI, the REPL and the session).
@@ -56,9 +71,9 @@ public enum Attention {
     /// Attention for the query heads `queries` (`g x d`, row-major) of one KV head.
     ///
     /// With `selector == nil` every position is attended (exact attention). Otherwise the
-    /// selector picks `k` positions outside the static part once for the whole group — searched
-    /// with the sum of the group's queries, whose score is the sum of the per-head scores — and
-    /// each head attends exactly to the static part plus those positions.
+    /// selector picks positions outside the static part for the group as
+    /// `parameters.groupSelection` says (by default the union of every head's own top-k, found by
+    /// one batched search), and each head attends exactly to the static part plus those positions.
     public static func attend(queries: UnsafeBufferPointer<Float>, selector: (any VectorIndex)?, keys: VectorView,
                               values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
         let d = keys.dimension
@@ -81,22 +96,39 @@ public enum Attention {
         guard let selector else {
             let heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values, scale: scale)
             return AttentionResult(heads: heads, retrieved: [], attended: Array(0..<n),
-                                   stats: SearchStats(distanceComputations: n * g, queries: 1, keyCount: n))
+                                   stats: SearchStats(distanceComputations: n * g, queries: g, keyCount: n))
         }
 
         let fixed = staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
         let isStatic = Set(fixed)
-        var summed = [Float](repeating: 0, count: d)
-        for h in 0..<g { for j in 0..<d { summed[j] += queries[h * d + j] } }
         let want = min(n, parameters.k + fixed.count)
         var retrieved: [Int] = []
         var stats = SearchStats()
         if fixed.count < n {
-            let found = try summed.withUnsafeBufferPointer {
-                try selector.search($0, k: want, parameters: parameters.search, keys: keys)
+            if parameters.groupSelection == .summed || g == 1 {
+                var summed = [Float](repeating: 0, count: d)
+                for h in 0..<g { for j in 0..<d { summed[j] += queries[h * d + j] } }
+                let found = try summed.withUnsafeBufferPointer {
+                    try selector.search($0, k: want, parameters: parameters.search, keys: keys)
+                }
+                stats = found.stats
+                retrieved = Array(found.hits(0).map(\.id).filter { !isStatic.contains($0) }.prefix(parameters.k))
+            } else {
+                let found = try selector.search(queries, k: want, parameters: parameters.search, keys: keys)
+                stats = found.stats
+                let perHead = (0..<g).map { found.hits($0).map(\.id).filter { !isStatic.contains($0) }.prefix(parameters.k) }
+                let cap = parameters.groupSelection == .unionCapped ? parameters.k : g * parameters.k
+                var seen = Set<Int>()
+                // Rank by rank across the heads, so a cap keeps every head's best positions.
+                var rank = 0
+                while retrieved.count < cap && perHead.contains(where: { rank < $0.count }) {
+                    for h in 0..<g where rank < perHead[h].count && retrieved.count < cap {
+                        let id = perHead[h][perHead[h].startIndex + rank]
+                        if seen.insert(id).inserted { retrieved.append(id) }
+                    }
+                    rank += 1
+                }
             }
-            stats = found.stats
-            retrieved = Array(found.hits(0).map(\.id).filter { !isStatic.contains($0) }.prefix(parameters.k))
         }
         let attended = (fixed + retrieved).sorted()
         var heads: [PartialAttention] = []
