@@ -103,8 +103,11 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         guard AttentionMethod(rawValue: method) != nil else {
             throw SessionError.invalidArgument("unknown method '\(method)' (one of \(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
-        guard k >= 1, sinks >= 0, window >= 0, ef >= 1, nprobe >= 1, beam >= 1, minCollisions >= 1, upkeepBatch >= 1 else {
-            throw SessionError.invalidArgument("k, ef, nprobe, beam, min-collisions and the upkeep batch must be positive; sinks and window non-negative")
+        guard upkeepBatch >= 1 else { throw SessionError.invalidArgument("the upkeep batch must be at least 1 (got \(upkeepBatch))") }
+        // The attention knobs follow the library's one rule (the CLI and the REPL run it too).
+        do { try attentionParameters.validate() } catch let error as IndexError {
+            if case .invalidParameter(let message) = error { throw SessionError.invalidArgument(message) }
+            throw error
         }
     }
 

@@ -5,18 +5,19 @@ import Foundation
 /// Hierarchical centroids (Squeezed Attention): a k-means tree over the centred keys, searched
 /// top-down by inner product.
 ///
-/// - Level 0 holds the fine centroids: `fineFraction x N` clusters (default 5%) of the keys of the
-///   first add, centred by their mean as in `IVFIndex`. Each coarser level clusters the centroids of
+/// - Level 0 holds the fine centroids: `fineFraction x N` clusters (default 5%) of the training
+///   keys, centred by their mean as in `IVFIndex`. Each coarser level clusters the centroids of
 ///   the level below into 1/`branching` (1/8) as many, up to `levels` levels (>= 2). A fixed branching
 ///   factor keeps every level's beam meaningful: a beam of B nodes expands to about 8B children,
 ///   of which B are kept, while the top level stays small enough to score in full.
 /// - A coarse node's vector is the key-count-weighted mean of its children, i.e. the mean of every
 ///   key beneath it, so q·c is the mean score of its subtree (see `IVFIndex` on probing by inner product).
 /// - Nodes are stored in depth-first order, so each node's children are one contiguous run of the
-///   level below (scored by one kernel call) and each fine cluster's keys one run of `listIDs`.
-/// - Search by beam (`SearchParameters.beam`): score every top-level node, keep the `beam` best,
-///   score their children, keep the `beam` best, ... down to fine clusters, then score their keys
-///   exactly. Or by an estimated-softmax threshold (`search(_:k:beam:threshold:scale:threads:keys:)`).
+///   level below (scored by one kernel call) and each fine cluster's keys one list of `lists`.
+/// - Search is the batched driver shared with IVF, with a `TreeQuantizer`: by beam
+///   (`SearchParameters.tree.beam`): score every top-level node, keep the `beam` best, score their
+///   children, keep the `beam` best, ... down to fine clusters, then score their keys exactly. Or by
+///   an estimated-softmax threshold (`search(_:k:beam:threshold:scale:threads:keys:)`).
 /// - Later adds put each new key in the list of its nearest fine centroid; the tree stays.
 /// - Searches may run concurrently with each other, not with `add`.
 public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {

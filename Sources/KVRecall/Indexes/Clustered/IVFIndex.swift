@@ -5,7 +5,7 @@ import Dispatch
 /// keys centred by their mean, one inverted list of key positions per centroid, exact re-ranking
 /// of the probed lists straight from the store's memory map.
 ///
-/// - Centring: keys are clustered as k - mu (mu = mean of the keys of the first add, stored).
+/// - Centring: keys are clustered as k - mu (mu = mean of the training keys, stored).
 ///   For a query, q·(k - mu) = q·k - q·mu ranks keys exactly like q·k, but the clusters follow the
 ///   keys' spread instead of being dominated by their common offset, which is large in LLM keys.
 /// - Probing is by inner product q·c for both cluster metrics. A centroid is the mean of its
@@ -14,10 +14,12 @@ import Dispatch
 ///   lists by how close they are to q, which for out-of-distribution decode queries — far from the
 ///   key cloud — says little about their scores. `clusterMetric` therefore only decides how keys
 ///   are grouped (`.l2`: Lloyd; `.ip`: spherical, by direction) and how added keys join a list.
-/// - Lists are CSR: `offsets` (nlist + 1) and `ids` (Int32, ascending within a list), rebuilt in
-///   one pass on each add; no per-vector allocation.
-/// - The first `add` trains (on that range, at most 256 keys per centroid, seeded); later adds
-///   put each new key in the list of its nearest centroid, and the centroids stay.
+/// - Lists are `InvertedLists` (CSR, Int32 ids ascending within a list), rebuilt in one pass on
+///   each add; no per-vector allocation. Search is the shared batched driver with a
+///   `FlatQuantizer` (every centroid scored, the nprobe best lists scanned).
+/// - `train` runs k-means on at most 256 keys per centroid (seeded); an untrained index trains on
+///   the range of its first `add`. Adds put each new key in the list of its nearest centroid, and
+///   the centroids stay.
 /// - Probed keys are read at random positions of the map (prefetched a few keys ahead). Once a
 ///   head outgrows the caches each costs a cache and TLB miss, several times the per-key cost of
 ///   a sequential scan, so IVF beats `FlatIndex` only while it scans a small fraction of the keys.
