@@ -240,7 +240,7 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         }
     }
 
-    @Test(arguments: [AttentionMethod.retrieval, .hnsw, .hip, .landmark, .ivf, .lsh, .tree])
+    @Test(arguments: [AttentionMethod.retrieval, .hnsw, .hip, .landmark, .ivf, .lsh, .tree, .estimate])
     func everySessionMethodDecodes(method: AttentionMethod) throws {
         let dir = TemporaryDirectory("tiny-gemma")
         let tiny = try TinyGemma(directory: dir.path, seed: 19)

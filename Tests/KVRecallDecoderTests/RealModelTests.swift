@@ -85,7 +85,7 @@ struct RealModelTests {
     @Test(arguments: [
         (["generate", "--max-tokens", "4"], "exactly one of --prompt and --prompt-file"),
         (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens must be at least 1"),
-        (["generate", "--prompt", "x", "--method", "estimate"], "estimate is not available"),
+        (["generate", "--prompt", "x", "--method", "exact,bogus"], "--method must be one of"),
         (["generate", "--prompt", "x", "--method", "nope"], "--method must be one of"),
         (["generate", "--prompt", "x", "-k", "0"], "-k must be at least 1"),
         (["eval", "--prefill", "10", "--tokens", "5"], "give --text FILE"),

@@ -23,7 +23,7 @@ struct ModelOptions: ParsableArguments {
 
 /// How the global layers attend at decode time: the method(s) and their knobs.
 struct DecoderMethodOptions: ParsableArguments {
-    static let methods: [AttentionMethod] = [.exact, .retrieval, .hip, .landmark, .hnsw, .ivf, .lsh, .tree]
+    static let methods: [AttentionMethod] = [.exact, .retrieval, .hip, .landmark, .hnsw, .ivf, .lsh, .tree, .estimate]
 
     @Option(help: ArgumentHelp("Decode-time attention of the global layers: \(methods.map(\.rawValue).joined(separator: ", ")); a comma-separated list or 'all' runs each from one shared prefill.",
                                valueName: "method"))
@@ -44,6 +44,8 @@ struct DecoderMethodOptions: ParsableArguments {
     var minCollisions: Int = 2
     @Option(help: "Storage type of the cached keys and values: f32, f16, bf16.")
     var dtype: String = "f16"
+    @Option(help: "GQA selection of index-backed methods: union (every query head's own top-k, attended by all), union-capped, summed.")
+    var groupSelection: GroupSelection = .union
     @Option(help: "Retrieval graph training queries per KV head: summed (the group's sum per position) or every-head.")
     var prefillQueries: String = "summed"
 
@@ -67,9 +69,6 @@ struct DecoderMethodOptions: ParsableArguments {
         return try method.split(separator: ",").map { name in
             let trimmed = name.trimmingCharacters(in: .whitespaces)
             guard let m = AttentionMethod(rawValue: trimmed), Self.methods.contains(m) else {
-                if trimmed == AttentionMethod.estimate.rawValue {
-                    throw ValidationError("--method estimate is not available in the decoder session yet (use attend on a captured trace)")
-                }
                 throw ValidationError("--method must be one of \(Self.methods.map(\.rawValue).joined(separator: ", ")) or all (got '\(trimmed)')")
             }
             return m
@@ -87,6 +86,7 @@ struct DecoderMethodOptions: ParsableArguments {
         o.beam = beam
         o.minCollisions = minCollisions
         o.dtype = DType(rawValue: dtype) ?? .f16
+        o.groupSelection = groupSelection
         o.prefillQueries = PrefillQueryRule(rawValue: prefillQueries) ?? .summed
         return o
     }

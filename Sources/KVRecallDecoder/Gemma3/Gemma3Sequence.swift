@@ -11,6 +11,8 @@ public struct DecoderAttentionOptions: Sendable {
     public var nprobe = 64
     public var beam = 8
     public var minCollisions = 2
+    /// How the 4 query heads of the KV head share the selection (default: the union of their own top-k).
+    public var groupSelection = GroupSelection.union
     public var dtype: DType = .f16
     /// Index build knobs (HNSW M, IVF nlist, graph degree...).
     public var build = IndexBuildParameters()
@@ -78,6 +80,7 @@ public final class Gemma3Sequence {
         session.parameters.scale = c.attentionScale
         session.parameters.search.tree.beam = options.beam
         session.parameters.search.lsh.minCollisions = options.minCollisions
+        session.parameters.groupSelection = options.groupSelection
         local = (0..<c.blockCount).map { c.isGlobal($0) ? nil : LocalWindow(window: c.slidingWindow, width: c.kvHeads * c.headDimension) }
         let globals = c.globalBlocks.count
         prefillKeys = Array(repeating: [], count: globals)
