@@ -87,18 +87,6 @@ public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, he
     }
 }
 
-/// The side-by-side table of several methods' runs (recall against exact top-k, attention mass,
-/// output error, the oracle's error, keys scanned, median latency and latency relative to exact).
-public func methodTable(_ runs: [MethodRun], k: Int) -> TextTable {
-    let exactMicros = runs.first { $0.method == .exact }?.medianMicros
-    var table = TextTable(["method", "recall@\(k)", "attn_mass", "output_err", "oracle_err", "keys_scanned", "median_us", "vs_exact"])
-    for r in runs {
-        table.add([r.method.rawValue, fmt(r.recall, 3), fmt(r.mass, 3), fmt(r.error, 4), fmt(r.oracleError, 4),
-                   fmt(r.scanned, 4), fmt(r.medianMicros, 1), exactMicros.map { fmt(r.medianMicros / $0, 3) + "x" } ?? ""])
-    }
-    return table
-}
-
 extension AttentionMethod {
     /// The methods usable on a head whose built indexes are `built` (index names), in
     /// `allCases` order: those needing no index, and those whose index exists.

@@ -94,10 +94,6 @@ public struct IndexBuildParameters: Sendable {
     }
 }
 
-/// How k-means compares a key with a centroid.
-public enum ClusterMetric: String, Sendable, CaseIterable {
-    case l2, ip
-}
 
 /// Loads and saves indexes by kind.
 public enum IndexCatalog {

@@ -1,6 +1,11 @@
 import CKernels
 import Dispatch
 
+/// How k-means compares a row with a centroid (the indexes' cluster metric).
+public enum ClusterMetric: String, Sendable, CaseIterable {
+    case l2, ip
+}
+
 /// Lloyd's k-means over f32 rows, for IVF lists and centroid trees.
 ///
 /// - Initialisation: k-means++ (D² sampling by L2 distance, for both metrics) on a seeded subset of
