@@ -13,3 +13,27 @@ extension GroupSelection: ExpressibleByArgument {}
 func validateSettings(_ check: () throws -> Void) throws {
     do { try check() } catch let error as IndexError { throw ValidationError(error.description) }
 }
+
+/// `--method` of `kvrecall attend`: one attention method, or `all` of them side by side.
+enum MethodChoice: ExpressibleByArgument, Equatable {
+    case one(AttentionMethod)
+    case all
+
+    init?(argument: String) {
+        if argument == "all" {
+            self = .all
+        } else if let method = AttentionMethod(rawValue: argument) {
+            self = .one(method)
+        } else {
+            return nil
+        }
+    }
+
+    static var allValueStrings: [String] { AttentionMethod.allCases.map(\.rawValue) + ["all"] }
+    var defaultValueDescription: String {
+        switch self {
+        case .all: return "all"
+        case .one(let m): return m.rawValue
+        }
+    }
+}

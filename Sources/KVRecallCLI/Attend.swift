@@ -79,8 +79,8 @@ struct Attend: ParsableCommand {
     @OptionGroup var headOptions: HeadOptions
     @Option(help: ArgumentHelp("Query vectors [M, d] .npy.", valueName: "file"))
     var queries: String
-    @Option(help: "exact, retrieval, hip, landmark, hnsw, ivf, lsh, tree, estimate, or all.")
-    var method: String = "exact"
+    @Option(help: ArgumentHelp("An attention method, or all (every method whose index is built).", valueName: "method"))
+    var method: MethodChoice = .one(.exact)
     @Option(help: "Only the first N query rows.")
     var limit: Int?
     @OptionGroup var attention: AttentionOptions
@@ -88,9 +88,6 @@ struct Attend: ParsableCommand {
     var json = false
 
     func validate() throws {
-        if method != "all" && AttentionMethod(rawValue: method) == nil {
-            throw ValidationError("--method must be one of \(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", ")), all (got '\(method)')")
-        }
         if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
     }
 
@@ -104,21 +101,23 @@ struct Attend: ParsableCommand {
             throw RunError("\(rows) query rows do not form whole groups of \(attention.group)")
         }
         let built = try store.indexNames()[headOptions.id] ?? []
-        let methods: [AttentionMethod] = method == "all"
-            ? AttentionMethod.available(built: built)
-            : [AttentionMethod(rawValue: method)!]
+        let methods: [AttentionMethod]
+        switch method {
+        case .all: methods = AttentionMethod.available(built: built)
+        case .one(let m): methods = [m]
+        }
         let runs = try store.read { snapshot in
             try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values,
                            groupSize: attention.group, parameters: attention.parameters).map { try $0.get() }
         }
         if json {
-            print(try jsonString(method == "all" ? runs.map(\.json) as Any : runs[0].json))
+            print(try jsonString(method == .all ? runs.map(\.json) as Any : runs[0].json))
             return
         }
         print("head \(info.id): \(info.count) keys, d=\(info.dimension); \(rows / attention.group) query groups of \(attention.group); k=\(attention.k), sinks \(attention.sinks), window \(attention.window)")
         print(methodTable(runs, k: attention.k).render())
         let skipped = AttentionMethod.allCases.filter { m in m.indexKind.map { !built.contains($0.rawValue) } ?? false }
-        if method == "all" && !skipped.isEmpty {
+        if method == .all && !skipped.isEmpty {
             print("not built (kvrecall build --index NAME): \(skipped.map(\.rawValue).joined(separator: ", "))")
         }
     }
