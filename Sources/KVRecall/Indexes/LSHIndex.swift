@@ -65,6 +65,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     /// Learns the centring mean from keys `range`.
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard count == 0 else { throw IndexError.invalidParameter("the LSH index already holds keys; its centring mean stays") }
         guard !range.isEmpty, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("LSH trains on a non-empty range within \(keys.count) keys, got \(range)")
         }
