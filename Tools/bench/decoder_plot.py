@@ -10,7 +10,7 @@ import os
 
 
 def load(path):
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
         return None
     with open(path) as f:
         if path.endswith(".jsonl"):

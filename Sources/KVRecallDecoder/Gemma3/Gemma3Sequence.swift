@@ -334,23 +334,18 @@ public final class Gemma3Sequence {
         return out
     }
 
-    static func tokenMajor(_ x: [Float], tokens n: Int, heads: Int, dimension d: Int) -> [Float] {
-        guard heads > 1 else { return x }
-        var out = [Float](repeating: 0, count: x.count)
-        for h in 0..<heads {
-            for t in 0..<n {
-                for i in 0..<d { out[(t * heads + h) * d + i] = x[(h * n + t) * d + i] }
-            }
-        }
-        return out
+    /// `[tokens, heads, d]` rows as `[heads, tokens, d]`.
+    static func headMajor(_ x: [Float], tokens n: Int, heads: Int, dimension d: Int) -> [Float] {
+        swapOuterAxes(x, n, heads, dimension: d)
     }
 
-    static func headMajor(_ x: [Float], tokens n: Int, heads: Int, dimension d: Int) -> [Float] {
-        guard heads > 1 else { return x }
+    /// `[a, b, d]` as `[b, a, d]` (a copy; none when either axis has length 1).
+    static func swapOuterAxes(_ x: [Float], _ a: Int, _ b: Int, dimension d: Int) -> [Float] {
+        guard a > 1 && b > 1 else { return x }
         var out = [Float](repeating: 0, count: x.count)
-        for t in 0..<n {
-            for h in 0..<heads {
-                for i in 0..<d { out[(h * n + t) * d + i] = x[(t * heads + h) * d + i] }
+        for i in 0..<a {
+            for j in 0..<b {
+                for c in 0..<d { out[(j * a + i) * d + c] = x[(i * b + j) * d + c] }
             }
         }
         return out
