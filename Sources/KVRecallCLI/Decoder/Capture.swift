@@ -7,23 +7,28 @@ struct Capture: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Capture real decoder traces: a global layer's keys, values and queries as .npy.",
         discussion: """
-        Runs BOS + the first tokens of --text through Gemma 3 with exact attention and writes, per
-        block in --layers (global blocks: 5, 11, 17), into --out:
-          layerLL_keys.npy             [N, 256]  keys after q/k norm and RoPE (N = --tokens)
+        Runs BOS + the first tokens of --text through Gemma 3 with exact attention
+        and writes, per block in --layers (global blocks: 5, 11, 17), into --out:
+          layerLL_keys.npy             [N, 256]: keys after q/k norm and RoPE
+                                       (N = --tokens)
           layerLL_values.npy           [N, 256]
-          layerLL_prefill_queries.npy  [(N - D) * 4, 256]  queries of positions 0..<N-D, every query
-                                       head: row 4t + h is head h at position t
-          layerLL_queries.npy          [D * 4, 256]  queries of the last D positions (--decode-queries),
-                                       same layout: 4 consecutive rows form one GQA group
-          manifest.json                what was captured, from which model and text
-        Queries are not pre-scaled: the engine's default scale 1/sqrt(256) gives the model's attention.
-        Feed them to the engine, e.g.:
-          kvrecall ingest --store s --keys out/layer05_keys.npy --values out/layer05_values.npy \\
-                          --queries out/layer05_prefill_queries.npy --layer 5
-          kvrecall attend --store s --layer 5 --queries out/layer05_queries.npy --group 4 --method exact
+          layerLL_prefill_queries.npy  [(N - D) * 4, 256]: queries of positions
+                                       0..<N-D, every query head: row 4t + h
+          layerLL_queries.npy          [D * 4, 256]: queries of the last D
+                                       positions (--decode-queries); 4
+                                       consecutive rows form one GQA group
+          manifest.json                what was captured, from which model/text
+        Queries are not pre-scaled: the engine's default scale 1/sqrt(256) gives
+        the model's attention. Feed them to the engine, e.g.:
+          kvrecall ingest --store s --keys out/layer05_keys.npy \\
+              --values out/layer05_values.npy \\
+              --queries out/layer05_prefill_queries.npy --layer 5
+          kvrecall attend --store s --layer 5 --group 4 --method exact \\
+              --queries out/layer05_queries.npy
 
         Example:
-          kvrecall capture --text Data/text/short.txt --tokens 1024 --layers 5,11,17 --out /tmp/trace
+          kvrecall capture --text Data/text/short.txt --tokens 1024 \\
+              --layers 5,11,17 --out /tmp/trace
         """
     )
 

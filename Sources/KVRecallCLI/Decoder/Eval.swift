@@ -7,27 +7,33 @@ struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Judge attention methods by the model's quality: perplexity, or the passkey test.",
         discussion: """
-        Perplexity (--text FILE): tokens are BOS + the file's tokenization. ids[0..<P] are prefilled
-        with exact attention (--prefill P), the method builds its indexes, then ids[P..<P+T]
-        (--tokens T) are scored teacher-forced, one decode step per token: each token predicted from
-        everything before it, the first from the prefill's last position. --fidelity adds
-        attention-level means (recall of each query head's exact top-k, attention mass, keys
-        scanned, output error) over global layers, query heads and steps.
+        Perplexity (--text FILE): tokens are BOS + the file's tokenization.
+        ids[0..<P] are prefilled with exact attention (--prefill P), the method
+        builds its indexes, then ids[P..<P+T] (--tokens T) are scored
+        teacher-forced, one decode step per token: each token predicted from
+        everything before it, the first from the prefill's last position. --fidelity
+        adds attention-level means (recall of each query head's exact top-k,
+        attention mass, keys scanned, output error) over global layers, query heads
+        and steps.
 
-        Passkey (--passkey): Landmark Attention's test. A 5-digit key is hidden at a random depth
-        in repeated filler of about --context tokens; the model answers greedily and must repeat
-        the key. Each trial is prefilled once and answered by every method in --method.
+        Passkey (--passkey): Landmark Attention's test. A 5-digit key is hidden at a
+        random depth in repeated filler of about --context tokens; the model answers
+        greedily and must repeat the key. Each trial is prefilled once and answered
+        by every method in --method.
 
         Several methods (comma-separated, or 'all') share one prefill.
 
-        JSON (--json): perplexity {"method", "prefill_tokens", "scored_tokens", "perplexity",
-        "top1_accuracy", "mean_nll", "prefill_s", "index_build_s", "decode_ms_per_token",
-        "global_attention_ms_per_token", "attention": {...}} (an array for several methods); passkey {"method", "results":
-        [{"context", "trials", "correct"}]} (an array for several methods).
+        JSON (--json): perplexity {"method", "prefill_tokens", "scored_tokens",
+        "perplexity", "top1_accuracy", "mean_nll", "prefill_s", "index_build_s",
+        "decode_ms_per_token", "global_attention_ms_per_token", "attention": {...}}
+        (an array for several methods); passkey {"method", "results": [{"context",
+        "trials", "correct"}]} (an array for several methods).
 
         Examples:
-          kvrecall eval --text Data/text/short.txt --prefill 1024 --tokens 256 --method exact,retrieval
-          kvrecall eval --passkey --context 1024,4096 --trials 4 --method exact,retrieval --json
+          kvrecall eval --text Data/text/short.txt --prefill 1024 --tokens 256 \\
+                        --method exact,retrieval --fidelity
+          kvrecall eval --passkey --context 1024,4096 --trials 4 \\
+                        --method exact,retrieval --json
         """
     )
 

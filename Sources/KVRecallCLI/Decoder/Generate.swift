@@ -7,15 +7,17 @@ struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate text with Gemma 3, its global layers attending through KVRecall.",
         discussion: """
-        The prompt (BOS + its tokens) is prefilled with exact attention; the global layers' keys,
-        values and prefill queries go into a KV session, which builds the method's indexes; then
-        each new token is decoded greedily, the global layers attending with --method. Text streams
-        to standard output; prefill time, index build time and ms per token go to standard error.
-        With several methods (comma-separated), each continues from the same prefill.
+        The prompt (BOS + its tokens) is prefilled with exact attention; the global
+        layers' keys, values and prefill queries go into a KV session, which builds
+        the method's indexes; then each new token is decoded greedily, the global
+        layers attending with --method. Text streams to standard output; prefill
+        time, index build time and ms per token go to standard error. With several
+        methods (comma-separated), each continues from the same prefill.
 
         Examples:
           kvrecall generate --prompt "The capital of France is" --max-tokens 16
-          kvrecall generate --prompt-file Data/text/short.txt --max-tokens 32 --method exact,retrieval
+          kvrecall generate --prompt-file Data/text/short.txt --max-tokens 32 \\
+                            --method exact,retrieval
         """
     )
 
