@@ -73,10 +73,11 @@ public struct EstimationParameters: Sendable {
 }
 
 extension Attention {
-    /// RetroInfer-style attention for one GQA group: clusters ranked by the group's summed score
-    /// against their mean key; the best clusters (until `k` positions, or until the estimated mass
-    /// reaches `topP`) form the retrieval zone and are attended exactly with the static part; the
-    /// next clusters (the estimation zone) contribute their estimate, merged by log-sum-exp.
+    /// RetroInfer-style attention for one GQA group: clusters ranked against their mean key; each
+    /// query head's best clusters (until `k` positions, or until the estimated mass reaches `topP`)
+    /// join the retrieval zone (with `groupSelection == .summed`, the group's summed score ranks
+    /// once) and are attended exactly with the static part; the next clusters in the group's
+    /// summed order (the estimation zone) contribute their estimate, merged by log-sum-exp.
     /// Static positions are removed from the clusters they belong to, so nothing counts twice.
     public static func attendEstimated(queries: UnsafeBufferPointer<Float>, summary: ClusterSummary, keys: VectorView,
                                        values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
@@ -118,31 +119,56 @@ extension Attention {
         let ranked = (0..<summary.clusters).filter { sizes[$0] > 0 }.sorted {
             clusterScores[$0] != clusterScores[$1] ? clusterScores[$0] > clusterScores[$1] : $0 < $1
         }
-        // Retrieval zone: by token budget k, or adaptively until the estimated mass reaches top-p.
-        var retrievedClusters = 0
-        var retrievedCount = 0
-        if let p = estimation.topP {
-            let logMass = ranked.map { scale * clusterScores[$0] / Float(g) + Float(log(Double(sizes[$0]))) }
-            let total = logSumExp(logMass)
-            var cumulative = 0.0
-            while retrievedClusters < ranked.count && cumulative < p
-                    && retrievedCount + sizes[ranked[retrievedClusters]] <= max(estimation.maxRetrieved, sizes[ranked[0]]) {
-                cumulative += exp(Double(logMass[retrievedClusters] - total))
-                retrievedCount += sizes[ranked[retrievedClusters]]
-                retrievedClusters += 1
+        // Retrieval zone: by token budget k, or adaptively until the estimated mass reaches top-p;
+        // per query head (their union) unless the group selects with its summed score.
+        func zone(order: [Int], scores: [Float], scoreScale: Float) -> Int {
+            var taken = 0, count = 0
+            if let p = estimation.topP {
+                let logMass = order.map { scoreScale * scores[$0] + Float(log(Double(sizes[$0]))) }
+                let total = logSumExp(logMass)
+                var cumulative = 0.0
+                while taken < order.count && cumulative < p
+                        && count + sizes[order[taken]] <= max(estimation.maxRetrieved, sizes[order[0]]) {
+                    cumulative += exp(Double(logMass[taken] - total))
+                    count += sizes[order[taken]]
+                    taken += 1
+                }
+            } else {
+                while taken < order.count && count < parameters.k {
+                    count += sizes[order[taken]]
+                    taken += 1
+                }
             }
+            return taken
+        }
+        var retrievedClusters: [Int]
+        if parameters.groupSelection == .summed || g == 1 {
+            retrievedClusters = Array(ranked.prefix(zone(order: ranked, scores: clusterScores, scoreScale: scale / Float(g))))
         } else {
-            while retrievedClusters < ranked.count && retrievedCount < parameters.k {
-                retrievedCount += sizes[ranked[retrievedClusters]]
-                retrievedClusters += 1
+            var chosen = Set<Int>()
+            retrievedClusters = []
+            var headScores = [Float](repeating: 0, count: summary.clusters)
+            for h in 0..<g {
+                summary.meanKeys.withUnsafeBufferPointer { m in
+                    headScores.withUnsafeMutableBufferPointer { z in
+                        BLAS.gemv(n: summary.clusters, k: d, a: m.baseAddress!, x: queries.baseAddress! + h * d, y: z.baseAddress!)
+                    }
+                }
+                let order = (0..<summary.clusters).filter { sizes[$0] > 0 }.sorted {
+                    headScores[$0] != headScores[$1] ? headScores[$0] > headScores[$1] : $0 < $1
+                }
+                for c in order.prefix(zone(order: order, scores: headScores, scoreScale: scale)) where chosen.insert(c).inserted {
+                    retrievedClusters.append(c)
+                }
             }
         }
         let isStatic = Set(fixed)
         var retrieved: [Int] = []
-        for c in ranked.prefix(retrievedClusters) {
+        for c in retrievedClusters {
             for id in summary.members[c] where !isStatic.contains(Int(id)) { retrieved.append(Int(id)) }
         }
-        let estimatedZone = Array(ranked.dropFirst(retrievedClusters).prefix(estimation.clusters ?? Int.max))
+        let inRetrieval = Set(retrievedClusters)
+        let estimatedZone = Array(ranked.filter { !inRetrieval.contains($0) }.prefix(estimation.clusters ?? Int.max))
         let attended = (fixed + retrieved).sorted()
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(d, dv))
         defer { scratch.deallocate() }
