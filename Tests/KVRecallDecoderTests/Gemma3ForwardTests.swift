@@ -7,15 +7,18 @@ import Testing
 /// A tiny random-weight Gemma 3 (two blocks: one local with a short sliding window, one global),
 /// written as GGUF by the test, and a plain double-precision forward pass written here.
 struct TinyGemma {
-    static let embedding = 32, heads = 4, kvHeads = 1, d = 16, ffn = 48, window = 8, blocks = 2
+    static let embedding = 32, heads = 4, d = 16, ffn = 48, window = 8, blocks = 2
     static let vocabulary = 3 + 256 + 41
 
     let path: String
+    /// KV heads: 1 (Gemma 3 270M's layout) or 2 (two GQA groups of 2).
+    let kvHeads: Int
     /// Every tensor's values as the file stores them (f32; the embedding dequantized from Q8_0).
     var tensors: [String: [Float]] = [:]
 
     /// Writes the model under `directory`.
-    init(directory: String, seed: UInt64) throws {
+    init(directory: String, seed: UInt64, kvHeads: Int = 1) throws {
+        self.kvHeads = kvHeads
         var rng = SeededRandom(seed: seed)
         var writer = GGUFWriter()
         writer.set("general.architecture", .string("gemma3"))
@@ -23,7 +26,7 @@ struct TinyGemma {
         writer.set("gemma3.embedding_length", .uint32(UInt32(Self.embedding)))
         writer.set("gemma3.feed_forward_length", .uint32(UInt32(Self.ffn)))
         writer.set("gemma3.attention.head_count", .uint32(UInt32(Self.heads)))
-        writer.set("gemma3.attention.head_count_kv", .uint32(UInt32(Self.kvHeads)))
+        writer.set("gemma3.attention.head_count_kv", .uint32(UInt32(kvHeads)))
         writer.set("gemma3.attention.key_length", .uint32(UInt32(Self.d)))
         writer.set("gemma3.attention.value_length", .uint32(UInt32(Self.d)))
         writer.set("gemma3.attention.layer_norm_rms_epsilon", .float32(1e-6))
@@ -62,7 +65,7 @@ struct TinyGemma {
             writer.addTensor(name: name, dimensions: [n], values: values, as: .f32)
             stored[name] = values
         }
-        let e = Self.embedding, q = Self.heads * Self.d, kv = Self.kvHeads * Self.d
+        let e = Self.embedding, q = Self.heads * Self.d, kv = kvHeads * Self.d
         // The embedding (and output matrix) as Q8_0, like the real model's: decode steps read it
         // through the Q8_0 kernel, prefills through its f32 dequantization.
         let embedding = (0..<(Self.vocabulary * e)).map { _ in rng.gaussian() * 0.5 }
@@ -123,26 +126,32 @@ struct TinyGemma {
         for b in 0..<Self.blocks {
             let p = "blk.\(b).", global = b == 1
             let base = global ? 1_000_000.0 : 10_000.0
-            var queries: [[[Double]]] = [], keys: [[Double]] = [], values: [[Double]] = []
+            var queries: [[[Double]]] = [], keys: [[[Double]]] = [], values: [[[Double]]] = []
+            let group = h / kvHeads
             for t in 0..<n {
                 let hn = rms(x[t], w(p + "attn_norm.weight"))
                 let qAll = matvec(w(p + "attn_q.weight"), rows: h * d, cols: e, hn)
                 queries.append((0..<h).map { head in
                     rope(rms(Array(qAll[(head * d)..<((head + 1) * d)]), w(p + "attn_q_norm.weight")), position: t, base: base)
                 })
-                keys.append(rope(rms(matvec(w(p + "attn_k.weight"), rows: d, cols: e, hn), w(p + "attn_k_norm.weight")), position: t, base: base))
-                values.append(matvec(w(p + "attn_v.weight"), rows: d, cols: e, hn))
+                let kAll = matvec(w(p + "attn_k.weight"), rows: kvHeads * d, cols: e, hn)
+                let vAll = matvec(w(p + "attn_v.weight"), rows: kvHeads * d, cols: e, hn)
+                keys.append((0..<kvHeads).map { kvh in
+                    rope(rms(Array(kAll[(kvh * d)..<((kvh + 1) * d)]), w(p + "attn_k_norm.weight")), position: t, base: base)
+                })
+                values.append((0..<kvHeads).map { kvh in Array(vAll[(kvh * d)..<((kvh + 1) * d)]) })
             }
             for t in 0..<n {
                 var attended: [Double] = []
                 let first = global ? 0 : max(0, t - Self.window + 1)
                 for head in 0..<h {
-                    let scores = (first...t).map { j in (0..<d).reduce(0.0) { $0 + queries[t][head][$1] * keys[j][$1] } / Double(d).squareRoot() }
+                    let kvh = head / group
+                    let scores = (first...t).map { j in (0..<d).reduce(0.0) { $0 + queries[t][head][$1] * keys[j][kvh][$1] } / Double(d).squareRoot() }
                     let peak = scores.max()!
                     let weights = scores.map { exp($0 - peak) }
                     let total = weights.reduce(0, +)
                     var o = [Double](repeating: 0, count: d)
-                    for (i, j) in (first...t).enumerated() { for c in 0..<d { o[c] += weights[i] / total * values[j][c] } }
+                    for (i, j) in (first...t).enumerated() { for c in 0..<d { o[c] += weights[i] / total * values[j][kvh][c] } }
                     attended += o
                 }
                 let projected = rms(matvec(w(p + "attn_output.weight"), rows: e, cols: h * d, attended), w(p + "post_attention_norm.weight"))
@@ -186,10 +195,10 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         #expect(abs(c.attentionScale - 0.25) < 1e-7)
     }
 
-    @Test(arguments: [1, 5, 64])
-    func prefillEqualsTheDoubleReference(chunk: Int) throws {
+    @Test(arguments: [(1, 1), (5, 1), (64, 1), (5, 2)])
+    func prefillEqualsTheDoubleReference(chunk: Int, kvHeads: Int) throws {
         let dir = TemporaryDirectory("tiny-gemma")
-        let tiny = try TinyGemma(directory: dir.path, seed: 11)
+        let tiny = try TinyGemma(directory: dir.path, seed: 11, kvHeads: kvHeads)
         let model = try Gemma3Model(path: tiny.path)
         let sequence = try Gemma3Sequence(model: model)
         defer { sequence.close() }
@@ -200,9 +209,10 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         #expect(error < 1e-4, "chunk \(chunk): relative error \(error)")
     }
 
-    @Test func decodeStepsThroughTheSessionEqualTheReference() throws {
+    @Test(arguments: [1, 2])
+    func decodeStepsThroughTheSessionEqualTheReference(kvHeads: Int) throws {
         let dir = TemporaryDirectory("tiny-gemma")
-        let tiny = try TinyGemma(directory: dir.path, seed: 13)
+        let tiny = try TinyGemma(directory: dir.path, seed: 13, kvHeads: kvHeads)
         let model = try Gemma3Model(path: tiny.path)
         var options = DecoderAttentionOptions()
         options.method = .exact
@@ -224,7 +234,7 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
 
     @Test func aSnapshotContinuesLikeTheOriginal() throws {
         let dir = TemporaryDirectory("tiny-gemma")
-        let tiny = try TinyGemma(directory: dir.path, seed: 17)
+        let tiny = try TinyGemma(directory: dir.path, seed: 17, kvHeads: 2)
         let model = try Gemma3Model(path: tiny.path)
         var options = DecoderAttentionOptions()
         options.dtype = .f32
