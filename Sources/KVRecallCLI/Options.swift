@@ -95,7 +95,7 @@ func jsonNumber(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }
 struct SearchParameterOptions: ParsableArguments {
     @Option(help: "HNSW: candidate list size at search.")
     var ef: Int = 64
-    @Option(help: "IVF: lists probed.")
+    @Option(help: "IVF: lists probed. (estimate's retrieval zone is set by -k or --top-p, not by --nprobe.)")
     var nprobe: Int = 8
     @Option(help: "Tree: clusters kept per level.")
     var beam: Int = 8

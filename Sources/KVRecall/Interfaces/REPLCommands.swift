@@ -30,7 +30,7 @@ public struct REPLCommand: Sendable, Equatable {
         REPLCommand(name: "set", usage: "set k|ef|nprobe|window|sinks|method VALUE", summary: "change a setting", detail: """
             k       positions retrieved beyond the static part (also the k of `query`'s exact top-k)
             ef      HNSW and retrieval graph: candidate list size at search
-            nprobe  IVF and estimate: lists probed
+            nprobe  IVF: lists probed (estimate's retrieval zone is set by k, not by nprobe)
             window  last positions always attended (recent window)
             sinks   first positions always attended (attention sinks)
             method  the method `attend` uses: exact, retrieval, hip, landmark, hnsw, ivf, lsh, tree, estimate

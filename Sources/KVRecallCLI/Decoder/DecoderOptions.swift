@@ -36,7 +36,7 @@ struct DecoderMethodOptions: ParsableArguments {
     var window: Int = 64
     @Option(help: "HNSW / retrieval graph: candidate list size at search.")
     var ef: Int = 400
-    @Option(help: "IVF: lists probed.")
+    @Option(help: "IVF: lists probed (estimate's retrieval zone is set by -k).")
     var nprobe: Int = 64
     @Option(help: "Tree: clusters kept per level.")
     var beam: Int = 8
