@@ -77,9 +77,15 @@ def main():
             axes[0].axhline(1, color="gray", linestyle="--", linewidth=1)
             axes[0].set_ylabel("perplexity change vs exact (%)")
             axes[0].set_title(f'prefill {exact["prefill_tokens"]}, {exact["scored_tokens"]} scored tokens')
-            axes[2].bar(names, [r["decode_ms_per_token"] if r else 0 for _, r, _ in rows], color="tab:green")
-            axes[2].set_ylabel("decode ms / token")
-            axes[2].set_title("decode step (whole model)")
+        if speed:
+            for method, color in (("exact", "tab:gray"), ("retrieval", "tab:green")):
+                pts = sorted((x["context"], x["global_attention_ms_per_token"]) for x in speed if x["method"] == method)
+                axes[2].plot([c for c, _ in pts], [v for _, v in pts], marker="o", color=color, label=method)
+            axes[2].set_xscale("log", base=2)
+            axes[2].set_xlabel("context (tokens)")
+            axes[2].set_ylabel("global-layer attention ms / token")
+            axes[2].set_title("the engine's share of a decode step")
+            axes[2].legend(fontsize=8)
         width = 0.8 / max(1, len(contexts))
         for i, c in enumerate(contexts):
             acc = []
@@ -92,8 +98,8 @@ def main():
         axes[1].set_ylim(0, 1.05)
         axes[1].set_ylabel("passkey accuracy")
         axes[1].set_title("passkey retrieval")
-        axes[1].legend(fontsize=8)
-        for ax in axes:
+        axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(contexts))
+        for ax in axes[:2]:
             ax.tick_params(axis="x", rotation=45)
         fig.suptitle("Gemma 3 270M on KVRecall: every method against exact attention")
         fig.tight_layout()
