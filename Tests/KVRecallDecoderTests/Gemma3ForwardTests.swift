@@ -17,7 +17,8 @@ struct TinyGemma {
     var tensors: [String: [Float]] = [:]
 
     /// Writes the model under `directory`.
-    init(directory: String, seed: UInt64, kvHeads: Int = 1) throws {
+    /// `poisoned` names a tensor whose first value is written as NaN (a damaged model).
+    init(directory: String, seed: UInt64, kvHeads: Int = 1, poisoned: String? = nil) throws {
         self.kvHeads = kvHeads
         var rng = SeededRandom(seed: seed)
         var writer = GGUFWriter()
@@ -56,6 +57,7 @@ struct TinyGemma {
         func add(_ name: String, rows: Int, columns: Int, scale: Float, half: Bool = false) {
             var values = (0..<(rows * columns)).map { _ in rng.gaussian() * scale }
             if half { values = values.map { Float(Float16($0)) } }
+            if name == poisoned { values[0] = .nan }
             writer.addTensor(name: name, dimensions: rows == 1 ? [columns] : [columns, rows], values: values,
                              as: half ? .f16 : .f32)
             stored[name] = values
@@ -291,6 +293,14 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         for r in 0..<rows {
             let expected = (0..<columns).reduce(0.0) { $0 + Double(dequantized[r * columns + $1]) * Double(x[$1]) }
             #expect(abs(Double(out[r]) - expected) < 1e-4 * max(1, abs(expected)), "row \(r)")
+        }
+    }
+
+    @Test func aNonFiniteWeightIsRefusedByName() throws {
+        let dir = TemporaryDirectory("tiny-gemma")
+        let tiny = try TinyGemma(directory: dir.path, seed: 31, poisoned: "blk.1.ffn_up.weight")
+        #expect(throws: DecoderError("\(tiny.path): tensor blk.1.ffn_up.weight holds NaN or Inf")) {
+            _ = try Gemma3Model(path: tiny.path)
         }
     }
 

@@ -56,7 +56,9 @@ public struct Gemma3Weights: Sendable {
             guard t.dimensions == [columns, rows] else {
                 throw DecoderError("\(file.path): tensor \(name) has ggml dimensions \(t.dimensions), expected [\(columns), \(rows)]")
             }
-            return Matrix(rows: rows, columns: columns, values: try file.dequantize(t))
+            let values = try file.dequantize(t)
+            guard values.allSatisfy(\.isFinite) else { throw DecoderError("\(file.path): tensor \(name) holds NaN or Inf") }
+            return Matrix(rows: rows, columns: columns, values: values)
         }
         func vector(_ name: String, _ n: Int) throws -> [Float] {
             let t = try file.requireTensor(name)
