@@ -34,6 +34,8 @@ struct BenchSession: ParsableCommand {
     @Option var dtype: String = "f16"
     @Option(name: .short) var k: Int = 100
     @Option var ef: Int = 400
+    @Option(help: "GQA selection of the retrieval session: union, union-capped, summed.")
+    var groupSelection: GroupSelection = .union
     @Option(help: ArgumentHelp("Folder for the two stores (default: system temp; removed afterwards).", valueName: "dir"))
     var scratch: String?
 
@@ -56,6 +58,7 @@ struct BenchSession: ParsableCommand {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
                                               dtype: DType(rawValue: dtype)!, method: m, k: k, ef: ef)
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
+            sessions[sessions.count - 1].parameters.groupSelection = groupSelection
         }
         // Head h of layer l reads the synthetic set rotated by a per-head offset.
         func rotated(_ source: [Float], rows: Int, start: Int, count: Int) -> [Float] {
