@@ -4,11 +4,11 @@ import KVRecall
 
 /// Attention knobs shared by `attend`, `demo` and the benchmarks.
 struct AttentionOptions: ParsableArguments {
-    @Option(name: .short, help: "Positions retrieved beyond the static part.")
+    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part.")
     var k: Int = 100
-    @Option(help: "First positions always attended (attention sinks).")
+    @Option(parsing: .unconditional, help: "First positions always attended (attention sinks).")
     var sinks: Int = 4
-    @Option(help: "Last positions always attended (recent window).")
+    @Option(parsing: .unconditional, help: "Last positions always attended (recent window).")
     var window: Int = 64
     @Option(help: "Query heads per KV head (GQA): consecutive query rows form one group.")
     var group: Int = 1

@@ -16,14 +16,22 @@ struct StoreOptions: ParsableArguments {
 
 /// `--context C --layer L --head H`: which head a command addresses.
 struct HeadOptions: ParsableArguments {
-    @Option(help: "Context id (one store may hold several sequences).")
-    var context: UInt32 = 0
-    @Option(help: "Layer number.")
-    var layer: UInt16 = 0
-    @Option(help: "KV-head number (the first head, for 3-D inputs).")
-    var head: UInt16 = 0
+    // Parsed unconditionally so a negative value reaches validate() and gets the range, not
+    // "Missing value".
+    @Option(parsing: .unconditional, help: "Context id (one store may hold several sequences; 0...4294967295).")
+    var context: Int = 0
+    @Option(parsing: .unconditional, help: "Layer number (0...65535).")
+    var layer: Int = 0
+    @Option(parsing: .unconditional, help: "KV-head number (0...65535; the first head, for 3-D inputs).")
+    var head: Int = 0
 
-    var id: HeadID { HeadID(context: context, layer: layer, head: head) }
+    func validate() throws {
+        if !(0...Int(UInt32.max)).contains(context) { throw ValidationError("--context must be in 0...\(UInt32.max) (got \(context))") }
+        if !(0...Int(UInt16.max)).contains(layer) { throw ValidationError("--layer must be in 0...65535 (got \(layer))") }
+        if !(0...Int(UInt16.max)).contains(head) { throw ValidationError("--head must be in 0...65535 (got \(head))") }
+    }
+
+    var id: HeadID { HeadID(context: UInt32(context), layer: UInt16(layer), head: UInt16(head)) }
 }
 
 /// Loads an f32 matrix `[rows, d]` from `.npy` or from a named tensor of a `.safetensors` file.
@@ -93,9 +101,9 @@ func jsonNumber(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }
 
 /// Per-call search knobs, named as faiss and hnswlib users know them.
 struct SearchParameterOptions: ParsableArguments {
-    @Option(help: "HNSW: candidate list size at search.")
+    @Option(parsing: .unconditional, help: "HNSW: candidate list size at search.")
     var ef: Int = 64
-    @Option(help: "IVF: lists probed. (estimate's retrieval zone is set by -k or --top-p, not by --nprobe.)")
+    @Option(parsing: .unconditional, help: "IVF: lists probed. (estimate's retrieval zone is set by -k or --top-p, not by --nprobe.)")
     var nprobe: Int = 8
     @Option(help: "Tree: clusters kept per level.")
     var beam: Int = 8

@@ -126,4 +126,20 @@ import KVRecallTestSupport
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.stdout.contains("recall@10_vs_f32") && r.stdout.contains("bf16"))
     }
+
+    /// Negative and out-of-range numbers reach validation and get their range, not "Missing value".
+    @Test(arguments: [
+        (["attend", "--store", "/nonexistent", "--queries", "q.npy", "-k", "-5"], "k must be at least 1 (got -5)"),
+        (["attend", "--store", "/nonexistent", "--queries", "q.npy", "--sinks", "-1"], "sinks and window must be non-negative"),
+        (["attend", "--store", "/nonexistent", "--queries", "q.npy", "--layer", "-1"], "--layer must be in 0...65535 (got -1)"),
+        (["query", "--store", "/nonexistent", "--queries", "q.npy", "--layer", "70000"], "--layer must be in 0...65535 (got 70000)"),
+        (["ingest", "--store", "/nonexistent", "--keys", "k.npy", "--values", "v.npy", "--head", "-2"], "--head must be in 0...65535 (got -2)"),
+        (["generate", "--prompt", "x", "-k", "-3"], "-k must be at least 1 (got -3)"),
+    ])
+    func numbersOutOfRangeNameTheRange(arguments: [String], message: String) throws {
+        let r = try runCLI(arguments)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains(message), "\(r.stderr)")
+        #expect(!r.stderr.contains("Missing value"))
+    }
 }

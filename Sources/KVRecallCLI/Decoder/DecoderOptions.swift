@@ -28,11 +28,11 @@ struct DecoderMethodOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Decode-time attention of the global layers: \(methods.map(\.rawValue).joined(separator: ", ")); a comma-separated list or 'all' runs each from one shared prefill.",
                                valueName: "method"))
     var method: String = "exact"
-    @Option(name: .short, help: "Positions retrieved beyond the static part.")
+    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part.")
     var k: Int = 100
-    @Option(help: "First positions always attended (attention sinks).")
+    @Option(parsing: .unconditional, help: "First positions always attended (attention sinks).")
     var sinks: Int = 4
-    @Option(help: "Last positions always attended (recent window) in the global layers.")
+    @Option(parsing: .unconditional, help: "Last positions always attended (recent window) in the global layers.")
     var window: Int = 64
     @Option(help: "HNSW / retrieval graph: candidate list size at search.")
     var ef: Int = 400
