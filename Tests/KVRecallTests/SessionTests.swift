@@ -145,4 +145,23 @@ import KVRecallTestSupport
         p.waitUntilExit()
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))
     }
+
+    /// A NaN in one KV head's key refuses the whole append (no head grows) and a NaN query is refused.
+    @Test func nonFiniteInputLeavesTheLayerWhole() throws {
+        var rng = SeededRandom(seed: 41)
+        let session = try KVSession(configuration: configuration(.exact), directory: nil)
+        defer { session.close() }
+        let (k, v) = (Self.rows(8, &rng), Self.rows(8, &rng))
+        try k.withUnsafeBufferPointer { kb in try v.withUnsafeBufferPointer { vb in try session.append(layer: 0, keys: kb, values: vb) } }
+        var bad = Self.rows(1, &rng)
+        bad[Self.d + 3] = .nan  // KV head 1's key
+        let good = Self.rows(1, &rng)
+        #expect(throws: SessionError.self) {
+            try bad.withUnsafeBufferPointer { kb in try good.withUnsafeBufferPointer { vb in try session.append(layer: 0, keys: kb, values: vb) } }
+        }
+        for head in 0..<Self.heads { #expect(try session.store.info(session.headID(0, head)).count == 8) }
+        var q = rng.gaussianMatrix(rows: Self.heads * Self.group, dim: Self.d)
+        q[5] = .infinity
+        #expect(throws: SessionError.self) { _ = try q.withUnsafeBufferPointer { try session.attend(layer: 0, queries: $0) } }
+    }
 }

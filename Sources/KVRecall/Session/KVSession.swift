@@ -248,6 +248,13 @@ public final class KVSession {
             throw SessionError.invalidArgument("keys and values must both hold [\(h) heads, tokens, \(d)] floats (got \(keys.count) and \(values.count))")
         }
         let tokens = keys.count / (h * d)
+        // Every head's rows are checked before any is written, so bad input never leaves the layer
+        // with some heads one token longer than others.
+        for (label, data) in [("keys", keys), ("values", values)] {
+            if let row = firstNonFiniteRow(data, dimension: d) {
+                throw SessionError.invalidArgument("\(label) of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
+            }
+        }
         for head in 0..<h {
             let span = (head * tokens * d)..<((head + 1) * tokens * d)
             try store.append(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
@@ -322,6 +329,9 @@ public final class KVSession {
         let d = configuration.headDimension, h = configuration.kvHeads, g = configuration.queryHeadsPerKV
         guard queries.count == h * g * d else {
             throw SessionError.invalidArgument("queries must hold [\(h) KV heads, \(g) query heads, \(d)] = \(h * g * d) floats (got \(queries.count))")
+        }
+        if let row = firstNonFiniteRow(queries, dimension: d) {
+            throw SessionError.invalidArgument("query of KV head \(row / g), query head \(row % g) holds NaN or Inf")
         }
         var outputs = [Float](repeating: 0, count: h * g * d)
         let failures = FirstError()
