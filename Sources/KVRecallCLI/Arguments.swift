@@ -3,7 +3,10 @@ import KVRecall
 
 // The library's enums as command-line values: parsed, listed in `--help` and completed by
 // ArgumentParser from their raw values, so the CLI holds no second list of names.
-extension IndexKind: ExpressibleByArgument {}
+extension IndexKind: ExpressibleByArgument {
+    /// Only the kinds `build` stores and `query --index` reads (flat and hip are not stored).
+    public static var allValueStrings: [String] { IndexKind.stored.map(\.rawValue) }
+}
 extension AttentionMethod: ExpressibleByArgument {}
 extension ClusterMetric: ExpressibleByArgument {}
 extension GroupSelection: ExpressibleByArgument {}

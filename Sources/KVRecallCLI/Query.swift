@@ -27,7 +27,7 @@ struct Query: ParsableCommand {
     var limit: Int?
     @Flag(help: "Print one JSON object.")
     var json = false
-    @Option(help: "Search this index (hnsw, ivf, lsh, tree; built with `kvrecall build`) instead of exact search.")
+    @Option(help: "Search this index (built with `kvrecall build`) instead of exact search.")
     var index: IndexKind?
     @OptionGroup var search: SearchParameterOptions
 
