@@ -164,4 +164,20 @@ import KVRecallTestSupport
         q[5] = .infinity
         #expect(throws: SessionError.self) { _ = try q.withUnsafeBufferPointer { try session.attend(layer: 0, queries: $0) } }
     }
+
+    /// A temporary store whose process died (killed before close) is removed by the next temporary session.
+    @Test func orphanedTemporaryStoresAreRemoved() throws {
+        let finished = Process()
+        finished.executableURL = URL(fileURLWithPath: "/bin/true")
+        try finished.run()
+        finished.waitUntilExit()
+        let orphan = NSTemporaryDirectory() + "kvrecall-session-\(finished.processIdentifier)-orphan-test"
+        let mine = NSTemporaryDirectory() + "kvrecall-session-\(getpid())-live-test"
+        for path in [orphan, mine] { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) }
+        defer { try? FileManager.default.removeItem(atPath: mine) }
+        let session = try KVSession(configuration: configuration(.exact), directory: nil)
+        session.close()
+        #expect(!FileManager.default.fileExists(atPath: orphan))
+        #expect(FileManager.default.fileExists(atPath: mine))
+    }
 }

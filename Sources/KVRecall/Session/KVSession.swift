@@ -160,7 +160,8 @@ public final class KVSession {
             store = try KVStore(path: directory, create: true, options: options)
             temporaryDirectory = nil
         } else {
-            let path = NSTemporaryDirectory() + "kvrecall-session-\(UUID().uuidString)"
+            KVSession.removeOrphanedTemporaryStores()
+            let path = NSTemporaryDirectory() + "\(KVSession.temporaryPrefix)\(getpid())-\(UUID().uuidString)"
             store = try KVStore(path: path, create: true, options: options)
             temporaryDirectory = path
         }
@@ -195,6 +196,22 @@ public final class KVSession {
     }
 
     deinit { close() }
+
+    static let temporaryPrefix = "kvrecall-session-"
+
+    /// Removes the temporary stores of sessions whose process is gone (killed before `close()`):
+    /// their names carry the owner's process id.
+    static func removeOrphanedTemporaryStores() {
+        let folder = NSTemporaryDirectory()
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: folder) else { return }
+        for name in names where name.hasPrefix(temporaryPrefix) {
+            let rest = name.dropFirst(temporaryPrefix.count)
+            guard let dash = rest.firstIndex(of: "-"), let pid = pid_t(rest[..<dash]), pid > 0 else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH {
+                try? FileManager.default.removeItem(atPath: folder + name)
+            }
+        }
+    }
 
     /// Closes the store (and removes a temporary one).
     public func close() {
