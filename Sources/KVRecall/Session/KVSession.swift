@@ -275,7 +275,7 @@ public final class KVSession {
         for head in 0..<h {
             let span = (head * tokens * d)..<((head + 1) * tokens * d)
             try store.append(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
-                             values: UnsafeBufferPointer(rebasing: values[span]))
+                             values: UnsafeBufferPointer(rebasing: values[span]), allowNonFinite: true)  // checked above
         }
         if prepared { try upkeep(layer: layer, force: false) }
     }

@@ -43,19 +43,11 @@ struct Generate: ParsableCommand {
             throw RunError("the prompt has \(ids.count) tokens; with --max-tokens \(maxTokens) it exceeds the context length \(model.configuration.contextLength)")
         }
         let methods = try methodOptions.methodList()
-        var exact = DecoderAttentionOptions()
-        exact.method = .exact
-        let prefiller = try Gemma3Sequence(model: model, options: exact)
-        let bar = ProgressBar("prefill")
-        let start = monotonicNanos()
-        let logits = try prefiller.prefill(ids, logits: .last, progress: bar.update)
-        let prefillSeconds = Double(monotonicNanos() - start) / 1e9
-        let state = try prefiller.snapshot()
-        prefiller.close()
-        note("prefill: \(ids.count) tokens in \(fmt(prefillSeconds, 2)) s (\(fmt(Double(ids.count) / prefillSeconds, 1)) tokens/s)")
+        let prompt = try Gemma3Sequence.prefillPrompt(model: model, tokens: ids, progress: ProgressBar("prefill").update)
+        note("prefill: \(ids.count) tokens in \(fmt(prompt.seconds, 2)) s (\(fmt(Double(ids.count) / prompt.seconds, 1)) tokens/s)")
 
         for method in methods {
-            let sequence = try Gemma3Sequence(model: model, options: methodOptions.options(for: method), restoring: state)
+            let sequence = try Gemma3Sequence(model: model, options: methodOptions.options(for: method), restoring: prompt.state)
             defer { sequence.close() }
             let buildStart = monotonicNanos()
             try sequence.buildIndexes()
@@ -64,7 +56,7 @@ struct Generate: ParsableCommand {
             // A long prompt is shown by its end only.
             print(text.count > 240 ? "…" + text.suffix(200) : text, terminator: "")
             fflush(stdout)
-            var next = argmax(logits)
+            var next = argmax(prompt.logits)
             var produced = 0
             var stepNanos: UInt64 = 0
             var pending: [UInt8] = []

@@ -64,7 +64,7 @@ public func argmax(_ logits: [Float]) -> Int32 {
     return Int32(best)
 }
 
-func seconds(since start: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 }
+func seconds(since start: UInt64) -> Double { Double(monotonicNanos() - start) / 1e9 }
 
 /// Perplexity evaluation: prefill `ids[0..<prefill]` once with exact attention, then for each
 /// method build its indexes and score `ids[prefill..<prefill+scored]` teacher-forced, one decode
@@ -91,23 +91,17 @@ public struct PerplexityEvaluation {
         self.scored = scored
     }
 
-    /// The shared prefill: its state, last logits and time.
-    public func runPrefill(progress: ((Int, Int) -> Void)? = nil) throws -> (state: PrefillState, logits: [Float], seconds: Double) {
-        var options = DecoderAttentionOptions()
-        options.method = .exact
-        let sequence = try Gemma3Sequence(model: model, options: options)
-        defer { sequence.close() }
-        let start = DispatchTime.now().uptimeNanoseconds
-        let logits = try sequence.prefill(Array(ids[0..<prefill]), logits: .last, progress: progress)
-        return (try sequence.snapshot(), logits, seconds(since: start))
+    /// The shared prefill of `ids[0..<prefill]`.
+    public func runPrefill(progress: ((Int, Int) -> Void)? = nil) throws -> PrefilledPrompt {
+        try Gemma3Sequence.prefillPrompt(model: model, tokens: Array(ids[0..<prefill]), progress: progress)
     }
 
     /// Scores one method from a shared prefill.
-    public func score(options: DecoderAttentionOptions, from prefillState: (state: PrefillState, logits: [Float], seconds: Double),
+    public func score(options: DecoderAttentionOptions, from prefillState: PrefilledPrompt,
                       fidelity: Bool, progress: ((Int, Int) -> Void)? = nil) throws -> PerplexityReport {
         let sequence = try Gemma3Sequence(model: model, options: options, restoring: prefillState.state)
         defer { sequence.close() }
-        let buildStart = DispatchTime.now().uptimeNanoseconds
+        let buildStart = monotonicNanos()
         try sequence.buildIndexes()
         let buildSeconds = seconds(since: buildStart)
         var tracker: FidelityTracker? = nil
@@ -126,9 +120,9 @@ public struct PerplexityEvaluation {
             if r.top1 { correct += 1 }
             progress?(t + 1, scored)
             guard t + 1 < scored else { break }
-            let start = DispatchTime.now().uptimeNanoseconds
+            let start = monotonicNanos()
             logits = try sequence.step(ids[prefill + t])
-            stepNanos += DispatchTime.now().uptimeNanoseconds - start
+            stepNanos += monotonicNanos() - start
         }
         let mean = nll / Double(scored)
         return PerplexityReport(method: options.method.rawValue, prefillTokens: prefill, scoredTokens: scored,

@@ -77,18 +77,13 @@ extension PasskeyTest {
             var perMethod = methods.map { PasskeyResult(method: $0.method.rawValue, context: context) }
             for trial in 0..<trials {
                 let t = try makeTrial(context: context, generator: &generator)
-                var exactOptions = DecoderAttentionOptions()
-                exactOptions.method = .exact
-                let prefiller = try Gemma3Sequence(model: model, options: exactOptions)
-                let logits = try prefiller.prefill(t.ids, logits: .last)
-                let state = try prefiller.snapshot()
-                prefiller.close()
+                let prompt = try Gemma3Sequence.prefillPrompt(model: model, tokens: t.ids)
                 for (m, options) in methods.enumerated() {
-                    let sequence = try Gemma3Sequence(model: model, options: options, restoring: state)
+                    let sequence = try Gemma3Sequence(model: model, options: options, restoring: prompt.state)
                     defer { sequence.close() }
                     try sequence.buildIndexes()
                     var answer: [Int32] = []
-                    var next = argmax(logits)
+                    var next = argmax(prompt.logits)
                     for _ in 0..<answerTokens {
                         answer.append(next)
                         if next == tokenizer.eosID { break }

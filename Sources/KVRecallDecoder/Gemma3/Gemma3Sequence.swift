@@ -285,9 +285,9 @@ public final class Gemma3Sequence {
         }
         if decode {
             // [1, queryHeads, d] is [kvHeads, group, d] for one token.
-            let start = DispatchTime.now().uptimeNanoseconds
+            let start = monotonicNanos()
             let result = try q.withUnsafeBufferPointer { try session.attend(layer: g, queries: $0) }
-            globalAttentionNanos += DispatchTime.now().uptimeNanoseconds - start
+            globalAttentionNanos += monotonicNanos() - start
             for i in 0..<result.count { out[i] = result[i] }
             try decodeObserver?(g, q, result)
             return
@@ -404,6 +404,29 @@ final class LocalWindow {
             values.removeFirst(drop * width)
             firstPosition += drop
         }
+    }
+}
+
+/// A prompt prefilled once with exact attention: the state every method continues from, the
+/// next-token logits of its last position and the prefill's time.
+public struct PrefilledPrompt: Sendable {
+    public let state: PrefillState
+    public let logits: [Float]
+    public let seconds: Double
+}
+
+extension Gemma3Sequence {
+    /// Prefills `tokens` with exact attention on a temporary sequence and keeps its snapshot.
+    public static func prefillPrompt(model: Gemma3Model, tokens: [Int32],
+                                     progress: ((Int, Int) -> Void)? = nil) throws -> PrefilledPrompt {
+        var options = DecoderAttentionOptions()
+        options.method = .exact
+        let sequence = try Gemma3Sequence(model: model, options: options)
+        defer { sequence.close() }
+        let start = monotonicNanos()
+        let logits = try sequence.prefill(tokens, logits: .last, progress: progress)
+        return PrefilledPrompt(state: try sequence.snapshot(), logits: logits,
+                               seconds: Double(monotonicNanos() - start) / 1e9)
     }
 }
 
