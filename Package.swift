@@ -40,7 +40,7 @@ let package = Package(
         ),
         // The C header (include/kvrecall.h) and its C-only part, so Swift sees the ABI's types.
         .target(name: "KVRecallABI", path: "include", publicHeadersPath: "."),
-        .target(name: "KVRecallC", dependencies: ["KVRecall", "KVRecallABI"]),
+        .target(name: "KVRecallC", dependencies: ["KVRecall", "KVRecallABI", "CKernels"]),
         // A real decoder above the engine: GGUF reader, tokenizer, Gemma 3 forward pass whose global
         // layers attend through a KVSession. The engine never imports it.
         // The decoder's own C kernel: matrix-vector products read from Q8_0 blocks.

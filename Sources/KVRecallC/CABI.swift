@@ -1,36 +1,47 @@
+import CKernels
 import Foundation
 import KVRecall
 import KVRecallABI
 
-// The C ABI (include/kvrecall.h). Every entry point catches every Swift error and turns it into a
-// status code plus a per-thread message; handles are looked up in a registry before use, so a
-// closed or foreign handle is refused rather than dereferenced.
+// The C ABI, version 2 (include/kvrecall.h). Every entry point catches every Swift error and
+// turns it into a status code plus a per-thread message; handles are ids looked up in a
+// registry, never pointers, and an id is never handed out twice.
 
-/// Live sessions by handle address.
+/// One open session behind a handle: its calls are serialised by `lock`.
+private final class SessionEntry: @unchecked Sendable {
+    let session: KVSession
+    let lock = NSLock()
+    var closed = false
+    init(_ session: KVSession) { self.session = session }
+}
+
+/// Live sessions by handle id. Ids count up from a tag in the high bits (an address no process
+/// maps on 64-bit Linux), so a stale handle can neither alias a later session nor be mistaken
+/// for memory.
 private final class Registry: @unchecked Sendable {
     private let lock = NSLock()
-    private var sessions: [UnsafeMutableRawPointer: KVSession] = [:]
+    private var entries: [UInt: SessionEntry] = [:]
+    private var next: UInt = 0
+    static let tag: UInt = MemoryLayout<UInt>.size == 8 ? 0x4B56_0000_0000_0000 : 0x4000_0000
 
-    func insert(_ session: KVSession) -> UnsafeMutableRawPointer {
-        let handle = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
-        lock.lock(); sessions[handle] = session; lock.unlock()
-        return handle
+    func insert(_ session: KVSession) -> OpaquePointer {
+        lock.lock(); defer { lock.unlock() }
+        next += 1
+        let id = Registry.tag | next
+        entries[id] = SessionEntry(session)
+        return OpaquePointer(bitPattern: id)!
     }
 
-    func session(_ handle: OpaquePointer?) -> KVSession? {
+    func entry(_ handle: OpaquePointer?) -> SessionEntry? {
         guard let handle else { return nil }
         lock.lock(); defer { lock.unlock() }
-        return sessions[UnsafeMutableRawPointer(handle)]
+        return entries[UInt(bitPattern: handle)]
     }
 
-    func remove(_ handle: OpaquePointer?) -> KVSession? {
+    func remove(_ handle: OpaquePointer?) -> SessionEntry? {
         guard let handle else { return nil }
-        let key = UnsafeMutableRawPointer(handle)
-        lock.lock()
-        let session = sessions.removeValue(forKey: key)
-        lock.unlock()
-        if session != nil { key.deallocate() }
-        return session
+        lock.lock(); defer { lock.unlock() }
+        return entries.removeValue(forKey: UInt(bitPattern: handle))
     }
 }
 
@@ -58,33 +69,26 @@ private final class LastError: @unchecked Sendable {
 
 private let lastError = LastError()
 
-/// Runs `body`, mapping errors to status codes and recording their message.
-private func guarded(_ body: () throws -> Void) -> Int32 {
-    do {
-        try body()
-        lastError.set("")
-        return Int32(KVRECALL_OK.rawValue)
-    } catch let error as ABIError {
-        lastError.set(error.message)
-        return Int32(error.status.rawValue)
-    } catch let error as SessionError {
-        lastError.set(error.description)
-        switch error {
-        case .invalidArgument: return Int32(KVRECALL_ERR_ARGUMENT.rawValue)
-        case .wrongOrder: return Int32(KVRECALL_ERR_ORDER.rawValue)
-        case .unknownLayer: return Int32(KVRECALL_ERR_LAYER.rawValue)
-        }
-    } catch let error as StoreError {
-        lastError.set(error.description)
-        return Int32(KVRECALL_ERR_STORE.rawValue)
-    } catch let error as IndexError {
-        lastError.set(error.description)
-        return Int32(KVRECALL_ERR_INDEX.rawValue)
-    } catch {
-        lastError.set("\(error)")
-        return Int32(KVRECALL_ERR_INTERNAL.rawValue)
+/// The process-wide log callback.
+private final class Logger: @unchecked Sendable {
+    private let lock = NSLock()
+    private var callback: kvrecall_log_callback?
+    private var userData: UnsafeMutableRawPointer?
+
+    func set(_ callback: kvrecall_log_callback?, _ userData: UnsafeMutableRawPointer?) {
+        lock.lock(); self.callback = callback; self.userData = userData; lock.unlock()
+    }
+
+    func log(_ level: kvrecall_log_level, _ message: String) {
+        lock.lock()
+        let (callback, userData) = (self.callback, self.userData)
+        lock.unlock()
+        guard let callback else { return }
+        message.withCString { callback(Int32(level.rawValue), $0, userData) }
     }
 }
+
+private let logger = Logger()
 
 private struct ABIError: Error {
     let status: kvrecall_status
@@ -95,12 +99,48 @@ private struct ABIError: Error {
     }
 }
 
-private func session(_ handle: OpaquePointer?, _ function: String) throws -> KVSession {
+/// The status code and message of any error the library throws.
+private func classify(_ error: Error) -> (kvrecall_status, String) {
+    switch error {
+    case let e as ABIError: return (e.status, e.message)
+    case let e as SessionError:
+        switch e {
+        case .invalidArgument: return (KVRECALL_ERR_ARGUMENT, e.description)
+        case .wrongOrder: return (KVRECALL_ERR_ORDER, e.description)
+        case .unknownLayer: return (KVRECALL_ERR_LAYER, e.description)
+        }
+    case let e as StoreError: return (e.kind == .inUse ? KVRECALL_ERR_BUSY : KVRECALL_ERR_STORE, e.description)
+    case let e as IndexError:
+        if case .invalidParameter = e { return (KVRECALL_ERR_ARGUMENT, e.description) }
+        return (KVRECALL_ERR_INDEX, e.description)
+    default: return (KVRECALL_ERR_INTERNAL, "\(error)")
+    }
+}
+
+/// Runs `body`, mapping errors to status codes, recording their message and logging it.
+private func guarded(_ function: String, _ body: () throws -> Void) -> Int32 {
+    do {
+        try body()
+        lastError.set("")
+        return Int32(KVRECALL_OK.rawValue)
+    } catch {
+        let (status, message) = classify(error)
+        lastError.set(message)
+        logger.log(KVRECALL_LOG_ERROR, "\(function): \(message)")
+        return Int32(status.rawValue)
+    }
+}
+
+/// Runs `body` with the session behind `handle`, holding its lock (calls on one session are serialised).
+private func withSession<T>(_ handle: OpaquePointer?, _ function: String, _ body: (KVSession) throws -> T) throws -> T {
     guard handle != nil else { throw ABIError(KVRECALL_ERR_NULL, "\(function): session is NULL") }
-    guard let s = registry.session(handle) else {
+    guard let entry = registry.entry(handle) else {
         throw ABIError(KVRECALL_ERR_HANDLE, "\(function): unknown or closed session handle")
     }
-    return s
+    entry.lock.lock()
+    defer { entry.lock.unlock() }
+    guard !entry.closed else { throw ABIError(KVRECALL_ERR_HANDLE, "\(function): unknown or closed session handle") }
+    return try body(entry.session)
 }
 
 private func layerIndex(_ layer: UInt32, _ s: KVSession) throws -> Int {
@@ -110,11 +150,68 @@ private func layerIndex(_ layer: UInt32, _ s: KVSession) throws -> Int {
     return Int(layer)
 }
 
-private let methods: [Int32: AttentionMethod] = [
-    0: .exact, 1: .retrieval, 2: .hip, 3: .landmark, 4: .hnsw, 5: .ivf, 6: .lsh, 7: .tree, 8: .estimate,
-]
+/// C method numbers by name; a name this build's `AttentionMethod` lacks is refused when used.
+private let methodNames = ["exact", "retrieval", "hip", "landmark", "hnsw", "ivf", "lsh", "tree", "estimate", "auto", "streaming"]
 
-private let dtypes: [Int32: DType] = [0: .f32, 1: .f16, 2: .bf16]
+private func method(_ number: Int32) throws -> AttentionMethod {
+    guard number >= 0, Int(number) < methodNames.count else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.method \(number) is not a kvrecall_method (0...\(methodNames.count - 1))")
+    }
+    guard let m = AttentionMethod(rawValue: methodNames[Int(number)]) else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "method \(methodNames[Int(number)]) (\(number)) is not available in this build of the library")
+    }
+    return m
+}
+
+private let dtypes: [DType] = [.f32, .f16, .bf16]
+
+/// Size of the version-1 `kvrecall_config` (up to `nprobe`, padded), still accepted.
+private let configV1Size = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.scale)! + 7) / 8 * 8
+
+/// Copies a caller's config of either ABI version into a full one (later fields zero = defaults).
+private func readConfig(_ config: UnsafePointer<kvrecall_config>) throws -> kvrecall_config {
+    let size = UnsafeRawPointer(config).load(as: Int.self)
+    guard size == MemoryLayout<kvrecall_config>.size || size == configV1Size else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
+    }
+    var c = kvrecall_config()
+    withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: config, count: size)) }
+    return c
+}
+
+private func configuration(_ c: kvrecall_config) throws -> SessionConfiguration {
+    guard c.dtype >= 0, Int(c.dtype) < dtypes.count else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.dtype \(c.dtype) is not a kvrecall_dtype (0...2)")
+    }
+    guard c.scale.isFinite, c.scale >= 0 else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.scale must be finite and positive, or 0 for 1/sqrt(head_dim) (got \(c.scale))")
+    }
+    guard c.soft_cap == 0 else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.soft_cap must be 0 (logit soft-capping is not supported by this version; got \(c.soft_cap))")
+    }
+    var s = SessionConfiguration(
+        layers: Int(c.layers), kvHeads: Int(c.kv_heads), queryHeadsPerKV: Int(c.query_heads_per_kv),
+        headDimension: Int(c.head_dim), dtype: dtypes[Int(c.dtype)], method: try method(c.method), k: Int(c.k),
+        sinks: Int(c.sinks), window: Int(c.window), ef: Int(c.ef), nprobe: Int(c.nprobe))
+    s.scale = c.scale == 0 ? nil : c.scale
+    return s
+}
+
+private func threadCount(_ requested: UInt32) -> Int {
+    requested == 0 ? ProcessInfo.processInfo.activeProcessorCount : Int(requested)
+}
+
+@_cdecl("kvrecall_version")
+public func kvrecall_version() -> UnsafePointer<CChar> { versionString }
+private let versionString: UnsafePointer<CChar> = UnsafePointer(strdup(KVRecallVersion.string)!)
+
+@_cdecl("kvrecall_abi_version")
+public func kvrecall_abi_version() -> Int32 { Int32(KVRecallVersion.abi) }
+
+@_cdecl("kvrecall_set_log_callback")
+public func kvrecall_set_log_callback(_ callback: kvrecall_log_callback?, _ userData: UnsafeMutableRawPointer?) {
+    logger.set(callback, userData)
+}
 
 /// The C defaults are `SessionConfiguration`'s, so they are written once, in the library.
 @_cdecl("kvrecall_config_default")
@@ -123,128 +220,294 @@ public func kvrecall_config_default(_ config: UnsafeMutablePointer<kvrecall_conf
     guard let config else { return }
     let defaults = SessionConfiguration(layers: Int(layers), kvHeads: Int(kvHeads), queryHeadsPerKV: Int(queryHeadsPerKV),
                                         headDimension: Int(headDim))
+    config.pointee = cConfig(defaults, threads: 0)
+}
+
+private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_config {
     var c = kvrecall_config()
     c.struct_size = MemoryLayout<kvrecall_config>.size
-    c.layers = layers
-    c.kv_heads = kvHeads
-    c.query_heads_per_kv = queryHeadsPerKV
-    c.head_dim = headDim
-    c.dtype = dtypes.first { $0.value == defaults.dtype }!.key
-    c.method = methods.first { $0.value == defaults.attentionMethod }!.key
-    c.k = UInt32(defaults.k)
-    c.sinks = UInt32(defaults.sinks)
-    c.window = UInt32(defaults.window)
-    c.ef = UInt32(defaults.ef)
-    c.nprobe = UInt32(defaults.nprobe)
-    config.pointee = c
+    c.layers = UInt32(s.layers)
+    c.kv_heads = UInt32(s.kvHeads)
+    c.query_heads_per_kv = UInt32(s.queryHeadsPerKV)
+    c.head_dim = UInt32(s.headDimension)
+    c.dtype = Int32(dtypes.firstIndex(of: s.dtype)!)
+    c.method = Int32(methodNames.firstIndex(of: s.method) ?? -1)
+    c.k = UInt32(s.k)
+    c.sinks = UInt32(s.sinks)
+    c.window = UInt32(s.window)
+    c.ef = UInt32(s.ef)
+    c.nprobe = UInt32(s.nprobe)
+    c.scale = s.scale ?? 0
+    c.soft_cap = 0
+    c.threads = threads
+    return c
 }
 
 @_cdecl("kvrecall_session_open")
 public func kvrecall_session_open(_ config: UnsafePointer<kvrecall_config>?, _ directory: UnsafePointer<CChar>?,
                                   _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
-    guarded {
+    guarded("kvrecall_session_open") {
         guard let config, let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_open: config and out must not be NULL") }
         out.pointee = nil
-        let c = config.pointee
-        guard c.struct_size == MemoryLayout<kvrecall_config>.size else {
-            throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(c.struct_size), this library expects \(MemoryLayout<kvrecall_config>.size): header mismatch or unset (use kvrecall_config_default)")
-        }
-        guard let method = methods[c.method] else { throw ABIError(KVRECALL_ERR_ARGUMENT, "unknown method \(c.method)") }
-        guard let dtype = dtypes[c.dtype] else { throw ABIError(KVRECALL_ERR_ARGUMENT, "unknown dtype \(c.dtype)") }
-        let configuration = SessionConfiguration(
-            layers: Int(c.layers), kvHeads: Int(c.kv_heads), queryHeadsPerKV: Int(c.query_heads_per_kv),
-            headDimension: Int(c.head_dim), dtype: dtype, method: method, k: Int(c.k), sinks: Int(c.sinks),
-            window: Int(c.window), ef: Int(c.ef), nprobe: Int(c.nprobe))
-        let s = try KVSession(configuration: configuration, directory: directory.map { String(cString: $0) })
-        out.pointee = OpaquePointer(registry.insert(s))
+        let c = try readConfig(config)
+        let s = try KVSession(configuration: try configuration(c), directory: directory.map { String(cString: $0) })
+        s.threads = threadCount(c.threads)
+        out.pointee = registry.insert(s)
     }
 }
 
 @_cdecl("kvrecall_session_resume")
 public func kvrecall_session_resume(_ directory: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
-    guarded {
+    kvrecall_session_resume_ex(directory, nil, out)
+}
+
+@_cdecl("kvrecall_session_resume_ex")
+public func kvrecall_session_resume_ex(_ directory: UnsafePointer<CChar>?, _ info: UnsafeMutablePointer<kvrecall_resume_info>?,
+                                       _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    guarded("kvrecall_session_resume") {
         guard let directory, let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_resume: directory and out must not be NULL") }
         out.pointee = nil
-        let s = try KVSession(resuming: String(cString: directory))
-        out.pointee = OpaquePointer(registry.insert(s))
+        if let info, info.pointee.struct_size != MemoryLayout<kvrecall_resume_info>.size {
+            throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_resume_info.struct_size is \(info.pointee.struct_size), this library expects \(MemoryLayout<kvrecall_resume_info>.size)")
+        }
+        let path = String(cString: directory)
+        let s = try KVSession(resuming: path)
+        if let report = s.resumeReport {
+            let cut = report.longest > report.tokens || report.indexesRebuilt > 0 || report.indexesMissing > 0
+            logger.log(cut ? KVRECALL_LOG_WARN : KVRECALL_LOG_INFO, "\(path): \(report.description)")
+            if let info {
+                info.pointee.tokens = report.tokens
+                info.pointee.longest = report.longest
+                info.pointee.indexes_loaded = UInt32(report.indexesLoaded)
+                info.pointee.indexes_rebuilt = UInt32(report.indexesRebuilt)
+                info.pointee.indexes_missing = UInt32(report.indexesMissing)
+            }
+        }
+        out.pointee = registry.insert(s)
     }
+}
+
+@_cdecl("kvrecall_session_get_config")
+public func kvrecall_session_get_config(_ handle: OpaquePointer?, _ out: UnsafeMutablePointer<kvrecall_config>?) -> Int32 {
+    guarded("kvrecall_session_get_config") {
+        try withSession(handle, "kvrecall_session_get_config") { s in
+            guard let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_get_config: out must not be NULL") }
+            let size = UnsafeRawPointer(out).load(as: Int.self)
+            guard size == MemoryLayout<kvrecall_config>.size || size == configV1Size else {
+                throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size); set it to sizeof(kvrecall_config) (\(MemoryLayout<kvrecall_config>.size))")
+            }
+            var c = cConfig(s.configuration, threads: UInt32(s.threads))
+            c.struct_size = size
+            withUnsafeBytes(of: &c) { UnsafeMutableRawPointer(out).copyMemory(from: $0.baseAddress!, byteCount: size) }
+        }
+    }
+}
+
+private func tokenCount(_ tokens: Int) throws {
+    guard tokens > 0, tokens <= 1 << 24 else { throw ABIError(KVRECALL_ERR_ARGUMENT, "tokens must be in 1...16777216 (got \(tokens))") }
 }
 
 @_cdecl("kvrecall_session_append")
 public func kvrecall_session_append(_ handle: OpaquePointer?, _ layer: UInt32, _ keys: UnsafePointer<Float>?,
                                     _ values: UnsafePointer<Float>?, _ tokens: Int) -> Int32 {
-    guarded {
-        let s = try session(handle, "kvrecall_session_append")
-        let l = try layerIndex(layer, s)
-        guard let keys, let values else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_append: keys and values must not be NULL") }
-        guard tokens > 0, tokens <= 1 << 24 else { throw ABIError(KVRECALL_ERR_ARGUMENT, "tokens must be in 1...16777216 (got \(tokens))") }
-        let n = tokens * s.configuration.kvHeads * s.configuration.headDimension
-        try s.append(layer: l, keys: UnsafeBufferPointer(start: keys, count: n), values: UnsafeBufferPointer(start: values, count: n))
+    guarded("kvrecall_session_append") {
+        try withSession(handle, "kvrecall_session_append") { s in
+            let l = try layerIndex(layer, s)
+            guard let keys, let values else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_append: keys and values must not be NULL") }
+            try tokenCount(tokens)
+            let n = tokens * s.configuration.kvHeads * s.configuration.headDimension
+            try s.append(layer: l, keys: UnsafeBufferPointer(start: keys, count: n), values: UnsafeBufferPointer(start: values, count: n))
+        }
     }
+}
+
+/// Appends 16-bit input (`f16` or `bf16` words), converted to float32 first.
+private func append16(_ function: String, _ handle: OpaquePointer?, _ layer: UInt32, _ keys: UnsafePointer<UInt16>?,
+                      _ values: UnsafePointer<UInt16>?, _ tokens: Int, bf16: Bool) -> Int32 {
+    guarded(function) {
+        try withSession(handle, function) { s in
+            let l = try layerIndex(layer, s)
+            guard let keys, let values else { throw ABIError(KVRECALL_ERR_NULL, "\(function): keys and values must not be NULL") }
+            try tokenCount(tokens)
+            let n = tokens * s.configuration.kvHeads * s.configuration.headDimension
+            var k = [Float](repeating: 0, count: n), v = [Float](repeating: 0, count: n)
+            k.withUnsafeMutableBufferPointer { bf16 ? kvr_bf16_to_f32(keys, $0.baseAddress!, n) : kvr_f16_to_f32(keys, $0.baseAddress!, n) }
+            v.withUnsafeMutableBufferPointer { bf16 ? kvr_bf16_to_f32(values, $0.baseAddress!, n) : kvr_f16_to_f32(values, $0.baseAddress!, n) }
+            try k.withUnsafeBufferPointer { kb in try v.withUnsafeBufferPointer { vb in try s.append(layer: l, keys: kb, values: vb) } }
+        }
+    }
+}
+
+@_cdecl("kvrecall_session_append_f16")
+public func kvrecall_session_append_f16(_ handle: OpaquePointer?, _ layer: UInt32, _ keys: UnsafePointer<UInt16>?,
+                                        _ values: UnsafePointer<UInt16>?, _ tokens: Int) -> Int32 {
+    append16("kvrecall_session_append_f16", handle, layer, keys, values, tokens, bf16: false)
+}
+
+@_cdecl("kvrecall_session_append_bf16")
+public func kvrecall_session_append_bf16(_ handle: OpaquePointer?, _ layer: UInt32, _ keys: UnsafePointer<UInt16>?,
+                                         _ values: UnsafePointer<UInt16>?, _ tokens: Int) -> Int32 {
+    append16("kvrecall_session_append_bf16", handle, layer, keys, values, tokens, bf16: true)
 }
 
 @_cdecl("kvrecall_session_prefill_queries")
 public func kvrecall_session_prefill_queries(_ handle: OpaquePointer?, _ layer: UInt32, _ queries: UnsafePointer<Float>?,
                                              _ tokens: Int) -> Int32 {
-    guarded {
-        let s = try session(handle, "kvrecall_session_prefill_queries")
-        let l = try layerIndex(layer, s)
-        guard let queries else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_prefill_queries: queries must not be NULL") }
-        guard tokens > 0, tokens <= 1 << 24 else { throw ABIError(KVRECALL_ERR_ARGUMENT, "tokens must be in 1...16777216 (got \(tokens))") }
-        let n = tokens * s.configuration.kvHeads * s.configuration.headDimension
-        try s.appendPrefillQueries(layer: l, queries: UnsafeBufferPointer(start: queries, count: n))
+    guarded("kvrecall_session_prefill_queries") {
+        try withSession(handle, "kvrecall_session_prefill_queries") { s in
+            let l = try layerIndex(layer, s)
+            guard let queries else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_prefill_queries: queries must not be NULL") }
+            try tokenCount(tokens)
+            let n = tokens * s.configuration.kvHeads * s.configuration.headDimension
+            try s.appendPrefillQueries(layer: l, queries: UnsafeBufferPointer(start: queries, count: n))
+        }
     }
+}
+
+@_cdecl("kvrecall_build_params_default")
+public func kvrecall_build_params_default(_ params: UnsafeMutablePointer<kvrecall_build_params>?) {
+    guard let params else { return }
+    let d = IndexBuildParameters()
+    var p = kvrecall_build_params()
+    p.struct_size = MemoryLayout<kvrecall_build_params>.size
+    p.threads = 0
+    p.hnsw_m = UInt32(d.M)
+    p.ef_construction = UInt32(d.efConstruction)
+    p.nlist = UInt32(d.nlist ?? 0)
+    p.kmeans_iterations = UInt32(d.iterations)
+    p.lsh_tables = UInt32(d.tables)
+    p.lsh_bits = UInt32(d.bits)
+    p.graph_degree = UInt32(d.graphDegree)
+    p.seed = d.seed
+    p.progress = nil
+    p.user_data = nil
+    params.pointee = p
 }
 
 @_cdecl("kvrecall_session_build_indexes")
 public func kvrecall_session_build_indexes(_ handle: OpaquePointer?) -> Int32 {
-    guarded {
-        let s = try session(handle, "kvrecall_session_build_indexes")
-        for layer in 0..<s.configuration.layers where try s.length(layer: layer) == 0 {
-            throw ABIError(KVRECALL_ERR_ORDER, "kvrecall_session_build_indexes: layer \(layer) has no keys yet; append the prompt first")
+    kvrecall_session_build_indexes_ex(handle, nil)
+}
+
+@_cdecl("kvrecall_session_build_indexes_ex")
+public func kvrecall_session_build_indexes_ex(_ handle: OpaquePointer?, _ params: UnsafePointer<kvrecall_build_params>?) -> Int32 {
+    guarded("kvrecall_session_build_indexes") {
+        try withSession(handle, "kvrecall_session_build_indexes") { s in
+            var p = kvrecall_build_params()
+            if let params {
+                guard params.pointee.struct_size == MemoryLayout<kvrecall_build_params>.size else {
+                    throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_build_params.struct_size is \(params.pointee.struct_size), this library expects \(MemoryLayout<kvrecall_build_params>.size) (use kvrecall_build_params_default)")
+                }
+                p = params.pointee
+            } else {
+                kvrecall_build_params_default(&p)
+            }
+            var build = IndexBuildParameters()
+            build.threads = p.threads == 0 ? s.threads : Int(p.threads)
+            build.M = Int(p.hnsw_m)
+            build.efConstruction = Int(p.ef_construction)
+            build.nlist = p.nlist == 0 ? nil : Int(p.nlist)
+            build.iterations = Int(p.kmeans_iterations)
+            build.tables = Int(p.lsh_tables)
+            build.bits = Int(p.lsh_bits)
+            build.graphDegree = Int(p.graph_degree)
+            build.seed = p.seed
+            try build.validate()
+            for layer in 0..<s.configuration.layers where try s.length(layer: layer) == 0 {
+                throw ABIError(KVRECALL_ERR_ORDER, "kvrecall_session_build_indexes: layer \(layer) has no keys yet; append the prompt first")
+            }
+            let callback = p.progress, userData = p.user_data
+            try s.buildIndexes(parameters: build, progress: callback.map { callback in
+                { done, total in
+                    if callback(done, total, userData) != 0 {
+                        throw ABIError(KVRECALL_ERR_ABORTED, "kvrecall_session_build_indexes: stopped by the progress callback after \(done) of \(total) heads")
+                    }
+                }
+            })
         }
-        try s.buildIndexes()
     }
 }
 
 @_cdecl("kvrecall_session_attend")
 public func kvrecall_session_attend(_ handle: OpaquePointer?, _ layer: UInt32, _ queries: UnsafePointer<Float>?,
                                     _ out: UnsafeMutablePointer<Float>?, _ outFloats: Int) -> Int32 {
-    guarded {
-        let s = try session(handle, "kvrecall_session_attend")
-        let l = try layerIndex(layer, s)
-        guard let queries, let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_attend: queries and out must not be NULL") }
-        let c = s.configuration
-        let n = c.kvHeads * c.queryHeadsPerKV * c.headDimension
-        guard outFloats == n else {
-            throw ABIError(KVRECALL_ERR_ARGUMENT, "out holds \(outFloats) floats; this session needs kv_heads * query_heads_per_kv * head_dim = \(n)")
+    kvrecall_session_attend_ex(handle, layer, queries, out, outFloats, nil, 0)
+}
+
+@_cdecl("kvrecall_session_attend_ex")
+public func kvrecall_session_attend_ex(_ handle: OpaquePointer?, _ layer: UInt32, _ queries: UnsafePointer<Float>?,
+                                       _ out: UnsafeMutablePointer<Float>?, _ outFloats: Int,
+                                       _ lse: UnsafeMutablePointer<Float>?, _ lseFloats: Int) -> Int32 {
+    guarded("kvrecall_session_attend") {
+        try withSession(handle, "kvrecall_session_attend") { s in
+            let l = try layerIndex(layer, s)
+            guard let queries, let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_attend: queries and out must not be NULL") }
+            let c = s.configuration
+            let n = c.kvHeads * c.queryHeadsPerKV * c.headDimension
+            guard outFloats == n else {
+                throw ABIError(KVRECALL_ERR_ARGUMENT, "out holds \(outFloats) floats; this session needs kv_heads * query_heads_per_kv * head_dim = \(n)")
+            }
+            if lse != nil, lseFloats != c.kvHeads * c.queryHeadsPerKV {
+                throw ABIError(KVRECALL_ERR_ARGUMENT, "lse holds \(lseFloats) floats; this session needs kv_heads * query_heads_per_kv = \(c.kvHeads * c.queryHeadsPerKV)")
+            }
+            guard try s.length(layer: l) > 0 else {
+                throw ABIError(KVRECALL_ERR_ORDER, "kvrecall_session_attend: layer \(l) is empty; append keys and values first")
+            }
+            let result = try s.attendWithLSE(layer: l, queries: UnsafeBufferPointer(start: queries, count: n))
+            result.outputs.withUnsafeBufferPointer { out.update(from: $0.baseAddress!, count: n) }
+            if let lse { result.lse.withUnsafeBufferPointer { lse.update(from: $0.baseAddress!, count: $0.count) } }
         }
-        guard try s.length(layer: l) > 0 else {
-            throw ABIError(KVRECALL_ERR_ORDER, "kvrecall_session_attend: layer \(l) is empty; append keys and values first")
-        }
-        let result = try s.attend(layer: l, queries: UnsafeBufferPointer(start: queries, count: n))
-        result.withUnsafeBufferPointer { out.update(from: $0.baseAddress!, count: n) }
     }
 }
 
 @_cdecl("kvrecall_session_length")
 public func kvrecall_session_length(_ handle: OpaquePointer?, _ layer: UInt32, _ out: UnsafeMutablePointer<Int>?) -> Int32 {
-    guarded {
-        let s = try session(handle, "kvrecall_session_length")
-        let l = try layerIndex(layer, s)
-        guard let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_length: out must not be NULL") }
-        out.pointee = try s.length(layer: l)
+    guarded("kvrecall_session_length") {
+        try withSession(handle, "kvrecall_session_length") { s in
+            let l = try layerIndex(layer, s)
+            guard let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_length: out must not be NULL") }
+            out.pointee = try s.length(layer: l)
+        }
+    }
+}
+
+@_cdecl("kvrecall_session_head_length")
+public func kvrecall_session_head_length(_ handle: OpaquePointer?, _ layer: UInt32, _ head: UInt32,
+                                         _ tokens: UnsafeMutablePointer<Int>?, _ indexed: UnsafeMutablePointer<Int>?) -> Int32 {
+    guarded("kvrecall_session_head_length") {
+        try withSession(handle, "kvrecall_session_head_length") { s in
+            let l = try layerIndex(layer, s)
+            guard Int(head) < s.configuration.kvHeads else {
+                throw ABIError(KVRECALL_ERR_LAYER, "KV head \(head) does not exist (the session has \(s.configuration.kvHeads))")
+            }
+            guard let tokens else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_head_length: tokens must not be NULL") }
+            tokens.pointee = try s.length(layer: l, head: Int(head))
+            indexed?.pointee = try s.indexedCount(layer: l, head: Int(head))
+        }
+    }
+}
+
+@_cdecl("kvrecall_session_truncate")
+public func kvrecall_session_truncate(_ handle: OpaquePointer?, _ tokens: Int) -> Int32 {
+    guarded("kvrecall_session_truncate") {
+        try withSession(handle, "kvrecall_session_truncate") { s in try s.truncate(to: tokens) }
     }
 }
 
 @_cdecl("kvrecall_session_checkpoint")
 public func kvrecall_session_checkpoint(_ handle: OpaquePointer?) -> Int32 {
-    guarded { try session(handle, "kvrecall_session_checkpoint").checkpoint() }
+    guarded("kvrecall_session_checkpoint") {
+        try withSession(handle, "kvrecall_session_checkpoint") { s in try s.checkpoint() }
+    }
 }
 
 @_cdecl("kvrecall_session_close")
 public func kvrecall_session_close(_ handle: OpaquePointer?) {
-    registry.remove(handle)?.close()
+    guard let entry = registry.remove(handle) else { return }
+    entry.lock.lock()
+    entry.closed = true
+    entry.session.close()
+    entry.lock.unlock()
 }
 
 @_cdecl("kvrecall_last_error")

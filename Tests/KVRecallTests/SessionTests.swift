@@ -89,7 +89,10 @@ import KVRecallTestSupport
             }
             try session.buildIndexes()
             let (k1, v1) = (Self.rows(20, &rng), Self.rows(20, &rng))
-            try k1.withUnsafeBufferPointer { kb in try v1.withUnsafeBufferPointer { vb in try session.append(layer: 1, keys: kb, values: vb) } }
+            // Both layers: resume keeps only the steps every layer completed.
+            for layer in 0..<2 {
+                try k1.withUnsafeBufferPointer { kb in try v1.withUnsafeBufferPointer { vb in try session.append(layer: layer, keys: kb, values: vb) } }
+            }
             try session.checkpoint()
             before = try q.withUnsafeBufferPointer { try session.attend(layer: 1, queries: $0) }
             session.close()
@@ -115,17 +118,20 @@ import KVRecallTestSupport
         #expect(throws: StoreError.self) { try KVSession(resuming: empty.path) }
     }
 
-    /// The C example (Examples/c/session_example.c) compiled against include/kvrecall.h and the
-    /// shared library, then run: it drives a decode loop and every error path of the C ABI.
-    @Test func cExampleBuildsAndPasses() throws {
+    /// The C programs compiled against include/kvrecall.h and the shared library, then run:
+    /// Examples/c/session_example.c drives a decode loop and every error path of the C ABI;
+    /// Examples/c/contracts.c checks ABI 2's contracts (handles, atomic appends, concurrency,
+    /// kill -9 and resume, truncate, log-sum-exp, 16-bit input, build progress and abort).
+    @Test(arguments: ["session_example", "contracts"])
+    func cProgramBuildsAndPasses(_ name: String) throws {
         let root = URL(fileURLWithPath: repositoryDataDirectory()).deletingLastPathComponent().path
         let library = URL(fileURLWithPath: kvrecallExecutable()).deletingLastPathComponent().path
         #expect(FileManager.default.fileExists(atPath: library + "/libKVRecallC.so"),
                 "libKVRecallC.so missing in \(library): build all products with `swift build` first")
         let dir = TemporaryDirectory("kvrecall-c")
-        let binary = dir.path + "/session_example"
-        let compile = try run("/usr/bin/env", ["cc", root + "/Examples/c/session_example.c", "-I" + root + "/include",
-                                                "-L" + library, "-lKVRecallC", "-lm", "-o", binary])
+        let binary = dir.path + "/" + name
+        let compile = try run("/usr/bin/env", ["cc", "-Wall", "-Werror", root + "/Examples/c/\(name).c", "-I" + root + "/include",
+                                                "-L" + library, "-lKVRecallC", "-lm", "-pthread", "-o", binary])
         #expect(compile.status == 0, "\(compile.output)")
         let result = try run(binary, [], environment: ["LD_LIBRARY_PATH": library])
         #expect(result.status == 0, "\(result.output)")

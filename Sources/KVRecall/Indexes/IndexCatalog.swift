@@ -107,7 +107,8 @@ public enum IndexCatalog {
         header.write(UInt32(T.formatVersion))
         header.write(array: Array(T.kind.rawValue.utf8))
         sections[headerSection] = header.bytes
-        try store.saveIndex(id, name: name ?? T.kind.rawValue, sections: sections)
+        // The coverage record lets `info`, a query and a resumed session see which keys the index holds.
+        try store.saveIndex(id, name: name ?? T.kind.rawValue, sections: sections, covering: index.count)
     }
 
     /// Restores index `name` of head `id` as type `T`: the header must name `T`'s kind and format

@@ -28,6 +28,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var upkeepBatch: Int
     /// The store's context id for this sequence.
     public var context: UInt32
+    /// Softmax scale applied to q.k; nil means 1/sqrt(headDimension).
+    public var scale: Float?
 
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
@@ -53,7 +55,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
-        case landmarkBound, upkeepBatch, context
+        case landmarkBound, upkeepBatch, context, scale
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
@@ -74,6 +76,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         beam = try c.decodeIfPresent(Int.self, forKey: .beam) ?? 8
         minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions) ?? 2
         landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
+        scale = try c.decodeIfPresent(Float.self, forKey: .scale)
         upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
         context = try c.decode(UInt32.self, forKey: .context)
     }
@@ -89,6 +92,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         p.search.tree.beam = beam
         p.search.lsh.minCollisions = minCollisions
         p.search.landmark.bound = landmarkBound
+        p.scale = scale
         return p
     }
 
@@ -99,6 +103,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         }
         guard layers <= Int(UInt16.max), kvHeads <= Int(UInt16.max) else {
             throw SessionError.invalidArgument("at most 65535 layers and KV heads")
+        }
+        guard headDimension <= 65536 else {
+            throw SessionError.invalidArgument("head dimension \(headDimension) is out of range 1...65536")
         }
         guard AttentionMethod(rawValue: method) != nil else {
             throw SessionError.invalidArgument("unknown method '\(method)' (one of \(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
@@ -146,6 +153,12 @@ public final class KVSession {
     private var methods: [[PreparedMethod?]]
     private var prepared = false
     public var parameters: AttentionParameters
+    /// Threads `attend` spreads the KV heads over (at least 1).
+    public var threads = ProcessInfo.processInfo.activeProcessorCount
+    /// The write lease of this session's heads (no other session or ingest writes them meanwhile).
+    private var writerLock: HeadWriterLock?
+    /// What `init(resuming:)` found and did; nil for a session opened with `init(configuration:directory:)`.
+    public private(set) var resumeReport: ResumeReport?
 
     static let configurationKey = "kvrecall.session"
 
@@ -168,31 +181,150 @@ public final class KVSession {
         indexes = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
         methods = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
         parameters = configuration.attentionParameters
-        try createHeads()
+        do {
+            let ids = (0..<configuration.layers).flatMap { l in (0..<configuration.kvHeads).map { headID(l, $0) } }
+            writerLock = try store.lockHeads(ids)
+            try checkStoredConfiguration()
+            try createHeads()
+        } catch {
+            close()
+            throw error
+        }
     }
 
-    /// Reopens a checkpointed session from its store, with its saved configuration and indexes.
+    /// A store that already holds a session of this context must hold this very configuration:
+    /// the heads' shapes, the method (and so its indexes) and the knobs all come from it.
+    private func checkStoredConfiguration() throws {
+        guard let raw = try? store.info(headID(0, 0)).metadata[KVSession.configurationKey] else { return }
+        guard let stored = try? JSONDecoder().decode(SessionConfiguration.self, from: Data(raw.utf8)) else {
+            throw SessionError.invalidArgument("\(store.path) holds a session configuration this build cannot read")
+        }
+        guard stored != configuration else { return }
+        let mine = try JSONSerialization.jsonObject(with: JSONEncoder().encode(configuration)) as? [String: Any] ?? [:]
+        let theirs = try JSONSerialization.jsonObject(with: JSONEncoder().encode(stored)) as? [String: Any] ?? [:]
+        let differing = Set(mine.keys).union(theirs.keys).sorted().filter { key in
+            "\(mine[key] ?? "none")" != "\(theirs[key] ?? "none")"
+        }.map { "\($0) \(theirs[$0] ?? "none") (asked \(mine[$0] ?? "none"))" }
+        throw SessionError.invalidArgument("\(store.path) holds a session with a different configuration: \(differing.joined(separator: ", ")); resume it (its configuration comes from the store) or use another directory")
+    }
+
+    /// What resuming a session found and did (the crash contract, docs/ARCHITECTURE.md "Contracts").
+    public struct ResumeReport: Sendable, Equatable {
+        /// Tokens every layer and head holds after resuming.
+        public var tokens: Int
+        /// The longest layer before resuming (more than `tokens` when a step was cut short).
+        public var longest: Int
+        /// Heads whose saved index was loaded.
+        public var indexesLoaded: Int
+        /// Heads whose index was rebuilt from their keys (missing, or covering dropped keys).
+        public var indexesRebuilt: Int
+        /// Heads left without an index although their method needs one (no index was saved since
+        /// `buildIndexes`): they attend exactly until `buildIndexes` runs again.
+        public var indexesMissing: Int
+
+        public var description: String {
+            var text = "resumed at \(tokens) tokens per layer"
+            if longest > tokens { text += " (layers that had reached \(longest) were cut back to the last step every layer completed)" }
+            text += "; \(indexesLoaded) indexes loaded"
+            if indexesRebuilt > 0 { text += ", \(indexesRebuilt) rebuilt" }
+            if indexesMissing > 0 { text += "; \(indexesMissing) heads have no saved index: call buildIndexes (they attend exactly until then)" }
+            return text
+        }
+    }
+
+    /// Reopens a session from its store, with its saved configuration, in a consistent state:
+    /// every layer and head is cut back to the last step every layer completed (the shortest
+    /// layer; appends are atomic per layer, so a layer's heads always agree), prefill queries
+    /// likewise; indexes saved by the last checkpoint are loaded, and a head whose index is missing
+    /// (not checkpointed since `buildIndexes`) is rebuilt when any head of the session has one.
+    /// `resumeReport` says what was done.
     public convenience init(resuming directory: String) throws {
         let probe = try KVStore(path: directory)
         let heads = try probe.heads()
         probe.close()
         guard let raw = heads.first(where: { $0.metadata[KVSession.configurationKey] != nil })?.metadata[KVSession.configurationKey],
               let configuration = try? JSONDecoder().decode(SessionConfiguration.self, from: Data(raw.utf8)) else {
-            throw SessionError.invalidArgument("\(directory) holds no checkpointed session")
+            throw SessionError.invalidArgument("\(directory) holds no KVRecall session")
         }
         try self.init(configuration: configuration, directory: directory)
-        try store.read { snapshot in
-            for layer in 0..<configuration.layers {
-                for head in 0..<configuration.kvHeads {
-                    let id = headID(layer, head)
-                    if let kind = configuration.attentionMethod.indexKind, try snapshot.index(id, name: kind.rawValue) != nil {
-                        indexes[layer][head] = try IndexCatalog.load(kind, snapshot: snapshot, head: id)
-                        methods[layer][head] = nil
-                        prepared = true
+        let mine = heads.filter { $0.id.context == configuration.context }
+        let tokens = mine.map(\.count).min() ?? 0
+        let longest = mine.map(\.count).max() ?? 0
+        let queryTokens = min(tokens, mine.map(\.queryCount).min() ?? 0)
+        let ids = mine.map(\.id)
+        try store.truncate(ids, to: tokens, queryTokens: queryTokens)
+        var loaded = 0, missing: [(Int, Int)] = []
+        if let kind = configuration.attentionMethod.indexKind {
+            try store.read { snapshot in
+                for layer in 0..<configuration.layers {
+                    for head in 0..<configuration.kvHeads {
+                        let id = headID(layer, head)
+                        if try snapshot.index(id, name: kind.rawValue) != nil {
+                            let index = try IndexCatalog.load(kind, snapshot: snapshot, head: id)
+                            if index.count <= tokens {
+                                indexes[layer][head] = index
+                                methods[layer][head] = nil
+                                loaded += 1
+                                continue
+                            }
+                        }
+                        missing.append((layer, head))
                     }
                 }
             }
         }
+        var rebuilt = 0, unindexed = 0
+        if loaded > 0 {
+            prepared = true
+            for (layer, head) in missing where try rebuildIndex(layer: layer, head: head) { rebuilt += 1 }
+        } else if tokens > configuration.sinks + configuration.window {
+            unindexed = missing.count
+        }
+        resumeReport = ResumeReport(tokens: tokens, longest: longest, indexesLoaded: loaded, indexesRebuilt: rebuilt,
+                                    indexesMissing: unindexed)
+    }
+
+    /// Cuts every layer and head back to `tokens` (rollback of speculative tokens, repair after a
+    /// failed step) in one transaction; prefill queries past `tokens` go too. An index holding
+    /// dropped keys is rebuilt from the remaining ones (its stored copy is deleted with the keys),
+    /// so later attention never sees a position that no longer exists. Longer than the session:
+    /// an error.
+    public func truncate(to tokens: Int) throws {
+        let ids = (0..<configuration.layers).flatMap { l in (0..<configuration.kvHeads).map { headID(l, $0) } }
+        let longest = try ids.map { try store.info($0).count }.max() ?? 0
+        guard tokens >= 0, tokens <= longest else {
+            throw SessionError.invalidArgument("cannot truncate to \(tokens) tokens: the session holds \(longest)")
+        }
+        try store.truncate(ids, to: tokens, queryTokens: tokens)
+        for layer in 0..<configuration.layers {
+            for head in 0..<configuration.kvHeads {
+                methods[layer][head] = nil
+                if let index = indexes[layer][head], index.count > tokens {
+                    indexes[layer][head] = nil
+                    try rebuildIndex(layer: layer, head: head)
+                }
+            }
+        }
+    }
+
+    /// Builds one head's index afresh over its keys outside the window (as `buildIndexes` does);
+    /// false when the head has too few keys for one.
+    @discardableResult
+    private func rebuildIndex(layer: Int, head: Int, parameters build: IndexBuildParameters = IndexBuildParameters()) throws -> Bool {
+        guard let kind = configuration.attentionMethod.indexKind else { return false }
+        let id = headID(layer, head)
+        indexes[layer][head] = try store.read { snapshot -> (any BuildableIndex)? in
+            let keys = try snapshot.vectors(id, .keys)
+            let upTo = max(0, keys.count - configuration.window)
+            guard upTo > configuration.sinks else { return nil }
+            let index = try IndexCatalog.make(kind, dimension: keys.dimension, count: upTo, parameters: build)
+            let indexed = keys.limited(to: upTo)
+            try index.train(keys: indexed, range: 0..<upTo, queries: try snapshot.vectors(id, .queries))
+            try index.add(keys: indexed, range: 0..<upTo, progress: nil)
+            return index
+        }
+        methods[layer][head] = nil
+        return indexes[layer][head] != nil
     }
 
     deinit { close() }
@@ -216,6 +348,8 @@ public final class KVSession {
     /// Closes the store (and removes a temporary one).
     public func close() {
         guard store.environment.isOpen else { return }
+        writerLock?.release()
+        writerLock = nil
         store.close()
         if let temporaryDirectory { try? FileManager.default.removeItem(atPath: temporaryDirectory) }
     }
@@ -272,11 +406,12 @@ public final class KVSession {
                 throw SessionError.invalidArgument("\(label) of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
             }
         }
-        for head in 0..<h {
+        // One write transaction for every head of the layer: a failure or a crash leaves all or none.
+        try store.appendAtomically((0..<h).map { head in
             let span = (head * tokens * d)..<((head + 1) * tokens * d)
-            try store.append(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
-                             values: UnsafeBufferPointer(rebasing: values[span]), allowNonFinite: true)  // checked above
-        }
+            return .keysAndValues(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
+                                  values: UnsafeBufferPointer(rebasing: values[span]))
+        }, allowNonFinite: true)  // checked above
         if prepared { try upkeep(layer: layer, force: false) }
     }
 
@@ -289,15 +424,17 @@ public final class KVSession {
             throw SessionError.invalidArgument("queries must hold [\(h) heads, tokens, \(d)] floats (got \(queries.count))")
         }
         let tokens = queries.count / (h * d)
-        for head in 0..<h {
-            try store.appendQueries(headID(layer, head),
-                                    queries: UnsafeBufferPointer(rebasing: queries[(head * tokens * d)..<((head + 1) * tokens * d)]))
+        if let row = firstNonFiniteRow(queries, dimension: d) {
+            throw SessionError.invalidArgument("queries of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
         }
+        try store.appendAtomically((0..<h).map { head in
+            .queries(headID(layer, head), UnsafeBufferPointer(rebasing: queries[(head * tokens * d)..<((head + 1) * tokens * d)]))
+        })
     }
 
     /// Builds every head's index once, over the keys outside the window (after prefill).
     public func buildIndexes(parameters build: IndexBuildParameters = IndexBuildParameters(),
-                             progress: ((Int, Int) -> Void)? = nil) throws {
+                             progress: ((Int, Int) throws -> Void)? = nil) throws {
         guard let kind = configuration.attentionMethod.indexKind else { prepared = true; return }
         let total = configuration.layers * configuration.kvHeads
         var done = 0
@@ -316,7 +453,7 @@ public final class KVSession {
                 }
                 methods[layer][head] = nil
                 done += 1
-                progress?(done, total)
+                try progress?(done, total)  // a throw aborts the build between heads
             }
         }
         prepared = true
@@ -342,6 +479,12 @@ public final class KVSession {
     /// Attention for one decode step of `layer`: `queries` is `[kvHeads, queryHeadsPerKV, headDimension]`;
     /// returns the outputs in the same layout. KV heads run in parallel.
     public func attend(layer: Int, queries: UnsafeBufferPointer<Float>) throws -> [Float] {
+        try attendWithLSE(layer: layer, queries: queries).outputs
+    }
+
+    /// `attend`, with each query head's log-sum-exp of its scaled scores (`[kvHeads, queryHeadsPerKV]`)
+    /// beside the outputs, so the result merges exactly with attention over other positions.
+    public func attendWithLSE(layer: Int, queries: UnsafeBufferPointer<Float>) throws -> (outputs: [Float], lse: [Float]) {
         try checkLayer(layer)
         let d = configuration.headDimension, h = configuration.kvHeads, g = configuration.queryHeadsPerKV
         guard queries.count == h * g * d else {
@@ -351,25 +494,41 @@ public final class KVSession {
             throw SessionError.invalidArgument("query of KV head \(row / g), query head \(row % g) holds NaN or Inf")
         }
         var outputs = [Float](repeating: 0, count: h * g * d)
+        var lse = [Float](repeating: 0, count: h * g)
         let failures = FirstError()
+        let workers = max(1, min(threads, h))
         try store.read { snapshot in
             let prepared = try (0..<h).map { try preparedMethod(snapshot: snapshot, layer: layer, head: $0) }
             outputs.withUnsafeMutableBufferPointer { out in
-                DispatchQueue.concurrentPerform(iterations: h) { head in
-                    do {
-                        let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
-                        let result = try attendHead(snapshot: snapshot, layer: layer, head: head, method: prepared[head], queries: group)
-                        for (j, partial) in result.heads.enumerated() {
-                            for c in 0..<d { out[(head * g + j) * d + c] = partial.output[c] }
+                lse.withUnsafeMutableBufferPointer { lseOut in
+                    DispatchQueue.concurrentPerform(iterations: workers) { worker in
+                        for head in stride(from: worker, to: h, by: workers) {
+                            do {
+                                let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
+                                let result = try attendHead(snapshot: snapshot, layer: layer, head: head, method: prepared[head], queries: group)
+                                for (j, partial) in result.heads.enumerated() {
+                                    for c in 0..<d { out[(head * g + j) * d + c] = partial.output[c] }
+                                    lseOut[head * g + j] = partial.lse
+                                }
+                            } catch {
+                                failures.record(error)
+                            }
                         }
-                    } catch {
-                        failures.record(error)
                     }
                 }
             }
         }
         if let error = failures.first { throw error }
-        return outputs
+        return (outputs, lse)
+    }
+
+    /// Keys and values cached for KV head `head` of `layer`.
+    public func length(layer: Int, head: Int) throws -> Int {
+        try checkLayer(layer)
+        guard head >= 0 && head < configuration.kvHeads else {
+            throw SessionError.invalidArgument("KV head \(head) does not exist (the session has \(configuration.kvHeads))")
+        }
+        return try store.info(headID(layer, head)).count
     }
 
     /// The full attention result (attended positions, statistics) of one KV head's query group.

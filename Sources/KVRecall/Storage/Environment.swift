@@ -37,11 +37,16 @@ public final class Environment: @unchecked Sendable {
     public private(set) var mapSize: Int
     /// How many times the map has grown since this environment was opened.
     public private(set) var growthCount = 0
+    /// The directory's (device, inode) while this environment holds it in `OpenEnvironments`.
+    private var identity: OpenEnvironments.Identity?
 
     public init(path: String, options: Options = Options()) throws {
         self.path = path
         self.options = options
         self.mapSize = options.mapSize
+        // LMDB: "do not have open an LMDB database twice in the same process at the same time"
+        // (closing one copy would drop the other's locks). Refused here with a clear error.
+        identity = try OpenEnvironments.shared.register(path: path)
         var attr = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attr)
         #if os(Linux)
@@ -63,7 +68,14 @@ public final class Environment: @unchecked Sendable {
             var flags = UInt32(MDB_NOTLS)
             if options.readOnly { flags |= UInt32(MDB_RDONLY) }
             if options.noSync { flags |= UInt32(MDB_NOSYNC) }
-            try check(mdb_env_open(handle, path, flags, 0o644), "cannot open LMDB environment", path: path)
+            let rc = mdb_env_open(handle, path, flags, 0o644)
+            if rc == EACCES {
+                // Even a reader writes LMDB's lock file (lock.mdb, its reader table) in the store directory.
+                throw StoreError(.readOnly, code: rc,
+                                 "permission denied opening the store: LMDB needs read and write access to data.mdb and to lock.mdb (its reader table, written even by readers) in this directory; ask for write access to the directory or copy the store",
+                                 path: path)
+            }
+            try check(rc, "cannot open LMDB environment", path: path)
             var info = MDB_envinfo()
             if mdb_env_info(handle, &info) == MDB_SUCCESS { mapSize = Int(info.me_mapsize) }
             try Environment.checkNotTruncated(handle, path: path)
@@ -148,6 +160,10 @@ public final class Environment: @unchecked Sendable {
         if let env {
             mdb_env_close(env)
             self.env = nil
+        }
+        if let identity {
+            OpenEnvironments.shared.unregister(identity)
+            self.identity = nil
         }
         pthread_rwlock_unlock(&rwlock)
     }
@@ -309,6 +325,34 @@ public final class Environment: @unchecked Sendable {
     /// Flushes buffers to disk (useful after a `noSync` bulk ingest).
     public func sync() throws {
         try check(mdb_env_sync(try handle(), 1), "mdb_env_sync", path: path)
+    }
+}
+
+/// The environments open in this process, by directory identity (device, inode), so a second
+/// open of the same store is refused instead of silently breaking LMDB's locking.
+final class OpenEnvironments: @unchecked Sendable {
+    struct Identity: Hashable { let device: UInt64; let inode: UInt64 }
+    static let shared = OpenEnvironments()
+    private let lock = NSLock()
+    private var open: Set<Identity> = []
+    /// The process the set describes: a child made by fork() starts with none open.
+    private var owner = getpid()
+
+    func register(path: String) throws -> Identity? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }  // LMDB reports a missing directory itself
+        let identity = Identity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+        lock.lock(); defer { lock.unlock() }
+        if owner != getpid() { open = []; owner = getpid() }
+        guard open.insert(identity).inserted else {
+            throw StoreError(.inUse, "the store is already open in this process (LMDB allows one open environment per store and process): close it first, or share the open KVStore or session",
+                             path: path)
+        }
+        return identity
+    }
+
+    func unregister(_ identity: Identity) {
+        lock.lock(); open.remove(identity); lock.unlock()
     }
 }
 

@@ -7,8 +7,13 @@ extension KVStore {
     /// Sections larger than this are split over several LMDB values.
     static let sectionChunkBytes = 8 << 20
 
-    /// Replaces index `name` of head `id` by `sections` (name -> bytes), atomically.
-    public func saveIndex(_ id: HeadID, name: String, sections: [String: [UInt8]]) throws {
+    /// Head metadata key recording how many keys (positions `0..<n`) index `name` covers.
+    static func coverageKey(_ name: String) -> String { "index.\(name).covers" }
+
+    /// Replaces index `name` of head `id` by `sections` (name -> bytes), atomically. With
+    /// `covering`, the index records that it holds positions `0..<covering` of the head's keys.
+    public func saveIndex(_ id: HeadID, name: String, sections: [String: [UInt8]], covering: Int? = nil) throws {
+
         guard !name.isEmpty, !name.utf8.contains(0), sections.keys.allSatisfy({ !$0.isEmpty && !$0.utf8.contains(0) }) else {
             throw StoreError(.invalidArgument, "index and section names must be non-empty and hold no NUL", path: path, head: id)
         }
@@ -17,6 +22,10 @@ extension KVStore {
                 throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
             }
             try txn.deletePrefix(indexesDB, StoreKey.indexPrefix(id, name))
+            // The coverage goes in the head's record, in the same transaction as the index.
+            var info = try info(txn.reader, id)
+            info.metadata[KVStore.coverageKey(name)] = covering.map { "\($0)" }
+            try putInfo(txn, info)
             for (section, bytes) in sections {
                 var chunk: UInt32 = 0
                 var offset = 0
@@ -51,10 +60,37 @@ extension KVStore {
         return sections.isEmpty ? nil : sections
     }
 
+    /// Keys covered by each index of head `id` (nil for an index saved without a coverage record).
+    public func indexCoverage(_ id: HeadID) throws -> [String: Int?] {
+        try environment.read { txn in try indexCoverage(txn, id) }
+    }
+
+    func indexCoverage(_ txn: ReadTransaction, _ id: HeadID) throws -> [String: Int?] {
+        let metadata = try info(txn, id).metadata
+        var result: [String: Int?] = [:]
+        var last: String? = nil
+        try txn.scan(indexesDB, prefix: StoreKey.head(id)) { key, _ in
+            let rest = key.dropFirst(8)
+            guard let end = rest.firstIndex(of: 0) else { return true }
+            let name = String(decoding: rest[rest.startIndex..<end], as: UTF8.self)
+            if name != last {
+                result[name] = .some(metadata[KVStore.coverageKey(name)].flatMap { Int($0) })
+                last = name
+            }
+            return true
+        }
+        return result
+    }
+
     /// Deletes index `name` of head `id`; returns whether it existed.
     @discardableResult
     public func dropIndex(_ id: HeadID, name: String) throws -> Bool {
-        try environment.write { txn in try txn.deletePrefix(indexesDB, StoreKey.indexPrefix(id, name)) > 0 }
+        try environment.write { txn in
+            if var info = try? info(txn.reader, id), info.metadata.removeValue(forKey: KVStore.coverageKey(name)) != nil {
+                try putInfo(txn, info)
+            }
+            return try txn.deletePrefix(indexesDB, StoreKey.indexPrefix(id, name)) > 0
+        }
     }
 
     /// Names of the indexes built for each head.

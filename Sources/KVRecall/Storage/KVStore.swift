@@ -44,11 +44,7 @@ public final class KVStore: @unchecked Sendable {
                 throw StoreError(.notAStore, exists ? "no KVRecall store here (no data.mdb)" : "no such store directory", path: path)
             }
             if options.readOnly { throw StoreError(.readOnly, "cannot create a store read-only", path: path) }
-            do {
-                try fm.createDirectory(atPath: path, withIntermediateDirectories: true)
-            } catch {
-                throw StoreError(.io, "cannot create directory: \(error.localizedDescription)", path: path)
-            }
+            try KVStore.makeDirectories(path)
         }
         let env = try Environment(path: path, options: options)
         environment = env
@@ -84,6 +80,27 @@ public final class KVStore: @unchecked Sendable {
         } catch {
             env.close()
             throw error
+        }
+    }
+
+    /// `mkdir -p` with the failing directory and errno's reason in the error (Foundation's
+    /// messages, e.g. "NSCocoaErrorDomain error 512", name neither).
+    static func makeDirectories(_ path: String) throws {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for part in path.split(separator: "/") {
+            prefix += part
+            if mkdir(prefix, 0o755) != 0 && errno != EEXIST {
+                let code = errno
+                let reason = code == ENOTDIR ? "a component of the path is a file, not a directory"
+                    : code == EACCES ? "permission denied" : String(cString: strerror(code))
+                throw StoreError(code == EACCES || code == EROFS ? .readOnly : .io, code: code,
+                                 "cannot create directory \(prefix): \(reason)", path: path)
+            }
+            var info = stat()
+            if stat(prefix, &info) == 0, (info.st_mode & S_IFMT) != S_IFDIR {
+                throw StoreError(.io, "cannot create directory \(prefix): a file of that name exists", path: path)
+            }
+            prefix += "/"
         }
     }
 
@@ -239,22 +256,148 @@ public final class KVStore: @unchecked Sendable {
         while done < rows {
             let chunk = min(rowsPerTransaction, rows - done)
             try environment.write { txn in
-                guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
-                    throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
-                }
-                var info = try KVStore.decodeInfo(raw, path: path)
-                for (kind, data) in kinds {
-                    let start = info.rows(kind)
-                    let slice = UnsafeBufferPointer(rebasing: data[(done * info.dimension)..<((done + chunk) * info.dimension)])
-                    try writeRows(txn, info, kind, start: start, rows: slice)
-                }
-                if kinds.contains(where: { $0.0 == .keys }) { info.count += chunk }
-                if kinds.contains(where: { $0.0 == .queries }) { info.queryCount += chunk }
-                try putInfo(txn, info)
+                try appendChunk(txn, id, kinds: kinds, from: done, rows: chunk)
             }
             done += chunk
             progress?(done, rows)
         }
+    }
+
+    /// Rows `from ..< from + rows` of every stream in `kinds`, appended to head `id` inside `txn`.
+    private func appendChunk(_ txn: WriteTransaction, _ id: HeadID, kinds: [(VectorKind, UnsafeBufferPointer<Float>)],
+                             from: Int, rows: Int) throws {
+        guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
+            throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
+        }
+        var info = try KVStore.decodeInfo(raw, path: path)
+        for (kind, data) in kinds {
+            let slice = UnsafeBufferPointer(rebasing: data[(from * info.dimension)..<((from + rows) * info.dimension)])
+            try writeRows(txn, info, kind, start: info.rows(kind), rows: slice)
+        }
+        if kinds.contains(where: { $0.0 == .keys }) { info.count += rows }
+        if kinds.contains(where: { $0.0 == .queries }) { info.queryCount += rows }
+        try putInfo(txn, info)
+    }
+
+    /// Rows for one head of an atomic multi-head append: keys with values, or prefill queries.
+    public struct HeadRows {
+        public var id: HeadID
+        public var streams: [(VectorKind, UnsafeBufferPointer<Float>)]
+
+        /// Keys and values (`rows x dimension` each, row-major f32).
+        public static func keysAndValues(_ id: HeadID, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>) -> HeadRows {
+            HeadRows(id: id, streams: [(.keys, keys), (.values, values)])
+        }
+
+        /// Prefill queries (`rows x dimension`, row-major f32).
+        public static func queries(_ id: HeadID, _ queries: UnsafeBufferPointer<Float>) -> HeadRows {
+            HeadRows(id: id, streams: [(.queries, queries)])
+        }
+    }
+
+    /// Appends to several heads in one write transaction: after a failure or a crash either every
+    /// head grew or none did (one decode step of a layer is one call). Shapes are checked against
+    /// every head before anything is written; values must be finite unless `allowNonFinite`.
+    public func appendAtomically(_ batch: [HeadRows], allowNonFinite: Bool = false) throws {
+        try environment.write { txn in
+            var rowsOf: [Int] = []
+            for item in batch {
+                guard let raw = try txn.reader.get(headsDB, StoreKey.head(item.id)) else {
+                    throw StoreError(.headNotFound, "no head \(item.id) in this store", path: path, head: item.id)
+                }
+                let d = try KVStore.decodeInfo(raw, path: path).dimension
+                guard let first = item.streams.first, first.1.count % d == 0,
+                      item.streams.allSatisfy({ $0.1.count == first.1.count }) else {
+                    throw StoreError(.shapeMismatch, "vector data is not a whole number of \(d)-dimensional rows, the same for every stream",
+                                     path: path, head: item.id)
+                }
+                if !allowNonFinite {
+                    for (kind, data) in item.streams {
+                        if let row = firstNonFiniteRow(data, dimension: d) {
+                            throw StoreError(.nonFinite, "\(kind) row \(row) holds NaN or Inf; nothing was appended", path: path, head: item.id)
+                        }
+                    }
+                }
+                rowsOf.append(first.1.count / d)
+            }
+            for (item, rows) in zip(batch, rowsOf) where rows > 0 {
+                try appendChunk(txn, item.id, kinds: item.streams, from: 0, rows: rows)
+            }
+        }
+    }
+
+    // MARK: Truncating
+
+    /// Cuts every head of `ids` back to `tokens` keys and values (heads already shorter are left
+    /// alone) and their prefill queries to `queryTokens` when given, in one write transaction.
+    /// A stored index of a cut head that records covering more than `tokens` keys is deleted in
+    /// the same transaction (it would name positions that no longer exist). Returns the heads
+    /// whose indexes were deleted.
+    @discardableResult
+    public func truncate(_ ids: [HeadID], to tokens: Int, queryTokens: Int? = nil) throws -> Set<HeadID> {
+        guard tokens >= 0, (queryTokens ?? 0) >= 0 else {
+            throw StoreError(.invalidArgument, "cannot truncate to a negative length (\(tokens))", path: path)
+        }
+        return try environment.write { txn in
+            var dropped: Set<HeadID> = []
+            for id in ids {
+                guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
+                    throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
+                }
+                var info = try KVStore.decodeInfo(raw, path: path)
+                var changed = false
+                if info.count > tokens {
+                    for kind in [VectorKind.keys, .values] { try cutStream(txn, info, kind, to: tokens) }
+                    info.count = tokens
+                    changed = true
+                    // (Records without coverage, such as `auto` plans or indexes of older builds, stay:
+                    // readers compare a loaded index's count with the head's.)
+                    for (name, covered) in try indexCoverage(txn.reader, id) where (covered ?? 0) > tokens {
+                        try txn.deletePrefix(indexesDB, StoreKey.indexPrefix(id, name))
+                        info.metadata[KVStore.coverageKey(name)] = nil
+                        dropped.insert(id)
+                    }
+                }
+                if let queryTokens, info.queryCount > queryTokens {
+                    try cutStream(txn, info, .queries, to: queryTokens)
+                    info.queryCount = queryTokens
+                    changed = true
+                }
+                if changed { try putInfo(txn, info) }
+            }
+            return dropped
+        }
+    }
+
+    /// Deletes the blocks of one stream past row `rows` and shortens its last block.
+    private func cutStream(_ txn: WriteTransaction, _ info: HeadInfo, _ kind: VectorKind, to rows: Int) throws {
+        let bs = info.blockSize
+        let current = info.rows(kind)
+        guard current > rows else { return }
+        let firstWhole = (rows + bs - 1) / bs      // first block entirely past the cut
+        let lastBlock = (current - 1) / bs
+        if firstWhole <= lastBlock {
+            for block in firstWhole...lastBlock { try txn.delete(vectorsDB, StoreKey.block(info.id, kind, UInt32(block))) }
+        }
+        if rows % bs != 0 {
+            let block = rows / bs
+            let key = StoreKey.block(info.id, kind, UInt32(block))
+            guard let old = try txn.reader.get(vectorsDB, key), old.count >= (rows % bs) * info.bytesPerVector else {
+                throw StoreError(.corrupt, "block \(block) of \(kind) is missing or short", path: path, head: info.id)
+            }
+            let kept = Array(old.prefix((rows % bs) * info.bytesPerVector))  // copy: the put invalidates `old`
+            try txn.put(vectorsDB, key, kept)
+        }
+    }
+
+    // MARK: Head writers
+
+    /// Takes the write lease of `ids` for as long as the returned lock lives: a second writer of
+    /// any of these heads, in this or another process, gets `.inUse` instead of interleaving its
+    /// rows with the first one's. The lease is an open-file-description lock on `writers.lock` in
+    /// the store directory, one byte per head, so the kernel drops it when the holder dies.
+    public func lockHeads(_ ids: [HeadID]) throws -> HeadWriterLock {
+        try HeadWriterLock(store: path, heads: ids)
     }
 
     /// Writes f32 rows at positions `start...` of one stream, completing a partial last block first.

@@ -19,6 +19,7 @@ public struct StoreError: Error, CustomStringConvertible, Equatable, Sendable {
         case readOnly
         case corrupt           // a record that cannot be decoded
         case io
+        case inUse             // the store is open elsewhere in this process, or the head has a writer
     }
 
     public let kind: Kind
