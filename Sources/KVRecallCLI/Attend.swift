@@ -95,6 +95,10 @@ struct Attend: ParsableCommand {
         let store = try storeOptions.open(readOnly: true)
         defer { store.close() }
         let info = try store.info(headOptions.id)
+        // The CLI's one rule for k (query alike): above the head's keys it is clamped, and said.
+        if attention.k > info.count {
+            warn("-k \(attention.k) exceeds the \(info.count) keys of head \(info.id): every key is attended")
+        }
         var (rows, values) = try loadQueries(path: queries, tensorName: nil, dimension: info.dimension)
         if let limit, limit < rows { rows = limit; values = Array(values.prefix(limit * info.dimension)) }
         guard rows % attention.group == 0 else {

@@ -4,7 +4,7 @@ import KVRecall
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List a store's heads: dimension, dtype, counts, bytes.",
+        abstract: "List a store's heads: dimension, dtype, counts, bytes, indexes (and the keys each covers when fewer than the head's).",
         discussion: "Example: kvrecall info --store s --json"
     )
 
@@ -18,13 +18,27 @@ struct Info: ParsableCommand {
         let heads = try store.heads()
         let indexes = try store.indexNames()
         let bytes = store.environment.fileSize()
+        // Keys each index covers (an index built before later ingests covers a prefix).
+        var coverage: [HeadID: [String: Int]] = [:]
+        for h in heads where indexes[h.id] != nil {
+            for (name, covered) in try store.indexCoverage(h.id) {
+                if let covered { coverage[h.id, default: [:]][name] = covered }
+            }
+        }
+        func indexText(_ h: HeadInfo) -> String {
+            (indexes[h.id] ?? []).sorted().map { name in
+                guard let covered = coverage[h.id]?[name] else { return name }
+                return covered == h.count ? name : "\(name) \(covered)/\(h.count) keys"
+            }.joined(separator: ", ")
+        }
         if json {
             let list: [[String: Any]] = heads.map { h in
                 ["context": Int(h.id.context), "layer": Int(h.id.layer), "head": Int(h.id.head),
                  "dimension": h.dimension, "dtype": h.dtype.rawValue, "count": h.count,
                  "prefill_queries": h.queryCount, "block_size": h.blockSize,
                  "vector_bytes": (2 * h.count + h.queryCount) * h.bytesPerVector,
-                 "indexes": (indexes[h.id] ?? []).sorted()]
+                 "indexes": (indexes[h.id] ?? []).sorted(),
+                 "index_coverage": coverage[h.id] ?? [:]]
             }
             print(try jsonString(["path": store.path, "format_version": Int(KVStore.formatVersion),
                                   "bytes_on_disk": bytes, "heads": list]))
@@ -34,7 +48,7 @@ struct Info: ParsableCommand {
         var table = TextTable(["head", "d", "dtype", "keys", "prefill_q", "vector_bytes", "indexes"])
         for h in heads {
             table.add([h.id.description, "\(h.dimension)", h.dtype.rawValue, "\(h.count)", "\(h.queryCount)",
-                       "\((2 * h.count + h.queryCount) * h.bytesPerVector)", (indexes[h.id] ?? []).sorted().joined(separator: ",")])
+                       "\((2 * h.count + h.queryCount) * h.bytesPerVector)", indexText(h)])
         }
         print(table.render())
     }

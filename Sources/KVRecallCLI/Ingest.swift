@@ -8,7 +8,8 @@ struct Ingest: ParsableCommand {
         discussion: """
         Keys and values are [N, d] (one head) or [heads, N, d] (heads --head, --head+1, ...), f32, f16
         or bf16. Prefill queries (--queries) are kept for query-aware indexes (RetrievalAttention).
-        Appending to an existing head continues it; its dimension and dtype must match.
+        Appending to an existing head continues it; its dimension and dtype must match. One ingest
+        writes a head at a time: a second one into the same head is refused while the first runs.
         NaN or Inf is rejected, naming the file and the first bad row, unless --allow-non-finite.
 
         Examples:
@@ -62,6 +63,18 @@ struct Ingest: ParsableCommand {
         let storage = dtype.flatMap(DType.init(rawValue:)) ?? DType(k.dtype)
         let store = try storeOptions.open(create: true)
         defer { store.close() }
+        // One writer per head for the whole ingest: a concurrent ingest (or session) of the same
+        // heads is refused instead of interleaving its chunks with ours.
+        let headCount = k.shape.count == 3 ? k.shape[0] : 1
+        guard Int(headOptions.id.head) + headCount - 1 <= Int(UInt16.max) else {
+            throw RunError("--head \(headOptions.head) + \(headCount) heads exceeds head 65535")
+        }
+        let lease = try store.lockHeads((0..<headCount).map { h in
+            var id = headOptions.id
+            id.head += UInt16(h)
+            return id
+        })
+        defer { lease.release() }
         let bar = ProgressBar("ingest", enabled: !quiet && isatty(2) != 0)
         let start = monotonicNanos()
         let infos = try store.ingest(keys: k, values: v, queries: q, first: headOptions.id, dtype: storage,

@@ -46,9 +46,10 @@ struct Query: ParsableCommand {
             rows = limit
             values = Array(values.prefix(limit * info.dimension))
         }
-        guard k <= info.count else {
-            throw RunError("-k \(k) exceeds the \(info.count) keys of head \(info.id)")
-        }
+        guard info.count > 0 else { throw RunError("head \(info.id) has no keys to search") }
+        // The one rule of the CLI (query and attend alike): a k above the head's keys is clamped, and said.
+        let k = min(self.k, info.count)
+        if k < self.k { warn("-k \(self.k) exceeds the \(info.count) keys of head \(info.id): returning all \(k)") }
         let d = info.dimension
         var all = SearchResults(k: k, queryCount: rows)
         var micros: [Double] = []
@@ -58,17 +59,36 @@ struct Query: ParsableCommand {
                 try IndexCatalog.load($0, snapshot: snapshot, head: headOptions.id)
             } ?? FlatIndex(keys: keys)
             let params = search.parameters
+            // An index built before later ingests covers keys 0..<covered: the rest are searched
+            // exactly and merged, so every key can come back.
+            let covered = index.count
+            guard covered <= keys.count else {
+                throw RunError("the \(index.kind.rawValue) index of head \(info.id) covers \(covered) keys but the head holds \(keys.count); rebuild it with `kvrecall build --index \(index.kind.rawValue)`")
+            }
+            if covered < keys.count {
+                warn("the \(index.kind.rawValue) index covers keys 0..<\(covered) of \(keys.count): the other \(keys.count - covered) are searched exactly (`kvrecall build --index \(index.kind.rawValue)` rebuilds it over every key)")
+            }
             try values.withUnsafeBufferPointer { qb in
                 for q in 0..<rows {
                     let one = UnsafeBufferPointer(rebasing: qb[(q * d)..<((q + 1) * d)])
                     let t0 = monotonicNanos()
-                    let r = try index.search(one, k: k, parameters: params, keys: keys)
-                    micros.append(Double(monotonicNanos() - t0) / 1e3)
-                    for j in 0..<k {
-                        all.ids[q * k + j] = r.ids[j]
-                        all.scores[q * k + j] = r.scores[j]
+                    var hits: [(id: Int, score: Float)] = []
+                    if covered > 0 {
+                        let r = try index.search(one, k: min(k, covered), parameters: params, keys: keys)
+                        hits = r.hits(0)
+                        all.stats += r.stats
                     }
-                    all.stats += r.stats
+                    for i in covered..<keys.count { hits.append((i, keys.score(query: one.baseAddress!, row: i))) }
+                    all.stats.distanceComputations += keys.count - covered
+                    all.stats.keyCount = keys.count
+                    if covered < keys.count {
+                        hits.sort { $0.score != $1.score ? $0.score > $1.score : $0.id < $1.id }
+                    }
+                    micros.append(Double(monotonicNanos() - t0) / 1e3)
+                    for (j, hit) in hits.prefix(k).enumerated() {
+                        all.ids[q * k + j] = hit.id
+                        all.scores[q * k + j] = hit.score
+                    }
                 }
             }
         }
@@ -95,4 +115,9 @@ struct Query: ParsableCommand {
         if rows > 20 { print("... \(rows - 20) more rows (use --json for all)") }
         print("keys scanned \(fmt(all.stats.keysScannedFraction * 100, 1))%, median \(fmt(med, 1)) us per query")
     }
+}
+
+/// A note on standard error (the result on standard output stays machine-readable).
+func warn(_ message: String) {
+    FileHandle.standardError.write("note: \(message)\n".data(using: .utf8)!)
 }

@@ -117,7 +117,14 @@ public struct REPLCommand: Sendable, Equatable {
 /// A mistake in a command line, or a failure while running it: printed, and the session goes on.
 public struct REPLError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// Messages quote what the user typed; a huge line (a pasted file) is cut in the middle so the
+    /// message stays readable and keeps its end (the usage or the valid choices).
+    public init(_ description: String) {
+        let limit = 600
+        guard description.count > limit else { self.description = description; return }
+        let omitted = description.count - 500
+        self.description = "\(description.prefix(300))… [\(omitted) characters omitted] …\(description.suffix(200))"
+    }
 }
 
 extension REPLCommand {
