@@ -178,13 +178,63 @@ FAST static void scores_bf16_fast(const float *q, const uint16_t *rows, size_t n
     SCORE_ROWS(load_bf16x8, uint16_t, bf16_to_float)
 }
 
+/* u8 codes: zero-extend 8 bytes to 8 int32 lanes, convert, multiply-add; four accumulators. */
+FAST static inline __m256 load_u8x8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+FAST static void scores_u8_fast(const float *q, const uint8_t *rows, size_t n, size_t d, float *out) {
+    SCORE_ROWS(load_u8x8, uint8_t, (float))
+}
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+/* AVX-512 body of the u8 scan: 16 codes per step (zero-extend, convert, FMA), two accumulators. */
+AVX512 static void scores_u8_avx512(const float *q, const uint8_t *rows, size_t n, size_t d, float *out) {
+    for (size_t r = 0; r < n; r++) {
+        const uint8_t *p = rows + r * d;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        size_t i = 0;
+        for (; i + 32 <= d; i += 32) {
+            __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i))));
+            __m512 c1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i + 16))));
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), c0, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), c1, a1);
+        }
+        for (; i + 16 <= d; i += 16) {
+            __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i))));
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), c0, a0);
+        }
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        for (; i < d; i++) s += q[i] * (float)p[i];
+        out[r] = s;
+    }
+}
+
+static int detect_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
 static int detect_fast(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 #else
 static int detect_fast(void) { return 0; }
+static int detect_avx512(void) { return 0; }
 #endif
+
+static int avx512_state = -1;
+
+/* 1 when the AVX-512 bodies are in use (the u8 scan). */
+static int has_avx512(void) {
+    int s = __atomic_load_n(&avx512_state, __ATOMIC_RELAXED);
+    if (s < 0) {
+        s = detect_avx512();
+        __atomic_store_n(&avx512_state, s, __ATOMIC_RELAXED);
+    }
+    return s;
+}
 
 static int fast_state = -1;
 
@@ -257,5 +307,23 @@ void kvr_scores_bf16(const float *q, const uint16_t *rows, size_t n, size_t d, f
         float s = 0;
         for (size_t i = 0; i < d; i++) s += q[i] * bf16_to_float(row[i]);
         out[r] = s;
+    }
+}
+
+void kvr_scores_u8(const float *q, const uint8_t *codes, size_t n, size_t d, float *out) {
+#if KVR_X86
+    if (has_avx512()) { scores_u8_avx512(q, codes, n, d, out); return; }
+    if (kvr_has_fast_path()) { scores_u8_fast(q, codes, n, d, out); return; }
+#endif
+    for (size_t r = 0; r < n; r++) {
+        const uint8_t *row = codes + r * d;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        size_t i = 0;
+        for (; i + 4 <= d; i += 4) {
+            s0 += q[i] * row[i]; s1 += q[i + 1] * row[i + 1];
+            s2 += q[i + 2] * row[i + 2]; s3 += q[i + 3] * row[i + 3];
+        }
+        for (; i < d; i++) s0 += q[i] * row[i];
+        out[r] = (s0 + s1) + (s2 + s3);
     }
 }

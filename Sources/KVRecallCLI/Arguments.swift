@@ -9,6 +9,7 @@ extension IndexKind: ExpressibleByArgument {
 }
 extension AttentionMethod: ExpressibleByArgument {}
 extension ClusterMetric: ExpressibleByArgument {}
+extension ListCodeKind: ExpressibleByArgument {}
 extension GroupSelection: ExpressibleByArgument {}
 
 /// Runs a library settings type's `validate()` as an argument check: the library owns the rules

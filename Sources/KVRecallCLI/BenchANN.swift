@@ -28,6 +28,8 @@ struct BenchANN: ParsableCommand {
     var index: IndexKind
     @Option(help: "Comma-separated values of the swept search parameter.")
     var sweep: String
+    @Option(help: "IVF, tree: candidates re-ranked exactly per query (0: 2k).")
+    var rerank: Int = 0
     @OptionGroup var build: BuildParameterOptions
 
     func validate() throws {
@@ -35,6 +37,7 @@ struct BenchANN: ParsableCommand {
             throw ValidationError("--index must be one of \(IndexKind.stored.map(\.rawValue).joined(separator: ", ")) (got '\(index.rawValue)')")
         }
         if sweepValues.isEmpty { throw ValidationError("--sweep needs comma-separated positive integers (got '\(sweep)')") }
+        if rerank < 0 { throw ValidationError("--rerank must be non-negative (got \(rerank))") }
     }
 
     var sweepValues: [Int] { sweep.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }.filter { $0 > 0 } }
@@ -49,6 +52,16 @@ struct BenchANN: ParsableCommand {
         case .landmark: return "blocks"
         case .flat, .hip: return "-"
         }
+    }
+
+    /// The record's params: the swept value, and for clustered indexes their codes and metric (one plotted line each).
+    func searchParams(_ value: Int) -> [String: Any] {
+        var p: [String: Any] = [parameterName: value]
+        if index == .ivf || index == .tree {
+            p["codes"] = build.listCodes.rawValue
+            p["metric"] = build.clusterMetric.rawValue
+        }
+        return p
     }
 
     func run() throws {
@@ -83,6 +96,8 @@ struct BenchANN: ParsableCommand {
                 }
                 for value in sweepValues {
                     var p = SearchParameters()
+                    p.ivf.rerank = rerank
+                    p.tree.rerank = rerank
                     switch kind {
                     case .hnsw: p.graph.ef = value
                     case .ivf: p.ivf.nprobe = value
@@ -109,9 +124,10 @@ struct BenchANN: ParsableCommand {
                     let qps = 1e6 / (micros.reduce(0, +) / Double(micros.count))
                     let med = median(micros)
                     table.add([String(set.name.prefix(4)), "\(value)", fmt(rec, 3), fmt(qps, 0), fmt(med, 1), fmt(stats.keysScannedFraction, 4)])
-                    records.append(["library": "kvrecall", "method": kind.rawValue, "params": [parameterName: value] as [String: Any],
+                    records.append(["library": "kvrecall", "method": kind.rawValue, "params": searchParams(value),
                                     "build_params": ["M": build.M, "ef_construction": build.efConstruction, "nlist": build.nlist ?? -1,
                                                      "tables": build.tables, "bits": build.bits, "cluster_metric": build.clusterMetric.rawValue,
+                                                     "list_codes": build.listCodes.rawValue, "rerank": rerank,
                                                      "threads": build.threads] as [String: Any],
                                     "k": data.k, "query_set": set.name.hasPrefix("ood") ? "decode" : "heldout_keys",
                                     "recall": rec, "qps": qps, "median_us": med, "build_s": buildSeconds,

@@ -194,13 +194,20 @@ import KVRecallTestSupport
         // Child offsets that do not cover the level below.
         var tree = ByteReader(good["tree"]!, context: "test")
         var offsets = [try tree.readArray(Int64.self), try tree.readArray(Int64.self)]
+        let kind = try tree.read(UInt8.self)
+        let vmin = try tree.readFloatArray(), vdiff = try tree.readFloatArray()
         let listOffsets = try tree.readArray(Int64.self)
         let ids = try tree.readArray(Int32.self)
-        func treeSection(_ o: [[Int64]], _ lo: [Int64], _ i: [Int32]) -> [String: [UInt8]] {
+        let codes = try tree.readArray(UInt8.self)
+        func treeSection(_ o: [[Int64]], _ lo: [Int64], _ i: [Int32], codes c: [UInt8]? = nil) -> [String: [UInt8]] {
             var w = ByteWriter()
             for a in o { w.write(array: a) }
+            w.write(kind)
+            w.write(array: vmin)
+            w.write(array: vdiff)
             w.write(array: lo)
             w.write(array: i)
+            w.write(array: c ?? codes)
             var s = good
             s["tree"] = w.bytes
             return s
@@ -215,6 +222,7 @@ import KVRecallTestSupport
         var badIDs = ids
         badIDs[0] = -1
         expectCorrupt(treeSection(offsets, listOffsets, badIDs), "negative key id")
+        expectCorrupt(treeSection(offsets, listOffsets, ids, codes: codes + [0]), "codes too long")
         var rng = SeededRandom(seed: 2)
         for _ in 0..<60 {
             let name = good.keys.sorted()[Int(rng.next() % 3)]

@@ -31,6 +31,10 @@ void kvr_scores_f32(const float *q, const float *rows, size_t n, size_t d, float
 void kvr_scores_f16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out);
 void kvr_scores_bf16(const float *q, const uint16_t *rows, size_t n, size_t d, float *out);
 
+/* 8-bit codes (scalar quantization): out[i] = sum_j q[j] * codes[i*d + j], i < n. The caller
+ * folds the per-dimension step into q and adds the offset term itself (IVF list codes). */
+void kvr_scores_u8(const float *q, const uint8_t *codes, size_t n, size_t d, float *out);
+
 /* Hints the CPU to fetch the cache lines of [p, p + bytes) (graph walks: the next neighbour's row). */
 static inline void kvr_prefetch(const void *p, size_t bytes) {
     const char *c = (const char *)p;

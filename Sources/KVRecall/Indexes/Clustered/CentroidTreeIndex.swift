@@ -18,11 +18,14 @@ import Foundation
 ///   (`SearchParameters.tree.beam`): score every top-level node, keep the `beam` best, score their
 ///   children, keep the `beam` best, ... down to fine clusters, then score their keys exactly. Or by
 ///   an estimated-softmax threshold (`search(_:k:beam:threshold:scale:threads:keys:)`).
+/// - Lists carry residual codes like `IVFIndex` (SQ8 by default; residual from the fine
+///   centroid), scanned sequentially, the best candidates re-ranked exactly.
 /// - Later adds put each new key in the list of its nearest fine centroid; the tree stays.
 /// - Searches may run concurrently with each other, not with `add`.
 public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.tree
-    public static let formatVersion = 1
+    /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
+    public static let formatVersion = 2
     /// Nodes of a level per node of the level above.
     public static let branching = 8
 
@@ -42,6 +45,10 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     public private(set) var centroids: [[Float]] = []
     /// For level l >= 1: `count_l + 1` offsets of each node's children in level l - 1 (entry 0 is empty).
     private(set) var childOffsets: [[Int]] = []
+    /// How lists code their keys.
+    public let codeKind: ListCodeKind
+    /// The trained codec; nil until trained.
+    private(set) var codec: ListCodec?
     /// The keys of each fine cluster (one inverted list per level-0 node).
     public private(set) var lists = InvertedLists(lists: 0)
     /// Fine labels of the keys `train` saw when it saw all of them, for the `add` of the same range.
@@ -51,7 +58,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     private var logSizes: [[Float]] = []
 
     public init(dimension: Int, levels: Int = 2, fineFraction: Double = 0.05, metric: ClusterMetric = .l2,
-                iterations: Int = 20, seed: UInt64 = 42, threads: Int = 2) throws {
+                iterations: Int = 20, seed: UInt64 = 42, threads: Int = 2, codes: ListCodeKind = .sq8) throws {
         guard dimension >= 1 else { throw IndexError.invalidParameter("dimension must be at least 1 (got \(dimension))") }
         guard (2...32).contains(levels) else { throw IndexError.invalidParameter("levels must be in 2...32 (got \(levels))") }
         guard fineFraction > 0, fineFraction <= 1 else {
@@ -65,12 +72,13 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         self.iterations = iterations
         self.seed = seed
         self.threads = max(1, threads)
+        self.codeKind = codes
     }
 
     public convenience init(dimension: Int, parameters: IndexBuildParameters) throws {
         try self.init(dimension: dimension, levels: parameters.levels, fineFraction: parameters.fineFraction,
                       metric: parameters.clusterMetric, iterations: parameters.iterations, seed: parameters.seed,
-                      threads: parameters.threads)
+                      threads: parameters.threads, codes: parameters.listCodes)
     }
 
     /// Builds over all keys of `keys`.
@@ -98,7 +106,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
             throw IndexError.invalidParameter("the centroid tree trains on a non-empty range within \(keys.count) keys, got \(range)")
         }
         let labels = try trainLevels(keys: keys, range: range)
-        lists = InvertedLists(lists: levelCounts[0])
+        lists = InvertedLists(lists: levelCounts[0], codeSize: codeKind.codeSize(dimension: dimension))
         trainedLabels = (range, labels)
     }
 
@@ -117,7 +125,8 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
             labels = assignKeys(keys, range: range, centroids: centroids[0], mean: mean, metric: metric, threads: threads)
         }
         trainedLabels = nil
-        lists.append(labels: labels, firstID: range.lowerBound)
+        let codes = encodeKeys(keys, range: range, labels: labels, centroids: centroids[0], mean: mean, codec: codec!, threads: threads)
+        lists.append(labels: labels, firstID: range.lowerBound, codes: codes)
         count = range.upperBound
         computeSizes()
         progress?(range.count, range.count)
@@ -132,6 +141,8 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
                                                 mean: mu, seed: seed)
         var options = KMeans.Options(k: fine, metric: metric, iterations: iterations, seed: seed, threads: threads)
         let fineResult = try KMeans.train(rows, dimension: d, options: options)
+        let residuals = trainingResiduals(rows, labels: fineResult.labels, centroids: fineResult.centroids, dimension: d)
+        codec = residuals.withUnsafeBufferPointer { ListCodec.train(codeKind, residuals: $0, dimension: d) }
         var keyLabels = all ? fineResult.labels
             : assignKeys(keys, range: range, centroids: fineResult.centroids, mean: mu, metric: metric, threads: threads)
         // Level l clusters the nodes of level l - 1; parent[l][i] is the parent of node i of level l - 1.
@@ -215,7 +226,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
                        keys: VectorView) throws -> SearchResults {
         try parameters.tree.validate()
         return try run(queries, k: k, descent: .beam(min(parameters.tree.beam, max(1, levelCounts.max() ?? 1))),
-                       threads: parameters.threads, keys: keys)
+                       threads: parameters.threads, rerank: parameters.tree.rerank, keys: keys)
     }
 
     /// Descent by an estimated-softmax threshold (Squeezed Attention). Each candidate node (every
@@ -228,7 +239,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     /// (nil: no cap), by mass. `scale` is the attention scale, 1/sqrt(dimension) by default.
     /// Threshold 0 keeps every non-empty node (exact search).
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, beam: Int? = nil, threshold: Float,
-                       scale: Float? = nil, threads: Int = 1, keys: VectorView) throws -> SearchResults {
+                       scale: Float? = nil, threads: Int = 1, rerank: Int = 0, keys: VectorView) throws -> SearchResults {
         guard threshold >= 0, threshold <= 1 else {
             throw IndexError.invalidParameter("threshold must be in [0, 1] (got \(threshold))")
         }
@@ -237,11 +248,11 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         guard s.isFinite, s > 0 else { throw IndexError.invalidParameter("scale must be positive (got \(s))") }
         let widest = max(1, levelCounts.max() ?? 1)
         return try run(queries, k: k, descent: .threshold(threshold, cap: min(beam ?? widest, widest), scale: s),
-                       threads: threads, keys: keys)
+                       threads: threads, rerank: rerank, keys: keys)
     }
 
     private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: TreeQuantizer.Descent, threads: Int,
-                     keys: VectorView) throws -> SearchResults {
+                     rerank: Int, keys: VectorView) throws -> SearchResults {
         let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
         guard count > 0, isTrained else { throw IndexError.notBuilt("the centroid tree is empty; add keys first") }
         guard keys.count >= count else {
@@ -250,7 +261,8 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         let quantizer = TreeQuantizer(dimension: dimension, centroids: centroids, childOffsets: childOffsets,
                                       sizes: subtreeSizes, logSizes: logSizes, descent: descent)
         return searchInvertedLists(queries, queryCount: m, k: k, dimension: dimension, threads: threads,
-                                   quantizer: quantizer, lists: lists, keys: keys)
+                                   quantizer: quantizer, coded: CodedLists(lists: lists, codec: codec!, centroids: centroids[0]),
+                                   rerank: rerank, keys: keys)
     }
 
     // MARK: Persistence
@@ -262,24 +274,27 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         meta.write(fineFraction)
         meta.write(metric.code)
         meta.write(seed)
+        meta.write(codeKind.code)
         var cen = ByteWriter()
         cen.write(array: mean)
         cen.write(UInt32(centroids.count))
         for level in centroids { cen.write(array: level) }
         var tree = ByteWriter()
         for l in 1..<max(1, centroids.count) { tree.write(array: childOffsets[l].map(Int64.init)) }
+        (codec ?? ListCodec.train(codeKind, residuals: UnsafeBufferPointer(start: nil, count: 0), dimension: dimension)).write(to: &tree)
         lists.write(to: &tree)
         return ["meta": meta.bytes, "centroids": cen.bytes, "tree": tree.bytes]
     }
 
     public convenience init(sections: [String: [UInt8]]) throws {
-        let (v, fraction, metric, seed) = try readSection(sections, "meta", of: .tree) { meta -> ([Int64], Double, ClusterMetric, UInt64) in
+        let (v, fraction, metric, seed, codeKind) = try readSection(sections, "meta", of: .tree) { meta -> ([Int64], Double, ClusterMetric, UInt64, ListCodeKind) in
             let version = Int(try meta.read(UInt32.self))
             guard version == CentroidTreeIndex.formatVersion else {
                 throw IndexError.unsupportedVersion(found: version, supported: CentroidTreeIndex.formatVersion)
             }
             let v = try (0..<4).map { _ in try meta.read(Int64.self) }
-            return (v, try meta.readDouble(), try ClusterMetric(code: try meta.read(UInt8.self)), try meta.read(UInt64.self))
+            return (v, try meta.readDouble(), try ClusterMetric(code: try meta.read(UInt8.self)), try meta.read(UInt64.self),
+                    try ListCodeKind(code: try meta.read(UInt8.self)))
         }
         let (dimension, count, levels, iterations) = (v[0], v[1], v[2], v[3])
         guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count), (2...32).contains(levels),
@@ -287,7 +302,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
             throw IndexError.corrupt("tree meta out of range (dimension \(dimension), count \(count), levels \(levels))")
         }
         try self.init(dimension: Int(dimension), levels: Int(levels), fineFraction: fraction, metric: metric,
-                      iterations: Int(iterations), seed: seed)
+                      iterations: Int(iterations), seed: seed, codes: codeKind)
         let d = Int(dimension), n = Int(count), depth = Int(levels)
         let (mean, levelCentroids) = try readSection(sections, "centroids", of: .tree) { cen -> ([Float], [[Float]]) in
             let mean = try cen.readFloatArray()
@@ -302,7 +317,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
             throw IndexError.corrupt("tree centroids do not match dimension \(d), or are not finite")
         }
         let counts = levelCentroids.map { $0.count / d }
-        let (offsets, lists) = try readSection(sections, "tree", of: .tree) { tree -> ([[Int]], InvertedLists) in
+        let (offsets, codec, lists) = try readSection(sections, "tree", of: .tree) { tree -> ([[Int]], ListCodec, InvertedLists) in
             var offsets: [[Int]] = [[]]
             for l in 1..<max(1, counts.count) {
                 let o = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
@@ -312,8 +327,13 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
                 }
                 offsets.append(o)
             }
-            return (offsets, try InvertedLists.read(from: &tree, lists: counts.first ?? 0, keyCount: n, what: "tree"))
+            let codec = try ListCodec.read(from: &tree, dimension: d, what: "tree")
+            guard codec.kind == codeKind else { throw IndexError.corrupt("tree lists hold \(codec.kind.rawValue) codes, meta says \(codeKind.rawValue)") }
+            return (offsets, codec, try InvertedLists.read(from: &tree, lists: counts.first ?? 0, keyCount: n,
+                                                           codeSize: codec.codeSize, what: "tree"))
         }
+        try codec.validate(lists.codes, what: "tree")
+        self.codec = n > 0 ? codec : nil
         self.count = n
         self.mean = mean
         self.centroids = levelCentroids

@@ -1,3 +1,4 @@
+import CKernels
 import Dispatch
 
 /// The part of a clustered index that picks lists for a query (faiss's coarse quantizer): flat
@@ -22,33 +23,59 @@ protocol ListQuantizer {
 /// Queries scored against the coarse level by one `sgemm`; fixed, so results do not depend on threads.
 let clusteredQueryBatch = 32
 
-/// One batched search over inverted lists (faiss's `IndexIVF::search`): queries go in fixed
-/// batches of `clusteredQueryBatch`, batches are spread over `threads`; per batch one `sgemm`
-/// scores the coarse level, per query the quantizer selects lists and their keys are scored
-/// exactly from the map (`InvertedLists.scan`). Statistics: keys scored, and coarse plus deeper
-/// centroid scores as auxiliary work.
+/// What the driver scans: the lists with their codes, how the codes decode, and the centroid
+/// each list's residuals are taken from (`lists.count x dimension`, centred like the keys).
+struct CodedLists {
+    let lists: InvertedLists
+    let codec: ListCodec
+    let centroids: [Float]
+}
+
+/// Candidates re-ranked exactly per query when `requested` is 0: `defaultRerankFactor x k`.
+let defaultRerankFactor = 2
+
+/// One batched search over inverted lists (faiss's `IndexIVF::search` over SQ codes plus
+/// `IndexRefine`): queries go in fixed batches of `clusteredQueryBatch`, batches are spread
+/// over `threads`; per batch one `sgemm` scores the coarse level, per query the quantizer
+/// selects lists, each selected list's codes (one contiguous run) are scored by the C kernels,
+/// plus the list centroid's score (residual codes), and the best `rerank` candidates are
+/// re-ranked exactly from the store's map (prefetched a few rows ahead). Returned scores are
+/// exact inner products. Statistics: codes scanned as keys scanned (faiss's count); coarse and
+/// deeper centroid scores plus the re-ranked keys as auxiliary work.
 func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>, queryCount m: Int, k: Int, dimension d: Int,
-                                           threads: Int, quantizer: Q, lists: InvertedLists, keys: VectorView) -> SearchResults {
+                                           threads: Int, quantizer: Q, coded: CodedLists, rerank requested: Int,
+                                           keys: VectorView) -> SearchResults {
     var results = SearchResults(k: k, queryCount: m)
+    let lists = coded.lists, codec = coded.codec
     results.stats.keyCount = lists.keyCount
     guard m > 0 else { return results }
     let qb = clusteredQueryBatch, coarseCount = quantizer.coarseCount
     let batches = (m + qb - 1) / qb
     let workers = max(1, min(threads, batches))
     if workers > 1 { BLAS.setThreads(1) }
+    let rerank = max(k, requested > 0 ? requested : defaultRerankFactor * k)
+    let longest = max(1, lists.maxListSize), cs = lists.codeSize
     var work = [(scanned: Int, scored: Int)](repeating: (0, 0), count: workers)
     let coarse = quantizer.coarse, keep = quantizer.maxSelected
     results.ids.withUnsafeMutableBufferPointer { outIDs in
         results.scores.withUnsafeMutableBufferPointer { outScores in
             work.withUnsafeMutableBufferPointer { work in
                 coarse.withUnsafeBufferPointer { cen in
+                    coded.centroids.withUnsafeBufferPointer { fine in
                     lists.offsets.withUnsafeBufferPointer { off in
                         lists.ids.withUnsafeBufferPointer { ids in
+                            lists.codes.withUnsafeBufferPointer { codes in
                             DispatchQueue.concurrentPerform(iterations: workers) { t in
                                 let scores = UnsafeMutablePointer<Float>.allocate(capacity: qb * coarseCount)
+                                let prepared = UnsafeMutablePointer<Float>.allocate(capacity: d)
+                                let listScores = UnsafeMutablePointer<Float>.allocate(capacity: longest)
                                 let scratch = quantizer.makeScratch()
-                                defer { scores.deallocate(); quantizer.release(scratch) }
+                                defer {
+                                    scores.deallocate(); prepared.deallocate(); listScores.deallocate()
+                                    quantizer.release(scratch)
+                                }
                                 var selected = TopK<Int32>(k: keep)
+                                var candidates = TopK<Int32>(k: rerank)
                                 var best = TopK<Int32>(k: k)
                                 var scanned = 0, scored = 0
                                 var b = t
@@ -61,9 +88,32 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                         selected.reset()
                                         scored += coarseCount + quantizer.select(query: q, coarseScores: scores + r * coarseCount,
                                                                                  into: &selected, scratch: scratch)
+                                        // Codes of the selected lists, contiguous per list.
+                                        let bias = codec.prepare(q, into: prepared)
+                                        candidates.reset()
+                                        for j in 0..<selected.count {
+                                            let l = Int(selected.id(at: j))
+                                            let a = off[l], e = off[l + 1]
+                                            guard e > a else { continue }
+                                            scanned += e - a
+                                            let base = bias + kvr_dot_f32(q, fine.baseAddress! + l * d, d)
+                                            codec.scan(prepared, codes: codes.baseAddress! + a * cs, count: e - a, into: listScores)
+                                            for p in 0..<(e - a) {
+                                                let s = base + listScores[p]
+                                                if s >= candidates.threshold { candidates.push(s, ids[a + p]) }
+                                            }
+                                        }
+                                        // Exact re-rank from the map, prefetching ahead.
                                         best.reset()
-                                        scanned += InvertedLists.scan(query: q, lists: selected, offsets: off, ids: ids,
-                                                                      keys: keys, into: &best)
+                                        let n = candidates.count, ahead = InvertedListsPrefetch.distance
+                                        for j in 0..<min(ahead, n) { keys.prefetch(row: Int(candidates.id(at: j))) }
+                                        for j in 0..<n {
+                                            if j + ahead < n { keys.prefetch(row: Int(candidates.id(at: j + ahead))) }
+                                            let id = candidates.id(at: j)
+                                            let s = keys.score(query: q, row: Int(id))
+                                            if s >= best.threshold { best.push(s, id) }
+                                        }
+                                        scored += n
                                         best.drain(ids: outIDs.baseAddress! + (lo + r) * k,
                                                    scores: outScores.baseAddress! + (lo + r) * k)
                                     }
@@ -71,7 +121,9 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                 }
                                 work[t] = (scanned, scored)
                             }
+                            }
                         }
+                    }
                     }
                 }
             }
@@ -80,4 +132,9 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
     results.stats.distanceComputations = work.reduce(0) { $0 + $1.scanned }
     results.stats.auxiliaryComputations = work.reduce(0) { $0 + $1.scored }
     return results
+}
+
+/// Rows prefetched ahead of the one being re-ranked.
+enum InvertedListsPrefetch {
+    static let distance = 8
 }

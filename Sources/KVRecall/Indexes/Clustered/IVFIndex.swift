@@ -1,9 +1,11 @@
 import CKernels
 import Dispatch
 
-/// Inverted-file index (faiss IndexIVFFlat without the vector copy): k-means centroids over the
-/// keys centred by their mean, one inverted list of key positions per centroid, exact re-ranking
-/// of the probed lists straight from the store's memory map.
+/// Inverted-file index (faiss IndexIVFScalarQuantizer by residual, plus an exact re-rank):
+/// k-means centroids over the keys centred by their mean, one inverted list per centroid holding
+/// its key positions and, contiguously, their residual codes (SQ8 by default, or f16); a probed
+/// list is scanned sequentially by the C kernels and the best candidates are re-ranked exactly
+/// from the store's memory map.
 ///
 /// - Centring: keys are clustered as k - mu (mu = mean of the training keys, stored).
 ///   For a query, q·(k - mu) = q·k - q·mu ranks keys exactly like q·k, but the clusters follow the
@@ -14,19 +16,23 @@ import Dispatch
 ///   lists by how close they are to q, which for out-of-distribution decode queries — far from the
 ///   key cloud — says little about their scores. `clusterMetric` therefore only decides how keys
 ///   are grouped (`.l2`: Lloyd; `.ip`: spherical, by direction) and how added keys join a list.
-/// - Lists are `InvertedLists` (CSR, Int32 ids ascending within a list), rebuilt in one pass on
-///   each add; no per-vector allocation. Search is the shared batched driver with a
-///   `FlatQuantizer` (every centroid scored, the nprobe best lists scanned).
+/// - Lists are `InvertedLists` (CSR, Int32 ids ascending within a list, codes in the same order),
+///   rebuilt in one pass on each add; no per-vector allocation. Search is the shared batched
+///   driver with a `FlatQuantizer` (every centroid scored, the nprobe best lists scanned).
+/// - Codes: residual r = k - mean - centroid, so q·k = q·mean + q·centroid + q·r and the list's
+///   q·centroid is added to its codes' scores. SQ8 ranges are the per-dimension min and max of
+///   the training residuals (later keys outside them are clamped; the re-rank repairs the order).
+///   Memory per key: d bytes of code + 4 of id (SQ8; 2d + 4 for f16), against 2d or 4d for the keys.
 /// - `train` runs k-means on at most 256 keys per centroid (seeded); an untrained index trains on
 ///   the range of its first `add`. Adds put each new key in the list of its nearest centroid, and
 ///   the centroids stay.
-/// - Probed keys are read at random positions of the map (prefetched a few keys ahead). Once a
-///   head outgrows the caches each costs a cache and TLB miss, several times the per-key cost of
-///   a sequential scan, so IVF beats `FlatIndex` only while it scans a small fraction of the keys.
+/// - Only the re-ranked candidates (2k by default) are read at random positions of the map;
+///   reading every probed key there cost a cache and TLB miss each (0.30x faiss IVFFlat's QPS).
 /// - Searches may run concurrently with each other, not with `add`.
 public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.ivf
-    public static let formatVersion = 1
+    /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
+    public static let formatVersion = 2
     /// Training keys per centroid at most (faiss's default).
     public static let maxPointsPerCentroid = 256
 
@@ -45,6 +51,10 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     public private(set) var mean: [Float] = []
     /// `nlist x dimension` centroids of the centred keys, row-major.
     public private(set) var centroids: [Float] = []
+    /// How lists code their keys.
+    public let codeKind: ListCodeKind
+    /// The trained codec (SQ8 ranges); nil until trained.
+    private(set) var codec: ListCodec?
     /// One inverted list per centroid.
     public private(set) var lists = InvertedLists(lists: 0)
     /// Labels of the keys `train` clustered when it saw every one of them, kept for the `add` of
@@ -52,7 +62,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     private var trainedLabels: (range: Range<Int>, labels: [Int32])?
 
     public init(dimension: Int, nlist: Int? = nil, metric: ClusterMetric = .l2, iterations: Int = 20,
-                seed: UInt64 = 42, threads: Int = 2) throws {
+                seed: UInt64 = 42, threads: Int = 2, codes: ListCodeKind = .sq8) throws {
         guard dimension >= 1 else { throw IndexError.invalidParameter("dimension must be at least 1 (got \(dimension))") }
         if let nlist, nlist < 1 { throw IndexError.invalidParameter("nlist must be at least 1 (got \(nlist))") }
         guard iterations >= 1 else { throw IndexError.invalidParameter("k-means iterations must be at least 1 (got \(iterations))") }
@@ -62,11 +72,13 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         self.iterations = iterations
         self.seed = seed
         self.threads = max(1, threads)
+        self.codeKind = codes
     }
 
     public convenience init(dimension: Int, parameters: IndexBuildParameters) throws {
         try self.init(dimension: dimension, nlist: parameters.nlist, metric: parameters.clusterMetric,
-                      iterations: parameters.iterations, seed: parameters.seed, threads: parameters.threads)
+                      iterations: parameters.iterations, seed: parameters.seed, threads: parameters.threads,
+                      codes: parameters.listCodes)
     }
 
     /// Builds over all keys of `keys`.
@@ -89,6 +101,9 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     /// Positions of the keys in list `l`, ascending.
     public func list(_ l: Int) -> ArraySlice<Int32> { lists.list(l) }
 
+    /// Bytes the lists hold per key: code plus id.
+    public var bytesPerKey: Int { codeKind.codeSize(dimension: dimension) + MemoryLayout<Int32>.size }
+
     // MARK: Build
 
     /// Trains mean and centroids on keys `range` (k-means on at most 256 keys per centroid, seeded).
@@ -106,10 +121,13 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         var options = KMeans.Options(k: lists, metric: metric, iterations: iterations, seed: seed, threads: threads)
         options.maxPointsPerCentroid = IVFIndex.maxPointsPerCentroid
         let result = try KMeans.train(train, dimension: dimension, options: options)
+        let residuals = trainingResiduals(train, labels: result.labels, centroids: result.centroids, dimension: dimension)
+        let trained = residuals.withUnsafeBufferPointer { ListCodec.train(codeKind, residuals: $0, dimension: dimension) }
         mean = mu
         centroids = result.centroids
         nlist = lists
-        self.lists = InvertedLists(lists: lists)
+        codec = trained
+        self.lists = InvertedLists(lists: lists, codeSize: trained.codeSize)
         trainedLabels = all ? (range, result.labels) : nil
     }
 
@@ -128,7 +146,8 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
             assigned = assignKeys(keys, range: range, centroids: centroids, mean: mean, metric: metric, threads: threads)
         }
         trainedLabels = nil
-        lists.append(labels: assigned, firstID: range.lowerBound)
+        let codes = encodeKeys(keys, range: range, labels: assigned, centroids: centroids, mean: mean, codec: codec!, threads: threads)
+        lists.append(labels: assigned, firstID: range.lowerBound, codes: codes)
         count = range.upperBound
         progress?(range.count, range.count)
     }
@@ -147,7 +166,8 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         guard nprobe <= nlist else { throw IndexError.invalidParameter("nprobe \(nprobe) exceeds nlist \(nlist)") }
         return searchInvertedLists(queries, queryCount: m, k: k, dimension: dimension, threads: parameters.threads,
                                    quantizer: FlatQuantizer(coarse: centroids, coarseCount: nlist, maxSelected: nprobe),
-                                   lists: lists, keys: keys)
+                                   coded: CodedLists(lists: lists, codec: codec!, centroids: centroids),
+                                   rerank: parameters.ivf.rerank, keys: keys)
     }
 
     /// The `nprobe` lists `query` probes, best first (the selection `search` makes for one query).
@@ -175,22 +195,25 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         for v in [dimension, count, requestedNlist ?? -1, nlist, iterations] { meta.write(Int64(v)) }
         meta.write(metric.code)
         meta.write(seed)
+        meta.write(codeKind.code)
         var cen = ByteWriter()
         cen.write(array: mean)
         cen.write(array: centroids)
         var lists = ByteWriter()
+        (codec ?? ListCodec.train(codeKind, residuals: UnsafeBufferPointer(start: nil, count: 0), dimension: dimension)).write(to: &lists)
         self.lists.write(to: &lists)
         return ["meta": meta.bytes, "centroids": cen.bytes, "lists": lists.bytes]
     }
 
     public convenience init(sections: [String: [UInt8]]) throws {
-        let (v, metric, seed) = try readSection(sections, "meta", of: .ivf) { meta -> ([Int64], ClusterMetric, UInt64) in
+        let (v, metric, seed, codeKind) = try readSection(sections, "meta", of: .ivf) { meta -> ([Int64], ClusterMetric, UInt64, ListCodeKind) in
             let version = Int(try meta.read(UInt32.self))
             guard version == IVFIndex.formatVersion else {
                 throw IndexError.unsupportedVersion(found: version, supported: IVFIndex.formatVersion)
             }
             let v = try (0..<5).map { _ in try meta.read(Int64.self) }
-            return (v, try ClusterMetric(code: try meta.read(UInt8.self)), try meta.read(UInt64.self))
+            return (v, try ClusterMetric(code: try meta.read(UInt8.self)), try meta.read(UInt64.self),
+                    try ListCodeKind(code: try meta.read(UInt8.self)))
         }
         let (dimension, count, requested, nlist, iterations) = (v[0], v[1], v[2], v[3], v[4])
         guard (1...65536).contains(dimension), (0...Int64(Int32.max)).contains(count),
@@ -200,16 +223,21 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
             throw IndexError.corrupt("IVF meta out of range (dimension \(dimension), count \(count), nlist \(nlist))")
         }
         try self.init(dimension: Int(dimension), nlist: requested == -1 ? nil : Int(requested), metric: metric,
-                      iterations: Int(iterations), seed: seed)
+                      iterations: Int(iterations), seed: seed, codes: codeKind)
         let d = Int(dimension), lists = Int(nlist), n = Int(count)
         let (mean, centroids) = try readSection(sections, "centroids", of: .ivf) { try ($0.readFloatArray(), $0.readFloatArray()) }
         guard mean.count == (lists > 0 ? d : 0), centroids.count == lists * d,
               mean.allSatisfy(\.isFinite), centroids.allSatisfy(\.isFinite) else {
             throw IndexError.corrupt("IVF centroids do not match \(lists) lists of dimension \(d), or are not finite")
         }
-        self.lists = try readSection(sections, "lists", of: .ivf) {
-            try InvertedLists.read(from: &$0, lists: lists, keyCount: n, what: "IVF")
+        let (codec, stored) = try readSection(sections, "lists", of: .ivf) { reader -> (ListCodec, InvertedLists) in
+            let codec = try ListCodec.read(from: &reader, dimension: d, what: "IVF")
+            guard codec.kind == codeKind else { throw IndexError.corrupt("IVF lists hold \(codec.kind.rawValue) codes, meta says \(codeKind.rawValue)") }
+            return (codec, try InvertedLists.read(from: &reader, lists: lists, keyCount: n, codeSize: codec.codeSize, what: "IVF"))
         }
+        try codec.validate(stored.codes, what: "IVF")
+        self.lists = stored
+        self.codec = lists > 0 ? codec : nil
         self.count = n
         self.nlist = lists
         self.mean = mean

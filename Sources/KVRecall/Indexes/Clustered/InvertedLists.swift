@@ -1,23 +1,35 @@
-/// Inverted lists in CSR form (faiss's `InvertedLists` without the codes): list `l` holds the key
-/// positions `ids[offsets[l]..<offsets[l + 1]]`, ascending. Shared by IVF (one list per
-/// centroid), the centroid tree (one per fine centroid) and the estimation zone.
+/// Inverted lists in CSR form (faiss's `InvertedLists`): list `l` holds the key positions
+/// `ids[offsets[l]..<offsets[l + 1]]`, ascending, and their codes at the same positions of
+/// `codes` (`codeSize` bytes each), so a probed list is one contiguous run of codes. Shared by
+/// IVF (one list per centroid), the centroid tree (one per fine centroid) and the estimation zone.
 public struct InvertedLists: Sendable, Equatable {
     /// `lists + 1` offsets into `ids`, from 0 to the number of keys.
     public private(set) var offsets: [Int]
     /// Key positions, list after list.
     public private(set) var ids: [Int32]
+    /// Bytes of code per key (0: lists without codes).
+    public let codeSize: Int
+    /// `codeSize` bytes per key, in the order of `ids`.
+    public private(set) var codes: [UInt8]
 
     /// `lists` empty lists.
-    public init(lists: Int) {
+    public init(lists: Int, codeSize: Int = 0) {
         offsets = [Int](repeating: 0, count: lists + 1)
         ids = []
+        self.codeSize = codeSize
+        codes = []
     }
 
-    /// Lists read from disk, checked: `lists + 1` non-decreasing offsets from 0 to `keyCount`, and
-    /// ids forming a permutation of 0..<keyCount, so a damaged section can never send a scan out of bounds.
-    init(validating offsets: [Int], ids: [Int32], lists: Int, keyCount count: Int, what: String) throws {
+    /// Lists read from disk, checked: `lists + 1` non-decreasing offsets from 0 to `keyCount`,
+    /// ids forming a permutation of 0..<keyCount, and `codeSize` bytes of code per key, so a
+    /// damaged section can never send a scan out of bounds.
+    init(validating offsets: [Int], ids: [Int32], codes: [UInt8], codeSize: Int, lists: Int, keyCount count: Int,
+         what: String) throws {
         guard offsets.count == lists + 1, offsets.first == 0, offsets.last == count, ids.count == count else {
             throw IndexError.corrupt("\(what) list offsets do not cover its \(count) keys in \(lists) lists")
+        }
+        guard codes.count == count * codeSize else {
+            throw IndexError.corrupt("\(what) lists hold \(codes.count) bytes of codes, expected \(count) x \(codeSize)")
         }
         for l in 0..<lists where offsets[l] > offsets[l + 1] {
             throw IndexError.corrupt("\(what) list \(l) has negative length")
@@ -31,6 +43,8 @@ public struct InvertedLists: Sendable, Equatable {
         }
         self.offsets = offsets
         self.ids = ids
+        self.codeSize = codeSize
+        self.codes = codes
     }
 
     /// Number of lists.
@@ -45,82 +59,64 @@ public struct InvertedLists: Sendable, Equatable {
     /// Positions of the keys in list `l`, ascending.
     public func list(_ l: Int) -> ArraySlice<Int32> { ids[offsets[l]..<offsets[l + 1]] }
 
-    /// Appends keys `firstID...` with `labels[j]` naming the list of key `firstID + j`, rebuilding
-    /// the CSR arrays in one pass; ids stay ascending per list when `firstID` exceeds every stored id.
-    public mutating func append(labels: [Int32], firstID: Int) {
-        let lists = count
+    /// Largest list.
+    public var maxListSize: Int { (0..<count).reduce(0) { max($0, offsets[$1 + 1] - offsets[$1]) } }
+
+    /// Appends keys `firstID...` with `labels[j]` naming the list of key `firstID + j` and
+    /// `newCodes[j * codeSize...]` its code, rebuilding the CSR arrays in one pass; ids stay
+    /// ascending per list when `firstID` exceeds every stored id.
+    public mutating func append(labels: [Int32], firstID: Int, codes newCodes: [UInt8] = []) {
+        precondition(newCodes.count == labels.count * codeSize, "one code per appended key")
+        let lists = count, cs = codeSize
         var newOffsets = [Int](repeating: 0, count: lists + 1)
         for l in 0..<lists { newOffsets[l + 1] = offsets[l + 1] - offsets[l] }
         for l in labels { newOffsets[Int(l) + 1] += 1 }
         for l in 0..<lists { newOffsets[l + 1] += newOffsets[l] }
         var newIDs = [Int32](repeating: 0, count: newOffsets[lists])
+        var allCodes = [UInt8](repeating: 0, count: newOffsets[lists] * cs)
         var cursor = [Int](repeating: 0, count: lists)
         newIDs.withUnsafeMutableBufferPointer { out in
-            ids.withUnsafeBufferPointer { old in
-                for l in 0..<lists {
-                    var at = newOffsets[l]
-                    for p in offsets[l]..<offsets[l + 1] { out[at] = old[p]; at += 1 }
-                    cursor[l] = at
+            allCodes.withUnsafeMutableBufferPointer { outCodes in
+                ids.withUnsafeBufferPointer { old in
+                    codes.withUnsafeBufferPointer { oldCodes in
+                        for l in 0..<lists {
+                            let at = newOffsets[l], lo = offsets[l], n = offsets[l + 1] - lo
+                            for p in 0..<n { out[at + p] = old[lo + p] }
+                            if cs > 0 && n > 0 {
+                                (outCodes.baseAddress! + at * cs).update(from: oldCodes.baseAddress! + lo * cs, count: n * cs)
+                            }
+                            cursor[l] = at + n
+                        }
+                    }
                 }
-            }
-            for (j, l) in labels.enumerated() {
-                out[cursor[Int(l)]] = Int32(firstID + j)
-                cursor[Int(l)] += 1
+                newCodes.withUnsafeBufferPointer { fresh in
+                    for (j, l) in labels.enumerated() {
+                        let at = cursor[Int(l)]
+                        out[at] = Int32(firstID + j)
+                        if cs > 0 { (outCodes.baseAddress! + at * cs).update(from: fresh.baseAddress! + j * cs, count: cs) }
+                        cursor[Int(l)] += 1
+                    }
+                }
             }
         }
         offsets = newOffsets
         ids = newIDs
+        codes = allCodes
     }
 
-    /// Writes offsets then ids.
+    /// Writes offsets, ids, then codes.
     func write(to writer: inout ByteWriter) {
         writer.write(array: offsets.map(Int64.init))
         writer.write(array: ids)
+        writer.write(array: codes)
     }
 
     /// Reads what `write` wrote and validates it (see `init(validating:)`).
-    static func read(from reader: inout ByteReader, lists: Int, keyCount: Int, what: String) throws -> InvertedLists {
+    static func read(from reader: inout ByteReader, lists: Int, keyCount: Int, codeSize: Int, what: String) throws -> InvertedLists {
         let offsets = try reader.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
         let ids = try reader.readArray(Int32.self)
-        return try InvertedLists(validating: offsets, ids: ids, lists: lists, keyCount: keyCount, what: what)
-    }
-
-    /// Keys prefetched ahead of the one being scored.
-    static let prefetchDistance = 8
-
-    /// Scores every key of the lists kept in `selected` into `top`; returns the keys scored. A
-    /// second cursor runs `prefetchDistance` keys ahead (across list boundaries) and prefetches
-    /// their rows, so the cache and TLB misses of these random reads overlap.
-    @inline(__always)
-    static func scan(query: UnsafePointer<Float>, lists selected: TopK<Int32>, offsets: UnsafeBufferPointer<Int>,
-                     ids: UnsafeBufferPointer<Int32>, keys: VectorView, into top: inout TopK<Int32>) -> Int {
-        let n = selected.count
-        var aheadList = 0, ahead = 0, aheadEnd = 0
-        @inline(__always) func prefetchNext() {
-            while ahead == aheadEnd && aheadList < n {
-                let l = Int(selected.id(at: aheadList))
-                ahead = offsets[l]
-                aheadEnd = offsets[l + 1]
-                aheadList += 1
-            }
-            if ahead < aheadEnd {
-                keys.prefetch(row: Int(ids[ahead]))
-                ahead += 1
-            }
-        }
-        for _ in 0..<prefetchDistance { prefetchNext() }
-        var scanned = 0
-        for j in 0..<n {
-            let l = Int(selected.id(at: j))
-            let lo = offsets[l], hi = offsets[l + 1]
-            scanned += hi - lo
-            for p in lo..<hi {
-                prefetchNext()
-                let id = ids[p]
-                let s = keys.score(query: query, row: Int(id))
-                if s >= top.threshold { top.push(s, id) }
-            }
-        }
-        return scanned
+        let codes = try reader.readArray(UInt8.self)
+        return try InvertedLists(validating: offsets, ids: ids, codes: codes, codeSize: codeSize, lists: lists,
+                                 keyCount: keyCount, what: what)
     }
 }
