@@ -38,10 +38,13 @@ struct BenchSession: ParsableCommand {
     var groupSelection: GroupSelection = .union
     @Option(help: ArgumentHelp("Folder for the two stores (default: system temp; removed afterwards).", valueName: "dir"))
     var scratch: String?
+    @Option(help: "Retrieval graph: most prefill queries each head's graph trains on (spread over positions).")
+    var trainingQueries: Int = IndexBuildParameters().trainingQueries
 
     func validate() throws {
         guard DType(rawValue: dtype) != nil else { throw ValidationError("--dtype must be f32, f16 or bf16") }
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
+        if trainingQueries < 1 { throw ValidationError("--training-queries must be at least 1 (got \(trainingQueries))") }
     }
 
     func run() throws {
@@ -86,6 +89,7 @@ struct BenchSession: ParsableCommand {
         let build0 = monotonicNanos()
         var buildParameters = IndexBuildParameters()
         buildParameters.threads = 2
+        buildParameters.trainingQueries = trainingQueries
         try sessions[1].buildIndexes(parameters: buildParameters)
         let buildSeconds = Double(monotonicNanos() - build0) / 1e9
         print("\(layers) layers x \(kvHeads) KV heads x \(group) query heads, d=\(d), \(dtype), context \(context): filled in \(fmt(fillSeconds, 1)) s, \(method) indexes built in \(fmt(buildSeconds, 1)) s")

@@ -1,16 +1,20 @@
+import CKernels
 import Dispatch
 import Foundation
 
 /// RetrievalAttention's attention-aware graph (RoarGraph-style projection), for decode queries
 /// that are out of distribution for the keys.
 ///
-/// Build: each training (prefill) query's exact top-`Nq` keys are found by Flat; the query's
-/// nearest key is linked to the others that survive the occlusion rule (a candidate is dropped
-/// when it is closer to an already-kept neighbour than to the nearest key), with reverse edges,
-/// and every list is pruned to `M` the same way. Keys the projection leaves unreachable from the
-/// entry points (the keys most often retrieved by training queries) are then inserted like HNSW
-/// nodes — searched with the key as the query and linked to the best found — so the graph is
-/// connected; later keys (decode-time upkeep) are added the same way.
+/// Build: the training queries are a sample of at most `maxTrainingQueries` (default 8192) prefill
+/// queries evenly spread over positions; their exact top-`Nq` keys come from Flat's blocked
+/// `sgemm` on `threads`. Each query's nearest key is linked to the others that survive the
+/// occlusion rule (a candidate is dropped when it is closer to an already-kept neighbour than to
+/// the nearest key), with reverse edges, and every list is pruned to `M` the same way. Keys the
+/// projection leaves unreachable from the entry points (the keys most often retrieved by
+/// training queries) get cheap L2 links within groups found by one `sgemm` pass
+/// (`linkUnreached`); the few still unreachable are inserted like HNSW nodes — searched with the
+/// key as the query and linked to the best found — so the graph is connected. Later keys
+/// (decode-time upkeep) are inserted that way too.
 /// Search is a beam search from the entry points.
 public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
@@ -114,30 +118,27 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// are taken nearest first (L2), and one is dropped when a kept neighbour is nearer to it than
     /// the base is (the RNG occlusion rule). Distances among keys are L2, not inner product:
     /// attention keys share a large common component that would make every key look alike.
-    private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch) -> [Int32] {
+    /// `norms` holds every key's squared norm.
+    private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
         let d = dimension
         let base = scratch.query
         var baseNorm: Float = 0
         for j in 0..<d { baseNorm += base[j] * base[j] }
         var byDistance: [(score: Float, id: Int32)] = []
         byDistance.reserveCapacity(candidates.count)
-        var norms: [Int32: Float] = [:]
         for c in candidates {
-            keys.decodeRow(Int(c), into: scratch.vector)
-            var norm: Float = 0
-            for j in 0..<d { norm += scratch.vector[j] * scratch.vector[j] }
-            norms[c] = norm
-            let dist = baseNorm + norm - 2 * keys.score(query: base, row: Int(c))
+            let dist = baseNorm + norms[Int(c)] - 2 * keys.score(query: base, row: Int(c))
             byDistance.append((-dist, c))  // best first = nearest first
         }
         sortBestFirst(&byDistance)
         var kept: [Int32] = []
+        kept.reserveCapacity(M)
         for cand in byDistance where kept.count < M {
             keys.decodeRow(Int(cand.id), into: scratch.vector)
             let toBase = -cand.score
-            let norm = norms[cand.id]!
+            let norm = norms[Int(cand.id)]
             var occluded = false
-            for r in kept where norm + norms[r]! - 2 * keys.score(query: scratch.vector, row: Int(r)) < toBase {
+            for r in kept where norm + norms[Int(r)] - 2 * keys.score(query: scratch.vector, row: Int(r)) < toBase {
                 occluded = true
                 break
             }
@@ -146,14 +147,25 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         return kept
     }
 
-    /// Adds a projection edge `target -> node`, pruning the projection list when it is full.
-    private func addEdge(from target: Int, to node: Int32, keys: VectorView, scratch: SearchScratch) {
+    /// Adds a projection edge `target -> node`, pruning the projection list when it is full
+    /// (in place while the node has room and no other kind of edge yet).
+    private func addEdge(from target: Int, to node: Int32, keys: VectorView, scratch: SearchScratch,
+                         norms: UnsafePointer<Float>) {
+        if Int32(target) == node { return }
+        let slot = links.pointer + target * stride
+        let used = Int(slot[0]), projected = Int(projectionCount[target])
+        for i in 0..<projected where slot[1 + i] == node { return }
+        if used == projected && projected < M {
+            slot[1 + used] = node
+            slot[0] = Int32(used + 1)
+            projectionCount[target] = Int32(projected + 1)
+            return
+        }
         var current = projectionList(target)
-        if current.contains(node) || Int32(target) == node { return }
         current.append(node)
         if current.count > M {
             keys.decodeRow(target, into: scratch.query)
-            current = prune(current, keys: keys, scratch: scratch)
+            current = prune(current, keys: keys, scratch: scratch, norms: norms)
         }
         setProjectionList(target, current)
     }
@@ -176,13 +188,20 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         guard queries.count > 0 else {
             throw IndexError.notBuilt("head \(keys.info.id) has no prefill queries; ingest them with --queries to build a retrieval index")
         }
-        let t = min(queries.count, maxTrainingQueries)
-        let picks = (0..<t).map { $0 * queries.count / t }
+        let picks = Self.trainingSample(offered: queries.count, budget: maxTrainingQueries)
+        let t = picks.count
         var training = [Float](repeating: 0, count: t * dimension)
         training.withUnsafeMutableBufferPointer { buf in
             for (j, i) in picks.enumerated() { queries.decodeRow(i, into: buf.baseAddress! + j * dimension) }
         }
         trainingQueries = training
+    }
+
+    /// Positions of the training queries taken from `offered` prefill queries: all of them up to
+    /// `budget`, else `budget` evenly spread over the positions (the first included).
+    static func trainingSample(offered: Int, budget: Int) -> [Int] {
+        let t = min(offered, budget)
+        return (0..<t).map { $0 * offered / t }
     }
 
     /// Builds the graph over all keys from the prefill `queries` of the same head (`train` then `add`).
@@ -221,22 +240,39 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         // 3. Projection: nearest key of each query linked to the query's other top keys.
         let scratch = scratchPool.take(dimension: dimension, capacity: n)
         defer { scratchPool.give(scratch) }
-        for q in 0..<t {
-            let row = truth.ids[(q * nq)..<((q + 1) * nq)].filter { $0 >= 0 }
-            guard let nearest = row.first else { continue }
-            keys.decodeRow(nearest, into: scratch.query)
-            for c in prune(row.dropFirst().map { Int32($0) }, keys: keys, scratch: scratch) {
-                addEdge(from: nearest, to: c, keys: keys, scratch: scratch)
-                addEdge(from: Int(c), to: Int32(nearest), keys: keys, scratch: scratch)
+        let norms = squaredNorms(keys)
+        norms.withUnsafeBufferPointer { norms in
+            for q in 0..<t {
+                let row = truth.ids[(q * nq)..<((q + 1) * nq)].filter { $0 >= 0 }
+                guard let nearest = row.first else { continue }
+                keys.decodeRow(nearest, into: scratch.query)
+                for c in prune(row.dropFirst().map { Int32($0) }, keys: keys, scratch: scratch, norms: norms.baseAddress!) {
+                    addEdge(from: nearest, to: c, keys: keys, scratch: scratch, norms: norms.baseAddress!)
+                    addEdge(from: Int(c), to: Int32(nearest), keys: keys, scratch: scratch, norms: norms.baseAddress!)
+                }
+                if q % 256 == 0 { progress?(q, t + n) }
             }
-            if q % 256 == 0 { progress?(q, t + n) }
         }
         // 4. Local edges among hot keys: their L2 nearest hot keys, by sgemm.
         var isHot = [Bool](repeating: false, count: n)
         for id in truth.ids where id >= 0 { isHot[id] = true }
         try linkLocalNeighbours((0..<n).filter { isHot[$0] }, keys: keys)
-        // 5. Connectivity: insert every key the entry points cannot reach.
+        // 5. Connectivity: the keys the entry points cannot reach get links within their L2
+        // group (one sgemm pass); the few still unreached are inserted one by one.
         count = n
+        linkUnreached(unreachable(n), keys: keys, norms: norms, isHot: isHot)
+        // A connectivity edge may overwrite an earlier one when a list is full: re-check, a few rounds.
+        var unreached = unreachable(n)
+        for _ in 0..<4 where !unreached.isEmpty {
+            let pending = unreached
+            try insert(pending, keys: keys, limit: n) { done in progress?(t + (n - pending.count) + done, t + n) }
+            unreached = unreachable(n)
+        }
+        progress?(t + n, t + n)
+    }
+
+    /// Keys of `0..<n` no entry point reaches.
+    func unreachable(_ n: Int) -> [Int] {
         var reached = [Bool](repeating: false, count: n)
         var stack = entries.map(Int.init)
         for e in stack { reached[e] = true }
@@ -246,9 +282,145 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                 stack.append(Int(nb))
             }
         }
-        let unreached = (0..<n).filter { !reached[$0] }
-        try insert(unreached, keys: keys, limit: n) { done in progress?(t + (n - unreached.count) + done, t + n) }
-        progress?(t + n, t + n)
+        return (0..<n).filter { !reached[$0] }
+    }
+
+    /// Squared norm of every key.
+    private func squaredNorms(_ keys: VectorView) -> [Float] {
+        let n = keys.count, d = dimension, chunk = 4096
+        var norms = [Float](repeating: 0, count: n)
+        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
+        defer { rows.deallocate() }
+        var i = 0
+        while i < n {
+            let m = decodeRun(keys, from: i, upTo: min(n, i + chunk), into: rows)
+            for r in 0..<m { norms[i + r] = kvr_dot_f32(rows + r * d, rows + r * d, d) }
+            i += m
+        }
+        return norms
+    }
+
+    /// Keys per group at most in `linkUnreached` (its Gram matrix: 16 MB).
+    static let groupLimit = 2048
+
+    /// Links `cold` keys (out of every training query's reach, mostly) cheaply: all keys are
+    /// grouped by their L2-nearest of about sqrt(n) evenly spaced anchor keys (one `sgemm` pass),
+    /// groups are cut in position order to at most `groupLimit` keys, and within a group each
+    /// cold key gets its `localNeighbours` L2-nearest members as edges (one `sgemm` per group),
+    /// the same number of reverse edges from the cold keys that chose it (in its empty projection
+    /// slots: keys in no training query's list have none), and a connectivity edge from its
+    /// nearest member. Groups run on `threads`; edges are written after, in key order, so the
+    /// graph does not depend on the thread count.
+    private func linkUnreached(_ cold: [Int], keys: VectorView, norms: [Float], isHot: [Bool]) {
+        let n = keys.count, d = dimension, L = localNeighbours
+        guard !cold.isEmpty, L > 0, n > 1 else { return }
+        let anchors = max(1, min(n, Int(Double(n).squareRoot().rounded())))
+        var anchorRows = [Float](repeating: 0, count: anchors * d)
+        var anchorNorms = [Float](repeating: 0, count: anchors)
+        for a in 0..<anchors {
+            let i = a * n / anchors
+            anchorRows.withUnsafeMutableBufferPointer { keys.decodeRow(i, into: $0.baseAddress! + a * d) }
+            anchorNorms[a] = norms[i]
+        }
+        // Nearest anchor of every key: argmax 2 x·a - |a|² by sgemm, in chunks over threads.
+        var group = [Int32](repeating: 0, count: n)
+        let chunk = 2048, chunks = (n + chunk - 1) / chunk
+        let workers = max(1, min(threads, chunks))
+        BLAS.setThreads(1)
+        group.withUnsafeMutableBufferPointer { out in
+            anchorRows.withUnsafeBufferPointer { ar in
+                anchorNorms.withUnsafeBufferPointer { an in
+                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
+                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * anchors)
+                        defer { rows.deallocate(); scores.deallocate() }
+                        var c = w
+                        while c < chunks {
+                            let lo = c * chunk, m = decodeRun(keys, from: lo, upTo: min(n, lo + chunk), into: rows)
+                            for r in 0..<m { (scores + r * anchors).update(from: an.baseAddress!, count: anchors) }
+                            BLAS.scoresNT(m: m, n: anchors, k: d, a: rows, b: ar.baseAddress!, c: scores, alpha: -2, beta: 1)
+                            for r in 0..<m { out[lo + r] = Int32(KMeans.argMin(scores + r * anchors, count: anchors).0) }
+                            c += workers
+                        }
+                    }
+                }
+            }
+        }
+        // Groups in position order, cut to at most `groupLimit` keys.
+        var members = [[Int32]](repeating: [], count: anchors)
+        for i in 0..<n { members[Int(group[i])].append(Int32(i)) }
+        var isCold = [Bool](repeating: false, count: n)
+        for c in cold { isCold[c] = true }
+        var pieces: [ArraySlice<Int32>] = []
+        for m in members where m.count > 1 {
+            var lo = 0
+            while lo < m.count {
+                let hi = min(m.count, lo + Self.groupLimit)
+                if m[lo..<hi].contains(where: { isCold[Int($0)] }) { pieces.append(m[lo..<hi]) }
+                lo = hi
+            }
+        }
+        // Per cold key: its L nearest members (nearest first).
+        var plans = [[Int32]](repeating: [], count: n)
+        let limit = Self.groupLimit
+        plans.withUnsafeMutableBufferPointer { out in
+            norms.withUnsafeBufferPointer { nb in
+                isCold.withUnsafeBufferPointer { coldFlags in
+                    DispatchQueue.concurrentPerform(iterations: max(1, min(threads, pieces.count))) { w in
+                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
+                        let coldRows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
+                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: limit * limit)
+                        defer { rows.deallocate(); coldRows.deallocate(); scores.deallocate() }
+                        var top = TopK<Int32>(k: L + 1)
+                        var p = w
+                        let step = max(1, min(threads, pieces.count))
+                        while p < pieces.count {
+                            let piece = Array(pieces[p]), s = piece.count
+                            var coldIndex: [Int] = []
+                            for (j, id) in piece.enumerated() {
+                                keys.decodeRow(Int(id), into: rows + j * d)
+                                if coldFlags[Int(id)] {
+                                    (coldRows + coldIndex.count * d).update(from: rows + j * d, count: d)
+                                    coldIndex.append(j)
+                                }
+                            }
+                            let c = coldIndex.count
+                            BLAS.scoresNT(m: c, n: s, k: d, a: coldRows, b: rows, c: scores)
+                            for (r, j) in coldIndex.enumerated() {
+                                top.reset()
+                                let row = scores + r * s
+                                for x in 0..<s where x != j {
+                                    let v = 2 * row[x] - nb[Int(piece[x])]  // -|a - b|² + |a|²
+                                    if v >= top.threshold { top.push(v, piece[x]) }
+                                }
+                                out[Int(piece[j])] = top.sorted().prefix(L).map(\.id)
+                            }
+                            p += step
+                        }
+                    }
+                }
+            }
+        }
+        // Reverse edges among keys without projection edges, at most L each.
+        var reverse = [[Int32]](repeating: [], count: n)
+        for i in cold where !isHot[i] {
+            for j in plans[i] where !isHot[Int(j)] && isCold[Int(j)] && reverse[Int(j)].count < min(L, M) && !plans[Int(j)].contains(Int32(i)) {
+                reverse[Int(j)].append(Int32(i))
+            }
+        }
+        for i in cold where !plans[i].isEmpty {
+            if isHot[i] {
+                setLocalList(i, plans[i])  // keeps its projection edges
+            } else {
+                let slot = links.pointer + i * stride
+                let all = reverse[i] + plans[i]
+                slot[0] = Int32(all.count)
+                for (x, id) in all.enumerated() { slot[1 + x] = id }
+                projectionCount[i] = Int32(reverse[i].count)
+                localCount[i] = Int32(plans[i].count)
+            }
+        }
+        for i in cold { if let nearest = plans[i].first { addConnectivityEdge(from: Int(nearest), to: Int32(i)) } }
     }
 
     /// Links each of `hot` to its `localNeighbours` nearest (L2) keys among `hot`.
@@ -317,7 +489,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                         beamSearch(graph, query: scratch.query, keys: keys, entries: starts, ef: efConstruction,
                                    scratch: scratch, limit: limit, norms: normsPointer)
                         let found = scratch.results.drainDescending().filter { Int($0.id) != node }.map(\.id)
-                        out[j] = self.prune(found, keys: keys, scratch: scratch)
+                        out[j] = self.prune(found, keys: keys, scratch: scratch, norms: normsPointer)
                     }
                 }
             }
