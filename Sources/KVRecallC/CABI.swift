@@ -192,7 +192,7 @@ private func configuration(_ c: kvrecall_config) throws -> SessionConfiguration 
     var s = SessionConfiguration(
         layers: Int(c.layers), kvHeads: Int(c.kv_heads), queryHeadsPerKV: Int(c.query_heads_per_kv),
         headDimension: Int(c.head_dim), dtype: dtypes[Int(c.dtype)], method: try method(c.method), k: Int(c.k),
-        sinks: Int(c.sinks), window: Int(c.window), ef: Int(c.ef), nprobe: Int(c.nprobe))
+        sinks: Int(c.sinks), window: Int(c.window), ef: c.ef == 0 ? nil : Int(c.ef), nprobe: c.nprobe == 0 ? nil : Int(c.nprobe))
     s.scale = c.scale == 0 ? nil : c.scale
     return s
 }
@@ -235,8 +235,8 @@ private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_con
     c.k = UInt32(s.k)
     c.sinks = UInt32(s.sinks)
     c.window = UInt32(s.window)
-    c.ef = UInt32(s.ef)
-    c.nprobe = UInt32(s.nprobe)
+    c.ef = UInt32(s.ef ?? 0)  // 0: calibrated at build
+    c.nprobe = UInt32(s.nprobe ?? 0)
     c.scale = s.scale ?? 0
     c.soft_cap = 0
     c.threads = threads

@@ -51,7 +51,9 @@ extension MethodRun {
         ["method": method.rawValue,
          "outputs": results.flatMap { $0.heads.map { $0.output.map(jsonNumber) } },
          "lse": results.flatMap { $0.heads.map { jsonNumber($0.lse) } },
+         "effective_method": effective.rawValue,
          "metrics": ["recall": recall, "attention_mass": mass, "output_error": error,
+                     "median_output_error": median(errors), "median_oracle_output_error": median(oracleErrors),
                      "keys_scanned_fraction": scanned, "median_query_us": medianMicros,
                      "oracle_attention_mass": oracleMass, "oracle_output_error": oracleError] as [String: Any]]
     }
@@ -63,9 +65,12 @@ struct Attend: ParsableCommand {
         discussion: """
         Each query group attends exactly to the static part (--sinks first and --window last
         positions) plus k positions chosen by the method: exact (everything), retrieval
-        (RetrievalAttention graph), hip, landmark, an index (hnsw, ivf, lsh, tree), or estimate
-        (RetroInfer: IVF clusters retrieved, the rest estimated; --top-p for an adaptive budget). Index-backed
-        methods need `kvrecall build --index NAME` first (retrieval also needs prefill queries).
+        (RetrievalAttention graph), hip, landmark, an index (hnsw, ivf, lsh, tree), estimate
+        (RetroInfer: IVF clusters retrieved, the rest estimated; --top-p for an adaptive budget),
+        streaming (sinks and window only), or auto (per head, what `build --index auto` chose from
+        the head's prefill queries: streaming, retrieval or estimate). Index-backed methods need
+        `kvrecall build --index NAME` first (retrieval also needs prefill queries); ef, nprobe and
+        beam default to the values calibrated at build for --target-recall.
         --method all prints every method side by side. Metrics: recall@k against exact top-k,
         attention mass held by the attended set, output relative error, keys scanned, latency.
         --json prints {"method", "outputs", "lse", "metrics": {...}} (an array for all).
@@ -120,7 +125,11 @@ struct Attend: ParsableCommand {
         }
         print("head \(info.id): \(info.count) keys, d=\(info.dimension); \(rows / attention.group) query groups of \(attention.group); k=\(attention.k), sinks \(attention.sinks), window \(attention.window)")
         print(methodTable(runs, k: attention.k).render())
-        let skipped = AttentionMethod.allCases.filter { m in m.indexKind.map { !built.contains($0.rawValue) } ?? false }
+        for run in runs {
+            if let plan = run.plan { print("auto: \(run.effective.rawValue) (\(plan.reason))") }
+            if let calibration = run.calibration { print("\(run.effective.rawValue): calibrated \(calibration.summary)") }
+        }
+        let skipped = AttentionMethod.allCases.filter { m in m.requiredRecord.map { !built.contains($0) } ?? false }
         if method == .all && !skipped.isEmpty {
             print("not built (kvrecall build --index NAME): \(skipped.map(\.rawValue).joined(separator: ", "))")
         }

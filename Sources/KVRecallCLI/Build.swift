@@ -66,18 +66,96 @@ struct BuildParameterOptions: ParsableArguments {
     }
 }
 
+/// `--index` of `kvrecall build`: a stored index kind, or `auto` (profile the head, choose its policy, build what it needs).
+enum BuildChoice: ExpressibleByArgument, Equatable {
+    case kind(IndexKind)
+    case auto
+
+    init?(argument: String) {
+        if argument == "auto" {
+            self = .auto
+        } else if let kind = IndexKind(rawValue: argument), kind.type != nil {
+            self = .kind(kind)
+        } else {
+            return nil
+        }
+    }
+
+    static var allValueStrings: [String] { IndexKind.stored.map(\.rawValue) + ["auto"] }
+}
+
+/// How a build profiles a head for `auto` and calibrates its search knob.
+struct CalibrationOptions: ParsableArguments {
+    @Option(help: "Recall@k against exact search that the calibrated ef / nprobe / beam must reach on held-out prefill queries (0 < R <= 1).")
+    var targetRecall: Double = 0.95
+    @Option(help: "Prefill queries held out (the last ones) to calibrate on and to profile the head; never used for training. At most a quarter of them.")
+    var heldOut: Int = 128
+    @Option(help: "Query heads per KV head in the prefill queries: rows g*t ..< g*t+g are position t's (kvrecall capture writes Gemma 3's 4).")
+    var group: Int = 1
+    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part: the k of the calibrated recall and of the profile.")
+    var k: Int = 100
+    @Option(parsing: .unconditional, help: "auto: first positions always attended, as the profile assumes.")
+    var sinks: Int = 4
+    @Option(parsing: .unconditional, help: "auto: last positions always attended, as the profile assumes.")
+    var window: Int = 64
+    @Option(help: "auto: a head whose every query head keeps this much mass on sinks+window is streaming.")
+    var streamingMass: Double = 0.95
+    @Option(help: "auto: a head with a query head keeping less than this with the exact top-k is diffuse (estimation).")
+    var diffuseMass: Double = 0.80
+
+    func validate() throws {
+        if group < 1 { throw ValidationError("--group must be at least 1 (got \(group))") }
+        try validateSettings {
+            try calibration.validate()
+            try attention.validate()
+            try policy.validate()
+        }
+    }
+
+    var calibration: CalibrationParameters {
+        var p = CalibrationParameters()
+        p.targetRecall = targetRecall
+        p.heldOutQueries = heldOut
+        p.k = k
+        return p
+    }
+
+    var attention: AttentionParameters {
+        var p = AttentionParameters()
+        p.k = k
+        p.sinks = sinks
+        p.window = window
+        return p
+    }
+
+    var policy: PolicyParameters {
+        var p = PolicyParameters()
+        p.streamingMass = streamingMass
+        p.diffuseMass = diffuseMass
+        return p
+    }
+}
+
 struct Build: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Build an ANN index over a head's keys and store it in the store.",
         discussion: """
         Kinds: hnsw (graph), ivf (k-means lists), lsh (SimHash tables), tree (hierarchical centroids),
         retrieval (RetrievalAttention's graph, trained on the head's prefill queries: ingest --queries),
-        landmark (block representatives for Landmark/Quest attention).
+        landmark (block representatives for Landmark/Quest attention), and auto.
+        auto profiles the head on its last prefill queries (mass on sinks and window, mass with the
+        exact top-k, effective support; per query head with --group) and chooses its policy:
+        streaming (no index), retrieval (the retrieval graph) or estimation (IVF and the estimation
+        zone); `attend --method auto` then runs what each head needs.
+        When the head has prefill queries, the last of them (--held-out) are kept out of training and
+        the search knob (ef, nprobe or beam) is calibrated on them: the smallest value reaching
+        --target-recall, stored with the index and used whenever --ef/--nprobe/--beam is not given.
         The index is written in one transaction: after a crash it is either whole or absent.
 
         Examples:
           kvrecall build --store s --layer 2 --head 6 --index hnsw --M 16 --ef-construction 200
           kvrecall build --store s --all-heads --index ivf --nlist 256 --cluster-metric ip
+          kvrecall build --store s --all-heads --index auto --group 4
         """
     )
 
@@ -85,20 +163,14 @@ struct Build: ParsableCommand {
     @OptionGroup var headOptions: HeadOptions
     @Flag(help: "Build for every head of the store.")
     var allHeads = false
-    @Option(help: ArgumentHelp("Index kind.", valueName: "kind"))
-    var index: IndexKind
+    @Option(help: ArgumentHelp("Index kind, or auto.", valueName: "kind"))
+    var index: BuildChoice
     @OptionGroup var build: BuildParameterOptions
+    @OptionGroup var calibration: CalibrationOptions
     @Flag(help: "No progress bar.")
     var quiet = false
 
-    func validate() throws {
-        guard index.type != nil else {
-            throw ValidationError("--index must be one of \(IndexKind.stored.map(\.rawValue).joined(separator: ", ")) (got '\(index.rawValue)')")
-        }
-    }
-
     func run() throws {
-        let kind = index
         let store = try storeOptions.open()
         defer { store.close() }
         let heads = allHeads ? try store.heads().map(\.id) : [headOptions.id]
@@ -107,16 +179,42 @@ struct Build: ParsableCommand {
             if let nlist = build.nlist, nlist > info.count {
                 throw RunError("--nlist \(nlist) exceeds the \(info.count) keys of head \(id)")
             }
-            let bar = ProgressBar("build \(kind.rawValue) \(id)", enabled: !quiet && isatty(2) != 0)
             let start = monotonicNanos()
-            let built = try store.read { snapshot in
-                try IndexCatalog.build(kind, keys: try snapshot.vectors(id, .keys), queries: try snapshot.vectors(id, .queries),
-                                       parameters: build.parameters, progress: bar.update)
+            var plan: HeadPlan? = nil
+            var kind: IndexKind? = nil
+            switch index {
+            case .kind(let k): kind = k
+            case .auto:
+                let planned = try store.read { snapshot in
+                    try HeadPlanner.plan(keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values),
+                                         queries: try snapshot.vectors(id, .queries), group: calibration.group,
+                                         calibration: calibration.calibration, attention: calibration.attention,
+                                         policy: calibration.policy, build: build.parameters)
+                }
+                plan = planned.plan
+                kind = planned.plan.indexKind
+                print("head \(id): auto chose \(planned.plan.policy.rawValue): \(planned.plan.reason)")
+                if let profile = planned.plan.profile { print("  profile: \(profile.summary)") }
             }
-            let seconds = Double(monotonicNanos() - start) / 1e9
-            try IndexCatalog.save(built, in: store, head: id)
-            let bytes = IndexCatalog.byteSize(built)
-            print("head \(id): \(kind.rawValue) over \(built.count) keys built in \(fmt(seconds, 2)) s, \(bytes) bytes (\(fmt(Double(bytes) / Double(max(1, built.count)), 1)) bytes per key)")
+            if let kind {
+                let bar = ProgressBar("build \(kind.rawValue) \(id)", enabled: !quiet && isatty(2) != 0)
+                let built = try store.read { snapshot in
+                    let keys = try snapshot.vectors(id, .keys)
+                    return try HeadPlanner.buildCalibrated(kind, keys: keys, count: keys.count, queries: try snapshot.vectors(id, .queries),
+                                                           build: build.parameters, calibration: calibration.calibration,
+                                                           progress: bar.update)
+                }
+                try IndexCatalog.save(built.index, in: store, head: id, calibration: built.calibration)
+                let seconds = Double(monotonicNanos() - start) / 1e9
+                let bytes = IndexCatalog.byteSize(built.index)
+                print("\(plan == nil ? "head \(id): " : "  ")\(kind.rawValue) over \(built.index.count) keys built in \(fmt(seconds, 2)) s, \(bytes) bytes (\(fmt(Double(bytes) / Double(max(1, built.index.count)), 1)) bytes per key)")
+                if let c = built.calibration {
+                    print("  calibrated \(c.summary)")
+                } else if SearchKnob(kind: kind) != nil {
+                    print("  not calibrated (fewer than \(CalibrationParameters.minimumQueries * 4) prefill queries; ingest --queries): search uses the defaults")
+                }
+            }
+            try plan?.save(in: store, head: id)
         }
     }
 }

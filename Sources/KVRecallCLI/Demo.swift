@@ -90,6 +90,15 @@ struct Demo: ParsableCommand {
             build.add([kind.rawValue, fmt(ms, 1), "\(IndexCatalog.byteSize(index))"])
         }
         print(build.render())
+        // auto: profile the head on its last prefill queries, choose its policy.
+        let plan = try main.read { s in
+            try HeadPlanner.plan(keys: try s.vectors(HeadID(), .keys), values: try s.vectors(HeadID(), .values),
+                                 queries: try s.vectors(HeadID(), .queries), group: 1, calibration: CalibrationParameters(),
+                                 attention: AttentionParameters(), policy: PolicyParameters(), build: IndexBuildParameters()).plan
+        }
+        try plan.save(in: main, head: HeadID())
+        print("\nauto chose \(plan.policy.rawValue) for this head: \(plan.reason)")
+        if let profile = plan.profile { print("  \(profile.summary)") }
         var parameters = AttentionParameters()
         parameters.k = attentionK
         parameters.search.graph.ef = 128

@@ -99,14 +99,16 @@ func jsonString(_ object: Any) throws -> String {
 /// Replaces non-finite floats (not representable in JSON) by nil.
 func jsonNumber(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }
 
-/// Per-call search knobs, named as faiss and hnswlib users know them.
+/// Per-call search knobs, named as faiss and hnswlib users know them. ef, nprobe and beam left
+/// unset take the value calibrated at build for the index's target recall (`build --target-recall`),
+/// or the library's default for an index built without prefill queries to calibrate on.
 struct SearchParameterOptions: ParsableArguments {
-    @Option(parsing: .unconditional, help: "HNSW: candidate list size at search.")
-    var ef: Int = 64
-    @Option(parsing: .unconditional, help: "IVF: lists probed. (estimate's retrieval zone is set by -k or --top-p, not by --nprobe.)")
-    var nprobe: Int = 8
-    @Option(help: "Tree: clusters kept per level.")
-    var beam: Int = 8
+    @Option(parsing: .unconditional, help: "HNSW, retrieval: candidate list size at search (default: calibrated at build, else 64).")
+    var ef: Int?
+    @Option(parsing: .unconditional, help: "IVF: lists probed (default: calibrated at build, else 8). (estimate's retrieval zone is set by -k or --top-p, not by --nprobe.)")
+    var nprobe: Int?
+    @Option(parsing: .unconditional, help: "Tree: clusters kept per level (default: calibrated at build, else 8).")
+    var beam: Int?
     @Option(help: "LSH: tables a key must share with the query to be a candidate.")
     var minCollisions: Int = 2
     @Option(help: "Threads over the query batch.")
@@ -118,9 +120,9 @@ struct SearchParameterOptions: ParsableArguments {
 
     var parameters: SearchParameters {
         var p = SearchParameters()
-        p.graph.ef = ef
-        p.ivf.nprobe = nprobe
-        p.tree.beam = beam
+        p.graph.efSetting = ef
+        p.ivf.nprobeSetting = nprobe
+        p.tree.beamSetting = beam
         p.lsh.minCollisions = minCollisions
         p.threads = threads
         return p

@@ -32,7 +32,7 @@ struct Replay: ParsableCommand {
         }
         var config = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
                                           method: method, k: attention.k, sinks: attention.sinks,
-                                          window: attention.window, ef: attention.search.ef, nprobe: attention.search.nprobe)
+                                          window: attention.window, ef: attention.search.ef, nprobe: attention.search.nprobe, beam: attention.search.beam)
         config.upkeepBatch = 16
         let session = try KVSession(configuration: config, directory: nil)
         defer { session.close() }

@@ -152,8 +152,8 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         _ = repl.ok("use 0/2/6")
         let info = repl.ok("info")
         #expect(info.contains("read-only") && info.contains("head     0/2/6") && info.contains("query    none"))
-        #expect(info.contains("methods  exact, hip, landmark, hnsw, ivf, estimate (not built: retrieval, lsh, tree)"))
-        #expect(info.contains("settings k=100 sinks=4 window=64 ef=64 nprobe=8 method=exact"))
+        #expect(info.contains("methods  exact, hip, landmark, hnsw, ivf, estimate, streaming (not built: retrieval, lsh, tree, auto)"))
+        #expect(info.contains("settings k=100 sinks=4 window=64 ef=calibrated nprobe=calibrated method=exact"))
 
         #expect(repl.ok("set k 50") == "k = 50")
         #expect(repl.ok("set ef 128") == "ef = 128")
@@ -311,12 +311,12 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         _ = repl.ok("set k 20")
         let table = repl.ok("compare")
         #expect(table.contains("compare on head 0/2/6, query prefill row 5: k=20"))
-        #expect(column("method", in: table, after: "method") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate"])
+        #expect(column("method", in: table, after: "method") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate", "streaming"])
         #expect(column("recall@20", in: table, after: "method").first == "1.000")
-        #expect(table.contains("not built (kvrecall build --index NAME): retrieval, lsh, tree"))
+        #expect(table.contains("not built (kvrecall build --index NAME): retrieval, lsh, tree, auto"))
         let all = repl.ok("explain")
         #expect(all.contains("last search: compare"))
-        #expect(column("method", in: all, after: "method") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate"])
+        #expect(column("method", in: all, after: "method") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate", "streaming"])
         #expect(column("keys_scanned", in: all, after: "method").first == "100.0%")
         #expect(repl.fails("explain more").contains("no arguments"))
 
@@ -324,8 +324,8 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         _ = repl.ok("use 0/2/3")
         _ = repl.ok("query file \(REPLFixture.data)/queries.npy 0")
         let few = repl.ok("compare")
-        #expect(column("method", in: few, after: "method") == ["exact", "hip"])
-        #expect(few.contains("not built (kvrecall build --index NAME): retrieval, landmark, hnsw, ivf, lsh, tree, estimate (index ivf)"))
+        #expect(column("method", in: few, after: "method") == ["exact", "hip", "streaming"])
+        #expect(few.contains("not built (kvrecall build --index NAME): retrieval, landmark, hnsw, ivf, lsh, tree, estimate (index ivf), auto"))
     }
 
     @Test func helpQuitAndMistypedCommands() throws {
@@ -376,9 +376,9 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         #expect(repl.completions(before: "set ", word: "") == REPLCommand.settingNames)
         #expect(repl.completions(before: "set ", word: "n") == ["nprobe"])
         // Head 0/2/3 has no index: only the methods it can run.
-        #expect(repl.completions(before: "set method ", word: "") == ["exact", "hip"])
+        #expect(repl.completions(before: "set method ", word: "") == ["exact", "hip", "streaming"])
         _ = repl.ok("use 0/2/6")
-        #expect(repl.completions(before: "set method ", word: "") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate"])
+        #expect(repl.completions(before: "set method ", word: "") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate", "streaming"])
         #expect(repl.completions(before: "  attend ", word: "h") == ["hip", "hnsw"])
         #expect(repl.completions(before: "set k ", word: "") == [])
         #expect(repl.completions(before: "query ", word: "") == ["random", "file"])

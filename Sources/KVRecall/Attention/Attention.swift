@@ -68,6 +68,27 @@ public enum Attention {
         return Array(head) + Array(tail)
     }
 
+    /// Attention of each query head (`g x d` queries) over the static part only: the sinks and
+    /// the window (StreamingLLM; `auto`'s streaming heads). Exact when they cover every position.
+    public static func attendStatic(queries: UnsafeBufferPointer<Float>, keys: VectorView, values: VectorView,
+                                    parameters: AttentionParameters) throws -> AttentionResult {
+        let d = keys.dimension
+        guard queries.count % d == 0, queries.count > 0 else { throw IndexError.dimensionMismatch(expected: d, actual: queries.count) }
+        guard values.count == keys.count else { throw IndexError.corrupt("head has \(keys.count) keys but \(values.count) values") }
+        guard keys.count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) is empty") }
+        let g = queries.count / d
+        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let fixed = staticPositions(count: keys.count, sinks: parameters.sinks, window: parameters.window)
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
+        defer { scratch.deallocate() }
+        let heads = (0..<g).map {
+            AttentionKernel.attend(query: queries.baseAddress! + $0 * d, positions: fixed, keys: keys, values: values,
+                                   scale: scale, scratch: scratch)
+        }
+        return AttentionResult(heads: heads, retrieved: [], attended: fixed,
+                               stats: SearchStats(queries: g, keyCount: keys.count))
+    }
+
     /// Attention for the query heads `queries` (`g x d`, row-major) of one KV head.
     ///
     /// With `selector == nil` every position is attended (exact attention). Otherwise the

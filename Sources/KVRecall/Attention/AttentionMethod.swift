@@ -13,11 +13,16 @@ public enum AttentionMethod: String, CaseIterable, Sendable {
     /// RetroInfer: IVF clusters as the retrieval zone, the clusters below the cut estimated from
     /// their mean key and value sum; optionally an adaptive (top-p) budget.
     case estimate
+    /// StreamingLLM: the sinks and the recent window only, nothing retrieved.
+    case streaming
+    /// Per head, what its prefill queries call for (`HeadPlan`: streaming, retrieval or
+    /// estimation), as chosen by `kvrecall build --index auto` or the session's build.
+    case auto
 
-    /// The persisted index this method reads, if any.
+    /// The persisted index this method reads, if any (`auto`: the one its head's plan names).
     public var indexKind: IndexKind? {
         switch self {
-        case .exact, .hip: return nil
+        case .exact, .hip, .streaming, .auto: return nil
         case .retrieval: return .retrieval
         case .landmark: return .landmark
         case .hnsw: return .hnsw
@@ -28,13 +33,26 @@ public enum AttentionMethod: String, CaseIterable, Sendable {
         }
     }
 
+    /// The stored record this method needs on a head: its index, or `auto`'s plan.
+    public var requiredRecord: String? { self == .auto ? HeadPlan.recordName : indexKind?.rawValue }
+
     /// The method ready to answer queries on head `id` inside `snapshot`, with the head's
-    /// persisted index (an error naming the build command when it was never built).
+    /// persisted index and its calibration (an error naming the build command when it was never built).
     public func prepare(snapshot: StoreSnapshot, head id: HeadID) throws -> PreparedAttention {
         let keys = try snapshot.vectors(id, .keys)
         let values = try snapshot.vectors(id, .values)
-        let index = try indexKind.map { try IndexCatalog.load($0, snapshot: snapshot, head: id) }
-        return PreparedAttention(method: try PreparedMethod(self, index: index, keys: keys, values: values), keys: keys, values: values)
+        var plan: HeadPlan? = nil
+        if self == .auto {
+            guard let stored = try HeadPlan.load(snapshot: snapshot, head: id) else {
+                throw IndexError.notBuilt("no auto plan for head \(id); build it first with `kvrecall build --index auto`")
+            }
+            plan = stored
+        }
+        let kind = plan?.indexKind ?? indexKind
+        let loaded = try kind.map { try IndexCatalog.loadCalibrated($0, snapshot: snapshot, head: id) }
+        let method = try PreparedMethod(self, plan: plan, index: loaded?.index, calibration: loaded?.calibration,
+                                        keys: keys, values: values)
+        return PreparedAttention(method: method, keys: keys, values: values)
     }
 }
 
@@ -44,26 +62,51 @@ public enum AttentionMethod: String, CaseIterable, Sendable {
 ///
 /// `attend` is the one dispatcher behind the CLI, the REPL, `KVSession` and the C ABI.
 public final class PreparedMethod: @unchecked Sendable {
+    /// The method asked for (`auto` stays `auto`).
     public let method: AttentionMethod
-    /// The head's index of `method.indexKind` (nil for exact and HiP, or a session head not yet indexed).
+    /// The method that runs: `method`, or for `auto` the one its plan names.
+    public let effective: AttentionMethod
+    /// `auto`'s plan for this head.
+    public let plan: HeadPlan?
+    /// The head's index of `effective.indexKind` (nil for exact, HiP and streaming, or a session head not yet indexed).
     public let index: (any BuildableIndex)?
+    /// The search knob calibrated for `index` at build, used when the caller leaves it unset.
+    public let calibration: SearchCalibration?
     /// The estimation zone's per-cluster statistics over the keys `index` holds.
     public let summary: ClusterSummary?
 
     /// Prepares `method` with `index`, the head's index of `method.indexKind` (or nil: a method
     /// needing an index then attends every position exactly, as a session does before its build).
-    /// `keys` and `values` are read only for `estimate`'s cluster summary.
-    public init(_ method: AttentionMethod, index: (any BuildableIndex)?, keys: VectorView, values: VectorView) throws {
-        if let index, index.kind != method.indexKind {
-            throw IndexError.invalidParameter("method \(method.rawValue) reads a \(method.indexKind?.rawValue ?? "no") index, not \(index.kind.rawValue)")
+    /// `auto` needs the head's `plan` and the index it names. `keys` and `values` are read only
+    /// for `estimate`'s cluster summary.
+    public init(_ method: AttentionMethod, plan: HeadPlan? = nil, index: (any BuildableIndex)?,
+                calibration: SearchCalibration? = nil, keys: VectorView, values: VectorView) throws {
+        let effective: AttentionMethod
+        if method == .auto {
+            guard let plan else { throw IndexError.notBuilt("method auto needs the head's plan (kvrecall build --index auto)") }
+            effective = plan.policy.method
+        } else {
+            effective = method
+        }
+        if let index, index.kind != effective.indexKind {
+            throw IndexError.invalidParameter("method \(effective.rawValue) reads a \(effective.indexKind?.rawValue ?? "no") index, not \(index.kind.rawValue)")
         }
         self.method = method
-        self.index = method.indexKind == nil ? nil : index
-        if method == .estimate, let ivf = index as? IVFIndex {
+        self.effective = effective
+        self.plan = method == .auto ? plan : nil
+        self.index = effective.indexKind == nil ? nil : index
+        self.calibration = self.index == nil ? nil : calibration
+        if effective == .estimate, let ivf = index as? IVFIndex {
             summary = try ClusterSummary(ivf: ivf, keys: keys, values: values)
         } else {
             summary = nil
         }
+    }
+
+    /// The search parameters a call runs with: the caller's, with the calibrated knob filled in
+    /// where the caller left it unset.
+    public func searchParameters(_ parameters: SearchParameters) -> SearchParameters {
+        calibration?.resolve(parameters) ?? parameters
     }
 
     /// Attention for one GQA group (`g x d` queries, row-major) over a head's `keys` and `values`.
@@ -72,11 +115,14 @@ public final class PreparedMethod: @unchecked Sendable {
     public func attend(_ queries: UnsafeBufferPointer<Float>, keys: VectorView, values: VectorView,
                        parameters: AttentionParameters) throws -> AttentionResult {
         var p = parameters
+        p.search = searchParameters(parameters.search)
         let n = keys.count
         var selector: (any VectorIndex)? = nil
-        switch method {
+        switch effective {
         case .exact:
             break
+        case .streaming:
+            return try Attention.attendStatic(queries: queries, keys: keys, values: values, parameters: p)
         case .hip:
             selector = HiPSelector(keys: keys)
         default:

@@ -8,8 +8,28 @@ public struct MethodRun: Sendable {
     public var micros: [Double] = []
     /// Means over the groups of the fidelity metrics and of the keys-scanned fraction.
     public var recall = 0.0, mass = 0.0, error = 0.0, oracleMass = 0.0, oracleError = 0.0, scanned = 0.0
+    /// What ran on the head: `method`, or `auto`'s choice; the plan behind it; the calibration and
+    /// search parameters the calls used.
+    public var effective: AttentionMethod
+    public var plan: HeadPlan?
+    public var calibration: SearchCalibration?
+    public var search = SearchParameters()
+    /// Output error of every group, and the oracle's (for medians).
+    public var errors: [Double] = []
+    public var oracleErrors: [Double] = []
 
-    public init(method: AttentionMethod) { self.method = method }
+    public init(method: AttentionMethod) {
+        self.method = method
+        effective = method
+    }
+
+    init(prepared: PreparedMethod, parameters: AttentionParameters) {
+        self.init(method: prepared.method)
+        effective = prepared.effective
+        plan = prepared.plan
+        calibration = prepared.calibration
+        search = prepared.searchParameters(parameters.search)
+    }
 
     public var medianMicros: Double { median(micros) }
 }
@@ -38,8 +58,9 @@ public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, he
     var prepared: [PreparedAttention?] = []
     for method in methods {
         do {
-            prepared.append(try cache?.prepare(method, snapshot: snapshot, head: head) ?? method.prepare(snapshot: snapshot, head: head))
-            outcomes.append(.success(MethodRun(method: method)))
+            let ready = try cache?.prepare(method, snapshot: snapshot, head: head) ?? method.prepare(snapshot: snapshot, head: head)
+            prepared.append(ready)
+            outcomes.append(.success(MethodRun(prepared: ready.method, parameters: parameters)))
         } catch {
             prepared.append(nil)
             outcomes.append(.failure(error))
@@ -66,6 +87,8 @@ public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, he
                     run.recall += f.recall
                     run.mass += f.attentionMass
                     run.error += f.outputError
+                    run.errors.append(f.outputError)
+                    run.oracleErrors.append(f.oracleError)
                     run.oracleMass += f.oracleMass
                     run.oracleError += f.oracleError
                     run.scanned += result.stats.keysScannedFraction
@@ -91,6 +114,6 @@ extension AttentionMethod {
     /// The methods usable on a head whose built indexes are `built` (index names), in
     /// `allCases` order: those needing no index, and those whose index exists.
     public static func available(built: Set<String>) -> [AttentionMethod] {
-        allCases.filter { $0.indexKind.map { built.contains($0.rawValue) } ?? true }
+        allCases.filter { $0.requiredRecord.map { built.contains($0) } ?? true }
     }
 }

@@ -100,9 +100,12 @@ public enum IndexCatalog {
     /// Section holding the kind's format version (u32) and its name: the one header every stored index has.
     static let headerSection = "header"
 
-    /// Persists `index` as index `name` (default: its kind) of head `id`, replacing any earlier one, in one transaction.
-    public static func save<T: BuildableIndex>(_ index: T, in store: KVStore, head id: HeadID, name: String? = nil) throws {
+    /// Persists `index` as index `name` (default: its kind) of head `id`, replacing any earlier one, in one
+    /// transaction, with the search knob calibrated for it, if any.
+    public static func save<T: BuildableIndex>(_ index: T, in store: KVStore, head id: HeadID, name: String? = nil,
+                                               calibration: SearchCalibration? = nil) throws {
         var sections = index.sections()
+        if let calibration { sections[calibrationSection] = try calibration.encoded() }
         var header = ByteWriter()
         header.write(UInt32(T.formatVersion))
         header.write(array: Array(T.kind.rawValue.utf8))

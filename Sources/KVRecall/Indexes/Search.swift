@@ -24,9 +24,16 @@ public struct SearchParameters: Sendable, Equatable {
 
 /// Graph beam search (HNSW, retrieval graph).
 public struct GraphSearchParameters: Sendable, Equatable {
+    /// Beam width used when neither the caller nor the index's calibration sets one.
+    public static let defaultEf = 64
+    /// Beam width set by the caller; nil leaves it to the index's calibration (`SearchCalibration`).
+    public var efSetting: Int?
     /// Beam width (candidate list size); raised to k when smaller.
-    public var ef = 64
-    public init(ef: Int = 64) { self.ef = ef }
+    public var ef: Int {
+        get { efSetting ?? Self.defaultEf }
+        set { efSetting = newValue }
+    }
+    public init(ef: Int? = nil) { efSetting = ef }
     public func validate() throws {
         guard ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
     }
@@ -34,21 +41,41 @@ public struct GraphSearchParameters: Sendable, Equatable {
 
 /// Inverted-file probing.
 public struct IVFSearchParameters: Sendable, Equatable {
+    /// Lists probed when neither the caller nor the index's calibration sets it.
+    public static let defaultNprobe = 8
+    /// Lists probed as set by the caller; nil leaves it to the index's calibration.
+    public var nprobeSetting: Int?
     /// Lists probed.
-    public var nprobe = 8
-    public init(nprobe: Int = 8) { self.nprobe = nprobe }
+    public var nprobe: Int {
+        get { nprobeSetting ?? Self.defaultNprobe }
+        set { nprobeSetting = newValue }
+    }
+    /// Candidates (by list code score) re-ranked exactly per query; 0 picks 2k, fewer than k means k.
+    public var rerank = 0
+    public init(nprobe: Int? = nil) { nprobeSetting = nprobe }
     public func validate() throws {
         guard nprobe >= 1 else { throw IndexError.invalidParameter("nprobe must be at least 1 (got \(nprobe))") }
+        guard rerank >= 0 else { throw IndexError.invalidParameter("rerank must be non-negative (got \(rerank))") }
     }
 }
 
 /// Centroid-tree descent.
 public struct TreeSearchParameters: Sendable, Equatable {
+    /// Clusters kept per level when neither the caller nor the index's calibration sets it.
+    public static let defaultBeam = 8
+    /// Clusters kept per level as set by the caller; nil leaves it to the index's calibration.
+    public var beamSetting: Int?
     /// Clusters kept per level.
-    public var beam = 8
-    public init(beam: Int = 8) { self.beam = beam }
+    public var beam: Int {
+        get { beamSetting ?? Self.defaultBeam }
+        set { beamSetting = newValue }
+    }
+    /// Candidates (by list code score) re-ranked exactly per query; 0 picks 2k, fewer than k means k.
+    public var rerank = 0
+    public init(beam: Int? = nil) { beamSetting = beam }
     public func validate() throws {
         guard beam >= 1 else { throw IndexError.invalidParameter("beam must be at least 1 (got \(beam))") }
+        guard rerank >= 0 else { throw IndexError.invalidParameter("rerank must be non-negative (got \(rerank))") }
     }
 }
 

@@ -29,8 +29,9 @@ public final class REPLInterpreter {
     /// The knobs `set` changes.
     public struct Settings: Equatable, Sendable {
         public var k = 100
-        public var ef = 64
-        public var nprobe = 8
+        /// nil: the index's calibrated value (or the library default when it has none).
+        public var ef: Int? = nil
+        public var nprobe: Int? = nil
         public var window = 64
         public var sinks = 4
         public var method = AttentionMethod.exact
@@ -42,8 +43,8 @@ public final class REPLInterpreter {
             p.k = k
             p.sinks = sinks
             p.window = window
-            p.search.graph.ef = ef
-            p.search.ivf.nprobe = nprobe
+            p.search.graph.efSetting = ef
+            p.search.ivf.nprobeSetting = nprobe
             return p
         }
     }
@@ -73,6 +74,10 @@ public final class REPLInterpreter {
         public var estimatedPositions = 0
         public var medianMicros: Double
         public var timings: Int
+        /// What ran (`auto`'s choice), the plan behind it and the calibrated knob it used.
+        public var effective: AttentionMethod? = nil
+        public var plan: HeadPlan? = nil
+        public var calibration: SearchCalibration? = nil
     }
 
     public private(set) var store: KVStore?
@@ -287,7 +292,7 @@ public final class REPLInterpreter {
             lines.append("head     none (use `use C/L/H`)")
         }
         let s = settings
-        lines.append("settings k=\(s.k) sinks=\(s.sinks) window=\(s.window) ef=\(s.ef) nprobe=\(s.nprobe) method=\(s.method.rawValue)")
+        lines.append("settings k=\(s.k) sinks=\(s.sinks) window=\(s.window) ef=\(s.ef.map(String.init) ?? "calibrated") nprobe=\(s.nprobe.map(String.init) ?? "calibrated") method=\(s.method.rawValue)")
         return lines.joined(separator: "\n")
     }
 
@@ -308,8 +313,8 @@ public final class REPLInterpreter {
             }
             settings.method = method
             var note = ""
-            if let store, let headID, let kind = method.indexKind, !(try store.indexNames()[headID] ?? []).contains(kind.rawValue) {
-                note = "\nnote: head \(headID) has no '\(kind.rawValue)' index yet; build it with `kvrecall build --index \(kind.rawValue)`"
+            if let store, let headID, let record = method.requiredRecord, !(try store.indexNames()[headID] ?? []).contains(record) {
+                note = "\nnote: head \(headID) has no '\(record)' \(method == .auto ? "plan" : "index") yet; build it with `kvrecall build --index \(record)`"
             }
             return "method = \(method.rawValue)" + note
         }
@@ -337,8 +342,8 @@ public final class REPLInterpreter {
         let s = settings
         var table = TextTable(["setting", "value", "meaning"])
         table.add(["k", "\(s.k)", "positions retrieved beyond the static part; k of exact top-k"])
-        table.add(["ef", "\(s.ef)", "hnsw, retrieval: candidate list size at search"])
-        table.add(["nprobe", "\(s.nprobe)", "ivf, estimate: lists probed"])
+        table.add(["ef", s.ef.map(String.init) ?? "calibrated", "hnsw, retrieval: candidate list size at search (calibrated: chosen at build for --target-recall)"])
+        table.add(["nprobe", s.nprobe.map(String.init) ?? "calibrated", "ivf: lists probed (calibrated: chosen at build for --target-recall)"])
         table.add(["window", "\(s.window)", "last positions always attended"])
         table.add(["sinks", "\(s.sinks)", "first positions always attended"])
         table.add(["method", s.method.rawValue, "what `attend` runs"])
@@ -466,12 +471,15 @@ public final class REPLInterpreter {
                                                                                  window: parameters.window).count
         var stats = result.stats
         stats.keyCount = info.count
+        var used = parameters
+        used.search = run.search
         return SearchRecord(method: run.method.rawValue, head: info.id, query: query.label, keyCount: info.count,
-                            parameters: parameters, stats: stats, attended: result.attended.count,
+                            parameters: used, stats: stats, attended: result.attended.count,
                             staticCount: staticCount, retrieved: run.method == .exact ? nil : result.retrieved.count,
                             estimatedClusters: result.estimatedClusters,
                             estimatedPositions: result.estimated.reduce(0) { $0 + $1.count },
-                            medianMicros: run.medianMicros, timings: run.micros.count)
+                            medianMicros: run.medianMicros, timings: run.micros.count,
+                            effective: run.effective, plan: run.plan, calibration: run.calibration)
     }
 
     private func attend(_ args: [String]) throws -> String {
@@ -499,7 +507,8 @@ public final class REPLInterpreter {
         let exactTop = Set(top.sorted().map(\.id))
         let fixedSet = Set(Attention.staticPositions(count: n, sinks: parameters.sinks, window: parameters.window))
 
-        var lines = ["attend \(style.bold(method.rawValue)) on head \(info.id), query \(q.label): " + settingsLine(method, parameters)]
+        var lines = ["attend \(style.bold(method.rawValue)) on head \(info.id), query \(q.label): " + settingsLine(run.effective, rec.parameters)]
+        if let plan = run.plan { lines.append("auto chose \(style.bold(run.effective.rawValue)) for this head: \(plan.reason)") }
         if method == .exact {
             lines.append("attended all \(n) positions (exact attention); \(fmt(run.medianMicros, 1)) us (median of \(run.micros.count))")
         } else {
@@ -545,7 +554,7 @@ public final class REPLInterpreter {
         case .tree: return "beam \(p.search.tree.beam)"
         case .lsh: return "min collisions \(p.search.lsh.minCollisions)"
         case .landmark: return p.search.landmark.blocks > 0 ? "blocks \(p.search.landmark.blocks)" : "blocks auto (4k / block size)"
-        case .exact, .hip: return nil
+        case .exact, .hip, .streaming, .auto: return nil
         }
     }
 
@@ -599,8 +608,19 @@ public final class REPLInterpreter {
         if r.attended == nil {
             rows.append(("method", "exact top-\(min(p.k, r.keyCount)) by a flat scan of every key"))
         } else if let method = AttentionMethod(rawValue: r.method) {
-            let index = method.indexKind.map { "index '\($0.rawValue)'" } ?? (method == .hip ? "no index (hierarchical pruning)" : "no index")
-            rows.append(("method", "\(r.method): \(index)" + (searchKnob(method, p).map { ", \($0)" } ?? "")))
+            let ran = r.effective ?? method
+            let index = ran.indexKind.map { "index '\($0.rawValue)'" }
+                ?? (ran == .hip ? "no index (hierarchical pruning)" : ran == .streaming ? "no index (sinks and window only)" : "no index")
+            let name = ran == method ? r.method : "\(r.method) -> \(ran.rawValue)"
+            rows.append(("method", "\(name): \(index)" + (searchKnob(ran, p).map { ", \($0)" } ?? "")))
+        }
+        if let plan = r.plan {
+            rows.append(("policy", "\(plan.policy.rawValue): \(plan.reason)"))
+            if let profile = plan.profile { rows.append(("profile", profile.summary)) }
+        }
+        if let calibration = r.calibration {
+            let own = calibration.knob.isSet(in: p.search) && calibration.knob.applied(calibration.value, to: p.search) != p.search
+            rows.append(("calibration", calibration.summary + (own ? "; overridden by the setting" : "")))
         }
         rows.append(("keys scanned", "\(percent(r.stats.keysScannedFraction)) (\(r.stats.distanceComputations) of \(r.keyCount) keys scored)"))
         rows.append(("distance computations", "\(r.stats.distanceComputations) query-key inner products"))

@@ -14,12 +14,14 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var k: Int
     public var sinks: Int
     public var window: Int
-    /// HNSW / retrieval graph beam width.
-    public var ef: Int
-    /// IVF (and `estimate`) lists probed.
-    public var nprobe: Int
-    /// Centroid tree: clusters kept per level.
-    public var beam: Int
+    /// HNSW / retrieval graph beam width; nil: calibrated at `buildIndexes` for `targetRecall`.
+    public var ef: Int?
+    /// IVF lists probed; nil: calibrated at `buildIndexes`.
+    public var nprobe: Int?
+    /// Centroid tree: clusters kept per level; nil: calibrated at `buildIndexes`.
+    public var beam: Int?
+    /// Recall@k the calibrated ef / nprobe / beam must reach on held-out prefill queries.
+    public var targetRecall: Double
     /// LSH: tables a key must collide in.
     public var minCollisions: Int
     /// Landmark: rank blocks by Quest's min/max bound instead of the mean key.
@@ -33,8 +35,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
-                ef: Int = 400, nprobe: Int = 64, beam: Int = 8, minCollisions: Int = 2, landmarkBound: Bool = false,
-                upkeepBatch: Int = 64, context: UInt32 = 0) {
+                ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int = 2, landmarkBound: Bool = false,
+                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95) {
         self.layers = layers
         self.kvHeads = kvHeads
         self.queryHeadsPerKV = queryHeadsPerKV
@@ -47,6 +49,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.ef = ef
         self.nprobe = nprobe
         self.beam = beam
+        self.targetRecall = targetRecall
         self.minCollisions = minCollisions
         self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
@@ -55,7 +58,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
-        case landmarkBound, upkeepBatch, context, scale
+        case landmarkBound, upkeepBatch, context, scale, targetRecall
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
@@ -71,9 +74,10 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         k = try c.decode(Int.self, forKey: .k)
         sinks = try c.decode(Int.self, forKey: .sinks)
         window = try c.decode(Int.self, forKey: .window)
-        ef = try c.decode(Int.self, forKey: .ef)
-        nprobe = try c.decode(Int.self, forKey: .nprobe)
-        beam = try c.decodeIfPresent(Int.self, forKey: .beam) ?? 8
+        ef = try c.decodeIfPresent(Int.self, forKey: .ef)
+        nprobe = try c.decodeIfPresent(Int.self, forKey: .nprobe)
+        beam = try c.decodeIfPresent(Int.self, forKey: .beam)
+        targetRecall = try c.decodeIfPresent(Double.self, forKey: .targetRecall) ?? 0.95
         minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions) ?? 2
         landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
         scale = try c.decodeIfPresent(Float.self, forKey: .scale)
@@ -87,9 +91,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         p.k = k
         p.sinks = sinks
         p.window = window
-        p.search.graph.ef = ef
-        p.search.ivf.nprobe = nprobe
-        p.search.tree.beam = beam
+        p.search.graph.efSetting = ef
+        p.search.ivf.nprobeSetting = nprobe
+        p.search.tree.beamSetting = beam
         p.search.lsh.minCollisions = minCollisions
         p.search.landmark.bound = landmarkBound
         p.scale = scale
