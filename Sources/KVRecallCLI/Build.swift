@@ -14,6 +14,8 @@ struct BuildParameterOptions: ParsableArguments {
     var iterations: Int = 20
     @Option(help: "k-means metric (IVF, tree).")
     var clusterMetric: ClusterMetric = .l2
+    @Option(help: "IVF, tree: list codes, sq8 (d bytes per key) or f16 (2d bytes), re-ranked exactly.")
+    var listCodes: ListCodeKind = .sq8
     @Option(help: "LSH: number of tables (L).")
     var tables: Int = 150
     @Option(help: "LSH: bits per table (K), 1...16.")
@@ -50,6 +52,7 @@ struct BuildParameterOptions: ParsableArguments {
         p.nlist = nlist
         p.iterations = iterations
         p.clusterMetric = clusterMetric
+        p.listCodes = listCodes
         p.tables = tables
         p.bits = bits
         p.levels = levels

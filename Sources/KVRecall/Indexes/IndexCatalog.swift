@@ -52,6 +52,8 @@ public struct IndexBuildParameters: Sendable {
     public var iterations = 20
     /// k-means and list assignment by inner product or by L2 distance.
     public var clusterMetric: ClusterMetric = .l2
+    /// IVF and tree: how the lists keep their keys' residual codes (SQ8: d bytes per key; f16: 2d).
+    public var listCodes: ListCodeKind = .sq8
     /// LSH: tables (L) and bits per table (K). MagicPIG uses K=10, L=150.
     public var tables = 150
     public var bits = 10
