@@ -155,6 +155,9 @@ public final class KVSession {
     private var indexes: [[(any BuildableIndex)?]]
     /// Per (layer, kv head): the method prepared over `indexes` (dropped when its index grows).
     private var methods: [[PreparedMethod?]]
+    /// Per (layer, kv head): `auto`'s plan, and the search knob calibrated for the index.
+    private var plans: [[HeadPlan?]]
+    private var calibrations: [[SearchCalibration?]]
     private var prepared = false
     public var parameters: AttentionParameters
     /// Threads `attend` spreads the KV heads over (at least 1).
@@ -184,6 +187,8 @@ public final class KVSession {
         }
         indexes = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
         methods = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
+        plans = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
+        calibrations = Array(repeating: Array(repeating: nil, count: configuration.kvHeads), count: configuration.layers)
         parameters = configuration.attentionParameters
         do {
             let ids = (0..<configuration.layers).flatMap { l in (0..<configuration.kvHeads).map { headID(l, $0) } }
@@ -258,15 +263,24 @@ public final class KVSession {
         let ids = mine.map(\.id)
         try store.truncate(ids, to: tokens, queryTokens: queryTokens)
         var loaded = 0, missing: [(Int, Int)] = []
-        if let kind = configuration.attentionMethod.indexKind {
+        let auto = configuration.attentionMethod == .auto
+        if auto || configuration.attentionMethod.indexKind != nil {
             try store.read { snapshot in
                 for layer in 0..<configuration.layers {
                     for head in 0..<configuration.kvHeads {
                         let id = headID(layer, head)
+                        let plan = auto ? try HeadPlan.load(snapshot: snapshot, head: id) : nil
+                        if auto && plan == nil { missing.append((layer, head)); continue }
+                        plans[layer][head] = plan
+                        guard let kind = plan?.indexKind ?? configuration.attentionMethod.indexKind else {
+                            loaded += 1  // a streaming head: its plan is all it needs
+                            continue
+                        }
                         if try snapshot.index(id, name: kind.rawValue) != nil {
-                            let index = try IndexCatalog.load(kind, snapshot: snapshot, head: id)
-                            if index.count <= tokens {
-                                indexes[layer][head] = index
+                            let stored = try IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: id)
+                            if stored.index.count <= tokens {
+                                indexes[layer][head] = stored.index
+                                calibrations[layer][head] = stored.calibration
                                 methods[layer][head] = nil
                                 loaded += 1
                                 continue
@@ -311,24 +325,76 @@ public final class KVSession {
         }
     }
 
-    /// Builds one head's index afresh over its keys outside the window (as `buildIndexes` does);
-    /// false when the head has too few keys for one.
+    /// Builds one head's index afresh over its keys outside the window (as `buildIndexes` does):
+    /// with `auto`, the head is profiled and planned first (its plan names the index, if any); the
+    /// index is calibrated on the held-out tail of the head's prefill queries. False when the head
+    /// has too few keys for an index or its plan needs none.
     @discardableResult
     private func rebuildIndex(layer: Int, head: Int, parameters build: IndexBuildParameters = IndexBuildParameters()) throws -> Bool {
-        guard let kind = configuration.attentionMethod.indexKind else { return false }
+        let method = configuration.attentionMethod
+        guard method == .auto || method.indexKind != nil else { return false }
         let id = headID(layer, head)
-        indexes[layer][head] = try store.read { snapshot -> (any BuildableIndex)? in
+        let g = configuration.queryHeadsPerKV
+        var calibration = CalibrationParameters()
+        calibration.targetRecall = configuration.targetRecall
+        calibration.k = configuration.k
+        let built = try store.read { snapshot -> (plan: HeadPlan?, index: (any BuildableIndex)?, calibration: SearchCalibration?) in
             let keys = try snapshot.vectors(id, .keys)
+            let queries = try snapshot.vectors(id, .queries)
             let upTo = max(0, keys.count - configuration.window)
-            guard upTo > configuration.sinks else { return nil }
-            let index = try IndexCatalog.make(kind, dimension: keys.dimension, count: upTo, parameters: build)
-            let indexed = keys.limited(to: upTo)
-            try index.train(keys: indexed, range: 0..<upTo, queries: try snapshot.vectors(id, .queries))
-            try index.add(keys: indexed, range: 0..<upTo, progress: nil)
-            return index
+            guard upTo > configuration.sinks else { return (nil, nil, nil) }
+            var plan: HeadPlan? = nil
+            if method == .auto {
+                // Rows per position: the group's every query head, or one (summed) query.
+                let group = g > 1 && queries.count == keys.count * g ? g : 1
+                plan = try HeadPlanner.plan(keys: keys, values: try snapshot.vectors(id, .values), queries: queries, group: group,
+                                            calibration: calibration, attention: parameters, policy: PolicyParameters(),
+                                            build: build).plan
+            }
+            guard let kind = plan?.indexKind ?? method.indexKind else { return (plan, nil, nil) }
+            let made = try HeadPlanner.buildCalibrated(kind, keys: keys, count: upTo, queries: queries, build: build,
+                                                       calibration: calibration)
+            return (plan, made.index, made.calibration)
         }
+        plans[layer][head] = built.plan
+        indexes[layer][head] = built.index
+        calibrations[layer][head] = built.calibration
         methods[layer][head] = nil
-        return indexes[layer][head] != nil
+        return built.index != nil
+    }
+
+    /// `auto`'s plan for (`layer`, `head`) (nil before `buildIndexes` or for another method).
+    public func plan(layer: Int, head: Int) throws -> HeadPlan? {
+        try checkLayer(layer)
+        guard head >= 0 && head < configuration.kvHeads else { throw SessionError.invalidArgument("KV head \(head) does not exist") }
+        return plans[layer][head]
+    }
+
+    /// The search knob calibrated for (`layer`, `head`)'s index at build (nil without one).
+    public func calibration(layer: Int, head: Int) throws -> SearchCalibration? {
+        try checkLayer(layer)
+        guard head >= 0 && head < configuration.kvHeads else { throw SessionError.invalidArgument("KV head \(head) does not exist") }
+        return calibrations[layer][head]
+    }
+
+    /// One line per head: what runs (`auto`'s policy and why), its index and calibration.
+    public func report() -> [String] {
+        var lines: [String] = []
+        for layer in 0..<configuration.layers {
+            for head in 0..<configuration.kvHeads {
+                var line = "layer \(layer) head \(head): "
+                if let plan = plans[layer][head] {
+                    line += "\(plan.policy.rawValue) (\(plan.reason))"
+                } else {
+                    line += configuration.method
+                }
+                if let index = indexes[layer][head] { line += "; \(index.kind.rawValue) over \(index.count) keys" }
+                if let c = calibrations[layer][head] { line += "; calibrated \(c.summary)" }
+                if let profile = plans[layer][head]?.profile { line += "; \(profile.summary)" }
+                lines.append(line)
+            }
+        }
+        return lines
     }
 
     deinit { close() }
@@ -437,25 +503,17 @@ public final class KVSession {
     }
 
     /// Builds every head's index once, over the keys outside the window (after prefill).
+    /// With `auto` each head is profiled on its prefill queries and gets the index its plan names;
+    /// every index is calibrated on the held-out tail of the head's prefill queries.
     public func buildIndexes(parameters build: IndexBuildParameters = IndexBuildParameters(),
                              progress: ((Int, Int) throws -> Void)? = nil) throws {
-        guard let kind = configuration.attentionMethod.indexKind else { prepared = true; return }
+        let method = configuration.attentionMethod
+        guard method == .auto || method.indexKind != nil else { prepared = true; return }
         let total = configuration.layers * configuration.kvHeads
         var done = 0
         for layer in 0..<configuration.layers {
             for head in 0..<configuration.kvHeads {
-                let id = headID(layer, head)
-                indexes[layer][head] = try store.read { snapshot -> (any BuildableIndex)? in
-                    let keys = try snapshot.vectors(id, .keys)
-                    let upTo = max(0, keys.count - configuration.window)
-                    guard upTo > configuration.sinks else { return nil }
-                    let index = try IndexCatalog.make(kind, dimension: keys.dimension, count: upTo, parameters: build)
-                    let indexed = keys.limited(to: upTo)
-                    try index.train(keys: indexed, range: 0..<upTo, queries: try snapshot.vectors(id, .queries))
-                    try index.add(keys: indexed, range: 0..<upTo, progress: nil)
-                    return index
-                }
-                methods[layer][head] = nil
+                try rebuildIndex(layer: layer, head: head, parameters: build)
                 done += 1
                 try progress?(done, total)  // a throw aborts the build between heads
             }
@@ -465,7 +523,6 @@ public final class KVSession {
 
     /// Indexes keys that have left the window, in whole batches (all of them with `force`).
     private func upkeep(layer: Int, force: Bool) throws {
-        guard configuration.attentionMethod.indexKind != nil else { return }
         for head in 0..<configuration.kvHeads {
             guard let index = indexes[layer][head] else { continue }
             let id = headID(layer, head)
@@ -549,7 +606,10 @@ public final class KVSession {
     private func preparedMethod(snapshot: StoreSnapshot, layer: Int, head: Int) throws -> PreparedMethod {
         if let cached = methods[layer][head] { return cached }
         let id = headID(layer, head)
-        let method = try PreparedMethod(configuration.attentionMethod, index: indexes[layer][head],
+        let planned = configuration.attentionMethod == .auto
+        let method = try PreparedMethod(planned && plans[layer][head] == nil ? .exact : configuration.attentionMethod,
+                                        plan: plans[layer][head], index: indexes[layer][head],
+                                        calibration: calibrations[layer][head],
                                         keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values))
         methods[layer][head] = method
         return method
@@ -572,7 +632,10 @@ public final class KVSession {
         for layer in 0..<configuration.layers {
             try upkeep(layer: layer, force: true)
             for head in 0..<configuration.kvHeads {
-                if let index = indexes[layer][head] { try IndexCatalog.save(index, in: store, head: headID(layer, head)) }
+                if let index = indexes[layer][head] {
+                    try IndexCatalog.save(index, in: store, head: headID(layer, head), calibration: calibrations[layer][head])
+                }
+                try plans[layer][head]?.save(in: store, head: headID(layer, head))
             }
         }
         try store.environment.sync()

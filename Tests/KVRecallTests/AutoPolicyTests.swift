@@ -1,0 +1,137 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+/// `auto`: per-head profiles and policies, and search knobs calibrated at build.
+@Suite struct AutoPolicyTests {
+    /// The MiniLM sample (real keys, values and prefill queries of one BERT head) in a store.
+    static func minilmStore(_ dir: TemporaryDirectory) throws -> KVStore {
+        let data = repositoryDataDirectory() + "/minilm"
+        let store = try KVStore(path: dir.path, create: true)
+        try store.ingest(keys: try NPY.read(path: data + "/keys.npy"), values: try NPY.read(path: data + "/values.npy"),
+                         queries: try NPY.read(path: data + "/prefill_queries.npy"), first: HeadID(), dtype: .f32)
+        return store
+    }
+
+    @Test func calibrationReachesTheTargetOnHeldOutQueriesAndExplicitKnobsWin() throws {
+        let dir = TemporaryDirectory("kvrecall-calibration")
+        let store = try Self.minilmStore(dir)
+        defer { store.close() }
+        var calibration = CalibrationParameters()
+        calibration.targetRecall = 0.9
+        calibration.k = 50
+        let (index, found) = try store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            return try HeadPlanner.buildCalibrated(.hnsw, keys: keys, count: keys.count, queries: try s.vectors(HeadID(), .queries),
+                                                   build: IndexBuildParameters(), calibration: calibration)
+        }
+        let c = try #require(found)
+        #expect(c.knob == .ef && c.reached && c.recall >= 0.9 && c.queries == 128 && c.k == 50)
+        // The knob below the chosen one misses the target (bisection found the smallest).
+        let ladder = Calibrator.ladder(.ef, index: index, k: 50)
+        let position = try #require(ladder.firstIndex(of: c.value))
+        let data = repositoryDataDirectory() + "/minilm"
+        let queries = try NPY.read(path: data + "/prefill_queries.npy").floats()
+        let held = Array(queries.suffix(128 * 32))
+        if position > 0 {
+            let lower = try store.read { s in
+                try held.withUnsafeBufferPointer { q -> Double in
+                    var p = CalibrationParameters(); p.k = 50; p.targetRecall = 1
+                    var base = SearchParameters(); base.graph.ef = ladder[position - 1]
+                    let keys = try s.vectors(HeadID(), .keys)
+                    let truth = try FlatIndex(keys: keys).search(q, k: 50, parameters: base, keys: keys)
+                    let found = try index.search(q, k: 50, parameters: base, keys: keys)
+                    var hit = 0
+                    for r in 0..<128 { hit += Set(found.hits(r).map(\.id)).intersection(truth.hits(r).map(\.id)).count }
+                    return Double(hit) / Double(128 * 50)
+                }
+            }
+            #expect(lower < 0.9, "ef \(ladder[position - 1]) already reaches \(lower)")
+        }
+        // Unset knobs take the calibration, set ones stay.
+        #expect(c.resolve(SearchParameters()).graph.ef == c.value)
+        var explicit = SearchParameters()
+        explicit.graph.ef = 17
+        #expect(c.resolve(explicit).graph.ef == 17)
+        // Stored with the index and read back.
+        try IndexCatalog.save(index, in: store, head: HeadID(), calibration: c)
+        let loaded = try store.read { s in try IndexCatalog.loadCalibrated(.hnsw, snapshot: s, head: HeadID()) }
+        #expect(loaded.calibration == c)
+    }
+
+    @Test func aHeadLookingOnlyAtItsSinksStreams() throws {
+        // Keys random; every query is a large multiple of key 0, so the first position takes the mass.
+        var rng = SeededRandom(seed: 5)
+        let n = 600, d = 16, g = 2
+        let keys = rng.gaussianMatrix(rows: n, dim: d), values = rng.gaussianMatrix(rows: n, dim: d)
+        var queries: [Float] = []
+        for _ in 0..<(n * g) { queries += keys[0..<d].map { $0 * 24 } }
+        let dir = TemporaryDirectory("kvrecall-streaming")
+        let store = try KVStore(path: dir.path, create: true)
+        defer { store.close() }
+        try store.ingest(keys: Tensor(name: "k", shape: [n, d], dtype: .f32, floats: keys),
+                         values: Tensor(name: "v", shape: [n, d], dtype: .f32, floats: values),
+                         queries: Tensor(name: "q", shape: [n * g, d], dtype: .f32, floats: queries), first: HeadID(), dtype: .f32)
+        let planned = try store.read { s in
+            try HeadPlanner.plan(keys: try s.vectors(HeadID(), .keys), values: try s.vectors(HeadID(), .values),
+                                 queries: try s.vectors(HeadID(), .queries), group: g, calibration: CalibrationParameters(),
+                                 attention: AttentionParameters(), policy: PolicyParameters(), build: IndexBuildParameters())
+        }
+        #expect(planned.plan.policy == .streaming, "\(planned.plan.summary)")
+        #expect(planned.plan.profile?.staticMass.count == g && planned.plan.indexKind == nil)
+        // Random queries on the same keys are not streaming.
+        let random = rng.gaussianMatrix(rows: n * g, dim: d)
+        let profile = try store.read { s in
+            try random.withUnsafeBufferPointer { q in
+                try HeadProfile.measure(keys: try s.vectors(HeadID(), .keys), queries: UnsafeBufferPointer(rebasing: q[(q.count - 64 * g * d)...]),
+                                        group: g, positions: Array((n - 64)..<n), k: 100, sinks: 4, window: 64)
+            }
+        }
+        #expect(PolicyParameters().policy(for: profile) != .streaming, "\(profile.summary)")
+    }
+
+    @Test func sessionAutoPlansEveryHeadReportsItAndResumesIt() throws {
+        let data = repositoryDataDirectory() + "/minilm"
+        let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
+        let prefill = try NPY.read(path: data + "/prefill_queries.npy")
+        let d = keys.shape[1], n = keys.shape[0]
+        let dir = TemporaryDirectory("kvrecall-session-auto")
+        var configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
+                                                 method: .auto)
+        configuration.upkeepBatch = 8
+        let queries = Array(try NPY.read(path: data + "/queries.npy").floats().prefix(8 * d))
+        var before: [[Float]] = []
+        do {
+            let session = try KVSession(configuration: configuration, directory: dir.path)
+            try keys.floats().withUnsafeBufferPointer { k in
+                try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+            }
+            // Prefill queries of every position are what a decoder hands over.
+            let rows = Array(prefill.floats().prefix(min(prefill.shape[0], n) * d))
+            try rows.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
+            try session.buildIndexes()
+            let plan = try #require(try session.plan(layer: 0, head: 0))
+            #expect(plan.policy == .estimation, "\(plan.summary)")
+            #expect(session.report().count == 1 && session.report()[0].contains("estimation"))
+            // Its output is what the attention layer gives for the plan's method over the same index.
+            for q in 0..<8 {
+                let one = Array(queries[(q * d)..<((q + 1) * d)])
+                let out = try one.withUnsafeBufferPointer { try session.attend(layer: 0, queries: $0) }
+                let detailed = try one.withUnsafeBufferPointer { try session.attendDetailed(layer: 0, head: 0, queries: $0) }
+                #expect(detailed.estimatedClusters > 0)
+                #expect(out == detailed.heads[0].output)
+                before.append(out)
+            }
+            try session.checkpoint()
+            session.close()
+        }
+        let resumed = try KVSession(resuming: dir.path)
+        defer { resumed.close() }
+        #expect(try resumed.plan(layer: 0, head: 0)?.policy == .estimation)
+        for q in 0..<8 {
+            let one = Array(queries[(q * d)..<((q + 1) * d)])
+            #expect(try one.withUnsafeBufferPointer { try resumed.attend(layer: 0, queries: $0) } == before[q])
+        }
+    }
+}
