@@ -91,6 +91,11 @@ import KVRecallTestSupport
         #expect(query.stderr.contains("covers keys 0..<500 of 1000"))
         let results = (try JSONSerialization.jsonObject(with: Data(query.stdout.utf8)) as? [String: Any])?["results"] as? [[String: Any]]
         #expect(results?.map { ($0["ids"] as? [Int])?.first } == [500, 501, 502, 503, 504])
+        // Attention over the stale index attends the keys it lacks exactly: the targets are found.
+        let attend = try runCLI(["attend", "--store", store, "--queries", dir.path + "/q.npy", "--method", "hnsw", "-k", "10", "--json"])
+        #expect(attend.status == 0, "\(attend.stderr)")
+        let metrics = (try JSONSerialization.jsonObject(with: Data(attend.stdout.utf8)) as? [String: Any])?["metrics"] as? [String: Any]
+        #expect((metrics?["recall"] as? Double ?? 0) >= 0.9, "\(attend.stdout)")
         // Rebuilt, the index covers every key and info says just its name.
         #expect(try runCLI(["build", "--store", store, "--index", "hnsw", "--quiet"]).status == 0)
         #expect(try runCLI(["info", "--store", store]).stdout.contains("  hnsw"))
@@ -128,5 +133,31 @@ import KVRecallTestSupport
         let r = try runCLI(["repl"], stdin: line + "\n" + "'unterminated" + String(repeating: "y", count: 1 << 20) + "\n")
         #expect(r.status != 0)
         #expect(r.stderr.contains("characters omitted") && r.stderr.utf8.count < 4000, "\(r.stderr.utf8.count) bytes of errors")
+    }
+
+    /// Without write access to the store directory (LMDB writes lock.mdb even to read), the error
+    /// says so. Run as root, the check drops to the `nobody` user with setpriv.
+    @Test func permissionErrorsMentionTheLockFile() throws {
+        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { return }
+        let dir = TemporaryDirectory()
+        _ = try writeKeys(dir.path + "/k.npy", rows: 4, seed: 6)
+        let store = dir.path + "/store"
+        #expect(try runCLI(["ingest", "--store", store, "--keys", dir.path + "/k.npy", "--values", dir.path + "/k.npy", "--quiet"]).status == 0)
+        try FileManager.default.removeItem(atPath: store + "/lock.mdb")
+        let binary = dir.path + "/kvrecall"
+        try FileManager.default.copyItem(atPath: kvrecallExecutable(), toPath: binary)
+        for path in [dir.path, store] { chmod(path, 0o755) }
+        chmod(store + "/data.mdb", 0o644)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+        p.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", binary, "info", "--store", store]
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus != 0)
+        #expect(text.contains("lock.mdb") && text.contains("permission denied"), "\(text)")
     }
 }
