@@ -66,7 +66,8 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                         lists.ids.withUnsafeBufferPointer { ids in
                             lists.codes.withUnsafeBufferPointer { codes in
                             DispatchQueue.concurrentPerform(iterations: workers) { t in
-                                let scores = UnsafeMutablePointer<Float>.allocate(capacity: qb * coarseCount)
+                                // Sized to the batch: a single query must not pay for a 32-query buffer (an mmap).
+                                let scores = UnsafeMutablePointer<Float>.allocate(capacity: min(qb, m) * coarseCount)
                                 let prepared = UnsafeMutablePointer<Float>.allocate(capacity: d)
                                 let listScores = UnsafeMutablePointer<Float>.allocate(capacity: longest)
                                 let scratch = quantizer.makeScratch()
@@ -81,8 +82,12 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                 var b = t
                                 while b < batches {
                                     let lo = b * qb, rows = min(qb, m - lo)
-                                    BLAS.scoresNT(m: rows, n: coarseCount, k: d, a: queries.baseAddress! + lo * d,
-                                                  b: cen.baseAddress!, c: scores)
+                                    if rows == 1 {
+                                        BLAS.gemv(n: coarseCount, k: d, a: cen.baseAddress!, x: queries.baseAddress! + lo * d, y: scores)
+                                    } else {
+                                        BLAS.scoresNT(m: rows, n: coarseCount, k: d, a: queries.baseAddress! + lo * d,
+                                                      b: cen.baseAddress!, c: scores)
+                                    }
                                     for r in 0..<rows {
                                         let q = queries.baseAddress! + (lo + r) * d
                                         selected.reset()
