@@ -4,7 +4,7 @@ import KVRecall
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List a store's heads: dimension, dtype, counts, bytes, indexes (and the keys each covers when fewer than the head's).",
+        abstract: "List a store's heads: dimension, dtype, counts, bytes, indexes (and the keys each covers when fewer than the head's), auto's policy per head and each index's calibrated search knob.",
         discussion: "Example: kvrecall info --store s --json"
     )
 
@@ -25,6 +25,21 @@ struct Info: ParsableCommand {
                 if let covered { coverage[h.id, default: [:]][name] = covered }
             }
         }
+        // auto's plan and every index's calibration, per head.
+        var plans: [HeadID: HeadPlan] = [:]
+        var calibrations: [HeadID: [String: SearchCalibration]] = [:]
+        try store.read { snapshot in
+            for h in heads {
+                for name in indexes[h.id] ?? [] {
+                    if name == "auto" {
+                        plans[h.id] = try HeadPlan.load(snapshot: snapshot, head: h.id)
+                    } else if let kind = IndexKind(rawValue: name), kind.type != nil,
+                              let c = try? IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: h.id).calibration {
+                        calibrations[h.id, default: [:]][name] = c
+                    }
+                }
+            }
+        }
         func indexText(_ h: HeadInfo) -> String {
             (indexes[h.id] ?? []).sorted().map { name in
                 guard let covered = coverage[h.id]?[name] else { return name }
@@ -38,7 +53,20 @@ struct Info: ParsableCommand {
                  "prefill_queries": h.queryCount, "block_size": h.blockSize,
                  "vector_bytes": (2 * h.count + h.queryCount) * h.bytesPerVector,
                  "indexes": (indexes[h.id] ?? []).sorted(),
-                 "index_coverage": coverage[h.id] ?? [:]]
+                 "index_coverage": coverage[h.id] ?? [:],
+                 "auto": plans[h.id].map { p -> [String: Any] in
+                     var o: [String: Any] = ["policy": p.policy.rawValue, "reason": p.reason]
+                     if let f = p.profile {
+                         o["static_mass"] = f.staticMass; o["oracle_mass"] = f.oracleMass; o["effective_support"] = f.effectiveSupport
+                         o["streaming_error"] = f.streamingError ?? NSNull(); o["retrieval_oracle_error"] = f.retrievalOracleError ?? NSNull()
+                         o["estimation_error"] = f.estimationError ?? NSNull()
+                     }
+                     return o
+                 } ?? NSNull(),
+                 "calibration": (calibrations[h.id] ?? [:]).mapValues { c -> [String: Any] in
+                     ["knob": c.knob.rawValue, "value": c.value, "recall": c.recall, "target_recall": c.targetRecall,
+                      "keys_scanned_fraction": c.keysScanned, "k": c.k, "queries": c.queries, "reached": c.reached]
+                 }] as [String: Any]
             }
             print(try jsonString(["path": store.path, "format_version": Int(KVStore.formatVersion),
                                   "bytes_on_disk": bytes, "heads": list]))
@@ -51,5 +79,9 @@ struct Info: ParsableCommand {
                        "\((2 * h.count + h.queryCount) * h.bytesPerVector)", indexText(h)])
         }
         print(table.render())
+        for h in heads {
+            if let plan = plans[h.id] { print("\(h.id) auto: \(plan.summary)") }
+            for (name, c) in (calibrations[h.id] ?? [:]).sorted(by: { $0.key < $1.key }) { print("\(h.id) \(name): calibrated \(c.summary)") }
+        }
     }
 }

@@ -134,4 +134,22 @@ import KVRecallTestSupport
             #expect(try one.withUnsafeBufferPointer { try resumed.attend(layer: 0, queries: $0) } == before[q])
         }
     }
+
+    @Test func cliBuildsAutoShowsThePlanAndAttendsWithIt() throws {
+        let data = repositoryDataDirectory() + "/minilm"
+        let dir = TemporaryDirectory("kvrecall-cli-auto")
+        let store = dir.path + "/s"
+        #expect(try runCLI(["ingest", "--store", store, "--keys", "\(data)/keys.npy", "--values", "\(data)/values.npy",
+                            "--queries", "\(data)/prefill_queries.npy", "--dtype", "f32"]).status == 0)
+        let build = try runCLI(["build", "--store", store, "--index", "auto", "--quiet"])
+        #expect(build.status == 0, "\(build.stderr)")
+        #expect(build.stdout.contains("auto chose estimation") && build.stdout.contains("calibrated nprobe"), "\(build.stdout)")
+        let info = try runCLI(["info", "--store", store])
+        #expect(info.stdout.contains("0/0/0 auto: estimation") && info.stdout.contains("0/0/0 ivf: calibrated nprobe"), "\(info.stdout)")
+        let attend = try runCLI(["attend", "--store", store, "--queries", "\(data)/queries.npy", "--limit", "8", "--method", "auto"])
+        #expect(attend.status == 0, "\(attend.stderr)")
+        #expect(attend.stdout.contains("auto: estimate (diffuse"), "\(attend.stdout)")
+        // An explicit knob stays explicit; bad values name the range.
+        #expect(try runCLI(["build", "--store", store, "--index", "hnsw", "--target-recall", "1.5"]).stderr.contains("target recall must be in (0, 1]"))
+    }
 }

@@ -23,7 +23,7 @@ struct ModelOptions: ParsableArguments {
 
 /// How the global layers attend at decode time: the method(s) and their knobs.
 struct DecoderMethodOptions: ParsableArguments {
-    static let methods: [AttentionMethod] = [.exact, .retrieval, .hip, .landmark, .hnsw, .ivf, .lsh, .tree, .estimate]
+    static let methods: [AttentionMethod] = [.exact, .retrieval, .hip, .landmark, .hnsw, .ivf, .lsh, .tree, .estimate, .streaming, .auto]
 
     @Option(help: ArgumentHelp("Decode-time attention of the global layers: \(methods.map(\.rawValue).joined(separator: ", ")); a comma-separated list or 'all' runs each from one shared prefill.",
                                valueName: "method"))
@@ -34,29 +34,32 @@ struct DecoderMethodOptions: ParsableArguments {
     var sinks: Int = 4
     @Option(parsing: .unconditional, help: "Last positions always attended (recent window) in the global layers.")
     var window: Int = 64
-    @Option(help: "HNSW / retrieval graph: candidate list size at search.")
-    var ef: Int = 400
-    @Option(help: "IVF: lists probed (estimate's retrieval zone is set by -k).")
-    var nprobe: Int = 64
-    @Option(help: "Tree: clusters kept per level.")
-    var beam: Int = 8
+    @Option(help: "HNSW / retrieval graph: candidate list size at search (default: calibrated per head at the index build for --target-recall).")
+    var ef: Int?
+    @Option(help: "IVF: lists probed (default: calibrated; estimate's retrieval zone is set by -k).")
+    var nprobe: Int?
+    @Option(help: "Tree: clusters kept per level (default: calibrated).")
+    var beam: Int?
+    @Option(help: "Recall@k against exact search the calibrated ef / nprobe / beam reach on held-out prefill queries.")
+    var targetRecall: Double = 0.95
     @Option(help: "LSH: tables a key must share with the query to be a candidate.")
     var minCollisions: Int = 2
     @Option(help: "Storage type of the cached keys and values: f32, f16, bf16.")
     var dtype: String = "f16"
     @Option(help: "GQA selection of index-backed methods: union (every query head's own top-k, attended by all), union-capped, summed.")
     var groupSelection: GroupSelection = .union
-    @Option(help: "Retrieval graph training queries per KV head: summed (the group's sum per position) or every-head.")
-    var prefillQueries: String = "summed"
+    @Option(help: "Prefill queries kept per KV head (retrieval graph training, auto's profile, calibration): every-head (each query head's own) or summed (the group's sum per position).")
+    var prefillQueries: String = "every-head"
 
     func validate() throws {
         _ = try methodList()
         if k < 1 { throw ValidationError("-k must be at least 1 (got \(k))") }
         if sinks < 0 { throw ValidationError("--sinks must be non-negative (got \(sinks))") }
         if window < 0 { throw ValidationError("--window must be non-negative (got \(window))") }
-        if ef < 1 { throw ValidationError("--ef must be at least 1 (got \(ef))") }
-        if nprobe < 1 { throw ValidationError("--nprobe must be at least 1 (got \(nprobe))") }
-        if beam < 1 { throw ValidationError("--beam must be at least 1 (got \(beam))") }
+        if let ef, ef < 1 { throw ValidationError("--ef must be at least 1 (got \(ef))") }
+        if let nprobe, nprobe < 1 { throw ValidationError("--nprobe must be at least 1 (got \(nprobe))") }
+        if let beam, beam < 1 { throw ValidationError("--beam must be at least 1 (got \(beam))") }
+        if !(targetRecall > 0 && targetRecall <= 1) { throw ValidationError("--target-recall must be in (0, 1] (got \(targetRecall))") }
         if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1 (got \(minCollisions))") }
         if PrefillQueryRule(rawValue: prefillQueries) == nil {
             throw ValidationError("--prefill-queries must be summed or every-head (got '\(prefillQueries)')")
@@ -84,10 +87,11 @@ struct DecoderMethodOptions: ParsableArguments {
         o.ef = ef
         o.nprobe = nprobe
         o.beam = beam
+        o.targetRecall = targetRecall
         o.minCollisions = minCollisions
         o.dtype = DType(rawValue: dtype) ?? .f16
         o.groupSelection = groupSelection
-        o.prefillQueries = PrefillQueryRule(rawValue: prefillQueries) ?? .summed
+        o.prefillQueries = PrefillQueryRule(rawValue: prefillQueries) ?? .everyHead
         return o
     }
 }

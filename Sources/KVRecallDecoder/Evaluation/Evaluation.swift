@@ -25,13 +25,15 @@ public struct PerplexityReport: Sendable {
     /// The part of a decode step spent in the session's attention of the global layers.
     public var globalAttentionMsPerToken: Double
     public var fidelity: AttentionFidelity?
+    /// Per global layer and KV head: what ran (`auto`'s policy and why), the index and its calibration.
+    public var heads: [String] = []
 
     public var json: [String: Any] {
         var object: [String: Any] = [
             "method": method, "prefill_tokens": prefillTokens, "scored_tokens": scoredTokens,
             "perplexity": perplexity, "top1_accuracy": top1Accuracy, "mean_nll": meanNLL,
             "prefill_s": prefillSeconds, "index_build_s": indexBuildSeconds, "decode_ms_per_token": decodeMsPerToken,
-            "global_attention_ms_per_token": globalAttentionMsPerToken,
+            "global_attention_ms_per_token": globalAttentionMsPerToken, "heads": heads,
         ]
         if let f = fidelity {
             object["attention"] = ["recall": f.recall, "attention_mass": f.attentionMass,
@@ -104,6 +106,7 @@ public struct PerplexityEvaluation {
         let buildStart = monotonicNanos()
         try sequence.buildIndexes()
         let buildSeconds = seconds(since: buildStart)
+        let heads = sequence.session.report()
         var tracker: FidelityTracker? = nil
         if fidelity {
             let t = FidelityTracker(session: sequence.session)
@@ -130,7 +133,7 @@ public struct PerplexityEvaluation {
                                 prefillSeconds: prefillState.seconds, indexBuildSeconds: buildSeconds,
                                 decodeMsPerToken: scored > 1 ? Double(stepNanos) / 1e6 / Double(scored - 1) : 0,
                                 globalAttentionMsPerToken: scored > 1 ? Double(sequence.globalAttentionNanos) / 1e6 / Double(scored - 1) : 0,
-                                fidelity: tracker?.result)
+                                fidelity: tracker?.result, heads: heads)
     }
 }
 

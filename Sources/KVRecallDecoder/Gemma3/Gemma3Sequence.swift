@@ -7,18 +7,22 @@ public struct DecoderAttentionOptions: Sendable {
     public var k = 100
     public var sinks = 4
     public var window = 64
-    public var ef = 400
-    public var nprobe = 64
-    public var beam = 8
+    /// Search knobs; nil: calibrated per head at the index build (`targetRecall`).
+    public var ef: Int? = nil
+    public var nprobe: Int? = nil
+    public var beam: Int? = nil
+    /// Recall@k the calibrated knobs reach on held-out prefill queries.
+    public var targetRecall = 0.95
     public var minCollisions = 2
     /// How the 4 query heads of the KV head share the selection (default: the union of their own top-k).
     public var groupSelection = GroupSelection.union
     public var dtype: DType = .f16
     /// Index build knobs (HNSW M, IVF nlist, graph degree...).
     public var build = IndexBuildParameters()
-    /// What the retrieval graph learns from: the group's summed query per position, or every
-    /// query head's own query (4x the rows).
-    public var prefillQueries: PrefillQueryRule = .summed
+    /// What the retrieval graph learns from, and what `auto` profiles and the calibration holds
+    /// out: every query head's own query (the default: the union selection searches with those),
+    /// or the group's summed query per position.
+    public var prefillQueries: PrefillQueryRule = .everyHead
     /// The session's store directory; nil for a temporary one removed at `close()`.
     public var storeDirectory: String? = nil
     public init() {}
@@ -74,11 +78,10 @@ public final class Gemma3Sequence {
         var sc = SessionConfiguration(layers: c.globalBlocks.count, kvHeads: c.kvHeads, queryHeadsPerKV: c.groupSize,
                                       headDimension: c.headDimension, dtype: options.dtype, method: options.method,
                                       k: options.k, sinks: options.sinks, window: options.window, ef: options.ef,
-                                      nprobe: options.nprobe)
+                                      nprobe: options.nprobe, beam: options.beam, targetRecall: options.targetRecall)
         sc.context = 0
         session = try KVSession(configuration: sc, directory: options.storeDirectory)
         session.parameters.scale = c.attentionScale
-        session.parameters.search.tree.beam = options.beam
         session.parameters.search.lsh.minCollisions = options.minCollisions
         session.parameters.groupSelection = options.groupSelection
         local = (0..<c.blockCount).map { c.isGlobal($0) ? nil : LocalWindow(window: c.slidingWindow, width: c.kvHeads * c.headDimension) }
