@@ -34,8 +34,8 @@
  * one by one (a killed process loses nothing committed; a machine crash may lose the steps since
  * the last checkpoint, never corrupt the store). kvrecall_session_checkpoint() saves the indexes
  * and syncs. kvrecall_session_resume() reopens a session in a consistent state: every layer and
- * head is cut back to the last step every layer completed (the shortest layer) and the prefill
- * queries likewise; indexes saved by the last checkpoint are loaded and a head whose index is
+ * head is cut back to the last step every layer completed (the shortest layer), the prefill
+ * queries to the count every head has (none when no token survived); indexes saved by the last checkpoint are loaded and a head whose index is
  * missing while others have theirs is rebuilt. When no index was saved (the process died between
  * kvrecall_session_build_indexes and the next checkpoint) the heads attend exactly until the
  * build is run again. kvrecall_session_resume_ex() reports what it found and did.
@@ -201,8 +201,9 @@ int kvrecall_session_head_length(kvrecall_session *session, uint32_t layer, uint
                                  size_t *indexed);
 
 /* ABI 2: cuts every layer and head back to `tokens` (speculative-decoding rollback, repair after a
- * failed step), atomically; indexes holding dropped positions are rebuilt. `tokens` larger than
- * the longest layer: KVRECALL_ERR_ARGUMENT. */
+ * failed step), atomically; indexes holding dropped positions are rebuilt. Prefill queries stay
+ * (they train indexes, they are not positions) unless `tokens` is 0. `tokens` larger than the
+ * longest layer: KVRECALL_ERR_ARGUMENT. */
 int kvrecall_session_truncate(kvrecall_session *session, size_t tokens);
 
 /* Makes the session durable and resumable (indexes saved, data synced). */

@@ -97,4 +97,32 @@ import KVRecallTestSupport
         #expect(resumed.resumeReport == KVSession.ResumeReport(tokens: 100, longest: 101, indexesLoaded: 6, indexesRebuilt: 0, indexesMissing: 0))
         for layer in 0..<3 { for head in 0..<2 { #expect(try resumed.length(layer: layer, head: head) == 100) } }
     }
+
+    /// Prefill queries are training data: truncate keeps them (unless to 0); resume evens them out
+    /// across heads (a crash between two layers' calls).
+    @Test func prefillQueriesSurviveRollbackAndResumeEvensThemOut() throws {
+        let dir = TemporaryDirectory()
+        var rng = SeededRandom(seed: 8)
+        let c = configuration(.exact)
+        func queryCounts(_ s: KVSession) throws -> [Int] {
+            try (0..<3).flatMap { l in try (0..<2).map { h in try s.store.info(s.headID(l, h)).queryCount } }
+        }
+        do {
+            let session = try KVSession(configuration: c, directory: dir.path)
+            for layer in 0..<3 {
+                let k = rng.gaussianMatrix(rows: 2 * 50, dim: 8)
+                try k.withUnsafeBufferPointer { try session.append(layer: layer, keys: $0, values: $0) }
+                let q = rng.gaussianMatrix(rows: 2 * (layer == 0 ? 130 : 100), dim: 8)  // two per position, and more on layer 0
+                try q.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: layer, queries: $0) }
+            }
+            try session.truncate(to: 40)
+            #expect(try queryCounts(session) == [130, 130, 100, 100, 100, 100])
+            session.close()
+        }
+        let resumed = try KVSession(resuming: dir.path)
+        #expect(try queryCounts(resumed) == [100, 100, 100, 100, 100, 100])
+        try resumed.truncate(to: 0)
+        #expect(try queryCounts(resumed) == [0, 0, 0, 0, 0, 0])
+        resumed.close()
+    }
 }

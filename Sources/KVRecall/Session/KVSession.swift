@@ -243,8 +243,9 @@ public final class KVSession {
 
     /// Reopens a session from its store, with its saved configuration, in a consistent state:
     /// every layer and head is cut back to the last step every layer completed (the shortest
-    /// layer; appends are atomic per layer, so a layer's heads always agree), prefill queries
-    /// likewise; indexes saved by the last checkpoint are loaded, and a head whose index is missing
+    /// layer; appends are atomic per layer, so a layer's heads always agree); prefill queries are
+    /// cut to the count every head has (none when no token survived); indexes saved by the last
+    /// checkpoint are loaded, and a head whose index is missing
     /// (not checkpointed since `buildIndexes`) is rebuilt when any head of the session has one.
     /// `resumeReport` says what was done.
     public convenience init(resuming directory: String) throws {
@@ -259,7 +260,9 @@ public final class KVSession {
         let mine = heads.filter { $0.id.context == configuration.context }
         let tokens = mine.map(\.count).min() ?? 0
         let longest = mine.map(\.count).max() ?? 0
-        let queryTokens = min(tokens, mine.map(\.queryCount).min() ?? 0)
+        // Prefill queries are training data, not positions (a group may store several per
+        // position): equal across heads (a crash between layers' calls), none if no token survived.
+        let queryTokens = tokens == 0 ? 0 : (mine.map(\.queryCount).min() ?? 0)
         let ids = mine.map(\.id)
         try store.truncate(ids, to: tokens, queryTokens: queryTokens)
         var loaded = 0, missing: [(Int, Int)] = []
@@ -303,7 +306,8 @@ public final class KVSession {
     }
 
     /// Cuts every layer and head back to `tokens` (rollback of speculative tokens, repair after a
-    /// failed step) in one transaction; prefill queries past `tokens` go too. An index holding
+    /// failed step) in one transaction. Prefill queries are training data, not positions: they stay,
+    /// unless `tokens` is 0 (a reset). An index holding
     /// dropped keys is rebuilt from the remaining ones (its stored copy is deleted with the keys),
     /// so later attention never sees a position that no longer exists. Longer than the session:
     /// an error.
@@ -313,7 +317,7 @@ public final class KVSession {
         guard tokens >= 0, tokens <= longest else {
             throw SessionError.invalidArgument("cannot truncate to \(tokens) tokens: the session holds \(longest)")
         }
-        try store.truncate(ids, to: tokens, queryTokens: tokens)
+        try store.truncate(ids, to: tokens, queryTokens: tokens == 0 ? 0 : nil)
         for layer in 0..<configuration.layers {
             for head in 0..<configuration.kvHeads {
                 methods[layer][head] = nil
@@ -345,11 +349,13 @@ public final class KVSession {
             guard upTo > configuration.sinks else { return (nil, nil, nil) }
             var plan: HeadPlan? = nil
             if method == .auto {
-                // Rows per position: the group's every query head, or one (summed) query.
-                let group = g > 1 && queries.count == keys.count * g ? g : 1
-                plan = try HeadPlanner.plan(keys: keys, values: try snapshot.vectors(id, .values), queries: queries, group: group,
-                                            calibration: calibration, attention: parameters, policy: PolicyParameters(),
-                                            build: build).plan
+                // Rows per position: the group's every query head, or one (summed) query; queries
+                // that are not one row set per position (a sample) are measured against every key.
+                let perHead = g > 1 && queries.count == keys.count * g
+                plan = try HeadPlanner.plan(keys: keys, values: try snapshot.vectors(id, .values), queries: queries,
+                                            group: perHead ? g : 1, calibration: calibration, attention: parameters,
+                                            policy: PolicyParameters(), build: build,
+                                            alignedToPositions: perHead || queries.count == keys.count).plan
             }
             guard let kind = plan?.indexKind ?? method.indexKind else { return (plan, nil, nil) }
             let made = try HeadPlanner.buildCalibrated(kind, keys: keys, count: upTo, queries: queries, build: build,
