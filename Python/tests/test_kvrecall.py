@@ -65,11 +65,7 @@ def test_float16_input_equals_float32_of_the_same_values():
         assert np.array_equal(a.attend(0, q.astype(np.float16)), b.attend(0, q.astype(np.float16).astype(np.float32)))
 
 
-# `auto` in a session (per-head plans chosen at build_indexes) is being added to the library; until
-# then the library refuses it clearly, which is what this expects.
-@pytest.mark.parametrize("method", [m if m != "auto" else pytest.param(
-    m, marks=pytest.mark.xfail(raises=kvrecall.IndexBuildError, strict=False, reason="session support for auto in progress"))
-    for m in kvrecall.METHODS])
+@pytest.mark.parametrize("method", kvrecall.METHODS)
 def test_every_method_runs(method):
     keys, values = data(600, seed=2)
     with kvrecall.Session(1, H, G, D, method=method, dtype="f16", k=64, window=32) as s:
