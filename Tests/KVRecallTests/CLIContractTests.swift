@@ -60,7 +60,7 @@ import KVRecallTestSupport
         // Deterministically: while this process holds head 0/0/0, an ingest into it is refused.
         let lease = try opened.lockHeads([HeadID()])
         let refused = try runCLI(ingest(dir.path + "/a.npy"))
-        #expect(refused.status != 0 && refused.stderr.contains("head 0/0/0 is being written"), "\(refused.stderr)")
+        #expect(refused.status != 0 && refused.stderr.contains("head 0/0/0: the head is being written by another ingest"), "\(refused.stderr)")
         let other = try runCLI(ingest(dir.path + "/a.npy") + ["--head", "1"])
         #expect(other.status == 0, "\(other.stderr)")
         lease.release()

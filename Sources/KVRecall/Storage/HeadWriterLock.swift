@@ -33,8 +33,7 @@ public final class HeadWriterLock: @unchecked Sendable {
                 let code = errno
                 release()
                 if code == EAGAIN || code == EACCES {
-                    throw StoreError(.inUse, code: code,
-                                     "head \(id) is being written by another ingest or session (one writer per head; wait for it to finish)",
+                    throw StoreError(.inUse, "the head is being written by another ingest or session (one writer per head; wait for it to finish)",
                                      path: store, head: id)
                 }
                 throw StoreError(.io, code: code, "cannot lock head \(id) in writers.lock: \(String(cString: strerror(code)))",
