@@ -33,7 +33,10 @@ struct BenchSession: ParsableCommand {
     var method: AttentionMethod = .retrieval
     @Option var dtype: String = "f16"
     @Option(name: .short) var k: Int = 100
-    @Option var ef: Int = 400
+    @Option(help: "Graph beam width (default: calibrated per head at build for --target-recall).")
+    var ef: Int?
+    @Option(help: "Recall@k the calibrated search knobs reach on held-out prefill queries.")
+    var targetRecall: Double = 0.95
     @Option(help: "GQA selection of the retrieval session: union, union-capped, summed.")
     var groupSelection: GroupSelection = .union
     @Option(help: ArgumentHelp("Folder for the two stores (default: system temp; removed afterwards).", valueName: "dir"))
@@ -59,7 +62,8 @@ struct BenchSession: ParsableCommand {
         defer { sessions.forEach { s in let path = s.store.path; s.close(); try? FileManager.default.removeItem(atPath: path) } }
         for m in [AttentionMethod.exact, method] {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
-                                              dtype: DType(rawValue: dtype)!, method: m, k: k, ef: ef)
+                                              dtype: DType(rawValue: dtype)!, method: m, k: k, ef: ef,
+                                              targetRecall: targetRecall)
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
             sessions[sessions.count - 1].parameters.groupSelection = groupSelection
         }
@@ -80,7 +84,7 @@ struct BenchSession: ParsableCommand {
             }
             for s in sessions {
                 try kBuf.withUnsafeBufferPointer { kb in try vBuf.withUnsafeBufferPointer { vb in try s.append(layer: layer, keys: kb, values: vb) } }
-                if s.configuration.attentionMethod == .retrieval {
+                if s.configuration.attentionMethod != .exact {  // the graph trains on them, auto profiles, calibration holds out
                     try pBuf.withUnsafeBufferPointer { try s.appendPrefillQueries(layer: layer, queries: $0) }
                 }
             }
@@ -141,6 +145,14 @@ struct BenchSession: ParsableCommand {
         table.add([method.rawValue, fmt(retrievalMs, 2), fmt(retrievalMs / Double(layers), 3), fmt(exactMs / retrievalMs, 2) + "x",
                    fmt(recallSum / Double(max(1, recallCount)), 3)])
         print(table.render())
+        // What the method session chose per head (auto's policies; every index's calibrated knob).
+        let report = sessions[1].report()
+        if let first = report.first { print("head policies and calibration (\(report.count) heads), first: \(first)") }
+        if method == .auto {
+            var counts: [String: Int] = [:]
+            for l in 0..<layers { for h in 0..<kvHeads { if let p = try sessions[1].plan(layer: l, head: h) { counts[p.policy.rawValue, default: 0] += 1 } } }
+            print("auto policies: " + counts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+        }
         print("resident memory: \(residentMegabytes()) MB (both sessions' maps and indexes)")
     }
 }

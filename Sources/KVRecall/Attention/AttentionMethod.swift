@@ -116,6 +116,7 @@ public final class PreparedMethod: @unchecked Sendable {
                        parameters: AttentionParameters) throws -> AttentionResult {
         var p = parameters
         p.search = searchParameters(parameters.search)
+        if let budget = plan?.k, budget > p.k { p.k = budget }
         let n = keys.count
         var selector: (any VectorIndex)? = nil
         switch effective {

@@ -44,6 +44,11 @@ public struct HeadProfile: Codable, Equatable, Sendable {
     public var streamingError: Double? = nil
     public var retrievalOracleError: Double? = nil
     public var estimationError: Double? = nil
+    /// Budgets (positions retrieved per query head) tried, and the mass the neediest query head keeps
+    /// with each (static part plus its exact top-b, mean over the queries).
+    public var budgets: [Int] = []
+    public var budgetMass: [Double] = []
+    static let budgets = [100, 200, 400, 800, 1600, 3200]
 
     /// Mass the neediest query head keeps on the static part / with the oracle's top-k.
     public var worstStaticMass: Double { staticMass.min() ?? 0 }
@@ -55,7 +60,7 @@ public struct HeadProfile: Codable, Equatable, Sendable {
         var text = "mass on sinks+window \(list(staticMass)), with top-\(k) \(list(oracleMass)), effective support \(list(effectiveSupport, 0)) positions (per query head, \(queries) held-out queries)"
         var errors: [String] = []
         if let e = streamingError { errors.append("streaming \(String(format: "%.3f", e))") }
-        if let e = retrievalOracleError { errors.append("exact top-\(k) union \(String(format: "%.3f", e))") }
+        if let e = retrievalOracleError { errors.append("exact top-k union \(String(format: "%.3f", e))") }
         if let e = estimationError { errors.append("estimation \(String(format: "%.3f", e))") }
         if !errors.isEmpty { text += "; median output error: " + errors.joined(separator: ", ") }
         return text
@@ -76,6 +81,9 @@ public struct HeadProfile: Codable, Equatable, Sendable {
         var staticMass = [Double](repeating: 0, count: group)
         var oracleMass = [Double](repeating: 0, count: group)
         var support = [Double](repeating: 0, count: group)
+        // Mass with the exact top-b for the budgets b the policy may raise k to.
+        let budgets = HeadProfile.budgets.filter { $0 >= k }
+        var budgetMass = [[Double]](repeating: [Double](repeating: 0, count: budgets.count), count: group)
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: keys.count + keys.blockSize)
         defer { scores.deallocate() }
         var weights = [Double](repeating: 0, count: keys.count)
@@ -102,22 +110,25 @@ public struct HeadProfile: Codable, Equatable, Sendable {
                     if w > 0 { entropy -= w * log(w) }
                     if i < sinks || i >= windowStart { fixed += w } else { rest.append(w) }
                 }
-                let kept: Double
-                if rest.count <= k {
-                    kept = rest.reduce(0, +)
-                } else {
-                    rest.sort(by: >)
-                    kept = rest[0..<k].reduce(0, +)
+                rest.sort(by: >)
+                var prefix = 0.0, taken = 0
+                for (b, budget) in budgets.enumerated() {
+                    while taken < min(budget, rest.count) { prefix += rest[taken]; taken += 1 }
+                    budgetMass[h][b] += min(1, fixed + prefix)
                 }
+                let kept = rest.prefix(k).reduce(0, +)
                 staticMass[h] += fixed
                 oracleMass[h] += min(1, fixed + kept)
                 support[h] += exp(entropy)
             }
         }
         let count = Double(positions.count)
-        return HeadProfile(queries: positions.count * group, keys: last + 1, staticMass: staticMass.map { $0 / count },
-                           oracleMass: oracleMass.map { $0 / count }, effectiveSupport: support.map { $0 / count },
-                           k: k, sinks: sinks, window: window)
+        var profile = HeadProfile(queries: positions.count * group, keys: last + 1, staticMass: staticMass.map { $0 / count },
+                                  oracleMass: oracleMass.map { $0 / count }, effectiveSupport: support.map { $0 / count },
+                                  k: k, sinks: sinks, window: window)
+        profile.budgets = budgets
+        profile.budgetMass = budgets.indices.map { b in (0..<group).map { budgetMass[$0][b] / count }.min() ?? 0 }
+        return profile
     }
 }
 
@@ -127,6 +138,10 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     public var streamingMass = 0.95
     /// A head whose neediest query head keeps less than this with the oracle's top-k is diffuse.
     public var diffuseMass = 0.80
+    /// A retrieval head's k is raised (to 200, 400, ... positions) until its neediest query head
+    /// keeps this much mass with its exact top-k, within `maxBudgetFraction` of the keys.
+    public var budgetMass = 0.90
+    public var maxBudgetFraction = 0.10
     public init() {}
 
     public func validate() throws {
@@ -138,6 +153,15 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// Streaming when every query head keeps `streamingMass` on sinks+window; estimation when the
     /// head looked diffuse and the estimation zone measured a lower error than the exact top-k
     /// union (retrieval's best case); otherwise retrieval.
+    /// The k a retrieval head needs: the smallest budget whose mass reaches `budgetMass` (at most
+    /// `maxBudgetFraction` of the keys); nil when the profiled k already does, or nothing fits.
+    public func budget(for profile: HeadProfile) -> Int? {
+        let cap = max(profile.k, Int(Double(profile.keys) * maxBudgetFraction))
+        let fitting = zip(profile.budgets, profile.budgetMass).filter { $0.0 <= cap }
+        guard let first = fitting.first, first.1 < budgetMass else { return nil }
+        return fitting.first(where: { $0.1 >= budgetMass })?.0 ?? fitting.last?.0
+    }
+
     public func policy(for profile: HeadProfile) -> HeadPolicy {
         if profile.worstStaticMass >= streamingMass { return .streaming }
         if profile.worstOracleMass < diffuseMass, let estimated = profile.estimationError,
@@ -155,11 +179,15 @@ public struct HeadPlan: Codable, Equatable, Sendable {
     public var profile: HeadProfile?
     /// Why the policy was chosen, in words (thresholds included).
     public var reason: String
+    /// Retrieval: positions retrieved per query head when the profiled k leaves too much mass
+    /// out (a floor on the caller's k); nil keeps the caller's.
+    public var k: Int?
 
-    public init(policy: HeadPolicy, profile: HeadProfile?, reason: String) {
+    public init(policy: HeadPolicy, profile: HeadProfile?, reason: String, k: Int? = nil) {
         self.policy = policy
         self.profile = profile
         self.reason = reason
+        self.k = k
     }
 
     /// The plan for `profile` under `parameters`, with its reason.
@@ -179,7 +207,15 @@ public struct HeadPlan: Codable, Equatable, Sendable {
                 reason = "sinks+window hold \(staticText) (< \(parameters.streamingMass)); the top-\(profile.k) brings every query head to >= \(oracleText) (>= \(parameters.diffuseMass))"
             }
         }
-        self.init(policy: policy, profile: profile, reason: reason)
+        var budget: Int? = nil
+        var text = reason
+        if policy == .retrieval, let b = parameters.budget(for: profile) {
+            budget = b
+            let mass = zip(profile.budgets, profile.budgetMass).first { $0.0 == b }?.1 ?? 0
+            let reached = mass >= parameters.budgetMass
+            text += "; k raised to \(b)\(reached ? "" : " (the most allowed: \(Int(parameters.maxBudgetFraction * 100))% of the keys)"): its neediest query head keeps \(String(format: "%.2f", mass)) (target \(parameters.budgetMass))"
+        }
+        self.init(policy: policy, profile: profile, reason: text, k: budget)
     }
 
     /// Without prefill queries there is nothing to profile: retrieval, the method that never drops distant keys.
@@ -226,15 +262,18 @@ public enum HeadPlanner {
 
     /// The profile of a head from the held-out tail of its prefill queries (`queries`, `group` rows
     /// per position, positions from 0), or nil when there are too few of them.
+    /// With `alignedToPositions` false the queries are not one per position (e.g. a sample of
+    /// prefill queries): each is measured against every key, as the last position would be.
     public static func profile(keys: VectorView, queries: VectorView?, group: Int, calibration: CalibrationParameters,
-                               attention: AttentionParameters) throws -> HeadProfile? {
+                               attention: AttentionParameters, alignedToPositions: Bool = true) throws -> HeadProfile? {
         guard let queries, queries.count >= group, queries.count % group == 0 else { return nil }
-        guard queries.count / group <= keys.count else {
+        guard !alignedToPositions || queries.count / group <= keys.count else {
             throw IndexError.invalidParameter("head \(keys.info.id) has \(queries.count) prefill query rows, more than its \(keys.count) keys x \(group) query heads; is --group right?")
         }
         let rows = calibration.heldOut(of: queries.count) / group * group
         guard rows >= group else { return nil }
-        let positions = heldOutPositions(queryRows: queries.count, heldOut: rows, group: group)
+        let positions = alignedToPositions ? heldOutPositions(queryRows: queries.count, heldOut: rows, group: group)
+            : Array(repeating: keys.count - 1, count: rows / group)
         let floats = queries.decode(rows: (queries.count - rows)..<queries.count)
         return try floats.withUnsafeBufferPointer {
             try HeadProfile.measure(keys: keys, queries: $0, group: group, positions: positions, k: attention.k,
@@ -248,8 +287,9 @@ public enum HeadPlanner {
     /// `.unprofiled` without enough queries.
     public static func plan(keys: VectorView, values: VectorView, queries: VectorView?, group: Int,
                             calibration: CalibrationParameters, attention: AttentionParameters, policy: PolicyParameters,
-                            build: IndexBuildParameters) throws -> (plan: HeadPlan, ivf: IVFIndex?) {
-        guard var profile = try profile(keys: keys, queries: queries, group: group, calibration: calibration, attention: attention),
+                            build: IndexBuildParameters, alignedToPositions: Bool = true) throws -> (plan: HeadPlan, ivf: IVFIndex?) {
+        guard var profile = try profile(keys: keys, queries: queries, group: group, calibration: calibration, attention: attention,
+                                        alignedToPositions: alignedToPositions),
               let queries else {
             return (.unprofiled, nil)
         }
@@ -258,6 +298,8 @@ public enum HeadPlanner {
         let d = keys.dimension
         var p = attention
         p.groupSelection = .union
+        // Retrieval is judged at the budget it would get (its k raised for a diffuse head).
+        if let budget = policy.budget(for: profile) { p.k = max(p.k, budget) }
         let flat = FlatIndex(keys: keys)
         var streaming: [Double] = [], union: [Double] = []
         try held.withUnsafeBufferPointer { qb in
@@ -283,13 +325,15 @@ public enum HeadPlanner {
             try built.train(keys: keys, range: 0..<keys.count, queries: nil)
             try built.add(keys: keys, range: 0..<keys.count, progress: nil)
             let method = try PreparedMethod(.estimate, index: built, keys: keys, values: values)
+            var e = p
+            e.k = attention.k
             var estimated: [Double] = []
             try held.withUnsafeBufferPointer { qb in
                 for gi in 0..<(rows / group) {
                     let one = UnsafeBufferPointer(rebasing: qb[(gi * group * d)..<((gi + 1) * group * d)])
                     let reference = ExactReference(queries: one, keys: keys, values: values, parameters: p)
-                    let e = try method.attend(one, keys: keys, values: values, parameters: p)
-                    estimated.append(Attention.fidelity(of: e, reference: reference).outputError)
+                    let result = try method.attend(one, keys: keys, values: values, parameters: e)
+                    estimated.append(Attention.fidelity(of: result, reference: reference).outputError)
                 }
             }
             profile.estimationError = median(estimated)

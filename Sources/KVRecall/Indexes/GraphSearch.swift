@@ -115,3 +115,69 @@ func searchGraphBatch(_ queries: UnsafeBufferPointer<Float>, dimension: Int, k: 
     results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
     return results
 }
+
+/// Beam search of a GQA group's `g` queries (`queries`, `g x d`) sharing one walk: every node
+/// any query's beam reaches is read once and scored for all `g` queries, and enters each
+/// query's beam on its own score. Each query expands its own best candidates (round robin) and
+/// stops when its beam can no longer improve, so it sees at least the nodes its own walk would,
+/// while a key shared by several heads' neighbourhoods is fetched once. Leaves each query's
+/// `ef` best in `scratches[h].results`; `scratches[0].visited` is the shared visited set.
+func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePointer<Float>, g: Int, keys: VectorView,
+                                             entries: [Int32], ef: Int, scratches: [SearchScratch], limit: Int) {
+    let d = keys.dimension
+    let shared = scratches[0]
+    shared.visited.reset(capacity: limit)
+    let (stamps, generation) = shared.visited.walk
+    var candidates = scratches.map(\.candidates)
+    var results = scratches.map(\.results)
+    for h in 0..<g {
+        candidates[h].removeAll()
+        results[h].removeAll()
+    }
+    var computed = 0
+    @inline(__always) func offer(_ n: Int32) {
+        for h in 0..<g {
+            let s = keys.score(query: queries + h * d, row: Int(n))
+            if results[h].count < ef || s > results[h].bottomScore {
+                candidates[h].push(s, n)
+                results[h].push(s, n)
+                if results[h].count > ef { results[h].pop() }
+            }
+        }
+    }
+    for e in entries where Int(e) < limit && stamps[Int(e)] != generation {
+        stamps[Int(e)] = generation
+        offer(e)
+        computed += g
+    }
+    let pending = shared.pending
+    var active = [Bool](repeating: true, count: g)
+    var remaining = g
+    while remaining > 0 {
+        for h in 0..<g where active[h] {
+            guard !candidates[h].isEmpty else { active[h] = false; remaining -= 1; continue }
+            let (s, c) = candidates[h].pop()
+            if results[h].count >= ef && s < results[h].bottomScore {
+                active[h] = false
+                remaining -= 1
+                continue
+            }
+            var waiting = 0
+            for n in links.neighbours(Int(c)) {
+                let ni = Int(n)
+                guard ni < limit, stamps[ni] != generation else { continue }
+                stamps[ni] = generation
+                keys.prefetch(row: ni)
+                pending[waiting] = n
+                waiting += 1
+            }
+            for j in 0..<waiting { offer(pending[j]) }
+            computed += waiting * g
+        }
+    }
+    for h in 0..<g {
+        scratches[h].candidates = candidates[h]
+        scratches[h].results = results[h]
+    }
+    shared.computations += computed
+}

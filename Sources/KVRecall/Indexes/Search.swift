@@ -180,6 +180,14 @@ public protocol VectorIndex {
                 keys: VectorView) throws -> SearchResults
 }
 
+/// An index that can search a GQA group's queries together, sharing the work (a graph walk
+/// that reads each reached key once for every head). The union selection uses it when present.
+public protocol GroupSearchable: VectorIndex {
+    /// Top-`k` of each query of one group (`g x dimension`, row-major); same results layout as `search`.
+    func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                     keys: VectorView) throws -> SearchResults
+}
+
 /// Validates a search call's shape against an index and its keys.
 func validateSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, dimension: Int, keys: VectorView) throws -> Int {
     guard keys.dimension == dimension else {
