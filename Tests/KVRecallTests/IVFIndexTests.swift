@@ -134,6 +134,52 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
         #expect(exact.objective < 1e-3 && exact.sizes.allSatisfy { $0 == 1 })
     }
 
+    @Test(arguments: ClusterMetric.allCases)
+    func twoLevelMatchesFlatKMeans(metric: ClusterMetric) throws {
+        // 300 blobs, 400 clusters: two-level (20 groups) against flat k-means on the same rows.
+        let (n, d) = (12000, 16)
+        let rows = Self.blobs(n: n, d: d, clusters: 300, seed: 11)
+        var options = KMeans.Options(k: 400, metric: metric, iterations: 10, seed: 3, threads: 1)
+        let flat = try KMeans.train(rows, dimension: d, options: options)
+        let two = try KMeans.trainTwoLevel(rows, dimension: d, options: options, fullPasses: 1, minimumWork: 0)
+        let restricted = try KMeans.trainTwoLevel(rows, dimension: d, options: options, minimumWork: 0)
+        for r in [two, restricted] {
+            #expect(r.labels.count == n && r.sizes.reduce(0, +) == n && r.centroids.count == 400 * d)
+            #expect(r.labels.allSatisfy { (0..<400).contains($0) } && r.centroids.allSatisfy(\.isFinite))
+        }
+        // Lower is better for both metrics; ip's objective is negative.
+        func close(_ a: Double, to b: Double) -> Bool { metric == .l2 ? a <= b * 1.1 : a <= b * 0.97 }
+        #expect(close(two.objective, to: flat.objective), "two-level \(two.objective) vs flat \(flat.objective)")
+        #expect(close(restricted.objective, to: flat.objective), "restricted \(restricted.objective) vs flat \(flat.objective)")
+        // Labels are each row's best cluster after a full pass; after restricted passes, among candidates.
+        var relabelled = two.labels
+        rows.withUnsafeBufferPointer {
+            _ = KMeans.assign($0, dimension: d, centroids: two.centroids, metric: metric, threads: 1, labels: &relabelled)
+        }
+        #expect(relabelled == two.labels)
+        // Deterministic whatever the thread count; the seed matters.
+        options.threads = 2
+        let again = try KMeans.trainTwoLevel(rows, dimension: d, options: options, fullPasses: 1, minimumWork: 0)
+        #expect(again.centroids == two.centroids && again.labels == two.labels)
+        options.seed = 4
+        #expect(try KMeans.trainTwoLevel(rows, dimension: d, options: options, fullPasses: 1, minimumWork: 0).centroids != two.centroids)
+        // Few clusters, or little work: plain k-means.
+        options.seed = 3
+        #expect(try KMeans.trainTwoLevel(rows, dimension: d, options: options).centroids == flat.centroids)
+        options.k = 40
+        let small = try KMeans.trainTwoLevel(rows, dimension: d, options: options, minimumWork: 0)
+        #expect(small.centroids == (try KMeans.train(rows, dimension: d, options: options)).centroids)
+    }
+
+    @Test func splitCountsShareClustersBySize() {
+        for (k, sizes) in [(10, [5, 0, 100, 1]), (7, [1, 1, 1, 1, 1, 1, 1]), (50, [1000, 3, 3, 3]), (6, [2, 2, 2])] {
+            let share = KMeans.splitCounts(k: k, sizes: sizes)
+            #expect(share.reduce(0, +) == k)
+            for (c, s) in zip(share, sizes) { #expect(c <= s && (s == 0 ? c == 0 : c >= 1)) }
+        }
+        #expect(KMeans.splitCounts(k: 50, sizes: [1000, 3, 3, 3]) == [47, 1, 1, 1])
+    }
+
     @Test func argMinTakesTheFirstMinimum() {
         var rng = SeededRandom(seed: 8)
         for n in [1, 2, 3, 4, 5, 8, 13, 64, 257] {

@@ -6,7 +6,8 @@ import Foundation
 /// top-down by inner product.
 ///
 /// - Level 0 holds the fine centroids: `fineFraction x N` clusters (default 5%) of the training
-///   keys, centred by their mean as in `IVFIndex`. Each coarser level clusters the centroids of
+///   keys, centred by their mean as in `IVFIndex`, by two-level k-means (`KMeans.trainTwoLevel`:
+///   flat k-means over 6553 clusters of a 128K head took ~70-100 s, two-level ~2 s). Each coarser level clusters the centroids of
 ///   the level below into 1/`branching` (1/8) as many, up to `levels` levels (>= 2). A fixed branching
 ///   factor keeps every level's beam meaningful: a beam of B nodes expands to about 8B children,
 ///   of which B are kept, while the top level stays small enough to score in full.
@@ -140,7 +141,9 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         let (rows, all) = trainingRows(keys, range: range, perCentroid: IVFIndex.maxPointsPerCentroid, k: fine,
                                                 mean: mu, seed: seed)
         var options = KMeans.Options(k: fine, metric: metric, iterations: iterations, seed: seed, threads: threads)
-        let fineResult = try KMeans.train(rows, dimension: d, options: options)
+        // Two-level k-means (restricted refinement only): a full pass over 5% of N clusters costs
+        // about as much as the rest of the build, and one more changed recall by < 0.002.
+        let fineResult = try KMeans.trainTwoLevel(rows, dimension: d, options: options)
         let residuals = trainingResiduals(rows, labels: fineResult.labels, centroids: fineResult.centroids, dimension: d)
         codec = residuals.withUnsafeBufferPointer { ListCodec.train(codeKind, residuals: $0, dimension: d) }
         var keyLabels = all ? fineResult.labels

@@ -23,7 +23,8 @@ import Dispatch
 ///   q·centroid is added to its codes' scores. SQ8 ranges are the per-dimension min and max of
 ///   the training residuals (later keys outside them are clamped; the re-rank repairs the order).
 ///   Memory per key: d bytes of code + 4 of id (SQ8; 2d + 4 for f16), against 2d or 4d for the keys.
-/// - `train` runs k-means on at most 256 keys per centroid (seeded); an untrained index trains on
+/// - `train` runs two-level k-means (sqrt(nlist) groups, each split; restricted refinement; two
+///   full Lloyd passes) on at most 256 keys per centroid (seeded); an untrained index trains on
 ///   the range of its first `add`. Adds put each new key in the list of its nearest centroid, and
 ///   the centroids stay.
 /// - Only the re-ranked candidates (2k by default) are read at random positions of the map;
@@ -35,6 +36,10 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     public static let formatVersion = 2
     /// Training keys per centroid at most (faiss's default).
     public static let maxPointsPerCentroid = 256
+    /// Full Lloyd passes after two-level k-means (`KMeans.trainTwoLevel`): on the synthetic 128K
+    /// heads (seed 0, and held-out seed 1) two bring recall@100 at equal keys scanned back to that
+    /// of 20 full passes from k-means++, in a fifth of the time (12.4 s -> 2.5 s per head).
+    public static let fullKMeansPasses = 2
 
     public let dimension: Int
     public private(set) var count = 0
@@ -120,7 +125,8 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         let (train, all) = trainingRows(keys, range: range, perCentroid: IVFIndex.maxPointsPerCentroid, k: lists, mean: mu, seed: seed)
         var options = KMeans.Options(k: lists, metric: metric, iterations: iterations, seed: seed, threads: threads)
         options.maxPointsPerCentroid = IVFIndex.maxPointsPerCentroid
-        let result = try KMeans.train(train, dimension: dimension, options: options)
+        let result = try KMeans.trainTwoLevel(train, dimension: dimension, options: options,
+                                              fullPasses: IVFIndex.fullKMeansPasses)
         let residuals = trainingResiduals(train, labels: result.labels, centroids: result.centroids, dimension: dimension)
         let trained = residuals.withUnsafeBufferPointer { ListCodec.train(codeKind, residuals: $0, dimension: dimension) }
         mean = mu
