@@ -1,3 +1,4 @@
+import CKernels
 import Dispatch
 
 /// Where a graph walk reads a node's neighbour list. Generic parameters specialise the walk
@@ -16,6 +17,23 @@ struct StridedLinks: NeighbourSource {
         let slot = base + node &* stride
         return UnsafeMutableBufferPointer(start: slot + 1, count: Int(slot[0]))
     }
+}
+
+/// Marks the neighbours of `node` below `limit` not yet visited in this walk, prefetches their
+/// keys and writes them to `pending` (scored after all are gathered); returns how many.
+@inline(__always)
+func gatherUnvisited<Links: NeighbourSource>(_ links: Links, of node: Int32, limit: Int, stamps: UnsafeMutablePointer<UInt32>,
+                                             generation: UInt32, keys: VectorView, into pending: UnsafeMutablePointer<Int32>) -> Int {
+    var waiting = 0
+    for n in links.neighbours(Int(node)) {
+        let ni = Int(n)
+        guard ni < limit, stamps[ni] != generation else { continue }
+        stamps[ni] = generation
+        keys.prefetch(row: ni)
+        pending[waiting] = n
+        waiting += 1
+    }
+    return waiting
 }
 
 /// Beam search over a proximity graph by inner product (HNSW's search-layer, RoarGraph's
@@ -46,15 +64,7 @@ func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Flo
     while !candidates.isEmpty {
         let (s, c) = candidates.pop()
         if results.count >= ef && s < results.bottomScore { break }
-        var waiting = 0
-        for n in links.neighbours(Int(c)) {
-            let ni = Int(n)
-            guard ni < limit, stamps[ni] != generation else { continue }
-            stamps[ni] = generation
-            keys.prefetch(row: ni)
-            pending[waiting] = n
-            waiting += 1
-        }
+        let waiting = gatherUnvisited(links, of: c, limit: limit, stamps: stamps, generation: generation, keys: keys, into: pending)
         for j in 0..<waiting {
             let n = pending[j]
             var sn = keys.score(query: query, row: Int(n))
@@ -135,9 +145,19 @@ func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePoin
         results[h].removeAll()
     }
     var computed = 0
+    // One read of a key row for the whole group: decoded once, then g inner products.
+    let row = shared.vector
+    let scores = UnsafeMutablePointer<Float>.allocate(capacity: g)
+    defer { scores.deallocate() }
     @inline(__always) func offer(_ n: Int32) {
+        if keys.dtype == .f32 {
+            kvr_scores_f32(keys.row(Int(n)).assumingMemoryBound(to: Float.self), queries, g, d, scores)
+        } else {
+            keys.decodeRow(Int(n), into: row)
+            kvr_scores_f32(row, queries, g, d, scores)
+        }
         for h in 0..<g {
-            let s = keys.score(query: queries + h * d, row: Int(n))
+            let s = scores[h]
             if results[h].count < ef || s > results[h].bottomScore {
                 candidates[h].push(s, n)
                 results[h].push(s, n)
@@ -162,15 +182,7 @@ func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePoin
                 remaining -= 1
                 continue
             }
-            var waiting = 0
-            for n in links.neighbours(Int(c)) {
-                let ni = Int(n)
-                guard ni < limit, stamps[ni] != generation else { continue }
-                stamps[ni] = generation
-                keys.prefetch(row: ni)
-                pending[waiting] = n
-                waiting += 1
-            }
+            let waiting = gatherUnvisited(links, of: c, limit: limit, stamps: stamps, generation: generation, keys: keys, into: pending)
             for j in 0..<waiting { offer(pending[j]) }
             computed += waiting * g
         }
