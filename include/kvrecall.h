@@ -95,8 +95,8 @@ typedef struct kvrecall_config {
     uint32_t k;                  /* positions retrieved beyond sinks and window (e.g. 100) */
     uint32_t sinks;              /* e.g. 4 */
     uint32_t window;             /* e.g. 64 */
-    uint32_t ef;                 /* graph beam width (retrieval, hnsw), e.g. 400 */
-    uint32_t nprobe;             /* ivf lists probed, e.g. 64 */
+    uint32_t ef;                 /* graph beam width (retrieval, hnsw); 0 (default): calibrated per head at build */
+    uint32_t nprobe;             /* ivf lists probed; 0 (default): calibrated per head at build */
     /* ABI 2 */
     float scale;                 /* softmax scale; 0 = 1/sqrt(head_dim) */
     float soft_cap;              /* logit soft-cap (cap * tanh(s / cap)); must be 0 (none) in this version */
