@@ -99,7 +99,7 @@ typedef struct kvrecall_config {
     uint32_t nprobe;             /* ivf lists probed; 0 (default): calibrated per head at build */
     /* ABI 2 */
     float scale;                 /* softmax scale; 0 = 1/sqrt(head_dim) */
-    float soft_cap;              /* logit soft-cap (cap * tanh(s / cap)); must be 0 (none) in this version */
+    float soft_cap;              /* logit soft-cap applied to the scaled score s: cap * tanh(s / cap); 0: none */
     uint32_t threads;            /* threads per call (KV heads in parallel, index builds); 0 = all cores */
 } kvrecall_config;
 

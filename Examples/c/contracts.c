@@ -123,8 +123,14 @@ static void test_configuration(void) {
     kvrecall_config c = base_config(KVRECALL_METHOD_EXACT);
     c.head_dim = 100000;
     EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT && s == NULL, "head_dim 100000 is an argument error");
+    c = base_config(KVRECALL_METHOD_EXACT); c.soft_cap = -1;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT, "negative soft cap refused");
     c = base_config(KVRECALL_METHOD_EXACT); c.soft_cap = 30;
-    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT, "soft cap refused");
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "soft cap 30 accepted");
+    kvrecall_config capped; capped.struct_size = sizeof capped;
+    EXPECT(kvrecall_session_get_config(s, &capped) == KVRECALL_OK && capped.soft_cap == 30, "soft cap kept");
+    kvrecall_session_close(s);
+    s = NULL;
     c = base_config(KVRECALL_METHOD_EXACT); c.scale = -1;
     EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT, "negative scale refused");
     c = base_config(42);

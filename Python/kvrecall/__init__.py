@@ -98,13 +98,14 @@ class Session:
     Shapes (C order): keys, values and prefill queries `[kv_heads, tokens, head_dim]`; decode
     queries and outputs `[kv_heads, query_heads_per_kv, head_dim]`; log-sum-exp
     `[kv_heads, query_heads_per_kv]`. `method` is one of METHODS, `dtype` (storage) one of DTYPES;
-    `scale` is the softmax scale (None: 1/sqrt(head_dim)); `params` may set `ef`, `nprobe`
+    `scale` is the softmax scale (None: 1/sqrt(head_dim)), `soft_cap` a logit soft-cap (None: none,
+    else scores s become soft_cap * tanh(s / soft_cap)); `params` may set `ef`, `nprobe`
     (search knobs) and `threads` (0: all cores). Calls on one session are serialised by the
     library; separate sessions run in parallel (ctypes releases the GIL during each call).
     """
 
     def __init__(self, layers, kv_heads, query_heads_per_kv, head_dim, *, method="retrieval", dtype="f16", k=100,
-                 sinks=4, window=64, scale=None, path=None, **params):
+                 sinks=4, window=64, scale=None, soft_cap=None, path=None, **params):
         unknown = set(params) - _PARAMS
         if unknown:
             raise TypeError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_PARAMS))}")
@@ -117,6 +118,11 @@ class Session:
                 raise TypeError(f"scale must be a number or None (got {type(scale).__name__})")
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError(f"scale must be finite and positive (got {scale})")
+        if soft_cap is not None:
+            if not isinstance(soft_cap, (int, float, np.floating)) or isinstance(soft_cap, bool):
+                raise TypeError(f"soft_cap must be a number or None (got {type(soft_cap).__name__})")
+            if not math.isfinite(soft_cap) or soft_cap <= 0:
+                raise ValueError(f"soft_cap must be finite and positive (got {soft_cap})")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})")
         shape = [_uint("layers", layers, 1), _uint("kv_heads", kv_heads, 1),
@@ -135,6 +141,7 @@ class Session:
             c.nprobe = _uint("nprobe", params["nprobe"], 1)
         c.threads = _uint("threads", params.get("threads", 0))
         c.scale = 0.0 if scale is None else float(scale)
+        c.soft_cap = 0.0 if soft_cap is None else float(soft_cap)
         handle = ctypes.c_void_p()
         directory = None if path is None else os.fsencode(path)
         _check(lib.kvrecall_session_open(ctypes.byref(c), directory, ctypes.byref(handle)))
@@ -151,6 +158,7 @@ class Session:
         self.dtype = DTYPES[config.dtype]
         self.k, self.sinks, self.window = config.k, config.sinks, config.window
         self.scale = None if config.scale == 0 else config.scale
+        self.soft_cap = None if config.soft_cap == 0 else config.soft_cap
 
     @classmethod
     def resume(cls, path):

@@ -186,14 +186,15 @@ private func configuration(_ c: kvrecall_config) throws -> SessionConfiguration 
     guard c.scale.isFinite, c.scale >= 0 else {
         throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.scale must be finite and positive, or 0 for 1/sqrt(head_dim) (got \(c.scale))")
     }
-    guard c.soft_cap == 0 else {
-        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.soft_cap must be 0 (logit soft-capping is not supported by this version; got \(c.soft_cap))")
+    guard c.soft_cap.isFinite, c.soft_cap >= 0 else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.soft_cap must be finite and positive, or 0 for none (got \(c.soft_cap))")
     }
     var s = SessionConfiguration(
         layers: Int(c.layers), kvHeads: Int(c.kv_heads), queryHeadsPerKV: Int(c.query_heads_per_kv),
         headDimension: Int(c.head_dim), dtype: dtypes[Int(c.dtype)], method: try method(c.method), k: Int(c.k),
         sinks: Int(c.sinks), window: Int(c.window), ef: c.ef == 0 ? nil : Int(c.ef), nprobe: c.nprobe == 0 ? nil : Int(c.nprobe))
     s.scale = c.scale == 0 ? nil : c.scale
+    s.softCap = c.soft_cap == 0 ? nil : c.soft_cap
     return s
 }
 
@@ -238,7 +239,7 @@ private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_con
     c.ef = UInt32(s.ef ?? 0)  // 0: calibrated at build
     c.nprobe = UInt32(s.nprobe ?? 0)
     c.scale = s.scale ?? 0
-    c.soft_cap = 0
+    c.soft_cap = s.softCap ?? 0
     c.threads = threads
     return c
 }

@@ -153,3 +153,53 @@ import KVRecallTestSupport
         #expect(try runCLI(["build", "--store", store, "--index", "hnsw", "--target-recall", "1.5"]).stderr.contains("target recall must be in (0, 1]"))
     }
 }
+
+/// The logit soft-cap (cap * tanh(s / cap) on the scaled score) in every attention path.
+@Suite struct SoftCapTests {
+    @Test func cappedAttentionEqualsANaiveSoftmaxOfCappedScores() throws {
+        var rng = SeededRandom(seed: 9)
+        let n = 300, d = 16
+        let keys = rng.gaussianMatrix(rows: n, dim: d).map { $0 * 3 }, values = rng.gaussianMatrix(rows: n, dim: d)
+        let query = rng.gaussianMatrix(rows: 2, dim: d).map { $0 * 3 }
+        let dir = TemporaryDirectory("kvrecall-softcap")
+        let store = try KVStore(path: dir.path, create: true)
+        defer { store.close() }
+        try store.ingest(keys: Tensor(name: "k", shape: [n, d], dtype: .f32, floats: keys),
+                         values: Tensor(name: "v", shape: [n, d], dtype: .f32, floats: values), queries: nil,
+                         first: HeadID(), dtype: .f32)
+        var p = AttentionParameters()
+        p.softCap = 2
+        p.k = 20
+        try store.read { s in
+            let kv = try s.vectors(HeadID(), .keys), vv = try s.vectors(HeadID(), .values)
+            let exact = try query.withUnsafeBufferPointer { try Attention.attend(queries: $0, selector: nil, keys: kv, values: vv, parameters: p) }
+            let selected = try query.withUnsafeBufferPointer {
+                try Attention.attend(queries: $0, selector: FlatIndex(keys: kv), keys: kv, values: vv, parameters: p)
+            }
+            for h in 0..<2 {
+                var scores = (0..<n).map { i in (0..<d).reduce(Float(0)) { $0 + query[h * d + $1] * keys[i * d + $1] } / 4 }
+                scores = scores.map { 2 * tanhf($0 / 2) }
+                let top = scores.max()!
+                let w = scores.map { exp(Double($0 - top)) }
+                let total = w.reduce(0, +)
+                let naive = (0..<d).map { c in Float((0..<n).reduce(0.0) { $0 + w[$1] * Double(values[$1 * d + c]) } / total) }
+                #expect(relativeError(exact.heads[h].output, naive) < 1e-5)
+                #expect(abs(Double(exact.heads[h].lse) - (Double(top) + log(total))) < 1e-4)
+                // Without the cap the result differs: the cap is applied, not ignored.
+                var uncapped = p
+                uncapped.softCap = nil
+                let plain = try query.withUnsafeBufferPointer { try Attention.attend(queries: $0, selector: nil, keys: kv, values: vv, parameters: uncapped) }
+                #expect(relativeError(plain.heads[h].output, naive) > 1e-3)
+                // The top-k path attends its positions through the same capped scores.
+                let attended = selected.attended
+                let top2 = attended.map { scores[$0] }.max()!
+                let w2 = attended.map { exp(Double(scores[$0] - top2)) }
+                let total2 = w2.reduce(0, +)
+                let restricted = (0..<d).map { c in Float(zip(attended, w2).reduce(0.0) { $0 + $1.1 * Double(values[$1.0 * d + c]) } / total2) }
+                #expect(relativeError(selected.heads[h].output, restricted) < 1e-5)
+            }
+            p.softCap = -1
+            #expect(throws: IndexError.self) { try p.validate() }
+        }
+    }
+}

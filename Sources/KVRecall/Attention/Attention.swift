@@ -23,6 +23,8 @@ public struct AttentionParameters: Sendable {
     public var window = 64
     /// Score scale; nil means 1/sqrt(d).
     public var scale: Float? = nil
+    /// Logit soft-cap: scaled scores s become cap * tanh(s / cap) (Gemma 2); nil for none.
+    public var softCap: Float? = nil
     /// Passed to the selecting index.
     public var search = SearchParameters()
     /// Estimation zone and adaptive budget (the `estimate` method).
@@ -38,6 +40,7 @@ public struct AttentionParameters: Sendable {
             throw IndexError.invalidParameter("sinks and window must be non-negative (got \(sinks), \(window))")
         }
         if let scale { guard scale.isFinite, scale > 0 else { throw IndexError.invalidParameter("scale must be positive (got \(scale))") } }
+        if let softCap { guard softCap.isFinite, softCap > 0 else { throw IndexError.invalidParameter("soft-cap must be positive (got \(softCap))") } }
         try search.validate()
         try estimation.validate()
     }
@@ -77,13 +80,13 @@ public enum Attention {
         guard values.count == keys.count else { throw IndexError.corrupt("head has \(keys.count) keys but \(values.count) values") }
         guard keys.count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) is empty") }
         let g = queries.count / d
-        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let score = ScoreTransform(parameters, dimension: d)
         let fixed = staticPositions(count: keys.count, sinks: parameters.sinks, window: parameters.window)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
         defer { scratch.deallocate() }
         let heads = (0..<g).map {
             AttentionKernel.attend(query: queries.baseAddress! + $0 * d, positions: fixed, keys: keys, values: values,
-                                   scale: scale, scratch: scratch)
+                                   score: score, scratch: scratch)
         }
         return AttentionResult(heads: heads, retrieved: [], attended: fixed,
                                stats: SearchStats(queries: g, keyCount: keys.count))
@@ -110,12 +113,12 @@ public enum Attention {
         }
         let g = queries.count / d
         let n = keys.count
-        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let score = ScoreTransform(parameters, dimension: d)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
         defer { scratch.deallocate() }
 
         guard let selector else {
-            let heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values, scale: scale)
+            let heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values, score: score)
             return AttentionResult(heads: heads, retrieved: [], attended: Array(0..<n),
                                    stats: SearchStats(distanceComputations: n * g, queries: g, keyCount: n))
         }
@@ -157,7 +160,7 @@ public enum Attention {
         var heads: [PartialAttention] = []
         for h in 0..<g {
             heads.append(AttentionKernel.attend(query: queries.baseAddress! + h * d, positions: attended,
-                                                keys: keys, values: values, scale: scale, scratch: scratch))
+                                                keys: keys, values: values, score: score, scratch: scratch))
         }
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
     }

@@ -90,7 +90,8 @@ extension Attention {
         if let p = estimation.topP, !(p > 0 && p <= 1) { throw IndexError.invalidParameter("top-p must be in (0, 1] (got \(p))") }
         let g = queries.count / d
         let n = keys.count
-        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let score = ScoreTransform(parameters, dimension: d)
+        let scale = score.scale
         let fixed = staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
         // Static members leave their cluster's count and value sum.
         var sizes = summary.sizes
@@ -180,18 +181,19 @@ extension Attention {
         for h in 0..<g {
             let query = queries.baseAddress! + h * d
             var partial = AttentionKernel.attend(query: query, positions: attended, keys: keys, values: values,
-                                                 scale: scale, scratch: scratch)
+                                                 score: score, scratch: scratch)
             if !estimatedZone.isEmpty {
                 zoneMeans.withUnsafeBufferPointer { m in
                     zoneScores.withUnsafeMutableBufferPointer { z in
                         BLAS.gemv(n: estimatedZone.count, k: d, a: m.baseAddress!, x: query, y: z.baseAddress!)
                     }
                 }
-                let top = zoneScores.max()! * scale
+                for j in zoneScores.indices { zoneScores[j] = score(zoneScores[j]) }  // a cluster's mean key stands for its members
+                let top = zoneScores.max()!
                 var weightSum = 0.0
                 var output = [Double](repeating: 0, count: dv)
                 for (j, c) in estimatedZone.enumerated() {
-                    let w = exp(Double(zoneScores[j] * scale - top))
+                    let w = exp(Double(zoneScores[j] - top))
                     weightSum += w * Double(sizes[c])
                     for v in 0..<dv { output[v] += w * Double(valueSums[c * dv + v]) }
                 }

@@ -38,13 +38,13 @@ public struct ExactReference {
         let g = queries.count / d
         let n = keys.count
         let k = min(parameters.k, n)
-        let scale = parameters.scale ?? 1 / Float(d).squareRoot()
+        let score = ScoreTransform(parameters, dimension: d)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
         defer { scratch.deallocate() }
         let fixed = Attention.staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
         heads = (0..<g).map { h in
             let query = queries.baseAddress! + h * d
-            let scores = AttentionKernel.allScores(query: query, keys: keys, scale: scale)
+            let scores = AttentionKernel.allScores(query: query, keys: keys, score: score)
             let exact = AttentionKernel.attendAll(scores: scores, values: values, scratch: scratch)
             var top = TopK<Int>(k: k)
             top.push(scores: scores, count: n, firstID: 0)
@@ -53,7 +53,7 @@ public struct ExactReference {
             var oracleMass = 0.0
             for i in oracleSet { oracleMass += exp(Double(scores[i] - exact.lse)) }
             let oracle = AttentionKernel.attend(query: query, positions: oracleSet, keys: keys, values: values,
-                                                scale: scale, scratch: scratch)
+                                                score: score, scratch: scratch)
             return Head(scores: scores, exact: exact, topIDs: topIDs, oracleMass: oracleMass,
                         oracleError: relativeError(oracle.output, exact.output))
         }

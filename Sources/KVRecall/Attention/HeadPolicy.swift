@@ -67,9 +67,10 @@ public struct HeadProfile: Codable, Equatable, Sendable {
     }
 
     /// Measures `queries` (`rows x d`, row-major; row `i` is query head `i % group` of position
-    /// `positions[i / group]`), each against keys `0...position` of `keys`, scaled by `scale`.
+    /// `positions[i / group]`), each against keys `0...position` of `keys`, scaled by `scale` and
+    /// soft-capped by `softCap` (as `AttentionParameters`).
     public static func measure(keys: VectorView, queries: UnsafeBufferPointer<Float>, group: Int, positions: [Int],
-                               k: Int, sinks: Int, window: Int, scale: Float? = nil) throws -> HeadProfile {
+                               k: Int, sinks: Int, window: Int, scale: Float? = nil, softCap: Float? = nil) throws -> HeadProfile {
         let d = keys.dimension
         guard group >= 1, queries.count == positions.count * group * d, !positions.isEmpty else {
             throw IndexError.invalidParameter("profile: \(queries.count / max(1, d)) query rows for \(positions.count) positions of \(group) query heads")
@@ -77,7 +78,7 @@ public struct HeadProfile: Codable, Equatable, Sendable {
         guard let last = positions.max(), last < keys.count, positions.allSatisfy({ $0 >= 0 }) else {
             throw IndexError.invalidParameter("profile: query positions must lie within the head's \(keys.count) keys")
         }
-        let s = scale ?? 1 / Float(d).squareRoot()
+        let transform = ScoreTransform(scale: scale ?? 1 / Float(d).squareRoot(), softCap: softCap)
         var staticMass = [Double](repeating: 0, count: group)
         var oracleMass = [Double](repeating: 0, count: group)
         var support = [Double](repeating: 0, count: group)
@@ -94,10 +95,13 @@ public struct HeadProfile: Codable, Equatable, Sendable {
                 let query = queries.baseAddress! + (p * group + h) * d
                 for b in 0..<prefix.blockCount { prefix.scores(query: query, block: b, into: scores + b * prefix.blockSize) }
                 var top = -Float.infinity
-                for i in 0..<n { top = max(top, scores[i]) }
+                for i in 0..<n {
+                    scores[i] = transform(scores[i])
+                    top = max(top, scores[i])
+                }
                 var total = 0.0
                 for i in 0..<n {
-                    let w = exp(Double((scores[i] - top) * s))
+                    let w = exp(Double(scores[i] - top))
                     weights[i] = w
                     total += w
                 }
@@ -277,7 +281,8 @@ public enum HeadPlanner {
         let floats = queries.decode(rows: (queries.count - rows)..<queries.count)
         return try floats.withUnsafeBufferPointer {
             try HeadProfile.measure(keys: keys, queries: $0, group: group, positions: positions, k: attention.k,
-                                    sinks: attention.sinks, window: attention.window, scale: attention.scale)
+                                    sinks: attention.sinks, window: attention.window, scale: attention.scale,
+                                    softCap: attention.softCap)
         }
     }
 

@@ -33,17 +33,49 @@ public struct PartialAttention: Equatable, Sendable {
     }
 }
 
+/// What a raw inner product q.k becomes before the softmax: scaled, then optionally soft-capped
+/// (Gemma 2's cap * tanh(s / cap)). Monotonic, so every index's top-k is unchanged by it.
+public struct ScoreTransform: Sendable, Equatable {
+    public var scale: Float
+    /// nil: no cap.
+    public var softCap: Float?
+
+    public init(scale: Float, softCap: Float? = nil) {
+        self.scale = scale
+        self.softCap = softCap
+    }
+
+    /// The transform `parameters` ask for on keys of dimension `d`.
+    public init(_ parameters: AttentionParameters, dimension d: Int) {
+        self.init(scale: parameters.scale ?? 1 / Float(d).squareRoot(), softCap: parameters.softCap)
+    }
+
+    @inline(__always)
+    public func callAsFunction(_ raw: Float) -> Float {
+        let s = raw * scale
+        guard let cap = softCap else { return s }
+        return cap * tanhf(s / cap)
+    }
+
+    /// Caps `count` already scaled scores in place (nothing without a cap).
+    @inline(__always)
+    func cap(_ scores: UnsafeMutablePointer<Float>, count: Int) {
+        guard let cap = softCap else { return }
+        for i in 0..<count { scores[i] = cap * tanhf(scores[i] / cap) }
+    }
+}
+
 /// Scores and value accumulation for attention over explicit position lists.
 enum AttentionKernel {
-    /// Attention of `query` over `positions` (scores scaled by `scale`), exactly.
+    /// Attention of `query` over `positions` (scores through `score`), exactly.
     static func attend(query: UnsafePointer<Float>, positions: [Int], keys: VectorView, values: VectorView,
-                       scale: Float, scratch: UnsafeMutablePointer<Float>) -> PartialAttention {
+                       score: ScoreTransform, scratch: UnsafeMutablePointer<Float>) -> PartialAttention {
         let dv = values.dimension
         guard !positions.isEmpty else { return .empty(dimension: dv) }
         var scores = [Float](repeating: 0, count: positions.count)
         var m = -Float.infinity
         for (j, i) in positions.enumerated() {
-            let s = keys.score(query: query, row: i) * scale
+            let s = score(keys.score(query: query, row: i))
             scores[j] = s
             m = max(m, s)
         }
@@ -62,14 +94,15 @@ enum AttentionKernel {
         return PartialAttention(output: out, lse: m + Float(log(l)))
     }
 
-    /// Scaled scores of `query` against every key (`keys.count` floats), block by block.
-    static func allScores(query: UnsafePointer<Float>, keys: VectorView, scale: Float) -> [Float] {
+    /// Transformed scores of `query` against every key (`keys.count` floats), block by block.
+    static func allScores(query: UnsafePointer<Float>, keys: VectorView, score: ScoreTransform) -> [Float] {
         var scores = [Float](repeating: 0, count: keys.count)
         scores.withUnsafeMutableBufferPointer { s in
             for b in 0..<keys.blockCount {
                 keys.scores(query: query, block: b, into: s.baseAddress! + b * keys.blockSize)
             }
-            for i in 0..<s.count { s[i] *= scale }
+            for i in 0..<s.count { s[i] *= score.scale }
+            score.cap(s.baseAddress!, count: s.count)
         }
         return scores
     }
@@ -103,7 +136,7 @@ extension AttentionKernel {
     /// keys one sgemm for the group's scores, then per block of values one sgemm for the weighted
     /// sum. Reduced-precision blocks are converted once per block. Memory-bandwidth bound.
     static func attendAllGroup(queries: UnsafePointer<Float>, g: Int, keys: VectorView, values: VectorView,
-                               scale: Float) -> [PartialAttention] {
+                               score: ScoreTransform) -> [PartialAttention] {
         let n = keys.count, d = keys.dimension, dv = values.dimension, bs = keys.blockSize
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * n)
         let decoded = UnsafeMutablePointer<Float>.allocate(capacity: bs * max(d, dv))
@@ -120,7 +153,8 @@ extension AttentionKernel {
                 keys.decodeRows(keys.blocks[b], count: rows, into: decoded)
                 k = UnsafePointer(decoded)
             }
-            BLAS.scoresNT(m: g, n: rows, k: d, a: queries, b: k, c: blockScores, alpha: scale)
+            BLAS.scoresNT(m: g, n: rows, k: d, a: queries, b: k, c: blockScores, alpha: score.scale)
+            score.cap(blockScores, count: g * rows)
             for h in 0..<g { (scores + h * n + b * bs).update(from: blockScores + h * rows, count: rows) }
         }
         var maxima = [Float](repeating: -.infinity, count: g)

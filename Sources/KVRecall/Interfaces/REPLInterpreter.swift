@@ -422,7 +422,7 @@ public final class REPLInterpreter {
                 try FlatIndex(keys: keys).search($0, k: k, parameters: parameters.search, keys: keys)
             }
             let micros = Double(monotonicNanos() - t0) / 1e3
-            let scores = q.vector.withUnsafeBufferPointer { AttentionKernel.allScores(query: $0.baseAddress!, keys: keys, scale: scale) }
+            let scores = q.vector.withUnsafeBufferPointer { AttentionKernel.allScores(query: $0.baseAddress!, keys: keys, score: ScoreTransform(scale: scale)) }
             let lse = logSumExp(scores)
             func weight(_ i: Int) -> Double { exp(Double(scores[i] - lse)) }
             let hits = found.hits(0)
@@ -495,7 +495,7 @@ public final class REPLInterpreter {
             let run = try runMethod(method, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
                                     parameters: parameters, repetitions: repetitions, cache: preparedMethods)
             let keys = try snapshot.vectors(info.id, .keys)
-            let scores = q.vector.withUnsafeBufferPointer { AttentionKernel.allScores(query: $0.baseAddress!, keys: keys, scale: scale) }
+            let scores = q.vector.withUnsafeBufferPointer { AttentionKernel.allScores(query: $0.baseAddress!, keys: keys, score: ScoreTransform(scale: scale)) }
             return (run, scores)
         }
         let result = run.results[0]

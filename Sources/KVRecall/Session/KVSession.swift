@@ -32,6 +32,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var context: UInt32
     /// Softmax scale applied to q.k; nil means 1/sqrt(headDimension).
     public var scale: Float?
+    /// Logit soft-cap applied to the scaled scores (cap * tanh(s / cap)); nil for none.
+    public var softCap: Float?
 
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
@@ -58,7 +60,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
-        case landmarkBound, upkeepBatch, context, scale, targetRecall
+        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
@@ -81,6 +83,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions) ?? 2
         landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
         scale = try c.decodeIfPresent(Float.self, forKey: .scale)
+        softCap = try c.decodeIfPresent(Float.self, forKey: .softCap)
         upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
         context = try c.decode(UInt32.self, forKey: .context)
     }
@@ -97,6 +100,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         p.search.lsh.minCollisions = minCollisions
         p.search.landmark.bound = landmarkBound
         p.scale = scale
+        p.softCap = softCap
         return p
     }
 
