@@ -14,9 +14,11 @@ H, G, D = 2, 3, 32
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def softmax_attention(q, keys, values, scale):
+def softmax_attention(q, keys, values, scale, soft_cap=None):
     """numpy reference: q [H, G, d], keys/values [H, N, d] -> outputs [H, G, d], lse [H, G]."""
     s = np.einsum("hgd,hnd->hgn", q.astype(np.float64), keys.astype(np.float64)) * scale
+    if soft_cap is not None:
+        s = soft_cap * np.tanh(s / soft_cap)
     m = s.max(axis=-1, keepdims=True)
     w = np.exp(s - m)
     total = w.sum(axis=-1, keepdims=True)
@@ -36,6 +38,20 @@ def queries(seed=1):
 def test_version():
     assert kvrecall.__version__ == "0.2.0"
     assert kvrecall.library_version() == kvrecall.__version__
+
+
+def test_soft_cap_equals_numpy_capped_softmax():
+    keys, values = data(400)
+    with kvrecall.Session(1, H, G, D, method="exact", dtype="f32", scale=0.5, soft_cap=1.5) as s:
+        s.append(0, keys, values)
+        q = queries() * 3
+        out, lse = s.attend(0, q, return_lse=True)
+        ref, ref_lse = softmax_attention(q, keys, values, 0.5, soft_cap=1.5)
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(lse, ref_lse, atol=1e-4, rtol=0)
+        assert s.soft_cap == 1.5
+    with pytest.raises(ValueError, match="soft_cap"):
+        kvrecall.Session(1, H, G, D, soft_cap=-1.0)
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])
