@@ -203,3 +203,43 @@ import KVRecallTestSupport
         }
     }
 }
+
+/// Real Gemma 3 global-layer traces (Data/gemma3: 1024 tokens, 4 query heads per KV head): the GQA
+/// targets at default parameters, held as floors.
+@Suite struct RealTraceFloors {
+    @Test(arguments: ["05", "11", "17"])
+    func wholeGroupsAtDefaultParameters(layer: String) throws {
+        let data = repositoryDataDirectory() + "/gemma3/layer\(layer)"
+        let dir = TemporaryDirectory("kvrecall-gemma-trace")
+        let store = try KVStore(path: dir.path, create: true)
+        defer { store.close() }
+        try store.ingest(keys: try NPY.read(path: data + "_keys.npy"), values: try NPY.read(path: data + "_values.npy"),
+                         queries: try NPY.read(path: data + "_prefill_queries.npy"), first: HeadID(), dtype: .f16)
+        let queries = try NPY.read(path: data + "_queries.npy").floats()
+        var p = AttentionParameters()
+        p.scale = 0.0625  // Gemma 3's query_pre_attn_scalar^-1/2 (manifest.json)
+        let (plan, built) = try store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            let plan = try HeadPlanner.plan(keys: keys, values: try s.vectors(HeadID(), .values), queries: try s.vectors(HeadID(), .queries),
+                                            group: 4, calibration: CalibrationParameters(), attention: p, policy: PolicyParameters(),
+                                            build: IndexBuildParameters()).plan
+            let built = try HeadPlanner.buildCalibrated(.retrieval, keys: keys, count: keys.count, queries: try s.vectors(HeadID(), .queries),
+                                                        build: IndexBuildParameters(), calibration: CalibrationParameters())
+            return (plan, built)
+        }
+        // Heads of a real group are neither streaming nor better served by the estimation zone here.
+        #expect(plan.policy == .retrieval, "\(plan.summary)")
+        #expect(built.calibration?.reached == true, "\(built.calibration?.summary ?? "not calibrated")")
+        try IndexCatalog.save(built.index, in: store, head: HeadID(), calibration: built.calibration)
+        try plan.save(in: store, head: HeadID())
+        let runs = try store.read { s in
+            try runMethods([.retrieval, .auto], snapshot: s, head: HeadID(), queries: queries, groupSize: 4, parameters: p).map { try $0.get() }
+        }
+        for run in runs {
+            // Recall of every query head's own top-100, and the median output error against the oracle's.
+            #expect(run.recall >= 0.95, "\(run.method) recall \(run.recall)")
+            #expect(median(run.errors) <= median(run.oracleErrors) + 0.02,
+                    "\(run.method) median error \(median(run.errors)) vs oracle \(median(run.oracleErrors))")
+        }
+    }
+}
