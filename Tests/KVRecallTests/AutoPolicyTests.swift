@@ -243,3 +243,35 @@ import KVRecallTestSupport
         }
     }
 }
+
+/// The REPL runs `auto` and explains the head's policy and the calibrated knob it used.
+@Suite struct REPLAutoTests {
+    @Test func attendAutoAndExplainShowThePlan() throws {
+        let dir = TemporaryDirectory("kvrecall-repl-auto")
+        do {
+            let store = try AutoPolicyTests.minilmStore(dir)
+            defer { store.close() }
+            let planned = try store.read { s in
+                try HeadPlanner.plan(keys: try s.vectors(HeadID(), .keys), values: try s.vectors(HeadID(), .values),
+                                     queries: try s.vectors(HeadID(), .queries), group: 1, calibration: CalibrationParameters(),
+                                     attention: AttentionParameters(), policy: PolicyParameters(), build: IndexBuildParameters())
+            }
+            let built = try store.read { s in
+                try HeadPlanner.buildCalibrated(.ivf, keys: try s.vectors(HeadID(), .keys), count: 4096,
+                                                queries: try s.vectors(HeadID(), .queries), build: IndexBuildParameters(),
+                                                calibration: CalibrationParameters())
+            }
+            try IndexCatalog.save(built.index, in: store, head: HeadID(), calibration: built.calibration)
+            try planned.plan.save(in: store, head: HeadID())
+        }
+        let repl = REPLInterpreter(seed: 1, repetitions: 1)
+        #expect(repl.open(path: dir.path).succeeded)
+        _ = repl.ok("use 0/0/0")
+        _ = repl.ok("query 5")
+        let attend = repl.ok("attend auto")
+        #expect(attend.contains("auto chose estimate for this head"), "\(attend)")
+        let explain = repl.ok("explain")
+        #expect(explain.contains("auto -> estimate") && explain.contains("policy") && explain.contains("calibration"), "\(explain)")
+        #expect(explain.contains("nprobe") && explain.contains("held-out queries"), "\(explain)")
+    }
+}
