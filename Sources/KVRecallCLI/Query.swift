@@ -7,6 +7,8 @@ struct Query: ParsableCommand {
         abstract: "Top-k keys by inner product for each query row (exact unless --index).",
         discussion: """
         Each query row is searched on its own and timed; the median is reported.
+        With --index, ef / nprobe / beam default to the value calibrated when the index was built
+        (kvrecall build --target-recall), else to the library's defaults.
         --json prints {"k": K, "results": [{"ids": [...], "scores": [...]}, ...],
                        "stats": {"keys_scanned_fraction": x, "median_query_us": y}}.
 
@@ -55,10 +57,12 @@ struct Query: ParsableCommand {
         var micros: [Double] = []
         try store.read { snapshot in
             let keys = try snapshot.vectors(headOptions.id, .keys)
-            let index: any VectorIndex = try self.index.flatMap { $0.type == nil ? nil : $0 }.map {
-                try IndexCatalog.load($0, snapshot: snapshot, head: headOptions.id)
-            } ?? FlatIndex(keys: keys)
-            let params = search.parameters
+            let loaded = try self.index.flatMap { $0.type == nil ? nil : $0 }.map {
+                try IndexCatalog.loadCalibrated($0, snapshot: snapshot, head: headOptions.id)
+            }
+            let index: any VectorIndex = loaded?.index ?? FlatIndex(keys: keys)
+            // ef / nprobe / beam not given: the value calibrated when the index was built.
+            let params = loaded?.calibration?.resolve(search.parameters) ?? search.parameters
             // An index built before later ingests covers keys 0..<covered: the rest are searched
             // exactly and merged, so every key can come back.
             let covered = index.count
