@@ -327,3 +327,34 @@ void kvr_scores_u8(const float *q, const uint8_t *codes, size_t n, size_t d, flo
         out[r] = (s0 + s1) + (s2 + s3);
     }
 }
+
+static void insertion_sort_u64(uint64_t *a, size_t n) {
+    for (size_t i = 1; i < n; i++) {
+        uint64_t x = a[i];
+        size_t j = i;
+        while (j > 0 && a[j - 1] > x) { a[j] = a[j - 1]; j--; }
+        a[j] = x;
+    }
+}
+
+void kvr_sort_u64(uint64_t *a, size_t n) {
+    while (n > 24) {
+        /* Median of three to a[0], then Hoare partition around it. */
+        size_t mid = n / 2;
+        uint64_t x = a[0], y = a[mid], z = a[n - 1], t;
+        uint64_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        size_t i = 0, j = n - 1;
+        for (;;) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i >= j) break;
+            t = a[i]; a[i] = a[j]; a[j] = t;
+            i++; j--;
+        }
+        /* [0, j] <= pivot <= [j + 1, n): recurse on the smaller side, loop on the larger. */
+        size_t left = j + 1, right = n - left;
+        if (left < right) { kvr_sort_u64(a, left); a += left; n = right; }
+        else { kvr_sort_u64(a + left, right); n = left; }
+    }
+    insertion_sort_u64(a, n);
+}

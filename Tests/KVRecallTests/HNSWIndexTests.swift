@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import CKernels
 @testable import KVRecall
 import KVRecallTestSupport
 
@@ -94,6 +95,30 @@ import KVRecallTestSupport
         #expect(throws: IndexError.self) { try HNSWIndex(sections: bad) }
         #expect(throws: IndexError.notBuilt("no 'hnsw' index for head 0/0/0; build it first with `kvrecall build --index hnsw`")) {
             try IndexCatalog.load(HNSWIndex.self, from: nil, head: HeadID(), name: "hnsw")
+        }
+    }
+}
+
+@Suite struct HNSWBuildKernelTests {
+    @Test func candidateKeysSortByScoreThenLowerID() {
+        var rng = SeededGenerator(seed: 12)
+        for n in [0, 1, 2, 23, 24, 25, 200, 513] {
+            var keys = (0..<n).map { _ in rng.next() }
+            if n > 10 { for i in 0..<5 { keys[i] = keys[n - 1 - i] } }  // duplicates
+            let expected = keys.sorted()
+            keys.withUnsafeMutableBufferPointer { kvr_sort_u64($0.baseAddress, n) }
+            #expect(keys == expected)
+        }
+        // Keys order candidates by score (negative, zero, positive), ties to the lower id, and unpack.
+        // Listed worst first.
+        let candidates: [(Float, Int32)] = [(-3, 4), (-0.5, 1), (0, 9), (0, 2), (1e-3, 0), (2.5, 7), (2.5, 3), (100, Int32.max)]
+        for (a, b) in zip(candidates, candidates.dropFirst()) {
+            let ka = HNSWIndex.sortKey(a.0, a.1), kb = HNSWIndex.sortKey(b.0, b.1)
+            #expect(ka < kb, "\(a) should rank below \(b)")
+        }
+        for c in candidates {
+            let u = HNSWIndex.unpack(HNSWIndex.sortKey(c.0, c.1))
+            #expect(u.score == c.0 && u.id == c.1)
         }
     }
 }

@@ -44,6 +44,11 @@ static inline void kvr_prefetch(const void *p, size_t bytes) {
 /* Single inner product of two f32 vectors of length d. */
 float kvr_dot_f32(const float *a, const float *b, size_t d);
 
+/* Sorts n 64-bit keys ascending, in place, without allocating (quicksort, median of three, with
+ * insertion sort below 24 keys; recursion on the smaller side, so O(log n) stack). For the
+ * HNSW build's candidate lists (a few hundred keys each). */
+void kvr_sort_u64(uint64_t *keys, size_t n);
+
 #ifdef __cplusplus
 }
 #endif
