@@ -2,14 +2,32 @@ import ArgumentParser
 import Foundation
 import KVRecall
 
-/// Attention knobs shared by `attend`, `demo` and the benchmarks.
-struct AttentionOptions: ParsableArguments {
-    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part.")
+/// `-k`, `--sinks`, `--window`: what top-k attention attends (and what `build --index auto`
+/// profiles and calibrates for).
+struct BudgetOptions: ParsableArguments {
+    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part (also the k of calibrated recall@k).")
     var k: Int = 100
     @Option(parsing: .unconditional, help: "First positions always attended (attention sinks).")
     var sinks: Int = 4
     @Option(parsing: .unconditional, help: "Last positions always attended (recent window).")
     var window: Int = 64
+
+    /// The attention parameters with these three set (everything else at its default).
+    var attention: AttentionParameters {
+        var p = AttentionParameters()
+        p.k = k
+        p.sinks = sinks
+        p.window = window
+        return p
+    }
+}
+
+/// Attention knobs shared by `attend`, `demo` and the benchmarks.
+struct AttentionOptions: ParsableArguments {
+    @OptionGroup var budget: BudgetOptions
+    var k: Int { budget.k }
+    var sinks: Int { budget.sinks }
+    var window: Int { budget.window }
     @Option(help: "Query heads per KV head (GQA): consecutive query rows form one group.")
     var group: Int = 1
     @Option(help: "GQA selection: union (every head's own top-k, attended by all), union-capped (the union capped at k), summed (one search with the group's summed query).")
@@ -30,10 +48,7 @@ struct AttentionOptions: ParsableArguments {
     }
 
     var parameters: AttentionParameters {
-        var p = AttentionParameters()
-        p.k = k
-        p.sinks = sinks
-        p.window = window
+        var p = budget.attention
         p.search = search.parameters
         p.groupSelection = groupSelection
         p.search.landmark.bound = questBound

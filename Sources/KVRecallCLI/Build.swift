@@ -95,12 +95,7 @@ struct CalibrationOptions: ParsableArguments {
     var heldOut: Int = 128
     @Option(help: "Query heads per KV head in the prefill queries: rows g*t ..< g*t+g are position t's (kvrecall capture writes Gemma 3's 4).")
     var group: Int = 1
-    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part: the k of the calibrated recall and of the profile.")
-    var k: Int = 100
-    @Option(parsing: .unconditional, help: "auto: first positions always attended, as the profile assumes.")
-    var sinks: Int = 4
-    @Option(parsing: .unconditional, help: "auto: last positions always attended, as the profile assumes.")
-    var window: Int = 64
+    @OptionGroup var budget: BudgetOptions
     @Option(help: "auto: a head whose every query head keeps this much mass on sinks+window is streaming.")
     var streamingMass: Double = 0.95
     @Option(help: "auto: a head with a query head keeping less than this with the exact top-k is diffuse (estimation).")
@@ -119,17 +114,11 @@ struct CalibrationOptions: ParsableArguments {
         var p = CalibrationParameters()
         p.targetRecall = targetRecall
         p.heldOutQueries = heldOut
-        p.k = k
+        p.k = budget.k
         return p
     }
 
-    var attention: AttentionParameters {
-        var p = AttentionParameters()
-        p.k = k
-        p.sinks = sinks
-        p.window = window
-        return p
-    }
+    var attention: AttentionParameters { budget.attention }
 
     var policy: PolicyParameters {
         var p = PolicyParameters()
