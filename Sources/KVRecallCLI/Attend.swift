@@ -78,20 +78,27 @@ struct Attend: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Top-k attention for query rows, with fidelity against exact attention.",
         discussion: """
-        Each query group attends exactly to the static part (--sinks first and --window last
-        positions) plus k positions chosen by the method: exact (everything), retrieval
-        (RetrievalAttention graph), hip, landmark, an index (hnsw, ivf, lsh, tree), estimate
-        (RetroInfer: IVF clusters retrieved, the rest estimated; --top-p for an adaptive budget),
-        streaming (sinks and window only), or auto (per head, what `build --index auto` chose from
-        the head's prefill queries: streaming, retrieval or estimate). Index-backed methods need
-        `kvrecall build --index NAME` first (retrieval also needs prefill queries); ef, nprobe and
-        beam default to the values calibrated at build for --target-recall.
-        --method all prints every method side by side. Metrics: recall@k against exact top-k,
-        attention mass held by the attended set, output relative error, keys scanned, latency.
-        --json prints {"method", "outputs", "lse", "metrics": {...}} (an array for all).
+        Each query group attends exactly to the static part (--sinks first
+        and --window last positions) plus k positions chosen by the method:
+        exact (everything), retrieval (RetrievalAttention graph), hip,
+        landmark, an index (hnsw, ivf, lsh, tree), estimate (RetroInfer: IVF
+        clusters retrieved, the rest estimated; --top-p for an adaptive
+        budget), streaming (sinks and window only), or auto (per head, what
+        `build --index auto` chose from the head's prefill queries).
+        Index-backed methods need `kvrecall build --index NAME` first
+        (retrieval also needs prefill queries); ef, nprobe and beam default
+        to the values calibrated at build for --target-recall.
+        --method all prints every method side by side. Metrics: recall@k
+        against exact top-k, attention mass held by the attended set, output
+        relative error, keys scanned, latency. --json prints {"method",
+        "effective_method", "outputs", "lse", "metrics": {...}} (an array for
+        all; metrics include median_output_error and its oracle's).
 
         Example:
-          kvrecall attend --store s --layer 2 --head 6 --queries Data/minilm/queries.npy --method hip -k 100
+          kvrecall attend --store s --layer 2 --head 6 \\
+              --queries Data/minilm/queries.npy --method hip -k 100
+          kvrecall attend --store s --layer 5 --group 4 --method auto \\
+              --queries trace/layer05_queries.npy
         """
     )
 

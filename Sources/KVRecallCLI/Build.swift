@@ -132,21 +132,31 @@ struct Build: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Build an ANN index over a head's keys and store it in the store.",
         discussion: """
-        Kinds: hnsw (graph), ivf (k-means lists), lsh (SimHash tables), tree (hierarchical centroids),
-        retrieval (RetrievalAttention's graph, trained on the head's prefill queries: ingest --queries),
-        landmark (block representatives for Landmark/Quest attention), and auto.
-        auto profiles the head on its last prefill queries (mass on sinks and window, mass with the
-        exact top-k, effective support; per query head with --group) and chooses its policy:
-        streaming (no index), retrieval (the retrieval graph) or estimation (IVF and the estimation
-        zone); `attend --method auto` then runs what each head needs.
-        When the head has prefill queries, the last of them (--held-out) are kept out of training and
-        the search knob (ef, nprobe or beam) is calibrated on them: the smallest value reaching
-        --target-recall, stored with the index and used whenever --ef/--nprobe/--beam is not given.
-        The index is written in one transaction: after a crash it is either whole or absent.
+        Kinds: hnsw (graph), ivf (k-means lists), lsh (SimHash tables), tree
+        (hierarchical centroids), retrieval (RetrievalAttention's graph,
+        trained on the head's prefill queries: ingest --queries), landmark
+        (block representatives for Landmark/Quest attention), and auto.
+
+        auto profiles the head on its last prefill queries (per query head
+        with --group: mass on sinks and window, mass with the exact top-k,
+        effective support), measures on them the output error of each
+        candidate and chooses: streaming (sinks and window hold the mass; no
+        index), retrieval (the retrieval graph; k raised for a diffuse head
+        until it keeps 0.9 of its mass, at most 10% of the keys), or
+        estimation (IVF and the estimation zone, when its error is lower).
+        `attend --method auto` then runs what each head needs; `info` and
+        the REPL's `explain` show the choice and its figures.
+
+        With prefill queries, the last of them (--held-out) stay out of
+        training and the search knob (ef, nprobe or beam) is calibrated on
+        them: the smallest value reaching --target-recall, stored with the
+        index and used whenever --ef / --nprobe / --beam is not given.
+        The index is written in one transaction: after a crash it is either
+        whole or absent.
 
         Examples:
-          kvrecall build --store s --layer 2 --head 6 --index hnsw --M 16 --ef-construction 200
-          kvrecall build --store s --all-heads --index ivf --nlist 256 --cluster-metric ip
+          kvrecall build --store s --layer 2 --head 6 --index hnsw --M 16
+          kvrecall build --store s --all-heads --index ivf --nlist 256
           kvrecall build --store s --all-heads --index auto --group 4
         """
     )
