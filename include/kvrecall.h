@@ -200,6 +200,12 @@ int kvrecall_session_length(kvrecall_session *session, uint32_t layer, size_t *o
 int kvrecall_session_head_length(kvrecall_session *session, uint32_t layer, uint32_t kv_head, size_t *tokens,
                                  size_t *indexed);
 
+/* ABI 2: what each (layer, KV head) runs, one line per head: the method, or for `auto` the policy its
+ * prefill queries called for and why; its index and the search knob calibrated for it. Writes at most
+ * `capacity` bytes of the NUL-terminated text into `buffer` (may be NULL with capacity 0) and the
+ * text's full length, without the NUL, into `length`: call once to size the buffer, then again. */
+int kvrecall_session_report(kvrecall_session *session, char *buffer, size_t capacity, size_t *length);
+
 /* ABI 2: cuts every layer and head back to `tokens` (speculative-decoding rollback, repair after a
  * failed step), atomically; indexes holding dropped positions are rebuilt. Prefill queries stay
  * (they train indexes, they are not positions) unless `tokens` is 0. `tokens` larger than the

@@ -129,6 +129,14 @@ static void test_configuration(void) {
     EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "soft cap 30 accepted");
     kvrecall_config capped; capped.struct_size = sizeof capped;
     EXPECT(kvrecall_session_get_config(s, &capped) == KVRECALL_OK && capped.soft_cap == 30, "soft cap kept");
+    /* The report: sized by a first call, then written (one line per head). */
+    size_t needed = 0;
+    EXPECT(kvrecall_session_report(s, NULL, 0, &needed) == KVRECALL_OK && needed > 0, "report length %zu", needed);
+    char report[4096] = {0};
+    size_t written = 0;
+    EXPECT(needed < sizeof report && kvrecall_session_report(s, report, sizeof report, &written) == KVRECALL_OK
+           && written == needed && strncmp(report, "layer 0 head 0: exact", 21) == 0, "report '%s'", report);
+    EXPECT(kvrecall_session_report(s, report, sizeof report, NULL) == KVRECALL_ERR_NULL, "report without length");
     kvrecall_session_close(s);
     s = NULL;
     c = base_config(KVRECALL_METHOD_EXACT); c.scale = -1;

@@ -329,6 +329,16 @@ class Session:
         _check(_lib.library().kvrecall_session_head_length(self._h(), layer, int(kv_head), ctypes.byref(n), ctypes.byref(indexed)))
         return n.value, indexed.value
 
+    def report(self):
+        """One line per (layer, KV head): its method (for `auto`, the policy chosen from its
+        prefill queries and why), its index and the calibrated search knob."""
+        lib = _lib.library()
+        length = ctypes.c_size_t()
+        _check(lib.kvrecall_session_report(self._h(), None, 0, ctypes.byref(length)))
+        buffer = ctypes.create_string_buffer(length.value + 1)
+        _check(lib.kvrecall_session_report(self._h(), buffer, length.value + 1, ctypes.byref(length)))
+        return buffer.value.decode("utf-8").split("\n")
+
     def truncate(self, tokens):
         """Cuts every layer and head back to `tokens` (rollback); indexes holding dropped
         positions are rebuilt."""

@@ -122,6 +122,7 @@ def _declare(lib):
         "kvrecall_session_attend_ex": (I, [P, U32, F, F, SZ, F, SZ]),
         "kvrecall_session_length": (I, [P, U32, ctypes.POINTER(SZ)]),
         "kvrecall_session_head_length": (I, [P, U32, U32, ctypes.POINTER(SZ), ctypes.POINTER(SZ)]),
+        "kvrecall_session_report": (I, [P, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)]),
         "kvrecall_session_truncate": (I, [P, SZ]),
         "kvrecall_session_checkpoint": (I, [P]),
         "kvrecall_session_close": (None, [P]),

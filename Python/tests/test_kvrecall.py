@@ -96,6 +96,21 @@ def test_every_method_runs(method):
         assert out.shape == (H, G, D) and np.isfinite(out).all()
 
 
+def test_report_says_what_each_head_runs():
+    keys, values = data(600, seed=2)
+    with kvrecall.Session(1, H, G, D, method="auto", dtype="f32", k=64, window=32) as s:
+        s.append(0, keys, values)
+        s.prefill_queries(0, data(600, seed=3)[0])
+        before = s.report()
+        assert before == [f"layer 0 head {h}: auto" for h in range(H)]
+        s.build_indexes()
+        after = s.report()
+        assert len(after) == H and all(line.startswith(f"layer 0 head {h}: ") for h, line in enumerate(after))
+        # auto named a policy per head, with its reason and the figures behind it.
+        assert all(any(p in line for p in ("streaming (", "retrieval (", "estimation (")) for line in after)
+        assert all("mass on sinks+window" in line for line in after)
+
+
 def test_progress_false_aborts_and_exceptions_propagate():
     keys, values = data(400)
     with kvrecall.Session(2, H, G, D, method="hnsw", dtype="f32") as s:

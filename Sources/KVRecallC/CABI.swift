@@ -488,6 +488,25 @@ public func kvrecall_session_head_length(_ handle: OpaquePointer?, _ layer: UInt
     }
 }
 
+@_cdecl("kvrecall_session_report")
+public func kvrecall_session_report(_ handle: OpaquePointer?, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int,
+                                    _ length: UnsafeMutablePointer<Int>?) -> Int32 {
+    guarded("kvrecall_session_report") {
+        try withSession(handle, "kvrecall_session_report") { s in
+            guard let length else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_report: length must not be NULL") }
+            let text = Array(s.report().joined(separator: "\n").utf8)
+            length.pointee = text.count
+            guard capacity > 0 else { return }
+            guard let buffer else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_report: buffer is NULL but capacity is \(capacity)") }
+            let n = min(text.count, capacity - 1)
+            text.withUnsafeBufferPointer { t in
+                UnsafeMutableRawPointer(buffer).copyMemory(from: t.baseAddress!, byteCount: n)
+            }
+            buffer[n] = 0
+        }
+    }
+}
+
 @_cdecl("kvrecall_session_truncate")
 public func kvrecall_session_truncate(_ handle: OpaquePointer?, _ tokens: Int) -> Int32 {
     guarded("kvrecall_session_truncate") {
