@@ -13,13 +13,7 @@ struct BudgetOptions: ParsableArguments {
     var window: Int = 64
 
     /// The attention parameters with these three set (everything else at its default).
-    var attention: AttentionParameters {
-        var p = AttentionParameters()
-        p.k = k
-        p.sinks = sinks
-        p.window = window
-        return p
-    }
+    var attention: AttentionParameters { AttentionParameters(k: k, sinks: sinks, window: window) }
 }
 
 /// Attention knobs shared by `attend`, `demo` and the benchmarks.

@@ -184,6 +184,7 @@ struct Build: ParsableCommand {
             let start = monotonicNanos()
             var plan: HeadPlan? = nil
             var kind: IndexKind? = nil
+            var prebuilt: (any BuildableIndex)? = nil
             switch index {
             case .kind(let k): kind = k
             case .auto:
@@ -195,6 +196,7 @@ struct Build: ParsableCommand {
                 }
                 plan = planned.plan
                 kind = planned.plan.indexKind
+                prebuilt = planned.ivf  // an estimation head keeps the IVF index its plan was measured with
                 print("head \(id): auto chose \(planned.plan.policy.rawValue): \(planned.plan.reason)")
                 if let profile = planned.plan.profile { print("  profile: \(profile.summary)") }
             }
@@ -204,7 +206,7 @@ struct Build: ParsableCommand {
                     let keys = try snapshot.vectors(id, .keys)
                     return try HeadPlanner.buildCalibrated(kind, keys: keys, count: keys.count, queries: try snapshot.vectors(id, .queries),
                                                            build: build.parameters, calibration: calibration.calibration,
-                                                           progress: bar.update)
+                                                           prebuilt: prebuilt, progress: bar.update)
                 }
                 try IndexCatalog.save(built.index, in: store, head: id, calibration: built.calibration)
                 let seconds = Double(monotonicNanos() - start) / 1e9

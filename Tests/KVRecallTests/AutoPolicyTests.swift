@@ -149,7 +149,9 @@ import KVRecallTestSupport
         let attend = try runCLI(["attend", "--store", store, "--queries", "\(data)/queries.npy", "--limit", "8", "--method", "auto"])
         #expect(attend.status == 0, "\(attend.stderr)")
         #expect(attend.stdout.contains("auto: estimate (diffuse"), "\(attend.stdout)")
-        // An explicit knob stays explicit; bad values name the range.
+        // Prefill queries that are not whole groups, and bad values, get errors that say so.
+        let groups = try runCLI(["build", "--store", store, "--index", "auto", "--group", "3", "--quiet"])
+        #expect(groups.status != 0 && groups.stderr.contains("not whole groups of 3 query heads"), "\(groups.stderr)")
         #expect(try runCLI(["build", "--store", store, "--index", "hnsw", "--target-recall", "1.5"]).stderr.contains("target recall must be in (0, 1]"))
     }
 }

@@ -33,6 +33,17 @@ public struct AttentionParameters: Sendable {
     public var groupSelection = GroupSelection.union
     public init() {}
 
+    /// The parameters with these knobs set, every other at its default; a nil search knob is left
+    /// to the index's calibration.
+    public init(k: Int, sinks: Int, window: Int, ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil) {
+        self.k = k
+        self.sinks = sinks
+        self.window = window
+        search.graph.efSetting = ef
+        search.ivf.nprobeSetting = nprobe
+        search.tree.beamSetting = beam
+    }
+
     /// Checks every knob (shared by the CLI, the REPL and the session).
     public func validate() throws {
         guard k >= 1 else { throw IndexError.invalidParameter("k must be at least 1 (got \(k))") }

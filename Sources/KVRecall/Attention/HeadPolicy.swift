@@ -270,7 +270,10 @@ public enum HeadPlanner {
     /// prefill queries): each is measured against every key, as the last position would be.
     public static func profile(keys: VectorView, queries: VectorView?, group: Int, calibration: CalibrationParameters,
                                attention: AttentionParameters, alignedToPositions: Bool = true) throws -> HeadProfile? {
-        guard let queries, queries.count >= group, queries.count % group == 0 else { return nil }
+        guard let queries, queries.count > 0 else { return nil }
+        guard queries.count % group == 0 else {
+            throw IndexError.invalidParameter("head \(keys.info.id) has \(queries.count) prefill query rows, not whole groups of \(group) query heads; is --group right?")
+        }
         guard !alignedToPositions || queries.count / group <= keys.count else {
             throw IndexError.invalidParameter("head \(keys.info.id) has \(queries.count) prefill query rows, more than its \(keys.count) keys x \(group) query heads; is --group right?")
         }
@@ -306,60 +309,58 @@ public enum HeadPlanner {
         // Retrieval is judged at the budget it would get (its k raised for a diffuse head).
         if let budget = policy.budget(for: profile) { p.k = max(p.k, budget) }
         let flat = FlatIndex(keys: keys)
-        var streaming: [Double] = [], union: [Double] = []
+        let selects = p.sinks + p.window < keys.count
+        // A head that looks diffuse also tries the estimation zone, over an IVF index built for it.
+        var ivf: IVFIndex? = nil
+        var estimate: PreparedMethod? = nil
+        if selects, profile.worstStaticMass < policy.streamingMass, profile.worstOracleMass < policy.diffuseMass {
+            let built = try IndexCatalog.make(.ivf, dimension: d, count: keys.count, parameters: build) as! IVFIndex
+            try built.train(keys: keys, range: 0..<keys.count, queries: nil)
+            try built.add(keys: keys, range: 0..<keys.count, progress: nil)
+            estimate = try PreparedMethod(.estimate, index: built, keys: keys, values: values)
+            ivf = built
+        }
+        var e = p
+        e.k = attention.k  // the estimation zone's retrieval zone keeps the caller's k
+        // One exact reference per group, shared by the candidates' errors.
+        var streaming: [Double] = [], union: [Double] = [], estimated: [Double] = []
         try held.withUnsafeBufferPointer { qb in
             for gi in 0..<(rows / group) {
                 let one = UnsafeBufferPointer(rebasing: qb[(gi * group * d)..<((gi + 1) * group * d)])
                 let reference = ExactReference(queries: one, keys: keys, values: values, parameters: p)
-                let s = try Attention.attendStatic(queries: one, keys: keys, values: values, parameters: p)
-                streaming.append(Attention.fidelity(of: s, reference: reference).outputError)
-                if p.sinks + p.window < keys.count {
-                    let u = try Attention.attend(queries: one, selector: flat, keys: keys, values: values, parameters: p)
-                    union.append(Attention.fidelity(of: u, reference: reference).outputError)
-                } else {
-                    union.append(0)
-                }
+                func error(_ result: AttentionResult) -> Double { Attention.fidelity(of: result, reference: reference).outputError }
+                streaming.append(error(try Attention.attendStatic(queries: one, keys: keys, values: values, parameters: p)))
+                union.append(selects ? error(try Attention.attend(queries: one, selector: flat, keys: keys, values: values, parameters: p)) : 0)
+                if let estimate { estimated.append(error(try estimate.attend(one, keys: keys, values: values, parameters: e))) }
             }
         }
         profile.streamingError = median(streaming)
         profile.retrievalOracleError = median(union)
-        var ivf: IVFIndex? = nil
-        if profile.worstStaticMass < policy.streamingMass, profile.worstOracleMass < policy.diffuseMass,
-           p.sinks + p.window < keys.count {
-            let built = try IndexCatalog.make(.ivf, dimension: d, count: keys.count, parameters: build) as! IVFIndex
-            try built.train(keys: keys, range: 0..<keys.count, queries: nil)
-            try built.add(keys: keys, range: 0..<keys.count, progress: nil)
-            let method = try PreparedMethod(.estimate, index: built, keys: keys, values: values)
-            var e = p
-            e.k = attention.k
-            var estimated: [Double] = []
-            try held.withUnsafeBufferPointer { qb in
-                for gi in 0..<(rows / group) {
-                    let one = UnsafeBufferPointer(rebasing: qb[(gi * group * d)..<((gi + 1) * group * d)])
-                    let reference = ExactReference(queries: one, keys: keys, values: values, parameters: p)
-                    let result = try method.attend(one, keys: keys, values: values, parameters: e)
-                    estimated.append(Attention.fidelity(of: result, reference: reference).outputError)
-                }
-            }
-            profile.estimationError = median(estimated)
-            ivf = built
-        }
+        if estimate != nil { profile.estimationError = median(estimated) }
         return (HeadPlan(profile: profile, parameters: policy), ivf)
     }
 
     /// Builds index `kind` over keys `0..<count` of a head, trained on all but the held-out tail of its
     /// prefill `queries` and calibrated on that tail (every query, for kinds that do not train on
     /// queries). The calibration is nil without enough queries or for kinds without a knob.
+    /// `prebuilt` (e.g. the IVF index `plan` built to measure the estimation zone) is calibrated
+    /// instead of building again when it is of `kind` and covers exactly `count` keys.
     public static func buildCalibrated(_ kind: IndexKind, keys: VectorView, count: Int, queries: VectorView?,
                                        build: IndexBuildParameters, calibration: CalibrationParameters,
+                                       prebuilt: (any BuildableIndex)? = nil,
                                        progress: ((Int, Int) -> Void)? = nil) throws -> (index: any BuildableIndex, calibration: SearchCalibration?) {
         let indexed = keys.limited(to: count)
-        let index = try IndexCatalog.make(kind, dimension: keys.dimension, count: count, parameters: build)
         let rows = queries?.count ?? 0
         let heldOut = calibration.heldOut(of: rows)
-        let training = kind == .retrieval && heldOut > 0 ? queries?.limited(to: rows - heldOut) : queries
-        try index.train(keys: indexed, range: 0..<count, queries: training)
-        try index.add(keys: indexed, range: 0..<count, progress: progress)
+        let index: any BuildableIndex
+        if let prebuilt, prebuilt.kind == kind, prebuilt.count == count {
+            index = prebuilt
+        } else {
+            index = try IndexCatalog.make(kind, dimension: keys.dimension, count: count, parameters: build)
+            let training = kind == .retrieval && heldOut > 0 ? queries?.limited(to: rows - heldOut) : queries
+            try index.train(keys: indexed, range: 0..<count, queries: training)
+            try index.add(keys: indexed, range: 0..<count, progress: progress)
+        }
         guard let queries, heldOut > 0, SearchKnob(kind: kind) != nil else { return (index, nil) }
         var parameters = calibration
         parameters.k = min(calibration.k, count)

@@ -39,13 +39,7 @@ public final class REPLInterpreter {
 
         /// The attention parameters these settings give (other knobs at their defaults).
         public var attention: AttentionParameters {
-            var p = AttentionParameters()
-            p.k = k
-            p.sinks = sinks
-            p.window = window
-            p.search.graph.efSetting = ef
-            p.search.ivf.nprobeSetting = nprobe
-            return p
+            AttentionParameters(k: k, sinks: sinks, window: window, ef: ef, nprobe: nprobe)
         }
     }
 

@@ -90,13 +90,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     /// The attention parameters of a decode step under this configuration.
     public var attentionParameters: AttentionParameters {
-        var p = AttentionParameters()
-        p.k = k
-        p.sinks = sinks
-        p.window = window
-        p.search.graph.efSetting = ef
-        p.search.ivf.nprobeSetting = nprobe
-        p.search.tree.beamSetting = beam
+        var p = AttentionParameters(k: k, sinks: sinks, window: window, ef: ef, nprobe: nprobe, beam: beam)
         p.search.lsh.minCollisions = minCollisions
         p.search.landmark.bound = landmarkBound
         p.scale = scale
