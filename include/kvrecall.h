@@ -101,6 +101,11 @@ typedef struct kvrecall_config {
     float scale;                 /* softmax scale; 0 = 1/sqrt(head_dim) */
     float soft_cap;              /* logit soft-cap applied to the scaled score s: cap * tanh(s / cap); 0: none */
     uint32_t threads;            /* threads per call (KV heads in parallel, index builds); 0 = all cores */
+    /* ABI 2, extended: a config of the first ABI-2 size (without this field) is still accepted, with a fixed k. */
+    float budget_mass;           /* adaptive budget of index methods: at build, each head's k is raised
+                                    (at most to 10% of its keys) until its neediest query head keeps this
+                                    much attention mass with its exact top-k on held-out prefill queries;
+                                    0: k stays fixed. Default 0.9. */
 } kvrecall_config;
 
 typedef struct kvrecall_session kvrecall_session;
@@ -117,7 +122,7 @@ typedef void (*kvrecall_log_callback)(int level, const char *message, void *user
 void kvrecall_set_log_callback(kvrecall_log_callback callback, void *user_data);
 
 /* Fills `config` with defaults for the given shape (method retrieval, f16, k 100, sinks 4,
- * window 64, scale 0, soft_cap 0, threads 0). */
+ * window 64, scale 0, soft_cap 0, threads 0, budget_mass 0.9). */
 void kvrecall_config_default(kvrecall_config *config, uint32_t layers, uint32_t kv_heads,
                              uint32_t query_heads_per_kv, uint32_t head_dim);
 

@@ -151,6 +151,19 @@ static void test_configuration(void) {
     EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.head_dim == DIM && back.scale == 0
            && back.method == KVRECALL_METHOD_EXACT, "get_config");
     kvrecall_session_close(s);
+    /* The adaptive budget: 0.9 by default, 0 for a fixed k, outside [0, 1] refused; a caller of the
+     * first ABI-2 size (config without budget_mass) keeps a fixed k. */
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    EXPECT(c.budget_mass > 0.89f && c.budget_mass < 0.91f, "default budget mass %g", c.budget_mass);
+    c.budget_mass = 1.5f;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "budget_mass"),
+           "budget mass 1.5 refused");
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    c.struct_size = offsetof(kvrecall_config, budget_mass);
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "first ABI-2 config size %zu accepted", c.struct_size);
+    back.struct_size = sizeof back;
+    EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.budget_mass == 0, "first ABI-2 caller: fixed k");
+    kvrecall_session_close(s);
     /* auto: available once the library's AttentionMethod has it; otherwise a clear argument error. */
     c = base_config(KVRECALL_METHOD_AUTO);
     int rc = kvrecall_session_open(&c, NULL, &s);

@@ -99,13 +99,15 @@ class Session:
     queries and outputs `[kv_heads, query_heads_per_kv, head_dim]`; log-sum-exp
     `[kv_heads, query_heads_per_kv]`. `method` is one of METHODS, `dtype` (storage) one of DTYPES;
     `scale` is the softmax scale (None: 1/sqrt(head_dim)), `soft_cap` a logit soft-cap (None: none,
-    else scores s become soft_cap * tanh(s / soft_cap)); `params` may set `ef`, `nprobe`
+    else scores s become soft_cap * tanh(s / soft_cap)); `budget_mass` the adaptive budget of index
+    methods (at build each head's k is raised, at most to 10% of its keys, until its neediest query
+    head keeps this much attention mass with its exact top-k; None: k stays fixed); `params` may set `ef`, `nprobe`
     (search knobs) and `threads` (0: all cores). Calls on one session are serialised by the
     library; separate sessions run in parallel (ctypes releases the GIL during each call).
     """
 
     def __init__(self, layers, kv_heads, query_heads_per_kv, head_dim, *, method="retrieval", dtype="f16", k=100,
-                 sinks=4, window=64, scale=None, soft_cap=None, path=None, **params):
+                 sinks=4, window=64, scale=None, soft_cap=None, budget_mass=0.9, path=None, **params):
         unknown = set(params) - _PARAMS
         if unknown:
             raise TypeError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_PARAMS))}")
@@ -123,6 +125,11 @@ class Session:
                 raise TypeError(f"soft_cap must be a number or None (got {type(soft_cap).__name__})")
             if not math.isfinite(soft_cap) or soft_cap <= 0:
                 raise ValueError(f"soft_cap must be finite and positive (got {soft_cap})")
+        if budget_mass is not None:
+            if not isinstance(budget_mass, (int, float, np.floating)) or isinstance(budget_mass, bool):
+                raise TypeError(f"budget_mass must be a number or None (got {type(budget_mass).__name__})")
+            if not (0 < budget_mass <= 1):
+                raise ValueError(f"budget_mass must be in (0, 1], or None for a fixed k (got {budget_mass})")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})")
         shape = [_uint("layers", layers, 1), _uint("kv_heads", kv_heads, 1),
@@ -142,6 +149,7 @@ class Session:
         c.threads = _uint("threads", params.get("threads", 0))
         c.scale = 0.0 if scale is None else float(scale)
         c.soft_cap = 0.0 if soft_cap is None else float(soft_cap)
+        c.budget_mass = 0.0 if budget_mass is None else float(budget_mass)
         handle = ctypes.c_void_p()
         directory = None if path is None else os.fsencode(path)
         _check(lib.kvrecall_session_open(ctypes.byref(c), directory, ctypes.byref(handle)))
@@ -159,6 +167,7 @@ class Session:
         self.k, self.sinks, self.window = config.k, config.sinks, config.window
         self.scale = None if config.scale == 0 else config.scale
         self.soft_cap = None if config.soft_cap == 0 else config.soft_cap
+        self.budget_mass = None if config.budget_mass == 0 else config.budget_mass
 
     @classmethod
     def resume(cls, path):

@@ -70,6 +70,7 @@ class Config(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("soft_cap", ctypes.c_float),
         ("threads", ctypes.c_uint32),
+        ("budget_mass", ctypes.c_float),
     ]
 
 

@@ -54,6 +54,18 @@ def test_soft_cap_equals_numpy_capped_softmax():
         kvrecall.Session(1, H, G, D, soft_cap=-1.0)
 
 
+def test_budget_mass_default_none_and_bad_values():
+    with kvrecall.Session(1, H, G, D) as s:
+        assert abs(s.budget_mass - 0.9) < 1e-6
+    with kvrecall.Session(1, H, G, D, budget_mass=None) as s:
+        assert s.budget_mass is None
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="budget_mass"):
+            kvrecall.Session(1, H, G, D, budget_mass=bad)
+    with pytest.raises(TypeError, match="budget_mass"):
+        kvrecall.Session(1, H, G, D, budget_mass="high")
+
+
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_exact_equals_numpy_softmax(scale):
     keys, values = data(500)

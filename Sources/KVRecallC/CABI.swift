@@ -168,11 +168,15 @@ private let dtypes: [DType] = [.f32, .f16, .bf16]
 /// Size of the version-1 `kvrecall_config` (up to `nprobe`, padded), still accepted.
 private let configV1Size = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.scale)! + 7) / 8 * 8
 
-/// Copies a caller's config of either ABI version into a full one (later fields zero = defaults).
+/// Size of the first ABI-2 `kvrecall_config` (before `budget_mass`), still accepted.
+private let configV2Size = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.budget_mass)! + 7) / 8 * 8
+
+/// Copies a caller's config of any ABI version into a full one (later fields zero: those
+/// versions' behaviour, e.g. a fixed k).
 private func readConfig(_ config: UnsafePointer<kvrecall_config>) throws -> kvrecall_config {
     let size = UnsafeRawPointer(config).load(as: Int.self)
-    guard size == MemoryLayout<kvrecall_config>.size || size == configV1Size else {
-        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
+    guard size == MemoryLayout<kvrecall_config>.size || size == configV2Size || size == configV1Size else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2), \(configV2Size) (ABI 2 before budget_mass) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
     }
     var c = kvrecall_config()
     withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: config, count: size)) }
@@ -189,10 +193,14 @@ private func configuration(_ c: kvrecall_config) throws -> SessionConfiguration 
     guard c.soft_cap.isFinite, c.soft_cap >= 0 else {
         throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.soft_cap must be finite and positive, or 0 for none (got \(c.soft_cap))")
     }
+    guard c.budget_mass.isFinite, c.budget_mass >= 0, c.budget_mass <= 1 else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.budget_mass must be in (0, 1], or 0 for a fixed k (got \(c.budget_mass))")
+    }
     var s = SessionConfiguration(
         layers: Int(c.layers), kvHeads: Int(c.kv_heads), queryHeadsPerKV: Int(c.query_heads_per_kv),
         headDimension: Int(c.head_dim), dtype: dtypes[Int(c.dtype)], method: try method(c.method), k: Int(c.k),
-        sinks: Int(c.sinks), window: Int(c.window), ef: c.ef == 0 ? nil : Int(c.ef), nprobe: c.nprobe == 0 ? nil : Int(c.nprobe))
+        sinks: Int(c.sinks), window: Int(c.window), ef: c.ef == 0 ? nil : Int(c.ef), nprobe: c.nprobe == 0 ? nil : Int(c.nprobe),
+        budgetMass: c.budget_mass == 0 ? nil : (Double(c.budget_mass) * 1e6).rounded() / 1e6)
     s.scale = c.scale == 0 ? nil : c.scale
     s.softCap = c.soft_cap == 0 ? nil : c.soft_cap
     return s
@@ -241,6 +249,7 @@ private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_con
     c.scale = s.scale ?? 0
     c.soft_cap = s.softCap ?? 0
     c.threads = threads
+    c.budget_mass = Float(s.budgetMass ?? 0)
     return c
 }
 
@@ -294,7 +303,7 @@ public func kvrecall_session_get_config(_ handle: OpaquePointer?, _ out: UnsafeM
         try withSession(handle, "kvrecall_session_get_config") { s in
             guard let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_get_config: out must not be NULL") }
             let size = UnsafeRawPointer(out).load(as: Int.self)
-            guard size == MemoryLayout<kvrecall_config>.size || size == configV1Size else {
+            guard size == MemoryLayout<kvrecall_config>.size || size == configV2Size || size == configV1Size else {
                 throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size); set it to sizeof(kvrecall_config) (\(MemoryLayout<kvrecall_config>.size))")
             }
             var c = cConfig(s.configuration, threads: UInt32(s.threads))

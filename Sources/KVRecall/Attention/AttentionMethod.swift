@@ -68,6 +68,9 @@ public final class PreparedMethod: @unchecked Sendable {
     public let effective: AttentionMethod
     /// `auto`'s plan for this head.
     public let plan: HeadPlan?
+    /// A floor on the caller's k for this head: the plan's raised k (auto's, or an index method's
+    /// adaptive budget).
+    public let budget: Int?
     /// The head's index of `effective.indexKind` (nil for exact, HiP and streaming, or a session head not yet indexed).
     public let index: (any BuildableIndex)?
     /// The search knob calibrated for `index` at build, used when the caller leaves it unset.
@@ -94,6 +97,8 @@ public final class PreparedMethod: @unchecked Sendable {
         self.method = method
         self.effective = effective
         self.plan = method == .auto ? plan : nil
+        // auto's plan, or an index method's adaptive budget, raises the caller's k.
+        self.budget = effective.indexKind != nil ? plan?.k : nil
         self.index = effective.indexKind == nil ? nil : index
         self.calibration = self.index == nil ? nil : calibration
         if effective == .estimate, let ivf = index as? IVFIndex {
@@ -116,7 +121,7 @@ public final class PreparedMethod: @unchecked Sendable {
                        parameters: AttentionParameters) throws -> AttentionResult {
         var p = parameters
         p.search = searchParameters(parameters.search)
-        if let budget = plan?.k, budget > p.k { p.k = budget }
+        if let budget, budget > p.k { p.k = budget }
         let n = keys.count
         var selector: (any VectorIndex)? = nil
         switch effective {

@@ -289,6 +289,26 @@ public enum HeadPlanner {
         }
     }
 
+    /// The adaptive budget of an index method (not `auto`) on one head: its profile on the
+    /// held-out tail of its prefill queries and, when the caller's k leaves a query head below
+    /// `policy.budgetMass`, the raised k (a plan of the head's method, whose `k` is that floor).
+    /// nil without enough queries to profile.
+    public static func budget(keys: VectorView, queries: VectorView?, group: Int,
+                              calibration: CalibrationParameters, attention: AttentionParameters, policy: PolicyParameters,
+                              alignedToPositions: Bool = true) throws -> HeadPlan? {
+        guard let profile = try profile(keys: keys, queries: queries, group: group, calibration: calibration,
+                                        attention: attention, alignedToPositions: alignedToPositions) else { return nil }
+        let oracle = String(format: "%.2f", profile.worstOracleMass)
+        guard let budget = policy.budget(for: profile) else {
+            return HeadPlan(policy: .retrieval, profile: profile,
+                            reason: "k \(attention.k) kept: every query head keeps >= \(oracle) of its mass with its exact top-\(attention.k)")
+        }
+        let mass = zip(profile.budgets, profile.budgetMass).first { $0.0 == budget }?.1 ?? 0
+        let reached = mass >= policy.budgetMass
+        let text = "adaptive budget: a query head keeps only \(oracle) of its mass with its exact top-\(attention.k); k raised to \(budget)\(reached ? "" : " (the most allowed: \(Int(policy.maxBudgetFraction * 100))% of the keys)"), where its neediest query head keeps \(String(format: "%.2f", mass)) (target \(policy.budgetMass))"
+        return HeadPlan(policy: .retrieval, profile: profile, reason: text, k: budget)
+    }
+
     /// The plan of one head: its profile on the held-out tail of its prefill queries, the output
     /// errors of the candidate policies on those queries (the estimation zone only for a head that
     /// looks diffuse: an IVF index is built to measure it and returned for reuse), and the policy.

@@ -11,7 +11,13 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var dtype: DType
     /// Attention method for decode steps; `exact` attends everything.
     public var method: String
+    /// Positions retrieved per query head beyond sinks and window (index methods; a floor when
+    /// `budgetMass` raises it).
     public var k: Int
+    /// Adaptive budget (index methods): at `buildIndexes` each head's k is raised (200, 400, ...
+    /// positions, at most 10% of its keys) until the neediest query head keeps this much of its
+    /// softmax mass with its exact top-k on the held-out prefill queries. nil keeps k fixed.
+    public var budgetMass: Double?
     public var sinks: Int
     public var window: Int
     /// HNSW / retrieval graph beam width; nil: calibrated at `buildIndexes` for `targetRecall`.
@@ -38,7 +44,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
                 ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int = 2, landmarkBound: Bool = false,
-                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95) {
+                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9) {
         self.layers = layers
         self.kvHeads = kvHeads
         self.queryHeadsPerKV = queryHeadsPerKV
@@ -52,6 +58,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.nprobe = nprobe
         self.beam = beam
         self.targetRecall = targetRecall
+        self.budgetMass = budgetMass
         self.minCollisions = minCollisions
         self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
@@ -60,11 +67,12 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
-        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap
+        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
-    /// bound) take their defaults when an older checkpoint lacks them.
+    /// bound) take their defaults when an older checkpoint lacks them (the budget: none, as
+    /// those sessions were built with a fixed k).
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         layers = try c.decode(Int.self, forKey: .layers)
@@ -84,6 +92,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
         scale = try c.decodeIfPresent(Float.self, forKey: .scale)
         softCap = try c.decodeIfPresent(Float.self, forKey: .softCap)
+        // Sessions saved before the knob: auto raised k at 0.9, the other methods kept it fixed.
+        budgetMass = try c.decodeIfPresent(Double.self, forKey: .budgetMass) ?? (method == AttentionMethod.auto.rawValue ? 0.9 : nil)
         upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
         context = try c.decode(UInt32.self, forKey: .context)
     }
@@ -113,6 +123,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
             throw SessionError.invalidArgument("unknown method '\(method)' (one of \(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         guard upkeepBatch >= 1 else { throw SessionError.invalidArgument("the upkeep batch must be at least 1 (got \(upkeepBatch))") }
+        if let budgetMass, !(budgetMass > 0 && budgetMass <= 1) {
+            throw SessionError.invalidArgument("the budget mass must be in (0, 1], or none for a fixed k (got \(budgetMass))")
+        }
         // The attention knobs follow the library's one rule (the CLI and the REPL run it too).
         do { try attentionParameters.validate() } catch let error as IndexError {
             if case .invalidParameter(let message) = error { throw SessionError.invalidArgument(message) }
@@ -270,10 +283,10 @@ public final class KVSession {
                 for layer in 0..<configuration.layers {
                     for head in 0..<configuration.kvHeads {
                         let id = headID(layer, head)
-                        let plan = auto ? try HeadPlan.load(snapshot: snapshot, head: id) : nil
+                        let plan = auto || configuration.budgetMass != nil ? try HeadPlan.load(snapshot: snapshot, head: id) : nil
                         if auto && plan == nil { missing.append((layer, head)); continue }
                         plans[layer][head] = plan
-                        guard let kind = plan?.indexKind ?? configuration.attentionMethod.indexKind else {
+                        guard let kind = auto ? plan?.indexKind : configuration.attentionMethod.indexKind else {
                             loaded += 1  // a streaming head: its plan is all it needs
                             continue
                         }
@@ -346,16 +359,22 @@ public final class KVSession {
             let upTo = max(0, keys.count - configuration.window)
             guard upTo > configuration.sinks else { return (nil, nil, nil) }
             var plan: HeadPlan? = nil
+            // Rows per position: the group's every query head, or one (summed) query; queries
+            // that are not one row set per position (a sample) are measured against every key.
+            let perHead = g > 1 && queries.count == keys.count * g
+            let aligned = perHead || queries.count == keys.count
+            var policy = PolicyParameters()
+            policy.budgetMass = configuration.budgetMass ?? 0  // 0: no budget ever raises k
             if method == .auto {
-                // Rows per position: the group's every query head, or one (summed) query; queries
-                // that are not one row set per position (a sample) are measured against every key.
-                let perHead = g > 1 && queries.count == keys.count * g
                 plan = try HeadPlanner.plan(keys: keys, values: try snapshot.vectors(id, .values), queries: queries,
                                             group: perHead ? g : 1, calibration: calibration, attention: parameters,
-                                            policy: PolicyParameters(), build: build,
-                                            alignedToPositions: perHead || queries.count == keys.count).plan
+                                            policy: policy, build: build, alignedToPositions: aligned).plan
+            } else if configuration.budgetMass != nil {
+                plan = try HeadPlanner.budget(keys: keys, queries: queries, group: perHead ? g : 1,
+                                              calibration: calibration, attention: parameters, policy: policy,
+                                              alignedToPositions: aligned)
             }
-            guard let kind = plan?.indexKind ?? method.indexKind else { return (plan, nil, nil) }
+            guard let kind = method == .auto ? plan?.indexKind : method.indexKind else { return (plan, nil, nil) }
             let made = try HeadPlanner.buildCalibrated(kind, keys: keys, count: upTo, queries: queries, build: build,
                                                        calibration: calibration)
             return (plan, made.index, made.calibration)
@@ -367,7 +386,8 @@ public final class KVSession {
         return built.index != nil
     }
 
-    /// `auto`'s plan for (`layer`, `head`) (nil before `buildIndexes` or for another method).
+    /// `auto`'s plan for (`layer`, `head`), or an index method's adaptive budget (its `k`); nil
+    /// before `buildIndexes`, without prefill queries, or for a method with neither.
     public func plan(layer: Int, head: Int) throws -> HeadPlan? {
         try checkLayer(layer)
         guard head >= 0 && head < configuration.kvHeads else { throw SessionError.invalidArgument("KV head \(head) does not exist") }
@@ -388,7 +408,8 @@ public final class KVSession {
             for head in 0..<configuration.kvHeads {
                 var line = "layer \(layer) head \(head): "
                 if let plan = plans[layer][head] {
-                    line += "\(plan.policy.rawValue) (\(plan.reason))"
+                    line += configuration.attentionMethod == .auto ? "\(plan.policy.rawValue) (\(plan.reason))"
+                        : "\(configuration.method) (\(plan.reason))"
                 } else {
                     line += configuration.method
                 }

@@ -28,8 +28,11 @@ struct DecoderMethodOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Decode-time attention of the global layers: \(methods.map(\.rawValue).joined(separator: ", ")); a comma-separated list or 'all' runs each from one shared prefill.",
                                valueName: "method"))
     var method: String = "exact"
-    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved beyond the static part.")
+    @Option(name: .short, parsing: .unconditional, help: "Positions retrieved per query head beyond the static part (index methods: a floor, see --budget-mass).")
     var k: Int = 100
+    @Option(help: ArgumentHelp("Adaptive budget of index methods: at the index build each head's k is raised (200, 400, ... at most 10% of its keys) until its neediest query head keeps this much of its attention mass with its exact top-k on held-out prefill queries; 0 keeps -k fixed.",
+                               valueName: "mass"))
+    var budgetMass: Double = 0.9
     @Option(parsing: .unconditional, help: "First positions always attended (attention sinks).")
     var sinks: Int = 4
     @Option(parsing: .unconditional, help: "Last positions always attended (recent window) in the global layers.")
@@ -60,6 +63,7 @@ struct DecoderMethodOptions: ParsableArguments {
         if let nprobe, nprobe < 1 { throw ValidationError("--nprobe must be at least 1 (got \(nprobe))") }
         if let beam, beam < 1 { throw ValidationError("--beam must be at least 1 (got \(beam))") }
         if !(targetRecall > 0 && targetRecall <= 1) { throw ValidationError("--target-recall must be in (0, 1] (got \(targetRecall))") }
+        if !(budgetMass >= 0 && budgetMass <= 1) { throw ValidationError("--budget-mass must be in [0, 1], 0 for a fixed k (got \(budgetMass))") }
         if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1 (got \(minCollisions))") }
         if PrefillQueryRule(rawValue: prefillQueries) == nil {
             throw ValidationError("--prefill-queries must be summed or every-head (got '\(prefillQueries)')")
@@ -88,6 +92,7 @@ struct DecoderMethodOptions: ParsableArguments {
         o.nprobe = nprobe
         o.beam = beam
         o.targetRecall = targetRecall
+        o.budgetMass = budgetMass > 0 ? budgetMass : nil
         o.minCollisions = minCollisions
         o.dtype = DType(rawValue: dtype) ?? .f16
         o.groupSelection = groupSelection

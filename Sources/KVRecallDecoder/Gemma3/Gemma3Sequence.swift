@@ -13,6 +13,9 @@ public struct DecoderAttentionOptions: Sendable {
     public var beam: Int? = nil
     /// Recall@k the calibrated knobs reach on held-out prefill queries.
     public var targetRecall = 0.95
+    /// Adaptive budget of index methods (`SessionConfiguration.budgetMass`): each head's k is raised
+    /// until its neediest query head keeps this much mass; nil keeps k fixed.
+    public var budgetMass: Double? = 0.9
     public var minCollisions = 2
     /// How the 4 query heads of the KV head share the selection (default: the union of their own top-k).
     public var groupSelection = GroupSelection.union
@@ -78,7 +81,8 @@ public final class Gemma3Sequence {
         var sc = SessionConfiguration(layers: c.globalBlocks.count, kvHeads: c.kvHeads, queryHeadsPerKV: c.groupSize,
                                       headDimension: c.headDimension, dtype: options.dtype, method: options.method,
                                       k: options.k, sinks: options.sinks, window: options.window, ef: options.ef,
-                                      nprobe: options.nprobe, beam: options.beam, targetRecall: options.targetRecall)
+                                      nprobe: options.nprobe, beam: options.beam, targetRecall: options.targetRecall,
+                                      budgetMass: options.budgetMass)
         sc.context = 0
         session = try KVSession(configuration: sc, directory: options.storeDirectory)
         session.parameters.scale = c.attentionScale

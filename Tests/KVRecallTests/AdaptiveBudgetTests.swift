@@ -1,0 +1,98 @@
+import Foundation
+import Testing
+@testable import KVRecall
+import KVRecallTestSupport
+
+/// The session's adaptive budget: an index method's k raised per head, at build, for heads whose
+/// query heads spread their attention (DESIGN "Adaptive budget").
+@Suite struct AdaptiveBudgetTests {
+    static let d = 32, n = 4096, group = 2
+
+    /// A diffuse head: unit keys and soft queries, so the exact top-100 holds a small part of each
+    /// query head's mass. Prefill queries for every position and query head.
+    static func diffuseHead() -> (keys: [Float], values: [Float], prefill: [Float], decode: [Float]) {
+        var rng = SeededRandom(seed: 41)
+        func gaussian(_ count: Int, _ sigma: Float) -> [Float] {
+            (0..<count).map { _ in
+                let u = Float.random(in: Float.ulpOfOne..<1, using: &rng), v = Float.random(in: 0..<1, using: &rng)
+                return sigma * (-2 * log(u)).squareRoot() * cos(2 * .pi * v)
+            }
+        }
+        return (gaussian(n * d, 1), gaussian(n * d, 1), gaussian(n * group * d, 0.6), gaussian(8 * group * d, 0.6))
+    }
+
+    static func session(_ budgetMass: Double?, directory: String) throws -> KVSession {
+        let h = diffuseHead()
+        let configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: group, headDimension: d, dtype: .f32,
+                                                 method: .retrieval, budgetMass: budgetMass)
+        let session = try KVSession(configuration: configuration, directory: directory)
+        try h.keys.withUnsafeBufferPointer { k in
+            try h.values.withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+        }
+        try h.prefill.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
+        try session.buildIndexes()
+        return session
+    }
+
+    /// Mean output error of the session's 8 decode groups against exact attention, and the most
+    /// positions one group attended.
+    static func measure(_ session: KVSession) throws -> (error: Double, attended: Int) {
+        let h = diffuseHead()
+        var error = 0.0, attended = 0
+        try session.store.read { snapshot in
+            let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+            for q in 0..<8 {
+                let one = Array(h.decode[(q * group * d)..<((q + 1) * group * d)])
+                let result = try one.withUnsafeBufferPointer { try session.attendDetailed(layer: 0, head: 0, queries: $0) }
+                let fidelity = one.withUnsafeBufferPointer {
+                    Attention.fidelity(of: result, queries: $0, keys: keys, values: values, parameters: session.parameters)
+                }
+                error += fidelity.outputError / 8
+                attended = max(attended, result.attended.count)
+            }
+        }
+        return (error, attended)
+    }
+
+    @Test func aDiffuseHeadGetsAHigherKThatLowersItsErrorAndKeepsItOnResume() throws {
+        let fixedDir = TemporaryDirectory("kvrecall-budget-fixed"), budgetDir = TemporaryDirectory("kvrecall-budget")
+        let fixed = try Self.session(nil, directory: fixedDir.path)
+        defer { fixed.close() }
+        #expect(try fixed.plan(layer: 0, head: 0) == nil)
+        let fixedRun = try Self.measure(fixed)
+        #expect(fixedRun.attended <= Self.group * 100 + 4 + 64)
+
+        var budgetRun: (error: Double, attended: Int)
+        let raised: Int
+        do {
+            let session = try Self.session(0.9, directory: budgetDir.path)
+            let plan = try #require(try session.plan(layer: 0, head: 0))
+            raised = try #require(plan.k, "\(plan.summary)")
+            // 200, 400...: at most 10% of the 4096 keys.
+            #expect(raised > 100 && raised <= 410, "\(plan.summary)")
+            #expect(plan.reason.contains("adaptive budget"))
+            #expect(session.report()[0].hasPrefix("layer 0 head 0: retrieval (adaptive budget"))
+            budgetRun = try Self.measure(session)
+            #expect(budgetRun.attended > fixedRun.attended)
+            #expect(budgetRun.error < fixedRun.error, "budget \(budgetRun.error) vs fixed k \(fixedRun.error)")
+            try session.checkpoint()
+            session.close()
+        }
+        let resumed = try KVSession(resuming: budgetDir.path)
+        defer { resumed.close() }
+        #expect(try resumed.plan(layer: 0, head: 0)?.k == raised)
+        #expect(try Self.measure(resumed).attended == budgetRun.attended)
+    }
+
+    @Test func theBudgetMassIsValidated() throws {
+        for bad in [0.0, -0.5, 1.5, .nan] {
+            let c = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: 8, budgetMass: bad)
+            #expect(throws: SessionError.self) { try c.validate() }
+        }
+        // A configuration saved before the knob existed keeps k fixed (auto kept its 0.9).
+        let json = #"{"layers":1,"kvHeads":1,"queryHeadsPerKV":1,"headDimension":8,"dtype":"f16","method":"retrieval","k":100,"sinks":4,"window":64,"upkeepBatch":64,"context":0}"#
+        #expect(try JSONDecoder().decode(SessionConfiguration.self, from: Data(json.utf8)).budgetMass == nil)
+        let autoJSON = json.replacingOccurrences(of: "\"retrieval\"", with: "\"auto\"")
+        #expect(try JSONDecoder().decode(SessionConfiguration.self, from: Data(autoJSON.utf8)).budgetMass == 0.9)
+    }
+}
