@@ -34,10 +34,25 @@ let package = Package(
         ),
         // Vectorised f16/bf16 kernels with a runtime CPU check and a portable fallback.
         .target(name: "CKernels"),
+        // The engine, one target per layer; a layer imports only the layers below it.
+        .target(name: "KVRecallSupport"),
+        .target(name: "KVRecallKernels", dependencies: ["KVRecallSupport", "CBLAS", "CKernels"]),
+        .target(name: "KVRecallFormats"),
+        .target(name: "KVRecallStorage", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "CLMDB", "CKernels"]),
+        .target(name: "KVRecallIndexes", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage",
+                                                        "CBLAS", "CKernels"]),
+        .target(name: "KVRecallAttention", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage",
+                                                          "KVRecallIndexes", "CBLAS", "CKernels"]),
+        .target(name: "KVRecallSession", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage",
+                                                        "KVRecallIndexes", "KVRecallAttention"]),
+        // `import KVRecall`: every layer's public API (what the C ABI and the decoder build on).
         .target(
             name: "KVRecall",
-            dependencies: ["CLMDB", "CBLAS", "CKernels"]
+            dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage", "KVRecallIndexes",
+                           "KVRecallAttention", "KVRecallSession"]
         ),
+        // Presentation: text tables, terminal styles and the REPL's interpreter (the CLI's, not the C ABI's).
+        .target(name: "KVRecallInterface", dependencies: ["KVRecall"]),
         // The C header (include/kvrecall.h) and its C-only part, so Swift sees the ABI's types.
         .target(name: "KVRecallABI", path: "include", publicHeadersPath: "."),
         .target(name: "KVRecallC", dependencies: ["KVRecall", "KVRecallABI", "CKernels"]),
@@ -53,6 +68,7 @@ let package = Package(
             name: "KVRecallCLI",
             dependencies: [
                 "KVRecall",
+                "KVRecallInterface",
                 "KVRecallDecoder",
                 "CKernels",
                 "CEditLine",
@@ -66,7 +82,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KVRecallTests",
-            dependencies: ["KVRecall", "KVRecallTestSupport", "KVRecallCLI"]
+            dependencies: ["KVRecall", "KVRecallInterface", "KVRecallTestSupport", "KVRecallCLI"]
         ),
         .testTarget(
             name: "KVRecallDecoderTests",

@@ -1,5 +1,7 @@
 import ArgumentParser
 import KVRecall
+import KVRecallInterface
+import KVRecallDecoder
 
 // The library's enums as command-line values: parsed, listed in `--help` and completed by
 // ArgumentParser from their raw values, so the CLI holds no second list of names.
@@ -11,6 +13,8 @@ extension AttentionMethod: ExpressibleByArgument {}
 extension ClusterMetric: ExpressibleByArgument {}
 extension ListCodeKind: ExpressibleByArgument {}
 extension GroupSelection: ExpressibleByArgument {}
+extension DType: ExpressibleByArgument {}
+extension PrefillQueryRule: ExpressibleByArgument {}
 
 /// Runs a library settings type's `validate()` as an argument check: the library owns the rules
 /// (the same for the CLI, the REPL, the session and the C ABI), its message becomes the usage error.

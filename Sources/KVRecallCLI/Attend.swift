@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 /// `-k`, `--sinks`, `--window`: what top-k attention attends (and what `build --index auto`
 /// profiles and calibrates for).

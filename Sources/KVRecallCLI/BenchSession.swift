@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 struct BenchSession: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -31,7 +32,7 @@ struct BenchSession: ParsableCommand {
     var steps: Int = 16
     @Option(help: "Retrieval method of the second session.")
     var method: AttentionMethod = .retrieval
-    @Option var dtype: String = "f16"
+    @Option(help: "Storage type of the keys and values.") var dtype: DType = .f16
     @Option(name: .short) var k: Int = 100
     @Option(help: "Graph beam width (default: calibrated per head at build for --target-recall).")
     var ef: Int?
@@ -45,7 +46,6 @@ struct BenchSession: ParsableCommand {
     var trainingQueries: Int = IndexBuildParameters().trainingQueries
 
     func validate() throws {
-        guard DType(rawValue: dtype) != nil else { throw ValidationError("--dtype must be f32, f16 or bf16") }
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
         if trainingQueries < 1 { throw ValidationError("--training-queries must be at least 1 (got \(trainingQueries))") }
     }
@@ -62,7 +62,7 @@ struct BenchSession: ParsableCommand {
         defer { sessions.forEach { s in let path = s.store.path; s.close(); try? FileManager.default.removeItem(atPath: path) } }
         for m in [AttentionMethod.exact, method] {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
-                                              dtype: DType(rawValue: dtype)!, method: m, k: k, ef: ef,
+                                              dtype: dtype, method: m, k: k, ef: ef,
                                               targetRecall: targetRecall)
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
             sessions[sessions.count - 1].parameters.groupSelection = groupSelection
@@ -96,7 +96,7 @@ struct BenchSession: ParsableCommand {
         buildParameters.trainingQueries = trainingQueries
         try sessions[1].buildIndexes(parameters: buildParameters)
         let buildSeconds = Double(monotonicNanos() - build0) / 1e9
-        print("\(layers) layers x \(kvHeads) KV heads x \(group) query heads, d=\(d), \(dtype), context \(context): filled in \(fmt(fillSeconds, 1)) s, \(method) indexes built in \(fmt(buildSeconds, 1)) s")
+        print("\(layers) layers x \(kvHeads) KV heads x \(group) query heads, d=\(d), \(dtype.rawValue), context \(context): filled in \(fmt(fillSeconds, 1)) s, \(method) indexes built in \(fmt(buildSeconds, 1)) s")
         var times: [[Double]] = [[], []]
         var recallSum = 0.0, recallCount = 0
         for step in 0..<steps {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 /// Index build parameters, named as faiss and hnswlib users know them.
 struct BuildParameterOptions: ParsableArguments {

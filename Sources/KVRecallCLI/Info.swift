@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(

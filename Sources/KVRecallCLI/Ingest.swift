@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 struct Ingest: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -36,7 +37,7 @@ struct Ingest: ParsableCommand {
     @Option(help: ArgumentHelp("Tensor name of the queries in a .safetensors file.", valueName: "name"))
     var queriesTensor: String?
     @Option(help: "Storage dtype: f32, f16 or bf16 (default: the keys' dtype).")
-    var dtype: String?
+    var dtype: DType?
     @Option(help: "Vectors per LMDB value (new heads only).")
     var blockSize: Int = KVStore.defaultBlockSize
     @Flag(help: "Store NaN/Inf instead of rejecting them.")
@@ -47,9 +48,6 @@ struct Ingest: ParsableCommand {
     var rowsPerTransaction: Int = 16384
 
     func validate() throws {
-        if let dtype, DType(rawValue: dtype) == nil {
-            throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)')")
-        }
         if blockSize < 1 || blockSize > 65536 { throw ValidationError("--block-size must be in 1...65536") }
         if rowsPerTransaction < 1 { throw ValidationError("--rows-per-transaction must be at least 1") }
     }
@@ -60,7 +58,7 @@ struct Ingest: ParsableCommand {
         let q = try queries.map { try loadTensor(path: $0, tensorName: queriesTensor, role: "queries") }
         try KVStore.validateIngest(keys: k, keysPath: keys, values: v, valuesPath: values,
                                    queries: q, queriesPath: queries, allowNonFinite: allowNonFinite)
-        let storage = dtype.flatMap(DType.init(rawValue:)) ?? DType(k.dtype)
+        let storage = dtype ?? DType(k.dtype)
         let store = try storeOptions.open(create: true)
         defer { store.close() }
         // One writer per head for the whole ingest: a concurrent ingest (or session) of the same

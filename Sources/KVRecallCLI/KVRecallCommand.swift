@@ -1,5 +1,6 @@
 import ArgumentParser
 import KVRecall
+import KVRecallInterface
 
 @main
 struct KVRecallCommand: ParsableCommand {

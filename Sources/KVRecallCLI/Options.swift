@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 /// `--store DIR`, shared by every command that reads or writes a store.
 struct StoreOptions: ParsableArguments {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 struct Query: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,7 +1,15 @@
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 import KVRecallTestSupport
+@testable import KVRecallInterface
 
 /// `auto`: per-head profiles and policies, and search knobs calibrated at build.
 @Suite struct AutoPolicyTests {

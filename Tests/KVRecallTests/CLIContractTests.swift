@@ -1,6 +1,13 @@
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 import KVRecallTestSupport
 
 /// The CLI's side of the contracts: one writer per head, indexes that say what they cover and

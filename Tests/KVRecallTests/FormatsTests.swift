@@ -1,6 +1,13 @@
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 
 // Tests for the .npy / safetensors readers and writers and the Tensor helpers.
 // Fixtures are built in code or embedded as base64 (the numpy/safetensors ones

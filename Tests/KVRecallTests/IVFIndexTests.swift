@@ -1,6 +1,13 @@
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 import KVRecallTestSupport
 
 /// A temporary store holding clustered gaussian keys (with a common offset, like LLM keys) and
@@ -194,13 +201,13 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
 
     @Test func rejectsBadArguments() throws {
         let rows = [Float](repeating: 1, count: 40)
-        #expect(throws: IndexError.invalidParameter("k-means needs k >= 1 (got 0)")) {
+        #expect(throws: KernelError("k-means needs k >= 1 (got 0)")) {
             try KMeans.train(rows, dimension: 4, options: KMeans.Options(k: 0))
         }
-        #expect(throws: IndexError.invalidParameter("k-means k = 11 exceeds the 10 rows")) {
+        #expect(throws: KernelError("k-means k = 11 exceeds the 10 rows")) {
             try KMeans.train(rows, dimension: 4, options: KMeans.Options(k: 11))
         }
-        #expect(throws: IndexError.dimensionMismatch(expected: 3, actual: 40)) {
+        #expect(throws: KernelError("k-means rows hold 40 floats, not a multiple of the dimension 3")) {
             try KMeans.train(rows, dimension: 3, options: KMeans.Options(k: 2))
         }
     }

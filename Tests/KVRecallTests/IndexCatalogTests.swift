@@ -1,6 +1,13 @@
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 import KVRecallTestSupport
 
 /// The catalog's one header (kind and version, both checked) and the one section reader, for

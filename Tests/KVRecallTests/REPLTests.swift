@@ -1,7 +1,15 @@
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 import KVRecallTestSupport
+@testable import KVRecallInterface
 
 /// A store holding the real MiniLM sample (Data/minilm): head 0/2/6 with its 4096 keys, values
 /// and prefill queries and the hnsw, ivf and landmark indexes; head 0/2/3 with the 1024 keys of

@@ -2,6 +2,13 @@ import CLMDB
 import Foundation
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 import KVRecallTestSupport
 
 // Reliability (issue 7): crash safety under SIGKILL, a concurrency soak, and store faults.

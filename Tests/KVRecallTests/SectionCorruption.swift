@@ -1,5 +1,12 @@
 import Testing
 @testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallFormats
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
 
 /// Checks that `load` refuses, with `IndexError.corrupt`, every damaged variant of `good`: each
 /// section missing, cut at each of `cuts` (and at half and one short), and with a trailing byte.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # libFuzzer for the .npy and .safetensors parsers (issue 7). Builds one binary per parser with
-# `swiftc -sanitize=fuzzer,address` from Tools/fuzz/FuzzTarget.swift plus Sources/KVRecall/Formats/*.swift
+# `swiftc -sanitize=fuzzer,address` from Tools/fuzz/FuzzTarget.swift plus Sources/KVRecallFormats/*.swift
 # (outside SwiftPM), seeds a corpus with small valid files, and runs each for a bounded time.
 #
 #   bash Tools/fuzz/run.sh [seconds per parser, default 60] [jobs, default 1]
@@ -41,7 +41,7 @@ for target in npy safetensors; do
   define=$([ "$target" = npy ] && echo FUZZ_NPY || echo FUZZ_SAFETENSORS)
   echo "== building $bin"
   swiftc -sanitize=fuzzer,address -parse-as-library -O -D "$define" \
-    Tools/fuzz/FuzzTarget.swift Sources/KVRecall/Formats/*.swift -o "$bin" 2>&1 | { grep -v "Cannot export local symbol" || true; }
+    Tools/fuzz/FuzzTarget.swift Sources/KVRecallFormats/*.swift -o "$bin" 2>&1 | { grep -v "Cannot export local symbol" || true; }
   corpus="$out/corpus-$target"
   mkdir -p "$corpus"
   if [ "$target" = npy ]; then

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 import KVRecallDecoder
 
 struct Capture: ParsableCommand {

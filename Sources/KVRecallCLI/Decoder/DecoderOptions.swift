@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 import KVRecallDecoder
 
 /// `--model FILE`: the GGUF model, by default the cache Tools/fetch_model.sh fills.
@@ -48,11 +49,11 @@ struct DecoderMethodOptions: ParsableArguments {
     @Option(help: "LSH: tables a key must share with the query to be a candidate.")
     var minCollisions: Int = 2
     @Option(help: "Storage type of the cached keys and values: f32, f16, bf16.")
-    var dtype: String = "f16"
+    var dtype: DType = .f16
     @Option(help: "GQA selection of index-backed methods: union (every query head's own top-k, attended by all), union-capped, summed.")
     var groupSelection: GroupSelection = .union
     @Option(help: "Prefill queries kept per KV head (retrieval graph training, auto's profile, calibration): every-head (each query head's own) or summed (the group's sum per position).")
-    var prefillQueries: String = "every-head"
+    var prefillQueries: PrefillQueryRule = .everyHead
 
     func validate() throws {
         _ = try methodList()
@@ -65,10 +66,6 @@ struct DecoderMethodOptions: ParsableArguments {
         if !(targetRecall > 0 && targetRecall <= 1) { throw ValidationError("--target-recall must be in (0, 1] (got \(targetRecall))") }
         if !(budgetMass >= 0 && budgetMass <= 1) { throw ValidationError("--budget-mass must be in [0, 1], 0 for a fixed k (got \(budgetMass))") }
         if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1 (got \(minCollisions))") }
-        if PrefillQueryRule(rawValue: prefillQueries) == nil {
-            throw ValidationError("--prefill-queries must be summed or every-head (got '\(prefillQueries)')")
-        }
-        if DType(rawValue: dtype) == nil { throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)')") }
     }
 
     func methodList() throws -> [AttentionMethod] {
@@ -94,9 +91,9 @@ struct DecoderMethodOptions: ParsableArguments {
         o.targetRecall = targetRecall
         o.budgetMass = budgetMass > 0 ? budgetMass : nil
         o.minCollisions = minCollisions
-        o.dtype = DType(rawValue: dtype) ?? .f16
+        o.dtype = dtype
         o.groupSelection = groupSelection
-        o.prefillQueries = PrefillQueryRule(rawValue: prefillQueries) ?? .everyHead
+        o.prefillQueries = prefillQueries
         return o
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVRecall
+import KVRecallInterface
 
 /// `kvrecall repl`: the interactive session. The commands and their output come from
 /// `REPLInterpreter` (KVRecall library); this front end reads lines (libedit on a terminal,

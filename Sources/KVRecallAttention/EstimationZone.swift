@@ -1,0 +1,215 @@
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+import KVRecallIndexes
+
+/// Exact per-cluster statistics of an IVF partition of a head: member count, mean key and value
+/// sum. They let a cluster stand in for its members (RetroInfer's estimation zone): for query q,
+/// sum_{i in c} exp(s q.k_i) v_i  is estimated by  n_c exp(s q.mean_c) (value_sum_c / n_c).
+/// Computed once per head from the keys and values (O(N d)) and reused for every query. It covers
+/// the keys the IVF index holds (a session's index lags the head by the keys not yet indexed,
+/// which the dispatcher attends exactly like the window).
+public struct ClusterSummary: Sendable {
+    public let clusters: Int
+    public let dimension: Int
+    public let valueDimension: Int
+    public let sizes: [Int]
+    /// `clusters x dimension`, row-major.
+    public let meanKeys: [Float]
+    /// `clusters x valueDimension`, row-major.
+    public let valueSums: [Float]
+    /// Cluster of each position the index holds (positions 0..<clusterOf.count).
+    public let clusterOf: [Int32]
+    /// Members of each cluster.
+    public let members: [[Int32]]
+
+    public init(ivf: IVFIndex, keys: VectorView, values: VectorView) throws {
+        guard ivf.count <= keys.count, values.count == keys.count else {
+            throw IndexError.corrupt("the IVF index covers \(ivf.count) keys but the head holds \(keys.count); rebuild it")
+        }
+        let d = keys.dimension, dv = values.dimension, c = ivf.nlist
+        var sizes = [Int](repeating: 0, count: c)
+        var meanKeys = [Float](repeating: 0, count: c * d)
+        var valueSums = [Float](repeating: 0, count: c * dv)
+        var clusterOf = [Int32](repeating: -1, count: ivf.count)
+        var members = [[Int32]](repeating: [], count: c)
+        var row = [Float](repeating: 0, count: max(d, dv))
+        for l in 0..<c {
+            members[l] = Array(ivf.list(l))
+            sizes[l] = members[l].count
+            for id in members[l] {
+                let i = Int(id)
+                clusterOf[i] = Int32(l)
+                keys.decodeRow(i, into: &row)
+                for j in 0..<d { meanKeys[l * d + j] += row[j] }
+                values.decodeRow(i, into: &row)
+                for j in 0..<dv { valueSums[l * dv + j] += row[j] }
+            }
+            if sizes[l] > 0 { for j in 0..<d { meanKeys[l * d + j] /= Float(sizes[l]) } }
+        }
+        clusters = c
+        dimension = d
+        valueDimension = dv
+        self.sizes = sizes
+        self.meanKeys = meanKeys
+        self.valueSums = valueSums
+        self.clusterOf = clusterOf
+        self.members = members
+    }
+}
+
+/// Options of the estimation zone and the adaptive budget.
+public struct EstimationParameters: Sendable {
+    /// Clusters below the retrieval cut whose contribution is estimated; nil for all of them.
+    public var clusters: Int? = nil
+    /// Adaptive budget: retrieve clusters until their estimated attention mass reaches `topP`.
+    public var topP: Double? = nil
+    /// Most positions the adaptive budget may retrieve.
+    public var maxRetrieved = 4096
+    public init() {}
+
+    public func validate() throws {
+        if let topP { guard topP > 0 && topP <= 1 else { throw IndexError.invalidParameter("top-p must be in (0, 1] (got \(topP))") } }
+        if let clusters { guard clusters >= 0 else { throw IndexError.invalidParameter("estimated clusters must be non-negative (got \(clusters))") } }
+        guard maxRetrieved >= 1 else { throw IndexError.invalidParameter("max retrieved must be at least 1 (got \(maxRetrieved))") }
+    }
+}
+
+extension Attention {
+    /// RetroInfer-style attention for one GQA group: clusters ranked against their mean key; each
+    /// query head's best clusters (until `k` positions, or until the estimated mass reaches `topP`)
+    /// join the retrieval zone (with `groupSelection == .summed`, the group's summed score ranks
+    /// once) and are attended exactly with the static part; the next clusters in the group's
+    /// summed order (the estimation zone) contribute their estimate, merged by log-sum-exp.
+    /// Static positions are removed from the clusters they belong to, so nothing counts twice.
+    public static func attendEstimated(queries: UnsafeBufferPointer<Float>, summary: ClusterSummary, keys: VectorView,
+                                       values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
+        let estimation = parameters.estimation
+        let d = keys.dimension, dv = values.dimension
+        guard queries.count % d == 0, queries.count > 0 else { throw IndexError.dimensionMismatch(expected: d, actual: queries.count) }
+        guard summary.dimension == d, summary.clusterOf.count <= keys.count else {
+            throw IndexError.corrupt("cluster summary does not match the head")
+        }
+        if let p = estimation.topP, !(p > 0 && p <= 1) { throw IndexError.invalidParameter("top-p must be in (0, 1] (got \(p))") }
+        let g = queries.count / d
+        let n = keys.count
+        let score = ScoreTransform(parameters, dimension: d)
+        let scale = score.scale
+        let fixed = staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
+        // Static members leave their cluster's count and value sum.
+        var sizes = summary.sizes
+        var valueSums = summary.valueSums
+        var row = [Float](repeating: 0, count: dv)
+        for i in fixed where i < summary.clusterOf.count {
+            let c = Int(summary.clusterOf[i])
+            guard c >= 0 else { continue }
+            sizes[c] -= 1
+            values.decodeRow(i, into: &row)
+            for j in 0..<dv { valueSums[c * dv + j] -= row[j] }
+        }
+        // Rank clusters by the group's summed score against their mean key.
+        var summed = [Float](repeating: 0, count: d)
+        for h in 0..<g { for j in 0..<d { summed[j] += queries[h * d + j] } }
+        var clusterScores = [Float](repeating: 0, count: summary.clusters)
+        summary.meanKeys.withUnsafeBufferPointer { m in
+            summed.withUnsafeBufferPointer { q in
+                for c in 0..<summary.clusters {
+                    var s: Float = 0
+                    for j in 0..<d { s += q[j] * m[c * d + j] }
+                    clusterScores[c] = s
+                }
+            }
+        }
+        let ranked = (0..<summary.clusters).filter { sizes[$0] > 0 }.sorted {
+            clusterScores[$0] != clusterScores[$1] ? clusterScores[$0] > clusterScores[$1] : $0 < $1
+        }
+        // Retrieval zone: by token budget k, or adaptively until the estimated mass reaches top-p;
+        // per query head (their union) unless the group selects with its summed score.
+        func zone(order: [Int], scores: [Float], scoreScale: Float) -> Int {
+            var taken = 0, count = 0
+            if let p = estimation.topP {
+                let logMass = order.map { scoreScale * scores[$0] + Float(log(Double(sizes[$0]))) }
+                let total = logSumExp(logMass)
+                var cumulative = 0.0
+                while taken < order.count && cumulative < p
+                        && count + sizes[order[taken]] <= max(estimation.maxRetrieved, sizes[order[0]]) {
+                    cumulative += exp(Double(logMass[taken] - total))
+                    count += sizes[order[taken]]
+                    taken += 1
+                }
+            } else {
+                while taken < order.count && count < parameters.k {
+                    count += sizes[order[taken]]
+                    taken += 1
+                }
+            }
+            return taken
+        }
+        var retrievedClusters: [Int]
+        if parameters.groupSelection == .summed || g == 1 {
+            retrievedClusters = Array(ranked.prefix(zone(order: ranked, scores: clusterScores, scoreScale: scale / Float(g))))
+        } else {
+            var chosen = Set<Int>()
+            retrievedClusters = []
+            var headScores = [Float](repeating: 0, count: summary.clusters)
+            for h in 0..<g {
+                summary.meanKeys.withUnsafeBufferPointer { m in
+                    headScores.withUnsafeMutableBufferPointer { z in
+                        BLAS.gemv(n: summary.clusters, k: d, a: m.baseAddress!, x: queries.baseAddress! + h * d, y: z.baseAddress!)
+                    }
+                }
+                let order = (0..<summary.clusters).filter { sizes[$0] > 0 }.sorted {
+                    headScores[$0] != headScores[$1] ? headScores[$0] > headScores[$1] : $0 < $1
+                }
+                for c in order.prefix(zone(order: order, scores: headScores, scoreScale: scale)) where chosen.insert(c).inserted {
+                    retrievedClusters.append(c)
+                }
+            }
+        }
+        let isStatic = Set(fixed)
+        var retrieved: [Int] = []
+        for c in retrievedClusters {
+            for id in summary.members[c] where !isStatic.contains(Int(id)) { retrieved.append(Int(id)) }
+        }
+        let inRetrieval = Set(retrievedClusters)
+        let estimatedZone = Array(ranked.filter { !inRetrieval.contains($0) }.prefix(estimation.clusters ?? Int.max))
+        let attended = (fixed + retrieved).sorted()
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(d, dv))
+        defer { scratch.deallocate() }
+        // The estimation zone as one partial per head: with s_c the scaled score of cluster c's
+        // mean key, the clusters' merged output is sum_c exp(s_c - M) valueSum_c / sum_c exp(s_c - M) n_c.
+        let zoneMeans = estimatedZone.flatMap { c in summary.meanKeys[(c * d)..<((c + 1) * d)] }
+        var zoneScores = [Float](repeating: 0, count: estimatedZone.count)
+        var heads: [PartialAttention] = []
+        for h in 0..<g {
+            let query = queries.baseAddress! + h * d
+            var partial = AttentionKernel.attend(query: query, positions: attended, keys: keys, values: values,
+                                                 score: score, scratch: scratch)
+            if !estimatedZone.isEmpty {
+                zoneMeans.withUnsafeBufferPointer { m in
+                    zoneScores.withUnsafeMutableBufferPointer { z in
+                        BLAS.gemv(n: estimatedZone.count, k: d, a: m.baseAddress!, x: query, y: z.baseAddress!)
+                    }
+                }
+                for j in zoneScores.indices { zoneScores[j] = score(zoneScores[j]) }  // a cluster's mean key stands for its members
+                let top = zoneScores.max()!
+                var weightSum = 0.0
+                var output = [Double](repeating: 0, count: dv)
+                for (j, c) in estimatedZone.enumerated() {
+                    let w = exp(Double(zoneScores[j] - top))
+                    weightSum += w * Double(sizes[c])
+                    for v in 0..<dv { output[v] += w * Double(valueSums[c * dv + v]) }
+                }
+                let zone = PartialAttention(output: output.map { Float($0 / weightSum) }, lse: top + Float(log(weightSum)))
+                partial = partial.merged(with: zone)
+            }
+            heads.append(partial)
+        }
+        let estimated = estimatedZone.map { summary.members[$0] }
+        let stats = SearchStats(distanceComputations: retrieved.count, auxiliaryComputations: summary.clusters, queries: 1, keyCount: n)
+        return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats,
+                               estimatedClusters: estimatedZone.count, estimated: estimated)
+    }
+}

@@ -1,0 +1,177 @@
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+
+/// The search knob an index kind exposes for the recall/cost trade-off.
+public enum SearchKnob: String, Codable, Sendable {
+    /// HNSW and the retrieval graph: beam width.
+    case ef
+    /// IVF: lists probed.
+    case nprobe
+    /// Centroid tree: clusters kept per level.
+    case beam
+
+    /// The knob of `kind`, or nil for kinds calibration leaves alone (LSH, landmark, flat, hip).
+    public init?(kind: IndexKind) {
+        switch kind {
+        case .hnsw, .retrieval: self = .ef
+        case .ivf: self = .nprobe
+        case .tree: self = .beam
+        case .lsh, .landmark, .flat, .hip: return nil
+        }
+    }
+
+    /// `parameters` with this knob set to `value`.
+    public func applied(_ value: Int, to parameters: SearchParameters) -> SearchParameters {
+        var p = parameters
+        switch self {
+        case .ef: p.graph.ef = value
+        case .nprobe: p.ivf.nprobe = value
+        case .beam: p.tree.beam = value
+        }
+        return p
+    }
+
+    /// Whether the caller set this knob explicitly in `parameters` (explicit values win over a calibration).
+    public func isSet(in parameters: SearchParameters) -> Bool {
+        switch self {
+        case .ef: return parameters.graph.efSetting != nil
+        case .nprobe: return parameters.ivf.nprobeSetting != nil
+        case .beam: return parameters.tree.beamSetting != nil
+        }
+    }
+}
+
+/// A search knob chosen at build time on held-out prefill queries: the smallest value whose
+/// recall@k against exact search reaches the target. Stored with the index (its `calibration`
+/// section) and used whenever the caller leaves that knob unset.
+public struct SearchCalibration: Codable, Equatable, Sendable {
+    public var knob: SearchKnob
+    public var value: Int
+    /// Recall@k the target asked for, and what `value` measured on the held-out queries.
+    public var targetRecall: Double
+    public var recall: Double
+    /// Mean fraction of the indexed keys scored per held-out query at `value`.
+    public var keysScanned: Double
+    public var k: Int
+    /// Held-out queries measured (never used to train the index).
+    public var queries: Int
+    /// False when even the largest value tried stays below the target (`value` is then that largest value).
+    public var reached: Bool
+
+    /// One line for `build`, `info` and the REPL.
+    public var summary: String {
+        let recallText = String(format: "%.3f", recall), scanned = String(format: "%.1f%%", keysScanned * 100)
+        let verdict = reached ? "target \(targetRecall)" : "below target \(targetRecall) at the largest \(knob.rawValue) tried"
+        return "\(knob.rawValue) \(value): recall@\(k) \(recallText), \(scanned) of keys scanned on \(queries) held-out queries (\(verdict))"
+    }
+
+    /// Fills the knob into `parameters` unless the caller set it.
+    public func resolve(_ parameters: SearchParameters) -> SearchParameters {
+        knob.isSet(in: parameters) ? parameters : knob.applied(value, to: parameters)
+    }
+}
+
+/// How a build holds out and measures calibration queries.
+public struct CalibrationParameters: Sendable, Equatable {
+    /// Recall@k the chosen knob must reach on the held-out queries.
+    public var targetRecall = 0.95
+    /// k of the recall measured.
+    public var k = 100
+    /// Most prefill queries held out (the last ones: closest to decode).
+    public var heldOutQueries = 128
+    /// Fewer queries than this in the head: no calibration (the defaults apply).
+    public static let minimumQueries = 16
+    public init() {}
+
+    public func validate() throws {
+        guard targetRecall > 0 && targetRecall <= 1 else {
+            throw IndexError.invalidParameter("target recall must be in (0, 1] (got \(targetRecall))")
+        }
+        guard k >= 1 else { throw IndexError.invalidParameter("calibration k must be at least 1 (got \(k))") }
+        guard heldOutQueries >= Self.minimumQueries else {
+            throw IndexError.invalidParameter("held-out queries must be at least \(Self.minimumQueries) (got \(heldOutQueries))")
+        }
+    }
+
+    /// Rows of a head's `queryCount` prefill queries held out: at most a quarter of them, so the
+    /// retrieval graph still trains on most; 0 when there are too few to measure anything.
+    public func heldOut(of queryCount: Int) -> Int {
+        let rows = min(heldOutQueries, queryCount / 4)
+        return rows >= Self.minimumQueries ? rows : 0
+    }
+}
+
+public enum Calibrator {
+    /// Candidate values of `knob`, ascending, for `index` (bounded by what it can use).
+    static func ladder(_ knob: SearchKnob, index: any VectorIndex, k: Int) -> [Int] {
+        switch knob {
+        case .ef:
+            let values = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+            let usable = values.filter { $0 >= k && $0 <= index.count }
+            return usable.isEmpty ? [max(1, min(k, index.count))] : usable
+        case .nprobe:
+            let nlist = (index as? IVFIndex)?.nlist ?? 1
+            var values = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+                .filter { $0 < nlist }
+            values.append(nlist)
+            return values
+        case .beam:
+            let widest = max(1, (index as? CentroidTreeIndex)?.levelCounts.max() ?? 1)
+            var values = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024].filter { $0 < widest }
+            values.append(widest)
+            return values
+        }
+    }
+
+    /// The smallest value of the index's knob whose mean recall@k on `queries` (`m x d`, row-major;
+    /// never seen by the index's training) reaches the target, found by bisection over a ladder
+    /// (recall grows with each knob). Exact top-k comes from a flat scan of the indexed keys.
+    /// Nil for kinds without a knob, or when there are no queries.
+    public static func calibrate(_ index: any VectorIndex, keys: VectorView, queries: UnsafeBufferPointer<Float>,
+                                 parameters: CalibrationParameters, base: SearchParameters = SearchParameters()) throws -> SearchCalibration? {
+        try parameters.validate()
+        guard let knob = SearchKnob(kind: index.kind), index.count > 0 else { return nil }
+        let d = keys.dimension
+        let m = queries.count / d
+        guard m > 0 else { return nil }
+        let indexed = keys.limited(to: index.count)
+        let k = min(parameters.k, index.count)
+        var p = base
+        p.threads = max(p.threads, 2)
+        let truth = try FlatIndex(keys: indexed).search(queries, k: k, parameters: p, keys: indexed)
+        let exact = (0..<m).map { Set(truth.hits($0).map(\.id)) }
+
+        func measure(_ value: Int) throws -> (recall: Double, scanned: Double) {
+            let found = try index.search(queries, k: k, parameters: knob.applied(value, to: p), keys: indexed)
+            var hit = 0
+            for q in 0..<m { hit += found.hits(q).reduce(0) { $0 + (exact[q].contains($1.id) ? 1 : 0) } }
+            return (Double(hit) / Double(m * k), found.stats.keysScannedFraction)
+        }
+
+        let values = ladder(knob, index: index, k: k)
+        var lo = 0, hi = values.count - 1
+        var measured: [Int: (recall: Double, scanned: Double)] = [:]
+        func at(_ i: Int) throws -> (recall: Double, scanned: Double) {
+            if let known = measured[i] { return known }
+            let result = try measure(values[i])
+            measured[i] = result
+            return result
+        }
+        // Smallest index whose recall reaches the target; the largest when none does.
+        if try at(hi).recall < parameters.targetRecall {
+            let best = try at(hi)
+            return SearchCalibration(knob: knob, value: values[hi], targetRecall: parameters.targetRecall, recall: best.recall,
+                                     keysScanned: best.scanned, k: k, queries: m, reached: false)
+        }
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if try at(mid).recall >= parameters.targetRecall { hi = mid } else { lo = mid + 1 }
+        }
+        let chosen = try at(lo)
+        return SearchCalibration(knob: knob, value: values[lo], targetRecall: parameters.targetRecall, recall: chosen.recall,
+                                 keysScanned: chosen.scanned, k: k, queries: m, reached: true)
+    }
+}

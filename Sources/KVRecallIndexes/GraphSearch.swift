@@ -1,0 +1,199 @@
+import CKernels
+import Dispatch
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+
+/// Where a graph walk reads a node's neighbour list. Generic parameters specialise the walk
+/// per layout, so the indirection costs nothing in the hot loop.
+protocol NeighbourSource {
+    func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32>
+}
+
+/// Fixed-stride adjacency: node `i`'s slots start at `base + i * stride`; slot 0 is the count.
+struct StridedLinks: NeighbourSource {
+    let base: UnsafeMutablePointer<Int32>
+    let stride: Int
+
+    @inline(__always)
+    func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32> {
+        let slot = base + node &* stride
+        return UnsafeMutableBufferPointer(start: slot + 1, count: Int(slot[0]))
+    }
+}
+
+/// Marks the neighbours of `node` below `limit` not yet visited in this walk, prefetches their
+/// keys and writes them to `pending` (scored after all are gathered); returns how many.
+@inline(__always)
+func gatherUnvisited<Links: NeighbourSource>(_ links: Links, of node: Int32, limit: Int, stamps: UnsafeMutablePointer<UInt32>,
+                                             generation: UInt32, keys: VectorView, into pending: UnsafeMutablePointer<Int32>) -> Int {
+    var waiting = 0
+    for n in links.neighbours(Int(node)) {
+        let ni = Int(n)
+        guard ni < limit, stamps[ni] != generation else { continue }
+        stamps[ni] = generation
+        keys.prefetch(row: ni)
+        pending[waiting] = n
+        waiting += 1
+    }
+    return waiting
+}
+
+/// Beam search over a proximity graph by inner product (HNSW's search-layer, RoarGraph's
+/// search): leaves the `ef` best nodes reachable from `entries` in `scratch.results`.
+/// Nodes at or above `limit` are skipped (a frozen graph during batched inserts).
+/// Unvisited neighbours are gathered and prefetched before any of them is scored.
+/// With `norms` (squared key norms), nodes are ranked by 2 q.k - |k|^2, i.e. by L2 distance to
+/// the query (key-to-key neighbourhoods); without, by inner product.
+@inline(__always)
+func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Float>, keys: VectorView,
+                                        entries: [(Int32, Float)], ef: Int, scratch: SearchScratch, limit: Int,
+                                        norms: UnsafePointer<Float>? = nil) {
+    scratch.visited.reset(capacity: limit)
+    let (stamps, generation) = scratch.visited.walk
+    // Locals, written back at the end: no exclusivity checks on the scratch object in the loop.
+    var candidates = scratch.candidates
+    var results = scratch.results
+    candidates.removeAll()
+    results.removeAll()
+    for (e, s) in entries where Int(e) < limit && stamps[Int(e)] != generation {
+        stamps[Int(e)] = generation
+        candidates.push(s, e)
+        results.push(s, e)
+        if results.count > ef { results.pop() }
+    }
+    let pending = scratch.pending
+    var computed = 0
+    while !candidates.isEmpty {
+        let (s, c) = candidates.pop()
+        if results.count >= ef && s < results.bottomScore { break }
+        let waiting = gatherUnvisited(links, of: c, limit: limit, stamps: stamps, generation: generation, keys: keys, into: pending)
+        for j in 0..<waiting {
+            let n = pending[j]
+            var sn = keys.score(query: query, row: Int(n))
+            if let norms { sn = 2 * sn - norms[Int(n)] }
+            if results.count < ef || sn > results.bottomScore {
+                candidates.push(sn, n)
+                results.push(sn, n)
+                if results.count > ef { results.pop() }
+            }
+        }
+        computed += waiting
+    }
+    scratch.candidates = candidates
+    scratch.results = results
+    scratch.computations += computed
+}
+
+/// Writes the best `k` of `scratch.results` into row `q` of result buffers, best first.
+@inline(__always)
+func drainResults(_ scratch: SearchScratch, k: Int, row q: Int, ids: UnsafeMutableBufferPointer<Int>,
+                  scores: UnsafeMutableBufferPointer<Float>) {
+    var results = scratch.results
+    while results.count > k { results.pop() }
+    var j = results.count - 1
+    while !results.isEmpty {
+        let hit = results.pop()
+        ids[q * k + j] = Int(hit.id)
+        scores[q * k + j] = hit.score
+        j -= 1
+    }
+    scratch.results = results
+}
+
+/// Runs `search` for every query of a batch, spread over `threads`, each thread with its own
+/// pooled scratch; the walk leaves its hits in `scratch.results`, which are drained into the
+/// batch's results. Shared by the graph indexes' `search`.
+func searchGraphBatch(_ queries: UnsafeBufferPointer<Float>, dimension: Int, k: Int, threads requested: Int,
+                      keyCount: Int, pool: ScratchPool,
+                      _ search: (UnsafePointer<Float>, SearchScratch) -> Void) -> SearchResults {
+    let m = queries.count / dimension
+    var results = SearchResults(k: k, queryCount: m)
+    results.stats.keyCount = keyCount
+    let threads = max(1, min(requested, m))
+    let scratches = (0..<threads).map { _ in pool.take(dimension: dimension, capacity: keyCount) }
+    defer { scratches.forEach(pool.give) }
+    let chunk = (m + threads - 1) / threads
+    results.ids.withUnsafeMutableBufferPointer { ids in
+        results.scores.withUnsafeMutableBufferPointer { scores in
+            DispatchQueue.concurrentPerform(iterations: threads) { t in
+                let scratch = scratches[t]
+                for q in (t * chunk)..<min(m, (t + 1) * chunk) {
+                    search(queries.baseAddress! + q * dimension, scratch)
+                    drainResults(scratch, k: k, row: q, ids: ids, scores: scores)
+                }
+            }
+        }
+    }
+    results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
+    return results
+}
+
+/// Beam search of a GQA group's `g` queries (`queries`, `g x d`) sharing one walk: every node
+/// any query's beam reaches is read once and scored for all `g` queries, and enters each
+/// query's beam on its own score. Each query expands its own best candidates (round robin) and
+/// stops when its beam can no longer improve, so it sees at least the nodes its own walk would,
+/// while a key shared by several heads' neighbourhoods is fetched once. Leaves each query's
+/// `ef` best in `scratches[h].results`; `scratches[0].visited` is the shared visited set.
+func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePointer<Float>, g: Int, keys: VectorView,
+                                             entries: [Int32], ef: Int, scratches: [SearchScratch], limit: Int) {
+    let d = keys.dimension
+    let shared = scratches[0]
+    shared.visited.reset(capacity: limit)
+    let (stamps, generation) = shared.visited.walk
+    var candidates = scratches.map(\.candidates)
+    var results = scratches.map(\.results)
+    for h in 0..<g {
+        candidates[h].removeAll()
+        results[h].removeAll()
+    }
+    var computed = 0
+    // One read of a key row for the whole group: decoded once, then g inner products.
+    let row = shared.vector
+    let scores = UnsafeMutablePointer<Float>.allocate(capacity: g)
+    defer { scores.deallocate() }
+    @inline(__always) func offer(_ n: Int32) {
+        if keys.dtype == .f32 {
+            kvr_scores_f32(keys.row(Int(n)).assumingMemoryBound(to: Float.self), queries, g, d, scores)
+        } else {
+            keys.decodeRow(Int(n), into: row)
+            kvr_scores_f32(row, queries, g, d, scores)
+        }
+        for h in 0..<g {
+            let s = scores[h]
+            if results[h].count < ef || s > results[h].bottomScore {
+                candidates[h].push(s, n)
+                results[h].push(s, n)
+                if results[h].count > ef { results[h].pop() }
+            }
+        }
+    }
+    for e in entries where Int(e) < limit && stamps[Int(e)] != generation {
+        stamps[Int(e)] = generation
+        offer(e)
+        computed += g
+    }
+    let pending = shared.pending
+    var active = [Bool](repeating: true, count: g)
+    var remaining = g
+    while remaining > 0 {
+        for h in 0..<g where active[h] {
+            guard !candidates[h].isEmpty else { active[h] = false; remaining -= 1; continue }
+            let (s, c) = candidates[h].pop()
+            if results[h].count >= ef && s < results[h].bottomScore {
+                active[h] = false
+                remaining -= 1
+                continue
+            }
+            let waiting = gatherUnvisited(links, of: c, limit: limit, stamps: stamps, generation: generation, keys: keys, into: pending)
+            for j in 0..<waiting { offer(pending[j]) }
+            computed += waiting * g
+        }
+    }
+    for h in 0..<g {
+        scratches[h].candidates = candidates[h]
+        scratches[h].results = results[h]
+    }
+    shared.computations += computed
+}

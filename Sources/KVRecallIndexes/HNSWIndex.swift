@@ -1,0 +1,525 @@
+import CKernels
+import Dispatch
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+
+/// Hierarchical Navigable Small World graph (Malkov & Yashunin) for inner-product search.
+///
+/// Layout as in hnswlib: layer-0 links in one flat buffer of `count x (maxM0 + 1)` Int32 slots
+/// (slot 0 holds the neighbour count), upper-layer links in a second flat buffer addressed by a
+/// per-node offset. Vectors are not copied: they are read from the store's memory map.
+///
+/// Build: nodes are inserted in batches. Within a batch the candidate searches run in parallel
+/// against the graph as it stood at the batch start (plus the batch's earlier nodes, scored
+/// directly), then the links are made in node order. The result depends only on the keys,
+/// the parameters and the seed — not on the thread count or timing.
+public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.hnsw
+    public static let formatVersion = 1
+    public let dimension: Int
+    public private(set) var count = 0
+    public let M: Int
+    public let maxM0: Int
+    public let efConstruction: Int
+    public let seed: UInt64
+    public var threads: Int
+    let levelMultiplier: Double
+
+    /// Layer-0 links: `count x (maxM0 + 1)` slots, slot 0 the neighbour count.
+    let links0 = Int32Buffer()
+    private(set) var levels: [Int32] = []
+    /// Per node, the offset of its upper-layer slots in `upperLinks`, or -1.
+    private(set) var upperOffset: [Int32] = []
+    let upperLinks = Int32Buffer()
+    private(set) var entryPoint: Int32 = -1
+    private(set) var maxLevel = -1
+    private var rng: SeededGenerator
+    /// Scratch reused across searches (visited stamps for every node are too costly to allocate per query).
+    let scratchPool = ScratchPool()
+
+    public init(dimension: Int, M: Int = 16, efConstruction: Int = 200, seed: UInt64 = 42, threads: Int = 2) throws {
+        guard M >= 2 else { throw IndexError.invalidParameter("M must be at least 2 (got \(M))") }
+        guard M <= 1024 else { throw IndexError.invalidParameter("M must be at most 1024 (got \(M))") }
+        guard efConstruction >= 1 else { throw IndexError.invalidParameter("ef-construction must be at least 1") }
+        self.dimension = dimension
+        self.M = M
+        self.maxM0 = 2 * M
+        self.efConstruction = max(efConstruction, M)
+        self.seed = seed
+        self.threads = max(1, threads)
+        levelMultiplier = 1 / log(Double(M))
+        rng = SeededGenerator(seed: seed)
+    }
+
+    var stride0: Int { maxM0 + 1 }
+    var strideUpper: Int { M + 1 }
+
+    // MARK: Link access
+
+    /// The neighbour list of `node` at `level`, pointing into the link buffer (valid until the next growth).
+    @inline(__always)
+    func neighbours(_ node: Int, level: Int) -> UnsafeMutableBufferPointer<Int32> {
+        let slot = level == 0 ? links0.pointer + node * stride0
+                              : upperLinks.pointer + Int(upperOffset[node]) + (level - 1) * strideUpper
+        return UnsafeMutableBufferPointer(start: slot + 1, count: Int(slot[0]))
+    }
+
+    private func setNeighbours(_ node: Int, level: Int, _ list: [Int32]) {
+        let slot = level == 0 ? links0.pointer + node * stride0
+                              : upperLinks.pointer + Int(upperOffset[node]) + (level - 1) * strideUpper
+        slot[0] = Int32(list.count)
+        for (i, n) in list.enumerated() { slot[1 + i] = n }
+    }
+
+    // MARK: Search primitives
+
+    /// Greedy walk at one layer: moves to the best neighbour until none improves.
+    @inline(__always)
+    func greedy(query: UnsafePointer<Float>, keys: VectorView, from start: Int32, level: Int,
+                computations: inout Int) -> (Int32, Float) {
+        var current = start
+        var best = keys.score(query: query, row: Int(start))
+        computations += 1
+        var changed = true
+        while changed {
+            changed = false
+            for n in neighbours(Int(current), level: level) {
+                let s = keys.score(query: query, row: Int(n))
+                computations += 1
+                if s > best {
+                    best = s
+                    current = n
+                    changed = true
+                }
+            }
+        }
+        return (current, best)
+    }
+
+    /// Beam search at one layer (see `beamSearch`).
+    @inline(__always)
+    func searchLayer(query: UnsafePointer<Float>, keys: VectorView, entries: [(Int32, Float)], ef: Int, level: Int,
+                     scratch: SearchScratch, limit: Int) {
+        if level == 0 {
+            beamSearch(StridedLinks(base: links0.pointer, stride: stride0), query: query, keys: keys, entries: entries,
+                       ef: ef, scratch: scratch, limit: limit)
+        } else {
+            beamSearch(UpperLayerLinks(index: self, level: level), query: query, keys: keys, entries: entries,
+                       ef: ef, scratch: scratch, limit: limit)
+        }
+    }
+
+    /// A candidate as one integer that sorts ascending by score, then by descending id (so the
+    /// best candidate, ties to the lower id, is the largest).
+    @inline(__always)
+    static func sortKey(_ score: Float, _ id: Int32) -> UInt64 {
+        let bits = score.bitPattern
+        let ordered = bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
+        return UInt64(ordered) << 32 | UInt64(UInt32.max - UInt32(bitPattern: id))
+    }
+
+    @inline(__always)
+    static func unpack(_ key: UInt64) -> (score: Float, id: Int32) {
+        let ordered = UInt32(truncatingIfNeeded: key >> 32)
+        let bits = ordered & 0x8000_0000 != 0 ? ordered & 0x7FFF_FFFF : ~ordered
+        return (Float(bitPattern: bits), Int32(bitPattern: UInt32.max - UInt32(truncatingIfNeeded: key)))
+    }
+
+    /// hnswlib's neighbour-selection heuristic: take candidates best first, keep one only if it is
+    /// closer to the base than to every neighbour kept so far (for inner product: base.e > e.r).
+    /// The `count` candidates are `sortKey`s in `scratch.sortKeys`; they are sorted once, in C
+    /// (a heap drained one pop at a time cost ~10% of a one-thread build, Swift's stable sort ~8%
+    /// with its merge buffer: the heuristic usually examines every candidate). The kept ids go to `scratch.kept`, best first; returns how many.
+    @inline(__always)
+    func selectSorted(count: Int, keys: VectorView, max m: Int, scratch: SearchScratch) -> Int {
+        let buffer = scratch.sortKeys
+        kvr_sort_u64(buffer, count)
+        let kept = scratch.kept
+        var n = 0
+        var computations = 0
+        let direct = keys.dtype == .f32  // f32 rows are scored in place, not copied first
+        var i = count - 1
+        while i >= 0 && n < m {
+            let cand = HNSWIndex.unpack(buffer[i])
+            i -= 1
+            if count <= m { kept[n] = cand.id; n += 1; continue }
+            let vector: UnsafePointer<Float>
+            if direct {
+                vector = keys.row(Int(cand.id)).assumingMemoryBound(to: Float.self)
+            } else {
+                keys.decodeRow(Int(cand.id), into: scratch.vector)
+                vector = UnsafePointer(scratch.vector)
+            }
+            var good = true
+            for j in 0..<n {
+                let s = keys.score(query: vector, row: Int(kept[j]))
+                computations += 1
+                if s > cand.score { good = false; break }
+            }
+            if good { kept[n] = cand.id; n += 1 }
+        }
+        scratch.computations += computations
+        return n
+    }
+
+    // MARK: Build
+
+    public func add(keys mapped: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard mapped.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: mapped.dimension) }
+        // Large adds read a heap copy (huge pages); small incremental ones read the map.
+        let keys = range.count >= 4096 ? mapped.limited(to: range.upperBound).materialized() : mapped
+        guard range.lowerBound == count, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("HNSW adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+        let newCount = range.upperBound
+        // Reserve link storage and draw levels (in node order, from the seeded generator).
+        links0.grow(by: (newCount - count) * stride0)
+        for _ in range {
+            let u = max(Double(rng.next() >> 11) / Double(1 << 53), 1e-300)
+            let level = Int(-log(u) * levelMultiplier)
+            levels.append(Int32(level))
+            if level > 0 {
+                upperOffset.append(Int32(upperLinks.count))
+                upperLinks.grow(by: level * strideUpper)
+            } else {
+                upperOffset.append(-1)
+            }
+        }
+        let pool = (0..<threads).map { _ in SearchScratch(dimension: dimension, capacity: newCount) }
+        var next = range.lowerBound
+        if count == 0 && next < newCount {
+            // The first node is the graph.
+            entryPoint = Int32(next)
+            maxLevel = Int(levels[next])
+            next += 1
+            count = next
+        }
+        while next < newCount {
+            // Small batches while the graph is small, so early nodes see each other.
+            let batch = min(newCount - next, max(1, min(64, count / 8)))
+            let batchRange = next..<(next + batch)
+            var plans = [[[Int32]]](repeating: [], count: batch)
+            let frozenCount = count
+            plans.withUnsafeMutableBufferPointer { out in
+                let chunk = (batch + threads - 1) / threads
+                DispatchQueue.concurrentPerform(iterations: min(threads, batch)) { t in
+                    let scratch = pool[t]
+                    let lo = t * chunk
+                    for j in lo..<min(batch, lo + chunk) {
+                        out[j] = self.plan(node: batchRange.lowerBound + j, keys: keys, frozenCount: frozenCount,
+                                           batchStart: batchRange.lowerBound, scratch: scratch)
+                    }
+                }
+            }
+            for (j, plan) in plans.enumerated() {
+                link(node: batchRange.lowerBound + j, plan: plan, keys: keys, scratch: pool[0])
+            }
+            next += batch
+            count = next
+            progress?(count - range.lowerBound, range.count)
+        }
+        repairOrphans()
+    }
+
+    /// Gives layer-0 nodes without an incoming edge one, so they stay reachable: the heuristic
+    /// pruning can drop a node from every list that held it (hnswlib leaves such nodes
+    /// unreachable). The edge is appended to the list of a neighbour, or of a neighbour's
+    /// neighbour, that has room; no existing edge is ever replaced, so navigation is untouched.
+    func repairOrphans() {
+        var indegree = [Int32](repeating: 0, count: count)
+        for i in 0..<count { for n in neighbours(i, level: 0) { indegree[Int(n)] += 1 } }
+        for orphan in 0..<count where indegree[orphan] == 0 && Int32(orphan) != entryPoint {
+            let first = Array(neighbours(orphan, level: 0))
+            var candidates = first
+            for n in first { candidates += neighbours(Int(n), level: 0) }
+            for n in candidates where Int(n) != orphan && neighbours(Int(n), level: 0).count < maxM0 {
+                var list = Array(neighbours(Int(n), level: 0))
+                list.append(Int32(orphan))
+                setNeighbours(Int(n), level: 0, list)
+                indegree[orphan] = 1
+                break
+            }
+        }
+    }
+
+    /// Chooses the neighbours of `node` on each of its layers, reading only the frozen graph.
+    private func plan(node: Int, keys: VectorView, frozenCount: Int, batchStart: Int, scratch: SearchScratch) -> [[Int32]] {
+        let q = scratch.query
+        keys.decodeRow(node, into: q)
+        let nodeLevel = Int(levels[node])
+        var ep = entryPoint
+        var epScore: Float = 0
+        var computations = 0
+        if maxLevel > nodeLevel {
+            for level in stride(from: maxLevel, to: nodeLevel, by: -1) {
+                (ep, epScore) = greedy(query: q, keys: keys, from: ep, level: level, computations: &computations)
+            }
+        } else {
+            epScore = keys.score(query: q, row: Int(ep))
+        }
+        var entries = [(ep, epScore)]
+        var result = [[Int32]](repeating: [], count: nodeLevel + 1)
+        for level in stride(from: min(nodeLevel, maxLevel), through: 0, by: -1) {
+            searchLayer(query: q, keys: keys, entries: entries, ef: efConstruction, level: level,
+                        scratch: scratch, limit: frozenCount)
+            // The candidates (the walk's results plus earlier nodes of this batch that reach this
+            // layer) as sort keys.
+            let results = scratch.results
+            var total = results.count
+            for other in batchStart..<node where Int(levels[other]) >= level { total += 1 }
+            let buffer = scratch.sortBuffer(total)
+            for i in 0..<results.count { buffer[i] = HNSWIndex.sortKey(results.scores[i], results.ids[i]) }
+            var filled = results.count
+            for other in batchStart..<node where Int(levels[other]) >= level {
+                buffer[filled] = HNSWIndex.sortKey(keys.score(query: q, row: other), Int32(other))
+                filled += 1
+            }
+            scratch.results.removeAll()
+            guard filled > 0 else { entries = []; continue }
+            let kept = selectSorted(count: filled, keys: keys, max: M, scratch: scratch)
+            let top = HNSWIndex.unpack(buffer[filled - 1])  // sorted: the best is last
+            entries = [(top.id, top.score)]
+            result[level] = Array(UnsafeBufferPointer(start: scratch.kept, count: kept))
+        }
+        return result
+    }
+
+    /// Links `node` to its planned neighbours and adds the reverse edges, pruning full lists.
+    private func link(node: Int, plan: [[Int32]], keys: VectorView, scratch: SearchScratch) {
+        let nodeLevel = Int(levels[node])
+        for level in 0..<plan.count where level <= nodeLevel {
+            let chosen = plan[level]
+            setNeighbours(node, level: level, chosen)
+            let cap = level == 0 ? maxM0 : M
+            for n in chosen {
+                let ni = Int(n)
+                let slot = level == 0 ? links0.pointer + ni * stride0
+                                      : upperLinks.pointer + Int(upperOffset[ni]) + (level - 1) * strideUpper
+                let listCount = Int(slot[0])
+                var present = false
+                for j in 0..<listCount where slot[1 + j] == Int32(node) { present = true; break }
+                if present { continue }
+                if listCount < cap {
+                    slot[1 + listCount] = Int32(node)
+                    slot[0] = Int32(listCount + 1)
+                    continue
+                }
+                // Full: the heuristic over the list plus the new node, from ni's point of view.
+                let base: UnsafePointer<Float>
+                if keys.dtype == .f32 {
+                    base = keys.row(ni).assumingMemoryBound(to: Float.self)
+                } else {
+                    keys.decodeRow(ni, into: scratch.query)
+                    base = UnsafePointer(scratch.query)
+                }
+                let buffer = scratch.sortBuffer(listCount + 1)
+                for j in 0..<listCount {
+                    buffer[j] = HNSWIndex.sortKey(keys.score(query: base, row: Int(slot[1 + j])), slot[1 + j])
+                }
+                buffer[listCount] = HNSWIndex.sortKey(keys.score(query: base, row: node), Int32(node))
+                let kept = selectSorted(count: listCount + 1, keys: keys, max: cap, scratch: scratch)
+                slot[0] = Int32(kept)
+                (slot + 1).update(from: scratch.kept, count: kept)
+            }
+        }
+        if nodeLevel > maxLevel {
+            maxLevel = nodeLevel
+            entryPoint = Int32(node)
+        }
+    }
+
+    // MARK: Search
+
+    public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                       keys: VectorView) throws -> SearchResults {
+        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        guard count > 0, entryPoint >= 0 else { throw IndexError.notBuilt("the HNSW index is empty") }
+        guard keys.count >= count else {
+            throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
+        }
+        try parameters.graph.validate()
+        let ef = max(parameters.graph.ef, k)
+        return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
+                                pool: scratchPool) { query, scratch in
+            var ep = entryPoint
+            var epScore: Float = 0
+            var computations = 0
+            if maxLevel > 0 {
+                for level in stride(from: maxLevel, to: 0, by: -1) {
+                    (ep, epScore) = greedy(query: query, keys: keys, from: ep, level: level, computations: &computations)
+                }
+            } else {
+                epScore = keys.score(query: query, row: Int(ep))
+                computations += 1
+            }
+            scratch.computations += computations
+            searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0, scratch: scratch, limit: count)
+        }
+    }
+
+    /// HNSW learns nothing before adding.
+    public var isTrained: Bool { true }
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {}
+
+    // MARK: Persistence
+
+    public func sections() -> [String: [UInt8]] {
+        var meta = ByteWriter()
+        for v in [dimension, count, M, maxM0, efConstruction, maxLevel] { meta.write(Int64(v)) }
+        meta.write(entryPoint)
+        meta.write(seed)
+        meta.write(rng.state)
+        var graph = ByteWriter()
+        graph.write(array: links0.array)
+        graph.write(array: levels)
+        graph.write(array: upperOffset)
+        graph.write(array: upperLinks.array)
+        return ["meta": meta.bytes, "graph": graph.bytes]
+    }
+
+    public convenience init(sections: [String: [UInt8]]) throws {
+        let (v, entry, seed, state) = try readSection(sections, "meta", of: .hnsw) { meta in
+            (try (0..<6).map { _ in Int(try meta.read(Int64.self)) }, try meta.read(Int32.self),
+             try meta.read(UInt64.self), try meta.read(UInt64.self))
+        }
+        let (dimension, count, M, maxM0, efC, maxLevel) = (v[0], v[1], v[2], v[3], v[4], v[5])
+        guard (1...65536).contains(dimension), (0...Int(Int32.max)).contains(count), (2...1024).contains(M), maxM0 == 2 * M,
+              efC >= 1, (count == 0) == (maxLevel == -1), (-1...64).contains(maxLevel) else {
+            throw IndexError.corrupt("HNSW meta out of range")
+        }
+        try self.init(dimension: dimension, M: M, efConstruction: efC, seed: seed)
+        let (links, levels, upperOffset, upper) = try readSection(sections, "graph", of: .hnsw) { graph in
+            (try graph.readArray(Int32.self), try graph.readArray(Int32.self), try graph.readArray(Int32.self),
+             try graph.readArray(Int32.self))
+        }
+        self.levels = levels
+        self.upperOffset = upperOffset
+        guard links.count == count * stride0 else { throw IndexError.corrupt("HNSW layer-0 links have \(links.count) slots, expected \(count * stride0)") }
+        for i in 0..<count {
+            let base = i * stride0
+            guard links[base] >= 0, Int(links[base]) <= maxM0,
+                  links[(base + 1)..<(base + 1 + Int(links[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                throw IndexError.corrupt("HNSW node \(i) has an invalid layer-0 link list")
+            }
+        }
+        links0.append(contentsOf: links)
+        upperLinks.append(contentsOf: upper)
+        guard levels.count == count, upperOffset.count == count,
+              count == 0 || (entry >= 0 && Int(entry) < count) else {
+            throw IndexError.corrupt("HNSW graph sizes disagree with its node count \(count)")
+        }
+        // The entry point is a node of the top layer, and no node is above it.
+        guard count == 0 || (Int(levels[Int(entry)]) == maxLevel && levels.allSatisfy { $0 >= 0 && Int($0) <= maxLevel }) else {
+            throw IndexError.corrupt("HNSW entry point \(entry) is not on the top layer \(maxLevel)")
+        }
+        // Every link must name a node, so a damaged section cannot send a search out of bounds.
+        for i in 0..<count {
+            if levels[i] > 0 {
+                let end = Int(upperOffset[i]) + Int(levels[i]) * strideUpper
+                guard upperOffset[i] >= 0, end <= upperLinks.count else { throw IndexError.corrupt("HNSW node \(i) upper links out of range") }
+            }
+        }
+        guard upper.allSatisfy({ $0 >= 0 && Int($0) < max(count, maxM0 + 1) }) else {
+            throw IndexError.corrupt("HNSW upper links name unknown nodes")
+        }
+        self.count = count
+        self.entryPoint = entry
+        self.maxLevel = maxLevel
+        rng.state = state
+    }
+}
+
+/// HNSW's upper layers: per-node offsets into one buffer, `M + 1` slots per level.
+struct UpperLayerLinks: NeighbourSource {
+    let index: HNSWIndex
+    let level: Int
+
+    @inline(__always)
+    func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32> { index.neighbours(node, level: level) }
+}
+
+/// Per-thread scratch for graph walks, reused across queries.
+final class SearchScratch {
+    let visited: VisitedSet
+    var candidates = MaxScoreHeap(capacity: 256)
+    var results = MinScoreHeap(capacity: 256)
+    /// Neighbours gathered for scoring (at most one list).
+    let pending = UnsafeMutablePointer<Int32>.allocate(capacity: 4096)
+    /// Build: candidates as sortable keys (score, then id), and the ids the heuristic kept.
+    private(set) var sortKeys = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
+    private var sortCapacity = 512
+    let kept = UnsafeMutablePointer<Int32>.allocate(capacity: 4096)
+
+    /// The sort buffer, grown to hold `n` keys.
+    @inline(__always)
+    func sortBuffer(_ n: Int) -> UnsafeMutablePointer<UInt64> {
+        if n > sortCapacity {
+            sortKeys.deallocate()
+            sortCapacity = max(n, 2 * sortCapacity)
+            sortKeys = .allocate(capacity: sortCapacity)
+        }
+        return sortKeys
+    }
+    let query: UnsafeMutablePointer<Float>
+    let vector: UnsafeMutablePointer<Float>
+    var computations = 0
+
+    init(dimension: Int, capacity: Int) {
+        visited = VisitedSet(capacity: capacity)
+        query = .allocate(capacity: dimension)
+        vector = .allocate(capacity: dimension)
+    }
+
+    deinit {
+        query.deallocate()
+        vector.deallocate()
+        pending.deallocate()
+        kept.deallocate()
+        sortKeys.deallocate()
+        candidates.deallocate()
+        results.deallocate()
+    }
+}
+
+/// A lock-protected stack of scratch objects, so concurrent searches each get their own and
+/// repeated searches reuse them.
+final class ScratchPool: @unchecked Sendable {
+    private let lock = NSLock()
+    private var free: [SearchScratch] = []
+
+    func take(dimension: Int, capacity: Int) -> SearchScratch {
+        lock.lock()
+        let s = free.popLast()
+        lock.unlock()
+        let scratch = s ?? SearchScratch(dimension: dimension, capacity: capacity)
+        scratch.computations = 0
+        return scratch
+    }
+
+    func give(_ scratch: SearchScratch) {
+        lock.lock()
+        free.append(scratch)
+        lock.unlock()
+    }
+}
+
+/// Sorts short candidate lists best first (score descending, ties to the lower id). Insertion
+/// sort: the lists here hold a few dozen to a few hundred entries and are mostly ordered already.
+@inline(__always)
+func sortBestFirst(_ list: inout [(score: Float, id: Int32)]) {
+    list.withUnsafeMutableBufferPointer { a in
+        guard a.count > 1 else { return }
+        for i in 1..<a.count {
+            let x = a[i]
+            var j = i - 1
+            while j >= 0 && (a[j].score < x.score || (a[j].score == x.score && a[j].id > x.id)) {
+                a[j + 1] = a[j]
+                j -= 1
+            }
+            a[j + 1] = x
+        }
+    }
+}

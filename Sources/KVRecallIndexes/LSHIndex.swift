@@ -1,0 +1,268 @@
+import Dispatch
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+
+/// SimHash locality-sensitive hashing for inner product (as MagicPIG uses it): L tables of K random
+/// hyperplanes each; a key's code in a table is the K sign bits of (key - mean) . hyperplane.
+/// A query's candidates are the keys sharing its bucket in at least `minCollisions` tables; they
+/// are re-ranked exactly.
+///
+/// Keys are centred by their mean so the hyperplanes cut through the key cloud rather than miss it
+/// (attention keys share a large common component). Signs do not depend on the query's norm, so
+/// queries need no normalising for bucketing. Each table is a CSR bucket array: `2^K + 1`
+/// offsets into one flat id buffer; no per-vector allocation.
+public final class LSHIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.lsh
+    public static let formatVersion = 1
+    public let dimension: Int
+    public private(set) var count = 0
+    public let tables: Int
+    public let bits: Int
+    public let seed: UInt64
+    public var threads: Int
+    /// `tables * bits` hyperplanes, row-major `[tables * bits, dimension]`.
+    private(set) var hyperplanes: [Float]
+    /// Mean of the keys of the first add.
+    private(set) var mean: [Float] = []
+    /// Per table: `2^bits + 1` offsets into `bucketIDs[table]`.
+    private(set) var bucketOffsets: [[Int32]] = []
+    private(set) var bucketIDs: [[Int32]] = []
+
+    public init(dimension: Int, tables: Int = 150, bits: Int = 10, seed: UInt64 = 42, threads: Int = 2) throws {
+        guard (1...1024).contains(tables) else { throw IndexError.invalidParameter("tables must be in 1...1024 (got \(tables))") }
+        guard (1...16).contains(bits) else { throw IndexError.invalidParameter("bits must be in 1...16 (got \(bits))") }
+        guard dimension > 0 else { throw IndexError.invalidParameter("dimension must be positive") }
+        self.dimension = dimension
+        self.tables = tables
+        self.bits = bits
+        self.seed = seed
+        self.threads = max(1, threads)
+        var rng = SeededGenerator(seed: seed)
+        hyperplanes = (0..<(tables * bits * dimension)).map { _ in gaussian(&rng) }
+        bucketOffsets = [[Int32]](repeating: [Int32](repeating: 0, count: (1 << bits) + 1), count: tables)
+        bucketIDs = [[Int32]](repeating: [], count: tables)
+    }
+
+    var projections: Int { tables * bits }
+
+    /// Codes of `n` centred f32 rows: `[n, tables]`, each the packed sign bits of one table.
+    private func codes(rows: UnsafePointer<Float>, n: Int, scratch: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<UInt16>) {
+        hyperplanes.withUnsafeBufferPointer { h in
+            BLAS.scoresNT(m: n, n: projections, k: dimension, a: rows, b: h.baseAddress!, c: scratch)
+        }
+        for r in 0..<n {
+            let p = scratch + r * projections
+            for t in 0..<tables {
+                var code: UInt16 = 0
+                for b in 0..<bits where p[t * bits + b] > 0 { code |= 1 << UInt16(b) }
+                out[r * tables + t] = code
+            }
+        }
+    }
+
+    /// True once the centring mean is known.
+    public var isTrained: Bool { !mean.isEmpty }
+
+    /// Learns the centring mean from keys `range`.
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard count == 0 else { throw IndexError.invalidParameter("the LSH index already holds keys; its centring mean stays") }
+        guard !range.isEmpty, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("LSH trains on a non-empty range within \(keys.count) keys, got \(range)")
+        }
+        mean = meanKey(keys, range: range)
+    }
+
+    public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard range.lowerBound == count, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("LSH adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+        let n = range.count
+        guard n > 0 else { return }
+        if !isTrained { try train(keys: keys, range: range) }
+        // Hash the new keys in chunks spread over the threads.
+        let codes = UnsafeMutablePointer<UInt16>.allocate(capacity: n * tables)
+        defer { codes.deallocate() }
+        let chunkRows = 256
+        let chunks = (n + chunkRows - 1) / chunkRows
+        let done = Counter()
+        DispatchQueue.concurrentPerform(iterations: min(threads, chunks)) { t in
+            let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * dimension)
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * projections)
+            defer { rows.deallocate(); scratch.deallocate() }
+            var c = t
+            while c < chunks {
+                let lo = range.lowerBound + c * chunkRows
+                let m = min(chunkRows, range.upperBound - lo)
+                for i in 0..<m {
+                    keys.decodeRow(lo + i, into: rows + i * dimension)
+                    for j in 0..<dimension { rows[i * dimension + j] -= mean[j] }
+                }
+                self.codes(rows: rows, n: m, scratch: scratch, into: codes + (lo - range.lowerBound) * tables)
+                if t == 0 { progress?(min(n, done.add(m * threads)), n) }
+                c += threads
+            }
+        }
+        // Merge into each table's CSR buckets (old ids first, so buckets stay in id order).
+        let buckets = 1 << bits
+        var newOffsets = bucketOffsets
+        var newIDs = bucketIDs
+        newOffsets.withUnsafeMutableBufferPointer { offsetsOut in
+            newIDs.withUnsafeMutableBufferPointer { idsOut in
+                DispatchQueue.concurrentPerform(iterations: tables) { t in
+                    var counts = [Int32](repeating: 0, count: buckets)
+                    let old = bucketOffsets[t]
+                    for b in 0..<buckets { counts[b] = old[b + 1] - old[b] }
+                    for i in 0..<n { counts[Int(codes[i * tables + t])] += 1 }
+                    var offsets = [Int32](repeating: 0, count: buckets + 1)
+                    for b in 0..<buckets { offsets[b + 1] = offsets[b] + counts[b] }
+                    var ids = [Int32](repeating: 0, count: Int(offsets[buckets]))
+                    var fill = offsets
+                    let oldIDs = bucketIDs[t]
+                    for b in 0..<buckets {
+                        for j in Int(old[b])..<Int(old[b + 1]) { ids[Int(fill[b])] = oldIDs[j]; fill[b] += 1 }
+                    }
+                    for i in 0..<n {
+                        let b = Int(codes[i * tables + t])
+                        ids[Int(fill[b])] = Int32(range.lowerBound + i)
+                        fill[b] += 1
+                    }
+                    offsetsOut[t] = offsets
+                    idsOut[t] = ids
+                }
+            }
+        }
+        bucketOffsets = newOffsets
+        bucketIDs = newIDs
+        count = range.upperBound
+        progress?(n, n)
+    }
+
+    public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                       keys: VectorView) throws -> SearchResults {
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        guard count > 0 else { throw IndexError.notBuilt("the LSH index is empty") }
+        guard (1...tables).contains(parameters.lsh.minCollisions) else {
+            throw IndexError.invalidParameter("min-collisions \(parameters.lsh.minCollisions) must be in 1...\(tables) (the table count)")
+        }
+        var results = SearchResults(k: k, queryCount: m)
+        results.stats.keyCount = count
+        let threads = max(1, min(parameters.threads, m))
+        let chunk = (m + threads - 1) / threads
+        let need = UInt16(parameters.lsh.minCollisions)
+        let computed = Counter()
+        results.ids.withUnsafeMutableBufferPointer { ids in
+            results.scores.withUnsafeMutableBufferPointer { scores in
+                DispatchQueue.concurrentPerform(iterations: threads) { t in
+                    var hits = [UInt16](repeating: 0, count: count)
+                    var touched: [Int32] = []
+                    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: projections)
+                    var code = [UInt16](repeating: 0, count: tables)
+                    defer { scratch.deallocate() }
+                    var top = TopK<Int>(k: k)
+                    var local = 0
+                    for q in (t * chunk)..<min(m, (t + 1) * chunk) {
+                        let query = queries.baseAddress! + q * dimension
+                        code.withUnsafeMutableBufferPointer { self.codes(rows: query, n: 1, scratch: scratch, into: $0.baseAddress!) }
+                        touched.removeAll(keepingCapacity: true)
+                        top.reset()
+                        for tb in 0..<tables {
+                            let offsets = bucketOffsets[tb]
+                            let b = Int(code[tb])
+                            bucketIDs[tb].withUnsafeBufferPointer { bucket in
+                                for j in Int(offsets[b])..<Int(offsets[b + 1]) {
+                                    let id = Int(bucket[j])
+                                    if hits[id] == 0 { touched.append(Int32(id)) }
+                                    hits[id] &+= 1
+                                }
+                            }
+                        }
+                        touched.sort()
+                        for id in touched {
+                            let i = Int(id)
+                            if hits[i] >= need {
+                                top.push(keys.score(query: query, row: i), i)
+                                local += 1
+                            }
+                            hits[i] = 0
+                        }
+                        for (j, hit) in top.sorted().enumerated() {
+                            ids[q * k + j] = hit.id
+                            scores[q * k + j] = hit.score
+                        }
+                    }
+                    _ = computed.add(local)
+                }
+            }
+        }
+        results.stats.distanceComputations = computed.value
+        results.stats.auxiliaryComputations = m * projections
+        return results
+    }
+
+    // MARK: Persistence
+
+    public func sections() -> [String: [UInt8]] {
+        var meta = ByteWriter()
+        for v in [dimension, count, tables, bits] { meta.write(Int64(v)) }
+        meta.write(seed)
+        var planes = ByteWriter()
+        planes.write(array: hyperplanes)
+        planes.write(array: mean)
+        var buckets = ByteWriter()
+        for t in 0..<tables {
+            buckets.write(array: bucketOffsets[t])
+            buckets.write(array: bucketIDs[t])
+        }
+        return ["meta": meta.bytes, "planes": planes.bytes, "buckets": buckets.bytes]
+    }
+
+    public convenience init(sections: [String: [UInt8]]) throws {
+        let (v, seed) = try readSection(sections, "meta", of: .lsh) { meta in
+            (try (0..<4).map { _ in Int(try meta.read(Int64.self)) }, try meta.read(UInt64.self))
+        }
+        guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (1...1024).contains(v[2]), (1...16).contains(v[3]) else {
+            throw IndexError.corrupt("LSH meta out of range")
+        }
+        try self.init(dimension: v[0], tables: v[2], bits: v[3], seed: seed)
+        (hyperplanes, mean) = try readSection(sections, "planes", of: .lsh) { try ($0.readFloatArray(), $0.readFloatArray()) }
+        guard hyperplanes.count == tables * bits * dimension, mean.count == dimension || (v[1] == 0 && mean.isEmpty),
+              hyperplanes.allSatisfy(\.isFinite), mean.allSatisfy(\.isFinite) else {
+            throw IndexError.corrupt("LSH hyperplanes or mean have the wrong size, or are not finite")
+        }
+        let count = v[1]
+        try readSection(sections, "buckets", of: .lsh) { reader in
+            for t in 0..<tables {
+                let offsets = try reader.readArray(Int32.self)
+                let ids = try reader.readArray(Int32.self)
+                guard offsets.count == (1 << bits) + 1, offsets.first == 0, Int(offsets.last!) == ids.count, ids.count == count,
+                      zip(offsets, offsets.dropFirst()).allSatisfy({ $0 <= $1 }), ids.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                    throw IndexError.corrupt("LSH table \(t) is inconsistent")
+                }
+                bucketOffsets[t] = offsets
+                bucketIDs[t] = ids
+            }
+        }
+        self.count = count
+    }
+}
+
+/// A standard normal sample (Box–Muller) from the seeded generator.
+func gaussian(_ rng: inout SeededGenerator) -> Float {
+    let u1 = max(Double(rng.next() >> 11) / Double(1 << 53), 1e-300)
+    let u2 = Double(rng.next() >> 11) / Double(1 << 53)
+    return Float((-2 * log(u1)).squareRoot() * cos(2 * .pi * u2))
+}
+
+/// A thread-safe running total.
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var total = 0
+    var value: Int { lock.lock(); defer { lock.unlock() }; return total }
+    @discardableResult
+    func add(_ n: Int) -> Int { lock.lock(); defer { lock.unlock() }; total += n; return total }
+}

@@ -1,0 +1,607 @@
+import CKernels
+import Dispatch
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+
+/// RetrievalAttention's attention-aware graph (RoarGraph-style projection), for decode queries
+/// that are out of distribution for the keys.
+///
+/// Build: the training queries are a sample of at most `maxTrainingQueries` (default 8192) prefill
+/// queries evenly spread over positions; their exact top-`Nq` keys come from Flat's blocked
+/// `sgemm` on `threads`. Each query's nearest key is linked to the others that survive the
+/// occlusion rule (a candidate is dropped when it is closer to an already-kept neighbour than to
+/// the nearest key), with reverse edges, and every list is pruned to `M` the same way. Keys the
+/// projection leaves unreachable from the entry points (the keys most often retrieved by
+/// training queries) get cheap L2 links within groups found by one `sgemm` pass
+/// (`linkUnreached`); the few still unreachable are inserted like HNSW nodes — searched with the
+/// key as the query and linked to the best found — so the graph is connected. Later keys
+/// (decode-time upkeep) are inserted that way too.
+/// Search is a beam search from the entry points.
+public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
+    public static let kind = IndexKind.retrieval
+    public static let formatVersion = 1
+    public let dimension: Int
+    public private(set) var count = 0
+    /// Degree cap of the query-derived (projection) edges.
+    public let M: Int
+    /// Extra slots per node for connectivity edges, which never evict projection edges.
+    public let connectivitySlots: Int
+    /// Key-to-key (L2) nearest neighbours linked per hot key (keys in some training query's top list),
+    /// so keys the occlusion rule dropped from a projection stay reachable from their neighbours.
+    public let localNeighbours: Int
+    /// Exact neighbours taken per training query.
+    public let queryNeighbours: Int
+    /// Most training queries used.
+    public let maxTrainingQueries: Int
+    /// Beam width while inserting keys for connectivity.
+    public let efConstruction: Int
+    public let entryCount: Int
+    public var threads: Int
+    /// Per node `stride` slots: the count, then projection edges, then connectivity edges.
+    let links = Int32Buffer()
+    /// Per node, how many of its edges are projection edges (they come first), then local edges.
+    private(set) var projectionCount: [Int32] = []
+    private(set) var localCount: [Int32] = []
+    /// Per node, the next connectivity slot to overwrite when full (round robin).
+    private var connectivityCursor: [UInt8] = []
+    private(set) var entries: [Int32] = []
+    let scratchPool = ScratchPool()
+
+    public init(dimension: Int, M: Int = 48, queryNeighbours: Int = 100, maxTrainingQueries: Int = 8192,
+                efConstruction: Int = 64, entryCount: Int = 256, connectivitySlots: Int = 2, localNeighbours: Int = 8,
+                threads: Int = 2) throws {
+        guard M >= 2, M <= 1024 else { throw IndexError.invalidParameter("M must be in 2...1024 (got \(M))") }
+        guard queryNeighbours >= 2 else { throw IndexError.invalidParameter("query neighbours must be at least 2") }
+        guard (0...255).contains(connectivitySlots) else { throw IndexError.invalidParameter("connectivity slots must be in 0...255") }
+        guard (0...255).contains(localNeighbours) else { throw IndexError.invalidParameter("local neighbours must be in 0...255") }
+        guard maxTrainingQueries >= 1, efConstruction >= 1, entryCount >= 1 else {
+            throw IndexError.invalidParameter("training queries, ef-construction and entry count must be positive")
+        }
+        self.dimension = dimension
+        self.M = M
+        self.queryNeighbours = queryNeighbours
+        self.maxTrainingQueries = maxTrainingQueries
+        self.efConstruction = efConstruction
+        self.entryCount = entryCount
+        self.connectivitySlots = connectivitySlots
+        self.localNeighbours = localNeighbours
+        self.threads = max(1, threads)
+    }
+
+    var stride: Int { M + localNeighbours + connectivitySlots + 1 }
+    var graph: StridedLinks { StridedLinks(base: links.pointer, stride: stride) }
+
+    /// The projection edges of `node`.
+    private func projectionList(_ node: Int) -> [Int32] {
+        Array(graph.neighbours(node).prefix(Int(projectionCount[node])))
+    }
+
+    /// Replaces the projection edges of `node`, keeping its local and connectivity edges after them.
+    private func setProjectionList(_ node: Int, _ list: [Int32]) {
+        let slot = links.pointer + node * stride
+        let rest = Array(graph.neighbours(node).dropFirst(Int(projectionCount[node])))
+        let all = list + rest
+        slot[0] = Int32(all.count)
+        for (i, n) in all.enumerated() { slot[1 + i] = n }
+        projectionCount[node] = Int32(list.count)
+    }
+
+    /// Sets the local edges of `node` (before any connectivity edge exists).
+    private func setLocalList(_ node: Int, _ list: [Int32]) {
+        let slot = links.pointer + node * stride
+        let projection = projectionList(node)
+        let local = list.filter { !projection.contains($0) && Int($0) != node }.prefix(localNeighbours)
+        let all = projection + local
+        slot[0] = Int32(all.count)
+        for (i, n) in all.enumerated() { slot[1 + i] = n }
+        localCount[node] = Int32(local.count)
+    }
+
+    /// Adds a connectivity edge `target -> node`; when the slots are full, overwrites the oldest.
+    private func addConnectivityEdge(from target: Int, to node: Int32) {
+        guard connectivitySlots > 0 else { return }
+        let existing = graph.neighbours(target)
+        if existing.contains(node) || Int32(target) == node { return }
+        let slot = links.pointer + target * stride
+        let fixed = Int(projectionCount[target]) + Int(localCount[target])
+        let used = Int(slot[0]) - fixed
+        if used < connectivitySlots {
+            slot[1 + Int(slot[0])] = node
+            slot[0] += 1
+        } else {
+            let cursor = Int(connectivityCursor[target]) % connectivitySlots
+            slot[1 + fixed + cursor] = node
+            connectivityCursor[target] = UInt8((cursor + 1) % connectivitySlots)
+        }
+    }
+
+    /// Keeps at most `M` of `candidates` around the key decoded in `scratch.query`: candidates
+    /// are taken nearest first (L2), and one is dropped when a kept neighbour is nearer to it than
+    /// the base is (the RNG occlusion rule). Distances among keys are L2, not inner product:
+    /// attention keys share a large common component that would make every key look alike.
+    /// `norms` holds every key's squared norm.
+    private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
+        let d = dimension
+        let base = scratch.query
+        var baseNorm: Float = 0
+        for j in 0..<d { baseNorm += base[j] * base[j] }
+        var byDistance: [(score: Float, id: Int32)] = []
+        byDistance.reserveCapacity(candidates.count)
+        for c in candidates {
+            let dist = baseNorm + norms[Int(c)] - 2 * keys.score(query: base, row: Int(c))
+            byDistance.append((-dist, c))  // best first = nearest first
+        }
+        sortBestFirst(&byDistance)
+        var kept: [Int32] = []
+        kept.reserveCapacity(M)
+        for cand in byDistance where kept.count < M {
+            keys.decodeRow(Int(cand.id), into: scratch.vector)
+            let toBase = -cand.score
+            let norm = norms[Int(cand.id)]
+            var occluded = false
+            for r in kept where norm + norms[Int(r)] - 2 * keys.score(query: scratch.vector, row: Int(r)) < toBase {
+                occluded = true
+                break
+            }
+            if !occluded { kept.append(cand.id) }
+        }
+        return kept
+    }
+
+    /// Adds a projection edge `target -> node`, pruning the projection list when it is full
+    /// (in place while the node has room and no other kind of edge yet).
+    private func addEdge(from target: Int, to node: Int32, keys: VectorView, scratch: SearchScratch,
+                         norms: UnsafePointer<Float>) {
+        if Int32(target) == node { return }
+        let slot = links.pointer + target * stride
+        let used = Int(slot[0]), projected = Int(projectionCount[target])
+        for i in 0..<projected where slot[1 + i] == node { return }
+        if used == projected && projected < M {
+            slot[1 + used] = node
+            slot[0] = Int32(used + 1)
+            projectionCount[target] = Int32(projected + 1)
+            return
+        }
+        var current = projectionList(target)
+        current.append(node)
+        if current.count > M {
+            keys.decodeRow(target, into: scratch.query)
+            current = prune(current, keys: keys, scratch: scratch, norms: norms)
+        }
+        setProjectionList(target, current)
+    }
+
+    /// Training queries kept by `train` until the first `add` builds the graph from them
+    /// (`t x dimension`, row-major).
+    private var trainingQueries: [Float] = []
+
+    /// True once training queries are kept or the graph is built.
+    public var isTrained: Bool { count > 0 || !trainingQueries.isEmpty }
+
+    /// Keeps an evenly spaced sample of at most `maxTrainingQueries` of the head's prefill `queries`;
+    /// the first `add` builds the graph from them.
+    public func train(keys: VectorView, range: Range<Int>, queries: VectorView?) throws {
+        guard count == 0 else { throw IndexError.invalidParameter("the retrieval graph is already built; add keys instead") }
+        guard let queries else { throw IndexError.notBuilt("the retrieval index is built from prefill queries; none were given") }
+        guard keys.dimension == dimension, queries.dimension == dimension else {
+            throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension == dimension ? queries.dimension : keys.dimension)
+        }
+        guard queries.count > 0 else {
+            throw IndexError.notBuilt("head \(keys.info.id) has no prefill queries; ingest them with --queries to build a retrieval index")
+        }
+        let picks = Self.trainingSample(offered: queries.count, budget: maxTrainingQueries)
+        let t = picks.count
+        var training = [Float](repeating: 0, count: t * dimension)
+        training.withUnsafeMutableBufferPointer { buf in
+            for (j, i) in picks.enumerated() { queries.decodeRow(i, into: buf.baseAddress! + j * dimension) }
+        }
+        trainingQueries = training
+    }
+
+    /// Positions of the training queries taken from `offered` prefill queries: all of them up to
+    /// `budget`, else `budget` evenly spread over the positions (the first included).
+    static func trainingSample(offered: Int, budget: Int) -> [Int] {
+        let t = min(offered, budget)
+        return (0..<t).map { $0 * offered / t }
+    }
+
+    /// Builds the graph over all keys from the prefill `queries` of the same head (`train` then `add`).
+    public func build(keys: VectorView, queries: VectorView, progress: ((Int, Int) -> Void)? = nil) throws {
+        try train(keys: keys, range: 0..<keys.count, queries: queries)
+        try add(keys: keys, range: 0..<keys.count, progress: progress)
+    }
+
+    /// Builds the graph over every key of `mapped` from the training queries.
+    private func project(keys mapped: VectorView, progress: ((Int, Int) -> Void)?) throws {
+        // The build reads keys at random many times: from a heap copy (huge pages) when large.
+        let keys = mapped.count >= 4096 ? mapped.materialized() : mapped
+        let n = keys.count
+        let nq = min(queryNeighbours, n)
+        links.grow(by: n * stride)
+        projectionCount = [Int32](repeating: 0, count: n)
+        localCount = [Int32](repeating: 0, count: n)
+        connectivityCursor = [UInt8](repeating: 0, count: n)
+        // 1. Exact top-Nq keys of an evenly spaced sample of training queries (picked by `train`).
+        let training = trainingQueries
+        trainingQueries = []
+        let t = training.count / dimension
+        var params = SearchParameters()
+        params.threads = threads
+        let truth = try training.withUnsafeBufferPointer {
+            try FlatIndex(keys: keys).search($0, k: nq, parameters: params, keys: keys)
+        }
+        // 2. Entry points: the distinct nearest keys of training queries, most often nearest
+        // first; they spread over the regions queries go to, so a search starts close.
+        var frequency = [Int32](repeating: 0, count: n)
+        for q in 0..<t where truth.ids[q * nq] >= 0 { frequency[truth.ids[q * nq]] += 1 }
+        let byFrequency = (0..<n).filter { frequency[$0] > 0 }.sorted { (a: Int, b: Int) -> Bool in
+            frequency[a] != frequency[b] ? frequency[a] > frequency[b] : a < b
+        }
+        entries = byFrequency.prefix(min(entryCount, n)).map { Int32($0) }
+        // 3. Projection: nearest key of each query linked to the query's other top keys.
+        let scratch = scratchPool.take(dimension: dimension, capacity: n)
+        defer { scratchPool.give(scratch) }
+        let norms = squaredNorms(keys)
+        norms.withUnsafeBufferPointer { norms in
+            for q in 0..<t {
+                let row = truth.ids[(q * nq)..<((q + 1) * nq)].filter { $0 >= 0 }
+                guard let nearest = row.first else { continue }
+                keys.decodeRow(nearest, into: scratch.query)
+                for c in prune(row.dropFirst().map { Int32($0) }, keys: keys, scratch: scratch, norms: norms.baseAddress!) {
+                    addEdge(from: nearest, to: c, keys: keys, scratch: scratch, norms: norms.baseAddress!)
+                    addEdge(from: Int(c), to: Int32(nearest), keys: keys, scratch: scratch, norms: norms.baseAddress!)
+                }
+                if q % 256 == 0 { progress?(q, t + n) }
+            }
+        }
+        // 4. Local edges among hot keys: their L2 nearest hot keys, by sgemm.
+        var isHot = [Bool](repeating: false, count: n)
+        for id in truth.ids where id >= 0 { isHot[id] = true }
+        try linkLocalNeighbours((0..<n).filter { isHot[$0] }, keys: keys)
+        // 5. Connectivity: the keys the entry points cannot reach get links within their L2
+        // group (one sgemm pass); the few still unreached are inserted one by one.
+        count = n
+        linkUnreached(unreachable(n), keys: keys, norms: norms, isHot: isHot)
+        // A connectivity edge may overwrite an earlier one when a list is full: re-check, a few rounds.
+        var unreached = unreachable(n)
+        for _ in 0..<4 where !unreached.isEmpty {
+            let pending = unreached
+            try insert(pending, keys: keys, limit: n) { done in progress?(t + (n - pending.count) + done, t + n) }
+            unreached = unreachable(n)
+        }
+        progress?(t + n, t + n)
+    }
+
+    /// Keys of `0..<n` no entry point reaches.
+    func unreachable(_ n: Int) -> [Int] {
+        var reached = [Bool](repeating: false, count: n)
+        var stack = entries.map(Int.init)
+        for e in stack { reached[e] = true }
+        while let node = stack.popLast() {
+            for nb in graph.neighbours(node) where !reached[Int(nb)] {
+                reached[Int(nb)] = true
+                stack.append(Int(nb))
+            }
+        }
+        return (0..<n).filter { !reached[$0] }
+    }
+
+    /// Squared norm of every key.
+    private func squaredNorms(_ keys: VectorView) -> [Float] {
+        let n = keys.count, d = dimension, chunk = 4096
+        var norms = [Float](repeating: 0, count: n)
+        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
+        defer { rows.deallocate() }
+        var i = 0
+        while i < n {
+            let m = decodeRun(keys, from: i, upTo: min(n, i + chunk), into: rows)
+            for r in 0..<m { norms[i + r] = kvr_dot_f32(rows + r * d, rows + r * d, d) }
+            i += m
+        }
+        return norms
+    }
+
+    /// Keys per group at most in `linkUnreached` (its Gram matrix: 16 MB).
+    static let groupLimit = 2048
+
+    /// Links `cold` keys (out of every training query's reach, mostly) cheaply: all keys are
+    /// grouped by their L2-nearest of about sqrt(n) evenly spaced anchor keys (one `sgemm` pass),
+    /// groups are cut in position order to at most `groupLimit` keys, and within a group each
+    /// cold key gets its `localNeighbours` L2-nearest members as edges (one `sgemm` per group),
+    /// the same number of reverse edges from the cold keys that chose it (in its empty projection
+    /// slots: keys in no training query's list have none), and a connectivity edge from its
+    /// nearest member. Groups run on `threads`; edges are written after, in key order, so the
+    /// graph does not depend on the thread count.
+    private func linkUnreached(_ cold: [Int], keys: VectorView, norms: [Float], isHot: [Bool]) {
+        let n = keys.count, d = dimension, L = localNeighbours
+        guard !cold.isEmpty, L > 0, n > 1 else { return }
+        let anchors = max(1, min(n, Int(Double(n).squareRoot().rounded())))
+        var anchorRows = [Float](repeating: 0, count: anchors * d)
+        var anchorNorms = [Float](repeating: 0, count: anchors)
+        for a in 0..<anchors {
+            let i = a * n / anchors
+            anchorRows.withUnsafeMutableBufferPointer { keys.decodeRow(i, into: $0.baseAddress! + a * d) }
+            anchorNorms[a] = norms[i]
+        }
+        // Nearest anchor of every key: argmax 2 x·a - |a|² by sgemm, in chunks over threads.
+        var group = [Int32](repeating: 0, count: n)
+        let chunk = 2048, chunks = (n + chunk - 1) / chunk
+        let workers = max(1, min(threads, chunks))
+        BLAS.setThreads(1)
+        group.withUnsafeMutableBufferPointer { out in
+            anchorRows.withUnsafeBufferPointer { ar in
+                anchorNorms.withUnsafeBufferPointer { an in
+                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
+                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * anchors)
+                        defer { rows.deallocate(); scores.deallocate() }
+                        var c = w
+                        while c < chunks {
+                            let lo = c * chunk, m = decodeRun(keys, from: lo, upTo: min(n, lo + chunk), into: rows)
+                            for r in 0..<m { (scores + r * anchors).update(from: an.baseAddress!, count: anchors) }
+                            BLAS.scoresNT(m: m, n: anchors, k: d, a: rows, b: ar.baseAddress!, c: scores, alpha: -2, beta: 1)
+                            for r in 0..<m { out[lo + r] = Int32(KMeans.argMin(scores + r * anchors, count: anchors).0) }
+                            c += workers
+                        }
+                    }
+                }
+            }
+        }
+        // Groups in position order, cut to at most `groupLimit` keys.
+        var members = [[Int32]](repeating: [], count: anchors)
+        for i in 0..<n { members[Int(group[i])].append(Int32(i)) }
+        var isCold = [Bool](repeating: false, count: n)
+        for c in cold { isCold[c] = true }
+        var pieces: [ArraySlice<Int32>] = []
+        for m in members where m.count > 1 {
+            var lo = 0
+            while lo < m.count {
+                let hi = min(m.count, lo + Self.groupLimit)
+                if m[lo..<hi].contains(where: { isCold[Int($0)] }) { pieces.append(m[lo..<hi]) }
+                lo = hi
+            }
+        }
+        // Per cold key: its L nearest members (nearest first).
+        var plans = [[Int32]](repeating: [], count: n)
+        let limit = Self.groupLimit
+        plans.withUnsafeMutableBufferPointer { out in
+            norms.withUnsafeBufferPointer { nb in
+                isCold.withUnsafeBufferPointer { coldFlags in
+                    DispatchQueue.concurrentPerform(iterations: max(1, min(threads, pieces.count))) { w in
+                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
+                        let coldRows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
+                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: limit * limit)
+                        defer { rows.deallocate(); coldRows.deallocate(); scores.deallocate() }
+                        var top = TopK<Int32>(k: L + 1)
+                        var p = w
+                        let step = max(1, min(threads, pieces.count))
+                        while p < pieces.count {
+                            let piece = Array(pieces[p]), s = piece.count
+                            var coldIndex: [Int] = []
+                            for (j, id) in piece.enumerated() {
+                                keys.decodeRow(Int(id), into: rows + j * d)
+                                if coldFlags[Int(id)] {
+                                    (coldRows + coldIndex.count * d).update(from: rows + j * d, count: d)
+                                    coldIndex.append(j)
+                                }
+                            }
+                            let c = coldIndex.count
+                            BLAS.scoresNT(m: c, n: s, k: d, a: coldRows, b: rows, c: scores)
+                            for (r, j) in coldIndex.enumerated() {
+                                top.reset()
+                                let row = scores + r * s
+                                for x in 0..<s where x != j {
+                                    let v = 2 * row[x] - nb[Int(piece[x])]  // -|a - b|² + |a|²
+                                    if v >= top.threshold { top.push(v, piece[x]) }
+                                }
+                                out[Int(piece[j])] = top.sorted().prefix(L).map(\.id)
+                            }
+                            p += step
+                        }
+                    }
+                }
+            }
+        }
+        // Reverse edges among keys without projection edges, at most L each.
+        var reverse = [[Int32]](repeating: [], count: n)
+        for i in cold where !isHot[i] {
+            for j in plans[i] where !isHot[Int(j)] && isCold[Int(j)] && reverse[Int(j)].count < min(L, M) && !plans[Int(j)].contains(Int32(i)) {
+                reverse[Int(j)].append(Int32(i))
+            }
+        }
+        for i in cold where !plans[i].isEmpty {
+            if isHot[i] {
+                setLocalList(i, plans[i])  // keeps its projection edges
+            } else {
+                let slot = links.pointer + i * stride
+                let all = reverse[i] + plans[i]
+                slot[0] = Int32(all.count)
+                for (x, id) in all.enumerated() { slot[1 + x] = id }
+                projectionCount[i] = Int32(reverse[i].count)
+                localCount[i] = Int32(plans[i].count)
+            }
+        }
+        for i in cold { if let nearest = plans[i].first { addConnectivityEdge(from: Int(nearest), to: Int32(i)) } }
+    }
+
+    /// Links each of `hot` to its `localNeighbours` nearest (L2) keys among `hot`.
+    private func linkLocalNeighbours(_ hot: [Int], keys: VectorView) throws {
+        let h = hot.count
+        guard localNeighbours > 0, h > 1 else { return }
+        let d = dimension
+        var matrix = [Float](repeating: 0, count: h * d)
+        var norms = [Float](repeating: 0, count: h)
+        matrix.withUnsafeMutableBufferPointer { m in
+            for (j, i) in hot.enumerated() {
+                keys.decodeRow(i, into: m.baseAddress! + j * d)
+                var s: Float = 0
+                for c in 0..<d { s += m[j * d + c] * m[j * d + c] }
+                norms[j] = s
+            }
+        }
+        let rowsPerBlock = 256
+        var lists = [[Int32]](repeating: [], count: h)
+        let blocks = (h + rowsPerBlock - 1) / rowsPerBlock
+        lists.withUnsafeMutableBufferPointer { out in
+            matrix.withUnsafeBufferPointer { m in
+                DispatchQueue.concurrentPerform(iterations: min(threads, blocks)) { t in
+                    let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
+                    defer { scores.deallocate() }
+                    var b = t
+                    while b < blocks {
+                        let lo = b * rowsPerBlock, rows = min(rowsPerBlock, h - lo)
+                        BLAS.scoresNT(m: rows, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
+                        for r in 0..<rows {
+                            var top = TopK<Int>(k: min(localNeighbours + 1, h))
+                            let row = scores + r * h
+                            for j in 0..<h { top.push(2 * row[j] - norms[j], j) }  // -|x - y|^2 + |x|^2
+                            out[lo + r] = top.sorted().filter { $0.id != lo + r }.prefix(localNeighbours).map { Int32(hot[$0.id]) }
+                        }
+                        b += threads
+                    }
+                }
+            }
+        }
+        for (j, i) in hot.enumerated() { setLocalList(i, lists[j]) }
+    }
+
+    /// Links `nodes` into the graph, in batches searched in parallel against the graph as it
+    /// stood at the batch start (deterministic whatever the thread count), then linked in order.
+    private func insert(_ nodes: [Int], keys: VectorView, limit: Int, progress: ((Int) -> Void)?) throws {
+        let pool = (0..<threads).map { _ in scratchPool.take(dimension: dimension, capacity: limit) }
+        defer { pool.forEach(scratchPool.give) }
+        // Squared norms, so key-to-key search ranks by L2 distance.
+        var norms = [Float](repeating: 0, count: limit)
+        for i in 0..<limit { norms[i] = keys.score(query: rowAsFloats(keys, i, pool[0].vector), row: i) }
+        var next = 0
+        while next < nodes.count {
+            let batch = min(64, nodes.count - next)
+            var plans = [[Int32]](repeating: [], count: batch)
+            norms.withUnsafeBufferPointer { normsBuffer in
+            let normsPointer = normsBuffer.baseAddress!
+            plans.withUnsafeMutableBufferPointer { out in
+                let chunk = (batch + threads - 1) / threads
+                DispatchQueue.concurrentPerform(iterations: min(threads, batch)) { th in
+                    let scratch = pool[th]
+                    for j in (th * chunk)..<min(batch, (th + 1) * chunk) {
+                        let node = nodes[next + j]
+                        keys.decodeRow(node, into: scratch.query)
+                        let starts = entries.map { ($0, 2 * keys.score(query: scratch.query, row: Int($0)) - normsPointer[Int($0)]) }
+                        beamSearch(graph, query: scratch.query, keys: keys, entries: starts, ef: efConstruction,
+                                   scratch: scratch, limit: limit, norms: normsPointer)
+                        let found = scratch.results.drainDescending().filter { Int($0.id) != node }.map(\.id)
+                        out[j] = self.prune(found, keys: keys, scratch: scratch, norms: normsPointer)
+                    }
+                }
+            }
+            }
+            for (j, plan) in plans.enumerated() {
+                let node = nodes[next + j]
+                setProjectionList(node, Array(plan.prefix(M)))
+                for c in plan { addConnectivityEdge(from: Int(c), to: Int32(node)) }
+            }
+            next += batch
+            progress?(next)
+        }
+    }
+
+    /// Adds keys `range` (decode-time upkeep): each is searched for and linked.
+    public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard isTrained else {
+            throw IndexError.notBuilt("the retrieval graph must first be built from prefill queries")
+        }
+        guard range.lowerBound == count, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter("keys are added in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+        if count == 0 {
+            guard !range.isEmpty else { return }
+            try project(keys: keys.limited(to: range.upperBound), progress: progress)
+            return
+        }
+        links.grow(by: range.count * stride)
+        projectionCount += [Int32](repeating: 0, count: range.count)
+        localCount += [Int32](repeating: 0, count: range.count)
+        connectivityCursor += [UInt8](repeating: 0, count: range.count)
+        let newCount = range.upperBound
+        try insert(Array(range), keys: keys, limit: newCount) { done in progress?(done, range.count) }
+        count = newCount
+    }
+
+    public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                       keys: VectorView) throws -> SearchResults {
+        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
+        guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
+        try parameters.graph.validate()
+        let ef = max(parameters.graph.ef, k)
+        let graph = self.graph
+        return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
+                                pool: scratchPool) { query, scratch in
+            let starts = entries.map { ($0, keys.score(query: query, row: Int($0))) }
+            scratch.computations += starts.count
+            beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count)
+        }
+    }
+
+    // MARK: Persistence
+
+    public func sections() -> [String: [UInt8]] {
+        var meta = ByteWriter()
+        for v in [dimension, count, M, queryNeighbours, maxTrainingQueries, efConstruction, entryCount, connectivitySlots,
+                  localNeighbours] {
+            meta.write(Int64(v))
+        }
+        var graph = ByteWriter()
+        graph.write(array: entries)
+        graph.write(array: links.array)
+        graph.write(array: projectionCount)
+        graph.write(array: localCount)
+        graph.write(array: connectivityCursor)
+        return ["meta": meta.bytes, "graph": graph.bytes]
+    }
+
+    public convenience init(sections: [String: [UInt8]]) throws {
+        let v = try readSection(sections, "meta", of: .retrieval) { meta in try (0..<9).map { _ in Int(try meta.read(Int64.self)) } }
+        guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (2...1024).contains(v[2]),
+              (2...1_000_000).contains(v[3]), (1...Int(Int32.max)).contains(v[4]), (1...1_000_000).contains(v[5]),
+              (1...1_000_000).contains(v[6]), (0...255).contains(v[7]), (0...255).contains(v[8]) else {
+            throw IndexError.corrupt("retrieval meta out of range")
+        }
+        try self.init(dimension: v[0], M: v[2], queryNeighbours: v[3], maxTrainingQueries: v[4], efConstruction: v[5],
+                      entryCount: v[6], connectivitySlots: v[7], localNeighbours: v[8])
+        let (entries, flat, projection, local, cursors) = try readSection(sections, "graph", of: .retrieval) { reader in
+            (try reader.readArray(Int32.self), try reader.readArray(Int32.self), try reader.readArray(Int32.self),
+             try reader.readArray(Int32.self), try reader.readArray(UInt8.self))
+        }
+        let count = v[1]
+        guard flat.count == count * stride, projection.count == count, local.count == count, cursors.count == count, !entries.isEmpty || count == 0,
+              entries.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+            throw IndexError.corrupt("retrieval graph sizes disagree with its node count \(count)")
+        }
+        for i in 0..<count {
+            let base = i * stride
+            guard flat[base] >= 0, Int(flat[base]) <= M + localNeighbours + connectivitySlots, projection[i] >= 0,
+                  local[i] >= 0, projection[i] + local[i] <= flat[base],
+                  flat[(base + 1)..<(base + 1 + Int(flat[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                throw IndexError.corrupt("retrieval graph node \(i) has an invalid link list")
+            }
+        }
+        links.append(contentsOf: flat)
+        projectionCount = projection
+        localCount = local
+        connectivityCursor = cursors
+        self.entries = entries
+        self.count = count
+    }
+}
+
+/// Decodes row `i` of `keys` into `buffer` and returns it (for a norm: the row scored against itself).
+@inline(__always)
+func rowAsFloats(_ keys: VectorView, _ i: Int, _ buffer: UnsafeMutablePointer<Float>) -> UnsafeMutablePointer<Float> {
+    keys.decodeRow(i, into: buffer)
+    return buffer
+}

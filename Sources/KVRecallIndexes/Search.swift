@@ -1,0 +1,228 @@
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+/// Per-call search knobs, one typed struct per index family (faiss's `SearchParametersIVF`,
+/// `SearchParametersHNSW`, ...); each index reads only its own struct and `threads`.
+public struct SearchParameters: Sendable, Equatable {
+    /// HNSW and the retrieval graph.
+    public var graph = GraphSearchParameters()
+    /// IVF.
+    public var ivf = IVFSearchParameters()
+    /// The centroid tree.
+    public var tree = TreeSearchParameters()
+    /// LSH.
+    public var lsh = LSHSearchParameters()
+    /// Landmark blocks.
+    public var landmark = LandmarkSearchParameters()
+    /// Threads to spread a query batch over.
+    public var threads: Int = 1
+    public init() {}
+
+    /// Checks every knob (each index also checks its own at search time).
+    public func validate() throws {
+        try graph.validate(); try ivf.validate(); try tree.validate(); try lsh.validate(); try landmark.validate()
+        guard threads >= 1 else { throw IndexError.invalidParameter("threads must be at least 1 (got \(threads))") }
+    }
+}
+
+/// Graph beam search (HNSW, retrieval graph).
+public struct GraphSearchParameters: Sendable, Equatable {
+    /// Beam width used when neither the caller nor the index's calibration sets one.
+    public static let defaultEf = 64
+    /// Beam width set by the caller; nil leaves it to the index's calibration (`SearchCalibration`).
+    public var efSetting: Int?
+    /// Beam width (candidate list size); raised to k when smaller.
+    public var ef: Int {
+        get { efSetting ?? Self.defaultEf }
+        set { efSetting = newValue }
+    }
+    public init(ef: Int? = nil) { efSetting = ef }
+    public func validate() throws {
+        guard ef >= 1 else { throw IndexError.invalidParameter("ef must be at least 1") }
+    }
+}
+
+/// Inverted-file probing.
+public struct IVFSearchParameters: Sendable, Equatable {
+    /// Lists probed when neither the caller nor the index's calibration sets it.
+    public static let defaultNprobe = 8
+    /// Lists probed as set by the caller; nil leaves it to the index's calibration.
+    public var nprobeSetting: Int?
+    /// Lists probed.
+    public var nprobe: Int {
+        get { nprobeSetting ?? Self.defaultNprobe }
+        set { nprobeSetting = newValue }
+    }
+    /// Candidates (by list code score) re-ranked exactly per query; 0 picks 2k, fewer than k means k.
+    public var rerank = 0
+    public init(nprobe: Int? = nil) { nprobeSetting = nprobe }
+    public func validate() throws {
+        guard nprobe >= 1 else { throw IndexError.invalidParameter("nprobe must be at least 1 (got \(nprobe))") }
+        guard rerank >= 0 else { throw IndexError.invalidParameter("rerank must be non-negative (got \(rerank))") }
+    }
+}
+
+/// Centroid-tree descent.
+public struct TreeSearchParameters: Sendable, Equatable {
+    /// Clusters kept per level when neither the caller nor the index's calibration sets it.
+    public static let defaultBeam = 8
+    /// Clusters kept per level as set by the caller; nil leaves it to the index's calibration.
+    public var beamSetting: Int?
+    /// Clusters kept per level.
+    public var beam: Int {
+        get { beamSetting ?? Self.defaultBeam }
+        set { beamSetting = newValue }
+    }
+    /// Candidates (by list code score) re-ranked exactly per query; 0 picks 2k, fewer than k means k.
+    public var rerank = 0
+    public init(beam: Int? = nil) { beamSetting = beam }
+    public func validate() throws {
+        guard beam >= 1 else { throw IndexError.invalidParameter("beam must be at least 1 (got \(beam))") }
+        guard rerank >= 0 else { throw IndexError.invalidParameter("rerank must be non-negative (got \(rerank))") }
+    }
+}
+
+/// LSH candidate filter.
+public struct LSHSearchParameters: Sendable, Equatable {
+    /// Tables a key must collide in to be a candidate.
+    public var minCollisions = 2
+    public init(minCollisions: Int = 2) { self.minCollisions = minCollisions }
+    public func validate() throws {
+        guard minCollisions >= 1 else {
+            throw IndexError.invalidParameter("min-collisions must be at least 1 (got \(minCollisions))")
+        }
+    }
+}
+
+/// Landmark block selection.
+public struct LandmarkSearchParameters: Sendable, Equatable {
+    /// Blocks kept (0 picks ceil(4k / block size)).
+    public var blocks = 0
+    /// Rank blocks by Quest's per-channel min/max upper bound instead of the mean key.
+    public var bound = false
+    public init(blocks: Int = 0, bound: Bool = false) { self.blocks = blocks; self.bound = bound }
+    public func validate() throws {
+        guard blocks >= 0 else { throw IndexError.invalidParameter("blocks must be non-negative (got \(blocks))") }
+    }
+}
+
+/// What one search touched, summed over its queries.
+public struct SearchStats: Sendable, Equatable {
+    /// Query-key inner products computed (re-ranking and scanning), over all queries.
+    public var distanceComputations = 0
+    /// Other work: centroid or hash scores, over all queries.
+    public var auxiliaryComputations = 0
+    /// Queries searched.
+    public var queries = 0
+    /// Keys in the searched set.
+    public var keyCount = 0
+
+    public init(distanceComputations: Int = 0, auxiliaryComputations: Int = 0, queries: Int = 0, keyCount: Int = 0) {
+        self.distanceComputations = distanceComputations
+        self.auxiliaryComputations = auxiliaryComputations
+        self.queries = queries
+        self.keyCount = keyCount
+    }
+
+    /// Mean fraction of keys scored per query (DESIGN.md section 6: keys scanned).
+    public var keysScannedFraction: Double {
+        guard queries > 0, keyCount > 0 else { return 0 }
+        return Double(distanceComputations) / Double(queries) / Double(keyCount)
+    }
+
+    public static func += (a: inout SearchStats, b: SearchStats) {
+        a.distanceComputations += b.distanceComputations
+        a.auxiliaryComputations += b.auxiliaryComputations
+        a.queries += b.queries
+        a.keyCount = max(a.keyCount, b.keyCount)
+    }
+}
+
+/// Results of a batch search: `queryCount x k` ids and scores, row-major, best first per query.
+/// Rows with fewer than `k` hits are padded with id -1 and score -inf.
+public struct SearchResults: Sendable {
+    public let k: Int
+    public let queryCount: Int
+    public var ids: [Int]
+    public var scores: [Float]
+    public var stats: SearchStats
+
+    public init(k: Int, queryCount: Int) {
+        self.k = k
+        self.queryCount = queryCount
+        ids = [Int](repeating: -1, count: k * queryCount)
+        scores = [Float](repeating: -.infinity, count: k * queryCount)
+        stats = SearchStats(queries: queryCount)
+    }
+
+    /// The hits of query `q`, best first, without padding.
+    public func hits(_ q: Int) -> [(id: Int, score: Float)] {
+        (0..<k).compactMap { j in ids[q * k + j] >= 0 ? (ids[q * k + j], scores[q * k + j]) : nil }
+    }
+
+    /// Writes the content of a selection as row `q`.
+    mutating func store(_ top: TopK<Int>, query q: Int) {
+        for (j, hit) in top.sorted().enumerated() {
+            ids[q * k + j] = hit.id
+            scores[q * k + j] = hit.score
+        }
+    }
+}
+
+/// The index abstraction (faiss's `Index` is the model): fixed dimension, vectors addressed by
+/// position, batch search with per-call parameters and statistics. Indexes hold only their own
+/// structure; the key vectors are read from the store's memory map through a `VectorView`
+/// passed to each call, valid inside one read transaction.
+public protocol VectorIndex {
+    var kind: IndexKind { get }
+    var dimension: Int { get }
+    /// Keys indexed (positions 0..<count).
+    var count: Int { get }
+    /// Top-`k` by inner product for `queries` (`m x dimension`, row-major f32).
+    func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                keys: VectorView) throws -> SearchResults
+}
+
+/// An index that can search a GQA group's queries together, sharing the work (a graph walk
+/// that reads each reached key once for every head). The union selection uses it when present.
+public protocol GroupSearchable: VectorIndex {
+    /// Top-`k` of each query of one group (`g x dimension`, row-major); same results layout as `search`.
+    func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                     keys: VectorView) throws -> SearchResults
+}
+
+/// Validates a search call's shape against an index and its keys.
+package func validateSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, dimension: Int, keys: VectorView) throws -> Int {
+    guard keys.dimension == dimension else {
+        throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension)
+    }
+    guard queries.count % dimension == 0 else {
+        throw IndexError.dimensionMismatch(expected: dimension, actual: queries.count)
+    }
+    guard k >= 1 else { throw IndexError.invalidParameter("k must be at least 1 (got \(k))") }
+    guard k <= keys.count else {
+        throw IndexError.invalidParameter("k = \(k) exceeds the \(keys.count) keys of head \(keys.info.id)")
+    }
+    return queries.count / dimension
+}
+
+/// Errors of index building and search.
+public enum IndexError: Error, CustomStringConvertible, Equatable, Sendable {
+    case dimensionMismatch(expected: Int, actual: Int)
+    case invalidParameter(String)
+    case notBuilt(String)
+    case corrupt(String)
+    case unsupportedVersion(found: Int, supported: Int)
+
+    public var description: String {
+        switch self {
+        case .dimensionMismatch(let e, let a): return "dimension mismatch: the index has dimension \(e), the data \(a)"
+        case .invalidParameter(let m): return "invalid parameter: \(m)"
+        case .notBuilt(let m): return m
+        case .corrupt(let m): return "corrupt index: \(m)"
+        case .unsupportedVersion(let f, let s):
+            return "index format version \(f) is not supported (this build reads version \(s)); rebuild the index"
+        }
+    }
+}
