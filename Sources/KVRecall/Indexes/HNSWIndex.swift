@@ -109,19 +109,20 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     }
 
     /// A candidate as one integer that sorts ascending by score, then by descending id (so the
-    /// best candidate, ties to the lower id, is the largest).
+    /// best candidate, ties to the lower id, is the largest). Bit 0 is left free: the beam search
+    /// marks expanded nodes there (it never decides an order, as no two keys share an id).
     @inline(__always)
     static func sortKey(_ score: Float, _ id: Int32) -> UInt64 {
         let bits = score.bitPattern
         let ordered = bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
-        return UInt64(ordered) << 32 | UInt64(UInt32.max - UInt32(bitPattern: id))
+        return UInt64(ordered) << 32 | UInt64(0x7FFF_FFFF - UInt32(bitPattern: id)) << 1
     }
 
     @inline(__always)
     static func unpack(_ key: UInt64) -> (score: Float, id: Int32) {
         let ordered = UInt32(truncatingIfNeeded: key >> 32)
         let bits = ordered & 0x8000_0000 != 0 ? ordered & 0x7FFF_FFFF : ~ordered
-        return (Float(bitPattern: bits), Int32(bitPattern: UInt32.max - UInt32(truncatingIfNeeded: key)))
+        return (Float(bitPattern: bits), Int32(bitPattern: 0x7FFF_FFFF - UInt32(truncatingIfNeeded: key >> 1) & 0x7FFF_FFFF))
     }
 
     /// hnswlib's neighbour-selection heuristic: take candidates best first, keep one only if it is
@@ -456,10 +457,9 @@ final class SearchScratch {
     private(set) var sortKeys = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
     private var sortCapacity = 512
     let kept = UnsafeMutablePointer<Int32>.allocate(capacity: 4096)
-    /// The last beam search's beam: `poolCount` sort keys, best first (see `beamSearch`), and
-    /// whether each was expanded.
+    /// The last beam search's beam: `poolCount` sort keys, best first, bit 0 set once expanded
+    /// (see `beamSearch`).
     private(set) var pool = UnsafeMutablePointer<UInt64>.allocate(capacity: 256)
-    private(set) var poolExpanded = UnsafeMutablePointer<Bool>.allocate(capacity: 256)
     private var poolCapacity = 256
     var poolCount = 0
 
@@ -468,10 +468,8 @@ final class SearchScratch {
     func reservePool(_ n: Int) {
         guard n > poolCapacity else { return }
         pool.deallocate()
-        poolExpanded.deallocate()
         poolCapacity = max(n, 2 * poolCapacity)
         pool = .allocate(capacity: poolCapacity)
-        poolExpanded = .allocate(capacity: poolCapacity)
     }
 
     /// The sort buffer, grown to hold `n` keys.
@@ -480,7 +478,6 @@ final class SearchScratch {
         if n > sortCapacity {
             sortKeys.deallocate()
         pool.deallocate()
-        poolExpanded.deallocate()
             sortCapacity = max(n, 2 * sortCapacity)
             sortKeys = .allocate(capacity: sortCapacity)
         }
@@ -503,7 +500,6 @@ final class SearchScratch {
         kept.deallocate()
         sortKeys.deallocate()
         pool.deallocate()
-        poolExpanded.deallocate()
         candidates.deallocate()
         results.deallocate()
     }
