@@ -102,30 +102,31 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     /// Beam search at one layer (see `beamSearch`).
     @inline(__always)
     func searchLayer(query: UnsafePointer<Float>, keys: VectorView, entries: [(Int32, Float)], ef: Int, level: Int,
-                     scratch: SearchScratch, limit: Int) {
+                     scratch: SearchScratch, limit: Int, fillResults: Bool = true) {
         if level == 0 {
             beamSearch(StridedLinks(base: links0.pointer, stride: stride0), query: query, keys: keys, entries: entries,
-                       ef: ef, scratch: scratch, limit: limit)
+                       ef: ef, scratch: scratch, limit: limit, fillResults: fillResults)
         } else {
             beamSearch(UpperLayerLinks(index: self, level: level), query: query, keys: keys, entries: entries,
-                       ef: ef, scratch: scratch, limit: limit)
+                       ef: ef, scratch: scratch, limit: limit, fillResults: fillResults)
         }
     }
 
     /// A candidate as one integer that sorts ascending by score, then by descending id (so the
-    /// best candidate, ties to the lower id, is the largest).
+    /// best candidate, ties to the lower id, is the largest). Bit 0 is left free: the beam search
+    /// marks expanded nodes there (it never decides an order, as no two keys share an id).
     @inline(__always)
     static func sortKey(_ score: Float, _ id: Int32) -> UInt64 {
         let bits = score.bitPattern
         let ordered = bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
-        return UInt64(ordered) << 32 | UInt64(UInt32.max - UInt32(bitPattern: id))
+        return UInt64(ordered) << 32 | UInt64(0x7FFF_FFFF - UInt32(bitPattern: id)) << 1
     }
 
     @inline(__always)
     static func unpack(_ key: UInt64) -> (score: Float, id: Int32) {
         let ordered = UInt32(truncatingIfNeeded: key >> 32)
         let bits = ordered & 0x8000_0000 != 0 ? ordered & 0x7FFF_FFFF : ~ordered
-        return (Float(bitPattern: bits), Int32(bitPattern: UInt32.max - UInt32(truncatingIfNeeded: key)))
+        return (Float(bitPattern: bits), Int32(bitPattern: 0x7FFF_FFFF - UInt32(truncatingIfNeeded: key >> 1) & 0x7FFF_FFFF))
     }
 
     /// hnswlib's neighbour-selection heuristic: take candidates best first, keep one only if it is
@@ -134,9 +135,9 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     /// (a heap drained one pop at a time cost ~10% of a one-thread build, Swift's stable sort ~8%
     /// with its merge buffer: the heuristic usually examines every candidate). The kept ids go to `scratch.kept`, best first; returns how many.
     @inline(__always)
-    func selectSorted(count: Int, keys: VectorView, max m: Int, scratch: SearchScratch) -> Int {
+    func selectSorted(count: Int, sorted: Bool = false, keys: VectorView, max m: Int, scratch: SearchScratch) -> Int {
         let buffer = scratch.sortKeys
-        kvr_sort_u64(buffer, count)
+        if !sorted { kvr_sort_u64(buffer, count) }
         let kept = scratch.kept
         var n = 0
         var computations = 0
@@ -264,22 +265,30 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         var result = [[Int32]](repeating: [], count: nodeLevel + 1)
         for level in stride(from: min(nodeLevel, maxLevel), through: 0, by: -1) {
             searchLayer(query: q, keys: keys, entries: entries, ef: efConstruction, level: level,
-                        scratch: scratch, limit: frozenCount)
-            // The candidates (the walk's results plus earlier nodes of this batch that reach this
-            // layer) as sort keys.
-            let results = scratch.results
-            var total = results.count
-            for other in batchStart..<node where Int(levels[other]) >= level { total += 1 }
-            let buffer = scratch.sortBuffer(total)
-            for i in 0..<results.count { buffer[i] = HNSWIndex.sortKey(results.scores[i], results.ids[i]) }
-            var filled = results.count
+                        scratch: scratch, limit: frozenCount, fillResults: false)
+            // The candidates, ascending: the walk's beam (sorted, best first) merged with the
+            // earlier nodes of this batch that reach this layer (scored directly, sorted here).
+            let found = scratch.poolCount
+            var extras = 0
+            for other in batchStart..<node where Int(levels[other]) >= level { extras += 1 }
+            let filled = found + extras
+            let buffer = scratch.sortBuffer(filled)
+            var e = found
             for other in batchStart..<node where Int(levels[other]) >= level {
-                buffer[filled] = HNSWIndex.sortKey(keys.score(query: q, row: other), Int32(other))
-                filled += 1
+                buffer[e] = HNSWIndex.sortKey(keys.score(query: q, row: other), Int32(other))
+                e += 1
             }
-            scratch.results.removeAll()
+            kvr_sort_u64(buffer + found, extras)
+            // In place from the front: the write position never passes the next unread extra.
+            let pool = scratch.pool
+            var i = found - 1, j = found, out = 0
+            while i >= 0 && j < filled {
+                if pool[i] < buffer[j] { buffer[out] = pool[i]; i -= 1 } else { buffer[out] = buffer[j]; j += 1 }
+                out += 1
+            }
+            while i >= 0 { buffer[out] = pool[i]; i -= 1; out += 1 }
             guard filled > 0 else { entries = []; continue }
-            let kept = selectSorted(count: filled, keys: keys, max: M, scratch: scratch)
+            let kept = selectSorted(count: filled, sorted: true, keys: keys, max: M, scratch: scratch)
             let top = HNSWIndex.unpack(buffer[filled - 1])  // sorted: the best is last
             entries = [(top.id, top.score)]
             result[level] = Array(UnsafeBufferPointer(start: scratch.kept, count: kept))
@@ -452,12 +461,27 @@ final class SearchScratch {
     private(set) var sortKeys = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
     private var sortCapacity = 512
     let kept = UnsafeMutablePointer<Int32>.allocate(capacity: 4096)
+    /// The last beam search's beam: `poolCount` sort keys, best first, bit 0 set once expanded
+    /// (see `beamSearch`).
+    private(set) var pool = UnsafeMutablePointer<UInt64>.allocate(capacity: 256)
+    private var poolCapacity = 256
+    var poolCount = 0
+
+    /// Grows the beam to hold `n` entries.
+    @inline(__always)
+    func reservePool(_ n: Int) {
+        guard n > poolCapacity else { return }
+        pool.deallocate()
+        poolCapacity = max(n, 2 * poolCapacity)
+        pool = .allocate(capacity: poolCapacity)
+    }
 
     /// The sort buffer, grown to hold `n` keys.
     @inline(__always)
     func sortBuffer(_ n: Int) -> UnsafeMutablePointer<UInt64> {
         if n > sortCapacity {
             sortKeys.deallocate()
+        pool.deallocate()
             sortCapacity = max(n, 2 * sortCapacity)
             sortKeys = .allocate(capacity: sortCapacity)
         }
@@ -479,6 +503,7 @@ final class SearchScratch {
         pending.deallocate()
         kept.deallocate()
         sortKeys.deallocate()
+        pool.deallocate()
         candidates.deallocate()
         results.deallocate()
     }

@@ -39,6 +39,53 @@ import KVRecallTestSupport
         #expect(a.sections() == b.sections())
     }
 
+    /// The sorted beam (`beamSearch`) expands exactly the nodes HNSW's two heaps do: same
+    /// results, same number of scored keys, against a plain two-heap search-layer.
+    @Test func beamSearchMatchesTheTwoHeapSearchLayer() throws {
+        let f = try IndexFixture(n: 3000)
+        let index = try build(f)
+        try f.withKeys { keys in
+            let scratch = SearchScratch(dimension: f.d, capacity: index.count)
+            for q in 0..<f.queries.count / f.d {
+                try f.queries.withUnsafeBufferPointer { all in
+                    let query = all.baseAddress! + q * f.d
+                    let start = Int32(q * 37 % index.count)
+                    let startScore = keys.score(query: query, row: Int(start))
+                    for ef in [1, 10, 64] {
+                        // Reference: candidates max-heap, results min-heap bounded by ef.
+                        var visited = Set([start])
+                        var candidates = [(startScore, start)], results = [(startScore, start)]
+                        var scored = 0
+                        while let best = candidates.max(by: { $0.0 < $1.0 }) {
+                            candidates.removeAll { $0 == best }
+                            let worst = results.min(by: { $0.0 < $1.0 })!.0
+                            if results.count >= ef && best.0 < worst { break }
+                            for n in index.neighbours(Int(best.1), level: 0) where visited.insert(n).inserted {
+                                let s = keys.score(query: query, row: Int(n))
+                                scored += 1
+                                let bottom = results.min(by: { $0.0 < $1.0 })!.0
+                                if results.count < ef || s > bottom {
+                                    candidates.append((s, n))
+                                    results.append((s, n))
+                                    if results.count > ef { results.removeAll { $0.0 == bottom } }
+                                }
+                            }
+                        }
+                        scratch.computations = 0
+                        index.searchLayer(query: query, keys: keys, entries: [(start, startScore)], ef: ef, level: 0,
+                                          scratch: scratch, limit: index.count)
+                        let found = (0..<scratch.results.count).map { scratch.results.ids[$0] }.sorted()
+                        #expect(found == results.map(\.1).sorted(), "query \(q) ef \(ef)")
+                        #expect(scratch.computations == scored, "query \(q) ef \(ef)")
+                        // The beam is sorted best first.
+                        let beam = (0..<scratch.poolCount).map { scratch.pool[$0] & ~1 }
+                        #expect(beam == beam.sorted(by: >))
+                    }
+                }
+            }
+        }
+    }
+
     @Test func persistenceRoundTripGivesIdenticalResults() throws {
         let f = try IndexFixture(n: 2000)
         let index = try build(f)
@@ -126,6 +173,12 @@ import KVRecallTestSupport
         for c in candidates {
             let u = HNSWIndex.unpack(HNSWIndex.sortKey(c.0, c.1))
             #expect(u.score == c.0 && u.id == c.1)
+            // Bit 0 (the beam search's expanded mark) changes neither the unpacked pair nor the order.
+            let marked = HNSWIndex.unpack(HNSWIndex.sortKey(c.0, c.1) | 1)
+            #expect(marked.score == c.0 && marked.id == c.1)
+        }
+        for (a, b) in zip(candidates, candidates.dropFirst()) {
+            #expect(HNSWIndex.sortKey(a.0, a.1) | 1 < HNSWIndex.sortKey(b.0, b.1))
         }
     }
 }
