@@ -266,7 +266,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Top-`nq` keys, best first, of each of `queries` (row-major) among the `hot` keys only (one
     /// `sgemm` per block of queries on `threads`): the keys some exact training query ranks in its
     /// top list hold nearly all of any query's top keys, at a fraction of a full scan's cost.
-    private func restrictedLists(_ queries: [Float], hot: [Int], keys: VectorView, nq: Int) -> [[Int32]] {
+    func restrictedLists(_ queries: [Float], hot: [Int], keys: VectorView, nq: Int) -> [[Int32]] {
         let d = dimension, m = queries.count / d, h = hot.count
         guard m > 0, h > 1 else { return [] }
         let take = min(nq, h)
