@@ -125,8 +125,9 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Keeps at most `M` of `candidates` around the key decoded in `scratch.query`: candidates
     /// are taken nearest first (L2), and one is dropped when a kept neighbour is nearer to it than
     /// the base is (the RNG occlusion rule); free places are then filled with the nearest dropped
-    /// ones (RoarGraph's fill: on this data it gains more recall than the extra edges cost). Distances among keys are L2, not inner product:
-    /// attention keys share a large common component that would make every key look alike.
+    /// ones (RoarGraph's fill: on this data it gains more recall than the extra edges cost).
+    /// Distances among keys are L2, not inner product: attention keys share a large common
+    /// component that would make every key look alike.
     /// `norms` holds every key's squared norm.
     private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
         let d = dimension
@@ -244,7 +245,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             let more = restrictedQueries
             restrictedQueries = []
             lists += restrictedLists(more, hot: (0..<n).filter { isHot[$0] }, keys: keys, nq: nq)
-            }
+        }
         projectLists(lists, keys: keys, norms: norms)
         progress?(t, t + n)
         // 4. Local edges among hot keys: their L2 nearest hot keys, by sgemm.
