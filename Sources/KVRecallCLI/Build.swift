@@ -25,8 +25,8 @@ struct BuildParameterOptions: ParsableArguments {
     var graphDegree: Int = 48
     @Option(help: "Retrieval graph: exact top keys linked per training query (Nq).")
     var queryNeighbours: Int = 100
-    @Option(help: "Retrieval graph: most prefill queries used for training.")
-    var trainingQueries: Int = 8192
+    @Option(help: "Retrieval graph: most prefill queries given exact top keys for training (up to 45056 more get theirs among the keys those rank).")
+    var trainingQueries: Int = IndexBuildParameters().trainingQueries
     @Option(help: "Retrieval graph: L2 nearest hot keys linked per hot key.")
     var localNeighbours: Int = 8
     @Option(help: "Retrieval graph: slots per key for connectivity edges.")

@@ -62,10 +62,10 @@ public struct IndexBuildParameters: Sendable {
     /// LSH: tables (L) and bits per table (K). MagicPIG uses K=10, L=150.
     public var tables = 150
     public var bits = 10
-    /// Retrieval graph: degree cap, exact neighbours per training query, training queries used.
+    /// Retrieval graph: degree cap, exact neighbours per training query, training queries given exact top keys.
     public var graphDegree = 48
     public var queryNeighbours = 100
-    public var trainingQueries = 8192
+    public var trainingQueries = 4096
     public var localNeighbours = 8
     /// Landmark: positions per block.
     public var landmarkBlockSize = 64

@@ -9,16 +9,20 @@ import KVRecallStorage
 /// RetrievalAttention's attention-aware graph (RoarGraph-style projection), for decode queries
 /// that are out of distribution for the keys.
 ///
-/// Build: the training queries are a sample of at most `maxTrainingQueries` (default 8192) prefill
-/// queries evenly spread over positions; their exact top-`Nq` keys come from Flat's blocked
-/// `sgemm` on `threads`. Each query's nearest key is linked to the others that survive the
-/// occlusion rule (a candidate is dropped when it is closer to an already-kept neighbour than to
-/// the nearest key), with reverse edges, and every list is pruned to `M` the same way. Keys the
-/// projection leaves unreachable from the entry points (the keys most often retrieved by
-/// training queries) get cheap L2 links within groups found by one `sgemm` pass
-/// (`linkUnreached`); the few still unreachable are inserted like HNSW nodes — searched with the
-/// key as the query and linked to the best found — so the graph is connected. Later keys
-/// (decode-time upkeep) are inserted that way too.
+/// Build: the training queries are a sample of prefill queries evenly spread over positions:
+/// `maxTrainingQueries` (default 4096) get their exact top-`Nq` keys from Flat's blocked `sgemm`
+/// on `threads`; `restrictedTrainingQueries` more (default 45056) get their top-`Nq` among the
+/// "hot" keys only, those in some exact list (one `sgemm` over a ~7% slice of the keys: they hold
+/// over 99% of any query's top keys), which buys ten times the training queries for the cost of
+/// the exact ones. Each query's nearest key is linked to the others that survive the occlusion
+/// rule (a candidate is dropped when it is closer to an already-kept neighbour than to the nearest
+/// key), the list filled up to `M` nearest first as RoarGraph does, with reverse edges; each key's
+/// edges are pruned to `M` the same way. Keys the projection leaves unreachable from the entry
+/// points (the keys most often nearest to training queries) get cheap L2 links within groups found
+/// by one `sgemm` pass (`linkUnreached`), one edge into each group no entry reaches
+/// (`bridgeGroups`) and edges from reached group neighbours (`span`); the few still unreachable
+/// are inserted like HNSW nodes — searched with the key as the query and linked to the best found —
+/// so the graph is connected. Later keys (decode-time upkeep) are inserted that way too.
 /// Search is a beam search from the entry points.
 public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
@@ -39,6 +43,9 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Beam width while inserting keys for connectivity.
     public let efConstruction: Int
     public let entryCount: Int
+    /// Training queries beyond `maxTrainingQueries` whose top-`Nq` keys are found among the hot
+    /// keys only (`restrictedLists`), then projected like the exact ones.
+    public let restrictedTrainingQueries: Int
     public var threads: Int
     /// Per node `stride` slots: the count, then projection edges, then connectivity edges.
     let links = Int32Buffer()
@@ -50,14 +57,14 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     private(set) var entries: [Int32] = []
     let scratchPool = ScratchPool()
 
-    public init(dimension: Int, M: Int = 48, queryNeighbours: Int = 100, maxTrainingQueries: Int = 8192,
-                efConstruction: Int = 64, entryCount: Int = 256, connectivitySlots: Int = 2, localNeighbours: Int = 8,
-                threads: Int = 2) throws {
+    public init(dimension: Int, M: Int = 48, queryNeighbours: Int = 100, maxTrainingQueries: Int = 4096,
+                restrictedTrainingQueries: Int = 45056, efConstruction: Int = 64, entryCount: Int = 256,
+                connectivitySlots: Int = 2, localNeighbours: Int = 8, threads: Int = 2) throws {
         guard M >= 2, M <= 1024 else { throw IndexError.invalidParameter("M must be in 2...1024 (got \(M))") }
         guard queryNeighbours >= 2 else { throw IndexError.invalidParameter("query neighbours must be at least 2") }
         guard (0...255).contains(connectivitySlots) else { throw IndexError.invalidParameter("connectivity slots must be in 0...255") }
         guard (0...255).contains(localNeighbours) else { throw IndexError.invalidParameter("local neighbours must be in 0...255") }
-        guard maxTrainingQueries >= 1, efConstruction >= 1, entryCount >= 1 else {
+        guard maxTrainingQueries >= 1, restrictedTrainingQueries >= 0, efConstruction >= 1, entryCount >= 1 else {
             throw IndexError.invalidParameter("training queries, ef-construction and entry count must be positive")
         }
         self.dimension = dimension
@@ -69,6 +76,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         self.connectivitySlots = connectivitySlots
         self.localNeighbours = localNeighbours
         self.threads = max(1, threads)
+        self.restrictedTrainingQueries = restrictedTrainingQueries
     }
 
     var stride: Int { M + localNeighbours + connectivitySlots + 1 }
@@ -120,8 +128,10 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 
     /// Keeps at most `M` of `candidates` around the key decoded in `scratch.query`: candidates
     /// are taken nearest first (L2), and one is dropped when a kept neighbour is nearer to it than
-    /// the base is (the RNG occlusion rule). Distances among keys are L2, not inner product:
-    /// attention keys share a large common component that would make every key look alike.
+    /// the base is (the RNG occlusion rule); free places are then filled with the nearest dropped
+    /// ones (RoarGraph's fill: on this data it gains more recall than the extra edges cost).
+    /// Distances among keys are L2, not inner product: attention keys share a large common
+    /// component that would make every key look alike.
     /// `norms` holds every key's squared norm.
     private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
         let d = dimension
@@ -148,41 +158,24 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             }
             if !occluded { kept.append(cand.id) }
         }
+        if kept.count < M {
+            for cand in byDistance where kept.count < M && !kept.contains(cand.id) { kept.append(cand.id) }
+        }
         return kept
-    }
-
-    /// Adds a projection edge `target -> node`, pruning the projection list when it is full
-    /// (in place while the node has room and no other kind of edge yet).
-    private func addEdge(from target: Int, to node: Int32, keys: VectorView, scratch: SearchScratch,
-                         norms: UnsafePointer<Float>) {
-        if Int32(target) == node { return }
-        let slot = links.pointer + target * stride
-        let used = Int(slot[0]), projected = Int(projectionCount[target])
-        for i in 0..<projected where slot[1 + i] == node { return }
-        if used == projected && projected < M {
-            slot[1 + used] = node
-            slot[0] = Int32(used + 1)
-            projectionCount[target] = Int32(projected + 1)
-            return
-        }
-        var current = projectionList(target)
-        current.append(node)
-        if current.count > M {
-            keys.decodeRow(target, into: scratch.query)
-            current = prune(current, keys: keys, scratch: scratch, norms: norms)
-        }
-        setProjectionList(target, current)
     }
 
     /// Training queries kept by `train` until the first `add` builds the graph from them
     /// (`t x dimension`, row-major).
     private var trainingQueries: [Float] = []
+    /// Further training queries whose top keys come from the hot keys only (`restrictedLists`).
+    private var restrictedQueries: [Float] = []
 
     /// True once training queries are kept or the graph is built.
     public var isTrained: Bool { count > 0 || !trainingQueries.isEmpty }
 
-    /// Keeps an evenly spaced sample of at most `maxTrainingQueries` of the head's prefill `queries`;
-    /// the first `add` builds the graph from them.
+    /// Keeps an evenly spaced sample of at most `maxTrainingQueries + restrictedTrainingQueries` of
+    /// the head's prefill `queries`, `maxTrainingQueries` of them (evenly spread) for exact top
+    /// lists; the first `add` builds the graph from them.
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView?) throws {
         guard count == 0 else { throw IndexError.invalidParameter("the retrieval graph is already built; add keys instead") }
         guard let queries else { throw IndexError.notBuilt("the retrieval index is built from prefill queries; none were given") }
@@ -192,13 +185,18 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         guard queries.count > 0 else {
             throw IndexError.notBuilt("head \(keys.info.id) has no prefill queries; ingest them with --queries to build a retrieval index")
         }
-        let picks = Self.trainingSample(offered: queries.count, budget: maxTrainingQueries)
-        let t = picks.count
-        var training = [Float](repeating: 0, count: t * dimension)
-        training.withUnsafeMutableBufferPointer { buf in
-            for (j, i) in picks.enumerated() { queries.decodeRow(i, into: buf.baseAddress! + j * dimension) }
+        let sample = Self.trainingSample(offered: queries.count, budget: maxTrainingQueries + restrictedTrainingQueries)
+        var isExact = [Bool](repeating: false, count: sample.count)
+        for j in Self.trainingSample(offered: sample.count, budget: maxTrainingQueries) { isExact[j] = true }
+        func rows(_ picks: [Int]) -> [Float] {
+            var out = [Float](repeating: 0, count: picks.count * dimension)
+            out.withUnsafeMutableBufferPointer { buf in
+                for (j, i) in picks.enumerated() { queries.decodeRow(i, into: buf.baseAddress! + j * dimension) }
+            }
+            return out
         }
-        trainingQueries = training
+        trainingQueries = rows(sample.indices.filter { isExact[$0] }.map { sample[$0] })
+        restrictedQueries = rows(sample.indices.filter { !isExact[$0] }.map { sample[$0] })
     }
 
     /// Positions of the training queries taken from `offered` prefill queries: all of them up to
@@ -241,25 +239,20 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             frequency[a] != frequency[b] ? frequency[a] > frequency[b] : a < b
         }
         entries = byFrequency.prefix(min(entryCount, n)).map { Int32($0) }
-        // 3. Projection: nearest key of each query linked to the query's other top keys.
-        let scratch = scratchPool.take(dimension: dimension, capacity: n)
-        defer { scratchPool.give(scratch) }
+        // 3. Projection: nearest key of each query linked to the query's other top keys (kept
+        // by the occlusion rule), both ways; each key's edges are pruned to `M` once, at the end.
         let norms = squaredNorms(keys)
-        norms.withUnsafeBufferPointer { norms in
-            for q in 0..<t {
-                let row = truth.ids[(q * nq)..<((q + 1) * nq)].filter { $0 >= 0 }
-                guard let nearest = row.first else { continue }
-                keys.decodeRow(nearest, into: scratch.query)
-                for c in prune(row.dropFirst().map { Int32($0) }, keys: keys, scratch: scratch, norms: norms.baseAddress!) {
-                    addEdge(from: nearest, to: c, keys: keys, scratch: scratch, norms: norms.baseAddress!)
-                    addEdge(from: Int(c), to: Int32(nearest), keys: keys, scratch: scratch, norms: norms.baseAddress!)
-                }
-                if q % 256 == 0 { progress?(q, t + n) }
-            }
-        }
-        // 4. Local edges among hot keys: their L2 nearest hot keys, by sgemm.
         var isHot = [Bool](repeating: false, count: n)
         for id in truth.ids where id >= 0 { isHot[id] = true }
+        var lists = (0..<t).map { q in truth.ids[(q * nq)..<((q + 1) * nq)].filter { $0 >= 0 }.map { Int32($0) } }
+        if !restrictedQueries.isEmpty {
+            let more = restrictedQueries
+            restrictedQueries = []
+            lists += restrictedLists(more, hot: (0..<n).filter { isHot[$0] }, keys: keys, nq: nq)
+        }
+        projectLists(lists, keys: keys, norms: norms)
+        progress?(t, t + n)
+        // 4. Local edges among hot keys: their L2 nearest hot keys, by sgemm.
         try linkLocalNeighbours((0..<n).filter { isHot[$0] }, keys: keys)
         // 5. Connectivity: the keys the entry points cannot reach get links within their L2
         // group (one sgemm pass); the few still unreached are inserted one by one.
@@ -268,15 +261,128 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         // A connectivity edge may overwrite an earlier one when a list is full: re-check, a few rounds.
         var unreached = unreachable(n)
         for _ in 0..<4 where !unreached.isEmpty {
-            let pending = unreached
+                let pending = unreached
             try insert(pending, keys: keys, limit: n) { done in progress?(t + (n - pending.count) + done, t + n) }
             unreached = unreachable(n)
         }
         progress?(t + n, t + n)
     }
 
+    /// Top-`nq` keys, best first, of each of `queries` (row-major) among the `hot` keys only (one
+    /// `sgemm` per block of queries on `threads`): the keys some exact training query ranks in its
+    /// top list hold nearly all of any query's top keys, at a fraction of a full scan's cost.
+    func restrictedLists(_ queries: [Float], hot: [Int], keys: VectorView, nq: Int) -> [[Int32]] {
+        let d = dimension, m = queries.count / d, h = hot.count
+        guard m > 0, h > 1 else { return [] }
+        let take = min(nq, h)
+        var matrix = [Float](repeating: 0, count: h * d)
+        matrix.withUnsafeMutableBufferPointer { mb in
+            for (j, i) in hot.enumerated() { keys.decodeRow(i, into: mb.baseAddress! + j * d) }
+        }
+        let rowsPerBlock = 128, blocks = (m + rowsPerBlock - 1) / rowsPerBlock
+        let workers = max(1, min(threads, blocks))
+        var lists = [[Int32]](repeating: [], count: m)
+        BLAS.setThreads(1)
+        lists.withUnsafeMutableBufferPointer { out in
+            matrix.withUnsafeBufferPointer { mb in
+                queries.withUnsafeBufferPointer { qb in
+                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
+                        defer { scores.deallocate() }
+                        var top = TopK<Int32>(k: take)
+                        var b = w
+                        while b < blocks {
+                            let lo = b * rowsPerBlock, rows = min(rowsPerBlock, m - lo)
+                            BLAS.scoresNT(m: rows, n: h, k: d, a: qb.baseAddress! + lo * d, b: mb.baseAddress!, c: scores)
+                            for r in 0..<rows {
+                                top.reset()
+                                top.push(scores: scores + r * h, count: h)
+                                out[lo + r] = top.sorted().map { Int32(hot[Int($0.id)]) }
+                            }
+                            b += workers
+                        }
+                    }
+                }
+            }
+        }
+        return lists
+    }
+
+    /// Projects training queries' top lists (`lists`, best first): each list's nearest key is
+    /// linked to the others the occlusion rule keeps, both ways. Lists are pruned in parallel;
+    /// edges gather per key (compacted by the rule when they pass `4 M`), and each key's edges are
+    /// pruned to `M` at the end, in parallel; the graph has no other edge yet.
+    private func projectLists(_ lists: [[Int32]], keys: VectorView, norms: [Float]) {
+        let n = keys.count, d = dimension, m = lists.count
+        let workers = max(1, min(threads, m))
+        let pool = (0..<workers).map { _ in scratchPool.take(dimension: d, capacity: n) }
+        defer { pool.forEach(scratchPool.give) }
+        var kept = [[Int32]](repeating: [], count: m)
+        norms.withUnsafeBufferPointer { nb in
+            kept.withUnsafeMutableBufferPointer { out in
+                DispatchQueue.concurrentPerform(iterations: workers) { w in
+                    var q = w
+                    while q < m {
+                        if let nearest = lists[q].first {
+                            keys.decodeRow(Int(nearest), into: pool[w].query)
+                            out[q] = self.prune(Array(lists[q].dropFirst()), keys: keys, scratch: pool[w], norms: nb.baseAddress!)
+                        }
+                        q += workers
+                    }
+                }
+            }
+            var pending = [[Int32]](repeating: [], count: n)
+            let slack = 4 * M
+            func compact(_ node: Int) {
+                keys.decodeRow(node, into: pool[0].query)
+                pending[node] = prune(Self.unique(pending[node]), keys: keys, scratch: pool[0], norms: nb.baseAddress!)
+            }
+            for (list, edges) in zip(lists, kept) {
+                guard let nearest = list.first else { continue }
+                pending[Int(nearest)] += edges
+                if pending[Int(nearest)].count > slack { compact(Int(nearest)) }
+                for c in edges {
+                    pending[Int(c)].append(nearest)
+                    if pending[Int(c)].count > slack { compact(Int(c)) }
+                }
+            }
+            let base = links.pointer, stride = self.stride
+            projectionCount.withUnsafeMutableBufferPointer { counts in
+                pending.withUnsafeBufferPointer { pb in
+                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                        var node = w
+                        while node < n {
+                            var list = Self.unique(pb[node])
+                            if list.count > self.M {
+                                keys.decodeRow(node, into: pool[w].query)
+                                list = self.prune(list, keys: keys, scratch: pool[w], norms: nb.baseAddress!)
+                            }
+                            let slot = base + node * stride
+                            slot[0] = Int32(list.count)
+                            for (i, x) in list.enumerated() { slot[1 + i] = x }
+                            counts[node] = Int32(list.count)
+                            node += workers
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `ids` without repeats, first occurrences kept in order.
+    static func unique(_ ids: [Int32]) -> [Int32] {
+        var seen = Set<Int32>(minimumCapacity: ids.count)
+        return ids.filter { seen.insert($0).inserted }
+    }
+
     /// Keys of `0..<n` no entry point reaches.
     func unreachable(_ n: Int) -> [Int] {
+        let reached = reachedFlags(n)
+        return (0..<n).filter { !reached[$0] }
+    }
+
+    /// Per key of `0..<n`, whether an entry point reaches it.
+    func reachedFlags(_ n: Int) -> [Bool] {
         var reached = [Bool](repeating: false, count: n)
         var stack = entries.map(Int.init)
         for e in stack { reached[e] = true }
@@ -286,7 +392,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                 stack.append(Int(nb))
             }
         }
-        return (0..<n).filter { !reached[$0] }
+        return reached
     }
 
     /// Squared norm of every key.
@@ -425,6 +531,76 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             }
         }
         for i in cold { if let nearest = plans[i].first { addConnectivityEdge(from: Int(nearest), to: Int32(i)) } }
+        bridgeGroups(members, anchorRows: anchorRows, anchorNorms: anchorNorms, keys: keys, norms: norms)
+        span(cold, plans: plans, isHot: isHot)
+    }
+
+    /// Links keys of `cold` that entry points still do not reach from the first reached key of
+    /// their plan (nearest first) with a free connectivity slot, keys in no training query's top
+    /// list first (a search rarely expands them, so the edge costs decode searches little);
+    /// a newly reached key passes reach on along its own edges. A few sweeps.
+    private func span(_ cold: [Int], plans: [[Int32]], isHot: [Bool]) {
+        let n = count
+        var reached = reachedFlags(n)
+        func free(_ j: Int) -> Bool {
+            Int(links.pointer[j * stride]) - Int(projectionCount[j]) - Int(localCount[j]) < connectivitySlots
+        }
+        func spread(_ start: Int) {
+            reached[start] = true
+            var stack = [start]
+            while let node = stack.popLast() {
+                for nb in graph.neighbours(node) where !reached[Int(nb)] {
+                    reached[Int(nb)] = true
+                    stack.append(Int(nb))
+                }
+            }
+        }
+        for _ in 0..<3 {
+            var linked = 0
+            for i in cold where !reached[i] {
+                let plan = plans[i]
+                guard let source = plan.first(where: { reached[Int($0)] && !isHot[Int($0)] && free(Int($0)) })
+                        ?? plan.first(where: { reached[Int($0)] && free(Int($0)) }) else { continue }
+                addConnectivityEdge(from: Int(source), to: Int32(i))
+                spread(i)
+                linked += 1
+            }
+            if linked == 0 { break }
+        }
+    }
+
+    /// Gives each group of `members` (keys by nearest anchor) that no entry point reaches one
+    /// edge in: a connectivity edge to its anchor key from the reached key nearest to it in the
+    /// nearest group (by anchor) that entry points do reach, preferring keys with a free slot.
+    private func bridgeGroups(_ members: [[Int32]], anchorRows: [Float], anchorNorms: [Float], keys: VectorView, norms: [Float]) {
+        let n = keys.count, d = dimension, anchors = members.count
+        let reached = reachedFlags(n)
+        let reaches = members.map { $0.contains { reached[Int($0)] } }
+        let row = UnsafeMutablePointer<Float>.allocate(capacity: d)
+        defer { row.deallocate() }
+        anchorRows.withUnsafeBufferPointer { ar in
+            for g in 0..<anchors where !reaches[g] && !members[g].isEmpty {
+                let anchorKey = Int32(g * n / anchors)
+                let target = members[g].contains(anchorKey) ? anchorKey : members[g][0]
+                keys.decodeRow(Int(target), into: row)
+                var best = -1, bestDistance = Float.infinity
+                for h in 0..<anchors where reaches[h] {
+                    let distance = anchorNorms[h] - 2 * kvr_dot_f32(row, ar.baseAddress! + h * d, d)
+                    if distance < bestDistance { bestDistance = distance; best = h }
+                }
+                guard best >= 0 else { return }
+                var source = -1, sourceDistance = Float.infinity, sourceFree = false
+                for m in members[best] where reached[Int(m)] {
+                    let used = Int(links.pointer[Int(m) * stride]) - Int(projectionCount[Int(m)]) - Int(localCount[Int(m)])
+                    let free = used < connectivitySlots
+                    let distance = norms[Int(m)] - 2 * keys.score(query: row, row: Int(m))
+                    if (free && !sourceFree) || (free == sourceFree && distance < sourceDistance) {
+                        source = Int(m); sourceDistance = distance; sourceFree = free
+                    }
+                }
+                if source >= 0 { addConnectivityEdge(from: source, to: target) }
+            }
+        }
     }
 
     /// Links each of `hot` to its `localNeighbours` nearest (L2) keys among `hot`.

@@ -110,6 +110,42 @@ import KVRecallTestSupport
         #expect(full >= sampled - 0.01)
     }
 
+    /// Restricted training lists are the exact top keys among the given keys, and a graph whose
+    /// exact training queries are 1/8 of those offered gains from the rest's restricted lists.
+    @Test func restrictedTrainingQueries() throws {
+        let sample = try Sample()
+        let d = sample.d
+        let offered = try sample.store.read { s in try s.vectors(HeadID(), .queries).count }
+        let exactOnly = try RetrievalGraphIndex(dimension: d, M: 32, maxTrainingQueries: offered / 8,
+                                                restrictedTrainingQueries: 0, threads: 2)
+        let both = try RetrievalGraphIndex(dimension: d, M: 32, maxTrainingQueries: offered / 8, threads: 2)
+        try sample.store.read { s in
+            let keys = try s.vectors(HeadID(), .keys), queries = try s.vectors(HeadID(), .queries)
+            try exactOnly.build(keys: keys, queries: queries)
+            try both.build(keys: keys, queries: queries)
+            // Lists against a brute-force top 10 over every third key.
+            let hot = Array(Swift.stride(from: 0, to: keys.count, by: 3))
+            let m = 64
+            var rows = [Float](repeating: 0, count: m * d)
+            rows.withUnsafeMutableBufferPointer { b in for q in 0..<m { queries.decodeRow(q, into: b.baseAddress! + q * d) } }
+            let lists = both.restrictedLists(rows, hot: hot, keys: keys, nq: 10)
+            var agree = 0
+            for q in 0..<m {
+                let best = rows.withUnsafeBufferPointer { b in
+                    hot.map { (keys.score(query: b.baseAddress! + q * d, row: $0), $0) }.sorted { $0.0 > $1.0 }.prefix(10).map { Int32($0.1) }
+                }
+                #expect(lists[q].count == 10)
+                agree += Set(lists[q]).intersection(best).count
+            }
+            #expect(agree >= m * 10 - 2, "restricted lists agree with brute force on \(agree) of \(m * 10)")
+        }
+        #expect(both.unreachable(both.count).isEmpty)
+        let (exactRecall, exactStats) = try sample.recall(exactOnly, ef: 16)
+        let (bothRecall, bothStats) = try sample.recall(both, ef: 16)
+        #expect(bothRecall >= exactRecall - 0.005, "restricted \(bothRecall) vs exact only \(exactRecall)")
+        #expect(bothStats.keysScannedFraction < 0.2 && exactStats.keysScannedFraction < 0.2)
+    }
+
     @Test func deterministicAndPersistent() throws {
         let sample = try Sample()
         let one = try sample.build(threads: 1)
