@@ -31,6 +31,9 @@ struct BenchANN: ParsableCommand {
     var sweep: String
     @Option(help: "IVF, tree: candidates re-ranked exactly per query (0: 2k).")
     var rerank: Int = 0
+    @Option(name: .customLong("repeat"),
+            help: "Timed passes over all queries after one warm-up pass; each query keeps its best (as peers.py --repeat).")
+    var repeats: Int = 1
     @OptionGroup var build: BuildParameterOptions
 
     func validate() throws {
@@ -39,6 +42,7 @@ struct BenchANN: ParsableCommand {
         }
         if sweepValues.isEmpty { throw ValidationError("--sweep needs comma-separated positive integers (got '\(sweep)')") }
         if rerank < 0 { throw ValidationError("--rerank must be non-negative (got \(rerank))") }
+        if repeats < 1 { throw ValidationError("--repeat must be at least 1 (got \(repeats))") }
     }
 
     var sweepValues: [Int] { sweep.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }.filter { $0 > 0 } }
@@ -112,7 +116,7 @@ struct BenchANN: ParsableCommand {
                     var stats = SearchStats()
                     var micros: [Double] = []
                     var q = 0
-                    let total = try timePerQuery(rows: set.rows, d: d, queries: set.values, passes: 1) { one in
+                    let total = try timePerQuery(rows: set.rows, d: d, queries: set.values, passes: repeats) { one in
                         let r = try built.search(one, k: data.k, parameters: p, keys: keys)
                         if q < set.rows {
                             recallSum += recall(retrieved: r.ids, exact: truth.ids[(q * data.k)..<((q + 1) * data.k)])

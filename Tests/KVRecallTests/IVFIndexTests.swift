@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import CKernels
 @testable import KVRecall
 @testable import KVRecallSupport
 @testable import KVRecallKernels
@@ -517,6 +518,123 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
             t[name]![at] ^= UInt8(1 << (rng.next() % 8))
             if let index = try? IVFIndex(sections: t), index.dimension == f.d, index.count <= f.n {
                 _ = try f.search(index, k: 5, Self.probes(index.nlist))
+            }
+        }
+    }
+}
+
+/// The C kernels of the SQ8 list scan: the integer scan (every body against a scalar reference,
+/// tails of rows and dimensions included), the pair keys and the quickselect.
+@Suite struct ListScanKernelTests {
+    /// What `kvr_scan_u8s8` must keep: pair keys of the rows scoring at least `threshold`, in row order.
+    static func reference(_ q: [Int8], _ codes: [UInt8], _ ids: [Int32], d: Int, base: Float, scale: Float,
+                          threshold: Float) -> [UInt64] {
+        var out: [UInt64] = []
+        for r in 0..<ids.count {
+            var s: Int32 = 0
+            for j in 0..<d { s += Int32(codes[r * d + j]) * Int32(q[j]) }
+            let score = base.addingProduct(scale, Float(s))  // fmaf(scale, s, base)
+            if score >= threshold { out.append(kvr_pair_key(score, ids[r])) }
+        }
+        return out
+    }
+
+    static func scan(_ q: [Int8], _ codes: [UInt8], _ ids: [Int32], d: Int, base: Float, scale: Float,
+                     threshold: Float) -> [UInt64] {
+        var out = [UInt64](repeating: 0, count: ids.count)
+        let n = kvr_scan_u8s8(q, codes, ids, ids.count, d, base, scale, threshold, &out)
+        return Array(out.prefix(n))
+    }
+
+    @Test func integerScanMatchesTheReferenceOnEveryBody() {
+        var rng = SeededRandom(seed: 3)
+        let best = kvr_u8s8_path()
+        for d in [1, 7, 32, 64, 100, 128, 130, 256] {
+            for n in [0, 1, 15, 16, 17, 40] {
+                let q = (0..<d).map { _ in Int8(truncatingIfNeeded: Int(rng.next() % 255) - 127) }
+                let codes = (0..<(n * d)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+                let ids = (0..<n).map { _ in Int32(rng.next() % 1_000_000) }
+                let base = Float(Int(rng.next() % 200)) - 100, scale = 1e-3 * Float(1 + rng.next() % 9)
+                // Every row, then about half of them (the threshold at the middle score).
+                let all = Self.reference(q, codes, ids, d: d, base: base, scale: scale, threshold: -.infinity)
+                #expect(all.count == n)
+                let middle = all.map { kvr_pair_score($0) }.sorted().dropFirst(n / 2).first ?? 0
+                for threshold in [-Float.infinity, middle] {
+                    let expected = Self.reference(q, codes, ids, d: d, base: base, scale: scale, threshold: threshold)
+                    // Each body this CPU has (VNNI, AVX2, portable), lowered in turn.
+                    for cap in [2, 1, 0] {
+                        kvr_cap_u8s8_path(Int32(cap))
+                        #expect(kvr_u8s8_path() == min(Int32(cap), best))
+                        #expect(Self.scan(q, codes, ids, d: d, base: base, scale: scale, threshold: threshold) == expected,
+                                "d \(d) n \(n) body \(kvr_u8s8_path())")
+                    }
+                    kvr_cap_u8s8_path(2)
+                }
+            }
+        }
+    }
+
+    @Test func integerScanIsExactAtTheLargestDimension() {
+        // d = 65536 with every product at its extreme: the int32 sums must not wrap.
+        let d = 65536
+        for (code, qv) in [(UInt8(255), Int8(127)), (UInt8(255), Int8(-128))] {
+            let codes = [UInt8](repeating: code, count: 17 * d)
+            let q = [Int8](repeating: qv, count: d)
+            let ids = (0..<17).map { Int32($0) }
+            let got = Self.scan(q, codes, ids, d: d, base: 0, scale: 1, threshold: -.infinity)
+            #expect(got.map { kvr_pair_score($0) } == [Float](repeating: Float(d * Int(code) * Int(qv)), count: 17))
+        }
+    }
+
+    @Test func pairKeysRankBestFirstAndInvert() {
+        // Listed best first: higher score, ties to the lower id.
+        let pairs: [(Float, Int32)] = [(.infinity, 5), (100, 0), (2.5, 3), (2.5, 7), (1e-3, 0), (0, 2), (0, 9),
+                                       (-0.0, 1), (-0.5, 1), (-3, 4), (-.infinity, 0)]
+        for (a, b) in zip(pairs, pairs.dropFirst()) {
+            #expect(kvr_pair_key(a.0, a.1) < kvr_pair_key(b.0, b.1), "\(a) should rank before \(b)")
+        }
+        for p in pairs {
+            let key = kvr_pair_key(p.0, p.1)
+            #expect(kvr_pair_score(key).bitPattern == p.0.bitPattern && kvr_pair_id(key) == p.1)
+        }
+    }
+
+    @Test func selectKeepsTheSmallestKeys() {
+        var rng = SeededRandom(seed: 5)
+        for n in [0, 1, 5, 16, 17, 100, 1000] {
+            for k in Set([1, 3, n / 2, n, n + 5].filter { $0 >= 1 }) {
+                var keys = (0..<n).map { _ in rng.next() % 5000 }  // duplicates included
+                let sorted = keys.sorted()
+                let kth = keys.withUnsafeMutableBufferPointer { kvr_select_u64($0.baseAddress, n, k) }
+                let kept = min(n, k)
+                #expect(keys.prefix(kept).sorted() == Array(sorted.prefix(kept)), "n \(n) k \(k)")
+                #expect(keys.sorted() == sorted)
+                #expect(kth == (n == 0 ? UInt64.max : sorted[kept - 1]))
+            }
+        }
+    }
+
+    @Test func quantizedQueryScoresStayWithinTheRoundingBound() throws {
+        let f = try ClusteredFixture(n: 2048, d: 48, queryCount: 8)
+        let index = try IVFIndexTests.build(f)
+        let codec = try #require(index.codec)
+        let d = f.d
+        var prepared = [Float](repeating: 0, count: d), quantized = [Int8](repeating: 0, count: d)
+        var floats = [Float](repeating: 0, count: f.n)
+        for q in 0..<f.queryCount {
+            let query = Array(f.queries[(q * d)..<((q + 1) * d)])
+            let (bias, scale) = codec.prepareInt8(query, prepared: &prepared, into: &quantized)
+            let floatBias = codec.prepare(query, into: &prepared)
+            #expect(scale > 0 && scale * 127 == prepared.map(abs).max()!)
+            index.lists.codes.withUnsafeBufferPointer { c in
+                codec.scan(prepared, codes: c.baseAddress!, count: f.n, into: &floats)
+            }
+            let ids = (0..<Int32(f.n)).map { $0 }
+            let ints = Self.scan(quantized, index.lists.codes, ids, d: d, base: bias, scale: scale, threshold: -.infinity)
+            // Rounding moves each query value by at most scale / 2; codes differ from 127.5 by at most 127.5.
+            let bound = Float(d) * 127.5 * scale / 2 * 1.001 + 1e-3
+            for (r, key) in ints.enumerated() {
+                #expect(abs(kvr_pair_score(key) - (floatBias + floats[r])) <= bound)
             }
         }
     }

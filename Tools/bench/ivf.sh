@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # IVF side by side on out-of-distribution decode queries, k = 100, one thread: kvrecall's IVF (SQ8 and
 # f16 list codes, exact re-rank) against faiss IndexIVFFlat, IndexIVFSQ8 and IndexIVFSQ8 + IndexRefineFlat,
-# same nlist (4 sqrt N), same nprobe sweep, alternated for ROUNDS rounds on this noisy machine; then
+# same nlist (4 sqrt N), same nprobe sweep, alternated for ROUNDS rounds on this noisy machine; every
+# library times each query as its best of REPEAT passes over all queries (3; one warm-up pass first); then
 # the median QPS per point, QPS at recall@100 0.9 (interpolated) with ratios, and the plot.
 # Usage: Tools/bench/ivf.sh [DATA_DIR] [--quick]      (ROUNDS=3 by default)
 set -euo pipefail
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/../.."
 D=${1:-Tools/bench/out/synth}
 QUICK=${2:-}
 ROUNDS=${ROUNDS:-3}
+REPEAT=${REPEAT:-3}
 PY="$(bash Tools/python_env.sh | tail -n 1)"
 OUT=Tools/bench/out/ivf
 mkdir -p "$OUT"
@@ -23,10 +25,10 @@ rm -f "$OUT/$NAME"_*.json
 for r in $(seq 1 "$ROUNDS"); do
   for codes in sq8 f16; do
     $K bench ann --keys "$D/keys.npy" --queries "$D/queries.npy" --limit "$LIMIT" -k 100 --index ivf \
-        --cluster-metric ip --list-codes $codes --sweep $NPROBE --json "$OUT/${NAME}_ours_r$r.json"
+        --cluster-metric ip --list-codes $codes --sweep $NPROBE --repeat "$REPEAT" --json "$OUT/${NAME}_ours_r$r.json"
   done
   "$PY" Tools/bench/peers.py --keys "$D/keys.npy" --queries "$D/queries.npy" --k 100 --threads 1 \
-      --max-queries "$LIMIT" --repeat 3 --nprobe $NPROBE --peers faiss-ivf,faiss-ivfsq8,faiss-ivfsq8-r \
+      --max-queries "$LIMIT" --repeat "$REPEAT" --nprobe $NPROBE --peers faiss-ivf,faiss-ivfsq8,faiss-ivfsq8-r \
       --out "$OUT/${NAME}_peers_r$r.json"
 done
 "$PY" Tools/bench/ivf_summary.py --recall 0.9 --baseline IndexIVFFlat --merged "$OUT/${NAME}_median.json" \

@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -34,6 +35,41 @@ void kvr_scores_bf16(const float *q, const uint16_t *rows, size_t n, size_t d, f
 /* 8-bit codes (scalar quantization): out[i] = sum_j q[j] * codes[i*d + j], i < n. The caller
  * folds the per-dimension step into q and adds the offset term itself (IVF list codes). */
 void kvr_scores_u8(const float *q, const uint8_t *codes, size_t n, size_t d, float *out);
+
+/* A (score, id) pair as one 64-bit key whose ascending order is best first: higher score first
+ * (the float's bits made order-preserving, then inverted), ties to the lower id. Invertible. */
+static inline uint64_t kvr_pair_key(float score, int32_t id) {
+    uint32_t u;
+    memcpy(&u, &score, 4);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((uint64_t)~u << 32) | (uint32_t)id;
+}
+static inline float kvr_pair_score(uint64_t key) {
+    uint32_t u = ~(uint32_t)(key >> 32);
+    u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline int32_t kvr_pair_id(uint64_t key) { return (int32_t)(uint32_t)key; }
+
+/* Integer scan of 8-bit codes against an 8-bit query (IVF SQ8 list codes, the query quantized once):
+ * for row i < n, s_i = sum_j codes[i*d + j] * q[j] exactly in int32 (u8 x s8; exact for d <= 65536)
+ * and score_i = fmaf(scale, (float)s_i, base). Rows with score_i >= threshold are kept as
+ * kvr_pair_key(score_i, ids[i]) in out_keys (room for n), in row order; returns how many.
+ * AVX-512 VNNI body (16 rows at a time), AVX2 and portable bodies; all give identical results. */
+size_t kvr_scan_u8s8(const int8_t *q, const uint8_t *codes, const int32_t *ids, size_t n, size_t d,
+                     float base, float scale, float threshold, uint64_t *out_keys);
+
+/* Which body kvr_scan_u8s8 uses: 2 AVX-512 VNNI, 1 AVX2, 0 portable: the best the CPU has, at most
+ * the cap set by kvr_cap_u8s8_path (2 by default; tests lower it to compare the bodies). */
+int kvr_u8s8_path(void);
+void kvr_cap_u8s8_path(int cap);
+
+/* Moves the k smallest of n keys to the front (in no particular order), the k-th smallest at
+ * index k - 1, and returns it (n <= k: the largest of all; n == 0 or k == 0: UINT64_MAX). On pair
+ * keys: the k best pairs. Quickselect with a branchless partition, in place, O(n) expected. */
+uint64_t kvr_select_u64(uint64_t *keys, size_t n, size_t k);
 
 /* Hints the CPU to fetch the cache lines of [p, p + bytes) (graph walks: the next neighbour's row). */
 static inline void kvr_prefetch(const void *p, size_t bytes) {

@@ -22,6 +22,31 @@ protocol ListQuantizer {
     /// `coarse`, which may be overwritten); returns the centroid scores computed beyond the coarse level.
     func select(query: UnsafePointer<Float>, coarseScores: UnsafeMutablePointer<Float>,
                 into selected: inout TopK<Int32>, scratch: Scratch) -> Int
+    /// The lists to scan for `query`, best first, as pair keys (`kvr_pair_key(score, list)`) in
+    /// `order` (room for `max(coarseCount, maxSelected)`); returns how many, and the centroid scores
+    /// computed beyond the coarse level. By default `select`, then its lists sorted.
+    func selectOrdered(query: UnsafePointer<Float>, coarseScores: UnsafeMutablePointer<Float>,
+                       selected: inout TopK<Int32>, into order: UnsafeMutablePointer<UInt64>,
+                       scratch: Scratch) -> (count: Int, scored: Int)
+    /// True when the selected lists' scores are their centroids' scores q·c (the driver then reuses
+    /// them instead of computing them again).
+    static var keepsCentroidScores: Bool { get }
+}
+
+extension ListQuantizer {
+    static var keepsCentroidScores: Bool { false }
+
+    @inline(__always)
+    func selectOrdered(query: UnsafePointer<Float>, coarseScores: UnsafeMutablePointer<Float>,
+                       selected: inout TopK<Int32>, into order: UnsafeMutablePointer<UInt64>,
+                       scratch: Scratch) -> (count: Int, scored: Int) {
+        selected.reset()
+        let scored = select(query: query, coarseScores: coarseScores, into: &selected, scratch: scratch)
+        let n = selected.count
+        for j in 0..<n { order[j] = kvr_pair_key(selected.score(at: j), selected.id(at: j)) }
+        kvr_sort_u64(order, n)
+        return (n, scored)
+    }
 }
 
 /// Queries scored against the coarse level by one `sgemm`; fixed, so results do not depend on threads.
@@ -41,8 +66,11 @@ let defaultRerankFactor = 2
 /// One batched search over inverted lists (faiss's `IndexIVF::search` over SQ codes plus
 /// `IndexRefine`): queries go in fixed batches of `clusteredQueryBatch`, batches are spread
 /// over `threads`; per batch one `sgemm` scores the coarse level, per query the quantizer
-/// selects lists, each selected list's codes (one contiguous run) are scored by the C kernels,
-/// plus the list centroid's score (residual codes), and the best `rerank` candidates are
+/// selects lists, which are scanned best first, each list's codes (one contiguous run) scored by
+/// the C kernels (SQ8: an integer scan against the query quantized to int8, VNNI where the CPU has
+/// it) plus the list centroid's score (residual codes). Candidates at or above a threshold are kept
+/// as pair keys; whenever they exceed 2 x `rerank` a quickselect keeps the best `rerank` and raises
+/// the threshold to the worst of them (no heap: O(1) amortized per candidate). The best `rerank` are
 /// re-ranked exactly from the store's map (prefetched a few rows ahead). Returned scores are
 /// exact inner products. Statistics: codes scanned as keys scanned (faiss's count); coarse and
 /// deeper centroid scores plus the re-ranked keys as auxiliary work.
@@ -73,16 +101,23 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                 // Sized to the batch: a single query must not pay for a 32-query buffer (an mmap).
                                 let scores = UnsafeMutablePointer<Float>.allocate(capacity: min(qb, m) * coarseCount)
                                 let prepared = UnsafeMutablePointer<Float>.allocate(capacity: d)
+                                let quantized = UnsafeMutablePointer<Int8>.allocate(capacity: d)
                                 let listScores = UnsafeMutablePointer<Float>.allocate(capacity: longest)
+                                // Candidates: compacted to the best `rerank` whenever they exceed 2 x rerank,
+                                // so a list scan always has room for its whole list.
+                                let room = 2 * rerank + longest
+                                // Candidates and lists as pair keys (`kvr_pair_key`): ascending is best first.
+                                let cand = UnsafeMutablePointer<UInt64>.allocate(capacity: room)
+                                let order = UnsafeMutablePointer<UInt64>.allocate(capacity: max(coarseCount, keep))
                                 let scratch = quantizer.makeScratch()
                                 defer {
-                                    scores.deallocate(); prepared.deallocate(); listScores.deallocate()
+                                    scores.deallocate(); prepared.deallocate(); quantized.deallocate(); listScores.deallocate()
+                                    cand.deallocate(); order.deallocate()
                                     quantizer.release(scratch)
                                 }
                                 var selected = TopK<Int32>(k: keep)
-                                var candidates = TopK<Int32>(k: rerank)
-                                var best = TopK<Int32>(k: k)
                                 var scanned = 0, scored = 0
+                                let integer = codec.kind == .sq8
                                 var b = t
                                 while b < batches {
                                     let lo = b * qb, rows = min(qb, m - lo)
@@ -94,37 +129,59 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                     }
                                     for r in 0..<rows {
                                         let q = queries.baseAddress! + (lo + r) * d
-                                        selected.reset()
-                                        scored += coarseCount + quantizer.select(query: q, coarseScores: scores + r * coarseCount,
-                                                                                 into: &selected, scratch: scratch)
-                                        // Codes of the selected lists, contiguous per list.
-                                        let bias = codec.prepare(q, into: prepared)
-                                        candidates.reset()
-                                        for j in 0..<selected.count {
-                                            let l = Int(selected.id(at: j))
+                                        let (lists, extra) = quantizer.selectOrdered(query: q, coarseScores: scores + r * coarseCount,
+                                                                                      selected: &selected, into: order, scratch: scratch)
+                                        scored += coarseCount + extra
+                                        // Codes of the selected lists, best list first (the candidates' threshold
+                                        // rises early), contiguous per list; SQ8 by the integer scan.
+                                        let (bias, scale) = integer ? codec.prepareInt8(q, prepared: prepared, into: quantized)
+                                                                    : (codec.prepare(q, into: prepared), 1)
+                                        var count = 0
+                                        var threshold = -Float.infinity
+                                        for j in 0..<lists {
+                                            let l = Int(kvr_pair_id(order[j]))
                                             let a = off[l], e = off[l + 1]
                                             guard e > a else { continue }
                                             scanned += e - a
-                                            let base = bias + kvr_dot_f32(q, fine.baseAddress! + l * d, d)
-                                            codec.scan(prepared, codes: codes.baseAddress! + a * cs, count: e - a, into: listScores)
-                                            for p in 0..<(e - a) {
-                                                let s = base + listScores[p]
-                                                if s >= candidates.threshold { candidates.push(s, ids[a + p]) }
+                                            let centre = Q.keepsCentroidScores ? kvr_pair_score(order[j])
+                                                                                : kvr_dot_f32(q, fine.baseAddress! + l * d, d)
+                                            let base = bias + centre
+                                            if integer {
+                                                count += kvr_scan_u8s8(quantized, codes.baseAddress! + a * cs, ids.baseAddress! + a, e - a, d,
+                                                                       base, scale, threshold, cand + count)
+                                            } else {
+                                                codec.scan(prepared, codes: codes.baseAddress! + a * cs, count: e - a, into: listScores)
+                                                for p in 0..<(e - a) {
+                                                    let s = base + listScores[p]
+                                                    if s >= threshold { cand[count] = kvr_pair_key(s, ids[a + p]); count += 1 }
+                                                }
+                                            }
+                                            // Compacted to the best `rerank`, whose worst score becomes the threshold.
+                                            if count > 2 * rerank {
+                                                threshold = kvr_pair_score(kvr_select_u64(cand, count, rerank))
+                                                count = rerank
                                             }
                                         }
-                                        // Exact re-rank from the map, prefetching ahead.
-                                        best.reset()
-                                        let n = candidates.count, ahead = InvertedListsPrefetch.distance
-                                        for j in 0..<min(ahead, n) { keys.prefetch(row: Int(candidates.id(at: j))) }
+                                        if count > rerank {
+                                            _ = kvr_select_u64(cand, count, rerank)
+                                            count = rerank
+                                        }
+                                        // Exact re-rank from the map, prefetching ahead; the k best sorted.
+                                        let n = count, ahead = InvertedListsPrefetch.distance
+                                        for j in 0..<min(ahead, n) { keys.prefetch(row: Int(kvr_pair_id(cand[j]))) }
                                         for j in 0..<n {
-                                            if j + ahead < n { keys.prefetch(row: Int(candidates.id(at: j + ahead))) }
-                                            let id = candidates.id(at: j)
-                                            let s = keys.score(query: q, row: Int(id))
-                                            if s >= best.threshold { best.push(s, id) }
+                                            if j + ahead < n { keys.prefetch(row: Int(kvr_pair_id(cand[j + ahead]))) }
+                                            let id = kvr_pair_id(cand[j])
+                                            cand[j] = kvr_pair_key(keys.score(query: q, row: Int(id)), id)
                                         }
                                         scored += n
-                                        best.drain(ids: outIDs.baseAddress! + (lo + r) * k,
-                                                   scores: outScores.baseAddress! + (lo + r) * k)
+                                        let found = min(n, k)
+                                        _ = kvr_select_u64(cand, n, k)
+                                        kvr_sort_u64(cand, found)
+                                        for j in 0..<found {
+                                            outIDs[(lo + r) * k + j] = Int(kvr_pair_id(cand[j]))
+                                            outScores[(lo + r) * k + j] = kvr_pair_score(cand[j])
+                                        }
                                     }
                                     b += workers
                                 }

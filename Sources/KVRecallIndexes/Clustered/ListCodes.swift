@@ -108,6 +108,31 @@ struct ListCodec: Equatable, Sendable {
         }
     }
 
+    /// SQ8: `prepare`, then the prepared vector quantized to int8 with one per-query scale (its
+    /// largest magnitude maps to 127) for the integer scan (`kvr_scan_u8s8`): a code's score is
+    /// bias + scale x (code . out). The rounding's mean effect (codes taken at mid-range 127.5) is
+    /// folded into the bias; what is left perturbs the order, which the exact re-rank repairs.
+    @inline(__always)
+    func prepareInt8(_ query: UnsafePointer<Float>, prepared: UnsafeMutablePointer<Float>,
+                     into out: UnsafeMutablePointer<Int8>) -> (bias: Float, scale: Float) {
+        let d = dimension
+        let bias = prepare(query, into: prepared)
+        var top: Float = 0
+        for j in 0..<d { top = max(top, abs(prepared[j])) }
+        guard top > 0, top.isFinite else {
+            out.update(repeating: 0, count: d)
+            return (bias, 0)
+        }
+        let scale = top / 127
+        var lost: Float = 0
+        for j in 0..<d {
+            let t = max(-127, min(127, (prepared[j] / scale).rounded()))
+            out[j] = Int8(t)
+            lost += prepared[j] - scale * t
+        }
+        return (bias + 127.5 * lost, scale)
+    }
+
     /// Code scores (without the constant term) of `n` contiguous codes, by the C kernels.
     @inline(__always)
     func scan(_ prepared: UnsafePointer<Float>, codes: UnsafePointer<UInt8>, count n: Int, into out: UnsafeMutablePointer<Float>) {
