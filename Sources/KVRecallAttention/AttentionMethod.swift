@@ -113,6 +113,12 @@ public final class PreparedMethod: @unchecked Sendable {
         }
     }
 
+    /// Index methods select by an exact scan instead of their index when k (per query head)
+    /// reaches this fraction of the indexed keys: a graph walk for that many neighbours scores a
+    /// large part of the keys anyway, at random. Measured on Gemma 3's budgeted heads (k = 10% of
+    /// the keys): the search was 2.7x slower than exact attention (docs/BENCHMARKS.md).
+    public static let exactSelectionFraction = 0.05
+
     /// The search parameters a call runs with: the caller's, with the calibrated knob filled in
     /// where the caller left it unset.
     public func searchParameters(_ parameters: SearchParameters) -> SearchParameters {
@@ -142,7 +148,10 @@ public final class PreparedMethod: @unchecked Sendable {
                     throw IndexError.corrupt("the \(index.kind.rawValue) index covers \(index.count) keys but the head holds \(n)")
                 }
                 if index.count < n { p.window = max(p.window, n - index.count) }
-                selector = index
+                // A large k (an adaptive budget on a diffuse head) makes a search score much of the
+                // index through random reads; an exact scan reads the keys in order and is exact.
+                selector = summary == nil && Double(p.k) >= PreparedMethod.exactSelectionFraction * Double(index.count)
+                    ? FlatIndex(keys: keys) : index
             }
         }
         guard let selector, p.sinks + p.window < n else {

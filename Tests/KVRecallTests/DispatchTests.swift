@@ -15,10 +15,10 @@ import KVRecallTestSupport
 @Suite struct DispatchTests {
     static let d = 16, heads = 2, group = 2
 
-    func session(_ method: AttentionMethod, beam: Int = 8) throws -> (KVSession, [Float]) {
+    func session(_ method: AttentionMethod, beam: Int = 8, k: Int = 50) throws -> (KVSession, [Float]) {
         var rng = SeededRandom(seed: 5)
         var c = SessionConfiguration(layers: 1, kvHeads: Self.heads, queryHeadsPerKV: Self.group, headDimension: Self.d,
-                                     dtype: .f32, method: method, k: 50, sinks: 4, window: 16, nprobe: 4, beam: beam)
+                                     dtype: .f32, method: method, k: k, sinks: 4, window: 16, nprobe: 4, beam: beam)
         c.upkeepBatch = 8
         let s = try KVSession(configuration: c, directory: nil)
         let (k, v) = (rng.gaussianMatrix(rows: Self.heads * 600, dim: Self.d), rng.gaussianMatrix(rows: Self.heads * 600, dim: Self.d))
@@ -46,13 +46,19 @@ import KVRecallTestSupport
     }
 
     @Test func sessionTreeBeamIsReachable() throws {
-        let (narrow, q) = try session(.tree, beam: 1)
-        let (wide, _) = try session(.tree, beam: 64)
+        // k below PreparedMethod.exactSelectionFraction of the 600 keys, so the tree does the selecting.
+        let (narrow, q) = try session(.tree, beam: 1, k: 20)
+        let (wide, _) = try session(.tree, beam: 64, k: 20)
         defer { narrow.close(); wide.close() }
         #expect(narrow.parameters.search.tree.beam == 1 && wide.parameters.search.tree.beam == 64)
         let a = try q.withUnsafeBufferPointer { try narrow.attendDetailed(layer: 0, head: 0, queries: $0) }
         let b = try q.withUnsafeBufferPointer { try wide.attendDetailed(layer: 0, head: 0, queries: $0) }
         #expect(a.stats.distanceComputations < b.stats.distanceComputations)
+        // From 5% of the keys on, an exact scan selects instead (every key scored once per query head).
+        let (large, _) = try session(.tree, beam: 1, k: 50)
+        defer { large.close() }
+        let c = try q.withUnsafeBufferPointer { try large.attendDetailed(layer: 0, head: 0, queries: $0) }
+        #expect(c.stats.distanceComputations == Self.group * (try large.length(layer: 0)))
     }
 
     @Test func olderCheckpointConfigurationsDecodeWithDefaults() throws {
