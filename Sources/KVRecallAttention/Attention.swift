@@ -114,6 +114,10 @@ public enum Attention {
     /// selector picks positions outside the static part for the group as
     /// `parameters.groupSelection` says (by default the union of every head's own top-k, found by
     /// one batched search), and each head attends exactly to the static part plus those positions.
+    /// A selected set of at least 1/`denseAttentionDivisor` of the positions is attended by one masked
+    /// dense pass instead of row gathers (a gathered row costs several times a row read in order, per head).
+    static let denseAttentionDivisor = 8
+
     public static func attend(queries: UnsafeBufferPointer<Float>, selector: (any VectorIndex)?, keys: VectorView,
                               values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
         let d = keys.dimension
@@ -174,9 +178,18 @@ public enum Attention {
         }
         let attended = (fixed + retrieved).sorted()
         var heads: [PartialAttention] = []
-        for h in 0..<g {
-            heads.append(AttentionKernel.attend(query: queries.baseAddress! + h * d, positions: attended,
-                                                keys: keys, values: values, score: score, scratch: scratch))
+        if attended.count * denseAttentionDivisor >= n {
+            // A large set (a budget on a diffuse head): one dense pass over every key with the
+            // others masked reads the keys in order, where gathering the set's rows per head does not.
+            var keep = [Bool](repeating: false, count: n)
+            for i in attended { keep[i] = true }
+            heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values,
+                                                   score: score, keep: keep)
+        } else {
+            for h in 0..<g {
+                heads.append(AttentionKernel.attend(query: queries.baseAddress! + h * d, positions: attended,
+                                                    keys: keys, values: values, score: score, scratch: scratch))
+            }
         }
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
     }

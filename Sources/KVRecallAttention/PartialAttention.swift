@@ -140,8 +140,10 @@ extension AttentionKernel {
     /// Exact attention of `g` query heads (`g x d`) over every position, with BLAS: per block of
     /// keys one sgemm for the group's scores, then per block of values one sgemm for the weighted
     /// sum. Reduced-precision blocks are converted once per block. Memory-bandwidth bound.
+    /// With `keep`, only positions whose flag is set are attended (the others weigh 0): exact
+    /// attention over a large selected set in one dense pass, cheaper than gathering its rows.
     static func attendAllGroup(queries: UnsafePointer<Float>, g: Int, keys: VectorView, values: VectorView,
-                               score: ScoreTransform) -> [PartialAttention] {
+                               score: ScoreTransform, keep: [Bool]? = nil) -> [PartialAttention] {
         let n = keys.count, d = keys.dimension, dv = values.dimension, bs = keys.blockSize
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * n)
         let decoded = UnsafeMutablePointer<Float>.allocate(capacity: bs * max(d, dv))
@@ -162,6 +164,12 @@ extension AttentionKernel {
             score.cap(blockScores, count: g * rows)
             for h in 0..<g { (scores + h * n + b * bs).update(from: blockScores + h * rows, count: rows) }
         }
+        if let keep {
+            for h in 0..<g {
+                let row = scores + h * n
+                for i in 0..<n where !keep[i] { row[i] = -.infinity }
+            }
+        }
         var maxima = [Float](repeating: -.infinity, count: g)
         var sums = [Double](repeating: 0, count: g)
         for h in 0..<g {
@@ -177,7 +185,7 @@ extension AttentionKernel {
                     let row = scores + h * n + b * bs
                     var s = 0.0
                     for i in 0..<rows {
-                        let w = expf(row[i] - maxima[h])
+                        let w = row[i] == -.infinity ? 0 : expf(row[i] - maxima[h])
                         weights[h * rows + i] = w
                         s += Double(w)
                     }
