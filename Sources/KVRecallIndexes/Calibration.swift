@@ -109,7 +109,10 @@ public enum Calibrator {
     static func ladder(_ knob: SearchKnob, index: any VectorIndex, k: Int) -> [Int] {
         switch knob {
         case .ef:
-            let values = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+            // Steps of about 1/8 where calibrated graphs land (ef 128-512 for k 100): a coarser step
+            // overshoots the target and scans more keys than it needs.
+            let values = [16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256, 288, 320, 384, 448, 512,
+                          640, 768, 1024, 1536, 2048]
             let usable = values.filter { $0 >= k && $0 <= index.count }
             return usable.isEmpty ? [max(1, min(k, index.count))] : usable
         case .nprobe:
