@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # Tools/python_test.sh: installs the Python package (Python/, over libKVRecallC.so) into its own
 # venv (Python/.venv, git-ignored) and runs its pytest tests, the decode-loop example included.
-# Needs the release build of the C library: swift build -c release --product KVRecallC.
+# Builds (incrementally) the release C library first, so the tests never run a stale one.
 # Environment: PYTHON, the interpreter that creates the venv (default python3); KVRECALL_BUILD_DIR,
 # the SwiftPM scratch path holding release/libKVRecallC.so (default .build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-library="$PWD/${KVRECALL_BUILD_DIR:-.build}/release/libKVRecallC.so"
-if [[ ! -f "$library" ]]; then
-  echo "python_test: $library is missing; run swift build -c release --product KVRecallC" >&2
-  exit 1
-fi
+scratch="${KVRECALL_BUILD_DIR:-.build}"
+swift build -c release --product KVRecallC --scratch-path "$scratch" >&2
+library="$PWD/$scratch/release/libKVRecallC.so"
 venv=Python/.venv
 if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import sys" 2>/dev/null; then
   rm -rf "$venv"

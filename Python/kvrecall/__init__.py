@@ -92,6 +92,16 @@ def _uint(name, value, low=0, high=2**32 - 1):
     return int(value)
 
 
+def _optional_number(name, value, valid, requirement):
+    """None, or a real number (not a bool) for which `valid` holds; else TypeError / ValueError."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or None (got {type(value).__name__})")
+    if not valid(value):
+        raise ValueError(f"{name} must be {requirement} (got {value})")
+
+
 class Session:
     """A decoder's KV cache on a KVRecall store (temporary when `path` is None).
 
@@ -115,21 +125,9 @@ class Session:
             raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-        if scale is not None:
-            if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-                raise TypeError(f"scale must be a number or None (got {type(scale).__name__})")
-            if not math.isfinite(scale) or scale <= 0:
-                raise ValueError(f"scale must be finite and positive (got {scale})")
-        if soft_cap is not None:
-            if not isinstance(soft_cap, (int, float, np.floating)) or isinstance(soft_cap, bool):
-                raise TypeError(f"soft_cap must be a number or None (got {type(soft_cap).__name__})")
-            if not math.isfinite(soft_cap) or soft_cap <= 0:
-                raise ValueError(f"soft_cap must be finite and positive (got {soft_cap})")
-        if budget_mass is not None:
-            if not isinstance(budget_mass, (int, float, np.floating)) or isinstance(budget_mass, bool):
-                raise TypeError(f"budget_mass must be a number or None (got {type(budget_mass).__name__})")
-            if not (0 < budget_mass <= 1):
-                raise ValueError(f"budget_mass must be in (0, 1], or None for a fixed k (got {budget_mass})")
+        _optional_number("scale", scale, lambda x: math.isfinite(x) and x > 0, "finite and positive")
+        _optional_number("soft_cap", soft_cap, lambda x: math.isfinite(x) and x > 0, "finite and positive")
+        _optional_number("budget_mass", budget_mass, lambda x: 0 < x <= 1, "in (0, 1], or None for a fixed k")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})")
         shape = [_uint("layers", layers, 1), _uint("kv_heads", kv_heads, 1),

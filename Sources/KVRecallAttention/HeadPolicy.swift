@@ -171,6 +171,15 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
         return fitting.first(where: { $0.1 >= budgetMass })?.0 ?? fitting.last?.0
     }
 
+    /// `budget(for:)` with the words that explain it: "k raised to B[ (the most allowed …)]: its
+    /// neediest query head keeps M (target T)".
+    func raisedK(for profile: HeadProfile) -> (k: Int, reason: String)? {
+        guard let b = budget(for: profile) else { return nil }
+        let mass = zip(profile.budgets, profile.budgetMass).first { $0.0 == b }?.1 ?? 0
+        let capped = mass >= budgetMass ? "" : " (the most allowed: \(Int(maxBudgetFraction * 100))% of the keys)"
+        return (b, "k raised to \(b)\(capped): its neediest query head keeps \(String(format: "%.2f", mass)) (target \(budgetMass))")
+    }
+
     public func policy(for profile: HeadProfile) -> HeadPolicy {
         if profile.worstStaticMass >= streamingMass { return .streaming }
         if profile.worstOracleMass < diffuseMass, let estimated = profile.estimationError,
@@ -216,15 +225,8 @@ public struct HeadPlan: Codable, Equatable, Sendable {
                 reason = "sinks+window hold \(staticText) (< \(parameters.streamingMass)); the top-\(profile.k) brings every query head to >= \(oracleText) (>= \(parameters.diffuseMass))"
             }
         }
-        var budget: Int? = nil
-        var text = reason
-        if policy == .retrieval, let b = parameters.budget(for: profile) {
-            budget = b
-            let mass = zip(profile.budgets, profile.budgetMass).first { $0.0 == b }?.1 ?? 0
-            let reached = mass >= parameters.budgetMass
-            text += "; k raised to \(b)\(reached ? "" : " (the most allowed: \(Int(parameters.maxBudgetFraction * 100))% of the keys)"): its neediest query head keeps \(String(format: "%.2f", mass)) (target \(parameters.budgetMass))"
-        }
-        self.init(policy: policy, profile: profile, reason: text, k: budget)
+        let raised = policy == .retrieval ? parameters.raisedK(for: profile) : nil
+        self.init(policy: policy, profile: profile, reason: reason + (raised.map { "; " + $0.reason } ?? ""), k: raised?.k)
     }
 
     /// Without prefill queries there is nothing to profile: retrieval, the method that never drops distant keys.
@@ -304,14 +306,13 @@ public enum HeadPlanner {
         guard let profile = try profile(keys: keys, queries: queries, group: group, calibration: calibration,
                                         attention: attention, alignedToPositions: alignedToPositions) else { return nil }
         let oracle = String(format: "%.2f", profile.worstOracleMass)
-        guard let budget = policy.budget(for: profile) else {
+        guard let raised = policy.raisedK(for: profile) else {
             return HeadPlan(policy: .retrieval, profile: profile,
                             reason: "k \(attention.k) kept: every query head keeps >= \(oracle) of its mass with its exact top-\(attention.k)")
         }
-        let mass = zip(profile.budgets, profile.budgetMass).first { $0.0 == budget }?.1 ?? 0
-        let reached = mass >= policy.budgetMass
-        let text = "adaptive budget: a query head keeps only \(oracle) of its mass with its exact top-\(attention.k); k raised to \(budget)\(reached ? "" : " (the most allowed: \(Int(policy.maxBudgetFraction * 100))% of the keys)"), where its neediest query head keeps \(String(format: "%.2f", mass)) (target \(policy.budgetMass))"
-        return HeadPlan(policy: .retrieval, profile: profile, reason: text, k: budget)
+        return HeadPlan(policy: .retrieval, profile: profile,
+                        reason: "adaptive budget: a query head keeps only \(oracle) of its mass with its exact top-\(attention.k); \(raised.reason)",
+                        k: raised.k)
     }
 
     /// The plan of one head: its profile on the held-out tail of its prefill queries, the output
