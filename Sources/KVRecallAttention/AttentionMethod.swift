@@ -165,24 +165,25 @@ public final class PreparedMethod: @unchecked Sendable {
 }
 
 /// Prepared methods kept across read transactions of a store, as the REPL does between commands:
-/// an entry is reused while the snapshot sees the same last write (`ReadTransaction.generation`),
-/// so an index rebuilt by another process is loaded again, and an unchanged one is not.
+/// an entry is reused while the snapshot sees the same last write in the same map
+/// (`ReadTransaction.mapIdentity`), so an index rebuilt by another process is loaded again, an
+/// unchanged one is not, and its sections, views of the map, stay valid.
 public final class PreparedMethodCache {
-    private var entries: [String: (generation: Int, method: PreparedMethod)] = [:]
+    private var entries: [String: (identity: MapIdentity, method: PreparedMethod)] = [:]
 
     public init() {}
 
     /// `method` on head `id`, bound to `snapshot`'s views; loaded and prepared only when needed.
     public func prepare(_ method: AttentionMethod, snapshot: StoreSnapshot, head id: HeadID) throws -> PreparedAttention {
         let key = "\(id)/\(method.rawValue)"
-        let generation = snapshot.txn.generation
+        let identity = snapshot.txn.mapIdentity
         let keys = try snapshot.vectors(id, .keys)
         let values = try snapshot.vectors(id, .values)
-        if let entry = entries[key], entry.generation == generation {
+        if let entry = entries[key], entry.identity == identity {
             return PreparedAttention(method: entry.method, keys: keys, values: values)
         }
         let prepared = try method.prepare(snapshot: snapshot, head: id)
-        entries[key] = (generation, prepared.method)
+        entries[key] = (identity, prepared.method)
         return prepared
     }
 

@@ -256,7 +256,7 @@ extension HeadPlan {
         guard let sections = try snapshot.index(id, name: recordName) else { return nil }
         guard let bytes = sections[section] else { throw IndexError.corrupt("the auto record of head \(id) lacks its plan; rebuild it with `kvrecall build --index auto`") }
         do {
-            return try JSONDecoder().decode(HeadPlan.self, from: Data(bytes))
+            return try JSONDecoder().decode(HeadPlan.self, from: Data(bytes.array))
         } catch {
             throw IndexError.corrupt("the auto plan of head \(id) is unreadable (\(error)); rebuild it with `kvrecall build --index auto`")
         }

@@ -18,9 +18,10 @@ import KVRecallStorage
 /// the parameters and the seed — not on the thread count or timing.
 public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.hnsw
-    public static let formatVersion = 1
+    public static let formatVersion = 2
     public let dimension: Int
     public private(set) var count = 0
+    public private(set) var mapSnapshot: MapIdentity?
     public let M: Int
     public let maxM0: Int
     public let efConstruction: Int
@@ -30,9 +31,9 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
 
     /// Layer-0 links: `count x (maxM0 + 1)` slots, slot 0 the neighbour count.
     let links0 = Int32Buffer()
-    private(set) var levels: [Int32] = []
+    private(set) var levels: SectionArray<Int32> = []
     /// Per node, the offset of its upper-layer slots in `upperLinks`, or -1.
-    private(set) var upperOffset: [Int32] = []
+    private(set) var upperOffset: SectionArray<Int32> = []
     let upperLinks = Int32Buffer()
     private(set) var entryPoint: Int32 = -1
     private(set) var maxLevel = -1
@@ -169,6 +170,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     // MARK: Build
 
     public func add(keys mapped: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: mapped)
         guard mapped.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: mapped.dimension) }
         // Large adds read a heap copy (huge pages); small incremental ones read the map.
         let keys = range.count >= 4096 ? mapped.limited(to: range.upperBound).materialized() : mapped
@@ -176,6 +178,9 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
             throw IndexError.invalidParameter("HNSW adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
         }
         let newCount = range.upperBound
+        // Links loaded as views of the store are copied before the first write.
+        links0.makeOwned()
+        upperLinks.makeOwned()
         // Reserve link storage and draw levels (in node order, from the seeded generator).
         links0.grow(by: (newCount - count) * stride0)
         for _ in range {
@@ -344,7 +349,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0, entryPoint >= 0 else { throw IndexError.notBuilt("the HNSW index is empty") }
         guard keys.count >= count else {
             throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
@@ -382,14 +387,14 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         meta.write(seed)
         meta.write(rng.state)
         var graph = ByteWriter()
-        graph.write(array: links0.array)
-        graph.write(array: levels)
-        graph.write(array: upperOffset)
-        graph.write(array: upperLinks.array)
+        graph.write(alignedArray: links0.elements)
+        graph.write(alignedArray: levels)
+        graph.write(alignedArray: upperOffset)
+        graph.write(alignedArray: upperLinks.elements)
         return ["meta": meta.bytes, "graph": graph.bytes]
     }
 
-    public convenience init(sections: [String: [UInt8]]) throws {
+    public convenience init(sections: IndexSections) throws {
         let (v, entry, seed, state) = try readSection(sections, "meta", of: .hnsw) { meta in
             (try (0..<6).map { _ in Int(try meta.read(Int64.self)) }, try meta.read(Int32.self),
              try meta.read(UInt64.self), try meta.read(UInt64.self))
@@ -401,21 +406,23 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         }
         try self.init(dimension: dimension, M: M, efConstruction: efC, seed: seed)
         let (links, levels, upperOffset, upper) = try readSection(sections, "graph", of: .hnsw) { graph in
-            (try graph.readArray(Int32.self), try graph.readArray(Int32.self), try graph.readArray(Int32.self),
-             try graph.readArray(Int32.self))
+            (try graph.readAlignedArray(Int32.self), try graph.readAlignedArray(Int32.self),
+             try graph.readAlignedArray(Int32.self), try graph.readAlignedArray(Int32.self))
         }
         self.levels = levels
         self.upperOffset = upperOffset
         guard links.count == count * stride0 else { throw IndexError.corrupt("HNSW layer-0 links have \(links.count) slots, expected \(count * stride0)") }
-        for i in 0..<count {
-            let base = i * stride0
-            guard links[base] >= 0, Int(links[base]) <= maxM0,
-                  links[(base + 1)..<(base + 1 + Int(links[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
-                throw IndexError.corrupt("HNSW node \(i) has an invalid layer-0 link list")
+        try links.withUnsafeBufferPointer { links in
+            for i in 0..<count {
+                let base = i * stride0
+                guard links[base] >= 0, Int(links[base]) <= maxM0,
+                      links[(base + 1)..<(base + 1 + Int(links[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                    throw IndexError.corrupt("HNSW node \(i) has an invalid layer-0 link list")
+                }
             }
         }
-        links0.append(contentsOf: links)
-        upperLinks.append(contentsOf: upper)
+        links0.adopt(links)
+        upperLinks.adopt(upper)
         guard levels.count == count, upperOffset.count == count,
               count == 0 || (entry >= 0 && Int(entry) < count) else {
             throw IndexError.corrupt("HNSW graph sizes disagree with its node count \(count)")
@@ -438,6 +445,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         self.entryPoint = entry
         self.maxLevel = maxLevel
         rng.state = state
+        mapSnapshot = sections.mapSnapshot
     }
 }
 

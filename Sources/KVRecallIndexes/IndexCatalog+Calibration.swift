@@ -8,13 +8,14 @@ extension IndexCatalog {
     /// Section of a stored index holding its `SearchCalibration` (JSON), next to the index's own sections.
     static let calibrationSection = "calibration"
 
-    /// Index `kind` of head `id` with the calibration stored beside it (nil when it was built without one).
-    public static func loadCalibrated(_ kind: IndexKind, snapshot: StoreSnapshot,
-                                      head id: HeadID) throws -> (index: any BuildableIndex, calibration: SearchCalibration?) {
+    /// Index `kind` of head `id` with the calibration stored beside it (nil when it was built
+    /// without one); views of the map, or with `copy` a copy (see `load(_:snapshot:head:copy:)`).
+    public static func loadCalibrated(_ kind: IndexKind, snapshot: StoreSnapshot, head id: HeadID,
+                                      copy: Bool = false) throws -> (index: any BuildableIndex, calibration: SearchCalibration?) {
         guard let type = kind.type else { throw IndexError.invalidParameter("'\(kind.rawValue)' is not a stored index kind") }
-        let sections = try snapshot.index(id, name: kind.rawValue)
+        let sections = try snapshot.index(id, name: kind.rawValue, copy: copy)
         let index = try load(type, from: sections, head: id, name: kind.rawValue)
-        return (index, try sections?[calibrationSection].map { try SearchCalibration(encoded: $0, kind: kind) })
+        return (index, try sections?[calibrationSection].map { try SearchCalibration(encoded: $0.array, kind: kind) })
     }
 }
 

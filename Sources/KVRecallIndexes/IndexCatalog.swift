@@ -13,7 +13,14 @@ public protocol BuildableIndex: AnyObject, VectorIndex {
     /// Version of this index's on-disk sections; a reader refuses any other.
     static var formatVersion: Int { get }
     /// Restores an index from `sections()` output, refusing any damaged or inconsistent section.
-    init(sections: [String: [UInt8]]) throws
+    /// Large arrays stay views of `sections` (zero-copy; see `SectionArray`), so the index is
+    /// valid while the sections are: inside the read transaction (of the same `mapIdentity`)
+    /// that returned them, or as long as their owner lives.
+    init(sections: IndexSections) throws
+    /// The snapshot whose map this index's sections are views of (nil when built, or loaded as a
+    /// copy). Search and add refuse keys of any other snapshot; the binding stays after the index
+    /// grows (some arrays may still be views).
+    var mapSnapshot: MapIdentity? { get }
     /// True once `train` ran (always for kinds that learn nothing).
     var isTrained: Bool { get }
     /// Learns what the index needs before adding, from keys `range` and, for the query-aware
@@ -29,11 +36,16 @@ public protocol BuildableIndex: AnyObject, VectorIndex {
 
 extension BuildableIndex {
     public var kind: IndexKind { Self.kind }
+
+    /// Restores an index from a copy of in-memory sections (`sections()` output).
+    public init(sections: [String: [UInt8]]) throws {
+        try self.init(sections: sections.mapValues { SectionBytes(copying: $0) })
+    }
 }
 
 /// Reads section `name` of a stored index through one checked path: it must exist and `body`
 /// must consume it exactly, so a missing, cut or lengthened section is `IndexError.corrupt`.
-func readSection<T>(_ sections: [String: [UInt8]], _ name: String, of kind: IndexKind,
+func readSection<T>(_ sections: IndexSections, _ name: String, of kind: IndexKind,
                     _ body: (inout ByteReader) throws -> T) throws -> T {
     guard let bytes = sections[name] else { throw IndexError.corrupt("\(kind.rawValue) index lacks its '\(name)' section") }
     var reader = ByteReader(bytes, context: "\(kind.rawValue) \(name)")
@@ -117,13 +129,15 @@ public enum IndexCatalog {
         header.write(UInt32(T.formatVersion))
         header.write(array: Array(T.kind.rawValue.utf8))
         sections[headerSection] = header.bytes
+        // Validated once when written: what is stored is what a reader accepts.
+        _ = try T(sections: sections)
         // The coverage record lets `info`, a query and a resumed session see which keys the index holds.
         try store.saveIndex(id, name: name ?? T.kind.rawValue, sections: sections, covering: index.count)
     }
 
     /// Restores index `name` of head `id` as type `T`: the header must name `T`'s kind and format
-    /// version, then `T` validates its sections.
-    public static func load<T: BuildableIndex>(_ type: T.Type, from sections: [String: [UInt8]]?, head id: HeadID, name: String) throws -> T {
+    /// version, then `T` validates its sections (once: the index keeps views of them).
+    public static func load<T: BuildableIndex>(_ type: T.Type, from sections: IndexSections?, head id: HeadID, name: String) throws -> T {
         guard let sections else {
             throw IndexError.notBuilt("no '\(name)' index for head \(id); build it first with `kvrecall build --index \(name)`")
         }
@@ -206,10 +220,17 @@ extension IndexCatalog {
         return index
     }
 
-    /// Loads index `kind` of head `id` inside a snapshot.
-    public static func load(_ kind: IndexKind, snapshot: StoreSnapshot, head id: HeadID) throws -> any BuildableIndex {
+    /// Restores index `name` from in-memory sections (a copy of them).
+    public static func load<T: BuildableIndex>(_ type: T.Type, from sections: [String: [UInt8]]?, head id: HeadID, name: String) throws -> T {
+        try load(type, from: sections?.mapValues { SectionBytes(copying: $0) }, head: id, name: name)
+    }
+
+    /// Loads index `kind` of head `id` inside a snapshot, as views of the map (valid while a
+    /// snapshot of the same `mapIdentity` is open) or, with `copy`, as a copy that owns its bytes
+    /// (for a caller that keeps the index across its own writes, as a session does).
+    public static func load(_ kind: IndexKind, snapshot: StoreSnapshot, head id: HeadID, copy: Bool = false) throws -> any BuildableIndex {
         guard let type = kind.type else { throw IndexError.invalidParameter("'\(kind.rawValue)' is not a stored index kind") }
-        return try load(type, from: try snapshot.index(id, name: kind.rawValue), head: id, name: kind.rawValue)
+        return try load(type, from: try snapshot.index(id, name: kind.rawValue, copy: copy), head: id, name: kind.rawValue)
     }
 
     /// Bytes an index occupies (sum of its sections).

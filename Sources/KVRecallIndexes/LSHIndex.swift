@@ -16,9 +16,10 @@ import KVRecallStorage
 /// offsets into one flat id buffer; no per-vector allocation.
 public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.lsh
-    public static let formatVersion = 1
+    public static let formatVersion = 2
     public let dimension: Int
     public private(set) var count = 0
+    public private(set) var mapSnapshot: MapIdentity?
     public let tables: Int
     public let bits: Int
     public let seed: UInt64
@@ -29,7 +30,8 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     private(set) var mean: [Float] = []
     /// Per table: `2^bits + 1` offsets into `bucketIDs[table]`.
     private(set) var bucketOffsets: [[Int32]] = []
-    private(set) var bucketIDs: [[Int32]] = []
+    /// Per table: key positions, bucket after bucket (views of the stored section once loaded).
+    private(set) var bucketIDs: [SectionArray<Int32>] = []
 
     public init(dimension: Int, tables: Int = 150, bits: Int = 10, seed: UInt64 = 42, threads: Int = 2) throws {
         guard (1...1024).contains(tables) else { throw IndexError.invalidParameter("tables must be in 1...1024 (got \(tables))") }
@@ -43,7 +45,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         var rng = SeededGenerator(seed: seed)
         hyperplanes = (0..<(tables * bits * dimension)).map { _ in gaussian(&rng) }
         bucketOffsets = [[Int32]](repeating: [Int32](repeating: 0, count: (1 << bits) + 1), count: tables)
-        bucketIDs = [[Int32]](repeating: [], count: tables)
+        bucketIDs = [SectionArray<Int32>](repeating: [], count: tables)
     }
 
     var projections: Int { tables * bits }
@@ -77,6 +79,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: keys)
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("LSH adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
@@ -132,7 +135,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                         fill[b] += 1
                     }
                     offsetsOut[t] = offsets
-                    idsOut[t] = ids
+                    idsOut[t] = SectionArray(ids)
                 }
             }
         }
@@ -144,7 +147,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the LSH index is empty") }
         guard (1...tables).contains(parameters.lsh.minCollisions) else {
             throw IndexError.invalidParameter("min-collisions \(parameters.lsh.minCollisions) must be in 1...\(tables) (the table count)")
@@ -216,12 +219,12 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         var buckets = ByteWriter()
         for t in 0..<tables {
             buckets.write(array: bucketOffsets[t])
-            buckets.write(array: bucketIDs[t])
+            buckets.write(alignedArray: bucketIDs[t])
         }
         return ["meta": meta.bytes, "planes": planes.bytes, "buckets": buckets.bytes]
     }
 
-    public convenience init(sections: [String: [UInt8]]) throws {
+    public convenience init(sections: IndexSections) throws {
         let (v, seed) = try readSection(sections, "meta", of: .lsh) { meta in
             (try (0..<4).map { _ in Int(try meta.read(Int64.self)) }, try meta.read(UInt64.self))
         }
@@ -238,9 +241,10 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         try readSection(sections, "buckets", of: .lsh) { reader in
             for t in 0..<tables {
                 let offsets = try reader.readArray(Int32.self)
-                let ids = try reader.readArray(Int32.self)
+                let ids = try reader.readAlignedArray(Int32.self)
                 guard offsets.count == (1 << bits) + 1, offsets.first == 0, Int(offsets.last!) == ids.count, ids.count == count,
-                      zip(offsets, offsets.dropFirst()).allSatisfy({ $0 <= $1 }), ids.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                      zip(offsets, offsets.dropFirst()).allSatisfy({ $0 <= $1 }),
+                      ids.withUnsafeBufferPointer({ $0.allSatisfy { $0 >= 0 && Int($0) < count } }) else {
                     throw IndexError.corrupt("LSH table \(t) is inconsistent")
                 }
                 bucketOffsets[t] = offsets
@@ -248,6 +252,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
             }
         }
         self.count = count
+        mapSnapshot = sections.mapSnapshot
     }
 }
 

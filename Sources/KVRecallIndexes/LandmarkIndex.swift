@@ -7,14 +7,16 @@ import KVRecallStorage
 /// max. Search scores the blocks, keeps the best ones and returns the best keys inside them.
 public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.landmark
-    public static let formatVersion = 1
+    public static let formatVersion = 2
     public let dimension: Int
     public private(set) var count = 0
+    public private(set) var mapSnapshot: MapIdentity?
     public let blockSize: Int
-    /// Per block: the sum of its keys (the mean is sum / rows), min and max per channel.
-    private(set) var sums: [Float] = []
-    private(set) var mins: [Float] = []
-    private(set) var maxs: [Float] = []
+    /// Per block: the sum of its keys (the mean is sum / rows), min and max per channel (views
+    /// of the stored section once loaded).
+    private(set) var sums: SectionArray<Float> = []
+    private(set) var mins: SectionArray<Float> = []
+    private(set) var maxs: SectionArray<Float> = []
 
     public init(dimension: Int, blockSize: Int = 64) throws {
         guard blockSize >= 1 else { throw IndexError.invalidParameter("landmark block size must be at least 1") }
@@ -29,24 +31,33 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {}
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: keys)
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("keys are added in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
         }
         let d = dimension
+        let blocks = (range.upperBound + blockSize - 1) / blockSize
+        let fresh = blocks * d - sums.count
+        if fresh > 0 {
+            sums.append(contentsOf: repeatElement(0, count: fresh))
+            mins.append(contentsOf: repeatElement(.infinity, count: fresh))
+            maxs.append(contentsOf: repeatElement(-.infinity, count: fresh))
+        }
         var row = [Float](repeating: 0, count: d)
-        for i in range {
-            let b = i / blockSize
-            if b == sums.count / d {
-                sums += [Float](repeating: 0, count: d)
-                mins += [Float](repeating: .infinity, count: d)
-                maxs += [Float](repeating: -.infinity, count: d)
-            }
-            keys.decodeRow(i, into: &row)
-            for j in 0..<d {
-                sums[b * d + j] += row[j]
-                mins[b * d + j] = min(mins[b * d + j], row[j])
-                maxs[b * d + j] = max(maxs[b * d + j], row[j])
+        sums.withUnsafeMutableBufferPointer { sums in
+            mins.withUnsafeMutableBufferPointer { mins in
+                maxs.withUnsafeMutableBufferPointer { maxs in
+                    for i in range {
+                        let b = i / blockSize
+                        keys.decodeRow(i, into: &row)
+                        for j in 0..<d {
+                            sums[b * d + j] += row[j]
+                            mins[b * d + j] = min(mins[b * d + j], row[j])
+                            maxs[b * d + j] = max(maxs[b * d + j], row[j])
+                        }
+                    }
+                }
             }
         }
         count = range.upperBound
@@ -55,7 +66,8 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
 
     /// Score of a block for `query`: mean key, or Quest's upper bound sum_j max(q_j min_j, q_j max_j).
     @inline(__always)
-    func blockScore(_ b: Int, query: UnsafePointer<Float>, bound: Bool) -> Float {
+    func blockScore(_ b: Int, query: UnsafePointer<Float>, bound: Bool, sums: UnsafeBufferPointer<Float>,
+                    mins: UnsafeBufferPointer<Float>, maxs: UnsafeBufferPointer<Float>) -> Float {
         let d = dimension
         var s: Float = 0
         if bound {
@@ -70,7 +82,7 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the landmark index is empty") }
         try parameters.landmark.validate()
         let keep = min(blockCount, parameters.landmark.blocks > 0 ? parameters.landmark.blocks : (4 * k + blockSize - 1) / blockSize)
@@ -79,7 +91,15 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
         for q in 0..<m {
             let query = queries.baseAddress! + q * dimension
             var best = TopK<Int>(k: keep)
-            for b in 0..<blockCount { best.push(blockScore(b, query: query, bound: parameters.landmark.bound), b) }
+            sums.withUnsafeBufferPointer { sums in
+                mins.withUnsafeBufferPointer { mins in
+                    maxs.withUnsafeBufferPointer { maxs in
+                        for b in 0..<blockCount {
+                            best.push(blockScore(b, query: query, bound: parameters.landmark.bound, sums: sums, mins: mins, maxs: maxs), b)
+                        }
+                    }
+                }
+            }
             results.stats.auxiliaryComputations += blockCount
             var top = TopK<Int>(k: k)
             for block in best.sorted().map(\.id).sorted() {
@@ -97,26 +117,29 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
         var meta = ByteWriter()
         for v in [dimension, count, blockSize] { meta.write(Int64(v)) }
         var blocks = ByteWriter()
-        blocks.write(array: sums)
-        blocks.write(array: mins)
-        blocks.write(array: maxs)
+        blocks.write(alignedArray: sums)
+        blocks.write(alignedArray: mins)
+        blocks.write(alignedArray: maxs)
         return ["meta": meta.bytes, "blocks": blocks.bytes]
     }
 
-    public convenience init(sections: [String: [UInt8]]) throws {
+    public convenience init(sections: IndexSections) throws {
         let v = try readSection(sections, "meta", of: .landmark) { meta in try (0..<3).map { _ in Int(try meta.read(Int64.self)) } }
         guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (1...Int(Int32.max)).contains(v[2]) else {
             throw IndexError.corrupt("landmark meta out of range")
         }
         try self.init(dimension: v[0], blockSize: v[2])
         (sums, mins, maxs) = try readSection(sections, "blocks", of: .landmark) {
-            try ($0.readFloatArray(), $0.readFloatArray(), $0.readFloatArray())
+            try ($0.readAlignedArray(Float.self), $0.readAlignedArray(Float.self), $0.readAlignedArray(Float.self))
         }
         count = v[1]
         let expected = blockCount * dimension
         guard sums.count == expected, mins.count == expected, maxs.count == expected,
-              sums.allSatisfy(\.isFinite), zip(mins, maxs).allSatisfy({ $0 <= $1 && $0.isFinite && $1.isFinite }) else {
+              sums.withUnsafeBufferPointer({ $0.allSatisfy(\.isFinite) }),
+              mins.withUnsafeBufferPointer({ mins in maxs.withUnsafeBufferPointer { maxs in
+                  zip(mins, maxs).allSatisfy({ $0 <= $1 && $0.isFinite && $1.isFinite }) } }) else {
             throw IndexError.corrupt("landmark blocks have the wrong size, or bounds that are not finite and ordered")
         }
+        mapSnapshot = sections.mapSnapshot
     }
 }

@@ -8,7 +8,7 @@ extension RetrievalGraphIndex: GroupSearchable {
     /// (`groupBeamSearch`): each reached key is read once for the whole group.
     public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                             keys: VectorView) throws -> SearchResults {
-        let g = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        let g = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
         guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
         try parameters.graph.validate()

@@ -26,9 +26,10 @@ import KVRecallStorage
 /// Search is a beam search from the entry points.
 public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
-    public static let formatVersion = 1
+    public static let formatVersion = 2
     public let dimension: Int
     public private(set) var count = 0
+    public private(set) var mapSnapshot: MapIdentity?
     /// Degree cap of the query-derived (projection) edges.
     public let M: Int
     /// Extra slots per node for connectivity edges, which never evict projection edges.
@@ -686,6 +687,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 
     /// Adds keys `range` (decode-time upkeep): each is searched for and linked.
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: keys)
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard isTrained else {
             throw IndexError.notBuilt("the retrieval graph must first be built from prefill queries")
@@ -709,7 +711,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
         guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
         try parameters.graph.validate()
@@ -733,14 +735,14 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         }
         var graph = ByteWriter()
         graph.write(array: entries)
-        graph.write(array: links.array)
+        graph.write(alignedArray: links.elements)
         graph.write(array: projectionCount)
         graph.write(array: localCount)
         graph.write(array: connectivityCursor)
         return ["meta": meta.bytes, "graph": graph.bytes]
     }
 
-    public convenience init(sections: [String: [UInt8]]) throws {
+    public convenience init(sections: IndexSections) throws {
         let v = try readSection(sections, "meta", of: .retrieval) { meta in try (0..<9).map { _ in Int(try meta.read(Int64.self)) } }
         guard (1...65536).contains(v[0]), (0...Int(Int32.max)).contains(v[1]), (2...1024).contains(v[2]),
               (2...1_000_000).contains(v[3]), (1...Int(Int32.max)).contains(v[4]), (1...1_000_000).contains(v[5]),
@@ -750,7 +752,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         try self.init(dimension: v[0], M: v[2], queryNeighbours: v[3], maxTrainingQueries: v[4], efConstruction: v[5],
                       entryCount: v[6], connectivitySlots: v[7], localNeighbours: v[8])
         let (entries, flat, projection, local, cursors) = try readSection(sections, "graph", of: .retrieval) { reader in
-            (try reader.readArray(Int32.self), try reader.readArray(Int32.self), try reader.readArray(Int32.self),
+            (try reader.readArray(Int32.self), try reader.readAlignedArray(Int32.self), try reader.readArray(Int32.self),
              try reader.readArray(Int32.self), try reader.readArray(UInt8.self))
         }
         let count = v[1]
@@ -758,20 +760,24 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
               entries.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
             throw IndexError.corrupt("retrieval graph sizes disagree with its node count \(count)")
         }
-        for i in 0..<count {
-            let base = i * stride
-            guard flat[base] >= 0, Int(flat[base]) <= M + localNeighbours + connectivitySlots, projection[i] >= 0,
-                  local[i] >= 0, projection[i] + local[i] <= flat[base],
-                  flat[(base + 1)..<(base + 1 + Int(flat[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
-                throw IndexError.corrupt("retrieval graph node \(i) has an invalid link list")
+        try flat.withUnsafeBufferPointer { flat in
+            for i in 0..<count {
+                let base = i * stride
+                guard flat[base] >= 0, Int(flat[base]) <= M + localNeighbours + connectivitySlots, projection[i] >= 0,
+                      local[i] >= 0, projection[i] + local[i] <= flat[base],
+                      flat[(base + 1)..<(base + 1 + Int(flat[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                    throw IndexError.corrupt("retrieval graph node \(i) has an invalid link list")
+                }
             }
         }
-        links.append(contentsOf: flat)
+        // The links (4(M + 11) bytes per key) stay a view of the section; the per-key counters are copied.
+        links.adopt(flat)
         projectionCount = projection
         localCount = local
         connectivityCursor = cursors
         self.entries = entries
         self.count = count
+        mapSnapshot = sections.mapSnapshot
     }
 }
 

@@ -193,7 +193,20 @@ public protocol GroupSearchable: VectorIndex {
 }
 
 /// Validates a search call's shape against an index and its keys.
-package func validateSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, dimension: Int, keys: VectorView) throws -> Int {
+/// An index whose sections are views of a snapshot's map is valid only while a snapshot of the
+/// same identity is open: the one the caller's keys come from (checked before a search or add).
+package func checkIndexSnapshot(_ indexSnapshot: MapIdentity?, keys: VectorView) throws {
+    if let indexSnapshot, indexSnapshot != keys.snapshot {
+        throw IndexError.invalidParameter("""
+            the index was loaded as views of another snapshot (\(indexSnapshot)) than the keys' (\(keys.snapshot)): \
+            load it in the snapshot that uses it, or with `copy: true` to keep it across snapshots
+            """)
+    }
+}
+
+package func validateSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, dimension: Int, keys: VectorView,
+                            indexSnapshot: MapIdentity? = nil) throws -> Int {
+    try checkIndexSnapshot(indexSnapshot, keys: keys)
     guard keys.dimension == dimension else {
         throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension)
     }

@@ -297,7 +297,9 @@ public final class KVSession {
                             continue
                         }
                         if try snapshot.index(id, name: kind.rawValue) != nil {
-                            let stored = try IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: id)
+                            // A copy: the session keeps it across its own appends, and a view would
+                            // pin nothing (the pages could be reused once the snapshot ends).
+                            let stored = try IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: id, copy: true)
                             if stored.index.count <= tokens {
                                 indexes[layer][head] = stored.index
                                 calibrations[layer][head] = stored.calibration

@@ -40,6 +40,11 @@ public final class Environment: @unchecked Sendable {
     public private(set) var mapSize: Int
     /// How many times the map has grown since this environment was opened.
     public private(set) var growthCount = 0
+    /// Changes whenever this process maps the file anew (its own growth, or adopting another
+    /// process's size): pointers into the old map are then stale.
+    private(set) var mapEpoch = 0
+    /// Distinguishes this environment from any other opened in the process, before or after.
+    let serial = Environment.nextSerial()
     /// The directory's (device, inode) while this environment holds it in `OpenEnvironments`.
     private var identity: OpenEnvironments.Identity?
 
@@ -262,6 +267,7 @@ public final class Environment: @unchecked Sendable {
         var info = MDB_envinfo()
         if mdb_env_info(env, &info) == MDB_SUCCESS { mapSize = Int(info.me_mapsize) } else { mapSize = newSize }
         growthCount += 1
+        mapEpoch += 1
     }
 
     private func adoptForeignMapSize() throws {
@@ -269,8 +275,17 @@ public final class Environment: @unchecked Sendable {
         defer { pthread_rwlock_unlock(&rwlock) }
         let env = try handle()
         try check(mdb_env_set_mapsize(env, 0), "mdb_env_set_mapsize", path: path)
+        mapEpoch += 1
         var info = MDB_envinfo()
         if mdb_env_info(env, &info) == MDB_SUCCESS { mapSize = Int(info.me_mapsize) }
+    }
+
+    nonisolated(unsafe) private static var serials = 0
+    private static let serialLock = NSLock()
+    private static func nextSerial() -> Int {
+        serialLock.lock(); defer { serialLock.unlock() }
+        serials += 1
+        return serials
     }
 
     /// Opens named databases in their own transaction and commits it, which is what makes LMDB keep

@@ -4,11 +4,14 @@ import KVRecallKernels
 import KVRecallFormats
 
 /// Persistence of index data as named binary sections inside the store's `indexes` database.
-/// An index is written in one transaction (so after a crash it is either whole or absent) and
-/// read back section by section.
+/// An index is written in one transaction (so after a crash it is either whole or absent). Each
+/// section is one LMDB value: a large one lives in overflow pages, whose data starts 16 bytes
+/// after a page boundary, so `StoreSnapshot.index` hands out views of the map that an index
+/// reads without copying (`ByteReader.readAlignedArray`).
 extension KVStore {
-    /// Sections larger than this are split over several LMDB values.
-    static let sectionChunkBytes = 8 << 20
+    /// Stores written before sections were single values split them at this size; they are
+    /// still read (as a copy).
+    static let legacySectionChunkBytes = 8 << 20
 
     /// Head metadata key recording how many keys (positions `0..<n`) index `name` covers.
     static func coverageKey(_ name: String) -> String { "index.\(name).covers" }
@@ -30,37 +33,34 @@ extension KVStore {
             info.metadata[KVStore.coverageKey(name)] = covering.map { "\($0)" }
             try putInfo(txn, info)
             for (section, bytes) in sections {
-                var chunk: UInt32 = 0
-                var offset = 0
-                repeat {
-                    let end = min(bytes.count, offset + KVStore.sectionChunkBytes)
-                    try bytes.withUnsafeBytes { raw in
-                        try txn.put(indexesDB, StoreKey.indexChunk(id, name, section: section, chunk: chunk),
-                                    UnsafeRawBufferPointer(rebasing: raw[offset..<end]))
-                    }
-                    chunk += 1
-                    offset = end
-                } while offset < bytes.count
+                try txn.put(indexesDB, StoreKey.indexChunk(id, name, section: section, chunk: 0), bytes)
             }
         }
     }
 
-    /// The sections of index `name`, or nil when that index was never built for this head.
-    public func loadIndex(_ id: HeadID, name: String) throws -> [String: [UInt8]]? {
-        try environment.read { txn in try loadIndex(txn, id, name: name) }
+    /// A copy of the sections of index `name`, or nil when that index was never built for this head.
+    public func loadIndex(_ id: HeadID, name: String) throws -> IndexSections? {
+        try environment.read { txn in
+            try loadIndex(txn, id, name: name)?.mapValues { SectionBytes(copying: $0.bytes) }
+        }
     }
 
-    func loadIndex(_ txn: ReadTransaction, _ id: HeadID, name: String) throws -> [String: [UInt8]]? {
+    /// The sections of index `name` inside `txn`: views of the map (a section a legacy store split
+    /// in chunks is joined into a copy).
+    func loadIndex(_ txn: ReadTransaction, _ id: HeadID, name: String) throws -> IndexSections? {
         let prefix = StoreKey.indexPrefix(id, name)
-        var sections: [String: [UInt8]] = [:]
+        var chunks: [String: [UnsafeRawBufferPointer]] = [:]
         try txn.scan(indexesDB, prefix: prefix) { key, value in
             let rest = key[prefix.count..<(key.count - 4)]
             guard rest.last == 0 else { return true }
             let section = String(decoding: rest.dropLast(), as: UTF8.self)
-            sections[section, default: []].append(contentsOf: value)
+            chunks[section, default: []].append(value)
             return true
         }
-        return sections.isEmpty ? nil : sections
+        guard !chunks.isEmpty else { return nil }
+        return chunks.mapValues { parts in
+            parts.count == 1 ? SectionBytes(view: parts[0], owner: nil, snapshot: txn.mapIdentity) : SectionBytes(copying: parts.joined())
+        }
     }
 
     /// Keys covered by each index of head `id` (nil for an index saved without a coverage record).
@@ -114,8 +114,11 @@ extension KVStore {
 }
 
 extension StoreSnapshot {
-    /// Sections of an index, read inside this snapshot.
-    public func index(_ id: HeadID, name: String) throws -> [String: [UInt8]]? {
-        try store.loadIndex(txn, id, name: name)
+    /// Sections of an index inside this snapshot: views of the map, valid while a read transaction
+    /// of the same generation and map epoch (`ReadTransaction.mapIdentity`) is open.
+    /// With `copy`, the sections are copies that own their bytes, valid after the snapshot.
+    public func index(_ id: HeadID, name: String, copy: Bool = false) throws -> IndexSections? {
+        let sections = try store.loadIndex(txn, id, name: name)
+        return copy ? sections?.mapValues { SectionBytes(copying: $0.bytes) } : sections
     }
 }

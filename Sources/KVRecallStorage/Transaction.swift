@@ -17,6 +17,14 @@ public struct ReadTransaction {
     /// see the same data, so whatever was derived from one is valid for the other.
     public var generation: Int { Int(mdb_txn_id(txn)) }
 
+    /// What a view into the map read in this snapshot depends on: the environment, the map's
+    /// placement and the last commit. A view (vectors, index sections) read in one snapshot stays
+    /// valid in another of the same identity while that one is open: its pages are reachable from
+    /// the last commit, so no writer can reuse them, and the map has not moved.
+    public var mapIdentity: MapIdentity {
+        MapIdentity(environment: environment.serial, mapEpoch: environment.mapEpoch, generation: generation)
+    }
+
     /// The value stored under `key`, as a buffer pointing into the memory map, or nil.
     /// The buffer is valid only while this transaction is open.
     public func get(_ dbi: MDB_dbi, _ key: [UInt8]) throws -> UnsafeRawBufferPointer? {

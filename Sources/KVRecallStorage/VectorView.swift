@@ -16,6 +16,9 @@ import KVRecallFormats
 public struct VectorView {
     public let info: HeadInfo
     public let kind: VectorKind
+    /// The snapshot these rows were read in (kept by `materialized()` and `limited(to:)`), so an
+    /// index whose sections are views of a snapshot can check it searches that snapshot's keys.
+    public let snapshot: MapIdentity
     public private(set) var count: Int
     @inlinable public var dimension: Int { info.dimension }
     @inlinable public var dtype: DType { info.dtype }
@@ -35,6 +38,7 @@ public struct VectorView {
     init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String) throws {
         self.info = info
         self.kind = kind
+        self.snapshot = txn.mapIdentity
         let count = info.rows(kind)
         self.count = count
         let bs = info.blockSize

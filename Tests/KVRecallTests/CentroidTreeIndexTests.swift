@@ -204,8 +204,8 @@ import KVRecallTestSupport
         let kind = try tree.read(UInt8.self)
         let vmin = try tree.readFloatArray(), vdiff = try tree.readFloatArray()
         let listOffsets = try tree.readArray(Int64.self)
-        let ids = try tree.readArray(Int32.self)
-        let codes = try tree.readArray(UInt8.self)
+        let ids = try tree.readAlignedArray(Int32.self).array
+        let codes = try tree.readAlignedArray(UInt8.self).array
         func treeSection(_ o: [[Int64]], _ lo: [Int64], _ i: [Int32], codes c: [UInt8]? = nil) -> [String: [UInt8]] {
             var w = ByteWriter()
             for a in o { w.write(array: a) }
@@ -213,8 +213,8 @@ import KVRecallTestSupport
             w.write(array: vmin)
             w.write(array: vdiff)
             w.write(array: lo)
-            w.write(array: i)
-            w.write(array: c ?? codes)
+            w.write(alignedArray: i)
+            w.write(alignedArray: c ?? codes)
             var s = good
             s["tree"] = w.bytes
             return s

@@ -141,14 +141,14 @@ import KVRecallTestSupport
         var bad = index.sections()
         // Point a layer-0 link at a node that does not exist.
         var graph = ByteReader(bad["graph"]!, context: "t")
-        var links = try graph.readArray(Int32.self)
+        var links = try graph.readAlignedArray(Int32.self).array
         links[1] = 1_000_000
         var w = ByteWriter()
-        w.write(array: links)
+        w.write(alignedArray: links)
         bad["graph"] = w.bytes + Array(bad["graph"]!.dropFirst(w.bytes.count))
         #expect(throws: IndexError.self) { try HNSWIndex(sections: bad) }
         #expect(throws: IndexError.notBuilt("no 'hnsw' index for head 0/0/0; build it first with `kvrecall build --index hnsw`")) {
-            try IndexCatalog.load(HNSWIndex.self, from: nil, head: HeadID(), name: "hnsw")
+            try IndexCatalog.load(HNSWIndex.self, from: nil as IndexSections?, head: HeadID(), name: "hnsw")
         }
     }
 }

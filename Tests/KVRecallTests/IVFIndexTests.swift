@@ -407,11 +407,11 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
             var reader = ByteReader(sections["lists"]!, context: "test")
             let kind = try reader.read(UInt8.self)
             let lo = try reader.readFloatArray(), step = try reader.readFloatArray()
-            let (o, i) = (try reader.readArray(Int64.self), try reader.readArray(Int32.self))
-            var c = try reader.readArray(UInt8.self)
+            let (o, i) = (try reader.readArray(Int64.self), try reader.readAlignedArray(Int32.self).array)
+            var c = try reader.readAlignedArray(UInt8.self).array
             c[2 * 5] = 0x00; c[2 * 5 + 1] = 0x7C  // +Inf in key 0's sixth dimension
             var w = ByteWriter()
-            w.write(kind); w.write(array: lo); w.write(array: step); w.write(array: o); w.write(array: i); w.write(array: c)
+            w.write(kind); w.write(array: lo); w.write(array: step); w.write(array: o); w.write(alignedArray: i); w.write(alignedArray: c)
             var bad = sections
             bad["lists"] = w.bytes
             expectRefusedAsCorrupt(bad, "infinite f16 code") { _ = try IVFIndex(sections: $0) }
@@ -456,8 +456,8 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
         let kind = try lists.read(UInt8.self)
         let vmin = try lists.readFloatArray(), vdiff = try lists.readFloatArray()
         let offsets = try lists.readArray(Int64.self)
-        let ids = try lists.readArray(Int32.self)
-        let codes = try lists.readArray(UInt8.self)
+        let ids = try lists.readAlignedArray(Int32.self).array
+        let codes = try lists.readAlignedArray(UInt8.self).array
         #expect(kind == ListCodeKind.sq8.code && vmin.count == f.d && codes.count == f.n * f.d)
         func listsSection(_ o: [Int64], _ i: [Int32], codes c: [UInt8]? = nil, vmin lo: [Float]? = nil,
                           vdiff step: [Float]? = nil) -> [String: [UInt8]] {
@@ -466,8 +466,8 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
             w.write(array: lo ?? vmin)
             w.write(array: step ?? vdiff)
             w.write(array: o)
-            w.write(array: i)
-            w.write(array: c ?? codes)
+            w.write(alignedArray: i)
+            w.write(alignedArray: c ?? codes)
             var s = good
             s["lists"] = w.bytes
             return s
@@ -498,15 +498,16 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
         meta[0] = 9
         s = good
         s["meta"] = meta
-        #expect(throws: IndexError.unsupportedVersion(found: 9, supported: 2)) { try IVFIndex(sections: s) }
-        // A version 1 index (lists without codes) is refused with a "rebuild" message.
+        #expect(throws: IndexError.unsupportedVersion(found: 9, supported: IVFIndex.formatVersion)) { try IVFIndex(sections: s) }
+        // A version 1 index (lists without codes), or 2 (packed, before zero-copy sections), is
+        // refused with a "rebuild" message.
         meta[0] = 1
         s["meta"] = meta
         do {
             _ = try IVFIndex(sections: s)
             Issue.record("a version 1 IVF index loaded")
         } catch let error as IndexError {
-            #expect(error == .unsupportedVersion(found: 1, supported: 2))
+            #expect(error == .unsupportedVersion(found: 1, supported: IVFIndex.formatVersion))
             #expect(error.description.contains("rebuild"))
         }
         // Any single flipped byte either loads a usable index or throws; it never crashes a search.
@@ -630,7 +631,7 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
                 codec.scan(prepared, codes: c.baseAddress!, count: f.n, into: &floats)
             }
             let ids = (0..<Int32(f.n)).map { $0 }
-            let ints = Self.scan(quantized, index.lists.codes, ids, d: d, base: bias, scale: scale, threshold: -.infinity)
+            let ints = Self.scan(quantized, index.lists.codes.array, ids, d: d, base: bias, scale: scale, threshold: -.infinity)
             // Rounding moves each query value by at most scale / 2; codes differ from 127.5 by at most 127.5.
             let bound = Float(d) * 127.5 * scale / 2 * 1.001 + 1e-3
             for (r, key) in ints.enumerated() {

@@ -31,7 +31,7 @@ import KVRecallTestSupport
     /// Saves `index` and returns its stored sections, header included.
     static func stored(_ index: some BuildableIndex, in store: KVStore) throws -> [String: [UInt8]] {
         try IndexCatalog.save(index, in: store, head: HeadID())
-        return try #require(try store.loadIndex(HeadID(), name: index.kind.rawValue))
+        return try #require(try store.loadIndex(HeadID(), name: index.kind.rawValue)?.arrays)
     }
 
     @Test(arguments: IndexKind.stored)
@@ -97,4 +97,74 @@ import KVRecallTestSupport
             }
         }
     }
+
+    /// Whether the per-key arrays of `index` are views, and of what: nil when any is owned, else
+    /// true when every one is a view of the store's map (no owner), false when of an owned copy.
+    static func viewsMap(_ index: any BuildableIndex) -> Bool? {
+        func owners(_ arrays: [SectionArray<Int32>]) -> [AnyObject?]? {
+            let views = arrays.map(\.view)
+            return views.contains { $0 == nil } ? nil : views.map { $0!.owner }
+        }
+        var found: [AnyObject?]?
+        switch index {
+        case let h as HNSWIndex: found = h.links0.isView ? owners([h.levels, h.upperOffset]).map { $0 + [h.links0.viewOwner] } : nil
+        case let g as RetrievalGraphIndex: found = g.links.isView ? [g.links.viewOwner] : nil
+        case let i as IVFIndex: found = i.lists.codes.view != nil ? owners([i.lists.ids]) : nil
+        case let t as CentroidTreeIndex: found = t.lists.codes.view != nil ? owners([t.lists.ids]) : nil
+        case let l as LSHIndex: found = owners(l.bucketIDs)
+        case let m as LandmarkIndex: found = m.sums.view != nil && m.mins.view != nil ? [m.maxs.view?.owner] : nil
+        default: return nil
+        }
+        return found.map { $0.allSatisfy { $0 == nil } }
+    }
+
+    /// Issue 11, part 4: an index loaded in a snapshot keeps its per-key arrays as views of the
+    /// map (no copy), searches as the built one does, and copies them before it grows; with
+    /// `copy` it owns its bytes and outlives the snapshot.
+    @Test(arguments: IndexKind.stored)
+    func loadedIndexesAreViewsOfTheMapUntilTheyGrow(kind: IndexKind) throws {
+        let sample = try RetrievalGraphIndexTests.Sample(keyRows: 1024)
+        var p = IndexBuildParameters()
+        p.M = 8; p.efConstruction = 40; p.tables = 8; p.bits = 6; p.nlist = 16; p.graphDegree = 16
+        p.trainingQueries = 256; p.queryNeighbours = 20; p.threads = 1
+        let queries = Array(sample.decode.prefix(8 * sample.d))
+        var search = SearchParameters()
+        search.graph.ef = 64
+        try sample.store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            let built = try IndexCatalog.make(kind, dimension: sample.d, count: keys.count, parameters: p)
+            try built.train(keys: keys, range: 0..<768, queries: try s.vectors(HeadID(), .queries))
+            try built.add(keys: keys, range: 0..<768, progress: nil)
+            try IndexCatalog.save(built, in: sample.store, head: HeadID())
+        }
+        let copied = try sample.store.read { s -> any BuildableIndex in
+            let keys = try s.vectors(HeadID(), .keys)
+            let view = try IndexCatalog.load(kind, snapshot: s, head: HeadID())
+            #expect(Self.viewsMap(view) == true, "\(kind): loaded arrays are views of the map")
+            let reference = try IndexCatalog.make(kind, dimension: sample.d, count: keys.count, parameters: p)
+            try reference.train(keys: keys, range: 0..<768, queries: try s.vectors(HeadID(), .queries))
+            try reference.add(keys: keys, range: 0..<768, progress: nil)
+            #expect(view.sections() == reference.sections())
+            try queries.withUnsafeBufferPointer { q in
+                let a = try view.search(q, k: 10, parameters: search, keys: keys)
+                let b = try reference.search(q, k: 10, parameters: search, keys: keys)
+                #expect(a.ids == b.ids, "\(kind)")
+            }
+            // Growing copies the views first: the same index as growing the built one.
+            try view.add(keys: keys, range: 768..<1024, progress: nil)
+            try reference.add(keys: keys, range: 768..<1024, progress: nil)
+            #expect(Self.viewsMap(view) == nil, "\(kind): grown arrays are owned")
+            #expect(view.sections() == reference.sections(), "\(kind)")
+            let copy = try IndexCatalog.load(kind, snapshot: s, head: HeadID(), copy: true)
+            #expect(Self.viewsMap(copy) == false, "\(kind): a copy's arrays view its own bytes")
+            return copy
+        }
+        // The copy is valid after its snapshot ended, across a write that reuses pages.
+        try IndexCatalog.save(copied, in: sample.store, head: HeadID(), name: "again")
+        try sample.store.read { s in
+            let again = try IndexCatalog.load(kind.type!, from: try s.index(HeadID(), name: "again"), head: HeadID(), name: "again")
+            #expect(again.sections() == copied.sections())
+        }
+    }
 }
+

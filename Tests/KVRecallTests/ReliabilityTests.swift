@@ -307,7 +307,7 @@ struct IngestSource {
         let (referenceSections, referenceIDs): ([String: [UInt8]], [Int]) = try {
             let store = try KVStore(path: path)
             defer { store.close() }
-            let sections = try #require(try store.loadIndex(id, name: "hnsw"))
+            let sections = try #require(try store.loadIndex(id, name: "hnsw")?.arrays)
             let ids = try store.read { s in
                 let view = try s.vectors(id, .keys)
                 let index = try IndexCatalog.load(.hnsw, snapshot: s, head: id)
@@ -348,7 +348,7 @@ struct IngestSource {
             let store = try KVStore(path: path)
             #expect(try store.info(id).count == n)
             #expect(try store.copyVectors(id, .keys) == keys, "the keys changed under an interrupted build")
-            if let sections = try store.loadIndex(id, name: "hnsw") {
+            if let sections = try store.loadIndex(id, name: "hnsw")?.arrays {
                 whole += 1
                 #expect(sections == referenceSections, "an interrupted build left an index that differs from a whole one")
                 let ids = try store.read { s in
@@ -584,7 +584,7 @@ struct SoakCounters {
                     }
                     if grew {
                         try IndexCatalog.save(index!, in: store, head: id)
-                        let copy = try store.read { s in try IndexCatalog.load(.hnsw, snapshot: s, head: id) }
+                        let copy = try store.read { s in try IndexCatalog.load(.hnsw, snapshot: s, head: id, copy: true) }
                         shared.update { $0 = copy as? HNSWIndex }
                     } else {
                         usleep(2000)
@@ -978,7 +978,7 @@ func makeFaultStore(_ path: String) throws -> (keys: [Float], ids: [HeadID]) {
                 try reopened.append(HeadID(), keys: rest, values: rest, rowsPerTransaction: rpt)
             }
             #expect(try reopened.copyVectors(HeadID(), .values) == keys)
-            #expect(try reopened.loadIndex(HeadID(), name: "tiny")?["a"] == [1, 2, 3])
+            #expect(try reopened.loadIndex(HeadID(), name: "tiny")?["a"]?.array == [1, 2, 3])
             reopened.close()
         }
     }

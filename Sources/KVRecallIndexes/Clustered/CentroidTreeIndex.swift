@@ -30,12 +30,13 @@ import KVRecallStorage
 public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.tree
     /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
-    public static let formatVersion = 2
+    public static let formatVersion = 3
     /// Nodes of a level per node of the level above.
     public static let branching = 8
 
     public let dimension: Int
     public private(set) var count = 0
+    public private(set) var mapSnapshot: MapIdentity?
     /// Levels of centroids (fine = level 0).
     public let levels: Int
     public let fineFraction: Double
@@ -116,6 +117,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: keys)
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("the centroid tree adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
@@ -260,7 +262,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: TreeQuantizer.Descent, threads: Int,
                      rerank: Int, keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0, isTrained else { throw IndexError.notBuilt("the centroid tree is empty; add keys first") }
         guard keys.count >= count else {
             throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
@@ -293,7 +295,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         return ["meta": meta.bytes, "centroids": cen.bytes, "tree": tree.bytes]
     }
 
-    public convenience init(sections: [String: [UInt8]]) throws {
+    public convenience init(sections: IndexSections) throws {
         let (v, fraction, metric, seed, codeKind) = try readSection(sections, "meta", of: .tree) { meta -> ([Int64], Double, ClusterMetric, UInt64, ListCodeKind) in
             let version = Int(try meta.read(UInt32.self))
             guard version == CentroidTreeIndex.formatVersion else {
@@ -347,6 +349,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         self.childOffsets = offsets
         self.lists = lists
         computeSizes()
+        mapSnapshot = sections.mapSnapshot
     }
 }
 

@@ -41,7 +41,7 @@ import KVRecallStorage
 public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.ivf
     /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
-    public static let formatVersion = 2
+    public static let formatVersion = 3
     /// Training keys per centroid at most (faiss's default).
     public static let maxPointsPerCentroid = 256
     /// Full Lloyd passes after two-level k-means (`KMeans.trainTwoLevel`): on the synthetic 128K
@@ -51,6 +51,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
 
     public let dimension: Int
     public private(set) var count = 0
+    public private(set) var mapSnapshot: MapIdentity?
     /// Lists asked for; nil picks `defaultNlist` of the first add's key count.
     public let requestedNlist: Int?
     /// Lists in the trained index (0 until the first add).
@@ -112,7 +113,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     public var listSizes: [Int] { lists.sizes }
 
     /// Positions of the keys in list `l`, ascending.
-    public func list(_ l: Int) -> ArraySlice<Int32> { lists.list(l) }
+    public func list(_ l: Int) -> Slice<SectionArray<Int32>> { lists.list(l) }
 
     /// Bytes the lists hold per key: code plus id.
     public var bytesPerKey: Int { codeKind.codeSize(dimension: dimension) + MemoryLayout<Int32>.size }
@@ -146,6 +147,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: keys)
         guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
         guard range.lowerBound == count, range.upperBound <= keys.count else {
             throw IndexError.invalidParameter("IVF adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
@@ -170,7 +172,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys)
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the IVF index is empty; add keys first") }
         guard keys.count >= count else {
             throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
@@ -219,7 +221,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         return ["meta": meta.bytes, "centroids": cen.bytes, "lists": lists.bytes]
     }
 
-    public convenience init(sections: [String: [UInt8]]) throws {
+    public convenience init(sections: IndexSections) throws {
         let (v, metric, seed, codeKind) = try readSection(sections, "meta", of: .ivf) { meta -> ([Int64], ClusterMetric, UInt64, ListCodeKind) in
             let version = Int(try meta.read(UInt32.self))
             guard version == IVFIndex.formatVersion else {
@@ -256,6 +258,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         self.nlist = lists
         self.mean = mean
         self.centroids = centroids
+        mapSnapshot = sections.mapSnapshot
     }
 }
 

@@ -9,12 +9,12 @@ import KVRecallStorage
 public struct InvertedLists: Sendable, Equatable {
     /// `lists + 1` offsets into `ids`, from 0 to the number of keys.
     public private(set) var offsets: [Int]
-    /// Key positions, list after list.
-    public private(set) var ids: [Int32]
+    /// Key positions, list after list (a view of the stored section once loaded).
+    public private(set) var ids: SectionArray<Int32>
     /// Bytes of code per key (0: lists without codes).
     public let codeSize: Int
-    /// `codeSize` bytes per key, in the order of `ids`.
-    public private(set) var codes: [UInt8]
+    /// `codeSize` bytes per key, in the order of `ids` (a view of the stored section once loaded).
+    public private(set) var codes: SectionArray<UInt8>
 
     /// `lists` empty lists.
     public init(lists: Int, codeSize: Int = 0) {
@@ -27,7 +27,7 @@ public struct InvertedLists: Sendable, Equatable {
     /// Lists read from disk, checked: `lists + 1` non-decreasing offsets from 0 to `keyCount`,
     /// ids forming a permutation of 0..<keyCount, and `codeSize` bytes of code per key, so a
     /// damaged section can never send a scan out of bounds.
-    init(validating offsets: [Int], ids: [Int32], codes: [UInt8], codeSize: Int, lists: Int, keyCount count: Int,
+    init(validating offsets: [Int], ids: SectionArray<Int32>, codes: SectionArray<UInt8>, codeSize: Int, lists: Int, keyCount count: Int,
          what: String) throws {
         guard offsets.count == lists + 1, offsets.first == 0, offsets.last == count, ids.count == count else {
             throw IndexError.corrupt("\(what) list offsets do not cover its \(count) keys in \(lists) lists")
@@ -39,11 +39,13 @@ public struct InvertedLists: Sendable, Equatable {
             throw IndexError.corrupt("\(what) list \(l) has negative length")
         }
         var seen = [Bool](repeating: false, count: count)
-        for id in ids {
-            guard id >= 0, Int(id) < count, !seen[Int(id)] else {
-                throw IndexError.corrupt("\(what) lists name key \(id) out of range or twice")
+        try ids.withUnsafeBufferPointer { ids in
+            for id in ids {
+                guard id >= 0, Int(id) < count, !seen[Int(id)] else {
+                    throw IndexError.corrupt("\(what) lists name key \(id) out of range or twice")
+                }
+                seen[Int(id)] = true
             }
-            seen[Int(id)] = true
         }
         self.offsets = offsets
         self.ids = ids
@@ -61,7 +63,7 @@ public struct InvertedLists: Sendable, Equatable {
     public var sizes: [Int] { (0..<count).map { offsets[$0 + 1] - offsets[$0] } }
 
     /// Positions of the keys in list `l`, ascending.
-    public func list(_ l: Int) -> ArraySlice<Int32> { ids[offsets[l]..<offsets[l + 1]] }
+    public func list(_ l: Int) -> Slice<SectionArray<Int32>> { ids[offsets[l]..<offsets[l + 1]] }
 
     /// Largest list.
     public var maxListSize: Int { (0..<count).reduce(0) { max($0, offsets[$1 + 1] - offsets[$1]) } }
@@ -104,22 +106,22 @@ public struct InvertedLists: Sendable, Equatable {
             }
         }
         offsets = newOffsets
-        ids = newIDs
-        codes = allCodes
+        ids = SectionArray(newIDs)
+        codes = SectionArray(allCodes)
     }
 
-    /// Writes offsets, ids, then codes.
+    /// Writes offsets, ids, then codes (aligned, read back as views).
     func write(to writer: inout ByteWriter) {
         writer.write(array: offsets.map(Int64.init))
-        writer.write(array: ids)
-        writer.write(array: codes)
+        writer.write(alignedArray: ids)
+        writer.write(alignedArray: codes)
     }
 
     /// Reads what `write` wrote and validates it (see `init(validating:)`).
     static func read(from reader: inout ByteReader, lists: Int, keyCount: Int, codeSize: Int, what: String) throws -> InvertedLists {
         let offsets = try reader.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
-        let ids = try reader.readArray(Int32.self)
-        let codes = try reader.readArray(UInt8.self)
+        let ids = try reader.readAlignedArray(Int32.self)
+        let codes = try reader.readAlignedArray(UInt8.self)
         return try InvertedLists(validating: offsets, ids: ids, codes: codes, codeSize: codeSize, lists: lists,
                                  keyCount: keyCount, what: what)
     }

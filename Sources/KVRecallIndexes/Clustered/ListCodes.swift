@@ -166,10 +166,11 @@ struct ListCodec: Equatable, Sendable {
     }
 
     /// Checks stored codes: f16 codes must be finite (any byte is a valid SQ8 code).
-    func validate(_ codes: [UInt8], what: String) throws {
+    func validate(_ codes: SectionArray<UInt8>, what: String) throws {
         guard kind == .f16 else { return }
-        let bad = codes.withUnsafeBytes { raw -> Bool in
-            let halves = raw.bindMemory(to: UInt16.self)
+        let bad = codes.withUnsafeBufferPointer { bytes -> Bool in
+            let raw = UnsafeRawBufferPointer(bytes)
+            let halves = UnsafeBufferPointer(start: raw.baseAddress?.assumingMemoryBound(to: UInt16.self), count: raw.count / 2)
             for h in halves where h & 0x7C00 == 0x7C00 { return true }
             return false
         }
