@@ -166,5 +166,35 @@ import KVRecallTestSupport
             #expect(again.sections() == copied.sections())
         }
     }
-}
 
+    /// A view index is valid in any snapshot of its identity, and refuses, with an error naming
+    /// `copy: true`, the keys of a snapshot taken after a commit (instead of reading reused pages).
+    @Test func aViewIndexIsBoundToItsSnapshotIdentity() throws {
+        let sample = try RetrievalGraphIndexTests.Sample(keyRows: 1024)
+        var p = IndexBuildParameters()
+        p.M = 8; p.efConstruction = 40
+        try sample.store.read { s in
+            try IndexCatalog.save(try IndexCatalog.build(.hnsw, keys: try s.vectors(HeadID(), .keys), parameters: p),
+                                  in: sample.store, head: HeadID())
+        }
+        let query = Array(sample.decode.prefix(sample.d))
+        let view = try sample.store.read { s in try IndexCatalog.load(.hnsw, snapshot: s, head: HeadID()) }
+        #expect(view.mapSnapshot != nil)
+        // A later snapshot of the same commit: the pages are still the index's.
+        let first = try sample.store.read { s in
+            try query.withUnsafeBufferPointer { try view.search($0, k: 5, parameters: SearchParameters(), keys: try s.vectors(HeadID(), .keys)).ids }
+        }
+        #expect(first.count == 5)
+        try sample.store.saveIndex(HeadID(), name: "other", sections: ["a": [1]])
+        try sample.store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            let refused: (any Error) -> Bool = { "\($0)".contains("copy: true") }
+            #expect(performing: { try query.withUnsafeBufferPointer { try view.search($0, k: 5, parameters: SearchParameters(), keys: keys) } },
+                    throws: refused)
+            #expect(performing: { try view.add(keys: keys, range: view.count..<keys.count, progress: nil) }, throws: refused)
+            let copy = try IndexCatalog.load(.hnsw, snapshot: s, head: HeadID(), copy: true)
+            #expect(copy.mapSnapshot == nil)
+            #expect(try query.withUnsafeBufferPointer { try copy.search($0, k: 5, parameters: SearchParameters(), keys: keys).ids } == first)
+        }
+    }
+}

@@ -25,17 +25,21 @@ done
 import subprocess, sys, time, statistics, os
 a, b, s, rounds, kinds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 def run(binary, store, kind):
+    """Wall seconds and peak resident MB of one `kvrecall query` process."""
     t = time.perf_counter()
-    subprocess.run([binary, "query", "--store", store, "--queries", f"{s}/q1.npy", "-k", "10", "--index", kind],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
-print(f"load average {os.getloadavg()[0]:.1f}; median wall seconds of `kvrecall query` (1 query, k 10) over {rounds} rounds")
-print("| index | before (s) | after (s) | after / before |")
+    p = subprocess.Popen([binary, "query", "--store", store, "--queries", f"{s}/q1.npy", "-k", "10", "--index", kind],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0: sys.exit(f"{binary} query --index {kind} failed (status {status})")
+    return time.perf_counter() - t, usage.ru_maxrss / 1024
+print(f"load average {os.getloadavg()[0]:.1f}; medians over {rounds} interleaved rounds of `kvrecall query` (1 query, k 10)")
+print("| index | before: wall s / peak RSS MB | after: wall s / peak RSS MB | wall after / before |")
 print("|---|---|---|---|")
 for kind in kinds + ["flat"]:
-    tb, ta = [], []
+    tb, ta, rb, ra = [], [], [], []
     for _ in range(rounds):
-        tb.append(run(a, f"{s}/before", kind)); ta.append(run(b, f"{s}/after", kind))
+        t, r = run(a, f"{s}/before", kind); tb.append(t); rb.append(r)
+        t, r = run(b, f"{s}/after", kind); ta.append(t); ra.append(r)
     mb, ma = statistics.median(tb), statistics.median(ta)
-    print(f"| {kind} | {mb:.3f} | {ma:.3f} | {ma / mb:.2f} |", flush=True)
+    print(f"| {kind} | {mb:.3f} / {statistics.median(rb):.0f} | {ma:.3f} / {statistics.median(ra):.0f} | {ma / mb:.2f} |", flush=True)
 PYEOF
