@@ -58,8 +58,8 @@ func gatherUnvisited<Links: NeighbourSource>(_ links: Links, of node: Int32, lim
 /// search): leaves the `ef` best nodes reachable from `entries` in `scratch.results` (and, best
 /// first, in `scratch.pool`). With `keep` above `ef` the beam stays `ef` wide but `scratch.results`
 /// holds the `keep` best of every node scored (the retrieval graph's narrow beam: its dense lists
-/// put most of a query's top keys among the neighbours of a few expanded nodes). Nodes at or above `limit` are skipped (a frozen graph during
-/// batched inserts). With `norms` (squared key norms), nodes are ranked by 2 q.k - |k|^2, i.e.
+/// put most of a query's top keys among the neighbours of a few expanded nodes). Nodes at or
+/// above `limit` are skipped (a frozen graph during batched inserts). With `norms` (squared key norms), nodes are ranked by 2 q.k - |k|^2, i.e.
 /// by L2 distance to the query (key-to-key neighbourhoods); without, by inner product.
 ///
 /// The beam is one array of the `ef` best nodes found as sort keys, sorted best first, bit 0
