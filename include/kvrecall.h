@@ -173,7 +173,7 @@ typedef struct kvrecall_build_params {
     uint32_t kmeans_iterations;  /* IVF, tree (20) */
     uint32_t lsh_tables;         /* LSH tables L (150) */
     uint32_t lsh_bits;           /* LSH bits per table K (10) */
-    uint32_t graph_degree;       /* retrieval graph degree cap (48) */
+    uint32_t graph_degree;       /* retrieval graph degree cap (128) */
     uint64_t seed;               /* 42 */
     /* Called after each (layer, KV head) with done/total heads; returning nonzero stops the build
      * (KVRECALL_ERR_ABORTED): heads built so far keep their index, the others attend exactly

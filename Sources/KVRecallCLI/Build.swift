@@ -22,7 +22,7 @@ struct BuildParameterOptions: ParsableArguments {
     @Option(help: "LSH: bits per table (K), 1...16.")
     var bits: Int = 10
     @Option(help: "Retrieval graph: degree cap.")
-    var graphDegree: Int = 48
+    var graphDegree: Int = IndexBuildParameters().graphDegree
     @Option(help: "Retrieval graph: exact top keys linked per training query (Nq).")
     var queryNeighbours: Int = 100
     @Option(help: "Retrieval graph: most prefill queries given exact top keys for training (up to 45056 more get theirs among the keys those rank).")

@@ -56,8 +56,10 @@ func gatherUnvisited<Links: NeighbourSource>(_ links: Links, of node: Int32, lim
 
 /// Beam search over a proximity graph by inner product (HNSW's search-layer, RoarGraph's
 /// search): leaves the `ef` best nodes reachable from `entries` in `scratch.results` (and, best
-/// first, in `scratch.pool`). Nodes at or above `limit` are skipped (a frozen graph during
-/// batched inserts). With `norms` (squared key norms), nodes are ranked by 2 q.k - |k|^2, i.e.
+/// first, in `scratch.pool`). With `keep` above `ef` the beam stays `ef` wide but `scratch.results`
+/// holds the `keep` best of every node scored (the retrieval graph's narrow beam: its dense lists
+/// put most of a query's top keys among the neighbours of a few expanded nodes). Nodes at or
+/// above `limit` are skipped (a frozen graph during batched inserts). With `norms` (squared key norms), nodes are ranked by 2 q.k - |k|^2, i.e.
 /// by L2 distance to the query (key-to-key neighbourhoods); without, by inner product.
 ///
 /// The beam is one array of the `ef` best nodes found as sort keys, sorted best first, bit 0
@@ -70,8 +72,15 @@ func gatherUnvisited<Links: NeighbourSource>(_ links: Links, of node: Int32, lim
 @inline(__always)
 func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Float>, keys: VectorView,
                                         entries: [(Int32, Float)], ef requested: Int, scratch: SearchScratch, limit: Int,
-                                        norms: UnsafePointer<Float>? = nil, fillResults: Bool = true) {
+                                        norms: UnsafePointer<Float>? = nil, fillResults: Bool = true, keep: Int = 0) {
     scratch.visited.reset(capacity: limit)
+    // A beam narrower than the results wanted: every node scored competes for the `keep` best.
+    let tracking = keep > max(1, requested)
+    var kept = scratch.results
+    if tracking { kept.removeAll() }
+    @inline(__always) func track(_ s: Float, _ n: Int32) {
+        if kept.count < keep { kept.push(s, n) } else if s > kept.bottomScore { kept.pop(); kept.push(s, n) }
+    }
     let (stamps, generation) = scratch.visited.walk
     let ef = max(1, requested)
     scratch.reservePool(ef)
@@ -105,6 +114,7 @@ func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Flo
 
     for (e, s) in entries where Int(e) < limit && stamps[Int(e)] != generation {
         stamps[Int(e)] = generation
+        if tracking { track(s, e) }
         let key = HNSWIndex.sortKey(s, e)
         if size < ef || key > pool[size &- 1] { insert(key) }
     }
@@ -127,6 +137,7 @@ func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Flo
             if j &+ ahead < waiting { keys.prefetch(row: Int(pending[j &+ ahead])) }
             var sn = keys.score(query: query, row: Int(n))
             if let norms { sn = 2 * sn - norms[Int(n)] }
+            if tracking { track(sn, n) }
             let key = HNSWIndex.sortKey(sn, n)
             if size < ef || key > pool[size &- 1] { insert(key) }
         }
@@ -134,6 +145,7 @@ func beamSearch<Links: NeighbourSource>(_ links: Links, query: UnsafePointer<Flo
     }
     scratch.poolCount = size
     scratch.computations += computed
+    if tracking { scratch.results = kept; return }
     guard fillResults else { return }
     // Worst first: each push lands at the bottom of the min-heap without a sift.
     var results = scratch.results
@@ -194,9 +206,10 @@ func searchGraphBatch(_ queries: UnsafeBufferPointer<Float>, dimension: Int, k: 
 /// query's beam on its own score. Each query expands its own best candidates (round robin) and
 /// stops when its beam can no longer improve, so it sees at least the nodes its own walk would,
 /// while a key shared by several heads' neighbourhoods is fetched once. Leaves each query's
-/// `ef` best in `scratches[h].results`; `scratches[0].visited` is the shared visited set.
+/// `ef` best in `scratches[h].results` — with `keep` above `ef`, the `keep` best of every node
+/// scored, the beam still `ef` wide (as `beamSearch`); `scratches[0].visited` is the shared visited set.
 func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePointer<Float>, g: Int, keys: VectorView,
-                                             entries: [Int32], ef: Int, scratches: [SearchScratch], limit: Int) {
+                                             entries: [Int32], ef: Int, keep: Int = 0, scratches: [SearchScratch], limit: Int) {
     let d = keys.dimension
     let shared = scratches[0]
     shared.visited.reset(capacity: limit)
@@ -207,6 +220,8 @@ func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePoin
         candidates[h].removeAll()
         results[h].removeAll()
     }
+    let tracking = keep > ef
+    var kept = tracking ? (0..<g).map { _ in MinScoreHeap(capacity: keep) } : []
     var computed = 0
     // One read of a key row for the whole group: decoded once, then g inner products.
     let row = shared.vector
@@ -221,6 +236,9 @@ func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePoin
         }
         for h in 0..<g {
             let s = scores[h]
+            if tracking {
+                if kept[h].count < keep { kept[h].push(s, n) } else if s > kept[h].bottomScore { kept[h].pop(); kept[h].push(s, n) }
+            }
             if results[h].count < ef || s > results[h].bottomScore {
                 candidates[h].push(s, n)
                 results[h].push(s, n)
@@ -252,7 +270,12 @@ func groupBeamSearch<Links: NeighbourSource>(_ links: Links, queries: UnsafePoin
     }
     for h in 0..<g {
         scratches[h].candidates = candidates[h]
-        scratches[h].results = results[h]
+        if tracking {
+            results[h].deallocate()  // the scratch owns the kept heap's buffers from now on
+            scratches[h].results = kept[h]
+        } else {
+            scratches[h].results = results[h]
+        }
     }
     shared.computations += computed
 }

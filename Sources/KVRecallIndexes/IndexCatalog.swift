@@ -75,7 +75,7 @@ public struct IndexBuildParameters: Sendable {
     public var tables = 150
     public var bits = 10
     /// Retrieval graph: degree cap, exact neighbours per training query, training queries given exact top keys.
-    public var graphDegree = 48
+    public var graphDegree = 128
     public var queryNeighbours = 100
     public var trainingQueries = 4096
     public var localNeighbours = 8

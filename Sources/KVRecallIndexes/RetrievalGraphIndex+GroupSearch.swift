@@ -5,7 +5,8 @@ import KVRecallStorage
 
 extension RetrievalGraphIndex: GroupSearchable {
     /// Top-`k` for each query of a GQA group (`g x dimension`) by one shared walk of the graph
-    /// (`groupBeamSearch`): each reached key is read once for the whole group.
+    /// (`groupBeamSearch`): each reached key is read once for the whole group. An ef below `k`
+    /// narrows each query's beam as in `search`.
     public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                             keys: VectorView) throws -> SearchResults {
         let g = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
@@ -19,7 +20,7 @@ extension RetrievalGraphIndex: GroupSearchable {
         defer { scratches.forEach(scratchPool.give) }
         scratches[0].computations = 0
         groupBeamSearch(graph, queries: queries.baseAddress!, g: g, keys: keys, entries: entries,
-                        ef: max(parameters.graph.ef, k), scratches: scratches, limit: count)
+                        ef: parameters.graph.ef, keep: k, scratches: scratches, limit: count)
         results.ids.withUnsafeMutableBufferPointer { ids in
             results.scores.withUnsafeMutableBufferPointer { scores in
                 for h in 0..<g { drainResults(scratches[h], k: k, row: h, ids: ids, scores: scores) }

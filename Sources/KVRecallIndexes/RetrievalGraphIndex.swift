@@ -23,7 +23,10 @@ import KVRecallStorage
 /// (`bridgeGroups`) and edges from reached group neighbours (`span`); the few still unreachable
 /// are inserted like HNSW nodes — searched with the key as the query and linked to the best found —
 /// so the graph is connected. Later keys (decode-time upkeep) are inserted that way too.
-/// Search is a beam search from the entry points.
+/// Search is a beam search from the entry points; the beam (ef) may be narrower than k, the
+/// results being the best k of every key scored: with `M` (128) above `Nq` each key links to
+/// nearly all keys ranked with it, so a few expanded nodes hold most of a query's top keys and a
+/// narrow beam with wide lists scans fewer keys per unit of recall than a wide beam with narrow ones.
 public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
     public static let formatVersion = 2
@@ -58,8 +61,8 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     private(set) var entries: [Int32] = []
     let scratchPool = ScratchPool()
 
-    public init(dimension: Int, M: Int = 48, queryNeighbours: Int = 100, maxTrainingQueries: Int = 4096,
-                restrictedTrainingQueries: Int = 45056, efConstruction: Int = 64, entryCount: Int = 256,
+    public init(dimension: Int, M: Int = 128, queryNeighbours: Int = 100, maxTrainingQueries: Int = 4096,
+                restrictedTrainingQueries: Int = 45056, efConstruction: Int = 64, entryCount: Int = 64,
                 connectivitySlots: Int = 2, localNeighbours: Int = 8, threads: Int = 2) throws {
         guard M >= 2, M <= 1024 else { throw IndexError.invalidParameter("M must be in 2...1024 (got \(M))") }
         guard queryNeighbours >= 2 else { throw IndexError.invalidParameter("query neighbours must be at least 2") }
@@ -135,6 +138,8 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// component that would make every key look alike.
     /// `norms` holds every key's squared norm.
     private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
+        // The fill would keep every candidate: the rule would only reorder them.
+        if candidates.count <= M { return candidates }
         let d = dimension
         let base = scratch.query
         var baseNorm: Float = 0
@@ -332,19 +337,23 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                     }
                 }
             }
+            // Edges gather per key, each worker for its own keys (key mod workers), in list order:
+            // the same lists whatever the thread count.
             var pending = [[Int32]](repeating: [], count: n)
             let slack = 4 * M
-            func compact(_ node: Int) {
-                keys.decodeRow(node, into: pool[0].query)
-                pending[node] = prune(Self.unique(pending[node]), keys: keys, scratch: pool[0], norms: nb.baseAddress!)
-            }
-            for (list, edges) in zip(lists, kept) {
-                guard let nearest = list.first else { continue }
-                pending[Int(nearest)] += edges
-                if pending[Int(nearest)].count > slack { compact(Int(nearest)) }
-                for c in edges {
-                    pending[Int(c)].append(nearest)
-                    if pending[Int(c)].count > slack { compact(Int(c)) }
+            pending.withUnsafeMutableBufferPointer { pb in
+                DispatchQueue.concurrentPerform(iterations: workers) { w in
+                    func append(_ node: Int, _ ids: some Sequence<Int32>) {
+                        pb[node].append(contentsOf: ids)
+                        guard pb[node].count > slack else { return }
+                        keys.decodeRow(node, into: pool[w].query)
+                        pb[node] = self.prune(Self.unique(pb[node]), keys: keys, scratch: pool[w], norms: nb.baseAddress!)
+                    }
+                    for (list, edges) in zip(lists, kept) {
+                        guard let nearest = list.first else { continue }
+                        if Int(nearest) % workers == w { append(Int(nearest), edges) }
+                        for c in edges where Int(c) % workers == w { append(Int(c), CollectionOfOne(nearest)) }
+                    }
                 }
             }
             let base = links.pointer, stride = self.stride
@@ -715,13 +724,14 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
         guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
         try parameters.graph.validate()
-        let ef = max(parameters.graph.ef, k)
+        // The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
+        let ef = parameters.graph.ef
         let graph = self.graph
         return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
                                 pool: scratchPool) { query, scratch in
             let starts = entries.map { ($0, keys.score(query: query, row: Int($0))) }
             scratch.computations += starts.count
-            beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count)
+            beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count, keep: k)
         }
     }
 

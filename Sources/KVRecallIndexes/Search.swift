@@ -32,7 +32,8 @@ public struct GraphSearchParameters: Sendable, Equatable {
     public static let defaultEf = 64
     /// Beam width set by the caller; nil leaves it to the index's calibration (`SearchCalibration`).
     public var efSetting: Int?
-    /// Beam width (candidate list size); raised to k when smaller.
+    /// Beam width (candidate list size). HNSW raises it to k when smaller; the retrieval graph keeps
+    /// a beam that narrow and returns the best k of every key it scored.
     public var ef: Int {
         get { efSetting ?? Self.defaultEf }
         set { efSetting = newValue }

@@ -36,7 +36,10 @@ import KVRecallTestSupport
         }
         let c = try #require(found)
         #expect(c.knob == .ef && c.reached && c.recall >= 0.9 && c.queries == 128 && c.k == 50)
-        // The knob below the chosen one misses the target (bisection found the smallest).
+        // Chosen with its margin: at least two standard errors above the target (else by the mean alone).
+        let se = try #require(c.standardError)
+        #expect(se > 0 && se < 0.05)
+        // The knob below the chosen one misses the target by the same test (bisection found the smallest).
         let ladder = Calibrator.ladder(.ef, index: index, k: 50)
         let position = try #require(ladder.firstIndex(of: c.value))
         let data = repositoryDataDirectory() + "/minilm"
@@ -50,9 +53,13 @@ import KVRecallTestSupport
                     let keys = try s.vectors(HeadID(), .keys)
                     let truth = try FlatIndex(keys: keys).search(q, k: 50, parameters: base, keys: keys)
                     let found = try index.search(q, k: 50, parameters: base, keys: keys)
-                    var hit = 0
-                    for r in 0..<128 { hit += Set(found.hits(r).map(\.id)).intersection(truth.hits(r).map(\.id)).count }
-                    return Double(hit) / Double(128 * 50)
+                    let recalls = (0..<128).map { r in
+                        Double(Set(found.hits(r).map(\.id)).intersection(truth.hits(r).map(\.id)).count) / 50
+                    }
+                    let mean = recalls.reduce(0, +) / 128
+                    let variance = recalls.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / 127
+                    let bound = mean - CalibrationParameters().confidence * (variance / 128).squareRoot()
+                    return c.recall - CalibrationParameters().confidence * se >= 0.9 ? bound : mean
                 }
             }
             #expect(lower < 0.9, "ef \(ladder[position - 1]) already reaches \(lower)")
