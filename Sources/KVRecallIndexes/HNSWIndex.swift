@@ -489,7 +489,6 @@ final class SearchScratch {
     func sortBuffer(_ n: Int) -> UnsafeMutablePointer<UInt64> {
         if n > sortCapacity {
             sortKeys.deallocate()
-        pool.deallocate()
             sortCapacity = max(n, 2 * sortCapacity)
             sortKeys = .allocate(capacity: sortCapacity)
         }

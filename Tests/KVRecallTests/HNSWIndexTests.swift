@@ -39,6 +39,18 @@ import KVRecallTestSupport
         #expect(a.sections() == b.sections())
     }
 
+    /// A wide build (candidate lists past the 512-key sort buffer, which then grows) is the same
+    /// index whatever the thread count, and finds what a narrower one finds: the growth once freed
+    /// the beam under its reader.
+    @Test func wideBuildsGrowTheSortBufferSafely() throws {
+        let f = try IndexFixture(n: 1200)
+        let a = try build(f, efC: 600, threads: 1)
+        let b = try build(f, efC: 600, threads: 2)
+        #expect(a.sections() == b.sections())
+        var p = SearchParameters(); p.graph.ef = 128
+        #expect(try f.recall(of: a, k: 10, parameters: p).0 >= 0.95)
+    }
+
     /// The sorted beam (`beamSearch`) expands exactly the nodes HNSW's two heaps do: same
     /// results, same number of scored keys, against a plain two-heap search-layer.
     @Test func beamSearchMatchesTheTwoHeapSearchLayer() throws {
