@@ -431,15 +431,20 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
         guard count == 0 || (Int(levels[Int(entry)]) == maxLevel && levels.allSatisfy { $0 >= 0 && Int($0) <= maxLevel }) else {
             throw IndexError.corrupt("HNSW entry point \(entry) is not on the top layer \(maxLevel)")
         }
-        // Every link must name a node, so a damaged section cannot send a search out of bounds.
-        for i in 0..<count {
-            if levels[i] > 0 {
-                let end = Int(upperOffset[i]) + Int(levels[i]) * strideUpper
-                guard upperOffset[i] >= 0, end <= upperLinks.count else { throw IndexError.corrupt("HNSW node \(i) upper links out of range") }
+        // Every link must name a node and every list fit its slot, so a damaged section cannot send
+        // a search out of bounds.
+        try upper.withUnsafeBufferPointer { upper in
+            for i in 0..<count where levels[i] > 0 {
+                let start = Int(upperOffset[i]), end = start + Int(levels[i]) * strideUpper
+                guard start >= 0, end <= upper.count else { throw IndexError.corrupt("HNSW node \(i) upper links out of range") }
+                for level in 0..<Int(levels[i]) {
+                    let slot = start + level * strideUpper
+                    guard (0...M).contains(Int(upper[slot])),
+                          upper[(slot + 1)..<(slot + 1 + Int(upper[slot]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                        throw IndexError.corrupt("HNSW node \(i) has an invalid link list on layer \(level + 1)")
+                    }
+                }
             }
-        }
-        guard upper.allSatisfy({ $0 >= 0 && Int($0) < max(count, maxM0 + 1) }) else {
-            throw IndexError.corrupt("HNSW upper links name unknown nodes")
         }
         self.count = count
         self.entryPoint = entry

@@ -57,6 +57,20 @@ func readSection<T>(_ sections: IndexSections, _ name: String, of kind: IndexKin
     return value
 }
 
+/// Runs `body` with views of in-memory sections (valid only inside it): validating what is about
+/// to be written costs no copy of an index's bytes.
+func withViews(of sections: [String: [UInt8]], _ body: (IndexSections) throws -> Void) throws {
+    func view(_ rest: ArraySlice<(key: String, value: [UInt8])>, _ views: IndexSections) throws {
+        guard let (name, bytes) = rest.first else { return try body(views) }
+        try bytes.withUnsafeBytes { raw in
+            var more = views
+            more[name] = SectionBytes(view: raw, owner: nil)
+            try view(rest.dropFirst(), more)
+        }
+    }
+    try view(ArraySlice(sections.sorted { $0.key < $1.key }), [:])
+}
+
 /// How an index is built. Names follow faiss and hnswlib.
 public struct IndexBuildParameters: Sendable {
     /// HNSW: neighbours per node on upper layers (2M on layer 0).
@@ -129,8 +143,8 @@ public enum IndexCatalog {
         header.write(UInt32(T.formatVersion))
         header.write(array: Array(T.kind.rawValue.utf8))
         sections[headerSection] = header.bytes
-        // Validated once when written: what is stored is what a reader accepts.
-        _ = try T(sections: sections)
+        // Validated once when written: what is stored is what a reader accepts (read in place, no copy).
+        try withViews(of: sections) { _ = try T(sections: $0) }
         // The coverage record lets `info`, a query and a resumed session see which keys the index holds.
         try store.saveIndex(id, name: name ?? T.kind.rawValue, sections: sections, covering: index.count)
     }

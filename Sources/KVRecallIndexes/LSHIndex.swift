@@ -149,6 +149,9 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                        keys: VectorView) throws -> SearchResults {
         let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the LSH index is empty") }
+        guard keys.count >= count else {
+            throw IndexError.corrupt("the LSH index covers \(count) keys but the head holds \(keys.count)")
+        }
         guard (1...tables).contains(parameters.lsh.minCollisions) else {
             throw IndexError.invalidParameter("min-collisions \(parameters.lsh.minCollisions) must be in 1...\(tables) (the table count)")
         }

@@ -84,6 +84,9 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
                        keys: VectorView) throws -> SearchResults {
         let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
         guard count > 0 else { throw IndexError.notBuilt("the landmark index is empty") }
+        guard keys.count >= count else {
+            throw IndexError.corrupt("the landmark index covers \(count) keys but the head holds \(keys.count)")
+        }
         try parameters.landmark.validate()
         let keep = min(blockCount, parameters.landmark.blocks > 0 ? parameters.landmark.blocks : (4 * k + blockSize - 1) / blockSize)
         var results = SearchResults(k: k, queryCount: m)

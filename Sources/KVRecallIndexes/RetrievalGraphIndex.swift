@@ -773,8 +773,11 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         try flat.withUnsafeBufferPointer { flat in
             for i in 0..<count {
                 let base = i * stride
-                guard flat[base] >= 0, Int(flat[base]) <= M + localNeighbours + connectivitySlots, projection[i] >= 0,
-                      local[i] >= 0, projection[i] + local[i] <= flat[base],
+                // Projected and local edges within their parts of the slot (so `add` never writes
+                // past a node's slots); sums in Int, so damaged counts cannot overflow.
+                guard flat[base] >= 0, Int(flat[base]) <= M + localNeighbours + connectivitySlots,
+                      (0...M).contains(Int(projection[i])), (0...localNeighbours).contains(Int(local[i])),
+                      Int(projection[i]) + Int(local[i]) <= Int(flat[base]),
                       flat[(base + 1)..<(base + 1 + Int(flat[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
                     throw IndexError.corrupt("retrieval graph node \(i) has an invalid link list")
                 }

@@ -199,7 +199,8 @@ public protocol GroupSearchable: VectorIndex {
 package func checkIndexSnapshot(_ indexSnapshot: MapIdentity?, keys: VectorView) throws {
     if let indexSnapshot, indexSnapshot != keys.snapshot {
         throw IndexError.invalidParameter("""
-            the index was loaded as views of another snapshot (\(indexSnapshot)) than the keys' (\(keys.snapshot)): \
+            the index was loaded as views of another snapshot (\(indexSnapshot)) than the keys' \
+            (\(keys.snapshot.map { "\($0)" } ?? "a heap copy, not a snapshot")): \
             load it in the snapshot that uses it, or with `copy: true` to keep it across snapshots
             """)
     }

@@ -7,10 +7,13 @@ import KVRecallFormats
 public struct ReadTransaction {
     let txn: OpaquePointer
     unowned let environment: Environment
+    /// True when this reads inside the write transaction (its own uncommitted, dirty pages).
+    let insideWrite: Bool
 
-    init(_ txn: OpaquePointer, environment: Environment) {
+    init(_ txn: OpaquePointer, environment: Environment, insideWrite: Bool = false) {
         self.txn = txn
         self.environment = environment
+        self.insideWrite = insideWrite
     }
 
     /// The id of the last write transaction this snapshot sees: two snapshots with the same id
@@ -21,8 +24,11 @@ public struct ReadTransaction {
     /// placement and the last commit. A view (vectors, index sections) read in one snapshot stays
     /// valid in another of the same identity while that one is open: its pages are reachable from
     /// the last commit, so no writer can reuse them, and the map has not moved.
+    /// Inside the write transaction views may point at dirty pages freed at commit: their identity
+    /// (a negative generation) matches no snapshot.
     public var mapIdentity: MapIdentity {
-        MapIdentity(environment: environment.serial, mapEpoch: environment.mapEpoch, generation: generation)
+        MapIdentity(environment: environment.serial, mapEpoch: environment.mapEpoch,
+                    generation: insideWrite ? -generation : generation)
     }
 
     /// The value stored under `key`, as a buffer pointing into the memory map, or nil.
@@ -75,7 +81,7 @@ public struct WriteTransaction {
     }
 
     /// Reads see this transaction's own uncommitted writes.
-    public var reader: ReadTransaction { ReadTransaction(txn, environment: environment) }
+    public var reader: ReadTransaction { ReadTransaction(txn, environment: environment, insideWrite: true) }
 
     public func put(_ dbi: MDB_dbi, _ key: [UInt8], _ value: UnsafeRawBufferPointer, append: Bool = false) throws {
         var k = MDB_val()

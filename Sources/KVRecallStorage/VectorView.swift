@@ -16,9 +16,10 @@ import KVRecallFormats
 public struct VectorView {
     public let info: HeadInfo
     public let kind: VectorKind
-    /// The snapshot these rows were read in (kept by `materialized()` and `limited(to:)`), so an
-    /// index whose sections are views of a snapshot can check it searches that snapshot's keys.
-    public let snapshot: MapIdentity
+    /// The snapshot these rows are read from (kept by `limited(to:)`; nil for a `materialized()`
+    /// copy, which may outlive it), so an index whose sections are views of a snapshot can check
+    /// it searches keys read in that snapshot, while it is open.
+    public private(set) var snapshot: MapIdentity?
     public private(set) var count: Int
     @inlinable public var dimension: Int { info.dimension }
     @inlinable public var dtype: DType { info.dtype }
@@ -90,6 +91,7 @@ public struct VectorView {
         view.tableOwner = BlockTable(table)
         view.table = UnsafePointer(view.tableOwner.pointer)
         view.heapRows = owner
+        view.snapshot = nil
         return view
     }
 

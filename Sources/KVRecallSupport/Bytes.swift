@@ -150,9 +150,11 @@ public struct ByteReader {
         try readArray(UInt32.self, maxCount: maxCount).map(Float.init(bitPattern:))
     }
 
-    /// Reads what `write(alignedArray:)` wrote: a view of the section's bytes when they are aligned
-    /// for `T` (no copy), else a copy. The padding must be zeros.
-    public mutating func readAlignedArray<T: BitwiseCopyable>(_: T.Type = T.self, maxCount: Int = Int.max) throws -> SectionArray<T> {
+    /// Reads what `write(alignedArray:)` wrote: a view of the section's bytes when their address is a
+    /// multiple of `alignment` (at least `T`'s; more for elements reinterpreted as wider ones, as f16
+    /// codes read as UInt16), else a copy. The padding must be zeros.
+    public mutating func readAlignedArray<T: BitwiseCopyable>(_: T.Type = T.self, maxCount: Int = Int.max,
+                                                              alignment: Int = MemoryLayout<T>.alignment) throws -> SectionArray<T> {
         let n64 = try read(UInt64.self)
         let pad = try take(ByteWriter.padding(at: offset))
         guard section.bytes[pad].allSatisfy({ $0 == 0 }) else { throw CorruptBytes("\(context): padding holds data at offset \(pad.lowerBound)") }
@@ -163,7 +165,7 @@ public struct ByteReader {
         let r = try take(n * MemoryLayout<T>.stride)
         guard n > 0 else { return SectionArray() }
         let start = section.bytes.baseAddress! + r.lowerBound
-        if Int(bitPattern: start) % MemoryLayout<T>.alignment == 0 {
+        if Int(bitPattern: start) % max(alignment, MemoryLayout<T>.alignment) == 0 {
             return SectionArray(view: UnsafeBufferPointer(start: start.assumingMemoryBound(to: T.self), count: n), owner: section.owner)
         }
         return SectionArray([T](unsafeUninitializedCapacity: n) { buf, initialized in

@@ -192,9 +192,71 @@ import KVRecallTestSupport
             #expect(performing: { try query.withUnsafeBufferPointer { try view.search($0, k: 5, parameters: SearchParameters(), keys: keys) } },
                     throws: refused)
             #expect(performing: { try view.add(keys: keys, range: view.count..<keys.count, progress: nil) }, throws: refused)
+            // A heap copy of the keys may outlive any snapshot: refused too.
+            let view2 = try IndexCatalog.load(.hnsw, snapshot: s, head: HeadID())
+            #expect(performing: {
+                try query.withUnsafeBufferPointer { try view2.search($0, k: 5, parameters: SearchParameters(), keys: keys.materialized()) }
+            }, throws: refused)
             let copy = try IndexCatalog.load(.hnsw, snapshot: s, head: HeadID(), copy: true)
             #expect(copy.mapSnapshot == nil)
             #expect(try query.withUnsafeBufferPointer { try copy.search($0, k: 5, parameters: SearchParameters(), keys: keys).ids } == first)
         }
     }
+
+    /// Counts a damaged section could use to make `add` write past a node's slots or a search read
+    /// past a list are refused as corrupt (found by review): the graph's per-node edge counts above
+    /// their parts of the slot or overflowing Int32, an HNSW upper-layer list longer than M.
+    @Test func damagedEdgeCountsAreRefusedNotTrusted() throws {
+        let (sample, built) = try Self.builtIndexes()
+        let graph = try #require(built.first { $0.0 == .retrieval }?.1 as? RetrievalGraphIndex)
+        let good = graph.sections()
+        func rewrite(_ edit: (inout [Int32], inout [Int32], inout [Int32]) -> Void) throws -> [String: [UInt8]] {
+            var r = ByteReader(good["graph"]!, context: "t")
+            let entries = try r.readArray(Int32.self)
+            var links = try r.readAlignedArray(Int32.self).array
+            var projection = try r.readArray(Int32.self), local = try r.readArray(Int32.self)
+            let cursors = try r.readArray(UInt8.self)
+            edit(&links, &projection, &local)
+            var w = ByteWriter()
+            w.write(array: entries); w.write(alignedArray: links); w.write(array: projection); w.write(array: local)
+            w.write(array: cursors)
+            var sections = good
+            sections["graph"] = w.bytes
+            return sections
+        }
+        let full = graph.M + graph.localNeighbours + graph.connectivitySlots
+        // Node 0 full of valid edges, all of them counted as projected: more than M.
+        expectRefusedAsCorrupt(try rewrite { links, projection, local in
+            links[0] = Int32(full)
+            for j in 0..<full { links[1 + j] = Int32(j + 1) }
+            projection[0] = Int32(full); local[0] = 0
+        }, "projected edges above M") { _ = try RetrievalGraphIndex(sections: $0) }
+        expectRefusedAsCorrupt(try rewrite { _, projection, local in projection[0] = .max; local[0] = 1 },
+                               "counts overflowing Int32") { _ = try RetrievalGraphIndex(sections: $0) }
+
+        let hnsw = try #require(built.first { $0.0 == .hnsw }?.1 as? HNSWIndex)
+        let node = try #require((0..<hnsw.count).first { hnsw.levels[$0] > 0 })
+        var sections = hnsw.sections()
+        var r = ByteReader(sections["graph"]!, context: "t")
+        let links0 = try r.readAlignedArray(Int32.self).array, levels = try r.readAlignedArray(Int32.self).array
+        let offsets = try r.readAlignedArray(Int32.self).array
+        var upper = try r.readAlignedArray(Int32.self).array
+        upper[Int(offsets[node])] = 1000
+        var w = ByteWriter()
+        w.write(alignedArray: links0); w.write(alignedArray: levels); w.write(alignedArray: offsets); w.write(alignedArray: upper)
+        sections["graph"] = w.bytes
+        expectRefusedAsCorrupt(sections, "an upper-layer list longer than M") { _ = try HNSWIndex(sections: $0) }
+
+        // An index over more keys than the head holds is refused by every kind's search.
+        let query = Array(sample.decode.prefix(sample.d))
+        try sample.store.read { s in
+            let fewer = try s.vectors(HeadID(), .keys).limited(to: 100)
+            for (kind, index) in built {
+                #expect(throws: IndexError.self, "\(kind)") {
+                    try query.withUnsafeBufferPointer { try index.search($0, k: 5, parameters: SearchParameters(), keys: fewer) }
+                }
+            }
+        }
+    }
 }
+

@@ -121,7 +121,8 @@ public struct InvertedLists: Sendable, Equatable {
     static func read(from reader: inout ByteReader, lists: Int, keyCount: Int, codeSize: Int, what: String) throws -> InvertedLists {
         let offsets = try reader.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
         let ids = try reader.readAlignedArray(Int32.self)
-        let codes = try reader.readAlignedArray(UInt8.self)
+        // Codes are read as wider words (f16 as UInt16, SIMD loads): a view only when 8-aligned.
+        let codes = try reader.readAlignedArray(UInt8.self, alignment: 8)
         return try InvertedLists(validating: offsets, ids: ids, codes: codes, codeSize: codeSize, lists: lists,
                                  keyCount: keyCount, what: what)
     }
