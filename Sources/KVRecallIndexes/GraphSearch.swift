@@ -18,18 +18,27 @@ extension NeighbourSource {
 }
 
 /// Fixed-stride adjacency: node `i`'s slots start at `base + i * stride`; slot 0 is the count.
+/// With `offsets` (a packed graph, as stored), node `i`'s count and list start at
+/// `base + offsets[i]` instead, back to back (read-only).
 struct StridedLinks: NeighbourSource {
     let base: UnsafeMutablePointer<Int32>
     let stride: Int
+    var offsets: UnsafePointer<Int32>? = nil
+
+    @inline(__always)
+    func slot(_ node: Int) -> UnsafeMutablePointer<Int32> {
+        if let offsets { return base + Int(offsets[node]) }
+        return base + node &* stride
+    }
 
     @inline(__always)
     func neighbours(_ node: Int) -> UnsafeMutableBufferPointer<Int32> {
-        let slot = base + node &* stride
+        let slot = slot(node)
         return UnsafeMutableBufferPointer(start: slot + 1, count: Int(slot[0]))
     }
 
     @inline(__always)
-    func prefetch(_ node: Int) { kvr_prefetch(base + node &* stride, stride &* 4) }
+    func prefetch(_ node: Int) { kvr_prefetch(slot(node), stride &* 4) }
 }
 
 /// Marks the neighbours of `node` below `limit` not yet visited in this walk, prefetches the keys

@@ -29,7 +29,7 @@ import KVRecallStorage
 /// narrow beam with wide lists scans fewer keys per unit of recall than a wide beam with narrow ones.
 public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
-    public static let formatVersion = 2
+    public static let formatVersion = 3
     public let dimension: Int
     public private(set) var count = 0
     public private(set) var mapSnapshot: MapIdentity?
@@ -84,7 +84,29 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     }
 
     var stride: Int { M + localNeighbours + connectivitySlots + 1 }
-    var graph: StridedLinks { StridedLinks(base: links.pointer, stride: stride) }
+    /// Set while `links` holds the packed graph as stored (`count + 1` offsets of each node's count
+    /// slot): a loaded graph searches it in place; the first `add` unpacks it to the fixed stride.
+    let packedOffsets = Int32Buffer()
+    private(set) var isPacked = false
+    var graph: StridedLinks {
+        StridedLinks(base: links.pointer, stride: stride, offsets: isPacked ? UnsafePointer(packedOffsets.pointer) : nil)
+    }
+
+    /// Unpacks a loaded graph to the fixed stride that `add` writes into.
+    private func unpack() {
+        guard isPacked else { return }
+        let packed = graph
+        let strided = Int32Buffer(capacity: count * stride)
+        strided.grow(by: count * stride)
+        for i in 0..<count {
+            let from = packed.slot(i)
+            (strided.pointer + i * stride).update(from: from, count: 1 + Int(from[0]))
+        }
+        links.adopt(SectionArray(view: strided.elements, owner: strided))
+        links.makeOwned()
+        isPacked = false
+        packedOffsets.adopt(SectionArray())
+    }
 
     /// The projection edges of `node`.
     private func projectionList(_ node: Int) -> [Int32] {
@@ -709,6 +731,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             try project(keys: keys.limited(to: range.upperBound), progress: progress)
             return
         }
+        unpack()
         links.grow(by: range.count * stride)
         projectionCount += [Int32](repeating: 0, count: range.count)
         localCount += [Int32](repeating: 0, count: range.count)
@@ -743,9 +766,26 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                   localNeighbours] {
             meta.write(Int64(v))
         }
+        // Packed: each node's count and list back to back (most nodes fill a fraction of their
+        // slots), with the offset of each node's count slot.
+        var offsets: [Int32] = [], packed: [Int32] = []
+        if isPacked {
+            offsets = Array(UnsafeBufferPointer(start: packedOffsets.pointer, count: packedOffsets.count))
+            packed = Array(links.elements)
+        } else {
+            offsets.reserveCapacity(count + 1)
+            let strided = graph
+            for i in 0..<count {
+                offsets.append(Int32(packed.count))
+                let slot = strided.slot(i)
+                packed.append(contentsOf: UnsafeBufferPointer(start: slot, count: 1 + Int(slot[0])))
+            }
+            offsets.append(Int32(packed.count))
+        }
         var graph = ByteWriter()
         graph.write(array: entries)
-        graph.write(alignedArray: links.elements)
+        graph.write(alignedArray: offsets)
+        graph.write(alignedArray: packed)
         graph.write(array: projectionCount)
         graph.write(array: localCount)
         graph.write(array: connectivityCursor)
@@ -761,30 +801,42 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         }
         try self.init(dimension: v[0], M: v[2], queryNeighbours: v[3], maxTrainingQueries: v[4], efConstruction: v[5],
                       entryCount: v[6], connectivitySlots: v[7], localNeighbours: v[8])
-        let (entries, flat, projection, local, cursors) = try readSection(sections, "graph", of: .retrieval) { reader in
-            (try reader.readArray(Int32.self), try reader.readAlignedArray(Int32.self), try reader.readArray(Int32.self),
-             try reader.readArray(Int32.self), try reader.readArray(UInt8.self))
+        let (entries, offsets, packed, projection, local, cursors) = try readSection(sections, "graph", of: .retrieval) { reader in
+            (try reader.readArray(Int32.self), try reader.readAlignedArray(Int32.self), try reader.readAlignedArray(Int32.self),
+             try reader.readArray(Int32.self), try reader.readArray(Int32.self), try reader.readArray(UInt8.self))
         }
         let count = v[1]
-        guard flat.count == count * stride, projection.count == count, local.count == count, cursors.count == count, !entries.isEmpty || count == 0,
-              entries.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+        guard offsets.count == count + 1, projection.count == count, local.count == count, cursors.count == count,
+              !entries.isEmpty || count == 0, entries.allSatisfy({ $0 >= 0 && Int($0) < count }) else {
             throw IndexError.corrupt("retrieval graph sizes disagree with its node count \(count)")
         }
-        try flat.withUnsafeBufferPointer { flat in
-            for i in 0..<count {
-                let base = i * stride
-                // Projected and local edges within their parts of the slot (so `add` never writes
-                // past a node's slots); sums in Int, so damaged counts cannot overflow.
-                guard flat[base] >= 0, Int(flat[base]) <= M + localNeighbours + connectivitySlots,
-                      (0...M).contains(Int(projection[i])), (0...localNeighbours).contains(Int(local[i])),
-                      Int(projection[i]) + Int(local[i]) <= Int(flat[base]),
-                      flat[(base + 1)..<(base + 1 + Int(flat[base]))].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
-                    throw IndexError.corrupt("retrieval graph node \(i) has an invalid link list")
+        try offsets.withUnsafeBufferPointer { offsets in
+            try packed.withUnsafeBufferPointer { packed in
+                guard offsets[0] == 0, Int(offsets[count]) == packed.count else {
+                    throw IndexError.corrupt("retrieval graph offsets do not cover its \(packed.count) link slots")
+                }
+                for i in 0..<count {
+                    let at = Int(offsets[i]), n = at < packed.count ? Int(packed[at]) : -1
+                    // Each list follows its count and ends where the next node's begins; projected and
+                    // local edges within their parts of the slot (so an unpacked graph's `add` never
+                    // writes past a node's slots); sums in Int, so damaged counts cannot overflow.
+                    guard (0...(M + localNeighbours + connectivitySlots)).contains(n), at + 1 + n <= packed.count,
+                          Int(offsets[i + 1]) == at + 1 + n,
+                          (0...M).contains(Int(projection[i])), (0...localNeighbours).contains(Int(local[i])),
+                          Int(projection[i]) + Int(local[i]) <= n,
+                          packed[(at + 1)..<(at + 1 + n)].allSatisfy({ $0 >= 0 && Int($0) < count }) else {
+                        throw IndexError.corrupt("retrieval graph node \(i) has an invalid link list")
+                    }
                 }
             }
         }
-        // The links (4(M + 11) bytes per key) stay a view of the section; the per-key counters are copied.
-        links.adopt(flat)
+        // The packed links and their offsets stay views of the section (searched in place); the
+        // per-key counters are copied.
+        if count > 0 {
+            links.adopt(packed)
+            packedOffsets.adopt(offsets)
+            isPacked = true
+        }
         projectionCount = projection
         localCount = local
         connectivityCursor = cursors

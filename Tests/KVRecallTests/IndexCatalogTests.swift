@@ -210,29 +210,43 @@ import KVRecallTestSupport
         let (sample, built) = try Self.builtIndexes()
         let graph = try #require(built.first { $0.0 == .retrieval }?.1 as? RetrievalGraphIndex)
         let good = graph.sections()
-        func rewrite(_ edit: (inout [Int32], inout [Int32], inout [Int32]) -> Void) throws -> [String: [UInt8]] {
+        // The stored graph: entry points, each node's count slot offset, the packed lists (count, then
+        // ids, node after node), then the per-node projected and local counts and cursors.
+        func rewrite(_ edit: (inout [[Int32]], inout [Int32], inout [Int32]) -> Void, offsets tamper: ((inout [Int32]) -> Void)? = nil) throws -> [String: [UInt8]] {
             var r = ByteReader(good["graph"]!, context: "t")
             let entries = try r.readArray(Int32.self)
-            var links = try r.readAlignedArray(Int32.self).array
+            let offsets = try r.readAlignedArray(Int32.self).array, packed = try r.readAlignedArray(Int32.self).array
+            var lists = (0..<graph.count).map { i in Array(packed[(Int(offsets[i]) + 1)..<Int(offsets[i + 1])]) }
             var projection = try r.readArray(Int32.self), local = try r.readArray(Int32.self)
             let cursors = try r.readArray(UInt8.self)
-            edit(&links, &projection, &local)
+            edit(&lists, &projection, &local)
+            var newOffsets: [Int32] = [], newPacked: [Int32] = []
+            for list in lists { newOffsets.append(Int32(newPacked.count)); newPacked += [Int32(list.count)] + list }
+            newOffsets.append(Int32(newPacked.count))
+            tamper?(&newOffsets)
             var w = ByteWriter()
-            w.write(array: entries); w.write(alignedArray: links); w.write(array: projection); w.write(array: local)
-            w.write(array: cursors)
+            w.write(array: entries); w.write(alignedArray: newOffsets); w.write(alignedArray: newPacked)
+            w.write(array: projection); w.write(array: local); w.write(array: cursors)
             var sections = good
             sections["graph"] = w.bytes
             return sections
         }
+        #expect(throws: Never.self) { _ = try RetrievalGraphIndex(sections: try rewrite { _, _, _ in }) }
         let full = graph.M + graph.localNeighbours + graph.connectivitySlots
         // Node 0 full of valid edges, all of them counted as projected: more than M.
-        expectRefusedAsCorrupt(try rewrite { links, projection, local in
-            links[0] = Int32(full)
-            for j in 0..<full { links[1 + j] = Int32(j + 1) }
+        expectRefusedAsCorrupt(try rewrite { lists, projection, local in
+            lists[0] = (1...full).map(Int32.init)
             projection[0] = Int32(full); local[0] = 0
         }, "projected edges above M") { _ = try RetrievalGraphIndex(sections: $0) }
         expectRefusedAsCorrupt(try rewrite { _, projection, local in projection[0] = .max; local[0] = 1 },
                                "counts overflowing Int32") { _ = try RetrievalGraphIndex(sections: $0) }
+        // Offsets that do not chain each list to the next, or point past the lists.
+        expectRefusedAsCorrupt(try rewrite({ _, _, _ in }, offsets: { $0[1] += 1 }), "offsets out of step") {
+            _ = try RetrievalGraphIndex(sections: $0)
+        }
+        expectRefusedAsCorrupt(try rewrite({ _, _, _ in }, offsets: { $0[1] = .max }), "an offset past the lists") {
+            _ = try RetrievalGraphIndex(sections: $0)
+        }
 
         let hnsw = try #require(built.first { $0.0 == .hnsw }?.1 as? HNSWIndex)
         let node = try #require((0..<hnsw.count).first { hnsw.levels[$0] > 0 })
