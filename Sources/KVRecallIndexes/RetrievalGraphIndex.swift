@@ -102,8 +102,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             let from = packed.slot(i)
             (strided.pointer + i * stride).update(from: from, count: 1 + Int(from[0]))
         }
-        links.adopt(SectionArray(view: strided.elements, owner: strided))
-        links.makeOwned()
+        links.swapContents(with: strided)  // the packed view goes with `strided`
         isPacked = false
         packedOffsets.adopt(SectionArray())
     }

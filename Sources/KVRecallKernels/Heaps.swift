@@ -189,6 +189,15 @@ package final class Int32Buffer {
         }
     }
 
+    /// Exchanges contents (owned memory or a view) with `other`, copying nothing.
+    package func swapContents(with other: Int32Buffer) {
+        swap(&pointer, &other.pointer)
+        swap(&count, &other.count)
+        swap(&capacity, &other.capacity)
+        swap(&isView, &other.isView)
+        swap(&viewOwner, &other.viewOwner)
+    }
+
     /// Copies an adopted view into owned memory (before any write through `pointer`).
     package func makeOwned() { reserve(count) }
 
