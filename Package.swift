@@ -43,13 +43,16 @@ let package = Package(
                                                         "CBLAS", "CKernels"]),
         .target(name: "KVRecallAttention", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage",
                                                           "KVRecallIndexes", "CBLAS", "CKernels"]),
+        // Profiles a head, chooses its policy and budget, builds and calibrates its index, stores the plan.
+        .target(name: "KVRecallPlanning", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage",
+                                                         "KVRecallIndexes", "KVRecallAttention"]),
         .target(name: "KVRecallSession", dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage",
-                                                        "KVRecallIndexes", "KVRecallAttention"]),
+                                                        "KVRecallIndexes", "KVRecallAttention", "KVRecallPlanning"]),
         // `import KVRecall`: every layer's public API (what the C ABI and the decoder build on).
         .target(
             name: "KVRecall",
             dependencies: ["KVRecallSupport", "KVRecallKernels", "KVRecallFormats", "KVRecallStorage", "KVRecallIndexes",
-                           "KVRecallAttention", "KVRecallSession"]
+                           "KVRecallAttention", "KVRecallPlanning", "KVRecallSession"]
         ),
         // Presentation: text tables, terminal styles and the REPL's interpreter (the CLI's, not the C ABI's).
         .target(name: "KVRecallInterface", dependencies: ["KVRecall"]),

@@ -110,6 +110,10 @@ typedef struct kvrecall_config {
 
 typedef struct kvrecall_session kvrecall_session;
 
+/* ABI 2: the name of a kvrecall_method value ("exact", "retrieval", ...; what the CLI and Python
+ * call it), or NULL for a value this library does not know. The string lives as long as the library. */
+const char *kvrecall_method_name(int32_t method);
+
 /* ABI 2: the library's version ("0.2.0") and ABI version (KVRECALL_ABI_VERSION when they match). */
 const char *kvrecall_version(void);
 int kvrecall_abi_version(void);

@@ -111,6 +111,7 @@ def _declare(lib):
     signatures = {
         "kvrecall_version": (ctypes.c_char_p, []),
         "kvrecall_last_error": (ctypes.c_char_p, []),
+        "kvrecall_method_name": (ctypes.c_char_p, [ctypes.c_int32]),
         "kvrecall_config_default": (None, [ctypes.POINTER(Config), U32, U32, U32, U32]),
         "kvrecall_session_open": (I, [ctypes.POINTER(Config), ctypes.c_char_p, ctypes.POINTER(P)]),
         "kvrecall_session_resume_ex": (I, [ctypes.c_char_p, ctypes.POINTER(ResumeInfo), ctypes.POINTER(P)]),

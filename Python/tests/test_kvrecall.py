@@ -40,6 +40,15 @@ def test_version():
     assert kvrecall.library_version() == kvrecall.__version__
 
 
+def test_methods_are_the_librarys_table():
+    lib = kvrecall._lib.library()
+    names = []
+    while (name := lib.kvrecall_method_name(len(names))) is not None:
+        names.append(name.decode())
+    assert tuple(names) == kvrecall.METHODS
+    assert lib.kvrecall_method_name(-1) is None
+
+
 def test_soft_cap_equals_numpy_capped_softmax():
     keys, values = data(400)
     with kvrecall.Session(1, H, G, D, method="exact", dtype="f32", scale=0.5, soft_cap=1.5) as s:

@@ -3,62 +3,61 @@ import KVRecallKernels
 import KVRecallFormats
 import KVRecallStorage
 import KVRecallIndexes
-/// The attention methods, by the names the CLI and REPL use.
-public enum AttentionMethod: String, CaseIterable, Sendable {
-    /// Full attention over every position (the reference).
-    case exact
-    /// RetrievalAttention: the query-aware graph built from prefill queries.
-    case retrieval
-    /// HiP: hierarchical chunk pruning, no index.
-    case hip
-    /// Landmark: block representatives (mean key; Quest bound with `search.landmark.bound`).
-    case landmark
-    /// Index top-k with a key-only index.
-    case hnsw, ivf, lsh, tree
-    /// RetroInfer: IVF clusters as the retrieval zone, the clusters below the cut estimated from
-    /// their mean key and value sum; optionally an adaptive (top-p) budget.
-    case estimate
-    /// StreamingLLM: the sinks and the recent window only, nothing retrieved.
-    case streaming
-    /// Per head, what its prefill queries call for (`HeadPlan`: streaming, retrieval or
-    /// estimation), as chosen by `kvrecall build --index auto` or the session's build.
-    case auto
+/// The attention methods, by the names the CLI, the REPL, the C ABI and Python use.
+///
+/// `table` is the one list of methods: a new method is a case here, a row in `table` and the file
+/// that attends it. The C enum (`include/kvrecall.h`, checked against `table` by a test), Python's
+/// `METHODS` (checked by a test), the CLI's help and the REPL's completion all read it.
+public enum AttentionMethod: String, CaseIterable, Codable, Sendable {
+    case exact, retrieval, hip, landmark, hnsw, ivf, lsh, tree, estimate, streaming, auto
+
+    /// One row of the method table.
+    public struct Entry: Sendable {
+        public let method: AttentionMethod
+        /// Its `enum kvrecall_method` value in include/kvrecall.h (never reused for another method).
+        public let cValue: Int32
+        /// The stored index it reads, if any (`auto`: the one its head's plan names).
+        public let index: IndexKind?
+        /// One line for `--help`, the REPL and the C header.
+        public let summary: String
+    }
+
+    /// Every method, in C-value order.
+    public static let table: [Entry] = [
+        Entry(method: .exact, cValue: 0, index: nil, summary: "full attention over every position (the reference)"),
+        Entry(method: .retrieval, cValue: 1, index: .retrieval,
+              summary: "RetrievalAttention: the query-aware graph built from prefill queries"),
+        Entry(method: .hip, cValue: 2, index: nil, summary: "HiP: hierarchical chunk pruning, no index"),
+        Entry(method: .landmark, cValue: 3, index: .landmark,
+              summary: "Landmark: block representatives (mean key, or Quest's min/max bound)"),
+        Entry(method: .hnsw, cValue: 4, index: .hnsw, summary: "top-k from a key-only HNSW graph"),
+        Entry(method: .ivf, cValue: 5, index: .ivf, summary: "top-k from an inverted file of k-means clusters"),
+        Entry(method: .lsh, cValue: 6, index: .lsh, summary: "top-k from SimHash tables (MagicPIG's LSH)"),
+        Entry(method: .tree, cValue: 7, index: .tree, summary: "top-k from a hierarchical centroid tree"),
+        Entry(method: .estimate, cValue: 8, index: .ivf,
+              summary: "RetroInfer: IVF clusters retrieved, the clusters below the cut estimated"),
+        Entry(method: .auto, cValue: 9, index: nil,
+              summary: "per head, the policy its prefill queries call for (chosen at the build)"),
+        Entry(method: .streaming, cValue: 10, index: nil, summary: "StreamingLLM: sinks and the recent window only"),
+    ]
+
+    /// This method's row of `table`.
+    public var entry: Entry { Self.table.first { $0.method == self }! }
+
+    /// The method of C value `value`, or nil.
+    public init?(cValue value: Int32) {
+        guard let entry = Self.table.first(where: { $0.cValue == value }) else { return nil }
+        self = entry.method
+    }
+
+    /// The names, for messages: "exact, retrieval, ...".
+    public static var names: String { allCases.map(\.rawValue).joined(separator: ", ") }
 
     /// The persisted index this method reads, if any (`auto`: the one its head's plan names).
-    public var indexKind: IndexKind? {
-        switch self {
-        case .exact, .hip, .streaming, .auto: return nil
-        case .retrieval: return .retrieval
-        case .landmark: return .landmark
-        case .hnsw: return .hnsw
-        case .ivf: return .ivf
-        case .lsh: return .lsh
-        case .tree: return .tree
-        case .estimate: return .ivf
-        }
-    }
+    public var indexKind: IndexKind? { entry.index }
 
-    /// The stored record this method needs on a head: its index, or `auto`'s plan.
-    public var requiredRecord: String? { self == .auto ? HeadPlan.recordName : indexKind?.rawValue }
-
-    /// The method ready to answer queries on head `id` inside `snapshot`, with the head's
-    /// persisted index and its calibration (an error naming the build command when it was never built).
-    public func prepare(snapshot: StoreSnapshot, head id: HeadID) throws -> PreparedAttention {
-        let keys = try snapshot.vectors(id, .keys)
-        let values = try snapshot.vectors(id, .values)
-        var plan: HeadPlan? = nil
-        if self == .auto {
-            guard let stored = try HeadPlan.load(snapshot: snapshot, head: id) else {
-                throw IndexError.notBuilt("no auto plan for head \(id); build it first with `kvrecall build --index auto`")
-            }
-            plan = stored
-        }
-        let kind = plan?.indexKind ?? indexKind
-        let loaded = try kind.map { try IndexCatalog.loadCalibrated($0, snapshot: snapshot, head: id) }
-        let method = try PreparedMethod(self, plan: plan, index: loaded?.index, calibration: loaded?.calibration,
-                                        keys: keys, values: values)
-        return PreparedAttention(method: method, keys: keys, values: values)
-    }
+    /// Whether a session builds something per head for this method after the prompt.
+    public var needsBuild: Bool { self == .auto || indexKind != nil }
 }
 
 /// One head's attention method with what it needs across calls: its index and, for `estimate`,
@@ -81,7 +80,7 @@ public final class PreparedMethod: @unchecked Sendable {
     /// The search knob calibrated for `index` at build, used when the caller leaves it unset.
     public let calibration: SearchCalibration?
     /// The estimation zone's per-cluster statistics over the keys `index` holds.
-    public let summary: ClusterSummary?
+    public private(set) var summary: ClusterSummary?
 
     /// Prepares `method` with `index`, the head's index of `method.indexKind` (or nil: a method
     /// needing an index then attends every position exactly, as a session does before its build).
@@ -111,6 +110,12 @@ public final class PreparedMethod: @unchecked Sendable {
         } else {
             summary = nil
         }
+    }
+
+    /// Follows the index after it grew (a session indexing keys that left the window): the
+    /// estimation zone's summary takes in the new keys only. Not concurrent with `attend`.
+    public func indexDidGrow(keys: VectorView, values: VectorView) throws {
+        if let ivf = index as? IVFIndex, summary != nil { try summary!.extend(ivf: ivf, keys: keys, values: values) }
     }
 
     /// Index methods select by an exact scan instead of their index when k (per query head)
@@ -162,32 +167,6 @@ public final class PreparedMethod: @unchecked Sendable {
         }
         return try Attention.attend(queries: queries, selector: selector, keys: keys, values: values, parameters: p)
     }
-}
-
-/// Prepared methods kept across read transactions of a store, as the REPL does between commands:
-/// an entry is reused while the snapshot sees the same last write in the same map
-/// (`ReadTransaction.mapIdentity`), so an index rebuilt by another process is loaded again, an
-/// unchanged one is not, and its sections, views of the map, stay valid.
-public final class PreparedMethodCache {
-    private var entries: [String: (identity: MapIdentity, method: PreparedMethod)] = [:]
-
-    public init() {}
-
-    /// `method` on head `id`, bound to `snapshot`'s views; loaded and prepared only when needed.
-    public func prepare(_ method: AttentionMethod, snapshot: StoreSnapshot, head id: HeadID) throws -> PreparedAttention {
-        let key = "\(id)/\(method.rawValue)"
-        let identity = snapshot.txn.mapIdentity
-        let keys = try snapshot.vectors(id, .keys)
-        let values = try snapshot.vectors(id, .values)
-        if let entry = entries[key], entry.identity == identity {
-            return PreparedAttention(method: entry.method, keys: keys, values: values)
-        }
-        let prepared = try method.prepare(snapshot: snapshot, head: id)
-        entries[key] = (identity, prepared.method)
-        return prepared
-    }
-
-    public func removeAll() { entries = [:] }
 }
 
 /// A prepared method bound to one head's vectors inside a read transaction.

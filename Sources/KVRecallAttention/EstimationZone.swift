@@ -15,48 +15,59 @@ public struct ClusterSummary: Sendable {
     public let clusters: Int
     public let dimension: Int
     public let valueDimension: Int
-    public let sizes: [Int]
+    public private(set) var sizes: [Int]
     /// `clusters x dimension`, row-major.
-    public let meanKeys: [Float]
+    public private(set) var meanKeys: [Float]
     /// `clusters x valueDimension`, row-major.
-    public let valueSums: [Float]
+    public private(set) var valueSums: [Float]
     /// Cluster of each position the index holds (positions 0..<clusterOf.count).
-    public let clusterOf: [Int32]
+    public private(set) var clusterOf: [Int32]
     /// Members of each cluster.
-    public let members: [[Int32]]
+    public private(set) var members: [[Int32]]
 
     public init(ivf: IVFIndex, keys: VectorView, values: VectorView) throws {
-        guard ivf.count <= keys.count, values.count == keys.count else {
+        clusters = ivf.nlist
+        dimension = keys.dimension
+        valueDimension = values.dimension
+        sizes = [Int](repeating: 0, count: clusters)
+        meanKeys = [Float](repeating: 0, count: clusters * dimension)
+        valueSums = [Float](repeating: 0, count: clusters * valueDimension)
+        clusterOf = []
+        members = [[Int32]](repeating: [], count: clusters)
+        try extend(ivf: ivf, keys: keys, values: values)
+    }
+
+    /// Adds the keys `ivf` has gained since the summary last saw it (a session's index grows as
+    /// keys leave the window): O(new keys x d), not a pass over every key. Ids are ascending in
+    /// each list, so a list's new members are its tail.
+    public mutating func extend(ivf: IVFIndex, keys: VectorView, values: VectorView) throws {
+        let seen = clusterOf.count
+        guard ivf.nlist == clusters, ivf.count >= seen, ivf.count <= keys.count, values.count == keys.count else {
             throw IndexError.corrupt("the IVF index covers \(ivf.count) keys but the head holds \(keys.count); rebuild it")
         }
-        let d = keys.dimension, dv = values.dimension, c = ivf.nlist
-        var sizes = [Int](repeating: 0, count: c)
-        var meanKeys = [Float](repeating: 0, count: c * d)
-        var valueSums = [Float](repeating: 0, count: c * dv)
-        var clusterOf = [Int32](repeating: -1, count: ivf.count)
-        var members = [[Int32]](repeating: [], count: c)
+        guard ivf.count > seen else { return }
+        let d = dimension, dv = valueDimension
+        clusterOf.append(contentsOf: repeatElement(-1, count: ivf.count - seen))
         var row = [Float](repeating: 0, count: max(d, dv))
-        for l in 0..<c {
-            members[l] = Array(ivf.list(l))
-            sizes[l] = members[l].count
-            for id in members[l] {
+        for l in 0..<clusters {
+            let list = ivf.list(l)
+            var first = list.endIndex
+            while first > list.startIndex, Int(list[first - 1]) >= seen { first -= 1 }
+            guard first < list.endIndex else { continue }
+            let old = sizes[l]
+            for j in 0..<d { meanKeys[l * d + j] *= Float(old) }
+            for id in list[first...] {
                 let i = Int(id)
                 clusterOf[i] = Int32(l)
+                members[l].append(id)
                 keys.decodeRow(i, into: &row)
                 for j in 0..<d { meanKeys[l * d + j] += row[j] }
                 values.decodeRow(i, into: &row)
                 for j in 0..<dv { valueSums[l * dv + j] += row[j] }
             }
-            if sizes[l] > 0 { for j in 0..<d { meanKeys[l * d + j] /= Float(sizes[l]) } }
+            sizes[l] = members[l].count
+            for j in 0..<d { meanKeys[l * d + j] /= Float(sizes[l]) }
         }
-        clusters = c
-        dimension = d
-        valueDimension = dv
-        self.sizes = sizes
-        self.meanKeys = meanKeys
-        self.valueSums = valueSums
-        self.clusterOf = clusterOf
-        self.members = members
     }
 }
 

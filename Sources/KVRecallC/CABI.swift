@@ -150,18 +150,21 @@ private func layerIndex(_ layer: UInt32, _ s: KVSession) throws -> Int {
     return Int(layer)
 }
 
-/// C method numbers by name; a name this build's `AttentionMethod` lacks is refused when used.
-private let methodNames = ["exact", "retrieval", "hip", "landmark", "hnsw", "ivf", "lsh", "tree", "estimate", "auto", "streaming"]
-
+/// The method of a `kvrecall_method` value (`AttentionMethod.table` holds the C values).
 private func method(_ number: Int32) throws -> AttentionMethod {
-    guard number >= 0, Int(number) < methodNames.count else {
-        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.method \(number) is not a kvrecall_method (0...\(methodNames.count - 1))")
-    }
-    guard let m = AttentionMethod(rawValue: methodNames[Int(number)]) else {
-        throw ABIError(KVRECALL_ERR_ARGUMENT, "method \(methodNames[Int(number)]) (\(number)) is not available in this build of the library")
+    guard let m = AttentionMethod(cValue: number) else {
+        let values = AttentionMethod.table.map { "\($0.cValue) \($0.method.rawValue)" }.joined(separator: ", ")
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.method \(number) is not a kvrecall_method (\(values))")
     }
     return m
 }
+
+/// Each method's name as a C string that lives as long as the library, by C value.
+private let methodNameStrings: [Int32: UnsafePointer<CChar>] = Dictionary(uniqueKeysWithValues:
+    AttentionMethod.table.map { ($0.cValue, UnsafePointer(strdup($0.method.rawValue)!)) })
+
+@_cdecl("kvrecall_method_name")
+public func kvrecall_method_name(_ method: Int32) -> UnsafePointer<CChar>? { methodNameStrings[method] }
 
 private let dtypes: [DType] = [.f32, .f16, .bf16]
 
@@ -240,7 +243,7 @@ private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_con
     c.query_heads_per_kv = UInt32(s.queryHeadsPerKV)
     c.head_dim = UInt32(s.headDimension)
     c.dtype = Int32(dtypes.firstIndex(of: s.dtype)!)
-    c.method = Int32(methodNames.firstIndex(of: s.method) ?? -1)
+    c.method = s.method.entry.cValue
     c.k = UInt32(s.k)
     c.sinks = UInt32(s.sinks)
     c.window = UInt32(s.window)
@@ -452,20 +455,15 @@ public func kvrecall_session_attend_ex(_ handle: OpaquePointer?, _ layer: UInt32
         try withSession(handle, "kvrecall_session_attend") { s in
             let l = try layerIndex(layer, s)
             guard let queries, let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_attend: queries and out must not be NULL") }
+            // Sizes, finiteness and order are the session's checks (one place); it writes into `out` directly.
+            guard outFloats >= 0, lseFloats >= 0 else {
+                throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_session_attend: out_floats \(outFloats) and lse_floats \(lseFloats) must be sizes")
+            }
             let c = s.configuration
             let n = c.kvHeads * c.queryHeadsPerKV * c.headDimension
-            guard outFloats == n else {
-                throw ABIError(KVRECALL_ERR_ARGUMENT, "out holds \(outFloats) floats; this session needs kv_heads * query_heads_per_kv * head_dim = \(n)")
-            }
-            if lse != nil, lseFloats != c.kvHeads * c.queryHeadsPerKV {
-                throw ABIError(KVRECALL_ERR_ARGUMENT, "lse holds \(lseFloats) floats; this session needs kv_heads * query_heads_per_kv = \(c.kvHeads * c.queryHeadsPerKV)")
-            }
-            guard try s.length(layer: l) > 0 else {
-                throw ABIError(KVRECALL_ERR_ORDER, "kvrecall_session_attend: layer \(l) is empty; append keys and values first")
-            }
-            let result = try s.attendWithLSE(layer: l, queries: UnsafeBufferPointer(start: queries, count: n))
-            result.outputs.withUnsafeBufferPointer { out.update(from: $0.baseAddress!, count: n) }
-            if let lse { result.lse.withUnsafeBufferPointer { lse.update(from: $0.baseAddress!, count: $0.count) } }
+            try s.attend(layer: l, queries: UnsafeBufferPointer(start: queries, count: n),
+                         into: UnsafeMutableBufferPointer(start: out, count: outFloats),
+                         lse: lse.map { UnsafeMutableBufferPointer(start: $0, count: lseFloats) })
         }
     }
 }

@@ -84,7 +84,7 @@ struct BenchSession: ParsableCommand {
             }
             for s in sessions {
                 try kBuf.withUnsafeBufferPointer { kb in try vBuf.withUnsafeBufferPointer { vb in try s.append(layer: layer, keys: kb, values: vb) } }
-                if s.configuration.attentionMethod != .exact {  // the graph trains on them, auto profiles, calibration holds out
+                if s.configuration.method != .exact {  // the graph trains on them, auto profiles, calibration holds out
                     try pBuf.withUnsafeBufferPointer { try s.appendPrefillQueries(layer: layer, queries: $0) }
                 }
             }

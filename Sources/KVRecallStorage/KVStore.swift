@@ -485,4 +485,14 @@ public struct StoreSnapshot {
         let info = try store.info(txn, id)
         return try VectorView(txn: txn, db: store.vectorsDB, info: info, kind: kind, path: store.path)
     }
+
+    /// The stream `previous` was read from, now `count` rows long, reading only what changed (see
+    /// `VectorView.init(continuing:)`): for the head's only writer, after nothing but appends. Read
+    /// whole when the map moved since `previous`.
+    public func vectors(continuing previous: VectorView, count: Int) throws -> VectorView {
+        if let view = try VectorView(continuing: previous, count: count, txn: txn, db: store.vectorsDB, path: store.path) {
+            return view
+        }
+        return try vectors(previous.info.id, previous.kind)
+    }
 }

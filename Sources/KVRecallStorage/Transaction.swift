@@ -46,18 +46,20 @@ public struct ReadTransaction {
         }
     }
 
-    /// Visits, in key order, every entry whose key starts with `prefix`; `body` returns false to stop.
-    public func scan(_ dbi: MDB_dbi, prefix: [UInt8],
+    /// Visits, in key order, every entry whose key starts with `prefix` (from the first at or after
+    /// `start`, when given); `body` returns false to stop.
+    public func scan(_ dbi: MDB_dbi, prefix: [UInt8], from start: [UInt8]? = nil,
                      _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Bool) throws {
+        let seek = start ?? prefix
         var cursor: OpaquePointer?
         try check(mdb_cursor_open(txn, dbi, &cursor), "mdb_cursor_open", path: environment.path)
         defer { mdb_cursor_close(cursor) }
         var k = MDB_val()
         var v = MDB_val()
-        var rc: Int32 = prefix.withUnsafeBytes { pb in
+        var rc: Int32 = seek.withUnsafeBytes { pb in
             k.mv_size = pb.count
             k.mv_data = UnsafeMutableRawPointer(mutating: pb.baseAddress)
-            return prefix.isEmpty ? mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+            return seek.isEmpty ? mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
                                   : mdb_cursor_get(cursor, &k, &v, MDB_SET_RANGE)
         }
         while rc == MDB_SUCCESS {

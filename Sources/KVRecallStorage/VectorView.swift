@@ -37,6 +37,13 @@ public struct VectorView {
     @usableFromInline let rowBytes: Int
 
     init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String) throws {
+        try self.init(txn: txn, db: db, info: info, kind: kind, path: path, keeping: [])
+    }
+
+    /// A view whose first blocks are `kept` (pointers known to be valid in `txn`'s map) and whose
+    /// other blocks, up to `info`'s row count, are read from `txn`.
+    private init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String,
+                 keeping kept: [UnsafeRawPointer]) throws {
         self.info = info
         self.kind = kind
         self.snapshot = txn.mapIdentity
@@ -46,21 +53,24 @@ public struct VectorView {
         let width = info.bytesPerVector
         let expectedBlocks = (count + bs - 1) / bs
         let kind = kind
-        var table: [UnsafeRawPointer] = []
+        var table = kept
         table.reserveCapacity(expectedBlocks)
-        try txn.scan(db, prefix: StoreKey.vectorPrefix(info.id, kind)) { key, value in
-            let number = Int(StoreKey.decodeBlockNumber(key))
-            guard number == table.count else {
-                throw StoreError(.corrupt, "\(kind) block \(table.count) is missing (found \(number))", path: path, head: info.id)
+        if table.count < expectedBlocks {
+            try txn.scan(db, prefix: StoreKey.vectorPrefix(info.id, kind),
+                         from: StoreKey.block(info.id, kind, UInt32(table.count))) { key, value in
+                let number = Int(StoreKey.decodeBlockNumber(key))
+                guard number == table.count else {
+                    throw StoreError(.corrupt, "\(kind) block \(table.count) is missing (found \(number))", path: path, head: info.id)
+                }
+                if number >= expectedBlocks { return false }
+                let rowsHere = min(bs, count - number * bs)
+                guard value.count >= rowsHere * width, let base = value.baseAddress else {
+                    throw StoreError(.corrupt, "\(kind) block \(number) holds \(value.count) bytes, expected \(rowsHere * width)",
+                                     path: path, head: info.id)
+                }
+                table.append(base)
+                return table.count < expectedBlocks
             }
-            if number >= expectedBlocks { return false }
-            let rowsHere = min(bs, count - number * bs)
-            guard value.count >= rowsHere * width, let base = value.baseAddress else {
-                throw StoreError(.corrupt, "\(kind) block \(number) holds \(value.count) bytes, expected \(rowsHere * width)",
-                                 path: path, head: info.id)
-            }
-            table.append(base)
-            return table.count < expectedBlocks
         }
         guard table.count == expectedBlocks else {
             throw StoreError(.corrupt, "\(kind) has \(table.count) blocks, expected \(expectedBlocks)", path: path, head: info.id)
@@ -70,6 +80,21 @@ public struct VectorView {
         self.table = UnsafePointer(tableOwner.pointer)
         blockShift = bs & (bs - 1) == 0 ? bs.trailingZeroBitCount : -1
         rowBytes = width
+    }
+
+    /// `previous` brought up to `count` rows in `txn` without decoding the head's record or walking
+    /// its whole block table: `previous`'s full blocks are kept (an append writes only the last,
+    /// partial block and new ones, and never moves the pages of a full one) and the rest are read.
+    /// For the head's only writer, which knows that only appends happened since `previous` was read;
+    /// nil when the map moved or `previous` is not from a snapshot of this environment (read it whole).
+    init?(continuing previous: VectorView, count: Int, txn: ReadTransaction, db: MDB_dbi, path: String) throws {
+        let identity = txn.mapIdentity
+        guard let old = previous.snapshot, old.sameMap(as: identity),
+              count >= previous.count, previous.heapRows == nil else { return nil }
+        var info = previous.info
+        if previous.kind == .queries { info.queryCount = count } else { info.count = count }
+        let full = previous.count / previous.blockSize
+        try self.init(txn: txn, db: db, info: info, kind: previous.kind, path: path, keeping: Array(previous.blocks.prefix(full)))
     }
 
     /// The rows copied into one heap allocation (same dtype and block layout), for index builds:

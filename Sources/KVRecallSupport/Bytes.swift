@@ -49,6 +49,12 @@ public struct MapIdentity: Hashable, Sendable, CustomStringConvertible {
         (self.environment, self.mapEpoch, self.generation) = (environment, mapEpoch, generation)
     }
     public var description: String { "store \(environment), map \(mapEpoch), generation \(generation)" }
+
+    /// Same environment and map placement (pointers into the map stay valid), any commit;
+    /// never for views read inside a write transaction (negative generation: dirty pages).
+    package func sameMap(as other: MapIdentity) -> Bool {
+        environment == other.environment && mapEpoch == other.mapEpoch && generation >= 0 && other.generation >= 0
+    }
 }
 
 /// One stored section's bytes: memory kept alive by `owner`, or (owner nil) by a read

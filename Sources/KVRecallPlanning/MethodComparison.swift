@@ -3,6 +3,7 @@ import KVRecallKernels
 import KVRecallFormats
 import KVRecallStorage
 import KVRecallIndexes
+import KVRecallAttention
 /// One attention method's run over a query set: per-group results, latencies and mean fidelity.
 /// Shared by `kvrecall attend`, `kvrecall demo` and the REPL's `attend` / `compare`.
 public struct MethodRun: Sendable {

@@ -1,0 +1,153 @@
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+import KVRecallIndexes
+import KVRecallAttention
+
+/// How a decoder's cache is laid out and attended.
+public struct SessionConfiguration: Codable, Equatable, Sendable {
+    public var layers: Int
+    public var kvHeads: Int
+    /// Query heads sharing one KV head (GQA group size).
+    public var queryHeadsPerKV: Int
+    public var headDimension: Int
+    public var dtype: DType
+    /// Attention method for decode steps; `exact` attends everything.
+    public var method: AttentionMethod
+    /// Positions retrieved per query head beyond sinks and window (index methods; a floor when
+    /// `budgetMass` raises it).
+    public var k: Int
+    /// Adaptive budget (index methods): at `buildIndexes` each head's k is raised (200, 400, ...
+    /// positions, at most 10% of its keys) until the neediest query head keeps this much of its
+    /// softmax mass with its exact top-k on the held-out prefill queries. nil keeps k fixed.
+    public var budgetMass: Double?
+    public var sinks: Int
+    public var window: Int
+    /// HNSW / retrieval graph beam width; nil: calibrated at `buildIndexes` for `targetRecall`.
+    public var ef: Int?
+    /// IVF lists probed; nil: calibrated at `buildIndexes`.
+    public var nprobe: Int?
+    /// Centroid tree: clusters kept per level; nil: calibrated at `buildIndexes`.
+    public var beam: Int?
+    /// Recall@k the calibrated ef / nprobe / beam must reach on held-out prefill queries.
+    public var targetRecall: Double
+    /// LSH: tables a key must collide in.
+    public var minCollisions: Int
+    /// Landmark: rank blocks by Quest's min/max bound instead of the mean key.
+    public var landmarkBound: Bool
+    /// Keys that left the window are indexed in batches of this many (bounded work per step).
+    public var upkeepBatch: Int
+    /// The store's context id for this sequence.
+    public var context: UInt32
+    /// Softmax scale applied to q.k; nil means 1/sqrt(headDimension).
+    public var scale: Float?
+    /// Logit soft-cap applied to the scaled scores (cap * tanh(s / cap)); nil for none.
+    public var softCap: Float?
+
+    public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
+                method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
+                ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int = 2, landmarkBound: Bool = false,
+                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9) {
+        self.layers = layers
+        self.kvHeads = kvHeads
+        self.queryHeadsPerKV = queryHeadsPerKV
+        self.headDimension = headDimension
+        self.dtype = dtype
+        self.method = method
+        self.k = k
+        self.sinks = sinks
+        self.window = window
+        self.ef = ef
+        self.nprobe = nprobe
+        self.beam = beam
+        self.targetRecall = targetRecall
+        self.budgetMass = budgetMass
+        self.minCollisions = minCollisions
+        self.landmarkBound = landmarkBound
+        self.upkeepBatch = upkeepBatch
+        self.context = context
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
+        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass
+    }
+
+    /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
+    /// bound) take their defaults when an older checkpoint lacks them (the budget: none, as
+    /// those sessions were built with a fixed k).
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        layers = try c.decode(Int.self, forKey: .layers)
+        kvHeads = try c.decode(Int.self, forKey: .kvHeads)
+        queryHeadsPerKV = try c.decode(Int.self, forKey: .queryHeadsPerKV)
+        headDimension = try c.decode(Int.self, forKey: .headDimension)
+        dtype = try c.decode(DType.self, forKey: .dtype)
+        method = try c.decode(AttentionMethod.self, forKey: .method)
+        k = try c.decode(Int.self, forKey: .k)
+        sinks = try c.decode(Int.self, forKey: .sinks)
+        window = try c.decode(Int.self, forKey: .window)
+        ef = try c.decodeIfPresent(Int.self, forKey: .ef)
+        nprobe = try c.decodeIfPresent(Int.self, forKey: .nprobe)
+        beam = try c.decodeIfPresent(Int.self, forKey: .beam)
+        targetRecall = try c.decodeIfPresent(Double.self, forKey: .targetRecall) ?? 0.95
+        minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions) ?? 2
+        landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
+        scale = try c.decodeIfPresent(Float.self, forKey: .scale)
+        softCap = try c.decodeIfPresent(Float.self, forKey: .softCap)
+        // Sessions saved before the knob: auto raised k at 0.9, the other methods kept it fixed.
+        budgetMass = try c.decodeIfPresent(Double.self, forKey: .budgetMass) ?? (method == .auto ? 0.9 : nil)
+        upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
+        context = try c.decode(UInt32.self, forKey: .context)
+    }
+
+    /// The attention parameters of a decode step under this configuration.
+    public var attentionParameters: AttentionParameters {
+        var p = AttentionParameters(k: k, sinks: sinks, window: window, ef: ef, nprobe: nprobe, beam: beam)
+        p.search.lsh.minCollisions = minCollisions
+        p.search.landmark.bound = landmarkBound
+        p.scale = scale
+        p.softCap = softCap
+        return p
+    }
+
+    /// Checks shapes and every knob.
+    public func validate() throws {
+        guard layers >= 1, kvHeads >= 1, queryHeadsPerKV >= 1, headDimension >= 1 else {
+            throw SessionError.invalidArgument("layers, KV heads, query heads per KV head and head dimension must be positive")
+        }
+        guard layers <= Int(UInt16.max), kvHeads <= Int(UInt16.max) else {
+            throw SessionError.invalidArgument("at most 65535 layers and KV heads")
+        }
+        guard headDimension <= 65536 else {
+            throw SessionError.invalidArgument("head dimension \(headDimension) is out of range 1...65536")
+        }
+        guard upkeepBatch >= 1 else { throw SessionError.invalidArgument("the upkeep batch must be at least 1 (got \(upkeepBatch))") }
+        if let budgetMass, !(budgetMass > 0 && budgetMass <= 1) {
+            throw SessionError.invalidArgument("the budget mass must be in (0, 1], or none for a fixed k (got \(budgetMass))")
+        }
+        // The attention knobs follow the library's one rule (the CLI and the REPL run it too).
+        do { try attentionParameters.validate() } catch let error as IndexError {
+            if case .invalidParameter(let message) = error { throw SessionError.invalidArgument(message) }
+            throw error
+        }
+    }
+}
+
+/// Errors of the decoder session.
+public enum SessionError: Error, CustomStringConvertible, Equatable {
+    case invalidArgument(String)
+    case wrongOrder(String)
+    case unknownLayer(Int, layers: Int)
+
+    public var description: String {
+        switch self {
+        case .invalidArgument(let m): return "invalid argument: \(m)"
+        case .wrongOrder(let m): return "call out of order: \(m)"
+        case .unknownLayer(let l, let n): return "layer \(l) does not exist (the session has \(n) layers)"
+        }
+    }
+}
+
