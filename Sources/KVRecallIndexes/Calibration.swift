@@ -13,14 +13,10 @@ public enum SearchKnob: String, Codable, Sendable {
     /// Centroid tree: clusters kept per level.
     case beam
 
-    /// The knob of `kind`, or nil for kinds calibration leaves alone (LSH, landmark, flat, hip).
+    /// The knob of `kind` (its descriptor's), or nil for kinds calibration leaves alone (LSH, landmark, flat, hip).
     public init?(kind: IndexKind) {
-        switch kind {
-        case .hnsw, .retrieval: self = .ef
-        case .ivf: self = .nprobe
-        case .tree: self = .beam
-        case .lsh, .landmark, .flat, .hip: return nil
-        }
+        guard let knob = kind.descriptor?.knob else { return nil }
+        self = knob
     }
 
     /// `parameters` with this knob set to `value`.
@@ -118,35 +114,6 @@ public struct CalibrationParameters: Sendable, Equatable {
 }
 
 public enum Calibrator {
-    /// Candidate values of `knob`, ascending, for `index` (bounded by what it can use).
-    static func ladder(_ knob: SearchKnob, index: any VectorIndex, k: Int) -> [Int] {
-        switch knob {
-        case .ef:
-            // Steps of about 1/8 where calibrated graphs land (HNSW: ef 128-512 for k 100; the retrieval
-            // graph's beam, which may be narrower than k: 24-64): a coarser step overshoots the target
-            // and scans more keys than it needs. HNSW raises an ef below k to k.
-            let narrow = index.kind == .retrieval
-            let values = narrow
-                ? [8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 56, 64, 72, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256, 288,
-                   320, 384, 448, 512, 640, 768, 1024, 1536, 2048]
-                : [16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256, 288, 320, 384, 448, 512,
-                   640, 768, 1024, 1536, 2048]
-            let usable = values.filter { (narrow || $0 >= k) && $0 <= index.count }
-            return usable.isEmpty ? [max(1, min(k, index.count))] : usable
-        case .nprobe:
-            let nlist = (index as? IVFIndex)?.nlist ?? 1
-            var values = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
-                .filter { $0 < nlist }
-            values.append(nlist)
-            return values
-        case .beam:
-            let widest = max(1, (index as? CentroidTreeIndex)?.levelCounts.max() ?? 1)
-            var values = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024].filter { $0 < widest }
-            values.append(widest)
-            return values
-        }
-    }
-
     /// The smallest value of the index's knob whose mean recall@k on `queries` (`m x d`, row-major;
     /// never seen by the index's training) stays at least `confidence` standard errors above the
     /// target (else the smallest whose mean reaches it), found by bisection over a ladder (recall
@@ -180,7 +147,8 @@ public enum Calibrator {
             return (mean, (variance / Double(m)).squareRoot(), found.stats.keysScannedFraction)
         }
 
-        let values = ladder(knob, index: index, k: k)
+        let values = index.kind.descriptor?.ladder(index, k) ?? []
+        guard !values.isEmpty else { return nil }
         var measured: [Int: Measured] = [:]
         func at(_ i: Int) throws -> Measured {
             if let known = measured[i] { return known }

@@ -560,3 +560,12 @@ func sortBestFirst(_ list: inout [(score: Float, id: Int32)]) {
         }
     }
 }
+
+extension HNSWIndex {
+    /// HNSW's entry in the catalog: M and efConstruction at build, ef at search.
+    public static let descriptor = IndexDescriptor(
+        kind: .hnsw, type: HNSWIndex.self, knob: .ef,
+        make: { d, _, p in try HNSWIndex(dimension: d, M: p.M, efConstruction: p.efConstruction, seed: p.seed, threads: p.threads) },
+        ladder: { index, k in Calibrator.efLadder(index: index, k: k, narrowerThanK: false) },
+        describe: { "ef \($0.graph.ef)" })
+}

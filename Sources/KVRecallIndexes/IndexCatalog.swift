@@ -180,57 +180,29 @@ public enum IndexKind: String, CaseIterable, Sendable {
     case flat
     /// HiP's hierarchical chunk pruning (no stored structure).
     case hip
-
-    /// The kinds built and stored by `kvrecall build`, in the CLI's order.
-    public static let stored: [IndexKind] = [.hnsw, .ivf, .lsh, .tree, .retrieval, .landmark]
-
-    /// The stored index type of this kind (nil for `flat` and `hip`, which store nothing).
-    public var type: (any BuildableIndex.Type)? {
-        switch self {
-        case .hnsw: return HNSWIndex.self
-        case .lsh: return LSHIndex.self
-        case .retrieval: return RetrievalGraphIndex.self
-        case .landmark: return LandmarkIndex.self
-        case .ivf: return IVFIndex.self
-        case .tree: return CentroidTreeIndex.self
-        case .flat, .hip: return nil
-        }
-    }
 }
 
 extension IndexCatalog {
     /// An empty index of `kind` for `dimension`, configured by `parameters` for a head of `count` keys.
     public static func make(_ kind: IndexKind, dimension: Int, count: Int, parameters p: IndexBuildParameters) throws -> any BuildableIndex {
         try p.validate()
-        switch kind {
-        case .hnsw:
-            return try HNSWIndex(dimension: dimension, M: p.M, efConstruction: p.efConstruction, seed: p.seed, threads: p.threads)
-        case .lsh:
-            return try LSHIndex(dimension: dimension, tables: p.tables, bits: p.bits, seed: p.seed, threads: p.threads)
-        case .retrieval:
-            return try RetrievalGraphIndex(dimension: dimension, M: p.graphDegree, queryNeighbours: p.queryNeighbours,
-                                           maxTrainingQueries: p.trainingQueries, efConstruction: min(p.efConstruction, 64),
-                                           connectivitySlots: p.connectivitySlots, localNeighbours: p.localNeighbours,
-                                           threads: p.threads)
-        case .landmark:
-            return try LandmarkIndex(dimension: dimension, blockSize: p.landmarkBlockSize)
-        case .ivf:
-            return try IVFIndex(dimension: dimension, parameters: p)
-        case .tree:
-            return try CentroidTreeIndex(dimension: dimension, parameters: p)
-        case .flat, .hip:
+        guard let descriptor = kind.descriptor else {
             throw IndexError.invalidParameter("'\(kind.rawValue)' is not a stored index kind (one of \(IndexKind.stored.map(\.rawValue).joined(separator: ", ")))")
         }
+        return try descriptor.make(dimension, count, p)
     }
 
-    /// Builds `kind` over all keys of a view (inside its read transaction). The retrieval graph
-    /// also needs the head's prefill `queries`.
-    public static func build(_ kind: IndexKind, keys: VectorView, queries: VectorView? = nil, parameters: IndexBuildParameters,
-                             progress: ((Int, Int) -> Void)? = nil) throws -> any BuildableIndex {
-        guard keys.count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) has no keys to index") }
-        let index = try make(kind, dimension: keys.dimension, count: keys.count, parameters: parameters)
-        try index.train(keys: keys, range: 0..<keys.count, queries: queries)
-        try index.add(keys: keys, range: 0..<keys.count, progress: progress)
+    /// Builds `kind` over keys `0..<count` of a view (all of them by default; inside its read
+    /// transaction): `train` then `add`, the one build path of the CLI, the planner and the session.
+    /// The retrieval graph trains on `queries` (the head's prefill queries); the other kinds ignore them.
+    public static func build(_ kind: IndexKind, keys: VectorView, count: Int? = nil, queries: VectorView? = nil,
+                             parameters: IndexBuildParameters, progress: ((Int, Int) -> Void)? = nil) throws -> any BuildableIndex {
+        let count = min(count ?? keys.count, keys.count)
+        guard count > 0 else { throw IndexError.invalidParameter("head \(keys.info.id) has no keys to index") }
+        let indexed = keys.limited(to: count)
+        let index = try make(kind, dimension: keys.dimension, count: count, parameters: parameters)
+        try index.train(keys: indexed, range: 0..<count, queries: queries)
+        try index.add(keys: indexed, range: 0..<count, progress: progress)
         return index
     }
 

@@ -274,3 +274,11 @@ final class Counter: @unchecked Sendable {
     @discardableResult
     func add(_ n: Int) -> Int { lock.lock(); defer { lock.unlock() }; total += n; return total }
 }
+
+extension LSHIndex {
+    /// LSH's entry in the catalog: L tables of K bits; no calibrated knob (min-collisions is the caller's).
+    public static let descriptor = IndexDescriptor(
+        kind: .lsh, type: LSHIndex.self, knob: nil,
+        make: { d, _, p in try LSHIndex(dimension: d, tables: p.tables, bits: p.bits, seed: p.seed, threads: p.threads) },
+        describe: { "min collisions \($0.lsh.minCollisions)" })
+}

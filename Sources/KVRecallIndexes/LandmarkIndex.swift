@@ -146,3 +146,11 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
         mapSnapshot = sections.mapSnapshot
     }
 }
+
+extension LandmarkIndex {
+    /// Landmark's entry in the catalog: blocks of positions; no calibrated knob.
+    public static let descriptor = IndexDescriptor(
+        kind: .landmark, type: LandmarkIndex.self, knob: nil,
+        make: { d, _, p in try LandmarkIndex(dimension: d, blockSize: p.landmarkBlockSize) },
+        describe: { $0.landmark.blocks > 0 ? "blocks \($0.landmark.blocks)" : "blocks auto (4k / block size)" })
+}

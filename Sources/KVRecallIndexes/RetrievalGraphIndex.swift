@@ -851,3 +851,17 @@ func rowAsFloats(_ keys: VectorView, _ i: Int, _ buffer: UnsafeMutablePointer<Fl
     keys.decodeRow(i, into: buffer)
     return buffer
 }
+
+extension RetrievalGraphIndex {
+    /// The retrieval graph's entry in the catalog: trained on prefill queries, searched with a beam
+    /// that may be narrower than k.
+    public static let descriptor = IndexDescriptor(
+        kind: .retrieval, type: RetrievalGraphIndex.self, knob: .ef,
+        make: { d, _, p in
+            try RetrievalGraphIndex(dimension: d, M: p.graphDegree, queryNeighbours: p.queryNeighbours,
+                                    maxTrainingQueries: p.trainingQueries, efConstruction: min(p.efConstruction, 64),
+                                    connectivitySlots: p.connectivitySlots, localNeighbours: p.localNeighbours, threads: p.threads)
+        },
+        ladder: { index, k in Calibrator.efLadder(index: index, k: k, narrowerThanK: true) },
+        describe: { "ef \($0.graph.ef)" })
+}

@@ -541,16 +541,9 @@ public final class REPLInterpreter {
         return text
     }
 
-    /// The search parameter that steers `method`, as "ef 64".
+    /// The search parameter that steers `method`, as "ef 64" (its index kind's words).
     private func searchKnob(_ method: AttentionMethod, _ p: AttentionParameters) -> String? {
-        switch method {
-        case .hnsw, .retrieval: return "ef \(p.search.graph.ef)"
-        case .ivf, .estimate: return "nprobe \(p.search.ivf.nprobe)"
-        case .tree: return "beam \(p.search.tree.beam)"
-        case .lsh: return "min collisions \(p.search.lsh.minCollisions)"
-        case .landmark: return p.search.landmark.blocks > 0 ? "blocks \(p.search.landmark.blocks)" : "blocks auto (4k / block size)"
-        case .exact, .hip, .streaming, .auto: return nil
-        }
+        method.indexKind?.descriptor?.describe(p.search)
     }
 
     private func compare() throws -> String {

@@ -88,11 +88,9 @@ public enum HeadPlanner {
             // Over the keys the head's index will hold (the rest are attended exactly), so a
             // session keeps this index instead of building it again.
             let upTo = min(keys.count, indexUpTo ?? keys.count)
-            let built = try IVFIndex(dimension: d, parameters: build)
-            try built.train(keys: keys.limited(to: upTo), range: 0..<upTo, queries: nil)
-            try built.add(keys: keys.limited(to: upTo), range: 0..<upTo, progress: nil)
+            let built = try IndexCatalog.build(.ivf, keys: keys, count: upTo, parameters: build)
             estimate = try PreparedMethod(.estimate, index: built, keys: keys, values: values)
-            ivf = built
+            ivf = built as? IVFIndex
         }
         var e = p
         e.k = attention.k  // the estimation zone's retrieval zone keeps the caller's k
@@ -130,10 +128,9 @@ public enum HeadPlanner {
         if let prebuilt, prebuilt.kind == kind, prebuilt.count == count {
             index = prebuilt
         } else {
-            index = try IndexCatalog.make(kind, dimension: keys.dimension, count: count, parameters: build)
-            let training = kind == .retrieval && heldOut > 0 ? queries?.limited(to: rows - heldOut) : queries
-            try index.train(keys: indexed, range: 0..<count, queries: training)
-            try index.add(keys: indexed, range: 0..<count, progress: progress)
+            // Kinds that learn from queries (the retrieval graph) never see the held-out ones.
+            index = try IndexCatalog.build(kind, keys: keys, count: count, queries: heldOut > 0 ? queries?.limited(to: rows - heldOut) : queries,
+                                           parameters: build, progress: progress)
         }
         guard let queries, heldOut > 0, SearchKnob(kind: kind) != nil else { return (index, nil) }
         var parameters = calibration

@@ -40,7 +40,7 @@ import KVRecallTestSupport
         let se = try #require(c.standardError)
         #expect(se > 0 && se < 0.05)
         // The knob below the chosen one misses the target by the same test (bisection found the smallest).
-        let ladder = Calibrator.ladder(.ef, index: index, k: 50)
+        let ladder = index.kind.descriptor!.ladder(index, 50)
         let position = try #require(ladder.firstIndex(of: c.value))
         let data = repositoryDataDirectory() + "/minilm"
         let queries = try NPY.read(path: data + "/prefill_queries.npy").floats()

@@ -272,5 +272,27 @@ import KVRecallTestSupport
             }
         }
     }
-}
 
+    /// Each kind's descriptor is the catalog's one source: it makes an index of its own type and
+    /// kind, and a kind with a knob has an ascending ladder ending inside what the index can use.
+    @Test(arguments: IndexCatalog.descriptors)
+    func everyDescriptorMakesItsOwnKind(descriptor: IndexDescriptor) throws {
+        let f = try IndexFixture(n: 1024, d: 16, queryCount: 8)
+        try f.store.read { snapshot in
+            let keys = try snapshot.vectors(f.id, .keys)
+            let index = try IndexCatalog.build(descriptor.kind, keys: keys, queries: keys, parameters: IndexBuildParameters())
+            #expect(type(of: index) == descriptor.type)
+            #expect(index.kind == descriptor.kind && descriptor.kind.descriptor?.kind == descriptor.kind)
+            #expect(SearchKnob(kind: descriptor.kind) == descriptor.knob)
+            let ladder = descriptor.ladder(index, 10)
+            if descriptor.knob == nil {
+                #expect(ladder.isEmpty)
+            } else {
+                #expect(!ladder.isEmpty && ladder == ladder.sorted() && Set(ladder).count == ladder.count)
+            }
+            #expect(!descriptor.describe(SearchParameters()).isEmpty)
+        }
+        #expect(IndexKind.stored == IndexCatalog.descriptors.map(\.kind))
+        #expect(IndexKind.flat.descriptor == nil && IndexKind.hip.descriptor == nil)
+    }
+}

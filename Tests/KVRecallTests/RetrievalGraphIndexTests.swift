@@ -172,10 +172,10 @@ import KVRecallTestSupport
                 for hit in hits.prefix(3) { #expect(abs(hit.score - keys.score(query: query, row: hit.id)) < 1e-4) }
             }
         }
-        #expect(Calibrator.ladder(.ef, index: graph, k: 100).first! < 100)
+        #expect(graph.kind.descriptor!.ladder(graph, 100).first! < 100)
         let hnsw = try HNSWIndex(dimension: d, M: 8, efConstruction: 40, seed: 1)
         try sample.store.read { s in try hnsw.add(keys: try s.vectors(HeadID(), .keys), range: 0..<4096, progress: nil) }
-        #expect(Calibrator.ladder(.ef, index: hnsw, k: 100).first! >= 100)
+        #expect(hnsw.kind.descriptor!.ladder(hnsw, 100).first! >= 100)
     }
 
     @Test func deterministicAndPersistent() throws {

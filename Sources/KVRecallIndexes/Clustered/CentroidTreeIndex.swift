@@ -465,3 +465,12 @@ struct TreeQuantizer: ListQuantizer {
         }
     }
 }
+
+extension CentroidTreeIndex {
+    /// The centroid tree's entry in the catalog: levels of centroids, a beam of clusters per level at search.
+    public static let descriptor = IndexDescriptor(
+        kind: .tree, type: CentroidTreeIndex.self, knob: .beam,
+        make: { d, _, p in try CentroidTreeIndex(dimension: d, parameters: p) },
+        ladder: { index, _ in Calibrator.clusterLadder(widest: (index as? CentroidTreeIndex)?.levelCounts.max() ?? 1) },
+        describe: { "beam \($0.tree.beam)" })
+}

@@ -293,3 +293,12 @@ struct FlatQuantizer: ListQuantizer {
         return 0
     }
 }
+
+extension IVFIndex {
+    /// IVF's entry in the catalog: nlist k-means lists, nprobe probed at search.
+    public static let descriptor = IndexDescriptor(
+        kind: .ivf, type: IVFIndex.self, knob: .nprobe,
+        make: { d, _, p in try IVFIndex(dimension: d, parameters: p) },
+        ladder: { index, _ in Calibrator.clusterLadder(widest: (index as? IVFIndex)?.nlist ?? 1) },
+        describe: { "nprobe \($0.ivf.nprobe)" })
+}
