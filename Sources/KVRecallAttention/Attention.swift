@@ -30,6 +30,9 @@ public struct AttentionParameters: Sendable {
     public var scale: Float? = nil
     /// Logit soft-cap: scaled scores s become cap * tanh(s / cap) (Gemma 2); nil for none.
     public var softCap: Float? = nil
+    /// Cores one head's exact passes are split over (positions in parts merged by log-sum-exp);
+    /// a session gives each of its KV heads its share of the session's threads.
+    public var threads = 1
     /// Passed to the selecting index.
     public var search = SearchParameters()
     /// Estimation zone and adaptive budget (the `estimate` method).
@@ -52,6 +55,7 @@ public struct AttentionParameters: Sendable {
     /// Checks every knob (shared by the CLI, the REPL and the session).
     public func validate() throws {
         guard k >= 1 else { throw IndexError.invalidParameter("k must be at least 1 (got \(k))") }
+        guard threads >= 1 else { throw IndexError.invalidParameter("threads must be at least 1 (got \(threads))") }
         guard sinks >= 0, window >= 0 else {
             throw IndexError.invalidParameter("sinks and window must be non-negative (got \(sinks), \(window))")
         }
@@ -98,11 +102,8 @@ public enum Attention {
         let g = queries.count / d
         let score = ScoreTransform(parameters, dimension: d)
         let fixed = staticPositions(count: keys.count, sinks: parameters.sinks, window: parameters.window)
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
-        defer { scratch.deallocate() }
-        let heads = (0..<g).map {
-            AttentionKernel.attend(query: queries.baseAddress! + $0 * d, positions: fixed, keys: keys, values: values,
-                                   score: score, scratch: scratch)
+        let heads = fixed.withUnsafeBufferPointer {
+            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values, score: score)
         }
         return AttentionResult(heads: heads, retrieved: [], attended: fixed,
                                stats: SearchStats(queries: g, keyCount: keys.count))
@@ -114,10 +115,6 @@ public enum Attention {
     /// selector picks positions outside the static part for the group as
     /// `parameters.groupSelection` says (by default the union of every head's own top-k, found by
     /// one batched search), and each head attends exactly to the static part plus those positions.
-    /// A selected set of at least 1/`denseAttentionDivisor` of the positions is attended by one masked
-    /// dense pass instead of row gathers (a gathered row costs several times a row read in order, per head).
-    static let denseAttentionDivisor = 8
-
     public static func attend(queries: UnsafeBufferPointer<Float>, selector: (any VectorIndex)?, keys: VectorView,
                               values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
         let d = keys.dimension
@@ -134,11 +131,10 @@ public enum Attention {
         let g = queries.count / d
         let n = keys.count
         let score = ScoreTransform(parameters, dimension: d)
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(values.dimension, d))
-        defer { scratch.deallocate() }
 
         guard let selector else {
-            let heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values, score: score)
+            let heads = AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: nil, keys: keys, values: values,
+                                                    score: score, parts: parameters.threads)
             return AttentionResult(heads: heads, retrieved: [], attended: Array(0..<n),
                                    stats: SearchStats(distanceComputations: n * g, queries: g, keyCount: n))
         }
@@ -177,19 +173,10 @@ public enum Attention {
             }
         }
         let attended = (fixed + retrieved).sorted()
-        var heads: [PartialAttention] = []
-        if attended.count * denseAttentionDivisor >= n {
-            // A large set (a budget on a diffuse head): one dense pass over every key with the
-            // others masked reads the keys in order, where gathering the set's rows per head does not.
-            var keep = [Bool](repeating: false, count: n)
-            for i in attended { keep[i] = true }
-            heads = AttentionKernel.attendAllGroup(queries: queries.baseAddress!, g: g, keys: keys, values: values,
-                                                   score: score, keep: keep)
-        } else {
-            for h in 0..<g {
-                heads.append(AttentionKernel.attend(query: queries.baseAddress! + h * d, positions: attended,
-                                                    keys: keys, values: values, score: score, scratch: scratch))
-            }
+        // One pass over the attended rows scores every head of the group (each row read once).
+        let heads = attended.withUnsafeBufferPointer {
+            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                        score: score, parts: parameters.threads)
         }
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
     }

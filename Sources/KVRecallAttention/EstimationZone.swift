@@ -187,8 +187,6 @@ extension Attention {
         let inRetrieval = Set(retrievedClusters)
         let estimatedZone = Array(ranked.filter { !inRetrieval.contains($0) }.prefix(estimation.clusters ?? Int.max))
         let attended = (fixed + retrieved).sorted()
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(d, dv))
-        defer { scratch.deallocate() }
         // The estimation zone as one partial per head: with s_c the scaled score of cluster c's
         // mean key, the clusters' merged output is sum_c exp(s_c - M) valueSum_c / sum_c exp(s_c - M) n_c.
         let zoneMeans = estimatedZone.flatMap { c in summary.meanKeys[(c * d)..<((c + 1) * d)] }
@@ -197,7 +195,7 @@ extension Attention {
         for h in 0..<g {
             let query = queries.baseAddress! + h * d
             var partial = AttentionKernel.attend(query: query, positions: attended, keys: keys, values: values,
-                                                 score: score, scratch: scratch)
+                                                 score: score)
             if !estimatedZone.isEmpty {
                 zoneMeans.withUnsafeBufferPointer { m in
                     zoneScores.withUnsafeMutableBufferPointer { z in

@@ -58,7 +58,7 @@ public struct ExactReference {
             var oracleMass = 0.0
             for i in oracleSet { oracleMass += exp(Double(scores[i] - exact.lse)) }
             let oracle = AttentionKernel.attend(query: query, positions: oracleSet, keys: keys, values: values,
-                                                score: score, scratch: scratch)
+                                                score: score)
             return Head(scores: scores, exact: exact, topIDs: topIDs, oracleMass: oracleMass,
                         oracleError: relativeError(oracle.output, exact.output))
         }

@@ -1,3 +1,5 @@
+import CKernels
+import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -70,33 +72,101 @@ public struct ScoreTransform: Sendable, Equatable {
     }
 }
 
-/// Scores and value accumulation for attention over explicit position lists.
+/// Exact attention kernels: a GQA group's positions attended in one pass over their keys (every
+/// query head scored per key row read) and one over their values, split across cores and merged
+/// by log-sum-exp (flash-decoding's split-K).
 package enum AttentionKernel {
-    /// Attention of `query` over `positions` (scores through `score`), exactly.
-    static func attend(query: UnsafePointer<Float>, positions: [Int], keys: VectorView, values: VectorView,
-                       score: ScoreTransform, scratch: UnsafeMutablePointer<Float>) -> PartialAttention {
+    /// Positions a part of a split pass should at least hold: below it starting a part costs more
+    /// than it saves.
+    static let minimumPartRows = 2048
+
+    /// Exact attention of `g` query heads (`g x d` queries) over `positions` (nil: every position
+    /// of `keys`), in up to `parts` parts run in parallel and merged by log-sum-exp.
+    package static func attendGroup(queries: UnsafePointer<Float>, g: Int, positions: UnsafeBufferPointer<Int>?,
+                                    keys: VectorView, values: VectorView, score: ScoreTransform,
+                                    parts requested: Int = 1) -> [PartialAttention] {
+        let n = positions?.count ?? keys.count
         let dv = values.dimension
-        guard !positions.isEmpty else { return .empty(dimension: dv) }
-        var scores = [Float](repeating: 0, count: positions.count)
-        var m = -Float.infinity
-        for (j, i) in positions.enumerated() {
-            let s = score(keys.score(query: query, row: i))
-            scores[j] = s
-            m = max(m, s)
+        guard n > 0 else { return Array(repeating: .empty(dimension: dv), count: g) }
+        let parts = max(1, min(requested, n / minimumPartRows))
+        if parts == 1 {
+            return attendPart(queries: queries, g: g, positions: positions, range: 0..<n, keys: keys, values: values, score: score)
         }
-        var out = [Float](repeating: 0, count: dv)
-        var l: Double = 0
-        out.withUnsafeMutableBufferPointer { o in
-            for (j, i) in positions.enumerated() {
-                let w = Float(exp(Double(scores[j] - m)))
-                l += Double(w)
-                values.decodeRow(i, into: scratch)
-                for c in 0..<dv { o[c] += w * scratch[c] }
+        var results = [[PartialAttention]](repeating: [], count: parts)
+        results.withUnsafeMutableBufferPointer { out in
+            DispatchQueue.concurrentPerform(iterations: parts) { p in
+                out[p] = attendPart(queries: queries, g: g, positions: positions, range: (n * p / parts)..<(n * (p + 1) / parts),
+                                    keys: keys, values: values, score: score)
             }
-            let inv = Float(1 / l)
-            for c in 0..<dv { o[c] *= inv }
         }
-        return PartialAttention(output: out, lse: m + Float(log(l)))
+        return (0..<g).map { h in results.dropFirst().reduce(results[0][h]) { $0.merged(with: $1[h]) } }
+    }
+
+    /// One part: positions `range` of `positions` (or of every position). Rows are handed to the
+    /// C kernels in chunks of pointers; the part's scores stay between the two passes.
+    static func attendPart(queries: UnsafePointer<Float>, g: Int, positions: UnsafeBufferPointer<Int>?, range: Range<Int>,
+                           keys: VectorView, values: VectorView, score: ScoreTransform) -> [PartialAttention] {
+        let d = keys.dimension, dv = values.dimension, len = range.count
+        let chunk = 256
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * len)
+        let rows = UnsafeMutablePointer<UnsafeRawPointer?>.allocate(capacity: chunk)
+        let sums = UnsafeMutablePointer<Float>.allocate(capacity: g * dv)
+        defer { scores.deallocate(); rows.deallocate(); sums.deallocate() }
+        sums.initialize(repeating: 0, count: g * dv)
+        func fill(_ view: VectorView, _ start: Int, _ count: Int) {
+            for j in 0..<count {
+                let i = range.lowerBound + start + j
+                rows[j] = view.row(positions?[i] ?? i)
+            }
+        }
+        let dtype = Int32(keys.dtype.kernelCode), valueType = Int32(values.dtype.kernelCode)
+        for start in stride(from: 0, to: len, by: chunk) {
+            let count = min(chunk, len - start)
+            fill(keys, start, count)
+            kvr_group_scores(queries, g, d, rows, count, dtype, score.scale, scores + start, len)
+        }
+        var maxima = [Float](repeating: -.infinity, count: g), totals = [Float](repeating: 0, count: g)
+        for h in 0..<g {
+            let row = scores + h * len
+            score.cap(row, count: len)
+            var m = -Float.infinity
+            for i in 0..<len { m = max(m, row[i]) }
+            maxima[h] = m
+            totals[h] = kvr_exp_sub(row, len, m)
+        }
+        for start in stride(from: 0, to: len, by: chunk) {
+            let count = min(chunk, len - start)
+            fill(values, start, count)
+            kvr_group_accumulate(scores + start, g, len, rows, count, dv, valueType, sums)
+        }
+        return (0..<g).map { h in
+            let inv = 1 / totals[h]
+            return PartialAttention(output: (0..<dv).map { sums[h * dv + $0] * inv }, lse: maxima[h] + log(totals[h]))
+        }
+    }
+
+    /// Attention of one `query` over `positions` (scores through `score`), exactly.
+    static func attend(query: UnsafePointer<Float>, positions: [Int], keys: VectorView, values: VectorView,
+                       score: ScoreTransform) -> PartialAttention {
+        positions.withUnsafeBufferPointer {
+            attendGroup(queries: query, g: 1, positions: $0, keys: keys, values: values, score: score)[0]
+        }
+    }
+
+    /// Exact attention over all positions, given all scaled scores: the scalar reference (double
+    /// sums, exp per weight) that the fidelity metrics measure every method, exact included, against.
+    static func attendAll(scores: [Float], values: VectorView, scratch: UnsafeMutablePointer<Float>) -> PartialAttention {
+        let dv = values.dimension
+        guard let m = scores.max() else { return .empty(dimension: dv) }
+        var out = [Double](repeating: 0, count: dv)
+        var l: Double = 0
+        for i in 0..<values.count {
+            let w = exp(Double(scores[i] - m))
+            l += w
+            values.decodeRow(i, into: scratch)
+            for c in 0..<dv { out[c] += w * Double(scratch[c]) }
+        }
+        return PartialAttention(output: out.map { Float($0 / l) }, lse: m + Float(log(l)))
     }
 
     /// Transformed scores of `query` against every key (`keys.count` floats), block by block.
@@ -111,97 +181,9 @@ package enum AttentionKernel {
         }
         return scores
     }
-
-    /// Exact attention over all positions, given all scaled scores.
-    static func attendAll(scores: [Float], values: VectorView, scratch: UnsafeMutablePointer<Float>) -> PartialAttention {
-        let dv = values.dimension
-        guard let m = scores.max() else { return .empty(dimension: dv) }
-        var out = [Float](repeating: 0, count: dv)
-        var l: Double = 0
-        out.withUnsafeMutableBufferPointer { o in
-            for b in 0..<values.blockCount {
-                let rows = values.rowsInBlock(b)
-                let base = b * values.blockSize
-                for r in 0..<rows {
-                    let w = Float(exp(Double(scores[base + r] - m)))
-                    l += Double(w)
-                    values.decodeRow(base + r, into: scratch)
-                    for c in 0..<dv { o[c] += w * scratch[c] }
-                }
-            }
-            let inv = Float(1 / l)
-            for c in 0..<dv { o[c] *= inv }
-        }
-        return PartialAttention(output: out, lse: m + Float(log(l)))
-    }
 }
 
-extension AttentionKernel {
-    /// Exact attention of `g` query heads (`g x d`) over every position, with BLAS: per block of
-    /// keys one sgemm for the group's scores, then per block of values one sgemm for the weighted
-    /// sum. Reduced-precision blocks are converted once per block. Memory-bandwidth bound.
-    /// With `keep`, only positions whose flag is set are attended (the others weigh 0): exact
-    /// attention over a large selected set in one dense pass, cheaper than gathering its rows.
-    static func attendAllGroup(queries: UnsafePointer<Float>, g: Int, keys: VectorView, values: VectorView,
-                               score: ScoreTransform, keep: [Bool]? = nil) -> [PartialAttention] {
-        let n = keys.count, d = keys.dimension, dv = values.dimension, bs = keys.blockSize
-        let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * n)
-        let decoded = UnsafeMutablePointer<Float>.allocate(capacity: bs * max(d, dv))
-        let weights = UnsafeMutablePointer<Float>.allocate(capacity: g * bs)
-        var out = [Float](repeating: 0, count: g * dv)
-        defer { scores.deallocate(); decoded.deallocate(); weights.deallocate() }
-        // Scores, block by block: [g, rows] written into the [g, n] matrix at column b * bs.
-        let blockScores = UnsafeMutablePointer<Float>.allocate(capacity: g * bs)
-        defer { blockScores.deallocate() }
-        for b in 0..<keys.blockCount {
-            let rows = keys.rowsInBlock(b)
-            let k: UnsafePointer<Float>
-            if let inPlace = keys.alignedF32Block(b) { k = inPlace } else {
-                keys.decodeRows(keys.blocks[b], count: rows, into: decoded)
-                k = UnsafePointer(decoded)
-            }
-            BLAS.scoresNT(m: g, n: rows, k: d, a: queries, b: k, c: blockScores, alpha: score.scale)
-            score.cap(blockScores, count: g * rows)
-            for h in 0..<g { (scores + h * n + b * bs).update(from: blockScores + h * rows, count: rows) }
-        }
-        if let keep {
-            for h in 0..<g {
-                let row = scores + h * n
-                for i in 0..<n where !keep[i] { row[i] = -.infinity }
-            }
-        }
-        var maxima = [Float](repeating: -.infinity, count: g)
-        var sums = [Double](repeating: 0, count: g)
-        for h in 0..<g {
-            let row = scores + h * n
-            var m = -Float.infinity
-            for i in 0..<n { m = max(m, row[i]) }
-            maxima[h] = m
-        }
-        out.withUnsafeMutableBufferPointer { o in
-            for b in 0..<values.blockCount {
-                let rows = values.rowsInBlock(b)
-                for h in 0..<g {
-                    let row = scores + h * n + b * bs
-                    var s = 0.0
-                    for i in 0..<rows {
-                        let w = row[i] == -.infinity ? 0 : expf(row[i] - maxima[h])
-                        weights[h * rows + i] = w
-                        s += Double(w)
-                    }
-                    sums[h] += s
-                }
-                let v: UnsafePointer<Float>
-                if let inPlace = values.alignedF32Block(b) { v = inPlace } else {
-                    values.decodeRows(values.blocks[b], count: rows, into: decoded)
-                    v = UnsafePointer(decoded)
-                }
-                BLAS.gemm(m: g, n: dv, k: rows, a: weights, b: v, c: o.baseAddress!, beta: 1)
-            }
-        }
-        return (0..<g).map { h in
-            let inv = Float(1 / sums[h])
-            return PartialAttention(output: (0..<dv).map { out[h * dv + $0] * inv }, lse: maxima[h] + Float(log(sums[h])))
-        }
-    }
+extension DType {
+    /// The C kernels' code for this storage type (KVR_DTYPE_*).
+    var kernelCode: Int { self == .f32 ? Int(KVR_DTYPE_F32) : self == .f16 ? Int(KVR_DTYPE_F16) : Int(KVR_DTYPE_BF16) }
 }

@@ -7,7 +7,7 @@ import CKernels
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks (release builds only): medians and ratios against baselines run in the same process.",
-        subcommands: [BenchExact.self, BenchANN.self, BenchSession.self]
+        subcommands: [BenchExact.self, BenchANN.self, BenchSession.self, BenchAttention.self]
     )
 }
 

@@ -433,6 +433,8 @@ public final class KVSession {
         let failures = FirstError()
         let workers = max(1, min(threads, h))
         let states = heads[layer]
+        var parameters = self.parameters
+        parameters.threads = max(1, threads / h)  // a head's exact passes take the cores its KV heads leave
         try store.read { snapshot in
             let ready = try states.map { state -> (method: PreparedMethod, keys: VectorView, values: VectorView) in
                 let views = try state.views(in: snapshot)
@@ -466,6 +468,8 @@ public final class KVSession {
         guard state.tokens > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)") }
         return try store.read { snapshot in
             let views = try state.views(in: snapshot)
+            var parameters = self.parameters
+            parameters.threads = threads
             return try state.method(configuration.method, keys: views.keys, values: views.values)
                 .attend(queries, keys: views.keys, values: views.values, parameters: parameters)
         }

@@ -91,38 +91,56 @@ import KVRecallTestSupport
         #expect(try Self.measure(resumed).attended == budgetRun.attended)
     }
 
-    /// A large selected set is attended by one masked dense pass: the same result as gathering its rows.
-    @Test func maskedDenseAttentionEqualsGatheredAttention() throws {
+    /// The group kernel (every head scored per row read, positions split in parts merged by
+    /// log-sum-exp) equals a double-precision softmax per head, for every dtype, a soft-cap, odd
+    /// dimensions (scalar tails) and a selected subset of positions.
+    @Test(arguments: [(DType.f16, 24, 3, 1), (.f32, 37, 5, 3), (.bf16, 64, 4, 2), (.f16, 256, 4, 4)])
+    func theSplitGroupKernelEqualsASoftmaxPerHead(dtype: DType, d: Int, g: Int, parts: Int) throws {
         var rng = SeededRandom(seed: 7)
-        let n = 1000, d = 24, g = 3
-        let dir = TemporaryDirectory("kvrecall-dense-mask")
+        let n = 9000
+        let dir = TemporaryDirectory("kvrecall-group-kernel")
         let store = try KVStore(path: dir.path, create: true)
         defer { store.close() }
         let keys = rng.gaussianMatrix(rows: n, dim: d), values = rng.gaussianMatrix(rows: n, dim: d)
         try store.ingest(keys: Tensor(name: "k", shape: [n, d], dtype: .f32, floats: keys),
                          values: Tensor(name: "v", shape: [n, d], dtype: .f32, floats: values),
-                         queries: nil, first: HeadID(), dtype: .f16)
+                         queries: nil, first: HeadID(), dtype: dtype)
         let queries = rng.gaussianMatrix(rows: g, dim: d)
-        let positions = (0..<n).filter { $0 % 3 == 0 || $0 < 4 }
-        var keep = [Bool](repeating: false, count: n)
-        for i in positions { keep[i] = true }
         var p = AttentionParameters()
         p.softCap = 5
         let score = ScoreTransform(p, dimension: d)
         try store.read { s in
             let kv = try s.vectors(HeadID(), .keys), vv = try s.vectors(HeadID(), .values)
-            let dense = queries.withUnsafeBufferPointer {
-                AttentionKernel.attendAllGroup(queries: $0.baseAddress!, g: g, keys: kv, values: vv, score: score, keep: keep)
-            }
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: d)
-            defer { scratch.deallocate() }
-            for h in 0..<g {
-                let gathered = queries.withUnsafeBufferPointer {
-                    AttentionKernel.attend(query: $0.baseAddress! + h * d, positions: positions, keys: kv, values: vv,
-                                           score: score, scratch: scratch)
+            for subset in [nil, (0..<n).filter { $0 % 3 == 0 || $0 < 4 }] {
+                let positions = subset ?? Array(0..<n)
+                let got = queries.withUnsafeBufferPointer { q in
+                    subset.map { list in
+                        list.withUnsafeBufferPointer {
+                            AttentionKernel.attendGroup(queries: q.baseAddress!, g: g, positions: $0, keys: kv, values: vv,
+                                                        score: score, parts: parts)
+                        }
+                    } ?? AttentionKernel.attendGroup(queries: q.baseAddress!, g: g, positions: nil, keys: kv, values: vv,
+                                                     score: score, parts: parts)
                 }
-                #expect(abs(dense[h].lse - gathered.lse) < 1e-4)
-                #expect(zip(dense[h].output, gathered.output).allSatisfy { abs($0 - $1) < 1e-5 })
+                var row = [Float](repeating: 0, count: d)
+                for h in 0..<g {
+                    let scores = positions.map { i -> Double in
+                        kv.decodeRow(i, into: &row)
+                        var dot = 0.0
+                        for j in 0..<d { dot += Double(queries[h * d + j]) * Double(row[j]) }
+                        return Double(score(Float(dot)))
+                    }
+                    let m = scores.max()!
+                    let weights = scores.map { exp($0 - m) }
+                    let total = weights.reduce(0, +)
+                    var out = [Double](repeating: 0, count: d)
+                    for (w, i) in zip(weights, positions) {
+                        vv.decodeRow(i, into: &row)
+                        for j in 0..<d { out[j] += w * Double(row[j]) / total }
+                    }
+                    #expect(abs(Double(got[h].lse) - (m + log(total))) < 1e-3)
+                    #expect(relativeError(got[h].output, out.map { Float($0) }) < 1e-4)
+                }
             }
         }
     }

@@ -52,9 +52,9 @@ import KVRecallTestSupport
                 let union = Array(Set((0..<200).map { _ in Int.random(in: 0..<f.n, using: &rng) })).sorted()
                 let cut = trial == 0 ? 0 : Int.random(in: 1..<union.count, using: &rng)
                 let (a, b) = (Array(union[..<cut]), Array(union[cut...]))
-                let whole = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: union, keys: keys, values: values, score: ScoreTransform(scale: 0.25), scratch: scratch) }
-                let pa = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: a, keys: keys, values: values, score: ScoreTransform(scale: 0.25), scratch: scratch) }
-                let pb = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: b, keys: keys, values: values, score: ScoreTransform(scale: 0.25), scratch: scratch) }
+                let whole = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: union, keys: keys, values: values, score: ScoreTransform(scale: 0.25)) }
+                let pa = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: a, keys: keys, values: values, score: ScoreTransform(scale: 0.25)) }
+                let pb = q.withUnsafeBufferPointer { AttentionKernel.attend(query: $0.baseAddress!, positions: b, keys: keys, values: values, score: ScoreTransform(scale: 0.25)) }
                 let merged = pa.merged(with: pb)
                 #expect(abs(merged.lse - whole.lse) < 1e-4)
                 #expect(relativeError(merged.output, whole.output) < 1e-5)

@@ -85,6 +85,27 @@ float kvr_dot_f32(const float *a, const float *b, size_t d);
  * HNSW build's candidate lists (a few hundred keys each). */
 void kvr_sort_u64(uint64_t *keys, size_t n);
 
+/* ---- Exact attention of a GQA group (kvattend.c) ---- */
+
+/* How rows are stored: the order of Swift's DType. */
+enum { KVR_DTYPE_F32 = 0, KVR_DTYPE_F16 = 1, KVR_DTYPE_BF16 = 2 };
+
+/* Scores of g queries (q: g x d, row-major f32) against n rows (rows[i]: d elements of dtype, any
+ * alignment): out[h * stride + i] = scale * dot(q_h, row_i). Each row is read once for all g. */
+void kvr_group_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t n, int dtype,
+                      float scale, float *out, size_t stride);
+
+/* out[h * dv + c] += sum_i w[h * stride + i] * row_i[c] for h < g, c < dv: each row read once for all g. */
+void kvr_group_accumulate(const float *w, size_t g, size_t stride, const void *const *rows, size_t n, size_t dv,
+                          int dtype, float *out);
+
+/* x[i] = exp(x[i] - m) for i < n (x[i] <= m; -inf gives 0), vectorised; returns the sum. */
+float kvr_exp_sub(float *x, size_t n, float m);
+
+/* Reads bytes [p, p + bytes) and folds them into a word (so the reads cannot be skipped): the
+ * memory floor an attention pass over the same bytes is measured against. */
+uint64_t kvr_read_bytes(const void *p, size_t bytes);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,315 @@
+/* Exact attention of a GQA group over rows read straight from the memory map, and the floor it is
+ * measured against (a pass that only reads the same bytes).
+ *
+ * One pass over the keys scores every query head of the group (each key row is read once and
+ * multiplied with the g queries), one pass over the values accumulates every head's weighted sum.
+ * The caller splits positions into parts (one per core) and merges the parts by log-sum-exp
+ * (flash-decoding's split-K). f16/bf16 rows are converted in registers. */
+#include "kvkernels.h"
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVR_X86 1
+#define FAST __attribute__((target("avx2,fma,f16c")))
+#else
+#define KVR_X86 0
+#endif
+
+/* ---- portable bodies ---- */
+
+static inline float scalar_at(const void *row, size_t j, int dtype) {
+    if (dtype == KVR_DTYPE_F32) return ((const float *)row)[j];
+    uint16_t w = ((const uint16_t *)row)[j];
+    float f;
+    if (dtype == KVR_DTYPE_BF16) {
+        uint32_t bits = (uint32_t)w << 16;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    kvr_f16_to_f32(&w, &f, 1);
+    return f;
+}
+
+static void group_scores_portable(const float *q, size_t g, size_t d, const void *const *rows, size_t n, int dtype,
+                                  float scale, float *out, size_t stride) {
+    for (size_t i = 0; i < n; i++) {
+        for (size_t h = 0; h < g; h++) {
+            float s = 0;
+            for (size_t j = 0; j < d; j++) s += q[h * d + j] * scalar_at(rows[i], j, dtype);
+            out[h * stride + i] = s * scale;
+        }
+    }
+}
+
+static void group_accumulate_portable(const float *w, size_t g, size_t stride, const void *const *rows, size_t n,
+                                      size_t dv, int dtype, float *out) {
+    for (size_t i = 0; i < n; i++) {
+        for (size_t c = 0; c < dv; c++) {
+            float v = scalar_at(rows[i], c, dtype);
+            for (size_t h = 0; h < g; h++) out[h * dv + c] += w[h * stride + i] * v;
+        }
+    }
+}
+
+/* ---- AVX2 / FMA / F16C bodies ---- */
+#if KVR_X86
+FAST static inline __m256 load8_f32(const void *p, size_t j) { return _mm256_loadu_ps((const float *)p + j); }
+FAST static inline __m256 load8_f16(const void *p, size_t j) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + j)));
+}
+FAST static inline __m256 load8_bf16(const void *p, size_t j) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + j)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+/* The four horizontal sums of a, b, c, e as one vector. */
+FAST static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 e) {
+    __m256 ab = _mm256_hadd_ps(a, b), ce = _mm256_hadd_ps(c, e);
+    __m256 abce = _mm256_hadd_ps(ab, ce);
+    return _mm_add_ps(_mm256_castps256_ps128(abce), _mm256_extractf128_ps(abce, 1));
+}
+
+FAST static inline float hsum1(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Scores of four query heads against two rows at a time (8 accumulators in registers), then one
+ * head against single rows for what is left. d need not be a multiple of 8 (scalar tail). */
+#define DEFINE_GROUP_SCORES(NAME, LOAD)                                                                      \
+FAST static void NAME(const float *q, size_t g, size_t d, const void *const *rows, size_t n, int dtype,      \
+                      float scale, float *out, size_t stride) {                                              \
+    const size_t d8 = d & ~(size_t)7;                                                                        \
+    size_t h = 0;                                                                                            \
+    for (; h + 4 <= g; h += 4) {                                                                             \
+        const float *q0 = q + h * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;                               \
+        size_t i = 0;                                                                                        \
+        for (; i + 2 <= n; i += 2) {                                                                         \
+            const void *r0 = rows[i], *r1 = rows[i + 1];                                                     \
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;                               \
+            __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;                                               \
+            for (size_t j = 0; j < d8; j += 8) {                                                             \
+                __m256 x0 = LOAD(r0, j), x1 = LOAD(r1, j), w;                                                \
+                w = _mm256_loadu_ps(q0 + j); a00 = _mm256_fmadd_ps(w, x0, a00); a10 = _mm256_fmadd_ps(w, x1, a10); \
+                w = _mm256_loadu_ps(q1 + j); a01 = _mm256_fmadd_ps(w, x0, a01); a11 = _mm256_fmadd_ps(w, x1, a11); \
+                w = _mm256_loadu_ps(q2 + j); a02 = _mm256_fmadd_ps(w, x0, a02); a12 = _mm256_fmadd_ps(w, x1, a12); \
+                w = _mm256_loadu_ps(q3 + j); a03 = _mm256_fmadd_ps(w, x0, a03); a13 = _mm256_fmadd_ps(w, x1, a13); \
+            }                                                                                                \
+            float s0[4], s1[4];                                                                              \
+            _mm_storeu_ps(s0, hsum4(a00, a01, a02, a03));                                                    \
+            _mm_storeu_ps(s1, hsum4(a10, a11, a12, a13));                                                    \
+            for (size_t j = d8; j < d; j++) {                                                                \
+                float x0 = scalar_at(r0, j, dtype), x1 = scalar_at(r1, j, dtype);                            \
+                s0[0] += q0[j] * x0; s0[1] += q1[j] * x0; s0[2] += q2[j] * x0; s0[3] += q3[j] * x0;         \
+                s1[0] += q0[j] * x1; s1[1] += q1[j] * x1; s1[2] += q2[j] * x1; s1[3] += q3[j] * x1;         \
+            }                                                                                                \
+            for (size_t t = 0; t < 4; t++) {                                                                 \
+                out[(h + t) * stride + i] = s0[t] * scale;                                                   \
+                out[(h + t) * stride + i + 1] = s1[t] * scale;                                               \
+            }                                                                                                \
+        }                                                                                                    \
+        for (; i < n; i++) {                                                                                 \
+            for (size_t t = 0; t < 4; t++) {                                                                 \
+                const float *qt = q + (h + t) * d;                                                           \
+                __m256 a = _mm256_setzero_ps();                                                              \
+                for (size_t j = 0; j < d8; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qt + j), LOAD(rows[i], j), a); \
+                float s = hsum1(a);                                                                          \
+                for (size_t j = d8; j < d; j++) s += qt[j] * scalar_at(rows[i], j, dtype);                   \
+                out[(h + t) * stride + i] = s * scale;                                                       \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (; h < g; h++) {                                                                                     \
+        const float *qh = q + h * d;                                                                         \
+        size_t i = 0;                                                                                        \
+        for (; i + 4 <= n; i += 4) {                                                                         \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                      \
+            for (size_t j = 0; j < d8; j += 8) {                                                             \
+                __m256 w = _mm256_loadu_ps(qh + j);                                                          \
+                a0 = _mm256_fmadd_ps(w, LOAD(rows[i], j), a0);                                               \
+                a1 = _mm256_fmadd_ps(w, LOAD(rows[i + 1], j), a1);                                           \
+                a2 = _mm256_fmadd_ps(w, LOAD(rows[i + 2], j), a2);                                           \
+                a3 = _mm256_fmadd_ps(w, LOAD(rows[i + 3], j), a3);                                           \
+            }                                                                                                \
+            float s[4];                                                                                      \
+            _mm_storeu_ps(s, hsum4(a0, a1, a2, a3));                                                         \
+            for (size_t t = 0; t < 4; t++) {                                                                 \
+                for (size_t j = d8; j < d; j++) s[t] += qh[j] * scalar_at(rows[i + t], j, dtype);            \
+                out[h * stride + i + t] = s[t] * scale;                                                      \
+            }                                                                                                \
+        }                                                                                                    \
+        for (; i < n; i++) {                                                                                 \
+            __m256 a = _mm256_setzero_ps();                                                                  \
+            for (size_t j = 0; j < d8; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j), LOAD(rows[i], j), a); \
+            float s = hsum1(a);                                                                              \
+            for (size_t j = d8; j < d; j++) s += qh[j] * scalar_at(rows[i], j, dtype);                       \
+            out[h * stride + i] = s * scale;                                                                 \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+DEFINE_GROUP_SCORES(group_scores_f32, load8_f32)
+DEFINE_GROUP_SCORES(group_scores_f16, load8_f16)
+DEFINE_GROUP_SCORES(group_scores_bf16, load8_bf16)
+
+/* out[h][c] += sum_i w[h][i] v_i[c]: rows in runs of 32 (they stay in L1 while the dimensions are
+ * swept 16 at a time), four heads' 2 x 8 accumulators in registers. */
+#define DEFINE_GROUP_ACCUMULATE(NAME, LOAD)                                                                  \
+FAST static void NAME(const float *w, size_t g, size_t stride, const void *const *rows, size_t n, size_t dv, \
+                      int dtype, float *out) {                                                               \
+    const size_t d16 = dv & ~(size_t)15;                                                                     \
+    for (size_t start = 0; start < n; start += 32) {                                                         \
+        const size_t end = start + 32 < n ? start + 32 : n;                                                  \
+        size_t h = 0;                                                                                        \
+        for (; h + 4 <= g; h += 4) {                                                                         \
+            const float *w0 = w + h * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;      \
+            float *o0 = out + h * dv, *o1 = o0 + dv, *o2 = o1 + dv, *o3 = o2 + dv;                           \
+            for (size_t c = 0; c < d16; c += 16) {                                                           \
+                __m256 a00 = _mm256_loadu_ps(o0 + c), a01 = _mm256_loadu_ps(o0 + c + 8);                     \
+                __m256 a10 = _mm256_loadu_ps(o1 + c), a11 = _mm256_loadu_ps(o1 + c + 8);                     \
+                __m256 a20 = _mm256_loadu_ps(o2 + c), a21 = _mm256_loadu_ps(o2 + c + 8);                     \
+                __m256 a30 = _mm256_loadu_ps(o3 + c), a31 = _mm256_loadu_ps(o3 + c + 8);                     \
+                for (size_t i = start; i < end; i++) {                                                       \
+                    __m256 v0 = LOAD(rows[i], c), v1 = LOAD(rows[i], c + 8), b;                              \
+                    b = _mm256_broadcast_ss(w0 + i); a00 = _mm256_fmadd_ps(b, v0, a00); a01 = _mm256_fmadd_ps(b, v1, a01); \
+                    b = _mm256_broadcast_ss(w1 + i); a10 = _mm256_fmadd_ps(b, v0, a10); a11 = _mm256_fmadd_ps(b, v1, a11); \
+                    b = _mm256_broadcast_ss(w2 + i); a20 = _mm256_fmadd_ps(b, v0, a20); a21 = _mm256_fmadd_ps(b, v1, a21); \
+                    b = _mm256_broadcast_ss(w3 + i); a30 = _mm256_fmadd_ps(b, v0, a30); a31 = _mm256_fmadd_ps(b, v1, a31); \
+                }                                                                                            \
+                _mm256_storeu_ps(o0 + c, a00); _mm256_storeu_ps(o0 + c + 8, a01);                            \
+                _mm256_storeu_ps(o1 + c, a10); _mm256_storeu_ps(o1 + c + 8, a11);                            \
+                _mm256_storeu_ps(o2 + c, a20); _mm256_storeu_ps(o2 + c + 8, a21);                            \
+                _mm256_storeu_ps(o3 + c, a30); _mm256_storeu_ps(o3 + c + 8, a31);                            \
+            }                                                                                                \
+        }                                                                                                    \
+        for (; h < g; h++) {                                                                                 \
+            const float *wh = w + h * stride;                                                                \
+            float *oh = out + h * dv;                                                                        \
+            for (size_t c = 0; c < d16; c += 16) {                                                           \
+                __m256 a0 = _mm256_loadu_ps(oh + c), a1 = _mm256_loadu_ps(oh + c + 8);                       \
+                for (size_t i = start; i < end; i++) {                                                       \
+                    __m256 b = _mm256_broadcast_ss(wh + i);                                                  \
+                    a0 = _mm256_fmadd_ps(b, LOAD(rows[i], c), a0);                                           \
+                    a1 = _mm256_fmadd_ps(b, LOAD(rows[i], c + 8), a1);                                       \
+                }                                                                                            \
+                _mm256_storeu_ps(oh + c, a0); _mm256_storeu_ps(oh + c + 8, a1);                              \
+            }                                                                                                \
+        }                                                                                                    \
+        if (d16 < dv) {                                                                                      \
+            for (size_t i = start; i < end; i++)                                                             \
+                for (size_t c = d16; c < dv; c++) {                                                          \
+                    float v = scalar_at(rows[i], c, dtype);                                                  \
+                    for (size_t t = 0; t < g; t++) out[t * dv + c] += w[t * stride + i] * v;                 \
+                }                                                                                            \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+DEFINE_GROUP_ACCUMULATE(group_accumulate_f32, load8_f32)
+DEFINE_GROUP_ACCUMULATE(group_accumulate_f16, load8_f16)
+DEFINE_GROUP_ACCUMULATE(group_accumulate_bf16, load8_bf16)
+
+/* exp(x) for x <= 0 (softmax weights after subtracting the maximum), Cephes' range reduction and
+ * polynomial: relative error about 2e-7; -inf gives 0, and so does anything below -87. */
+FAST static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3365f);
+    __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(below, y);
+}
+
+FAST static float exp_sub_fast(float *x, size_t n, float m) {
+    __m256 mv = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float s = hsum1(acc);
+    for (; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
+    return s;
+}
+
+FAST static uint64_t read_bytes_fast(const void *p, size_t bytes) {
+    const char *c = (const char *)p;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 128 <= bytes; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(c + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(c + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(c + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(c + i + 96)));
+    }
+    __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    uint64_t out[4];
+    _mm256_storeu_si256((__m256i *)out, a);
+    uint64_t s = out[0] ^ out[1] ^ out[2] ^ out[3];
+    for (; i < bytes; i++) s ^= (uint64_t)(unsigned char)c[i];
+    return s;
+}
+#endif
+
+void kvr_group_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t n, int dtype,
+                      float scale, float *out, size_t stride) {
+#if KVR_X86
+    if (kvr_has_fast_path()) {
+        switch (dtype) {
+        case KVR_DTYPE_F32: group_scores_f32(q, g, d, rows, n, dtype, scale, out, stride); return;
+        case KVR_DTYPE_F16: group_scores_f16(q, g, d, rows, n, dtype, scale, out, stride); return;
+        default: group_scores_bf16(q, g, d, rows, n, dtype, scale, out, stride); return;
+        }
+    }
+#endif
+    group_scores_portable(q, g, d, rows, n, dtype, scale, out, stride);
+}
+
+void kvr_group_accumulate(const float *w, size_t g, size_t stride, const void *const *rows, size_t n, size_t dv,
+                          int dtype, float *out) {
+#if KVR_X86
+    if (kvr_has_fast_path()) {
+        switch (dtype) {
+        case KVR_DTYPE_F32: group_accumulate_f32(w, g, stride, rows, n, dv, dtype, out); return;
+        case KVR_DTYPE_F16: group_accumulate_f16(w, g, stride, rows, n, dv, dtype, out); return;
+        default: group_accumulate_bf16(w, g, stride, rows, n, dv, dtype, out); return;
+        }
+    }
+#endif
+    group_accumulate_portable(w, g, stride, rows, n, dv, dtype, out);
+}
+
+float kvr_exp_sub(float *x, size_t n, float m) {
+#if KVR_X86
+    if (kvr_has_fast_path()) return exp_sub_fast(x, n, m);
+#endif
+    float s = 0;
+    for (size_t i = 0; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
+    return s;
+}
+
+uint64_t kvr_read_bytes(const void *p, size_t bytes) {
+#if KVR_X86
+    if (kvr_has_fast_path()) return read_bytes_fast(p, bytes);
+#endif
+    const unsigned char *c = (const unsigned char *)p;
+    uint64_t s = 0;
+    for (size_t i = 0; i < bytes; i++) s ^= c[i];
+    return s;
+}

@@ -1,0 +1,161 @@
+import ArgumentParser
+import CKernels
+import Dispatch
+import Foundation
+import KVRecall
+import KVRecallInterface
+
+/// `kvrecall bench attention`: a head's decode-step attention per method, timed beside the memory
+/// floor of exact attention (a pass that only reads the head's key and value bytes, split over the
+/// same cores), with each method's output error against exact attention.
+struct BenchAttention: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "attention",
+        abstract: "Decode-step attention per method against the memory floor and exact attention, one head.",
+        discussion: """
+        Every query group is attended by each method (timed, best of
+        --passes after a warm-up) and the floor is timed the same way: a
+        kernel that reads the head's key and value bytes once, over --threads
+        cores, and does nothing else. Exact attention cannot beat the floor; a
+        method is a win only where it beats exact attention. Reports medians
+        over the groups and their ratios within this run.
+
+        Example (a 32K Gemma 3 capture, see docs/BENCHMARKS.md):
+          kvrecall ingest --store s --keys t/layer05_keys.npy \\
+              --values t/layer05_values.npy --dtype f16 --layer 5
+          kvrecall bench attention --store s --layer 5 --group 4 \\
+              --queries t/layer05_queries.npy --method exact,quantized
+        """
+    )
+
+    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var headOptions: HeadOptions
+    @Option(help: ArgumentHelp("Query vectors [M, d] .npy (groups of --group rows).", valueName: "file"))
+    var queries: String
+    @Option(help: ArgumentHelp("Comma-separated methods (index methods need their index built).", valueName: "methods"))
+    var method: String = "exact"
+    @Option(help: "Query heads per KV head.")
+    var group: Int = 1
+    @Option(help: "Query groups timed (the first N).")
+    var limit: Int = 32
+    @Option(help: "Timed passes per group (after one warm-up); the best counts.")
+    var passes: Int = 5
+    @Option(help: "Cores one head's passes are split over (default: all).")
+    var threads: Int = ProcessInfo.processInfo.activeProcessorCount
+    @OptionGroup var budget: BudgetOptions
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func validate() throws {
+        if group < 1 || limit < 1 || passes < 1 || threads < 1 {
+            throw ValidationError("--group, --limit, --passes and --threads must be at least 1")
+        }
+        _ = try methods()
+    }
+
+    func methods() throws -> [AttentionMethod] {
+        try method.split(separator: ",", omittingEmptySubsequences: false).map {
+            let name = $0.trimmingCharacters(in: .whitespaces)
+            guard let m = AttentionMethod(rawValue: name) else {
+                throw ValidationError("--method: no method '\(name)' (one of \(AttentionMethod.names))")
+            }
+            return m
+        }
+    }
+
+    func run() throws {
+        let store = try storeOptions.open(readOnly: true)
+        defer { store.close() }
+        let info = try store.info(headOptions.id)
+        let d = info.dimension
+        var (rows, values) = try loadQueries(path: queries, tensorName: nil, dimension: d)
+        guard rows >= group, rows % group == 0 else { throw RunError("\(rows) query rows do not form whole groups of \(group)") }
+        let groups = min(limit, rows / group)
+        rows = groups * group
+        values = Array(values.prefix(rows * d))
+        var parameters = budget.attention
+        parameters.threads = threads
+        let methods = try methods()
+        let report = try store.read { snapshot -> [[String: Any]] in
+            let keys = try snapshot.vectors(headOptions.id, .keys), vals = try snapshot.vectors(headOptions.id, .values)
+            let floor = (0..<groups).map { _ in best(of: passes) { _ = readFloor(keys: keys, values: vals, parts: threads) } }
+            let runs = try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values, groupSize: group,
+                                      parameters: parameters, repetitions: passes + 1).map { try $0.get() }
+            let floorMs = median(floor) / 1e3
+            let bytes = keys.count * (keys.bytesPerRow + vals.bytesPerRow)
+            var lines: [[String: Any]] = [["method": "floor", "median_ms": floorMs, "gb_per_s": Double(bytes) / floorMs / 1e6]]
+            let exactMs = runs.first { $0.method == .exact }.map { bestPerGroup($0.micros) / 1e3 }
+            for run in runs {
+                let ms = bestPerGroup(run.micros) / 1e3
+                var line: [String: Any] = ["method": run.method.rawValue, "effective": run.effective.rawValue, "median_ms": ms,
+                                           "vs_floor": ms / floorMs, "median_output_error": median(run.errors),
+                                           "keys_scanned_fraction": run.scanned]
+                if let exactMs { line["vs_exact"] = ms / exactMs }
+                lines.append(line)
+            }
+            return lines
+        }
+        if json {
+            print(try jsonString(["head": "\(info.id)", "keys": info.count, "dimension": d, "dtype": info.dtype.rawValue,
+                                  "groups": groups, "group": group, "threads": threads, "results": report]))
+            return
+        }
+        print("head \(info.id): \(info.count) keys x \(d) \(info.dtype.rawValue); \(groups) groups of \(group); \(threads) threads; best of \(passes) per group, medians")
+        var table = TextTable(["method", "median_ms", "vs_floor", "vs_exact", "median_error", "keys_scanned"])
+        for line in report {
+            let ms = line["median_ms"] as! Double
+            let name = line["method"] as! String
+            if name == "floor" {
+                table.add(["floor (read K and V)", fmt(ms, 3), "1.00x", "", "", fmt((line["gb_per_s"] as! Double), 1) + " GB/s"])
+                continue
+            }
+            table.add([name, fmt(ms, 3), fmt(line["vs_floor"] as! Double, 2) + "x",
+                       (line["vs_exact"] as? Double).map { fmt($0, 2) + "x" } ?? "", fmt(line["median_output_error"] as! Double, 4),
+                       fmt((line["keys_scanned_fraction"] as! Double) * 100, 1) + "%"])
+        }
+        print(table.render())
+    }
+
+    /// The median over groups of each group's best pass (`micros` holds passes + 1 timings per
+    /// group, the first a warm-up).
+    func bestPerGroup(_ micros: [Double]) -> Double {
+        let per = passes + 1
+        return median(stride(from: 0, to: micros.count, by: per).map { micros[($0 + 1)..<min(micros.count, $0 + per)].min() ?? micros[$0] })
+    }
+}
+
+/// The best of `passes` timings of `body` (after one warm-up), in microseconds.
+func best(of passes: Int, _ body: () -> Void) -> Double {
+    body()
+    var fastest = Double.infinity
+    for _ in 0..<passes {
+        let t0 = monotonicNanos()
+        body()
+        fastest = min(fastest, Double(monotonicNanos() - t0) / 1e3)
+    }
+    return fastest
+}
+
+/// Reads every key and value byte of a head once, positions split into `parts` run in parallel:
+/// what exact attention cannot go below.
+func readFloor(keys: VectorView, values: VectorView, parts: Int) -> UInt64 {
+    let n = keys.count
+    let parts = max(1, min(parts, n / 2048))
+    var folds = [UInt64](repeating: 0, count: parts)
+    folds.withUnsafeMutableBufferPointer { out in
+        DispatchQueue.concurrentPerform(iterations: parts) { p in
+            var fold: UInt64 = 0
+            var i = n * p / parts
+            let end = n * (p + 1) / parts
+            while i < end {
+                let inBlock = i % keys.blockSize
+                let rows = min(keys.blockSize - inBlock, end - i)
+                fold ^= kvr_read_bytes(keys.row(i), rows * keys.bytesPerRow)
+                fold ^= kvr_read_bytes(values.row(i), rows * values.bytesPerRow)
+                i += rows
+            }
+            out[p] = fold
+        }
+    }
+    return folds.reduce(0, ^)
+}
