@@ -81,7 +81,8 @@ enum kvrecall_method {
     KVRECALL_METHOD_TREE = 7,
     KVRECALL_METHOD_ESTIMATE = 8,  /* RetroInfer estimation zone over IVF clusters */
     KVRECALL_METHOD_AUTO = 9,      /* ABI 2: per KV head, the policy its prefill queries call for */
-    KVRECALL_METHOD_STREAMING = 10 /* ABI 2: sinks and window only */
+    KVRECALL_METHOD_STREAMING = 10, /* ABI 2: sinks and window only */
+    KVRECALL_METHOD_QUANTIZED = 11  /* ABI 2: a scan of 4-bit key codes, the best candidates exact, the rest through their codes */
 };
 
 typedef struct kvrecall_config {

@@ -25,7 +25,7 @@ __all__ = ["Session", "ResumeInfo", "Error", "NullPointerError", "ArgumentError"
            "LibraryNotFound", "library_version", "METHODS", "DTYPES"]
 
 # In C-value order (enum kvrecall_method); a test checks it against the library's own table.
-METHODS = ("exact", "retrieval", "hip", "landmark", "hnsw", "ivf", "lsh", "tree", "estimate", "auto", "streaming")
+METHODS = ("exact", "retrieval", "hip", "landmark", "hnsw", "ivf", "lsh", "tree", "estimate", "auto", "streaming", "quantized")
 DTYPES = ("f32", "f16", "bf16")
 
 

@@ -37,6 +37,8 @@ public struct AttentionParameters: Sendable {
     public var search = SearchParameters()
     /// Estimation zone and adaptive budget (the `estimate` method).
     public var estimation = EstimationParameters()
+    /// Candidates and tail of the `quantized` method.
+    public var quantized = QuantizedParameters()
     /// How a GQA group's heads share the selection.
     public var groupSelection = GroupSelection.union
     public init() {}
@@ -63,6 +65,7 @@ public struct AttentionParameters: Sendable {
         if let softCap { guard softCap.isFinite, softCap > 0 else { throw IndexError.invalidParameter("soft-cap must be positive (got \(softCap))") } }
         try search.validate()
         try estimation.validate()
+        try quantized.validate()
     }
 }
 

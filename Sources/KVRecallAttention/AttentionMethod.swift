@@ -9,7 +9,7 @@ import KVRecallIndexes
 /// that attends it. The C enum (`include/kvrecall.h`, checked against `table` by a test), Python's
 /// `METHODS` (checked by a test), the CLI's help and the REPL's completion all read it.
 public enum AttentionMethod: String, CaseIterable, Codable, Sendable {
-    case exact, retrieval, hip, landmark, hnsw, ivf, lsh, tree, estimate, streaming, auto
+    case exact, retrieval, hip, landmark, hnsw, ivf, lsh, tree, estimate, streaming, quantized, auto
 
     /// One row of the method table.
     public struct Entry: Sendable {
@@ -39,6 +39,8 @@ public enum AttentionMethod: String, CaseIterable, Codable, Sendable {
         Entry(method: .auto, cValue: 9, index: nil,
               summary: "per head, the policy its prefill queries call for (chosen at the build)"),
         Entry(method: .streaming, cValue: 10, index: nil, summary: "StreamingLLM: sinks and the recent window only"),
+        Entry(method: .quantized, cValue: 11, index: nil,
+              summary: "a scan of 4-bit key codes, the best candidates attended exactly, the rest through their codes"),
     ]
 
     /// This method's row of `table`.
@@ -58,6 +60,9 @@ public enum AttentionMethod: String, CaseIterable, Codable, Sendable {
 
     /// Whether a session builds something per head for this method after the prompt.
     public var needsBuild: Bool { self == .auto || indexKind != nil }
+
+    /// Whether the method reads the head's quantized tier (its codes are kept from the first token).
+    public var readsCodes: Bool { self == .quantized || self == .auto }
 }
 
 /// One head's attention method with what it needs across calls: its index and, for `estimate`,
@@ -133,7 +138,8 @@ public final class PreparedMethod: @unchecked Sendable {
     /// Attention for one GQA group (`g x d` queries, row-major) over a head's `keys` and `values`.
     /// Keys beyond the index (appended since it was built or extended) are attended exactly, like
     /// the window; when the static part covers every position the result is exact attention.
-    public func attend(_ queries: UnsafeBufferPointer<Float>, keys: VectorView, values: VectorView,
+    /// `quantized` reads the head's `codes` (an error without them).
+    public func attend(_ queries: UnsafeBufferPointer<Float>, keys: VectorView, values: VectorView, codes: CodeView? = nil,
                        parameters: AttentionParameters) throws -> AttentionResult {
         var p = parameters
         p.search = searchParameters(parameters.search)
@@ -145,6 +151,11 @@ public final class PreparedMethod: @unchecked Sendable {
             break
         case .streaming:
             return try Attention.attendStatic(queries: queries, keys: keys, values: values, parameters: p)
+        case .quantized:
+            guard let codes else {
+                throw IndexError.notBuilt("head \(keys.info.id) keeps no codes for the quantized method; build them with `kvrecall codes` (a session keeps them from its first token)")
+            }
+            return try Attention.attendQuantized(queries: queries, codes: codes, keys: keys, values: values, parameters: p)
         case .hip:
             selector = HiPSelector(keys: keys)
         default:
@@ -174,15 +185,18 @@ public struct PreparedAttention {
     public let method: PreparedMethod
     public let keys: VectorView
     public let values: VectorView
+    /// The head's quantized tier, when it keeps one.
+    public let codes: CodeView?
 
-    public init(method: PreparedMethod, keys: VectorView, values: VectorView) {
+    public init(method: PreparedMethod, keys: VectorView, values: VectorView, codes: CodeView? = nil) {
         self.method = method
         self.keys = keys
         self.values = values
+        self.codes = codes
     }
 
     /// Attention for one GQA group (`g x d` queries).
     public func attend(_ queries: UnsafeBufferPointer<Float>, parameters: AttentionParameters) throws -> AttentionResult {
-        try method.attend(queries, keys: keys, values: values, parameters: parameters)
+        try method.attend(queries, keys: keys, values: values, codes: codes, parameters: parameters)
     }
 }

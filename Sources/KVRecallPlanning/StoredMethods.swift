@@ -26,7 +26,7 @@ extension AttentionMethod {
         let loaded = try kind.map { try IndexCatalog.loadCalibrated($0, snapshot: snapshot, head: id) }
         let method = try PreparedMethod(self, plan: plan, index: loaded?.index, calibration: loaded?.calibration,
                                         keys: keys, values: values)
-        return PreparedAttention(method: method, keys: keys, values: values)
+        return PreparedAttention(method: method, keys: keys, values: values, codes: try snapshot.codes(id))
     }
 }
 
@@ -46,7 +46,7 @@ public final class PreparedMethodCache {
         let keys = try snapshot.vectors(id, .keys)
         let values = try snapshot.vectors(id, .values)
         if let entry = entries[key], entry.identity == identity {
-            return PreparedAttention(method: entry.method, keys: keys, values: values)
+            return PreparedAttention(method: entry.method, keys: keys, values: values, codes: try snapshot.codes(id))
         }
         let prepared = try method.prepare(snapshot: snapshot, head: id)
         entries[key] = (identity, prepared.method)

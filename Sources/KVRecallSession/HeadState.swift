@@ -27,8 +27,15 @@ final class HeadState {
     /// The method prepared over `index` (with `estimate`'s cluster summary); kept while the index
     /// only grows, rebuilt when what the head runs with is replaced.
     private var prepared: PreparedMethod?
-    /// The keys and values views of the last call, continued while only appends happened.
-    private var views: (keys: VectorView, values: VectorView)?
+    /// A head's stored streams inside one snapshot: keys, values and (when kept) their codes.
+    struct Views {
+        let keys: VectorView
+        let values: VectorView
+        let codes: CodeView?
+    }
+
+    /// The views of the last call, continued while only appends happened.
+    private var views: Views?
 
     init(id: HeadID, tokens: Int) {
         self.id = id
@@ -56,13 +63,15 @@ final class HeadState {
 
     /// The head's keys and values in `snapshot`: the last call's views continued (only the blocks
     /// appended since are read), or read whole the first time or after the map moved.
-    func views(in snapshot: StoreSnapshot) throws -> (keys: VectorView, values: VectorView) {
-        let current: (keys: VectorView, values: VectorView)
+    func views(in snapshot: StoreSnapshot) throws -> Views {
+        let current: Views
         if let views {
-            current = (try snapshot.vectors(continuing: views.keys, count: tokens),
-                       try snapshot.vectors(continuing: views.values, count: tokens))
+            current = Views(keys: try snapshot.vectors(continuing: views.keys, count: tokens),
+                            values: try snapshot.vectors(continuing: views.values, count: tokens),
+                            codes: try views.codes.map { try snapshot.codes(continuing: $0, count: tokens) })
         } else {
-            current = (try snapshot.vectors(id, .keys), try snapshot.vectors(id, .values))
+            current = Views(keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values),
+                            codes: try snapshot.codes(id))
             guard current.keys.count == tokens else {
                 throw StoreError(.corrupt, "head \(id) holds \(current.keys.count) tokens, the session counted \(tokens)",
                                  path: snapshot.store.path, head: id)

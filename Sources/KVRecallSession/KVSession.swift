@@ -290,7 +290,7 @@ public final class KVSession {
                 var metadata: [String: String] = [:]
                 if layer == 0 && head == 0 { metadata[KVSession.configurationKey] = encoded }
                 try store.createHead(headID(layer, head), dimension: configuration.headDimension, dtype: configuration.dtype,
-                                     metadata: metadata)
+                                     metadata: metadata, codes: configuration.codes)
             }
         }
     }
@@ -436,15 +436,16 @@ public final class KVSession {
         var parameters = self.parameters
         parameters.threads = max(1, threads / h)  // a head's exact passes take the cores its KV heads leave
         try store.read { snapshot in
-            let ready = try states.map { state -> (method: PreparedMethod, keys: VectorView, values: VectorView) in
+            let ready = try states.map { state -> (method: PreparedMethod, views: HeadState.Views) in
                 let views = try state.views(in: snapshot)
-                return (try state.method(configuration.method, keys: views.keys, values: views.values), views.keys, views.values)
+                return (try state.method(configuration.method, keys: views.keys, values: views.values), views)
             }
             DispatchQueue.concurrentPerform(iterations: workers) { worker in
                 for head in stride(from: worker, to: h, by: workers) {
                     do {
                         let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
-                        let result = try ready[head].method.attend(group, keys: ready[head].keys, values: ready[head].values,
+                        let views = ready[head].views
+                        let result = try ready[head].method.attend(group, keys: views.keys, values: views.values, codes: views.codes,
                                                                    parameters: parameters)
                         for (j, partial) in result.heads.enumerated() {
                             let at = (head * g + j) * d
@@ -471,7 +472,7 @@ public final class KVSession {
             var parameters = self.parameters
             parameters.threads = threads
             return try state.method(configuration.method, keys: views.keys, values: views.values)
-                .attend(queries, keys: views.keys, values: views.values, parameters: parameters)
+                .attend(queries, keys: views.keys, values: views.values, codes: views.codes, parameters: parameters)
         }
     }
 

@@ -45,6 +45,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var scale: Float?
     /// Logit soft-cap applied to the scaled scores (cap * tanh(s / cap)); nil for none.
     public var softCap: Float?
+    /// The quantized tier every head keeps from its first token (`quantized` and `auto` read it;
+    /// nil for the other methods: no codes).
+    public var codes: CodeFormat?
 
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
@@ -68,11 +71,12 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
         self.context = context
+        codes = method.readsCodes ? CodeFormat() : nil
     }
 
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
-        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass
+        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass, codes
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
@@ -99,6 +103,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         softCap = try c.decodeIfPresent(Float.self, forKey: .softCap)
         // Sessions saved before the knob: auto raised k at 0.9, the other methods kept it fixed.
         budgetMass = try c.decodeIfPresent(Double.self, forKey: .budgetMass) ?? (method == .auto ? 0.9 : nil)
+        codes = try c.decodeIfPresent(CodeFormat.self, forKey: .codes)  // sessions before the tier kept none
         upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
         context = try c.decode(UInt32.self, forKey: .context)
     }
@@ -125,6 +130,12 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
             throw SessionError.invalidArgument("head dimension \(headDimension) is out of range 1...65536")
         }
         guard upkeepBatch >= 1 else { throw SessionError.invalidArgument("the upkeep batch must be at least 1 (got \(upkeepBatch))") }
+        if let problem = codes?.problem(dimension: headDimension, blockSize: KVStore.defaultBlockSize) {
+            throw SessionError.invalidArgument(problem)
+        }
+        if method == .quantized && codes == nil {
+            throw SessionError.invalidArgument("the quantized method needs a code format (codes)")
+        }
         if let budgetMass, !(budgetMass > 0 && budgetMass <= 1) {
             throw SessionError.invalidArgument("the budget mass must be in (0, 1], or none for a fixed k (got \(budgetMass))")
         }

@@ -61,6 +61,9 @@ public struct HeadInfo: Codable, Equatable, Sendable {
     /// Number of stored prefill queries.
     public var queryCount: Int
     public var metadata: [String: String]
+    /// The quantized tier's format, when the head keeps codes of its keys and values (nil: none;
+    /// records written before the tier decode without it).
+    public var codes: CodeFormat? = nil
 
     public func rows(_ kind: VectorKind) -> Int { kind == .queries ? queryCount : count }
     public var bytesPerVector: Int { dimension * dtype.byteWidth }

@@ -170,12 +170,15 @@ public final class KVStore: @unchecked Sendable {
     /// returns the existing record when it matches (so ingest can be resumed).
     @discardableResult
     public func createHead(_ id: HeadID, dimension: Int, dtype: DType, blockSize: Int = KVStore.defaultBlockSize,
-                           metadata: [String: String] = [:]) throws -> HeadInfo {
+                           metadata: [String: String] = [:], codes: CodeFormat? = nil) throws -> HeadInfo {
         guard dimension > 0, dimension <= 65536 else {
             throw StoreError(.invalidArgument, "dimension \(dimension) is out of range 1...65536", path: path, head: id)
         }
         guard blockSize > 0, blockSize <= 1 << 20 else {
             throw StoreError(.invalidArgument, "block size \(blockSize) is out of range", path: path, head: id)
+        }
+        if let problem = codes?.problem(dimension: dimension, blockSize: blockSize) {
+            throw StoreError(.invalidArgument, problem, path: path, head: id)
         }
         return try environment.write { txn in
             if let raw = try txn.reader.get(headsDB, StoreKey.head(id)) {
@@ -188,7 +191,7 @@ public final class KVStore: @unchecked Sendable {
                 return existing
             }
             let info = HeadInfo(id: id, dimension: dimension, dtype: dtype, blockSize: blockSize,
-                                count: 0, queryCount: 0, metadata: metadata)
+                                count: 0, queryCount: 0, metadata: metadata, codes: codes)
             try putInfo(txn, info)
             return info
         }
@@ -277,7 +280,10 @@ public final class KVStore: @unchecked Sendable {
             let slice = UnsafeBufferPointer(rebasing: data[(from * info.dimension)..<((from + rows) * info.dimension)])
             try writeRows(txn, info, kind, start: info.rows(kind), rows: slice)
         }
-        if kinds.contains(where: { $0.0 == .keys }) { info.count += rows }
+        if kinds.contains(where: { $0.0 == .keys }) {
+            info.count += rows
+            try codeAppended(txn, info, previous: info.count - rows)
+        }
         if kinds.contains(where: { $0.0 == .queries }) { info.queryCount += rows }
         try putInfo(txn, info)
     }
@@ -351,6 +357,7 @@ public final class KVStore: @unchecked Sendable {
                 var changed = false
                 if info.count > tokens {
                     for kind in [VectorKind.keys, .values] { try cutStream(txn, info, kind, to: tokens) }
+                    try cutCodes(txn, info, to: tokens)
                     info.count = tokens
                     changed = true
                     // (Records without coverage, such as `auto` plans or indexes of older builds, stay:

@@ -1,0 +1,183 @@
+import CKernels
+import Dispatch
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+import KVRecallIndexes
+
+/// Knobs of the `quantized` method.
+public struct QuantizedParameters: Sendable, Equatable {
+    /// Positions per query head taken from the code scan and attended exactly (the union over the
+    /// group's heads, beyond sinks and window).
+    public var candidates = 256
+    /// Whether every other coded position contributes through its codes (score and value); false
+    /// drops them (a sharp head loses nothing).
+    public var tail = true
+    /// A group of positions whose tail weight is below this share of the head's tail mass per
+    /// group, for every head of the group, is skipped: at most this share of the tail mass is lost.
+    public var tailSkip: Float = 0.01
+    public init() {}
+
+    public func validate() throws {
+        guard candidates >= 0 else { throw IndexError.invalidParameter("quantized candidates must be non-negative (got \(candidates))") }
+        guard tailSkip >= 0 && tailSkip < 1 else { throw IndexError.invalidParameter("tail skip must be in [0, 1) (got \(tailSkip))") }
+    }
+}
+
+extension CodeView {
+    /// The C kernels' description of this view's group rows.
+    var kernelLayout: kvr_code_layout {
+        let l = layout
+        return kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
+                               value_step: l.valueStep, value_codes: l.valueCodes, row_bytes: l.rowBytes,
+                               key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, value_runs: l.valueRuns,
+                               value_channels: format.valueChannels, padded: l.padded, group: l.group,
+                               key_bits: format.keyBits, value_bits: format.valueBits)
+    }
+}
+
+extension Attention {
+    /// The `quantized` method for one GQA group (`g x d` queries): one scan of the head's key codes
+    /// scores every coded position for every query head; each head's best `candidates` (their
+    /// union) are scored again exactly and attended with their stored values together with sinks,
+    /// window and the positions not yet coded; every other coded position contributes through its
+    /// codes, score and value (or nothing, with `tail` off); the two parts merge by log-sum-exp.
+    /// Scan and tail are split over `parameters.threads` cores.
+    public static func attendQuantized(queries: UnsafeBufferPointer<Float>, codes: CodeView, keys: VectorView,
+                                       values: VectorView, parameters: AttentionParameters) throws -> AttentionResult {
+        let d = keys.dimension, n = keys.count
+        guard queries.count % d == 0, queries.count > 0 else { throw IndexError.dimensionMismatch(expected: d, actual: queries.count) }
+        guard values.count == n, n > 0 else { throw IndexError.corrupt("head has \(n) keys but \(values.count) values") }
+        let g = queries.count / d
+        guard g <= 64 else { throw IndexError.invalidParameter("the quantized method serves at most 64 query heads per KV head (got \(g))") }
+        guard codes.info.id == keys.info.id, codes.info.dimension == d, codes.positions <= n else {
+            throw IndexError.corrupt("the codes of head \(codes.info.id) cover \(codes.positions) positions of \(n); rebuild them")
+        }
+        let q = parameters.quantized
+        let score = ScoreTransform(parameters, dimension: d)
+        let coded = codes.positions
+        // Sinks, window and the positions not yet coded are attended exactly whatever the scan says.
+        var fixed = staticPositions(count: n, sinks: parameters.sinks, window: parameters.window)
+        if coded < n { fixed = Array(Set(fixed).union(coded..<n)).sorted() }
+        guard coded > 0, fixed.count < n else {
+            return try attend(queries: queries, selector: nil, keys: keys, values: values, parameters: parameters)
+        }
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * coded)
+        defer { scores.deallocate() }
+        let parts = max(1, min(parameters.threads, codes.count / 32))
+        scan(queries.baseAddress!, g: g, codes: codes, score: score, parts: parts, into: scores)
+        for h in 0..<g {
+            let row = scores + h * coded
+            score.cap(row, count: coded)
+            for i in fixed where i < coded { row[i] = -.infinity }
+        }
+        // Each head's best candidates, their union attended exactly with the static part.
+        var chosen = Set<Int>()
+        var retrieved: [Int] = []
+        if q.candidates > 0 {
+            for h in 0..<g {
+                var top = TopK<Int>(k: min(q.candidates, coded))
+                top.push(scores: scores + h * coded, count: coded, firstID: 0)
+                for hit in top.sorted() where hit.score > -.infinity && chosen.insert(hit.id).inserted { retrieved.append(hit.id) }
+            }
+        }
+        let attended = (fixed + retrieved).sorted()
+        var heads = attended.withUnsafeBufferPointer {
+            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                        score: score, parts: parameters.threads)
+        }
+        if q.tail {
+            for i in retrieved { for h in 0..<g { scores[h * coded + i] = -.infinity } }
+            let tail = tailPartials(scores: scores, g: g, codes: codes, dimension: values.dimension, skip: q.tailSkip, parts: parts)
+            for h in 0..<g { heads[h] = heads[h].merged(with: tail[h]) }
+        }
+        let stats = SearchStats(distanceComputations: attended.count * g, auxiliaryComputations: coded * g, queries: g, keyCount: n)
+        return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
+    }
+
+    /// Scaled approximate scores of every coded position (`g x codes.positions`), groups split in parts.
+    static func scan(_ queries: UnsafePointer<Float>, g: Int, codes: CodeView, score: ScoreTransform, parts: Int,
+                     into scores: UnsafeMutablePointer<Float>) {
+        var layout = codes.kernelLayout
+        let d = codes.info.dimension, coded = codes.positions, groups = codes.count
+        DispatchQueue.concurrentPerform(iterations: parts) { p in
+            let lo = groups * p / parts, hi = groups * (p + 1) / parts
+            let rows = UnsafeMutablePointer<UnsafeRawPointer?>.allocate(capacity: max(1, hi - lo))
+            let q8 = UnsafeMutablePointer<Int8>.allocate(capacity: g * layout.padded)
+            let dots = UnsafeMutablePointer<Int32>.allocate(capacity: g * layout.group)
+            defer { rows.deallocate(); q8.deallocate(); dots.deallocate() }
+            for j in lo..<hi { rows[j - lo] = codes.row(j) }
+            kvr_code_scores(queries, g, d, rows, hi - lo, &layout, score.scale, scores + lo * layout.group, coded, q8, dots)
+        }
+    }
+
+    /// Each head's attention over the positions whose score in `scores` is finite, from their
+    /// codes: weights from the approximate scores, values decoded from the value codes. Groups of
+    /// positions where every head's weight is below `skip` of its mean group weight are left out.
+    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, dimension dv: Int,
+                             skip: Float, parts: Int) -> [PartialAttention] {
+        var layout = codes.kernelLayout
+        let coded = codes.positions, groups = codes.count, group = layout.group
+        var maxima = [Float](repeating: -.infinity, count: g), totals = [Float](repeating: 0, count: g)
+        var groupMass = [Float](repeating: 0, count: g * groups)
+        for h in 0..<g {
+            let row = scores + h * coded
+            var m = -Float.infinity
+            for i in 0..<coded { m = max(m, row[i]) }
+            maxima[h] = m
+            guard m > -.infinity else { row.update(repeating: 0, count: coded); continue }
+            totals[h] = kvr_exp_sub(row, coded, m)
+            for gi in 0..<groups {
+                var s: Float = 0
+                for i in (gi * group)..<((gi + 1) * group) { s += row[i] }
+                groupMass[h * groups + gi] = s
+            }
+        }
+        // Groups that matter to some head; the others hold at most `skip` of every head's tail mass
+        // and are left out of the partial (weights and values alike).
+        var kept: [Int] = []
+        kept.reserveCapacity(groups)
+        var keptMass = [Float](repeating: 0, count: g)
+        for gi in 0..<groups {
+            let matters = (0..<g).contains { h in totals[h] > 0 && groupMass[h * groups + gi] > skip * totals[h] / Float(groups) }
+            guard matters else { continue }
+            kept.append(gi)
+            for h in 0..<g { keptMass[h] += groupMass[h * groups + gi] }
+        }
+        totals = keptMass
+        let runs = layout.value_runs, padded = layout.padded
+        var sums = [[Float]](repeating: [], count: parts), offsets = [[Float]](repeating: [], count: parts)
+        sums.withUnsafeMutableBufferPointer { sumOut in
+            offsets.withUnsafeMutableBufferPointer { offsetOut in
+                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                    var sum = [Float](repeating: 0, count: g * padded), offset = [Float](repeating: 0, count: g * runs)
+                    let lo = kept.count * p / parts, hi = kept.count * (p + 1) / parts
+                    var row: UnsafeRawPointer? = nil
+                    sum.withUnsafeMutableBufferPointer { s in
+                        offset.withUnsafeMutableBufferPointer { o in
+                            for j in lo..<hi {
+                                let gi = kept[j]
+                                row = codes.row(gi)
+                                kvr_code_values(scores + gi * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, o.baseAddress!)
+                            }
+                        }
+                    }
+                    sumOut[p] = sum
+                    offsetOut[p] = offset
+                }
+            }
+        }
+        return (0..<g).map { h in
+            guard totals[h] > 0 else { return .empty(dimension: dv) }
+            let inv = 1 / totals[h]
+            let output = (0..<dv).map { c -> Float in
+                var v: Float = 0
+                for p in 0..<parts { v += sums[p][h * padded + c] + offsets[p][h * runs + c / codes.format.valueChannels] }
+                return v * inv
+            }
+            return PartialAttention(output: output, lse: maxima[h] + log(totals[h]))
+        }
+    }
+}

@@ -1,0 +1,189 @@
+import Foundation
+import Testing
+@testable import KVRecall
+@testable import KVRecallSupport
+@testable import KVRecallKernels
+@testable import KVRecallStorage
+@testable import KVRecallIndexes
+@testable import KVRecallAttention
+@testable import KVRecallSession
+import KVRecallTestSupport
+
+/// The quantized tier: codes round-trip within half a step, stay current through appends and
+/// truncation, and the `quantized` method answers close to exact attention because of both its
+/// exact candidates and its coded tail.
+@Suite struct QuantizedTests {
+    /// Keys with a few large-offset channels and a slow drift (like real keys), values gaussian.
+    static func head(n: Int, d: Int, seed: UInt64) -> (keys: [Float], values: [Float]) {
+        var rng = SeededRandom(seed: seed)
+        var keys = rng.gaussianMatrix(rows: n, dim: d)
+        for i in 0..<n {
+            keys[i * d] += 20
+            keys[i * d + 1] -= 8
+            for c in 0..<d { keys[i * d + c] += Float(i) / Float(n) * (c % 3 == 0 ? 2 : -1) }
+        }
+        return (keys, rng.gaussianMatrix(rows: n, dim: d))
+    }
+
+    @Test(arguments: [(4, 4, 64, 32), (8, 8, 32, 8), (4, 8, 128, 64), (8, 4, 16, 40)])
+    func codesRoundTripWithinHalfAStep(keyBits: Int, valueBits: Int, group: Int, valueChannels: Int) throws {
+        let d = 40  // padded to 64: the tail of a run and padding channels
+        let format = CodeFormat(keyBits: keyBits, valueBits: valueBits, group: group, valueChannels: valueChannels)
+        guard format.problem(dimension: d, blockSize: 256) == nil else {
+            #expect(valueChannels == 40)  // not a multiple of 8: refused, named
+            return
+        }
+        let h = Self.head(n: group, d: d, seed: 1)
+        let layout = format.layout(dimension: d)
+        var row = [UInt8](repeating: 0, count: layout.rowBytes)
+        h.keys.withUnsafeBufferPointer { k in
+            h.values.withUnsafeBufferPointer { v in
+                row.withUnsafeMutableBytes { format.encodeGroup(keys: k.baseAddress!, values: v.baseAddress!, dimension: d, into: $0.baseAddress!) }
+            }
+        }
+        var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
+        row.withUnsafeBytes { r in
+            let keyStep = (r.baseAddress! + layout.keyStep).assumingMemoryBound(to: Float.self)
+            let valueStep = (r.baseAddress! + layout.valueStep).assumingMemoryBound(to: Float.self)
+            for i in 0..<group {
+                format.decode(row: r.baseAddress!, position: i, dimension: d, key: &key, value: &value)
+                for c in 0..<d {
+                    #expect(abs(key[c] - h.keys[i * d + c]) <= keyStep[c] / 2 + 1e-4)
+                    #expect(abs(value[c] - h.values[i * d + c]) <= valueStep[i * layout.valueRuns + c / valueChannels] / 2 + 1e-4)
+                }
+            }
+        }
+        if keyBits == 4 && valueBits == 4 {  // a fraction of f16 keys and values (of the padded width)
+            #expect(Double(layout.rowBytes) / Double(group) < 0.4 * Double(2 * layout.padded * 2))
+        }
+    }
+
+    /// Codes written a few tokens at a time equal codes built at once; truncation cuts them and
+    /// appends continue them.
+    @Test func codesStayCurrentThroughAppendsAndTruncation() throws {
+        let d = 32, n = 700
+        let h = Self.head(n: n, d: d, seed: 2)
+        let format = CodeFormat(group: 64)
+        let dir = TemporaryDirectory(), other = TemporaryDirectory()
+        let store = try KVStore(path: dir.path, create: true), reference = try KVStore(path: other.path, create: true)
+        defer { store.close(); reference.close() }
+        let id = HeadID()
+        try store.createHead(id, dimension: d, dtype: .f16, codes: format)
+        try reference.createHead(id, dimension: d, dtype: .f16)
+        func append(_ s: KVStore, _ rows: Range<Int>) throws {
+            try h.keys.withUnsafeBufferPointer { k in
+                try h.values.withUnsafeBufferPointer { v in
+                    let span = (rows.lowerBound * d)..<(rows.upperBound * d)
+                    try s.append(id, keys: UnsafeBufferPointer(rebasing: k[span]), values: UnsafeBufferPointer(rebasing: v[span]))
+                }
+            }
+        }
+        var at = 0
+        for step in [1, 63, 1, 200, 7, 300, 100, 28] { try append(store, at..<(at + step)); at += step }
+        try append(reference, 0..<n)
+        try reference.buildCodes(id, format: format)
+        func rows(_ s: KVStore) throws -> [[UInt8]] {
+            try s.read { snapshot in
+                let codes = try #require(try snapshot.codes(id))
+                return (0..<codes.count).map { Array(UnsafeRawBufferPointer(start: codes.row($0), count: codes.layout.rowBytes)) }
+            }
+        }
+        #expect(try rows(store).count == n / 64)
+        #expect(try rows(store) == rows(reference))
+        try store.truncate([id], to: 300)
+        #expect(try rows(store).count == 300 / 64)
+        try append(store, 300..<n)
+        #expect(try rows(store) == rows(reference))
+    }
+
+    /// On a head whose attention spreads (soft queries) the method's error is small, and it grows
+    /// when the coded tail is dropped or when no candidate is scored exactly.
+    @Test func quantizedAttentionIsCloseToExactBecauseOfCandidatesAndTail() throws {
+        let d = 64, n = 6000, g = 4
+        let h = Self.head(n: n, d: d, seed: 3)
+        let dir = TemporaryDirectory()
+        let store = try KVStore(path: dir.path, create: true)
+        defer { store.close() }
+        try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
+        try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        var rng = SeededRandom(seed: 9)
+        // Queries aimed at a few keys each (a sharp part) on top of a soft spread.
+        var queries: [Float] = []
+        for _ in 0..<(8 * g) {
+            let target = Int.random(in: 0..<n, using: &rng)
+            queries += (0..<d).map { c in 0.35 * h.keys[target * d + c] + 0.3 * rng.gaussian() }
+        }
+        func medianError(_ configure: (inout AttentionParameters) -> Void) throws -> Double {
+            var p = AttentionParameters()
+            configure(&p)
+            return try store.read { snapshot -> Double in
+                let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+                let codes = try #require(try snapshot.codes(HeadID()))
+                var errors: [Double] = []
+                for group in 0..<8 {
+                    let one = Array(queries[(group * g * d)..<((group + 1) * g * d)])
+                    try one.withUnsafeBufferPointer { q in
+                        let result = try Attention.attendQuantized(queries: q, codes: codes, keys: keys, values: values, parameters: p)
+                        errors.append(Attention.fidelity(of: result, queries: q, keys: keys, values: values, parameters: p).outputError)
+                    }
+                }
+                return median(errors)
+            }
+        }
+        let full = try medianError { _ in }
+        let noTail = try medianError { $0.quantized.tail = false }
+        let noCandidates = try medianError { $0.quantized.candidates = 0 }
+        let threads = try medianError { $0.threads = 3 }
+        #expect(full < 0.05, "quantized median error \(full), no tail \(noTail), no candidates \(noCandidates)")
+        #expect(noTail > 2 * full, "without the tail \(noTail) against \(full)")
+        #expect(noCandidates > 2 * full, "without exact candidates \(noCandidates) against \(full)")
+        #expect(abs(threads - full) < 1e-4)
+    }
+
+    /// A session with the quantized method keeps codes from its first token and answers every step
+    /// close to exact attention, through the C-facing entry point too; resume keeps the codes.
+    @Test func aQuantizedSessionStaysCloseToExactAndResumes() throws {
+        let d = 32, g = 2, n = 3000
+        let h = Self.head(n: n, d: d, seed: 4)
+        let dir = TemporaryDirectory()
+        let configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: g, headDimension: d, method: .quantized)
+        let session = try KVSession(configuration: configuration, directory: dir.path)
+        let exact = try KVSession(configuration: SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: g, headDimension: d,
+                                                                      method: .exact), directory: nil)
+        defer { exact.close() }
+        for s in [session, exact] {
+            try h.keys.withUnsafeBufferPointer { k in
+                try h.values.withUnsafeBufferPointer { v in
+                    try s.append(layer: 0, keys: UnsafeBufferPointer(rebasing: k[0..<(2000 * d)]), values: UnsafeBufferPointer(rebasing: v[0..<(2000 * d)]))
+                }
+            }
+            try s.buildIndexes()
+        }
+        var rng = SeededRandom(seed: 5)
+        var worst = 0.0
+        for step in 2000..<2100 {
+            for s in [session, exact] {
+                try h.keys.withUnsafeBufferPointer { k in
+                    try h.values.withUnsafeBufferPointer { v in
+                        try s.append(layer: 0, keys: UnsafeBufferPointer(rebasing: k[(step * d)..<((step + 1) * d)]),
+                                     values: UnsafeBufferPointer(rebasing: v[(step * d)..<((step + 1) * d)]))
+                    }
+                }
+            }
+            let target = Int.random(in: 0..<step, using: &rng)
+            let q = (0..<(g * d)).map { i in 0.3 * h.keys[target * d + i % d] + 0.3 * rng.gaussian() }
+            let a = try q.withUnsafeBufferPointer { try session.attend(layer: 0, queries: $0) }
+            let b = try q.withUnsafeBufferPointer { try exact.attend(layer: 0, queries: $0) }
+            worst = max(worst, relativeError(a, b))
+        }
+        #expect(worst < 0.05, "worst step error \(worst)")
+        let coded = try session.store.read { try $0.codes(HeadID())?.count }
+        #expect(coded == 2100 / 64)
+        try session.checkpoint()
+        session.close()
+        let resumed = try KVSession(resuming: dir.path)
+        defer { resumed.close() }
+        #expect(resumed.configuration.codes == CodeFormat())
+        #expect(try resumed.store.read { try $0.codes(HeadID())?.count } == 2100 / 64)
+    }
+}
