@@ -34,7 +34,7 @@ extension CodeView {
                                value_step: l.valueStep, value_codes: l.valueCodes, row_bytes: l.rowBytes,
                                key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, value_runs: l.valueRuns,
                                value_channels: format.valueChannels, padded: l.padded, group: l.group,
-                               key_bits: format.keyBits, value_bits: format.valueBits)
+                               key_bits: format.keyBits, value_bits: format.valueBits, wide_steps: format.wideSteps ? 1 : 0)
     }
 }
 
@@ -107,9 +107,10 @@ extension Attention {
             let rows = UnsafeMutablePointer<UnsafeRawPointer?>.allocate(capacity: max(1, hi - lo))
             let q8 = UnsafeMutablePointer<Int8>.allocate(capacity: g * layout.padded)
             let dots = UnsafeMutablePointer<Int32>.allocate(capacity: g * layout.group)
-            defer { rows.deallocate(); q8.deallocate(); dots.deallocate() }
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 3 * layout.padded)
+            defer { rows.deallocate(); q8.deallocate(); dots.deallocate(); scratch.deallocate() }
             for j in lo..<hi { rows[j - lo] = codes.row(j) }
-            kvr_code_scores(queries, g, d, rows, hi - lo, &layout, score.scale, scores + lo * layout.group, coded, q8, dots)
+            kvr_code_scores(queries, g, d, rows, hi - lo, &layout, score.scale, scores + lo * layout.group, coded, q8, dots, scratch)
         }
     }
 
@@ -155,12 +156,16 @@ extension Attention {
                     var sum = [Float](repeating: 0, count: g * padded), offset = [Float](repeating: 0, count: g * runs)
                     let lo = kept.count * p / parts, hi = kept.count * (p + 1) / parts
                     var row: UnsafeRawPointer? = nil
+                    var scratch = [Float](repeating: 0, count: (2 + g) * group * runs)
                     sum.withUnsafeMutableBufferPointer { s in
                         offset.withUnsafeMutableBufferPointer { o in
-                            for j in lo..<hi {
-                                let gi = kept[j]
-                                row = codes.row(gi)
-                                kvr_code_values(scores + gi * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, o.baseAddress!)
+                            scratch.withUnsafeMutableBufferPointer { t in
+                                for j in lo..<hi {
+                                    let gi = kept[j]
+                                    row = codes.row(gi)
+                                    kvr_code_values(scores + gi * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, o.baseAddress!,
+                                                    t.baseAddress!)
+                                }
                             }
                         }
                     }

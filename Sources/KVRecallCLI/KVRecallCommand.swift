@@ -18,7 +18,7 @@ struct KVRecallCommand: ParsableCommand {
           kvrecall query  --store /tmp/s --layer 2 --head 6 --queries decode.npy -k 10 --index hnsw --ef 64
           kvrecall repl   --store /tmp/s        (interactive: query, attend, compare, explain)
         """,
-        subcommands: [Ingest.self, Info.self, Build.self, Query.self, Attend.self, Replay.self, Repl.self, Demo.self, Bench.self,
+        subcommands: [Ingest.self, Info.self, Build.self, Codes.self, Query.self, Attend.self, Replay.self, Repl.self, Demo.self, Bench.self,
                       Generate.self, Eval.self, Capture.self]
     )
 }

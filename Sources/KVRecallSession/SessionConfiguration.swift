@@ -71,7 +71,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
         self.context = context
-        codes = method.readsCodes ? CodeFormat() : nil
+        codes = method.readsCodes ? CodeFormat().fitted(to: dtype) : nil
     }
 
     private enum CodingKeys: String, CodingKey {

@@ -28,13 +28,27 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
     public var group: Int
     /// Channels sharing one value min and step within a position; divides the padded dimension.
     public var valueChannels: Int
+    /// Mins and steps as f32 (heads stored in f32 or bf16, whose values may pass f16's range) or
+    /// as f16 (heads stored in f16: every value, so every min and step, fits).
+    public var wideSteps: Bool
 
-    public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, valueChannels: Int = 32) {
+    public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, valueChannels: Int = 32, wideSteps: Bool = false) {
         self.keyBits = keyBits
         self.valueBits = valueBits
         self.group = group
         self.valueChannels = valueChannels
+        self.wideSteps = wideSteps
     }
+
+    /// The format for a head stored in `dtype`: f16 steps for an f16 head, f32 otherwise.
+    public func fitted(to dtype: DType) -> CodeFormat {
+        var format = self
+        format.wideSteps = dtype != .f16
+        return format
+    }
+
+    /// Bytes of one min or step.
+    public var stepBytes: Int { wideSteps ? 4 : 2 }
 
     public var description: String {
         "keys \(keyBits)-bit per channel in groups of \(group) positions, values \(valueBits)-bit per position in runs of \(valueChannels) channels"
@@ -44,8 +58,8 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
     public func problem(dimension d: Int, blockSize: Int) -> String? {
         guard [4, 8].contains(keyBits), [4, 8].contains(valueBits) else { return "code bits must be 4 or 8 (got keys \(keyBits), values \(valueBits))" }
         guard group >= 1, blockSize % group == 0 else { return "the code group (\(group)) must divide the block size (\(blockSize))" }
-        guard valueChannels >= 8, valueChannels % 8 == 0, padded(d) % valueChannels == 0 else {
-            return "value channels per step (\(valueChannels)) must be a multiple of 8 dividing the padded dimension \(padded(d))"
+        guard valueChannels >= 16, valueChannels % 16 == 0, padded(d) % valueChannels == 0 else {
+            return "value channels per step (\(valueChannels)) must be a multiple of 16 dividing the padded dimension \(padded(d))"
         }
         return nil
     }
@@ -66,9 +80,9 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
     }
 
     public func layout(dimension d: Int) -> Layout {
-        let p = padded(d), kb = keyCodeBytes(d), vb = valueCodeBytes(d), runs = valueRuns(d)
-        let keyMin = 0, keyStep = keyMin + 4 * p, keyCodes = keyStep + 4 * p
-        let valueMin = keyCodes + group * kb, valueStep = valueMin + 4 * group * runs, valueCodes = valueStep + 4 * group * runs
+        let p = padded(d), kb = keyCodeBytes(d), vb = valueCodeBytes(d), runs = valueRuns(d), s = stepBytes
+        let keyMin = 0, keyStep = keyMin + s * p, keyCodes = keyStep + s * p
+        let valueMin = keyCodes + group * kb, valueStep = valueMin + s * group * runs, valueCodes = valueStep + s * group * runs
         return Layout(keyMin: keyMin, keyStep: keyStep, keyCodes: keyCodes, valueMin: valueMin, valueStep: valueStep,
                       valueCodes: valueCodes, rowBytes: valueCodes + group * vb, keyCodeBytes: kb, valueCodeBytes: vb,
                       valueRuns: runs, padded: p, group: group)
@@ -86,8 +100,9 @@ extension CodeFormat {
                             into out: UnsafeMutableRawPointer) {
         let l = layout(dimension: d)
         out.initializeMemory(as: UInt8.self, repeating: 0, count: l.rowBytes)
-        let keyMin = (out + l.keyMin).assumingMemoryBound(to: Float.self)
-        let keyStep = (out + l.keyStep).assumingMemoryBound(to: Float.self)
+        // Mins and steps are rounded to their stored type first, and codes are chosen against the
+        // rounded ones, so decoding reproduces what the codes were chosen for.
+        var keyMin = [Float](repeating: 0, count: d), keyStep = [Float](repeating: 0, count: d)
         let keyLevels = Float((1 << keyBits) - 1)
         for c in 0..<d {
             var lo = Float.infinity, hi = -Float.infinity
@@ -95,9 +110,11 @@ extension CodeFormat {
                 lo = min(lo, keys[i * d + c])
                 hi = max(hi, keys[i * d + c])
             }
-            keyMin[c] = lo
-            keyStep[c] = hi > lo ? (hi - lo) / keyLevels : 0
+            keyMin[c] = roundedStep(lo, down: true)
+            keyStep[c] = hi > keyMin[c] ? roundedStep((hi - keyMin[c]) / keyLevels, down: false) : 0
         }
+        writeSteps(keyMin, at: out + l.keyMin)
+        writeSteps(keyStep, at: out + l.keyStep)
         for i in 0..<group {
             let row = (out + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
             for c in 0..<d {
@@ -106,8 +123,7 @@ extension CodeFormat {
                 Self.put(UInt8(code), channel: c, bits: keyBits, in: row)
             }
         }
-        let valueMin = (out + l.valueMin).assumingMemoryBound(to: Float.self)
-        let valueStep = (out + l.valueStep).assumingMemoryBound(to: Float.self)
+        var valueMin = [Float](repeating: 0, count: group * l.valueRuns), valueStep = valueMin
         let valueLevels = Float((1 << valueBits) - 1)
         for i in 0..<group {
             let row = (out + l.valueCodes + i * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
@@ -119,7 +135,8 @@ extension CodeFormat {
                     lo = min(lo, values[i * d + c])
                     hi = max(hi, values[i * d + c])
                 }
-                let step = hi > lo ? (hi - lo) / valueLevels : 0
+                lo = roundedStep(lo, down: true)
+                let step = hi > lo ? roundedStep((hi - lo) / valueLevels, down: false) : 0
                 valueMin[i * l.valueRuns + r] = lo
                 valueStep[i * l.valueRuns + r] = step
                 for c in first..<last {
@@ -128,6 +145,33 @@ extension CodeFormat {
                 }
             }
         }
+        writeSteps(valueMin, at: out + l.valueMin)
+        writeSteps(valueStep, at: out + l.valueStep)
+    }
+
+    /// `x` as the stored type will hold it: a min rounded down and a step rounded up to the next
+    /// f16 (so the codes' range still covers the group), or `x` itself with `wideSteps`.
+    func roundedStep(_ x: Float, down: Bool) -> Float {
+        guard !wideSteps else { return x }
+        let h = Float16(x)
+        if down { return Float(h) > x ? Float(h.nextDown) : Float(h) }
+        return Float(h) < x ? Float(h.nextUp) : Float(h)
+    }
+
+    /// Stores mins or steps in the stored type.
+    func writeSteps(_ values: [Float], at out: UnsafeMutableRawPointer) {
+        if wideSteps {
+            values.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        } else {
+            let half = out.assumingMemoryBound(to: Float16.self)
+            for (i, v) in values.enumerated() { half[i] = Float16(v) }
+        }
+    }
+
+    /// Mins or steps `first..<first + count` read back as f32.
+    @inline(__always)
+    func step(_ base: UnsafeRawPointer, _ i: Int) -> Float {
+        wideSteps ? base.load(fromByteOffset: 4 * i, as: Float.self) : Float(base.load(fromByteOffset: 2 * i, as: Float16.self))
     }
 
     /// Writes `code` for `channel` into a position's code bytes (4-bit: byte j of a 32-channel run
@@ -153,16 +197,14 @@ extension CodeFormat {
     public func decode(row: UnsafeRawPointer, position i: Int, dimension d: Int,
                        key: UnsafeMutablePointer<Float>, value: UnsafeMutablePointer<Float>) {
         let l = layout(dimension: d)
-        let keyMin = (row + l.keyMin).assumingMemoryBound(to: Float.self)
-        let keyStep = (row + l.keyStep).assumingMemoryBound(to: Float.self)
         let keyCodes = (row + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
-        for c in 0..<d { key[c] = keyMin[c] + keyStep[c] * Float(Self.code(channel: c, bits: keyBits, in: keyCodes)) }
-        let valueMin = (row + l.valueMin).assumingMemoryBound(to: Float.self) + i * l.valueRuns
-        let valueStep = (row + l.valueStep).assumingMemoryBound(to: Float.self) + i * l.valueRuns
+        for c in 0..<d {
+            key[c] = step(row + l.keyMin, c) + step(row + l.keyStep, c) * Float(Self.code(channel: c, bits: keyBits, in: keyCodes))
+        }
         let valueCodes = (row + l.valueCodes + i * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
         for c in 0..<d {
-            let r = c / valueChannels
-            value[c] = valueMin[r] + valueStep[r] * Float(Self.code(channel: c, bits: valueBits, in: valueCodes))
+            let r = i * l.valueRuns + c / valueChannels
+            value[c] = step(row + l.valueMin, r) + step(row + l.valueStep, r) * Float(Self.code(channel: c, bits: valueBits, in: valueCodes))
         }
     }
 }

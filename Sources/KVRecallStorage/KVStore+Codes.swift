@@ -42,7 +42,7 @@ extension KVStore {
                 throw StoreError(.invalidArgument, problem, path: path, head: id)
             }
             try txn.deletePrefix(vectorsDB, StoreKey.codePrefix(id))
-            info.codes = format
+            info.codes = format.fitted(to: info.dtype)
             try writeCodes(txn, info, groups: 0..<(info.count / format.group))
             try putInfo(txn, info)
         }

@@ -191,7 +191,7 @@ public final class KVStore: @unchecked Sendable {
                 return existing
             }
             let info = HeadInfo(id: id, dimension: dimension, dtype: dtype, blockSize: blockSize,
-                                count: 0, queryCount: 0, metadata: metadata, codes: codes)
+                                count: 0, queryCount: 0, metadata: metadata, codes: codes?.fitted(to: dtype))
             try putInfo(txn, info)
             return info
         }

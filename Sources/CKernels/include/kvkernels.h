@@ -112,20 +112,23 @@ typedef struct kvr_code_layout {
     size_t key_min, key_step, key_codes, value_min, value_step, value_codes; /* byte offsets in a group row */
     size_t row_bytes, key_code_bytes, value_code_bytes;
     size_t value_runs, value_channels, padded, group, key_bits, value_bits;
+    size_t wide_steps; /* mins and steps: 1 f32, 0 f16 */
 } kvr_code_layout;
 
 /* Approximate scores of g <= 64 queries (g x d f32) against every position of `groups` group rows:
  * out[h * stride + gi * group + i] = scale * (q_h . decoded key i of group gi), the query times each
  * group's steps quantized to int8 (one scale per head and group). Scratch: q8 holds g * padded,
- * dots g * group. */
+ * dots g * group, scratch 3 * padded floats. */
 void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t groups,
-                     const kvr_code_layout *layout, float scale, float *out, size_t stride, int8_t *q8, int32_t *dots);
+                     const kvr_code_layout *layout, float scale, float *out, size_t stride, int8_t *q8, int32_t *dots,
+                     float *scratch);
 
 /* Weighted sums of decoded value codes for g <= 64 heads: with w[h * stride + gi * group + i] the
  * weight of position i of group gi (0 skips it), out[h * padded + c] += sum w * step * code and
- * offsets[h * value_runs + r] += sum w * min (the caller adds a run's offset to each of its channels). */
+ * offsets[h * value_runs + r] += sum w * min (the caller adds a run's offset to each of its channels).
+ * scratch: (2 + g) * group * value_runs floats. */
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
-                     const kvr_code_layout *layout, size_t dv, float *out, float *offsets);
+                     const kvr_code_layout *layout, size_t dv, float *out, float *offsets, float *scratch);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,59 @@
+import ArgumentParser
+import Foundation
+import KVRecall
+import KVRecallInterface
+
+/// How the quantized tier codes a head (`kvrecall codes`, and what a session keeps).
+struct CodeFormatOptions: ParsableArguments {
+    @Option(help: "Bits per key code: 4 or 8.")
+    var keyBits: Int = CodeFormat().keyBits
+    @Option(help: "Bits per value code: 4 or 8.")
+    var valueBits: Int = CodeFormat().valueBits
+    @Option(help: "Positions per code group (keys are coded per channel within a group); divides the block size (256).")
+    var codeGroup: Int = CodeFormat().group
+    @Option(help: "Channels sharing one value step within a position (a multiple of 8).")
+    var valueChannels: Int = CodeFormat().valueChannels
+
+    var format: CodeFormat {
+        CodeFormat(keyBits: keyBits, valueBits: valueBits, group: codeGroup, valueChannels: valueChannels)
+    }
+}
+
+/// `kvrecall codes`: gives heads their quantized tier (what the `quantized` method scans).
+struct Codes: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Code a head's keys and values for the quantized tier (the quantized method reads them).",
+        discussion: """
+        Every complete group of positions gets low-bit codes of its keys (per
+        channel within the group) and values (per position, in runs of
+        channels), stored beside the vectors; later ingests keep them current.
+        A store written before the tier gets its codes here (a session keeps
+        them from its first token). Recoding with another format replaces them.
+
+        Example:
+          kvrecall codes --store s --layer 5
+          kvrecall codes --store s --all --key-bits 8
+        """
+    )
+
+    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var headOptions: HeadOptions
+    @Flag(help: "Every head of the store (instead of --context/--layer/--head).")
+    var all = false
+    @OptionGroup var format: CodeFormatOptions
+
+    func run() throws {
+        let store = try storeOptions.open()
+        defer { store.close() }
+        let heads = all ? try store.heads().map(\.id) : [headOptions.id]
+        for id in heads {
+            let lock = try store.lockHeads([id])
+            defer { lock.release() }
+            let start = monotonicNanos()
+            try store.buildCodes(id, format: format.format)
+            let info = try store.info(id)
+            let perPosition = format.format.bytesPerPosition(dimension: info.dimension)
+            print("head \(id): \(info.codedGroups) groups of \(format.format.group) coded (\(format.format)); \(fmt(perPosition, 0)) bytes per position, \(fmt(perPosition / Double(2 * info.bytesPerVector), 3))x the stored keys and values; \(fmt(Double(monotonicNanos() - start) / 1e9, 2)) s")
+        }
+    }
+}
