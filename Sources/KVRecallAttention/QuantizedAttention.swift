@@ -18,11 +18,15 @@ public struct QuantizedParameters: Sendable, Equatable {
     /// A group of positions whose tail weight is below this share of the head's tail mass per
     /// group, for every head of the group, is skipped: at most this share of the tail mass is lost.
     public var tailSkip: Float = 0.01
+    /// A head whose tail holds less than this share of the mass of its exact part (a sharp head)
+    /// drops its tail: its values are not read (an output error of about this share at most).
+    public var tailFloor: Float = 0.002
     public init() {}
 
     public func validate() throws {
         guard candidates >= 0 else { throw IndexError.invalidParameter("quantized candidates must be non-negative (got \(candidates))") }
         guard tailSkip >= 0 && tailSkip < 1 else { throw IndexError.invalidParameter("tail skip must be in [0, 1) (got \(tailSkip))") }
+        guard tailFloor >= 0 && tailFloor < 1 else { throw IndexError.invalidParameter("tail floor must be in [0, 1) (got \(tailFloor))") }
     }
 }
 
@@ -78,9 +82,9 @@ extension Attention {
         var retrieved: [Int] = []
         if q.candidates > 0 {
             for h in 0..<g {
-                var top = TopK<Int>(k: min(q.candidates, coded))
-                top.push(scores: scores + h * coded, count: coded, firstID: 0)
-                for hit in top.sorted() where hit.score > -.infinity && chosen.insert(hit.id).inserted { retrieved.append(hit.id) }
+                for i in bestPositions(scores + h * coded, count: coded, take: q.candidates) where chosen.insert(i).inserted {
+                    retrieved.append(i)
+                }
             }
         }
         let attended = (fixed + retrieved).sorted()
@@ -90,7 +94,8 @@ extension Attention {
         }
         if q.tail {
             for i in retrieved { for h in 0..<g { scores[h * coded + i] = -.infinity } }
-            let tail = tailPartials(scores: scores, g: g, codes: codes, dimension: values.dimension, skip: q.tailSkip, parts: parts)
+            let tail = tailPartials(scores: scores, g: g, codes: codes, dimension: values.dimension, exact: heads,
+                                    parameters: q, parts: parts)
             for h in 0..<g { heads[h] = heads[h].merged(with: tail[h]) }
         }
         let stats = SearchStats(distanceComputations: attended.count * g, auxiliaryComputations: coded * g, queries: g, keyCount: n)
@@ -118,7 +123,8 @@ extension Attention {
     /// codes: weights from the approximate scores, values decoded from the value codes. Groups of
     /// positions where every head's weight is below `skip` of its mean group weight are left out.
     static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, dimension dv: Int,
-                             skip: Float, parts: Int) -> [PartialAttention] {
+                             exact: [PartialAttention], parameters q: QuantizedParameters, parts: Int) -> [PartialAttention] {
+        let skip = q.tailSkip
         var layout = codes.kernelLayout
         let coded = codes.positions, groups = codes.count, group = layout.group
         var maxima = [Float](repeating: -.infinity, count: g), totals = [Float](repeating: 0, count: g)
@@ -130,6 +136,11 @@ extension Attention {
             maxima[h] = m
             guard m > -.infinity else { row.update(repeating: 0, count: coded); continue }
             totals[h] = kvr_exp_sub(row, coded, m)
+            // A sharp head: its tail's mass against its exact part's is below the floor.
+            if m + log(totals[h]) - exact[h].lse < log(q.tailFloor) {
+                totals[h] = 0
+                continue
+            }
             for gi in 0..<groups {
                 var s: Float = 0
                 for i in (gi * group)..<((gi + 1) * group) { s += row[i] }
@@ -148,6 +159,9 @@ extension Attention {
             for h in 0..<g { keptMass[h] += groupMass[h * groups + gi] }
         }
         totals = keptMass
+        guard !kept.isEmpty else { return Array(repeating: .empty(dimension: dv), count: g) }
+        // A head without a tail weighs nothing in the value pass.
+        for h in 0..<g where totals[h] == 0 { (scores + h * coded).update(repeating: 0, count: coded) }
         let runs = layout.value_runs, padded = layout.padded
         var sums = [[Float]](repeating: [], count: parts), offsets = [[Float]](repeating: [], count: parts)
         sums.withUnsafeMutableBufferPointer { sumOut in
@@ -184,5 +198,21 @@ extension Attention {
             }
             return PartialAttention(output: output, lse: maxima[h] + log(totals[h]))
         }
+    }
+
+    /// The `take` best positions of `count` scores (ties to the lower position; -inf never taken),
+    /// in no particular order: a selection over 64-bit (score, position) keys, O(count).
+    static func bestPositions(_ scores: UnsafePointer<Float>, count: Int, take: Int) -> [Int] {
+        guard take > 0, count > 0 else { return [] }
+        let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
+        defer { keys.deallocate() }
+        var n = 0
+        for i in 0..<count where scores[i] > -.infinity {
+            keys[n] = kvr_pair_key(scores[i], Int32(i))
+            n += 1
+        }
+        let k = min(take, n)
+        if k < n { _ = kvr_select_u64(keys, n, k) }
+        return (0..<k).map { Int(kvr_pair_id(keys[$0])) }
     }
 }
