@@ -5,6 +5,7 @@
 # Builds (incrementally) the release C library first, so the tests never run a stale one.
 # Environment: PYTHON, the interpreter that creates the venv (default python3); KVRECALL_BUILD_DIR,
 # the SwiftPM scratch path holding release/libKVRecallC.so (default .build).
+# `Tools/python_test.sh --install-only` installs everything and runs no test (Tools/bench/transformers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scratch="${KVRECALL_BUILD_DIR:-.build}"
@@ -54,6 +55,7 @@ fi
 # Reinstalled each run, so the package's copy of the library is the build just made.
 KVRECALL_LIBRARY="$library" "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./Python
 rm -rf Python/build Python/kvrecall.egg-info
+[[ "${1:-}" == --install-only ]] && { echo "$PWD/$venv/bin/python"; exit 0; }
 # Run from outside Python/ so the installed package is the one imported; no KVRECALL_LIBRARY, so
 # the package finds its own copy.
 env -u KVRECALL_LIBRARY "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider "$PWD/Python/tests"

@@ -274,7 +274,8 @@ class KVRecallCache(Cache):
     `build_progress(done, total)` is called while the indexes are built.
 
     The session is opened at the end of the prompt; `session`, `report()`, `build_seconds` and
-    `close()` are available then.
+    `close()` are available then; `attention_seconds` adds up the time spent in the session's
+    append and attend calls after the prompt (every served layer).
     """
 
     def __init__(self, config, method="auto", *, dtype=None, k=100, sinks=4, window=64, budget_mass=0.9, path=None,
@@ -342,6 +343,7 @@ class KVRecallCache(Cache):
         self.build_progress = build_progress
         self.session = None
         self.build_seconds = None
+        self.attention_seconds = 0.0  # time in the session's append + attend calls after the prompt
         self._phase = "prompt"
         layers = []
         for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
@@ -443,12 +445,14 @@ class KVRecallCache(Cache):
         self._check_causal(layer, attention_mask, q_len, layer.tokens)
         keys, values = pending
         s = self.session
+        start = time.perf_counter()
         out = torch.empty((1, q_len, self.heads, self.head_dim), dtype=query.dtype, device=query.device)
         for t in range(q_len):
             s.append(layer.session_layer, _numpy(keys[0, :, t:t + 1, :]), _numpy(values[0, :, t:t + 1, :]))
             q = _numpy(query[0, :, t, :]).reshape(self.kv_heads, self.group, self.head_dim)
             o = s.attend(layer.session_layer, q)
             out[0, t] = torch.from_numpy(o.reshape(self.heads, self.head_dim)).to(device=query.device, dtype=query.dtype)
+        self.attention_seconds += time.perf_counter() - start
         return out, None
 
     # -- the hand-over
@@ -561,6 +565,7 @@ class KVRecallCache(Cache):
             layer.reset()
         self._phase = "prompt"
         self.build_seconds = None
+        self.attention_seconds = 0.0
 
     def offload(self, layer_idx, only_non_sliding=True):
         pass
@@ -621,7 +626,8 @@ def load_gguf(path, *, dtype=torch.float32, attn_implementation=ATTENTION_NAME, 
                                                  attn_implementation=attn_implementation)
     if target:
         os.makedirs(target, exist_ok=True)
-        model.config.quantization_config = None
+        # The weights are dequantized already (float32): save them as a plain model.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(target)
