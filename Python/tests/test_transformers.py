@@ -179,6 +179,24 @@ def test_several_tokens_after_the_prompt_attend_causally():
     assert torch.allclose(chunk, full, atol=2e-4, rtol=0), float((chunk - full).abs().max())
 
 
+def test_a_second_generate_continues_the_conversation():
+    """generate() again with the same cache and the whole conversation: transformers feeds only the new
+    tokens, which the session appends and attends one by one."""
+    model = llama()
+    first, reply = prompt(50), prompt(12, seed=7)
+
+    def converse(cache):
+        out = model.generate(first, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache=cache)
+        ids = torch.cat([out, reply], dim=1)
+        return model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache=cache)[0].tolist()
+
+    cache = kt.KVRecallCache(model.config, method="exact", dtype="f32")
+    got = converse(cache)
+    assert cache.session.length(0) == 50 + 6 + 12 + 5
+    model.set_attn_implementation("sdpa")
+    assert got == converse(DynamicCache(config=model.config))
+
+
 def test_without_a_kvrecall_cache_the_function_is_exact():
     model = llama()
     ids = prompt(30)

@@ -10,7 +10,8 @@
 #   ppl8k    perplexity of 256 tokens after an 8192-token prefill: transformers' own against the
 #            default method (auto) and exact, with decode ms/token
 #   passkey  passkey at 1K and 4K (TRIALS trials, default 10): transformers' own against auto
-# Environment: TRIALS (10), THREADS (torch threads; 0 = all cores).
+# Environment: TRIALS (10), THREADS (torch threads, default 1: on this shared 2-core machine two OpenMP
+# threads made a decode step 3-8x slower than one while other jobs ran; 0 = all cores).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHAT=${1:-all}
@@ -19,7 +20,7 @@ mkdir -p "$OUT"
 TRIALS=${TRIALS:-10}
 bash Tools/fetch_model.sh >/dev/null
 PY="$(bash Tools/python_test.sh --install-only | tail -n 1)"
-B=(nice "$PY" Tools/bench/transformers_bench.py --threads "${THREADS:-0}")
+B=(nice "$PY" Tools/bench/transformers_bench.py --threads "${THREADS:-1}")
 SHORT=Data/text/short.txt
 LONG=Data/text/persuasion_vol1.txt
 run() { local name=$1; shift; echo "transformers.sh: $name: $*" >&2; "${B[@]}" "$@" | tee "$OUT/transformers_$name.jsonl"; }
