@@ -577,6 +577,13 @@ class KVRecallCache(Cache):
     def is_compileable(self):
         return False
 
+    def __deepcopy__(self, memo):
+        raise TypeError("a KVRecallCache cannot be copied: its session is one store with one writer (run a second "
+                        "sequence with a second KVRecallCache)")
+
+    def __reduce__(self):
+        raise TypeError("a KVRecallCache cannot be pickled: its session is a store open in this process")
+
     def close(self):
         """Closes the session (a temporary store is removed). Idempotent."""
         if self.session is not None:

@@ -338,6 +338,27 @@ def test_batches_and_beams_are_refused():
         cache.batch_repeat_interleave(3)
 
 
+@pytest.mark.parametrize("length", [1, 2])
+def test_a_prompt_of_one_or_two_tokens(length):
+    model = llama()
+    ids = prompt(length)
+    cache = kt.KVRecallCache(model.config, method="retrieval", dtype="f32")
+    tokens = greedy(model, ids, cache, 5)
+    assert cache.session.length(0) == length + 4
+    model.set_attn_implementation("sdpa")
+    assert tokens == greedy(model, ids, DynamicCache(config=model.config), 5)  # within the window: exact
+
+
+def test_the_cache_is_not_copied():
+    import copy
+    import pickle
+    cache = kt.KVRecallCache(llama().config)
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(cache)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(cache)
+
+
 def test_padding_is_refused():
     model = llama()
     ids = prompt(20)
