@@ -6,6 +6,7 @@ ids. Each check prints one JSON line; Tools/bench/transformers.sh runs them all.
              against transformers' sdpa and eager: equal tokens?
     ppl      teacher-forced perplexity of --tokens tokens after a --prefill prefill (one decode step per
              token, as `kvrecall eval --text`), transformers' own (sdpa) and each method; decode ms/token
+    speed    decode ms/token after a --prefill prefill, the methods' steps interleaved (one each in turn)
     passkey  Landmark Attention's passkey prompt (the template and construction of `kvrecall eval
              --passkey`; keys and depths from numpy's generator seeded with seed + context), greedy
              8-token answers, transformers' own and each method
@@ -117,6 +118,46 @@ def perplexity(model, tokenizer, args):
         print(json.dumps(row), flush=True)
 
 
+@torch.no_grad()
+def speed(model, tokenizer, args):
+    """Decode ms/token after a --prefill prefill, each method with its own cache; the decode steps of
+    the methods are interleaved (one step each in turn), so a loaded machine slows them alike."""
+    ids = text_ids(tokenizer, args.text)[:, :args.prefill + args.tokens]
+    states = []
+    for method in args.methods:
+        cache = make_cache(model, method, args)
+        start = time.perf_counter()
+        model(ids[:, :args.prefill], cache=cache, use_cache=True, logits_to_keep=1)
+        log(f"speed {method}: prefill {time.perf_counter() - start:.1f} s")
+        states.append({"method": method, "cache": cache, "times": [], "prefill_s": time.perf_counter() - start})
+    for t in range(args.tokens):
+        token = ids[:, args.prefill + t:args.prefill + t + 1]
+        for state in states:
+            cache = state["cache"]
+            model.set_attn_implementation("kvrecall" if isinstance(cache, KVRecallCache) else
+                                          ("sdpa" if state["method"] == OWN else state["method"]))
+            before = cache.attention_seconds if isinstance(cache, KVRecallCache) else 0.0
+            start = time.perf_counter()
+            step(model, token, cache)
+            elapsed = time.perf_counter() - start
+            if t == 0:  # KVRecall's first step builds the indexes; for every method it is not timed
+                if isinstance(cache, KVRecallCache):
+                    state["build_s"] = cache.build_seconds
+                continue
+            state["times"].append(elapsed)
+            state.setdefault("session", []).append((cache.attention_seconds if isinstance(cache, KVRecallCache) else 0.0) - before)
+    for state in states:
+        times = state["times"]
+        row = {"check": "speed", "method": state["method"], "context": args.prefill, "steps": len(times),
+               "prefill_s": round(state["prefill_s"], 1), "index_build_s": round(state["build_s"], 2) if "build_s" in state else None,
+               "decode_ms_per_token": round(1000 * statistics.mean(times), 2),
+               "decode_ms_per_token_median": round(1000 * statistics.median(times), 2)}
+        if isinstance(state["cache"], KVRecallCache):
+            row["session_ms_per_token_median"] = round(1000 * statistics.median(state["session"]), 2)
+            state["cache"].close()
+        print(json.dumps(row), flush=True)
+
+
 # Landmark Attention's passkey prompt, as Sources/KVRecallDecoder/Evaluation/Passkey.swift builds it.
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -184,7 +225,7 @@ def passkey(model, tokenizer, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["greedy", "ppl", "passkey"])
+    parser.add_argument("check", choices=["greedy", "ppl", "passkey", "speed"])
     parser.add_argument("--gguf", default=DEFAULT_GGUF)
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated: {OWN} (sdpa + DynamicCache), eager, or KVRecall session methods; "
@@ -200,14 +241,15 @@ def main():
     parser.add_argument("--budget-mass", type=float, default=None, help="the session's budget_mass (0: fixed k)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = parser.parse_args()
-    defaults = {"greedy": f"exact,{OWN},eager", "ppl": f"{OWN},exact", "passkey": f"{OWN},auto"}
+    defaults = {"greedy": f"exact,{OWN},eager", "ppl": f"{OWN},exact", "passkey": f"{OWN},auto",
+                "speed": f"{OWN},auto,exact"}
     args.methods = (args.methods or defaults[args.check]).split(",")
     args.contexts = [int(c) for c in args.contexts.split(",")]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
     model, tokenizer = load_gguf(args.gguf)
     log(f"model loaded in {time.perf_counter() - start:.1f} s (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    {"greedy": greedy, "ppl": perplexity, "passkey": passkey}[args.check](model, tokenizer, args)
+    {"greedy": greedy, "ppl": perplexity, "passkey": passkey, "speed": speed}[args.check](model, tokenizer, args)
 
 
 if __name__ == "__main__":
