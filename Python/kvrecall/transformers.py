@@ -615,7 +615,7 @@ def load_gguf(path, *, dtype=torch.float32, attn_implementation=ATTENTION_NAME, 
     Gemma 3 270M on two cores), so the result is saved once as safetensors in `converted` (default:
     `<file>.hf/` beside the file; False: never saved) and loaded from there afterwards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path} (Tools/fetch_model.sh fetches Gemma 3 270M)")
     target = path + ".hf" if converted is None else converted
