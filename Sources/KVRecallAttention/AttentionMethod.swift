@@ -84,6 +84,8 @@ public final class PreparedMethod: @unchecked Sendable {
     public let index: (any BuildableIndex)?
     /// The search knob calibrated for `index` at build, used when the caller leaves it unset.
     public let calibration: SearchCalibration?
+    /// `auto`'s exact candidates per query head for a quantized head.
+    public let exactCandidates: Int?
     /// The estimation zone's per-cluster statistics over the keys `index` holds.
     public private(set) var summary: ClusterSummary?
 
@@ -108,6 +110,7 @@ public final class PreparedMethod: @unchecked Sendable {
         self.plan = method == .auto ? plan : nil
         // auto's plan, or an index method's adaptive budget, raises the caller's k.
         self.budget = effective.indexKind != nil ? plan?.k : nil
+        self.exactCandidates = effective == .quantized ? plan?.exactCandidates : nil
         self.index = effective.indexKind == nil ? nil : index
         self.calibration = self.index == nil ? nil : calibration
         if effective == .estimate, let ivf = index as? IVFIndex {
@@ -144,6 +147,7 @@ public final class PreparedMethod: @unchecked Sendable {
         var p = parameters
         p.search = searchParameters(parameters.search)
         if let budget, budget > p.k { p.k = budget }
+        if let exactCandidates { p.quantized.candidates = exactCandidates }
         let n = keys.count
         var selector: (any VectorIndex)? = nil
         switch effective {

@@ -14,6 +14,10 @@ public enum HeadPolicy: String, Codable, CaseIterable, Sendable {
     case retrieval
     /// Diffuse: the top-k holds too little of the mass; retrieval zone plus estimation zone (IVF).
     case estimation
+    /// Nothing cheaper meets the error target (a short context, or a head no method serves well).
+    case exact
+    /// A scan of the head's key codes, the best candidates exact, the rest through their codes.
+    case quantized
 
     /// The attention method that serves this policy.
     public var method: AttentionMethod {
@@ -21,7 +25,15 @@ public enum HeadPolicy: String, Codable, CaseIterable, Sendable {
         case .streaming: return .streaming
         case .retrieval: return .retrieval
         case .estimation: return .estimate
+        case .exact: return .exact
+        case .quantized: return .quantized
         }
+    }
+
+    /// The policy that runs `method` (nil for methods `auto` does not choose).
+    public init?(method: AttentionMethod) {
+        guard let policy = HeadPolicy.allCases.first(where: { $0.method == method }) else { return nil }
+        self = policy
     }
 }
 
@@ -151,17 +163,33 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// keeps this much mass with its exact top-k, within `maxBudgetFraction` of the keys.
     public var budgetMass = 0.90
     public var maxBudgetFraction = 0.10
+    /// The median output error (on held-out prefill queries, against exact attention) a candidate
+    /// must stay within; the cheapest candidate that does is chosen (exact always does).
+    public var targetError = 0.02
+    /// Decode steps an index build is paid back over: its build time / horizon counts against its
+    /// time per step (an index does not pay on a short generation).
+    public var decodeHorizon = 4096
+    /// Exact candidates per query head the quantized method is tried with, ascending.
+    public var quantizedCandidates = [32, 64, 128, 256, 512, 1024]
+    /// Fewest keys an index is built for to be tried at all (below, a scan is as cheap).
+    public var minimumIndexedKeys = 8192
+    /// Held-out query groups the candidates are timed on (best of `timingPasses` each).
+    public var timedGroups = 16
+    public var timingPasses = 3
     public init() {}
 
     public func validate() throws {
         guard streamingMass > 0 && streamingMass <= 1, diffuseMass > 0 && diffuseMass <= 1 else {
             throw IndexError.invalidParameter("policy masses must be in (0, 1] (got streaming \(streamingMass), diffuse \(diffuseMass))")
         }
+        guard targetError > 0 && targetError.isFinite else {
+            throw IndexError.invalidParameter("the target error must be positive (got \(targetError))")
+        }
+        guard decodeHorizon >= 1, timedGroups >= 1, timingPasses >= 1, quantizedCandidates.allSatisfy({ $0 >= 1 }) else {
+            throw IndexError.invalidParameter("decode horizon, timed groups, timing passes and quantized candidates must be positive")
+        }
     }
 
-    /// Streaming when every query head keeps `streamingMass` on sinks+window; estimation when the
-    /// head looked diffuse and the estimation zone measured a lower error than the exact top-k
-    /// union (retrieval's best case); otherwise retrieval.
     /// The k a retrieval head needs: the smallest budget whose mass reaches `budgetMass` (at most
     /// `maxBudgetFraction` of the keys); nil when the profiled k already does, or nothing fits.
     public func budget(for profile: HeadProfile) -> Int? {
@@ -180,14 +208,6 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
         return (b, "k raised to \(b)\(capped): its neediest query head keeps \(String(format: "%.2f", mass)) (target \(budgetMass))")
     }
 
-    public func policy(for profile: HeadProfile) -> HeadPolicy {
-        if profile.worstStaticMass >= streamingMass { return .streaming }
-        if profile.worstOracleMass < diffuseMass, let estimated = profile.estimationError,
-           estimated < (profile.retrievalOracleError ?? .infinity) {
-            return .estimation
-        }
-        return .retrieval
-    }
 }
 
 /// A head's decision under `auto`: the policy, the profile it came from and the index it reads.
@@ -200,6 +220,11 @@ public struct HeadPlan: Codable, Equatable, Sendable {
     /// Retrieval: positions retrieved per query head when the profiled k leaves too much mass
     /// out (a floor on the caller's k); nil keeps the caller's.
     public var k: Int?
+    /// Quantized: exact candidates per query head.
+    public var exactCandidates: Int? = nil
+    /// Every candidate measured at the build (error and time on held-out queries), the chosen one
+    /// among them; empty for plans made before `auto` measured costs.
+    public var candidates: [PlanCandidate] = []
 
     public init(policy: HeadPolicy, profile: HeadProfile?, reason: String, k: Int? = nil) {
         self.policy = policy
@@ -208,30 +233,18 @@ public struct HeadPlan: Codable, Equatable, Sendable {
         self.k = k
     }
 
-    /// The plan for `profile` under `parameters`, with its reason.
-    public init(profile: HeadProfile, parameters: PolicyParameters) {
-        let policy = parameters.policy(for: profile)
-        let staticText = String(format: "%.2f", profile.worstStaticMass), oracleText = String(format: "%.2f", profile.worstOracleMass)
-        let reason: String
-        switch policy {
-        case .streaming:
-            reason = "every query head keeps >= \(parameters.streamingMass) of its mass on sinks+window (least \(staticText))"
-        case .estimation:
-            reason = "diffuse: a query head keeps only \(oracleText) of its mass with the exact top-\(profile.k) (< \(parameters.diffuseMass)), and the estimation zone's error \(String(format: "%.3f", profile.estimationError ?? 0)) beats the exact top-k union's \(String(format: "%.3f", profile.retrievalOracleError ?? 0))"
-        case .retrieval:
-            if profile.worstOracleMass < parameters.diffuseMass, let estimated = profile.estimationError {
-                reason = "diffuse (a query head keeps \(oracleText) with the exact top-\(profile.k)), but the exact top-k union's error \(String(format: "%.3f", profile.retrievalOracleError ?? 0)) beats the estimation zone's \(String(format: "%.3f", estimated))"
-            } else {
-                reason = "sinks+window hold \(staticText) (< \(parameters.streamingMass)); the top-\(profile.k) brings every query head to >= \(oracleText) (>= \(parameters.diffuseMass))"
-            }
-        }
-        let raised = policy == .retrieval ? parameters.raisedK(for: profile) : nil
-        self.init(policy: policy, profile: profile, reason: reason + (raised.map { "; " + $0.reason } ?? ""), k: raised?.k)
-    }
+    private enum CodingKeys: String, CodingKey { case policy, profile, reason, k, exactCandidates, candidates }
 
-    /// Without prefill queries there is nothing to profile: retrieval, the method that never drops distant keys.
-    public static let unprofiled = HeadPlan(policy: .retrieval, profile: nil,
-                                            reason: "no prefill queries to profile: retrieval by default")
+    /// Plans stored before the cost-aware planner lack candidates; they decode with none.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        policy = try c.decode(HeadPolicy.self, forKey: .policy)
+        profile = try c.decodeIfPresent(HeadProfile.self, forKey: .profile)
+        reason = try c.decode(String.self, forKey: .reason)
+        k = try c.decodeIfPresent(Int.self, forKey: .k)
+        exactCandidates = try c.decodeIfPresent(Int.self, forKey: .exactCandidates)
+        candidates = try c.decodeIfPresent([PlanCandidate].self, forKey: .candidates) ?? []
+    }
 
     /// The index the plan reads (nil for streaming).
     public var indexKind: IndexKind? { policy.method.indexKind }
@@ -239,5 +252,41 @@ public struct HeadPlan: Codable, Equatable, Sendable {
     /// One line: policy, reason, profile.
     public var summary: String {
         "\(policy.rawValue): \(reason)" + (profile.map { "; \($0.summary)" } ?? "")
+    }
+
+    /// The measured candidates, one line each ("quantized 256: error 0.004, 410 us per step").
+    public var candidateLines: [String] {
+        candidates.map { $0.summary + ($0.policy == policy && $0.setting == (policy == .quantized ? exactCandidates : k) ? "  <- chosen" : "") }
+    }
+}
+
+/// One candidate `auto` measured for a head at its build: median output error and time per decode
+/// step on held-out prefill queries, and the build it needs.
+public struct PlanCandidate: Codable, Equatable, Sendable {
+    public var policy: HeadPolicy
+    /// Exact candidates (quantized) or k (retrieval); nil for the others.
+    public var setting: Int?
+    public var error: Double
+    /// Median time per step (one query group), microseconds.
+    public var micros: Double
+    /// Seconds its index took to build (0 without one).
+    public var buildSeconds: Double
+    /// What the choice compares: time per step plus the build spread over the decode horizon.
+    public var cost: Double
+
+    public init(policy: HeadPolicy, setting: Int?, error: Double, micros: Double, buildSeconds: Double, cost: Double) {
+        self.policy = policy
+        self.setting = setting
+        self.error = error
+        self.micros = micros
+        self.buildSeconds = buildSeconds
+        self.cost = cost
+    }
+
+    public var summary: String {
+        let name = policy.rawValue + (setting.map { " \($0)" } ?? "")
+        var text = "\(name): error \(String(format: "%.4f", error)), \(String(format: "%.0f", micros)) us per step"
+        if buildSeconds > 0 { text += ", built in \(String(format: "%.2f", buildSeconds)) s (cost \(String(format: "%.0f", cost)) us)" }
+        return text
     }
 }

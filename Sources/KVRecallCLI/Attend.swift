@@ -126,7 +126,7 @@ struct Attend: ParsableCommand {
         guard rows % attention.group == 0 else {
             throw RunError("\(rows) query rows do not form whole groups of \(attention.group)")
         }
-        let built = try store.indexNames()[headOptions.id] ?? []
+        let built = try store.records(of: headOptions.id)
         let methods: [AttentionMethod]
         switch method {
         case .all: methods = AttentionMethod.available(built: built)
@@ -148,7 +148,7 @@ struct Attend: ParsableCommand {
         }
         let skipped = AttentionMethod.allCases.filter { m in m.requiredRecord.map { !built.contains($0) } ?? false }
         if method == .all && !skipped.isEmpty {
-            print("not built (kvrecall build --index NAME): \(skipped.map(\.rawValue).joined(separator: ", "))")
+            print("not built (kvrecall build --index NAME; quantized: kvrecall codes): \(skipped.map(\.rawValue).joined(separator: ", "))")
         }
     }
 }

@@ -99,8 +99,10 @@ struct CalibrationOptions: ParsableArguments {
     @OptionGroup var budget: BudgetOptions
     @Option(help: "auto: a head whose every query head keeps this much mass on sinks+window is streaming.")
     var streamingMass: Double = 0.95
-    @Option(help: "auto: a head with a query head keeping less than this with the exact top-k is diffuse (estimation).")
+    @Option(help: "auto: a head with a query head keeping less than this with the exact top-k is diffuse (estimation is tried).")
     var diffuseMass: Double = 0.80
+    @Option(help: "auto: the median output error against exact attention (held-out prefill queries) the chosen method stays within; the cheapest candidate that does wins.")
+    var targetError: Double = PolicyParameters().targetError
 
     func validate() throws {
         if group < 1 { throw ValidationError("--group must be at least 1 (got \(group))") }
@@ -125,6 +127,7 @@ struct CalibrationOptions: ParsableArguments {
         var p = PolicyParameters()
         p.streamingMass = streamingMass
         p.diffuseMass = diffuseMass
+        p.targetError = targetError
         return p
     }
 }
@@ -185,29 +188,36 @@ struct Build: ParsableCommand {
             let start = monotonicNanos()
             var plan: HeadPlan? = nil
             var kind: IndexKind? = nil
-            var prebuilt: (any BuildableIndex)? = nil
+            var planned: (index: any BuildableIndex, calibration: SearchCalibration?)? = nil
             switch index {
             case .kind(let k): kind = k
             case .auto:
-                let planned = try store.read { snapshot in
+                // The quantized method is a candidate: a head stored before the tier gets its codes first.
+                if info.codes == nil { try store.buildCodes(id, format: CodeFormat()) }
+                let made = try store.read { snapshot in
                     try HeadPlanner.plan(keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values),
-                                         queries: try snapshot.vectors(id, .queries), group: calibration.group,
-                                         calibration: calibration.calibration, attention: calibration.attention,
-                                         policy: calibration.policy, build: build.parameters)
+                                         codes: try snapshot.codes(id), queries: try snapshot.vectors(id, .queries),
+                                         group: calibration.group, calibration: calibration.calibration,
+                                         attention: calibration.attention, policy: calibration.policy, build: build.parameters)
                 }
-                plan = planned.plan
-                kind = planned.plan.indexKind
-                prebuilt = planned.ivf  // an estimation head keeps the IVF index its plan was measured with
-                print("head \(id): auto chose \(planned.plan.policy.rawValue): \(planned.plan.reason)")
-                if let profile = planned.plan.profile { print("  profile: \(profile.summary)") }
+                plan = made.plan
+                if let index = made.index { planned = (index, made.calibration) }
+                print("head \(id): auto chose \(made.plan.policy.rawValue): \(made.plan.reason)")
+                for line in made.plan.candidateLines { print("  candidate \(line)") }
+                if let profile = made.plan.profile { print("  profile: \(profile.summary)") }
             }
-            if let kind {
+            if let planned {
+                // The index auto measured its plan with, kept as it was built and calibrated.
+                try IndexCatalog.save(planned.index, in: store, head: id, calibration: planned.calibration)
+                print("  \(planned.index.kind.rawValue) over \(planned.index.count) keys kept from the measurement")
+                if let c = planned.calibration { print("  calibrated \(c.summary)") }
+            } else if let kind {
                 let bar = ProgressBar("build \(kind.rawValue) \(id)", enabled: !quiet && isatty(2) != 0)
                 let built = try store.read { snapshot in
                     let keys = try snapshot.vectors(id, .keys)
                     return try HeadPlanner.buildCalibrated(kind, keys: keys, count: keys.count, queries: try snapshot.vectors(id, .queries),
                                                            build: build.parameters, calibration: calibration.calibration,
-                                                           prebuilt: prebuilt, progress: bar.update)
+                                                           progress: bar.update)
                 }
                 try IndexCatalog.save(built.index, in: store, head: id, calibration: built.calibration)
                 let seconds = Double(monotonicNanos() - start) / 1e9

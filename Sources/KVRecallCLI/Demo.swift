@@ -91,14 +91,18 @@ struct Demo: ParsableCommand {
             build.add([kind.rawValue, fmt(ms, 1), "\(IndexCatalog.byteSize(index))"])
         }
         print(build.render())
-        // auto: profile the head on its last prefill queries, choose its policy.
+        // The quantized tier: 4-bit codes of the keys and values, beside them.
+        try main.buildCodes(HeadID(), format: CodeFormat())
+        // auto: every candidate measured on the head's last prefill queries; the cheapest within the target error.
         let plan = try main.read { s in
             try HeadPlanner.plan(keys: try s.vectors(HeadID(), .keys), values: try s.vectors(HeadID(), .values),
-                                 queries: try s.vectors(HeadID(), .queries), group: 1, calibration: CalibrationParameters(),
-                                 attention: AttentionParameters(), policy: PolicyParameters(), build: IndexBuildParameters()).plan
+                                 codes: try s.codes(HeadID()), queries: try s.vectors(HeadID(), .queries), group: 1,
+                                 calibration: CalibrationParameters(), attention: AttentionParameters(), policy: PolicyParameters(),
+                                 build: IndexBuildParameters()).plan
         }
         try plan.save(in: main, head: HeadID())
         print("\nauto chose \(plan.policy.rawValue) for this head: \(plan.reason)")
+        for line in plan.candidateLines { print("  candidate \(line)") }
         if let profile = plan.profile { print("  \(profile.summary)") }
         var parameters = AttentionParameters()
         parameters.k = attentionK
@@ -111,7 +115,8 @@ struct Demo: ParsableCommand {
         print("\nAttention, k=\(attentionK), sinks 4, window 64, over \(rows) decode queries (oracle = exact top-k + static part):")
         print(methodTable(runs, k: attentionK).render())
         print("This head is diffuse: exact top-\(attentionK) plus the static part holds \(fmt(runs[0].oracleMass, 3)) of the attention mass,")
-        print("so top-k methods cannot beat the oracle's error; `estimate` adds the clusters below the cut.")
+        print("so top-k methods cannot beat the oracle's error; `estimate` adds the clusters below the cut, and")
+        print("`quantized` every position through its 4-bit codes.")
     }
 }
 

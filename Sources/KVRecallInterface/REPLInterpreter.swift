@@ -261,15 +261,15 @@ public final class REPLInterpreter {
     }
 
     private func availableMethods(_ store: KVStore, _ id: HeadID) throws -> (available: [AttentionMethod], missing: [AttentionMethod]) {
-        let built = try store.indexNames()[id] ?? []
-        let available = AttentionMethod.available(built: built)
+        let available = AttentionMethod.available(built: try store.records(of: id))
         return (available, AttentionMethod.allCases.filter { !available.contains($0) })
     }
 
     /// "retrieval, lsh, estimate (index ivf)": methods not built, with the index they need when it is named otherwise.
     private func missingList(_ missing: [AttentionMethod]) -> String {
         missing.map { m in
-            m.indexKind.map { $0.rawValue == m.rawValue ? m.rawValue : "\(m.rawValue) (index \($0.rawValue))" } ?? m.rawValue
+            if m == .quantized { return "quantized (kvrecall codes)" }
+            return m.indexKind.map { $0.rawValue == m.rawValue ? m.rawValue : "\(m.rawValue) (index \($0.rawValue))" } ?? m.rawValue
         }.joined(separator: ", ")
     }
 
@@ -308,8 +308,10 @@ public final class REPLInterpreter {
             }
             settings.method = method
             var note = ""
-            if let store, let headID, let record = method.requiredRecord, !(try store.indexNames()[headID] ?? []).contains(record) {
-                note = "\nnote: head \(headID) has no '\(record)' \(method == .auto ? "plan" : "index") yet; build it with `kvrecall build --index \(record)`"
+            if let store, let headID, let record = method.requiredRecord, !(try store.records(of: headID)).contains(record) {
+                note = method == .quantized
+                    ? "\nnote: head \(headID) keeps no codes yet; make them with `kvrecall codes`"
+                    : "\nnote: head \(headID) has no '\(record)' \(method == .auto ? "plan" : "index") yet; build it with `kvrecall build --index \(record)`"
             }
             return "method = \(method.rawValue)" + note
         }
@@ -686,7 +688,7 @@ public final class REPLInterpreter {
     }
 
     private func methodNames() -> [String] {
-        if let store, let headID, let built = try? store.indexNames()[headID] ?? [] {
+        if let store, let headID, let built = try? store.records(of: headID) {
             return AttentionMethod.available(built: built).map(\.rawValue)
         }
         return AttentionMethod.allCases.map(\.rawValue)

@@ -58,58 +58,136 @@ public enum HeadPlanner {
                         k: raised.k)
     }
 
-    /// The plan of one head: its profile on the held-out tail of its prefill queries, the output
-    /// errors of the candidate policies on those queries (the estimation zone only for a head that
-    /// looks diffuse: an IVF index over keys `0..<indexUpTo` is built to measure it and returned
-    /// for reuse), and the policy.
-    /// `.unprofiled` without enough queries.
-    public static func plan(keys: VectorView, values: VectorView, queries: VectorView?, group: Int,
+    /// `auto`'s plan for one head, by measurement: on the held-out tail of its prefill queries
+    /// (`group` rows per position), every candidate's median output error against exact attention
+    /// and its median time per decode step: exact, streaming, the quantized method at a few numbers
+    /// of exact candidates (when the head keeps `codes`), the retrieval graph with the head's budget
+    /// (built over keys `0..<indexUpTo`, its build spread over `policy.decodeHorizon` steps, when
+    /// it holds at least `policy.minimumIndexedKeys`), and for a head that looks diffuse the
+    /// estimation zone over an IVF index. The cheapest candidate within `policy.targetError` wins;
+    /// exact is one of them, so no plan is measured slower than exact attention. The index the
+    /// winner reads comes back built and calibrated.
+    /// Without enough queries: quantized when the head keeps codes, else exact.
+    public static func plan(keys: VectorView, values: VectorView, codes: CodeView? = nil, queries: VectorView?, group: Int,
                             calibration: CalibrationParameters, attention: AttentionParameters, policy: PolicyParameters,
                             build: IndexBuildParameters, alignedToPositions: Bool = true,
-                            indexUpTo: Int? = nil) throws -> (plan: HeadPlan, ivf: IVFIndex?) {
-        guard var profile = try profile(keys: keys, queries: queries, group: group, calibration: calibration, attention: attention,
+                            indexUpTo: Int? = nil) throws -> (plan: HeadPlan, index: (any BuildableIndex)?, calibration: SearchCalibration?) {
+        try policy.validate()
+        guard let profile = try profile(keys: keys, queries: queries, group: group, calibration: calibration, attention: attention,
                                         alignedToPositions: alignedToPositions),
               let queries else {
-            return (.unprofiled, nil)
+            let fallback = codes != nil
+                ? HeadPlan(policy: .quantized, profile: nil, reason: "no prefill queries to measure: the quantized method by default")
+                : HeadPlan(policy: .exact, profile: nil, reason: "no prefill queries to measure and no codes: exact attention")
+            return (fallback, nil, nil)
         }
+        let d = keys.dimension
         let rows = calibration.heldOut(of: queries.count) / group * group
         let held = queries.decode(rows: (queries.count - rows)..<queries.count)
-        let d = keys.dimension
+        let groups = rows / group
         var p = attention
         p.groupSelection = .union
-        // Retrieval is judged at the budget it would get (its k raised for a diffuse head).
-        if let budget = policy.budget(for: profile) { p.k = max(p.k, budget) }
-        let flat = FlatIndex(keys: keys)
-        let selects = p.sinks + p.window < keys.count
-        // A head that looks diffuse also tries the estimation zone, over an IVF index built for it.
-        var ivf: IVFIndex? = nil
-        var estimate: PreparedMethod? = nil
-        if selects, profile.worstStaticMass < policy.streamingMass, profile.worstOracleMass < policy.diffuseMass {
-            // Over the keys the head's index will hold (the rest are attended exactly), so a
-            // session keeps this index instead of building it again.
-            let upTo = min(keys.count, indexUpTo ?? keys.count)
-            let built = try IndexCatalog.build(.ivf, keys: keys, count: upTo, parameters: build)
-            estimate = try PreparedMethod(.estimate, index: built, keys: keys, values: values)
-            ivf = built as? IVFIndex
+        let upTo = min(keys.count, max(0, indexUpTo ?? keys.count))
+
+        // The candidates, each a prepared method with the parameters it runs with.
+        struct Candidate {
+            let policy: HeadPolicy
+            let setting: Int?
+            let method: PreparedMethod
+            let parameters: AttentionParameters
+            let buildSeconds: Double
+            var index: (any BuildableIndex)? = nil
+            var calibration: SearchCalibration? = nil
+            var errors: [Double] = []
+            var micros: [Double] = []
         }
-        var e = p
-        e.k = attention.k  // the estimation zone's retrieval zone keeps the caller's k
-        // One exact reference per group, shared by the candidates' errors.
-        var streaming: [Double] = [], union: [Double] = [], estimated: [Double] = []
-        try held.withUnsafeBufferPointer { qb in
-            for gi in 0..<(rows / group) {
-                let one = UnsafeBufferPointer(rebasing: qb[(gi * group * d)..<((gi + 1) * group * d)])
-                let reference = ExactReference(queries: one, keys: keys, values: values, parameters: p)
-                func error(_ result: AttentionResult) -> Double { Attention.fidelity(of: result, reference: reference).outputError }
-                streaming.append(error(try Attention.attendStatic(queries: one, keys: keys, values: values, parameters: p)))
-                union.append(selects ? error(try Attention.attend(queries: one, selector: flat, keys: keys, values: values, parameters: p)) : 0)
-                if let estimate { estimated.append(error(try estimate.attend(one, keys: keys, values: values, parameters: e))) }
+        var candidates: [Candidate] = []
+        candidates.append(Candidate(policy: .exact, setting: nil, method: try PreparedMethod(.exact, index: nil, keys: keys, values: values),
+                                    parameters: p, buildSeconds: 0))
+        candidates.append(Candidate(policy: .streaming, setting: nil, method: try PreparedMethod(.streaming, index: nil, keys: keys, values: values),
+                                    parameters: p, buildSeconds: 0))
+        if codes != nil {
+            for m in policy.quantizedCandidates {
+                var q = p
+                q.quantized.candidates = m
+                candidates.append(Candidate(policy: .quantized, setting: m,
+                                            method: try PreparedMethod(.quantized, index: nil, keys: keys, values: values),
+                                            parameters: q, buildSeconds: 0))
             }
         }
-        profile.streamingError = median(streaming)
-        profile.retrievalOracleError = median(union)
-        if estimate != nil { profile.estimationError = median(estimated) }
-        return (HeadPlan(profile: profile, parameters: policy), ivf)
+        let selects = p.sinks + p.window < keys.count
+        if selects && upTo >= policy.minimumIndexedKeys {
+            // Retrieval at the budget it would get (its k raised for a diffuse head).
+            var r = p
+            if let budget = policy.budget(for: profile) { r.k = max(r.k, budget) }
+            let start = monotonicNanos()
+            let built = try buildCalibrated(.retrieval, keys: keys, count: upTo, queries: queries, build: build, calibration: calibration)
+            let seconds = Double(monotonicNanos() - start) / 1e9
+            var candidate = Candidate(policy: .retrieval, setting: r.k,
+                                      method: try PreparedMethod(.retrieval, index: built.index, calibration: built.calibration,
+                                                                 keys: keys, values: values),
+                                      parameters: r, buildSeconds: seconds)
+            candidate.index = built.index
+            candidate.calibration = built.calibration
+            candidates.append(candidate)
+        }
+        if selects, profile.worstStaticMass < policy.streamingMass, profile.worstOracleMass < policy.diffuseMass, upTo > p.sinks {
+            // A head that looks diffuse also tries the estimation zone, over an IVF index.
+            let start = monotonicNanos()
+            let built = try buildCalibrated(.ivf, keys: keys, count: upTo, queries: queries, build: build, calibration: calibration)
+            let seconds = Double(monotonicNanos() - start) / 1e9
+            var candidate = Candidate(policy: .estimation, setting: nil,
+                                      method: try PreparedMethod(.estimate, index: built.index, calibration: built.calibration,
+                                                                 keys: keys, values: values),
+                                      parameters: p, buildSeconds: seconds)
+            candidate.index = built.index
+            candidate.calibration = built.calibration
+            candidates.append(candidate)
+        }
+
+        // Errors on every held-out group; times on the first `timedGroups`, the candidates
+        // interleaved per group so that they share the machine's load alike.
+        try held.withUnsafeBufferPointer { qb in
+            for gi in 0..<groups {
+                let one = UnsafeBufferPointer(rebasing: qb[(gi * group * d)..<((gi + 1) * group * d)])
+                let reference = ExactReference(queries: one, keys: keys, values: values, parameters: p)
+                for c in candidates.indices {
+                    let candidate = candidates[c]
+                    func run() throws -> AttentionResult {
+                        try candidate.method.attend(one, keys: keys, values: values, codes: codes, parameters: candidate.parameters)
+                    }
+                    let result = try run()
+                    candidates[c].errors.append(candidate.policy == .exact ? 0 : Attention.fidelity(of: result, reference: reference).outputError)
+                    if gi < policy.timedGroups {
+                        var fastest = Double.infinity
+                        for _ in 0..<policy.timingPasses {
+                            let t0 = monotonicNanos()
+                            _ = try run()
+                            fastest = min(fastest, Double(monotonicNanos() - t0) / 1e3)
+                        }
+                        candidates[c].micros.append(fastest)
+                    }
+                }
+            }
+        }
+        let measured = candidates.map { c -> PlanCandidate in
+            let micros = median(c.micros)
+            return PlanCandidate(policy: c.policy, setting: c.setting, error: median(c.errors), micros: micros, buildSeconds: c.buildSeconds,
+                                 cost: micros + c.buildSeconds * 1e6 / Double(policy.decodeHorizon))
+        }
+        // The cheapest within the target (exact always is); ties to the earlier (simpler) one.
+        var best = 0
+        for (i, c) in measured.enumerated() where c.error <= policy.targetError && c.cost < measured[best].cost { best = i }
+        let chosen = measured[best], exact = measured[0]
+        var reason = chosen.policy == .exact
+            ? "no candidate within the target error \(policy.targetError) is cheaper than exact attention (\(String(format: "%.0f", exact.micros)) us per step)"
+            : "\(chosen.policy.rawValue)\(chosen.setting.map { " \($0)" } ?? ""): error \(String(format: "%.4f", chosen.error)) within the target \(policy.targetError), \(String(format: "%.0f", chosen.cost)) us per step against exact's \(String(format: "%.0f", exact.micros)) us (\(String(format: "%.2f", chosen.cost / max(exact.micros, 1e-9)))x)"
+        if chosen.policy == .retrieval, let raised = policy.raisedK(for: profile) { reason += "; \(raised.reason)" }
+        var plan = HeadPlan(policy: chosen.policy, profile: profile, reason: reason,
+                            k: chosen.policy == .retrieval ? chosen.setting : nil)
+        plan.exactCandidates = chosen.policy == .quantized ? chosen.setting : nil
+        plan.candidates = measured
+        return (plan, candidates[best].index, candidates[best].calibration)
     }
 
     /// Builds index `kind` over keys `0..<count` of a head, trained on all but the held-out tail of its
@@ -157,7 +235,7 @@ public enum HeadPlanner {
     /// names, over keys `0..<indexUpTo` (the rest stay in the window), calibrated on the held-out
     /// tail of `queries` (`group` rows per position, or a sample). Nothing when the head has too
     /// few keys for an index.
-    public static func prepareHead(method: AttentionMethod, keys: VectorView, values: VectorView, queries: VectorView?,
+    public static func prepareHead(method: AttentionMethod, keys: VectorView, values: VectorView, codes: CodeView?, queries: VectorView?,
                                    group: Int, indexUpTo: Int, setup: Setup,
                                    build: IndexBuildParameters) throws -> (plan: HeadPlan?, index: (any BuildableIndex)?,
                                                                            calibration: SearchCalibration?) {
@@ -168,19 +246,18 @@ public enum HeadPlanner {
         // are not one row set per position (a sample) are measured against every key.
         let perHead = group > 1 && rows == keys.count * group
         let aligned = perHead || rows == keys.count
-        var plan: HeadPlan? = nil
-        var prebuilt: IVFIndex? = nil
         if method == .auto {
-            (plan, prebuilt) = try self.plan(keys: keys, values: values, queries: queries, group: perHead ? group : 1,
-                                             calibration: setup.calibration, attention: setup.attention, policy: setup.policy,
-                                             build: build, alignedToPositions: aligned, indexUpTo: upTo)
-        } else if setup.policy.budgetMass > 0 {
+            return try self.plan(keys: keys, values: values, codes: codes, queries: queries, group: perHead ? group : 1,
+                                 calibration: setup.calibration, attention: setup.attention, policy: setup.policy, build: build,
+                                 alignedToPositions: aligned, indexUpTo: upTo)
+        }
+        var plan: HeadPlan? = nil
+        if setup.policy.budgetMass > 0 {
             plan = try budget(keys: keys, queries: queries, group: perHead ? group : 1, calibration: setup.calibration,
                               attention: setup.attention, policy: setup.policy, alignedToPositions: aligned)
         }
-        guard let kind = method == .auto ? plan?.indexKind : method.indexKind else { return (plan, nil, nil) }
-        let made = try buildCalibrated(kind, keys: keys, count: upTo, queries: queries, build: build,
-                                       calibration: setup.calibration, prebuilt: prebuilt)
+        guard let kind = method.indexKind else { return (plan, nil, nil) }
+        let made = try buildCalibrated(kind, keys: keys, count: upTo, queries: queries, build: build, calibration: setup.calibration)
         return (plan, made.index, made.calibration)
     }
 }

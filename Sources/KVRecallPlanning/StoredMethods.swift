@@ -7,8 +7,15 @@ import KVRecallIndexes
 import KVRecallAttention
 
 extension AttentionMethod {
-    /// The stored record this method needs on a head: its index, or `auto`'s plan.
-    public var requiredRecord: String? { self == .auto ? PlanRecord.auto.rawValue : indexKind?.rawValue }
+    /// The stored record this method needs on a head: its index, `auto`'s plan, or the quantized
+    /// tier's codes (named `codes` among a head's records, see `KVStore.records(of:)`).
+    public var requiredRecord: String? {
+        switch self {
+        case .auto: return PlanRecord.auto.rawValue
+        case .quantized: return KVStore.codesRecord
+        default: return indexKind?.rawValue
+        }
+    }
 
     /// The method ready to answer queries on head `id` inside `snapshot`, with the head's
     /// persisted index and its calibration (an error naming the build command when it was never built).
@@ -56,3 +63,15 @@ public final class PreparedMethodCache {
     public func removeAll() { entries = [:] }
 }
 
+extension KVStore {
+    /// What `records(of:)` calls a head's quantized tier.
+    public static let codesRecord = "codes"
+
+    /// The records a head holds, by the names `AttentionMethod.requiredRecord` uses: its stored
+    /// indexes and plans, and `codes` when it keeps the quantized tier.
+    public func records(of id: HeadID) throws -> Set<String> {
+        var records = try indexNames()[id] ?? []
+        if (try? info(id).codes) ?? nil != nil { records.insert(KVStore.codesRecord) }
+        return records
+    }
+}

@@ -210,7 +210,7 @@ public final class KVSession {
         guard configuration.method.needsBuild else { return false }
         let made = try store.read { snapshot in
             try HeadPlanner.prepareHead(method: configuration.method, keys: try snapshot.vectors(state.id, .keys),
-                                        values: try snapshot.vectors(state.id, .values),
+                                        values: try snapshot.vectors(state.id, .values), codes: try snapshot.codes(state.id),
                                         queries: try snapshot.vectors(state.id, .queries),
                                         group: configuration.queryHeadsPerKV, indexUpTo: state.tokens - configuration.window,
                                         setup: planning, build: build)
@@ -222,6 +222,7 @@ public final class KVSession {
     /// The planning knobs of this session's configuration.
     private var planning: HeadPlanner.Setup {
         var setup = HeadPlanner.Setup(attention: parameters)
+        setup.attention.threads = max(1, threads / configuration.kvHeads)  // as a decode step runs each head
         setup.calibration.targetRecall = configuration.targetRecall
         setup.calibration.k = configuration.k
         setup.policy.budgetMass = configuration.budgetMass ?? 0  // 0: no budget ever raises k

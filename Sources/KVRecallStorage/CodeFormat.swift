@@ -1,3 +1,4 @@
+import CKernels
 import KVRecallSupport
 import KVRecallKernels
 import KVRecallFormats
@@ -149,29 +150,38 @@ extension CodeFormat {
         writeSteps(valueStep, at: out + l.valueStep)
     }
 
-    /// `x` as the stored type will hold it: a min rounded down and a step rounded up to the next
-    /// f16 (so the codes' range still covers the group), or `x` itself with `wideSteps`.
+    /// `x` as the stored type will hold it: a min rounded down and a step rounded up to a
+    /// neighbouring f16 (so the codes' range still covers the group), or `x` itself with `wideSteps`.
+    /// (f16 through the C kernels: Swift's Float16 is not used on x86 Linux here.)
     func roundedStep(_ x: Float, down: Bool) -> Float {
         guard !wideSteps else { return x }
-        let h = Float16(x)
-        if down { return Float(h) > x ? Float(h.nextDown) : Float(h) }
-        return Float(h) < x ? Float(h.nextUp) : Float(h)
+        var value = x, half: UInt16 = 0, back: Float = 0
+        kvr_f32_to_f16(&value, &half, 1)
+        kvr_f16_to_f32(&half, &back, 1)
+        if down && back > x { half = x < 0 ? half &+ 1 : half &- 1 }  // one f16 step towards -inf
+        if !down && back < x { half = x < 0 ? half &- 1 : half &+ 1 }  // one f16 step towards +inf
+        kvr_f16_to_f32(&half, &back, 1)
+        return back
     }
 
     /// Stores mins or steps in the stored type.
     func writeSteps(_ values: [Float], at out: UnsafeMutableRawPointer) {
-        if wideSteps {
-            values.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        } else {
-            let half = out.assumingMemoryBound(to: Float16.self)
-            for (i, v) in values.enumerated() { half[i] = Float16(v) }
+        values.withUnsafeBufferPointer { v in
+            if wideSteps {
+                out.copyMemory(from: v.baseAddress!, byteCount: v.count * 4)
+            } else {
+                kvr_f32_to_f16(v.baseAddress!, out.assumingMemoryBound(to: UInt16.self), v.count)
+            }
         }
     }
 
-    /// Mins or steps `first..<first + count` read back as f32.
+    /// Min or step `i` read back as f32.
     @inline(__always)
     func step(_ base: UnsafeRawPointer, _ i: Int) -> Float {
-        wideSteps ? base.load(fromByteOffset: 4 * i, as: Float.self) : Float(base.load(fromByteOffset: 2 * i, as: Float16.self))
+        if wideSteps { return base.load(fromByteOffset: 4 * i, as: Float.self) }
+        var half = base.load(fromByteOffset: 2 * i, as: UInt16.self), out: Float = 0
+        kvr_f16_to_f32(&half, &out, 1)
+        return out
     }
 
     /// Writes `code` for `channel` into a position's code bytes (4-bit: byte j of a 32-channel run

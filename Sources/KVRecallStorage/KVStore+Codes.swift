@@ -33,19 +33,22 @@ extension KVStore {
     /// keeps them current from then on: what a head stored before the quantized tier gets at its
     /// first build, or from `kvrecall codes`. One transaction: a crash leaves the old state.
     public func buildCodes(_ id: HeadID, format: CodeFormat) throws {
-        try environment.write { txn in
-            guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
-                throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
-            }
-            var info = try KVStore.decodeInfo(raw, path: path)
-            if let problem = format.problem(dimension: info.dimension, blockSize: info.blockSize) {
-                throw StoreError(.invalidArgument, problem, path: path, head: id)
-            }
-            try txn.deletePrefix(vectorsDB, StoreKey.codePrefix(id))
-            info.codes = format.fitted(to: info.dtype)
-            try writeCodes(txn, info, groups: 0..<(info.count / format.group))
-            try putInfo(txn, info)
+        try environment.write { txn in try recode(txn, id, format: format) }
+    }
+
+    @inline(never)
+    private func recode(_ txn: WriteTransaction, _ id: HeadID, format: CodeFormat) throws {
+        guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
+            throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
         }
+        var info = try KVStore.decodeInfo(raw, path: path)
+        if let problem = format.problem(dimension: info.dimension, blockSize: info.blockSize) {
+            throw StoreError(.invalidArgument, problem, path: path, head: id)
+        }
+        _ = try txn.deletePrefix(vectorsDB, StoreKey.codePrefix(id))
+        info.codes = format.fitted(to: info.dtype)
+        try writeCodes(txn, info, groups: 0..<(info.count / format.group))
+        try putInfo(txn, info)
     }
 
     /// Codes the groups an append of `info.count - previous` positions completed (`info` as after it).
@@ -81,34 +84,29 @@ extension KVStore {
         let d = info.dimension, g = format.group
         let layout = format.layout(dimension: d)
         let perBlock = info.blockSize / g
-        var k = [Float](repeating: 0, count: g * d), v = [Float](repeating: 0, count: g * d)
+        let k = UnsafeMutablePointer<Float>.allocate(capacity: g * d), v = UnsafeMutablePointer<Float>.allocate(capacity: g * d)
+        defer { k.deallocate(); v.deallocate() }
         var group = groups.lowerBound
         while group < groups.upperBound {
             let block = group / perBlock, inBlock = group % perBlock
             let take = min(perBlock - inBlock, groups.upperBound - group)
             let key = StoreKey.codeBlock(info.id, UInt32(block))
-            var existing: [UInt8] = []
+            var rows = [UInt8](repeating: 0, count: (inBlock + take) * layout.rowBytes)
             if inBlock > 0 {
                 guard let old = try txn.reader.get(vectorsDB, key), old.count >= inBlock * layout.rowBytes else {
                     throw StoreError(.corrupt, "code block \(block) is missing or short", path: path, head: info.id)
                 }
-                existing = Array(old.prefix(inBlock * layout.rowBytes))  // copy: the put below invalidates `old`
+                for b in 0..<(inBlock * layout.rowBytes) { rows[b] = old[b] }  // copied: the put below invalidates `old`
             }
-            var rows = [UInt8](repeating: 0, count: take * layout.rowBytes)
-            try rows.withUnsafeMutableBytes { out in
-                for j in 0..<take {
-                    let first = (group + j) * g
-                    try k.withUnsafeMutableBufferPointer { kb in
-                        try v.withUnsafeMutableBufferPointer { vb in
-                            try decodeStored(txn, info, .keys, rows: first..<(first + g), into: kb.baseAddress!)
-                            try decodeStored(txn, info, .values, rows: first..<(first + g), into: vb.baseAddress!)
-                            format.encodeGroup(keys: kb.baseAddress!, values: vb.baseAddress!, dimension: d,
-                                               into: out.baseAddress! + j * layout.rowBytes)
-                        }
-                    }
+            for j in 0..<take {
+                let first = (group + j) * g
+                try decodeStored(txn, info, .keys, rows: first..<(first + g), into: k)
+                try decodeStored(txn, info, .values, rows: first..<(first + g), into: v)
+                rows.withUnsafeMutableBytes { out in
+                    format.encodeGroup(keys: k, values: v, dimension: d, into: out.baseAddress! + (inBlock + j) * layout.rowBytes)
                 }
             }
-            try txn.put(vectorsDB, key, existing + rows)
+            try txn.put(vectorsDB, key, rows)
             group += take
         }
     }
@@ -119,18 +117,26 @@ extension KVStore {
     fileprivate func decodeStored(_ txn: WriteTransaction, _ info: HeadInfo, _ kind: VectorKind, rows: Range<Int>,
                                   into out: UnsafeMutablePointer<Float>) throws {
         let bs = info.blockSize, width = info.bytesPerVector, block = rows.lowerBound / bs
+        let data = try storedBlock(txn, info, kind, block)
         guard rows.upperBound <= info.rows(kind), (rows.upperBound - 1) / bs == block,
-              let data = try txn.reader.get(vectorsDB, StoreKey.block(info.id, kind, UInt32(block))),
-              data.count >= (rows.upperBound - block * bs) * width else {
+              data.count >= (rows.upperBound - block * bs) * width, let base = data.baseAddress else {
             throw StoreError(.corrupt, "\(kind) rows \(rows) to code are missing or short", path: path, head: info.id)
         }
-        let src = data.baseAddress! + (rows.lowerBound - block * bs) * width
+        let src = base + (rows.lowerBound - block * bs) * width
         let n = rows.count * info.dimension
         switch info.dtype {
         case .f32: UnsafeMutableRawPointer(out).copyMemory(from: src, byteCount: n * 4)
         case .f16: kvr_f16_to_f32(src.assumingMemoryBound(to: UInt16.self), out, n)
         case .bf16: kvr_bf16_to_f32(src.assumingMemoryBound(to: UInt16.self), out, n)
         }
+    }
+
+    /// Block `block` of a stream (an empty buffer when missing). Not inlined: inlined into the code
+    /// writer, this read left Swift's error register set on its normal return in optimised builds
+    /// (Swift 6.3.1, x86_64), so a successful recode was reported as a thrown error.
+    @inline(never)
+    fileprivate func storedBlock(_ txn: WriteTransaction, _ info: HeadInfo, _ kind: VectorKind, _ block: Int) throws -> UnsafeRawBufferPointer {
+        try txn.reader.get(vectorsDB, StoreKey.block(info.id, kind, UInt32(block))) ?? UnsafeRawBufferPointer(start: nil, count: 0)
     }
 }
 

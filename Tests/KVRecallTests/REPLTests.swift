@@ -160,7 +160,7 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         _ = repl.ok("use 0/2/6")
         let info = repl.ok("info")
         #expect(info.contains("read-only") && info.contains("head     0/2/6") && info.contains("query    none"))
-        #expect(info.contains("methods  exact, hip, landmark, hnsw, ivf, estimate, streaming (not built: retrieval, lsh, tree, auto)"))
+        #expect(info.contains("methods  exact, hip, landmark, hnsw, ivf, estimate, streaming (not built: retrieval, lsh, tree, quantized (kvrecall codes), auto)"))
         #expect(info.contains("settings k=100 sinks=4 window=64 ef=calibrated nprobe=calibrated method=exact"))
 
         #expect(repl.ok("set k 50") == "k = 50")
@@ -321,7 +321,7 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         #expect(table.contains("compare on head 0/2/6, query prefill row 5: k=20"))
         #expect(column("method", in: table, after: "method") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate", "streaming"])
         #expect(column("recall@20", in: table, after: "method").first == "1.000")
-        #expect(table.contains("not built (kvrecall build --index NAME): retrieval, lsh, tree, auto"))
+        #expect(table.contains("not built (kvrecall build --index NAME): retrieval, lsh, tree, quantized (kvrecall codes), auto"))
         let all = repl.ok("explain")
         #expect(all.contains("last search: compare"))
         #expect(column("method", in: all, after: "method") == ["exact", "hip", "landmark", "hnsw", "ivf", "estimate", "streaming"])
@@ -333,7 +333,7 @@ private func column(_ name: String, in text: String, after header: String) -> [S
         _ = repl.ok("query file \(REPLFixture.data)/queries.npy 0")
         let few = repl.ok("compare")
         #expect(column("method", in: few, after: "method") == ["exact", "hip", "streaming"])
-        #expect(few.contains("not built (kvrecall build --index NAME): retrieval, landmark, hnsw, ivf, lsh, tree, estimate (index ivf), auto"))
+        #expect(few.contains("not built (kvrecall build --index NAME): retrieval, landmark, hnsw, ivf, lsh, tree, estimate (index ivf), quantized (kvrecall codes), auto"))
     }
 
     @Test func helpQuitAndMistypedCommands() throws {
