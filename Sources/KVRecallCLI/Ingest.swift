@@ -56,9 +56,9 @@ struct Ingest: ParsableCommand {
         let k = try loadTensor(path: keys, tensorName: keysTensor, role: "keys")
         let v = try loadTensor(path: values, tensorName: valuesTensor, role: "values")
         let q = try queries.map { try loadTensor(path: $0, tensorName: queriesTensor, role: "queries") }
-        try KVStore.validateIngest(keys: k, keysPath: keys, values: v, valuesPath: values,
-                                   queries: q, queriesPath: queries, allowNonFinite: allowNonFinite)
         let storage = dtype ?? DType(k.dtype)
+        try KVStore.validateIngest(keys: k, keysPath: keys, values: v, valuesPath: values,
+                                   queries: q, queriesPath: queries, allowNonFinite: allowNonFinite, storage: storage)
         let store = try storeOptions.open(create: true)
         defer { store.close() }
         // One writer per head for the whole ingest: a concurrent ingest (or session) of the same

@@ -504,9 +504,13 @@ public final class KVSession {
         let tokens = keys.count / (h * d)
         // Every head's rows are checked before any is written, so bad input never leaves the layer
         // with some heads one token longer than others.
+        // A finite value beyond the storage type (f16: |x| > 65504) is refused like NaN: stored, it
+        // would be Inf and attention would answer NaN.
         for (label, data) in [("keys", keys), ("values", values)] {
-            if let row = firstNonFiniteRow(data, dimension: d) {
-                throw SessionError.invalidArgument("\(label) of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
+            if let bad = firstUnstorableValue(data, dtype: configuration.dtype) {
+                let row = bad.index / d
+                throw SessionError.invalidArgument("append to layer \(layer): \(label) of KV head \(row / tokens), token \(row % tokens), "
+                                                   + "column \(bad.index % d) \(bad.problem); nothing was appended")
             }
         }
         // One write transaction for every head of the layer: a failure or a crash leaves all or none.
@@ -527,8 +531,10 @@ public final class KVSession {
             throw SessionError.invalidArgument("queries must hold [\(h) heads, tokens, \(d)] floats (got \(queries.count))")
         }
         let tokens = queries.count / (h * d)
-        if let row = firstNonFiniteRow(queries, dimension: d) {
-            throw SessionError.invalidArgument("queries of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
+        if let bad = firstUnstorableValue(queries, dtype: configuration.dtype) {
+            let row = bad.index / d
+            throw SessionError.invalidArgument("prefill queries of layer \(layer): KV head \(row / tokens), token \(row % tokens), "
+                                               + "column \(bad.index % d) \(bad.problem); nothing was appended")
         }
         try store.appendAtomically((0..<h).map { head in
             .queries(headID(layer, head), UnsafeBufferPointer(rebasing: queries[(head * tokens * d)..<((head + 1) * tokens * d)]))
