@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import KVRecall
 import KVRecallInterface
 
@@ -8,17 +9,51 @@ struct KVRecallCommand: ParsableCommand {
         commandName: "kvrecall",
         abstract: "Top-k attention over an LMDB-backed KV cache, answered by vector retrieval.",
         discussion: """
-        A store is a directory holding one LMDB environment with the key, value and prefill-query
-        vectors of any number of heads, addressed by (context, layer, kv-head).
+        A store is a directory holding one LMDB environment with the key, value and prefill-query \
+        vectors of any number of heads, addressed by (context, layer, kv-head). `generate`, `eval` \
+        and `capture` run Gemma 3 270M with its global layers on a store (bash Tools/fetch_model.sh \
+        fetches the model).
 
         Typical session:
-          kvrecall ingest --store /tmp/s --keys K.npy --values V.npy --queries Q.npy --layer 2 --head 6
-          kvrecall info   --store /tmp/s
-          kvrecall build  --store /tmp/s --layer 2 --head 6 --index hnsw
-          kvrecall query  --store /tmp/s --layer 2 --head 6 --queries decode.npy -k 10 --index hnsw --ef 64
-          kvrecall repl   --store /tmp/s        (interactive: query, attend, compare, explain)
+          kvrecall ingest --store /tmp/s --keys K.npy --values V.npy \\
+              --queries Q.npy --layer 2 --head 6
+          kvrecall info --store /tmp/s
+          kvrecall build --store /tmp/s --layer 2 --head 6 --index hnsw
+          kvrecall query --store /tmp/s --layer 2 --head 6 \\
+              --queries decode.npy -k 10 --index hnsw --ef 64
+          kvrecall repl --store /tmp/s      (query, attend, compare, explain)
         """,
+        version: "kvrecall \(KVRecallVersion.string) (C ABI \(KVRecallVersion.abi))",
         subcommands: [Ingest.self, Info.self, Build.self, Query.self, Attend.self, Replay.self, Repl.self, Demo.self, Bench.self,
                       Generate.self, Eval.self, Capture.self]
     )
+
+    /// `kvrecall help TOPIC` for a topic that is not a command fails (ArgumentParser prints the
+    /// top help with status 0, which tells a script nothing); everything else is parsed as usual.
+    static func main() {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        if arguments.first == "help", let unknown = unknownHelpTopic(Array(arguments.dropFirst())) {
+            FileHandle.standardError.write(Data("Error: \(unknown)\nUsage: kvrecall help [<subcommand>]\n  See 'kvrecall --help' for the commands.\n".utf8))
+            Foundation.exit(ExitCode.validationFailure.rawValue)
+        }
+        main(nil)
+    }
+
+    /// Why `path` (the words after `help`) names no command, or nil when it does.
+    static func unknownHelpTopic(_ path: [String]) -> String? {
+        var command: ParsableCommand.Type = KVRecallCommand.self
+        var walked = ["kvrecall"]
+        for word in path where !word.hasPrefix("-") {
+            let subcommands = command.configuration.subcommands
+            guard let next = subcommands.first(where: { $0._commandName == word || $0.configuration.aliases.contains(word) }) else {
+                let names = subcommands.map { $0._commandName }
+                return names.isEmpty
+                    ? "'\(walked.joined(separator: " "))' has no subcommand '\(word)'"
+                    : "unknown command '\(word)' (\(walked.joined(separator: " ")) commands: \(names.joined(separator: ", ")))"
+            }
+            command = next
+            walked.append(word)
+        }
+        return nil
+    }
 }
