@@ -142,6 +142,11 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var attentionMethod: AttentionMethod { AttentionMethod(rawValue: method)! }
 }
 
+extension AttentionMethod {
+    /// Whether `buildIndexes` plans or indexes a head for this method.
+    var needsIndexOrPlan: Bool { self == .auto || indexKind != nil }
+}
+
 /// Errors of the decoder session.
 public enum SessionError: Error, CustomStringConvertible, Equatable {
     case invalidArgument(String)
@@ -410,16 +415,22 @@ public final class KVSession {
     }
 
     /// One line per head: what runs (`auto`'s policy and why), its index and calibration.
-    public func report() -> [String] {
+    /// `layerName` names a session layer as the caller knows it (a decoder: the model's block).
+    public func report(layerName: (Int) -> String = { "layer \($0)" }) -> [String] {
         var lines: [String] = []
         for layer in 0..<configuration.layers {
             for head in 0..<configuration.kvHeads {
-                var line = "layer \(layer) head \(head): "
+                var line = "\(layerName(layer)) head \(head): "
                 if let plan = plans[layer][head] {
                     line += configuration.attentionMethod == .auto ? "\(plan.policy.rawValue) (\(plan.reason))"
                         : "\(configuration.method) (\(plan.reason))"
                 } else {
                     line += configuration.method
+                    // Built, but nothing to plan or index: say why rather than just the method's name.
+                    if prepared, indexes[layer][head] == nil, configuration.attentionMethod.needsIndexOrPlan,
+                       let n = try? store.info(headID(layer, head)).count, n - configuration.window <= configuration.sinks {
+                        line += " (all \(n) keys are sinks or in the window: attended exactly, nothing to index)"
+                    }
                 }
                 if let index = indexes[layer][head] { line += "; \(index.kind.rawValue) over \(index.count) keys" }
                 if let c = calibrations[layer][head] { line += "; calibrated \(c.summary)" }

@@ -53,6 +53,10 @@ struct Generate: ParsableCommand {
             let buildStart = monotonicNanos()
             try sequence.buildIndexes()
             let buildSeconds = Double(monotonicNanos() - buildStart) / 1e9
+            if method == .auto {
+                // What each head runs and why (the profile behind it: eval --json's "heads").
+                for line in sequence.report() { note("[auto] " + (line.components(separatedBy: "; mass on").first ?? line)) }
+            }
             if methods.count > 1 { print("[\(method.rawValue)] ", terminator: "") }
             // A long prompt is shown by its end only.
             print(text.count > 240 ? "…" + text.suffix(200) : text, terminator: "")
