@@ -218,6 +218,16 @@ def test_values_beyond_the_storage_type_are_refused_never_nan():
             s.append(0, np.full_like(keys, 3.4e38), values)
 
 
+def test_a_session_is_not_created_among_unrelated_files(tmp_path):
+    """Issue 23: Session(path=...) on a non-empty directory wrote data.mdb among its files."""
+    (tmp_path / "notes.txt").write_text("my notes")
+    with pytest.raises(kvrecall.StoreError, match=r"not empty and holds no KVRecall store \('notes.txt'\)"):
+        kvrecall.Session(1, H, G, D, path=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    with kvrecall.Session(1, H, G, D, path=str(tmp_path / "new")) as s:  # a new directory is fine
+        s.append(0, *data(4))
+
+
 def test_bad_configuration_raises_before_c():
     with pytest.raises(ValueError, match="method must be one of"):
         kvrecall.Session(1, 1, 1, 8, method="nope")

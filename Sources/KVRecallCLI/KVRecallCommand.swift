@@ -31,12 +31,49 @@ struct KVRecallCommand: ParsableCommand {
     /// `kvrecall help TOPIC` for a topic that is not a command fails (ArgumentParser prints the
     /// top help with status 0, which tells a script nothing); everything else is parsed as usual.
     static func main() {
-        let arguments = Array(CommandLine.arguments.dropFirst())
+        // Swift replaces bytes that are not UTF-8 in arguments with U+FFFD without a word (a prompt
+        // would be changed silently, a path would name another file): refuse them, saying where.
+        for i in 1..<Int(CommandLine.argc) {
+            guard let raw = CommandLine.unsafeArgv[i] else { continue }
+            let bytes = Array(UnsafeBufferPointer(start: UnsafeRawPointer(raw).assumingMemoryBound(to: UInt8.self), count: strlen(raw)))
+            if let bad = firstInvalidUTF8(bytes) {
+                let option = i > 1 && CommandLine.arguments[i - 1].hasPrefix("-") ? " (the value of \(CommandLine.arguments[i - 1]))" : ""
+                FileHandle.standardError.write(Data("Error: argument \(i)\(option) is not UTF-8: \(describeInvalidUTF8(bytes, at: bad))\n".utf8))
+                Foundation.exit(ExitCode.validationFailure.rawValue)
+            }
+        }
+        let arguments = attachingNegativeNumbers(Array(CommandLine.arguments.dropFirst()))
         if arguments.first == "help", let unknown = unknownHelpTopic(Array(arguments.dropFirst())) {
             FileHandle.standardError.write(Data("Error: \(unknown)\nUsage: kvrecall help [<subcommand>]\n  See 'kvrecall --help' for the commands.\n".utf8))
             Foundation.exit(ExitCode.validationFailure.rawValue)
         }
-        main(nil)
+        main(arguments)
+    }
+
+    /// `--max-tokens -1` becomes `--max-tokens=-1`: ArgumentParser reads a word that starts with `-`
+    /// as an option, so a negative number after an option was "Missing value for '--max-tokens'"
+    /// instead of the option's own range check. Every option at once, including ones added later;
+    /// words after `--` are left alone. (A flag given a number says it takes no value.)
+    static func attachingNegativeNumbers(_ arguments: [String]) -> [String] {
+        var out: [String] = []
+        var i = 0
+        while i < arguments.count {
+            let word = arguments[i]
+            if word == "--" { return out + arguments[i...] }
+            if i + 1 < arguments.count, word.hasPrefix("-"), !word.contains("="), !isNegativeNumber(word),
+               isNegativeNumber(arguments[i + 1]) {
+                out.append(word + "=" + arguments[i + 1])
+                i += 2
+            } else {
+                out.append(word)
+                i += 1
+            }
+        }
+        return out
+    }
+
+    static func isNegativeNumber(_ word: String) -> Bool {
+        word.count > 1 && word.hasPrefix("-") && Double(word) != nil
     }
 
     /// Why `path` (the words after `help`) names no command, or nil when it does.

@@ -47,6 +47,14 @@ public final class KVStore: @unchecked Sendable {
                 throw StoreError(.notAStore, exists ? "no KVRecall store here (no data.mdb)" : "no such store directory", path: path)
             }
             if options.readOnly { throw StoreError(.readOnly, "cannot create a store read-only", path: path) }
+            // A store is a directory of its own: creating one among unrelated files (a home or
+            // project directory given by mistake) would write data.mdb there without a word.
+            let ours: Set<String> = ["data.mdb", "lock.mdb", "writers.lock"]
+            if exists, let other = try? fm.contentsOfDirectory(atPath: path).filter({ !ours.contains($0) }).sorted(), !other.isEmpty {
+                let shown = other.prefix(3).map { "'\($0)'" }.joined(separator: ", ") + (other.count > 3 ? " and \(other.count - 3) more" : "")
+                throw StoreError(.notAStore, "not empty and holds no KVRecall store (\(shown)); a new store needs a new or empty directory",
+                                 path: path)
+            }
             try KVStore.makeDirectories(path)
         }
         let env = try Environment(path: path, options: options)
