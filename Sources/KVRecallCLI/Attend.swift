@@ -62,10 +62,11 @@ extension MethodRun {
          "outputs": results.flatMap { $0.heads.map { $0.output.map(jsonNumber) } },
          "lse": results.flatMap { $0.heads.map { jsonNumber($0.lse) } },
          "effective_method": effective.rawValue,
+         // (a metric that is not finite is null: JSONSerialization refused the whole output)
          "metrics": ["recall": recall, "attention_mass": mass, "output_error": error,
                      "median_output_error": median(errors), "median_oracle_output_error": median(oracleErrors),
                      "keys_scanned_fraction": scanned, "median_query_us": medianMicros,
-                     "oracle_attention_mass": oracleMass, "oracle_output_error": oracleError] as [String: Any]]
+                     "oracle_attention_mass": oracleMass, "oracle_output_error": oracleError].mapValues(jsonNumber) as [String: Any]]
     }
 }
 
@@ -136,6 +137,13 @@ struct Attend: ParsableCommand {
         let runs = try store.read { snapshot in
             try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values,
                            groupSize: attention.group, parameters: attention.parameters).map { try $0.get() }
+        }
+        for run in runs {
+            for (group, result) in run.results.enumerated() {
+                if let j = result.firstNonFiniteHead {
+                    throw RunError("\(run.method.rawValue): the attention of query row \(group * attention.group + j) \(AttentionResult.notFinite)")
+                }
+            }
         }
         if json {
             print(try jsonString(methods.count > 1 || listed == nil ? runs.map(\.json) as Any : runs[0].json))

@@ -494,6 +494,7 @@ public final class REPLInterpreter {
             return (run, scores)
         }
         let result = run.results[0]
+        if result.firstNonFiniteHead != nil { throw REPLError("the attention of \(method.rawValue) \(AttentionResult.notFinite)") }
         let rec = record(run, info: info, query: q, parameters: parameters)
         let exactLSE = logSumExp(scores)
         let methodLSE = result.heads[0].lse
@@ -577,6 +578,9 @@ public final class REPLInterpreter {
             try runMethods(available, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
                            parameters: parameters, repetitions: repetitions, cache: preparedMethods).enumerated().compactMap { m, outcome -> MethodRun? in
                 switch outcome {
+                case .success(let run) where run.results.contains(where: { $0.firstNonFiniteHead != nil }):
+                    failed.append("\(available[m].rawValue): the attention \(AttentionResult.notFinite)")
+                    return nil
                 case .success(let run): return run
                 case .failure(let error):
                     failed.append("\(available[m].rawValue): \(error)")

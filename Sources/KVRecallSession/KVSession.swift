@@ -617,6 +617,9 @@ public final class KVSession {
                             do {
                                 let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
                                 let result = try attendHead(snapshot: snapshot, layer: layer, head: head, method: prepared[head], queries: group)
+                                if let j = result.firstNonFiniteHead {  // never NaN for finite input: an error
+                                    throw SessionError.invalidArgument("attention of layer \(layer), KV head \(head), query head \(j) \(AttentionResult.notFinite)")
+                                }
                                 for (j, partial) in result.heads.enumerated() {
                                     for c in 0..<d { out[(head * g + j) * d + c] = partial.output[c] }
                                     lseOut[head * g + j] = partial.lse

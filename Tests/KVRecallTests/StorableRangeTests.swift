@@ -4,6 +4,7 @@ import Testing
 @testable import KVRecallFormats
 @testable import KVRecallStorage
 @testable import KVRecallSession
+@testable import KVRecallInterface
 import KVRecallTestSupport
 
 /// Finite values a store's dtype cannot hold (f16: |x| > 65504; bf16: beyond 3.39e38) used to pass
@@ -113,6 +114,48 @@ import KVRecallTestSupport
             let out = try q.withUnsafeBufferPointer { try session.attend(layer: 1, queries: $0) }
             #expect(out.allSatisfy { $0.isFinite })
         }
+    }
+
+    /// Storable values whose attention overflows f32 (here a weighted sum of values near 3.4e38) give
+    /// an error, never an infinite or NaN output; a score too large for fixed-point display or a
+    /// metric that is not finite no longer crashes the tables or the JSON.
+    @Test func attentionThatOverflowsIsAnErrorNotNaN() throws {
+        let config = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 2, headDimension: 8, dtype: .f32,
+                                          method: .exact, k: 10, sinks: 1, window: 2)
+        let session = try KVSession(configuration: config, directory: nil)
+        defer { session.close() }
+        let keys = [Float](repeating: 0, count: 64 * 8), values = [Float](repeating: 3e38, count: 64 * 8)
+        try keys.withUnsafeBufferPointer { k in try values.withUnsafeBufferPointer { try session.append(layer: 0, keys: k, values: $0) } }
+        let q = [Float](repeating: 1, count: 16)
+        #expect { _ = try q.withUnsafeBufferPointer { try session.attend(layer: 0, queries: $0) } } throws: { error in
+            "\(error)".contains("attention of layer 0, KV head 0, query head 0 is not finite")
+        }
+        #expect(fmt(1e20, 3) == "1e+20" && fmt(-2.5e30, 1) == "-2.5e+30" && fmt(12.3456, 2) == "12.35")
+
+        let dir = TemporaryDirectory()
+        let (kPath, vPath, qPath) = (dir.path + "/k.npy", dir.path + "/v.npy", dir.path + "/q.npy")
+        try NPY.write(Tensor(name: "k", shape: [64, 8], dtype: .f32, floats: keys), to: kPath)
+        try NPY.write(Tensor(name: "v", shape: [64, 8], dtype: .f32, floats: values), to: vPath)
+        try NPY.write(Tensor(name: "q", shape: [2, 8], dtype: .f32, floats: q), to: qPath)
+        #expect(try runCLI(["ingest", "--store", dir.path + "/s", "--keys", kPath, "--values", vPath, "--quiet"]).status == 0)
+        let r = try runCLI(["attend", "--store", dir.path + "/s", "--queries", qPath, "--method", "exact", "-k", "10"])
+        #expect(r.status != 0 && r.stderr.contains("exact: the attention of query row 0 is not finite"), "\(r.stderr)")
+        // Scores beyond f32 (|q|, |k| ~ 1e20): the metrics against a reference that overflows too are
+        // null in JSON (the whole output used to be refused), and the REPL shows the scores.
+        var rng = SeededRandom(seed: 4)
+        var huge = rng.gaussianMatrix(rows: 64, dim: 8)
+        for c in 0..<8 { huge[3 * 8 + c] *= 1e20 }
+        try NPY.write(Tensor(name: "k", shape: [64, 8], dtype: .f32, floats: huge), to: kPath)
+        try NPY.write(Tensor(name: "q", shape: [2, 8], dtype: .f32, floats: rng.gaussianMatrix(rows: 2, dim: 8).map { $0 * 1e20 }), to: qPath)
+        #expect(try runCLI(["ingest", "--store", dir.path + "/h", "--keys", kPath, "--values", kPath, "--quiet"]).status == 0)
+        let json = try runCLI(["attend", "--store", dir.path + "/h", "--queries", qPath, "--method", "exact", "-k", "10", "--json"])
+        if json.status == 0 {
+            #expect((try? JSONSerialization.jsonObject(with: Data(json.stdout.utf8))) != nil, "\(json.stdout.prefix(300))")
+        } else {
+            #expect(json.stderr.contains("is not finite"), "\(json.stderr)")
+        }
+        let repl = try runCLI(["repl", "--store", dir.path + "/h"], stdin: "query file \(qPath) 0\n")
+        #expect(repl.status == 0 && repl.stdout.contains("e+20"), "\(repl.stderr)")
     }
 
     @Test func ingestRefusesNamingTheFileRowColumnAndValue() throws {
