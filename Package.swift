@@ -32,6 +32,8 @@ let package = Package(
             pkgConfig: "libedit",
             providers: [.apt(["libedit-dev"])]
         ),
+        // The REPL's key reader and signal handling over libedit (its state defined once, in C).
+        .target(name: "CLineReader", dependencies: ["CEditLine"]),
         // Vectorised f16/bf16 kernels with a runtime CPU check and a portable fallback.
         .target(name: "CKernels"),
         // The engine, one target per layer; a layer imports only the layers below it.
@@ -75,6 +77,7 @@ let package = Package(
                 "KVRecallDecoder",
                 "CKernels",
                 "CEditLine",
+                "CLineReader",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -155,7 +155,11 @@ int kvrecall_session_resume_ex(const char *directory, kvrecall_resume_info *info
 /* ABI 2: the session's configuration (after resume, the stored one). Set out->struct_size first. */
 int kvrecall_session_get_config(kvrecall_session *session, kvrecall_config *out);
 
-/* Appends `tokens` tokens of keys and values (float32) to every KV head of `layer`, atomically. */
+/* Appends `tokens` tokens of keys and values (float32) to every KV head of `layer`, atomically.
+ * NaN, Inf, and finite values the session's dtype cannot hold (f16: |x| > 65504; bf16: beyond
+ * 3.39e38, which would be stored as Inf) are refused with KVRECALL_ERR_ARGUMENT and a message naming
+ * the layer, KV head, token, column and value; nothing is appended. The same holds for every append
+ * and for prefill queries. */
 int kvrecall_session_append(kvrecall_session *session, uint32_t layer, const float *keys, const float *values,
                             size_t tokens);
 /* ABI 2: the same from IEEE half (f16) or bfloat16 (bf16) input, as raw 16-bit words. */

@@ -267,6 +267,33 @@ static void test_attention_convention(void) {
     EXPECT(max_diff(oa, or_, QN) == 0 && max_diff(ob, or_, QN) == 0, "16-bit input equals f32 input: %g %g",
            max_diff(oa, or_, QN), max_diff(ob, or_, QN));
     kvrecall_session_close(a); kvrecall_session_close(b); kvrecall_session_close(r);
+
+    /* Values an f16 session cannot hold (|x| > 65504) are refused on every append path, naming the
+     * layer, head, token and value; nothing is appended and attention never answers NaN. */
+    c = base_config(KVRECALL_METHOD_EXACT);
+    c.dtype = KVRECALL_F16;
+    kvrecall_session *h = NULL;
+    EXPECT(kvrecall_session_open(&c, NULL, &h) == KVRECALL_OK, "open f16");
+    EXPECT(kvrecall_session_append(h, 0, kf, vf, T) == KVRECALL_OK, "append f32 into f16");
+    static float big[N];
+    static uint16_t bigb[N];
+    memcpy(big, kf, sizeof big);
+    memcpy(bigb, kb, sizeof bigb);
+    big[DIM * 3 + 5] = 70000.0f;   /* KV head 0, token 3, column 5 */
+    bigb[DIM * 3 + 5] = 0x4789;    /* bf16 70144 */
+    EXPECT(kvrecall_session_append(h, 0, big, vf, T) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "70000")
+           && strstr(kvrecall_last_error(), "token 3") && strstr(kvrecall_last_error(), "f16"), "f32 70000 into f16 refused");
+    EXPECT(kvrecall_session_append_bf16(h, 0, bigb, vb, T) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "70144"),
+           "bf16 70144 into f16 refused");
+    EXPECT(kvrecall_session_prefill_queries(h, 0, big, T) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "70000"),
+           "prefill query 70000 into f16 refused");
+    size_t length = 0;
+    EXPECT(kvrecall_session_length(h, 0, &length) == KVRECALL_OK && length == T, "nothing appended (%zu tokens)", length);
+    EXPECT(kvrecall_session_attend(h, 0, q, oa, QN) == KVRECALL_OK, "attend f16");
+    int finite = 1;
+    for (int i = 0; i < QN; i++) finite &= isfinite(oa[i]) != 0;
+    EXPECT(finite, "f16 session answers finite outputs");
+    kvrecall_session_close(h);
 }
 
 /* ---- build parameters, progress, abort ---- */

@@ -24,6 +24,10 @@ __all__ = ["Session", "ResumeInfo", "Error", "NullPointerError", "ArgumentError"
            "StoreError", "IndexBuildError", "HandleError", "InternalError", "BusyError", "AbortedError",
            "LibraryNotFound", "library_version", "METHODS", "DTYPES"]
 
+# The largest finite magnitude of each 16-bit storage type (numpy has no bfloat16: its bit pattern 0x7F7F0000).
+_LARGEST_FINITE = {"f16": 65504.0, "bf16": float(np.frombuffer(np.uint32(0x7F7F0000).tobytes(), dtype=np.float32)[0])}
+_LARGEST_FINITE_TEXT = {"f16": "65504", "bf16": "3.3895314e+38"}
+
 # In C-value order (enum kvrecall_method); a test checks it against the library's own table.
 METHODS = ("exact", "retrieval", "hip", "landmark", "hnsw", "ivf", "lsh", "tree", "estimate", "auto", "streaming", "quantized")
 DTYPES = ("f32", "f16", "bf16")
@@ -250,6 +254,21 @@ class Session:
             raise ValueError(f"{name} holds NaN or Inf (first at index {tuple(int(i) for i in bad)})")
         return a
 
+    def _storable(self, call, name, a):
+        """Refuses a finite value the session's storage type cannot hold (f16: |x| > 65504; bf16
+        beyond 3.39e38): stored, it would become Inf and attention would answer NaN."""
+        limit = _LARGEST_FINITE.get(self.dtype)
+        if limit is None or a.dtype != np.float32:
+            return  # float16 input always fits f16 and bf16
+        over = np.abs(a) > limit
+        if over.any():
+            index = tuple(int(i) for i in np.argwhere(over)[0])
+            wider = "dtype='f32' or 'bf16'" if self.dtype == "f16" else "dtype='f32'"
+            raise ValueError(
+                f"{call}: {name}[{', '.join(map(str, index))}] (KV head, token, column) is {float(a[index])!r}, beyond "
+                f"{self.dtype}'s range (|x| <= {_LARGEST_FINITE_TEXT[self.dtype]}), the session's storage type: "
+                f"stored it would become Inf; open the session with {wider}, or scale the input")
+
     # -- calls
 
     def append(self, layer, keys, values):
@@ -263,6 +282,8 @@ class Session:
             raise ValueError(f"values must have the shape of keys {keys.shape} (got {values.shape})")
         if keys.dtype != values.dtype:
             raise TypeError(f"keys and values must have one dtype (got {keys.dtype} and {values.dtype})")
+        self._storable("Session.append", "keys", keys)
+        self._storable("Session.append", "values", values)
         tokens = keys.shape[1]
         lib = _lib.library()
         if keys.dtype == np.float16:
@@ -277,6 +298,7 @@ class Session:
         per KV head, or the group's sum): the retrieval graph learns from them."""
         layer = self._layer(layer)
         queries = self._array("queries", queries, (self.kv_heads, None, self.head_dim))
+        self._storable("Session.prefill_queries", "queries", queries)
         q = np.ascontiguousarray(queries, dtype=np.float32)
         _check(_lib.library().kvrecall_session_prefill_queries(
             self._h(), layer, q.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.shape[1]))

@@ -1,4 +1,5 @@
 """The kvrecall package against numpy references, its input checks, resume, truncate and threads."""
+import ctypes
 import os
 import subprocess
 import sys
@@ -196,6 +197,44 @@ def test_bad_arrays_raise_before_c_is_called(monkeypatch, which, bad, error):
     finally:
         monkeypatch.undo()
         s.close()
+
+
+def test_values_beyond_the_storage_type_are_refused_never_nan():
+    """Issue 23: 7e4 passed the finiteness check, was stored in f16 as Inf, and attend answered NaN."""
+    keys = np.ones((1, 8, 8), dtype=np.float32)
+    keys[0, 3, 5] = 7e4
+    values = np.ones_like(keys)
+    with kvrecall.Session(1, 1, 2, 8, method="exact") as s:  # f16, the default
+        with pytest.raises(ValueError, match=r"Session\.append: keys\[0, 3, 5\] .* 70000\.0, beyond f16's range \(\|x\| <= 65504\)"):
+            s.append(0, keys, values)
+        with pytest.raises(ValueError, match=r"Session\.append: values\[0, 3, 5\]"):
+            s.append(0, values, keys)
+        with pytest.raises(ValueError, match=r"Session\.prefill_queries: queries\[0, 3, 5\]"):
+            s.prefill_queries(0, keys)
+        # The library refuses too, for a caller that goes around these checks.
+        f = ctypes.POINTER(ctypes.c_float)
+        lib = _lib.library()
+        status = lib.kvrecall_session_append(s._h(), 0, keys.ctypes.data_as(f), values.ctypes.data_as(f), 8)
+        assert status == kvrecall.ArgumentError.status
+        assert "70000" in lib.kvrecall_last_error().decode() and "token 3" in lib.kvrecall_last_error().decode()
+        assert s.length(0) == 0
+        s.append(0, np.full_like(keys, 65504), values)  # the largest f16 is stored as is
+        assert np.isfinite(s.attend(0, np.ones((1, 2, 8), dtype=np.float32))).all()
+    with kvrecall.Session(1, 1, 2, 8, method="exact", dtype="bf16") as s:  # bf16 holds 7e4
+        s.append(0, keys, values)
+        assert np.isfinite(s.attend(0, np.ones((1, 2, 8), dtype=np.float32))).all()
+        with pytest.raises(ValueError, match="beyond bf16's range"):
+            s.append(0, np.full_like(keys, 3.4e38), values)
+
+
+def test_a_session_is_not_created_among_unrelated_files(tmp_path):
+    """Issue 23: Session(path=...) on a non-empty directory wrote data.mdb among its files."""
+    (tmp_path / "notes.txt").write_text("my notes")
+    with pytest.raises(kvrecall.StoreError, match=r"not empty and holds no KVRecall store \('notes.txt'\)"):
+        kvrecall.Session(1, H, G, D, path=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    with kvrecall.Session(1, H, G, D, path=str(tmp_path / "new")) as s:  # a new directory is fine
+        s.append(0, *data(4))
 
 
 def test_bad_configuration_raises_before_c():

@@ -23,9 +23,14 @@ public struct HiPSelector: VectorIndex {
         var results = SearchResults(k: k, queryCount: m)
         results.stats.keyCount = keys.count
         var computations = 0
+        // A key is scored once per query: a kept single key, or a halved chunk whose middle is the
+        // old one's, keeps its score (scoring them again every round made HiP report more than
+        // 100% of the keys scanned on small heads, and cost as much).
+        var scored: [Int: Float] = [:]
         for q in 0..<m {
             let query = queries.baseAddress! + q * dimension
             let n = keys.count
+            scored.removeAll(keepingCapacity: true)
             // Chunks as [lo, hi) ranges, initially 2k (or n) equal ones.
             let initial = min(2 * k, n)
             var chunks: [(lo: Int, hi: Int)] = (0..<initial).map { (n * $0 / initial, n * ($0 + 1) / initial) }
@@ -34,8 +39,14 @@ public struct HiPSelector: VectorIndex {
                 top.reset()
                 for (c, chunk) in chunks.enumerated() {
                     let representative = (chunk.lo + chunk.hi - 1) / 2
-                    top.push(keys.score(query: query, row: representative), c)
-                    computations += 1
+                    let score: Float
+                    if let known = scored[representative] {
+                        score = known
+                    } else {
+                        score = keys.score(query: query, row: representative)
+                        scored[representative] = score
+                    }
+                    top.push(score, c)
                 }
                 let kept = top.sorted().map { chunks[$0.id] }
                 if kept.allSatisfy({ $0.hi - $0.lo == 1 }) {
@@ -57,6 +68,7 @@ public struct HiPSelector: VectorIndex {
                     }
                 }
             }
+            computations += scored.count
         }
         results.stats.distanceComputations = computations
         return results

@@ -22,26 +22,22 @@ func validateSettings(_ check: () throws -> Void) throws {
     do { try check() } catch let error as IndexError { throw ValidationError(error.description) }
 }
 
-/// `--method` of `kvrecall attend`: one attention method, or `all` of them side by side.
-enum MethodChoice: ExpressibleByArgument, Equatable {
-    case one(AttentionMethod)
-    case all
-
-    init?(argument: String) {
-        if argument == "all" {
-            self = .all
-        } else if let method = AttentionMethod(rawValue: argument) {
-            self = .one(method)
-        } else {
-            return nil
+/// A `--method` value (`attend`, `generate`, `eval`): one method, a comma-separated list, or
+/// `all` (nil: the caller's "every method"). Unknown names, empty ones (`exact,,hnsw`) and
+/// repeats are refused: they used to pass silently.
+func parseMethodList(_ text: String, allowed: [AttentionMethod]) throws -> [AttentionMethod]? {
+    if text.trimmingCharacters(in: .whitespaces) == "all" { return nil }
+    var methods: [AttentionMethod] = []
+    for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+        let name = part.trimmingCharacters(in: .whitespaces)
+        guard !name.isEmpty else {
+            throw ValidationError("--method '\(text)' has an empty name (two commas in a row, or a comma at an end)")
         }
-    }
-
-    static var allValueStrings: [String] { AttentionMethod.allCases.map(\.rawValue) + ["all"] }
-    var defaultValueDescription: String {
-        switch self {
-        case .all: return "all"
-        case .one(let m): return m.rawValue
+        guard let method = AttentionMethod(rawValue: name), allowed.contains(method) else {
+            throw ValidationError("--method must be one of \(allowed.map(\.rawValue).joined(separator: ", ")) or all, or a comma-separated list (got '\(name)')")
         }
+        guard !methods.contains(method) else { throw ValidationError("--method lists \(name) twice") }
+        methods.append(method)
     }
+    return methods
 }

@@ -62,10 +62,11 @@ extension MethodRun {
          "outputs": results.flatMap { $0.heads.map { $0.output.map(jsonNumber) } },
          "lse": results.flatMap { $0.heads.map { jsonNumber($0.lse) } },
          "effective_method": effective.rawValue,
+         // (a metric that is not finite is null: JSONSerialization refused the whole output)
          "metrics": ["recall": recall, "attention_mass": mass, "output_error": error,
                      "median_output_error": median(errors), "median_oracle_output_error": median(oracleErrors),
                      "keys_scanned_fraction": scanned, "median_query_us": medianMicros,
-                     "oracle_attention_mass": oracleMass, "oracle_output_error": oracleError] as [String: Any]]
+                     "oracle_attention_mass": oracleMass, "oracle_output_error": oracleError].mapValues(jsonNumber) as [String: Any]]
     }
 }
 
@@ -83,11 +84,12 @@ struct Attend: ParsableCommand {
         Index-backed methods need `kvrecall build --index NAME` first
         (retrieval also needs prefill queries); ef, nprobe and beam default
         to the values calibrated at build for --target-recall.
-        --method all prints every method side by side. Metrics: recall@k
-        against exact top-k, attention mass held by the attended set, output
-        relative error, keys scanned, latency. --json prints {"method",
-        "effective_method", "outputs", "lse", "metrics": {...}} (an array for
-        all; metrics include median_output_error and its oracle's).
+        --method all (or a comma-separated list) prints methods side by side.
+        Metrics: recall@k against exact top-k, attention mass held by the
+        attended set, output relative error, keys scanned, latency. --json
+        prints {"method", "effective_method", "outputs", "lse", "metrics":
+        {...}} (an array for several; metrics include median_output_error and
+        its oracle's).
 
         Example:
           kvrecall attend --store s --layer 2 --head 6 \\
@@ -101,8 +103,10 @@ struct Attend: ParsableCommand {
     @OptionGroup var headOptions: HeadOptions
     @Option(help: ArgumentHelp("Query vectors [M, d] .npy.", valueName: "file"))
     var queries: String
-    @Option(help: ArgumentHelp("An attention method, or all (every method whose index is built).", valueName: "method"))
-    var method: MethodChoice = .one(.exact)
+    @Option(help: ArgumentHelp("An attention method (\(AttentionMethod.allCases.map(\.rawValue).joined(separator: ", "))), a comma-separated list of them, or all (every method whose index is built).",
+                               valueName: "method"),
+            completion: .list(AttentionMethod.allCases.map(\.rawValue) + ["all"]))
+    var method: String = "exact"
     @Option(help: "Only the first N query rows.")
     var limit: Int?
     @OptionGroup var attention: AttentionOptions
@@ -111,6 +115,7 @@ struct Attend: ParsableCommand {
 
     func validate() throws {
         if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
+        _ = try parseMethodList(method, allowed: AttentionMethod.allCases)
     }
 
     func run() throws {
@@ -127,17 +132,21 @@ struct Attend: ParsableCommand {
             throw RunError("\(rows) query rows do not form whole groups of \(attention.group)")
         }
         let built = try store.records(of: headOptions.id)
-        let methods: [AttentionMethod]
-        switch method {
-        case .all: methods = AttentionMethod.available(built: built)
-        case .one(let m): methods = [m]
-        }
+        let listed = try parseMethodList(method, allowed: AttentionMethod.allCases)
+        let methods = listed ?? AttentionMethod.available(built: built)
         let runs = try store.read { snapshot in
             try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values,
                            groupSize: attention.group, parameters: attention.parameters).map { try $0.get() }
         }
+        for run in runs {
+            for (group, result) in run.results.enumerated() {
+                if let j = result.firstNonFiniteHead {
+                    throw RunError("\(run.method.rawValue): the attention of query row \(group * attention.group + j) \(AttentionResult.notFinite)")
+                }
+            }
+        }
         if json {
-            print(try jsonString(method == .all ? runs.map(\.json) as Any : runs[0].json))
+            print(try jsonString(methods.count > 1 || listed == nil ? runs.map(\.json) as Any : runs[0].json))
             return
         }
         print("head \(info.id): \(info.count) keys, d=\(info.dimension); \(rows / attention.group) query groups of \(attention.group); k=\(attention.k), sinks \(attention.sinks), window \(attention.window)")
@@ -147,7 +156,7 @@ struct Attend: ParsableCommand {
             if let calibration = run.calibration { print("\(run.effective.rawValue): calibrated \(calibration.summary)") }
         }
         let skipped = AttentionMethod.allCases.filter { m in m.requiredRecord.map { !built.contains($0) } ?? false }
-        if method == .all && !skipped.isEmpty {
+        if listed == nil && !skipped.isEmpty {
             print("not built (kvrecall build --index NAME; quantized: kvrecall codes): \(skipped.map(\.rawValue).joined(separator: ", "))")
         }
     }

@@ -83,10 +83,12 @@ struct BenchExact: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "exact",
         abstract: "Exact top-k: our scan over f32/f16/bf16 storage beside a bare cblas_sgemv, one thread.",
+        usage: "kvrecall bench exact --keys <file> --queries <file> [<options>]",
         discussion: """
         Example (see docs/BENCHMARKS.md):
           python3 Tools/make_synthetic.py --out /tmp/syn
-          .build/release/kvrecall bench exact --keys /tmp/syn/keys.npy --queries /tmp/syn/queries.npy -k 100
+          .build/release/kvrecall bench exact --keys /tmp/syn/keys.npy \\
+              --queries /tmp/syn/queries.npy -k 100
         """
     )
 

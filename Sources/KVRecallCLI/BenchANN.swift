@@ -7,16 +7,18 @@ struct BenchANN: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ann",
         abstract: "Recall versus speed of one index kind over a sweep of its search parameter.",
+        usage: "kvrecall bench ann --keys <file> --queries <file> --index <kind>\n    --sweep <sweep> [<options>]",
         discussion: """
-        Ingests the keys into a temporary store, builds the index (timed), computes exact top-k by
-        Flat, then for each sweep value answers every query one at a time on one thread and reports
-        recall@k, queries per second, median latency and the fraction of keys scanned. The swept
-        parameter is ef (hnsw), nprobe (ivf), min-collisions (lsh) or beam (tree).
+        Ingests the keys into a temporary store, builds the index (timed), computes exact top-k \
+        by Flat, then for each sweep value answers every query one at a time on one thread and \
+        reports recall@k, queries per second, median latency and the fraction of keys scanned. \
+        The swept parameter is ef (hnsw), nprobe (ivf), min-collisions (lsh) or beam (tree). \
         --key-queries adds a second, in-distribution query set (held-out keys).
 
         Example:
-          kvrecall bench ann --keys syn/keys.npy --queries syn/queries.npy --key-queries syn/key_queries.npy \\
-              --index hnsw --sweep 16,32,64,128,256,512,1024 -k 10 --json out.jsonl
+          kvrecall bench ann --keys syn/keys.npy --queries syn/queries.npy \\
+              --key-queries syn/key_queries.npy --index hnsw \\
+              --sweep 16,32,64,128,256,512,1024 -k 10 --json out.jsonl
         """
     )
 

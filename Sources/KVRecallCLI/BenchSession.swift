@@ -7,16 +7,18 @@ struct BenchSession: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "session",
         abstract: "Per-token decode time of a KVSession: exact attention against a retrieval method.",
+        usage: "kvrecall bench session --data <dir> [<options>]",
         discussion: """
-        Fills every (layer, KV head) of two sessions (exact, and --method) with --context tokens of the
-        synthetic set (keys, values and prefill queries from Tools/make_synthetic.py; heads take
-        different rotations of it), builds the retrieval indexes, then decodes --steps tokens: per
-        layer, append one token's K/V for all KV heads and attend its GQA query groups. Reports
-        per-token attention time over all layers (median), the speed-up, recall@k of the retrieved
-        set against exact top-k, and resident memory.
+        Fills every (layer, KV head) of two sessions (exact, and --method) with --context tokens \
+        of the synthetic set (keys, values and prefill queries from Tools/make_synthetic.py; \
+        heads take different rotations of it), builds the retrieval indexes, then decodes \
+        --steps tokens: per layer, append one token's K/V for all KV heads and attend its GQA \
+        query groups. Reports per-token attention time over all layers (median), the speed-up, \
+        recall@k of the retrieved set against exact top-k, and resident memory.
 
         Example:
-          kvrecall bench session --data Tools/bench/out/synth --layers 4 --kv-heads 8 --group 4 --context 32768
+          kvrecall bench session --data Tools/bench/out/synth --layers 4 \\
+              --kv-heads 8 --group 4 --context 32768
         """
     )
 

@@ -6,11 +6,16 @@ import KVRecallInterface
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the main job on the bundled real sample (Data/minilm): ingest, search, report.",
+        usage: "kvrecall demo [<options>]",
         discussion: """
-        Ingests the MiniLM keys, values and prefill queries from Data/minilm into a temporary store in
-        each storage dtype and answers the sample's decode queries by exact top-k search; then builds
-        every index on the f32 store and runs every attention method side by side (recall, attention
-        mass, output error against exact attention, keys scanned, latency). Example: kvrecall demo
+        Ingests the MiniLM keys, values and prefill queries from Data/minilm into a temporary \
+        store in each storage dtype and answers the sample's decode queries by exact top-k \
+        search; then builds every index on the f32 store and runs every attention method side by \
+        side (recall, attention mass, output error against exact attention, keys scanned, \
+        latency).
+
+        Example:
+          kvrecall demo
         """
     )
 

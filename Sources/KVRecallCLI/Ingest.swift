@@ -7,17 +7,24 @@ struct Ingest: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Ingest key/value (and prefill query) vectors from .npy or .safetensors into a store.",
         discussion: """
-        Keys and values are [N, d] (one head) or [heads, N, d] (heads --head, --head+1, ...), f32, f16
-        or bf16. Prefill queries (--queries) are kept for query-aware indexes (RetrievalAttention).
-        Appending to an existing head continues it; its dimension and dtype must match. One ingest
-        writes a head at a time: a second one into the same head is refused while the first runs.
-        NaN or Inf is rejected, naming the file and the first bad row, unless --allow-non-finite.
+        Keys and values are [N, d] (one head) or [heads, N, d] (heads --head, --head+1, ...), \
+        f32, f16 or bf16. Prefill queries (--queries) are kept for query-aware indexes \
+        (RetrievalAttention). Appending to an existing head continues it; its dimension and \
+        dtype must match. One ingest writes a head at a time: a second one into the same head \
+        is refused while the first runs.
+
+        NaN or Inf is rejected, naming the file, the row and the column, unless \
+        --allow-non-finite. A finite value the storage dtype cannot hold is always rejected \
+        the same way (f16: |x| > 65504; bf16: beyond 3.39e38): stored, it would become Inf \
+        and attention over it NaN. Store such data as f32 (or bf16), or scale it.
 
         Examples:
-          kvrecall ingest --store s --keys Data/minilm/keys.npy --values Data/minilm/values.npy \\
+          kvrecall ingest --store s --keys Data/minilm/keys.npy \\
+              --values Data/minilm/values.npy \\
               --queries Data/minilm/prefill_queries.npy --layer 2 --head 6
-          kvrecall ingest --store s --keys kv.safetensors --keys-tensor layer2.head6.keys \\
-              --values kv.safetensors --values-tensor layer2.head6.values --dtype f16
+          kvrecall ingest --store s --dtype f16 \\
+              --keys kv.safetensors --keys-tensor layer2.head6.keys \\
+              --values kv.safetensors --values-tensor layer2.head6.values
         """
     )
 
@@ -40,7 +47,7 @@ struct Ingest: ParsableCommand {
     var dtype: DType?
     @Option(help: "Vectors per LMDB value (new heads only).")
     var blockSize: Int = KVStore.defaultBlockSize
-    @Flag(help: "Store NaN/Inf instead of rejecting them.")
+    @Flag(help: "Store NaN/Inf instead of rejecting them (values beyond the dtype's range are still rejected).")
     var allowNonFinite = false
     @Flag(help: "No progress bar.")
     var quiet = false
@@ -56,9 +63,9 @@ struct Ingest: ParsableCommand {
         let k = try loadTensor(path: keys, tensorName: keysTensor, role: "keys")
         let v = try loadTensor(path: values, tensorName: valuesTensor, role: "values")
         let q = try queries.map { try loadTensor(path: $0, tensorName: queriesTensor, role: "queries") }
-        try KVStore.validateIngest(keys: k, keysPath: keys, values: v, valuesPath: values,
-                                   queries: q, queriesPath: queries, allowNonFinite: allowNonFinite)
         let storage = dtype ?? DType(k.dtype)
+        try KVStore.validateIngest(keys: k, keysPath: keys, values: v, valuesPath: values,
+                                   queries: q, queriesPath: queries, allowNonFinite: allowNonFinite, storage: storage)
         let store = try storeOptions.open(create: true)
         defer { store.close() }
         // One writer per head for the whole ingest: a concurrent ingest (or session) of the same

@@ -99,6 +99,7 @@ func jsonString(_ object: Any) throws -> String {
 
 /// Replaces non-finite floats (not representable in JSON) by nil.
 func jsonNumber(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }
+func jsonNumber(_ x: Double) -> Any { x.isFinite ? x : NSNull() }
 
 /// Per-call search knobs, named as faiss and hnswlib users know them. ef, nprobe and beam left
 /// unset take the value calibrated at build for the index's target recall (`build --target-recall`),

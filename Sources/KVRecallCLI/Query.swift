@@ -7,14 +7,15 @@ struct Query: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Top-k keys by inner product for each query row (exact unless --index).",
         discussion: """
-        Each query row is searched on its own and timed; the median is reported.
-        With --index, ef / nprobe / beam default to the value calibrated when the index was built
-        (kvrecall build --target-recall), else to the library's defaults.
-        --json prints {"k": K, "results": [{"ids": [...], "scores": [...]}, ...],
-                       "stats": {"keys_scanned_fraction": x, "median_query_us": y}}.
+        Each query row is searched on its own and timed; the median is reported. With --index, \
+        ef / nprobe / beam default to the value calibrated when the index was built (kvrecall \
+        build --target-recall), else to the library's defaults. --json prints:
+          {"k": K, "results": [{"ids": [...], "scores": [...]}, ...],
+           "stats": {"keys_scanned_fraction": x, "median_query_us": y}}
 
         Example:
-          kvrecall query --store s --layer 2 --head 6 --queries Data/minilm/queries.npy -k 10
+          kvrecall query --store s --layer 2 --head 6 \\
+              --queries Data/minilm/queries.npy -k 10
         """
     )
 

@@ -7,10 +7,13 @@ struct Replay: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Replay a real decode trace through a decoder session, step by step, against exact attention.",
         discussion: """
-        Prefills a session with the sample's keys, values and prefill queries, builds the method's
-        index, then for each trace step appends that token's key and value and attends its query,
-        comparing the output with exact attention over the same cache (trace_*.npy from
-        Tools/extract_kv.py --trace). Example: kvrecall replay --method retrieval
+        Prefills a session with the sample's keys, values and prefill queries, builds the \
+        method's index, then for each trace step appends that token's key and value and attends \
+        its query, comparing the output with exact attention over the same cache (trace_*.npy \
+        from Tools/extract_kv.py --trace).
+
+        Example:
+          kvrecall replay --method retrieval
         """
     )
 

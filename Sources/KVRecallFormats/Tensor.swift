@@ -18,6 +18,26 @@ public enum TensorDType: String, Sendable, CaseIterable {
         case .f16, .bf16: return 2
         }
     }
+
+    /// The largest finite magnitude the type holds: 65504 for f16, 3.3895314e38 for bf16,
+    /// `Float.greatestFiniteMagnitude` for f32. A finite value beyond it would be stored as ±Inf
+    /// (and attention over it would answer NaN), so the stores refuse it.
+    public var largestFinite: Float {
+        switch self {
+        case .f32: return .greatestFiniteMagnitude
+        case .f16: return 65504
+        case .bf16: return Float(bitPattern: 0x7F7F_0000)
+        }
+    }
+
+    /// "f16's range (|x| <= 65504)": the range named in out-of-range messages.
+    public var rangeDescription: String {
+        switch self {
+        case .f32: return "f32's range"
+        case .f16: return "f16's range (|x| <= 65504)"
+        case .bf16: return "bf16's range (|x| <= 3.3895314e+38)"
+        }
+    }
 }
 
 // MARK: - Tensor
@@ -133,6 +153,30 @@ public struct Tensor: Sendable, Equatable {
         if let (row, column) = firstNonFinite() {
             throw FormatError(path: path, tensor: name, problem: .nonFinite(row: row, column: column))
         }
+    }
+
+    /// Position and value of the first finite element whose magnitude exceeds what `target` holds
+    /// (`TensorDType.largestFinite`), with rows of width `rowWidth`, or nil. NaN and Inf are left to
+    /// `firstNonFinite`. Nothing is read when every value of this tensor's type fits `target`.
+    public func firstOutOfRange(for target: TensorDType, rowWidth: Int) -> (row: Int, column: Int, value: Float)? {
+        precondition(rowWidth > 0, "rowWidth must be positive")
+        let limit = target.largestFinite
+        guard limit < dtype.largestFinite else { return nil }
+        let n = count
+        let dtype = self.dtype
+        let index = data.withUnsafeBytes { raw -> (Int, Float)? in
+            for i in 0..<n {
+                let x: Float
+                switch dtype {
+                case .f32: x = Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)))
+                case .f16: x = FloatBits.float(fromF16: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+                case .bf16: x = FloatBits.float(fromBF16: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+                }
+                if x.isFinite && x.magnitude > limit { return (i, x) }
+            }
+            return nil
+        }
+        return index.map { ($0.0 / rowWidth, $0.0 % rowWidth, $0.1) }
     }
 
     private func firstNonFiniteIndex() -> Int? {
@@ -311,6 +355,9 @@ public struct FormatError: Error, CustomStringConvertible, Equatable, Sendable, 
         case unreferencedBytes(begin: Int, end: Int)
         /// First NaN or ±Inf at (`row`, `column`) with rows of width `dim`.
         case nonFinite(row: Int, column: Int)
+        /// A finite `value` at (`row`, `column`) beyond the range of `storage`, the type it was to be
+        /// stored in (it would become ±Inf there).
+        case outOfRange(row: Int, column: Int, value: Float, storage: TensorDType)
     }
 
     public var description: String {
@@ -367,6 +414,9 @@ extension FormatError.Problem {
             return "data bytes \(begin)..<\(end) belong to no tensor (gap or trailing bytes)"
         case let .nonFinite(row, column):
             return "non-finite value (NaN or Inf) at row \(row), column \(column)"
+        case let .outOfRange(row, column, value, storage):
+            return "value \(value) at row \(row), column \(column) is beyond \(storage.rangeDescription): stored as \(storage) it would "
+                + "become Inf; store it as \(storage == .f16 ? "bf16 or f32" : "f32"), or scale the input"
         }
     }
 }

@@ -207,6 +207,7 @@ func searchGraphBatch(_ queries: UnsafeBufferPointer<Float>, dimension: Int, k: 
         }
     }
     results.stats.distanceComputations = scratches.reduce(0) { $0 + $1.computations }
+    results.stats.auxiliaryComputations = scratches.reduce(0) { $0 + $1.auxiliary }
     return results
 }
 

@@ -369,7 +369,12 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
                 epScore = keys.score(query: query, row: Int(ep))
                 computations += 1
             }
-            scratch.computations += computations
+            // Keys scanned are the layer-0 walk's keys (each scored once) and its entry point; the
+            // descent through the upper layers is routing, counted as auxiliary work like IVF's
+            // centroid scores (it re-scores keys layer 0 may score again, and counted as scanned it
+            // made small heads report more than 100% of their keys scanned).
+            scratch.computations += 1
+            scratch.auxiliary += computations - 1
             searchLayer(query: query, keys: keys, entries: [(ep, epScore)], ef: ef, level: 0, scratch: scratch, limit: count)
         }
     }
@@ -502,6 +507,8 @@ final class SearchScratch {
     let query: UnsafeMutablePointer<Float>
     let vector: UnsafeMutablePointer<Float>
     var computations = 0
+    /// Routing scores that are not keys scanned (HNSW's upper layers).
+    var auxiliary = 0
 
     init(dimension: Int, capacity: Int) {
         visited = VisitedSet(capacity: capacity)
@@ -533,6 +540,7 @@ final class ScratchPool: @unchecked Sendable {
         lock.unlock()
         let scratch = s ?? SearchScratch(dimension: dimension, capacity: capacity)
         scratch.computations = 0
+        scratch.auxiliary = 0
         return scratch
     }
 

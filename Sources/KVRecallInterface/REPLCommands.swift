@@ -131,7 +131,8 @@ public struct REPLError: Error, CustomStringConvertible, Equatable {
 extension REPLCommand {
     /// Splits a command line into words at blanks. Single or double quotes group a word with
     /// blanks ('my store'); a backslash outside single quotes takes the next character literally.
-    /// A line whose first word starts with `#` is a comment (no words).
+    /// A word that starts with an unquoted `#` begins a comment to the end of the line, as in a shell
+    /// (so the README's `query 17   # a stored prefill query` runs when pasted); `a#b` is one word.
     public static func tokenize(_ line: String) throws -> [String] {
         var words: [String] = []
         var current = ""
@@ -158,7 +159,7 @@ extension REPLCommand {
                 escaped = true
                 inWord = true
             default:
-                if c == "#" && !inWord && words.isEmpty { return [] }
+                if c == "#" && !inWord { return words }
                 current.append(c)
                 inWord = true
             }

@@ -496,6 +496,7 @@ public final class REPLInterpreter {
             return (run, scores)
         }
         let result = run.results[0]
+        if result.firstNonFiniteHead != nil { throw REPLError("the attention of \(method.rawValue) \(AttentionResult.notFinite)") }
         let rec = record(run, info: info, query: q, parameters: parameters)
         let exactLSE = logSumExp(scores)
         let methodLSE = result.heads[0].lse
@@ -504,7 +505,9 @@ public final class REPLInterpreter {
         let exactTop = Set(top.sorted().map(\.id))
         let fixedSet = Set(Attention.staticPositions(count: n, sinks: parameters.sinks, window: parameters.window))
 
-        var lines = ["attend \(style.bold(method.rawValue)) on head \(info.id), query \(q.label): " + settingsLine(run.effective, rec.parameters)]
+        var header = "attend \(style.bold(method.rawValue)) on head \(info.id), query \(q.label): k=\(parameters.k), sinks \(parameters.sinks), window \(parameters.window)"
+        if let knob = knobUsed(run, parameters) { header += ", " + knob }
+        var lines = [header]
         if let plan = run.plan { lines.append("auto chose \(style.bold(run.effective.rawValue)) for this head: \(plan.reason)") }
         if method == .exact {
             lines.append("attended all \(n) positions (exact attention); \(fmt(run.medianMicros, 1)) us (median of \(run.micros.count))")
@@ -537,10 +540,22 @@ public final class REPLInterpreter {
         return lines.joined(separator: "\n")
     }
 
-    private func settingsLine(_ method: AttentionMethod, _ p: AttentionParameters) -> String {
-        var text = "k=\(p.k), sinks \(p.sinks), window \(p.window)"
-        if let knob = searchKnob(method, p) { text += ", " + knob }
-        return text
+    /// The search knob `run` really used, and where its value came from: "ef 384 (calibrated)",
+    /// "ef 64 (set)", "nprobe 8 (default: no calibration)". (The settings hold nil for "calibrated",
+    /// which is not one value: each head's index has its own.)
+    private func knobUsed(_ run: MethodRun, _ settings: AttentionParameters) -> String? {
+        var used = settings
+        used.search = run.search
+        guard let knob = searchKnob(run.effective, used) else { return nil }
+        let setting: Int?
+        switch run.effective {
+        case .hnsw, .retrieval: setting = settings.search.graph.efSetting
+        case .ivf, .estimate: setting = settings.search.ivf.nprobeSetting
+        case .tree: setting = settings.search.tree.beamSetting
+        default: return knob
+        }
+        if setting != nil { return knob + " (set)" }
+        return knob + (run.calibration != nil ? " (calibrated)" : " (default: no calibration)")
     }
 
     /// The search parameter that steers `method`, as "ef 64" (its index kind's words).
@@ -558,6 +573,9 @@ public final class REPLInterpreter {
             try runMethods(available, snapshot: snapshot, head: info.id, queries: q.vector, groupSize: 1,
                            parameters: parameters, repetitions: repetitions, cache: preparedMethods).enumerated().compactMap { m, outcome -> MethodRun? in
                 switch outcome {
+                case .success(let run) where run.results.contains(where: { $0.firstNonFiniteHead != nil }):
+                    failed.append("\(available[m].rawValue): the attention \(AttentionResult.notFinite)")
+                    return nil
                 case .success(let run): return run
                 case .failure(let error):
                     failed.append("\(available[m].rawValue): \(error)")
@@ -566,8 +584,12 @@ public final class REPLInterpreter {
             }
         }
         guard !runs.isEmpty else { throw REPLError("every method failed: " + failed.joined(separator: "; ")) }
-        var lines = ["compare on head \(info.id), query \(q.label): k=\(parameters.k), sinks \(parameters.sinks), window \(parameters.window), ef \(parameters.search.graph.ef), nprobe \(parameters.search.ivf.nprobe); median of \(repetitions) runs",
-                     style.render(methodTable(runs, k: parameters.k))]
+        // Each method's own knob: a calibrated ef or nprobe differs per index, so the header cannot
+        // name one (it used to print the library defaults, ef 64 and nprobe 8, whatever ran).
+        let knobs = runs.compactMap { run in knobUsed(run, parameters).map { "\(run.method.rawValue) \($0)" } }
+        var lines = ["compare on head \(info.id), query \(q.label): k=\(parameters.k), sinks \(parameters.sinks), window \(parameters.window); median of \(repetitions) runs"]
+        if !knobs.isEmpty { lines.append("search knobs: " + knobs.joined(separator: ", ")) }
+        lines.append(style.render(methodTable(runs, k: parameters.k)))
         if !missing.isEmpty {
             lines.append("not built (kvrecall build --index NAME): \(missingList(missing))")
         }

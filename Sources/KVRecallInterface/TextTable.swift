@@ -31,6 +31,8 @@ public func fmt(_ x: Double, _ digits: Int = 3) -> String {
     guard x.isFinite else { return x.isNaN ? "nan" : (x > 0 ? "inf" : "-inf") }
     var p = 1.0
     for _ in 0..<digits { p *= 10 }
+    // Beyond what an Int holds in fixed point (it trapped on a score of 1e20): Swift's shortest form.
+    guard abs(x) * p < 9e18 else { return "\(x)" }
     let r = (abs(x) * p).rounded()
     let whole = Int(r / p)
     let frac = Int(r) - whole * Int(p)

@@ -237,14 +237,19 @@ public final class KVSession {
     public func calibration(layer: Int, head: Int) throws -> SearchCalibration? { try state(layer, head).calibration }
 
     /// One line per head: what runs (`auto`'s policy and why), its index and calibration.
-    public func report() -> [String] {
+    /// `layerName` names a session layer as the caller knows it (a decoder: the model's block).
+    public func report(layerName: (Int) -> String = { "layer \($0)" }) -> [String] {
         allHeads.map { state in
-            var line = "layer \(state.id.layer) head \(state.id.head): "
+            var line = "\(layerName(Int(state.id.layer))) head \(state.id.head): "
             if let plan = state.plan {
                 line += configuration.method == .auto ? "\(plan.policy.rawValue) (\(plan.reason))"
                     : "\(configuration.method.rawValue) (\(plan.reason))"
             } else {
                 line += configuration.method.rawValue
+                // Built, but nothing to plan or index: say why rather than just the method's name.
+                if built, state.index == nil, configuration.method.needsBuild, state.tokens - configuration.window <= configuration.sinks {
+                    line += " (all \(state.tokens) keys are sinks or in the window: attended exactly, nothing to index)"
+                }
             }
             if let index = state.index { line += "; \(index.kind.rawValue) over \(index.count) keys" }
             if let c = state.calibration { line += "; calibrated \(c.summary)" }
@@ -332,9 +337,13 @@ public final class KVSession {
         let tokens = keys.count / (h * d)
         // Every head's rows are checked before any is written, so bad input never leaves the layer
         // with some heads one token longer than others.
+        // A finite value beyond the storage type (f16: |x| > 65504) is refused like NaN: stored, it
+        // would be Inf and attention would answer NaN.
         for (label, data) in [("keys", keys), ("values", values)] {
-            if let row = firstNonFiniteRow(data, dimension: d) {
-                throw SessionError.invalidArgument("\(label) of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
+            if let bad = firstUnstorableValue(data, dtype: configuration.dtype) {
+                let row = bad.index / d
+                throw SessionError.invalidArgument("append to layer \(layer): \(label) of KV head \(row / tokens), token \(row % tokens), "
+                                                   + "column \(bad.index % d) \(bad.problem); nothing was appended")
             }
         }
         // One write transaction for every head of the layer: a failure or a crash leaves all or none.
@@ -356,8 +365,10 @@ public final class KVSession {
             throw SessionError.invalidArgument("queries must hold [\(h) heads, tokens, \(d)] floats (got \(queries.count))")
         }
         let tokens = queries.count / (h * d)
-        if let row = firstNonFiniteRow(queries, dimension: d) {
-            throw SessionError.invalidArgument("queries of KV head \(row / tokens), token \(row % tokens) hold NaN or Inf; nothing was appended")
+        if let bad = firstUnstorableValue(queries, dtype: configuration.dtype) {
+            let row = bad.index / d
+            throw SessionError.invalidArgument("prefill queries of layer \(layer): KV head \(row / tokens), token \(row % tokens), "
+                                               + "column \(bad.index % d) \(bad.problem); nothing was appended")
         }
         try store.appendAtomically((0..<h).map { head in
             .queries(headID(layer, head), UnsafeBufferPointer(rebasing: queries[(head * tokens * d)..<((head + 1) * tokens * d)]))
@@ -448,6 +459,9 @@ public final class KVSession {
                         let views = ready[head].views
                         let result = try ready[head].method.attend(group, keys: views.keys, values: views.values, codes: views.codes,
                                                                    parameters: parameters)
+                        if let j = result.firstNonFiniteHead {  // never NaN for finite input: an error
+                            throw SessionError.invalidArgument("attention of layer \(layer), KV head \(head), query head \(j) \(AttentionResult.notFinite)")
+                        }
                         for (j, partial) in result.heads.enumerated() {
                             let at = (head * g + j) * d
                             partial.output.withUnsafeBufferPointer {

@@ -5,10 +5,12 @@ import KVRecallFormats
 extension KVStore {
     /// Checks that keys, values and optional prefill queries form a valid ingest: 2-D `[N, d]`
     /// (one head) or 3-D `[heads, N, d]` (consecutive heads), values shaped like keys, queries
-    /// with the same head count and dimension, and no NaN/Inf unless allowed.
-    /// Errors name the offending file.
+    /// with the same head count and dimension, no NaN/Inf unless allowed, and (with `storage`) no
+    /// finite value beyond the range of the type it will be stored in (f16: |x| > 65504).
+    /// Errors name the offending file, the row, the column and the value.
     public static func validateIngest(keys: Tensor, keysPath: String, values: Tensor, valuesPath: String,
-                                      queries: Tensor?, queriesPath: String?, allowNonFinite: Bool) throws {
+                                      queries: Tensor?, queriesPath: String?, allowNonFinite: Bool,
+                                      storage: DType? = nil) throws {
         guard keys.shape.count == 2 || keys.shape.count == 3 else {
             throw FormatError(path: keysPath, problem: .badShape("keys must be [N, d] or [heads, N, d], got \(keys.shape)"))
         }
@@ -29,12 +31,14 @@ extension KVStore {
                                   problem: .badShape("queries hold \(queries.shape[0]) heads, keys \(keys.shape[0])"))
             }
         }
-        if !allowNonFinite {
-            let d = keys.shape.last!
-            for (tensor, path) in [(keys, keysPath), (values, valuesPath)] + (queries.map { [($0, queriesPath ?? "")] } ?? []) {
-                if let bad = tensor.firstNonFinite(rowWidth: d) {
-                    throw FormatError(path: path, problem: .nonFinite(row: bad.row, column: bad.column))
-                }
+        let d = keys.shape.last!
+        for (tensor, path) in [(keys, keysPath), (values, valuesPath)] + (queries.map { [($0, queriesPath ?? "")] } ?? []) {
+            if !allowNonFinite, let bad = tensor.firstNonFinite(rowWidth: d) {
+                throw FormatError(path: path, problem: .nonFinite(row: bad.row, column: bad.column))
+            }
+            if let storage, let bad = tensor.firstOutOfRange(for: TensorDType(storage), rowWidth: d) {
+                throw FormatError(path: path, problem: .outOfRange(row: bad.row, column: bad.column, value: bad.value,
+                                                                   storage: TensorDType(storage)))
             }
         }
     }

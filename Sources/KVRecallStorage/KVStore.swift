@@ -47,6 +47,14 @@ public final class KVStore: @unchecked Sendable {
                 throw StoreError(.notAStore, exists ? "no KVRecall store here (no data.mdb)" : "no such store directory", path: path)
             }
             if options.readOnly { throw StoreError(.readOnly, "cannot create a store read-only", path: path) }
+            // A store is a directory of its own: creating one among unrelated files (a home or
+            // project directory given by mistake) would write data.mdb there without a word.
+            let ours: Set<String> = ["data.mdb", "lock.mdb", "writers.lock"]
+            if exists, let other = try? fm.contentsOfDirectory(atPath: path).filter({ !ours.contains($0) }).sorted(), !other.isEmpty {
+                let shown = other.prefix(3).map { "'\($0)'" }.joined(separator: ", ") + (other.count > 3 ? " and \(other.count - 3) more" : "")
+                throw StoreError(.notAStore, "not empty and holds no KVRecall store (\(shown)); a new store needs a new or empty directory",
+                                 path: path)
+            }
             try KVStore.makeDirectories(path)
         }
         let env = try Environment(path: path, options: options)
@@ -214,7 +222,8 @@ public final class KVStore: @unchecked Sendable {
     /// converting to the head's dtype. Work is split into transactions of at most
     /// `rowsPerTransaction` rows; each commits whole blocks and the new count together, so a crash
     /// leaves a prefix of the input and readers always see keys and values that agree.
-    /// Rejects NaN/Inf naming the first bad row unless `allowNonFinite`.
+    /// Rejects NaN/Inf naming the first bad row unless `allowNonFinite`, and always a finite value
+    /// beyond the head's dtype (f16: |x| > 65504), which would be stored as Inf.
     public func append(_ id: HeadID, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>,
                        allowNonFinite: Bool = false, rowsPerTransaction: Int = 16384,
                        progress: ((Int, Int) -> Void)? = nil) throws {
@@ -227,11 +236,9 @@ public final class KVStore: @unchecked Sendable {
         guard values.count / d == rows else {
             throw StoreError(.shapeMismatch, "\(rows) keys but \(values.count / d) values", path: path, head: id)
         }
-        if !allowNonFinite {
-            for (label, data) in [("keys", keys), ("values", values)] {
-                if let row = firstNonFiniteRow(data, dimension: d) {
-                    throw StoreError(.nonFinite, "\(label) row \(row) holds NaN or Inf", path: path, head: id)
-                }
+        for (label, data) in [("keys", keys), ("values", values)] {
+            if let bad = firstUnstorableValue(data, dtype: info.dtype, allowNonFinite: allowNonFinite) {
+                throw unstorableError(bad, label, dimension: d, path: path, head: id)
             }
         }
         try appendRows(id, kinds: [(.keys, keys), (.values, values)], rows: rows,
@@ -245,8 +252,8 @@ public final class KVStore: @unchecked Sendable {
         guard queries.count % info.dimension == 0 else {
             throw StoreError(.shapeMismatch, "query data is not a whole number of \(info.dimension)-dimensional rows", path: path, head: id)
         }
-        if !allowNonFinite, let row = firstNonFiniteRow(queries, dimension: info.dimension) {
-            throw StoreError(.nonFinite, "queries row \(row) holds NaN or Inf", path: path, head: id)
+        if let bad = firstUnstorableValue(queries, dtype: info.dtype, allowNonFinite: allowNonFinite) {
+            throw unstorableError(bad, "queries", dimension: info.dimension, path: path, head: id)
         }
         try appendRows(id, kinds: [(.queries, queries)], rows: queries.count / info.dimension,
                        rowsPerTransaction: rowsPerTransaction, progress: progress)
@@ -306,7 +313,8 @@ public final class KVStore: @unchecked Sendable {
 
     /// Appends to several heads in one write transaction: after a failure or a crash either every
     /// head grew or none did (one decode step of a layer is one call). Shapes are checked against
-    /// every head before anything is written; values must be finite unless `allowNonFinite`.
+    /// every head before anything is written; values must be finite unless `allowNonFinite`, and
+    /// within the range of each head's dtype.
     public func appendAtomically(_ batch: [HeadRows], allowNonFinite: Bool = false) throws {
         try environment.write { txn in
             var rowsOf: [Int] = []
@@ -314,17 +322,16 @@ public final class KVStore: @unchecked Sendable {
                 guard let raw = try txn.reader.get(headsDB, StoreKey.head(item.id)) else {
                     throw StoreError(.headNotFound, "no head \(item.id) in this store", path: path, head: item.id)
                 }
-                let d = try KVStore.decodeInfo(raw, path: path).dimension
+                let info = try KVStore.decodeInfo(raw, path: path)
+                let d = info.dimension
                 guard let first = item.streams.first, first.1.count % d == 0,
                       item.streams.allSatisfy({ $0.1.count == first.1.count }) else {
                     throw StoreError(.shapeMismatch, "vector data is not a whole number of \(d)-dimensional rows, the same for every stream",
                                      path: path, head: item.id)
                 }
-                if !allowNonFinite {
-                    for (kind, data) in item.streams {
-                        if let row = firstNonFiniteRow(data, dimension: d) {
-                            throw StoreError(.nonFinite, "\(kind) row \(row) holds NaN or Inf; nothing was appended", path: path, head: item.id)
-                        }
+                for (kind, data) in item.streams {
+                    if let bad = firstUnstorableValue(data, dtype: info.dtype, allowNonFinite: allowNonFinite) {
+                        throw unstorableError(bad, "\(kind)", dimension: d, suffix: "; nothing was appended", path: path, head: item.id)
                     }
                 }
                 rowsOf.append(first.1.count / d)
@@ -477,6 +484,63 @@ func encode(_ src: UnsafeBufferPointer<Float>, dtype: DType, into out: UnsafeMut
 public func firstNonFiniteRow(_ data: UnsafeBufferPointer<Float>, dimension: Int) -> Int? {
     for i in 0..<data.count where !data[i].isFinite { return i / dimension }
     return nil
+}
+
+extension DType {
+    /// The largest finite magnitude the type stores (f16 65504, bf16 3.3895314e38); a finite value
+    /// beyond it would be encoded as ±Inf and attention over it would answer NaN.
+    public var largestFinite: Float { TensorDType(self).largestFinite }
+    /// "f16's range (|x| <= 65504)".
+    public var rangeDescription: String { TensorDType(self).rangeDescription }
+}
+
+extension TensorDType {
+    public init(_ dtype: DType) {
+        switch dtype {
+        case .f32: self = .f32
+        case .f16: self = .f16
+        case .bf16: self = .bf16
+        }
+    }
+}
+
+/// A value that cannot be stored as `dtype`: NaN or Inf, or a finite value beyond the type's range.
+public struct UnstorableValue: Equatable, Sendable {
+    /// Flat index in the checked buffer (row = index / dimension).
+    public let index: Int
+    public let value: Float
+    public let dtype: DType
+
+    /// "holds NaN or Inf", or "holds 70000.0, beyond f16's range (|x| <= 65504): it would be
+    /// stored as Inf".
+    public var problem: String {
+        value.isFinite
+            ? "holds \(value), beyond \(dtype.rangeDescription): stored as \(dtype) it would become Inf"
+            : "holds NaN or Inf"
+    }
+}
+
+/// The first value of `data` that `dtype` cannot hold: NaN or Inf (unless `allowNonFinite`), or a
+/// finite value whose magnitude exceeds `dtype.largestFinite` (always: it is not what the caller
+/// gave, and it would turn attention into NaN). One pass, nil when every value can be stored.
+public func firstUnstorableValue(_ data: UnsafeBufferPointer<Float>, dtype: DType,
+                                 allowNonFinite: Bool = false) -> UnstorableValue? {
+    let limit = dtype.largestFinite
+    for i in 0..<data.count {
+        let x = data[i]
+        guard !(x.magnitude <= limit) else { continue }  // the common case; NaN falls through
+        if x.isFinite || !allowNonFinite { return UnstorableValue(index: i, value: x, dtype: dtype) }
+    }
+    return nil
+}
+
+/// The store's error for an unstorable value in row `index / dimension` of stream `label`.
+func unstorableError(_ bad: UnstorableValue, _ label: String, dimension: Int, suffix: String = "",
+                     path: String, head: HeadID) -> StoreError {
+    let row = bad.index / dimension, column = bad.index % dimension
+    return bad.value.isFinite
+        ? StoreError(.outOfRange, "\(label) row \(row), column \(column) \(bad.problem)\(suffix)", path: path, head: head)
+        : StoreError(.nonFinite, "\(label) row \(row) \(bad.problem)\(suffix)", path: path, head: head)
 }
 
 /// One read transaction's view of the store.

@@ -17,6 +17,7 @@ public struct StoreError: Error, CustomStringConvertible, Equatable, Sendable {
         case headExists
         case shapeMismatch     // dimension, dtype or row count disagrees with the head
         case nonFinite         // NaN or Inf in input vectors
+        case outOfRange        // a finite input value beyond the head's dtype (f16: |x| > 65504)
         case invalidArgument
         case mapFull           // the map is full and growth is disabled or at its limit
         case readOnly

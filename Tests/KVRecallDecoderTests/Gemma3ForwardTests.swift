@@ -276,6 +276,29 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         }
     }
 
+    /// The session's report names each global layer by the model's block (the tiny model's global
+    /// block is 1): eval --json's "heads" said "layer 0/1/2" for Gemma 3's blocks 5/11/17.
+    @Test func reportNamesTheModelsBlocks() throws {
+        let dir = TemporaryDirectory("tiny-gemma")
+        let tiny = try TinyGemma(directory: dir.path, seed: 23, kvHeads: 2)
+        let model = try Gemma3Model(path: tiny.path)
+        var options = DecoderAttentionOptions()
+        options.method = .auto
+        options.k = 4
+        options.sinks = 1
+        options.window = 2
+        let sequence = try Gemma3Sequence(model: model, options: options)
+        defer { sequence.close() }
+        var ids: [Int32] = [2]
+        var rng = SeededRandom(seed: 5)
+        for _ in 0..<200 { ids.append(Int32.random(in: 3..<Int32(TinyGemma.vocabulary), using: &rng)) }
+        _ = try sequence.prefill(ids, chunk: 64)
+        try sequence.buildIndexes()
+        let lines = sequence.report()
+        #expect(lines.count == 2 && lines[0].hasPrefix("layer 1 head 0: ") && lines[1].hasPrefix("layer 1 head 1: "), "\(lines)")
+        #expect(lines.allSatisfy { !$0.hasPrefix("layer 0") })
+    }
+
     @Test func q8_0MatrixVectorEqualsTheDequantizedProduct() throws {
         var rng = SeededRandom(seed: 29)
         let rows = 37, columns = 96

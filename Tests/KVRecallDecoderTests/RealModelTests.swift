@@ -45,6 +45,33 @@ struct RealModelTests {
         #expect(top1 > 0.3 && top1 < 0.8)
     }
 
+    /// `generate --method auto` says each head's plan; `eval --json` names the global layers by the
+    /// model's blocks (5, 11, 17) and never reports more than all the keys scanned.
+    @Test func autoSaysItsPlanAndReportsNameTheModelsLayers() throws {
+        let prompt = String(try String(contentsOfFile: Self.shortText, encoding: .utf8).prefix(1500))
+        let generated = try runExecutable(kvrecallReleaseExecutable(),
+                                          ["generate", "--prompt", prompt, "--max-tokens", "2", "--method", "auto"])
+        #expect(generated.status == 0, "\(generated.stderr)")
+        for block in [5, 11, 17] {
+            #expect(generated.stderr.contains("[auto] layer \(block) head 0: "), "\(generated.stderr)")
+        }
+        let r = try runExecutable(kvrecallReleaseExecutable(),
+                                  ["eval", "--text", Self.shortText, "--prefill", "400", "--tokens", "4",
+                                   "--method", "auto,hnsw", "--fidelity", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let reports = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]])
+        for report in reports {
+            let heads = try #require(report["heads"] as? [String])
+            #expect(heads.map { $0.components(separatedBy: ":")[0] } == ["layer 5 head 0", "layer 11 head 0", "layer 17 head 0"], "\(heads)")
+            let percents = heads.flatMap { line in
+                line.components(separatedBy: "% of keys scanned").dropLast().compactMap { Double($0.components(separatedBy: " ").last ?? "") }
+            }
+            #expect(percents.allSatisfy { $0 <= 100 }, "\(heads)")
+            let scanned = try #require((report["attention"] as? [String: Any])?["keys_scanned_fraction"] as? Double)
+            #expect(scanned <= 1)
+        }
+    }
+
     @Test func passkeyIsFoundInAThousandTokens() throws {
         let r = try runExecutable(kvrecallReleaseExecutable(),
                                   ["eval", "--passkey", "--context", "1024", "--trials", "2", "--method", "exact,retrieval", "--json"])

@@ -7,8 +7,9 @@ import KVRecallDecoder
 struct Capture: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Capture real decoder traces: a global layer's keys, values and queries as .npy.",
+        usage: "kvrecall capture --text <file> --tokens <tokens> --out <dir> [<options>]",
         discussion: """
-        Runs BOS + the first tokens of --text through Gemma 3 with exact attention
+        Runs BOS + the first tokens of --text through Gemma 3 with exact attention \
         and writes, per block in --layers (global blocks: 5, 11, 17), into --out:
           layerLL_keys.npy             [N, 256]: keys after q/k norm and RoPE
                                        (N = --tokens)
@@ -19,7 +20,7 @@ struct Capture: ParsableCommand {
                                        positions (--decode-queries); 4
                                        consecutive rows form one GQA group
           manifest.json                what was captured, from which model/text
-        Queries are not pre-scaled: the engine's default scale 1/sqrt(256) gives
+        Queries are not pre-scaled: the engine's default scale 1/sqrt(256) gives \
         the model's attention. Feed them to the engine, e.g.:
           kvrecall ingest --store s --keys out/layer05_keys.npy \\
               --values out/layer05_values.npy \\
@@ -40,8 +41,12 @@ struct Capture: ParsableCommand {
     var tokens: Int
     @Option(help: "Global blocks to capture, comma-separated.")
     var layers: String = "5,11,17"
-    @Option(help: "Positions at the end whose queries are the decode queries.")
-    var decodeQueries: Int = 256
+    @Option(parsing: .unconditional, help: "Positions at the end whose queries are the decode queries (default: 256, at most a quarter of --tokens).")
+    var decodeQueries: Int?
+
+    /// The decode queries asked for, else 256 but at most a quarter of the tokens (at least 1), so
+    /// the default works for any --tokens (it used to refuse --tokens 256 with its own default).
+    var decodeCount: Int { decodeQueries ?? max(1, min(256, tokens / 4)) }
     @Option(help: ArgumentHelp("Output directory (created).", valueName: "dir"))
     var out: String
     @Option(help: "Element type of the written arrays: f32, or f16 (half the bytes; for small samples).")
@@ -49,8 +54,8 @@ struct Capture: ParsableCommand {
 
     func validate() throws {
         if tokens < 2 { throw ValidationError("--tokens must be at least 2 (got \(tokens))") }
-        if decodeQueries < 1 || decodeQueries >= tokens {
-            throw ValidationError("--decode-queries must be in 1..<--tokens (got \(decodeQueries))")
+        if let decodeQueries, decodeQueries < 1 || decodeQueries >= tokens {
+            throw ValidationError("--decode-queries must be in 1..<\(tokens) (--tokens) (got \(decodeQueries))")
         }
         _ = try blocks()
         if dtype != "f32" && dtype != "f16" { throw ValidationError("--dtype must be f32 or f16 (got '\(dtype)')") }
@@ -87,7 +92,7 @@ struct Capture: ParsableCommand {
         try sequence.prefill(Array(all[0..<tokens]), logits: .none, progress: ProgressBar("capture").update)
         note("prefill: \(tokens) tokens in \(fmt(Double(monotonicNanos() - start) / 1e9, 2)) s")
 
-        let d = c.headDimension, g = c.queryHeads, n = tokens, split = tokens - decodeQueries
+        let d = c.headDimension, g = c.queryHeads, n = tokens, split = tokens - decodeCount
         var files: [String] = []
         for b in wanted {
             let layer = c.globalBlocks.firstIndex(of: b)!
@@ -106,11 +111,11 @@ struct Capture: ParsableCommand {
             try write("keys", n, keys)
             try write("values", n, values)
             try write("prefill_queries", split * g, Array(queries[0..<(split * g * d)]))
-            try write("queries", decodeQueries * g, Array(queries[(split * g * d)..<(n * g * d)]))
+            try write("queries", decodeCount * g, Array(queries[(split * g * d)..<(n * g * d)]))
         }
         let manifest: [String: Any] = [
             "model": (model.path as NSString).lastPathComponent, "text": text, "tokens": tokens,
-            "decode_queries": decodeQueries, "blocks": wanted, "query_heads_per_kv": g / c.kvHeads,
+            "decode_queries": decodeCount, "blocks": wanted, "query_heads_per_kv": g / c.kvHeads,
             "head_dimension": d, "scale": Double(c.attentionScale), "dtype": dtype,
             "layout": "keys/values [N, d]; queries [positions * query_heads, d], row position*query_heads + head",
         ]

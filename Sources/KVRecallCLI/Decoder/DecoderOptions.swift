@@ -69,14 +69,7 @@ struct DecoderMethodOptions: ParsableArguments {
     }
 
     func methodList() throws -> [AttentionMethod] {
-        if method == "all" { return Self.methods }
-        return try method.split(separator: ",").map { name in
-            let trimmed = name.trimmingCharacters(in: .whitespaces)
-            guard let m = AttentionMethod(rawValue: trimmed), Self.methods.contains(m) else {
-                throw ValidationError("--method must be one of \(Self.methods.map(\.rawValue).joined(separator: ", ")) or all (got '\(trimmed)')")
-            }
-            return m
-        }
+        try parseMethodList(method, allowed: Self.methods) ?? Self.methods
     }
 
     func options(for method: AttentionMethod) -> DecoderAttentionOptions {
@@ -104,10 +97,49 @@ func note(_ line: String) {
     FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
 }
 
-/// Reads a UTF-8 text file, naming it in the error.
+/// Reads a UTF-8 text file, naming it in the error (and, for bytes that are not UTF-8, where).
 func readText(_ path: String) throws -> String {
     guard FileManager.default.fileExists(atPath: path) else { throw RunError("\(path): no such file") }
     guard let data = FileManager.default.contents(atPath: path) else { throw RunError("\(path): cannot be read") }
-    guard let text = String(data: data, encoding: .utf8) else { throw RunError("\(path): not UTF-8 text") }
-    return text
+    let bytes = [UInt8](data)
+    if let bad = firstInvalidUTF8(bytes) {
+        throw RunError("\(path): not UTF-8 text: \(describeInvalidUTF8(bytes, at: bad))")
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+/// Byte offset of the first byte that does not start or continue a valid UTF-8 sequence (RFC 3629:
+/// no overlong forms, no surrogates, nothing above U+10FFFF), or nil when all of `bytes` is UTF-8.
+func firstInvalidUTF8(_ bytes: [UInt8]) -> Int? {
+    var i = 0
+    while i < bytes.count {
+        let b = bytes[i]
+        let length: Int, low: UInt8, high: UInt8  // allowed range of the second byte
+        switch b {
+        case 0x00...0x7F: i += 1; continue
+        case 0xC2...0xDF: (length, low, high) = (2, 0x80, 0xBF)
+        case 0xE0: (length, low, high) = (3, 0xA0, 0xBF)
+        case 0xED: (length, low, high) = (3, 0x80, 0x9F)
+        case 0xE1...0xEC, 0xEE...0xEF: (length, low, high) = (3, 0x80, 0xBF)
+        case 0xF0: (length, low, high) = (4, 0x90, 0xBF)
+        case 0xF1...0xF3: (length, low, high) = (4, 0x80, 0xBF)
+        case 0xF4: (length, low, high) = (4, 0x80, 0x8F)
+        default: return i
+        }
+        guard i + 1 < bytes.count, (low...high).contains(bytes[i + 1]) else { return i }
+        for j in 2..<length {
+            guard i + j < bytes.count, (0x80...0xBF).contains(bytes[i + j]) else { return i }
+        }
+        i += length
+    }
+    return nil
+}
+
+/// "byte 0xFF at offset 1234 (line 7, after 'Anne haggard')": where invalid UTF-8 starts.
+func describeInvalidUTF8(_ bytes: [UInt8], at offset: Int) -> String {
+    let line = 1 + bytes[..<offset].filter { $0 == 0x0A }.count
+    let lineStart = bytes[..<offset].lastIndex(of: 0x0A).map { $0 + 1 } ?? 0
+    let before = String(decoding: bytes[max(lineStart, offset - 24)..<offset], as: UTF8.self)
+    return "byte 0x\(String(bytes[offset], radix: 16, uppercase: true)) at offset \(offset) (line \(line)"
+        + (before.isEmpty ? ")" : ", after '\(before)')")
 }

@@ -22,7 +22,9 @@ struct Eval: ParsableCommand {
         greedily and must repeat the key. Each trial is prefilled once and answered
         by every method in --method.
 
-        Several methods (comma-separated, or 'all') share one prefill.
+        Several methods (comma-separated, or 'all') share one prefill. Gemma 3
+        270M's context is 32768 tokens: --prefill + --tokens, and each --context
+        length, must fit.
 
         JSON (--json): perplexity {"method", "prefill_tokens", "scored_tokens",
         "perplexity", "top1_accuracy", "mean_nll", "prefill_s", "index_build_s",

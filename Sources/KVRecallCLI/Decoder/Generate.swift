@@ -12,8 +12,11 @@ struct Generate: ParsableCommand {
         layers' keys, values and prefill queries go into a KV session, which builds
         the method's indexes; then each new token is decoded greedily, the global
         layers attending with --method. Text streams to standard output; prefill
-        time, index build time and ms per token go to standard error. With several
-        methods (comma-separated), each continues from the same prefill.
+        time, index build time and ms per token go to standard error (with auto,
+        each head's plan too). With several methods (comma-separated), each
+        continues from the same prefill. Gemma 3 270M's context is 32768 tokens:
+        BOS + the prompt + --max-tokens must fit. An empty prompt generates from
+        BOS alone (and says so); a prompt that is not UTF-8 is refused.
 
         Examples:
           kvrecall generate --prompt "The capital of France is" --max-tokens 16
@@ -40,6 +43,10 @@ struct Generate: ParsableCommand {
         let text = try prompt ?? readText(promptFile!)
         let model = try modelOptions.load()
         let ids = [model.tokenizer.bosID] + model.tokenizer.encode(text)
+        if ids.count == 1 {
+            // Not an error (an unconditioned sample is a use), but never without a word.
+            note("the prompt is empty (\(promptFile.map { "file \($0)" } ?? "--prompt ''")): generating from BOS alone")
+        }
         guard ids.count + maxTokens <= model.configuration.contextLength else {
             throw RunError("the prompt has \(ids.count) tokens; with --max-tokens \(maxTokens) it exceeds the context length \(model.configuration.contextLength)")
         }
@@ -53,6 +60,10 @@ struct Generate: ParsableCommand {
             let buildStart = monotonicNanos()
             try sequence.buildIndexes()
             let buildSeconds = Double(monotonicNanos() - buildStart) / 1e9
+            if method == .auto {
+                // What each head runs and why (the profile behind it: eval --json's "heads").
+                for line in sequence.report() { note("[auto] " + (line.components(separatedBy: "; mass on").first ?? line)) }
+            }
             if methods.count > 1 { print("[\(method.rawValue)] ", terminator: "") }
             // A long prompt is shown by its end only.
             print(text.count > 240 ? "…" + text.suffix(200) : text, terminator: "")

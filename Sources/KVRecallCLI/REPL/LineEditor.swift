@@ -1,4 +1,5 @@
 import CEditLine
+import CLineReader
 import Foundation
 
 /// Line editing, history and Tab completion for the interactive REPL, from libedit's
@@ -6,7 +7,7 @@ import Foundation
 /// write_history, rl_attempted_completion_function, rl_completion_matches).
 ///
 /// libedit's readline state is process-wide, so there is one editor per process. Keys are read
-/// by `kvr_getc` (CEditLine's shim.h), with signal handlers installed here: Ctrl-C records the
+/// by `kvr_getc` (the CLineReader target), with signal handlers installed here: Ctrl-C records the
 /// signal instead of ending the process and ends the read; readline() then returns NULL with
 /// the record set, which `read` reports as `.interrupted` (the line is dropped). Ctrl-D on an
 /// empty line returns NULL without it: `.end`. A Ctrl-C while a command runs is ignored.

@@ -26,7 +26,7 @@ struct Repl: ParsableCommand {
         Colour only on a terminal whose TERM is not dumb, and never when NO_COLOR is set.
 
         Scripts: when standard input is not a terminal, commands are read one per line with no \
-        prompt and no line editing; blank lines and # comments are skipped. A failing command \
+        prompt and no line editing; blank lines and # comments (also after a command) are skipped. A failing command \
         prints "error: line N: ..." on standard error and the script goes on (--stop-on-error \
         stops it there). The exit status is 1 if any command failed, else 0. Interactively, \
         errors are printed and the session goes on (status 0). A --store that cannot be opened \

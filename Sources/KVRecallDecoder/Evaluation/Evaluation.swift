@@ -25,7 +25,8 @@ public struct PerplexityReport: Sendable {
     /// The part of a decode step spent in the session's attention of the global layers.
     public var globalAttentionMsPerToken: Double
     public var fidelity: AttentionFidelity?
-    /// Per global layer and KV head: what ran (`auto`'s policy and why), the index and its calibration.
+    /// Per global layer (named by the model's block: "layer 5 head 0") and KV head: what ran (`auto`'s
+    /// policy and why), the index and its calibration.
     public var heads: [String] = []
 
     public var json: [String: Any] {
@@ -106,7 +107,7 @@ public struct PerplexityEvaluation {
         let buildStart = monotonicNanos()
         try sequence.buildIndexes()
         let buildSeconds = seconds(since: buildStart)
-        let heads = sequence.session.report()
+        let heads = sequence.report()
         var tracker: FidelityTracker? = nil
         if fidelity {
             let t = FidelityTracker(session: sequence.session)

@@ -167,6 +167,14 @@ public final class Gemma3Sequence {
         try session.buildIndexes(parameters: options.build, progress: progress)
     }
 
+    /// The session's report (what each head runs, `auto`'s plan and why, index, calibration), one
+    /// line per global layer and KV head, each named by the model's block ("layer 5 head 0"), not
+    /// by the session's layer number (0, 1, 2 for blocks 5, 11, 17).
+    public func report() -> [String] {
+        let blocks = model.configuration.globalBlocks
+        return session.report { "layer \(blocks[$0])" }
+    }
+
     /// One decode step: feeds `token` at the next position and returns the next-token logits
     /// `[vocabulary]`. Global attention goes through the session with the chosen method.
     public func step(_ token: Int32) throws -> [Float] {
