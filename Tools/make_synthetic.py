@@ -60,12 +60,13 @@ FAMILY_ONLY = {
     "topics": ("rank", "topics", "segment", "rel_between", "rel_within", "irr_between", "irr_within",
                "key_offset", "outlier_jitter", "irr_scale_sigma", "query_reads_outliers"),
     "drift": ("drift_tokens", "drift_dims", "spectrum_decay", "massive_scale", "massive_jitter", "rope_base",
-              "query_rotation", "targets", "query_noise", "query_reads_massive", "sink"),
+              "query_rotation", "targets", "recent_targets", "recent_span", "query_noise", "query_reads_massive",
+              "sink"),
 }
 # Options whose default depends on the family (argparse default None, filled in parse_args).
 FAMILY_DEFAULTS = {
     "topics": {"drift": 1.0, "query_offset": 20.0, "sharpness": "sharp", "sharpness_jitter": 0.0},
-    "drift": {"drift": 0.5, "query_offset": 1.0, "sharpness": 3.0, "sharpness_jitter": 0.25},
+    "drift": {"drift": 0.4, "query_offset": 1.0, "sharpness": 3.0, "sharpness_jitter": 0.25},
 }
 
 
@@ -116,7 +117,7 @@ def parse_args(argv=None):
                         "ignore the outlier channels)")
     p.add_argument("--drift", type=float, default=None,
                    help="positional drift amplitude (default 1.0); with --family drift: RMS norm of the "
-                        "drifting key mean relative to the content norm sqrt(d) (default 0.5)")
+                        "drifting key mean relative to the content norm sqrt(d) (default 0.4)")
     g2 = p.add_argument_group("family drift (only with --family drift)")
     g2.add_argument("--drift-tokens", type=float, default=4096.0,
                     help="correlation length in tokens of the drifting key and value means (an "
@@ -138,6 +139,9 @@ def parse_args(argv=None):
                          "own target is orthogonal; default 50)")
     g2.add_argument("--targets", type=int, default=4,
                     help="earlier positions whose content a query looks for (default 4)")
+    g2.add_argument("--recent-targets", type=float, default=0.25,
+                    help="probability that a target is one of the last --recent-span positions (default 0.25)")
+    g2.add_argument("--recent-span", type=int, default=1024, help="see --recent-targets (default 1024)")
     g2.add_argument("--query-noise", type=float, default=1.0,
                     help="std of the query's own content noise relative to its target signal (default 1.0)")
     g2.add_argument("--query-reads-massive", type=float, default=0.15,
@@ -174,8 +178,8 @@ def parse_args(argv=None):
     if a.family == "drift":
         if a.d % 2:
             p.error("--family drift needs an even --d (RoPE pairs)")
-        if a.outlier_channels > (3 * (a.d // 2)) // 8:
-            p.error("--family drift: --outlier-channels must be at most 3d/16 (they sit in the low-frequency RoPE pairs)")
+        if a.outlier_channels > a.d // 8:
+            p.error("--family drift: --outlier-channels must be at most d/8 (they sit in the low-frequency RoPE pairs)")
         if a.targets < 1 or a.drift_dims < 1 or a.drift_dims > a.d or a.drift_tokens <= 0:
             p.error("--targets, --drift-dims must be positive (drift-dims <= d), --drift-tokens > 0")
     return a
@@ -337,7 +341,8 @@ def generate_drift(a):
           for the sink and, through the slow RoPE turn, for nearby positions.
     Values: iid anisotropic content + their own drifting mean (half the keys' drift), per-token scale.
     Decode queries sit at positions ntot..ntot+Q-1 (right after the keys), targets uniform over the
-    sequence; prefill queries at uniform positions p with targets uniform in [0, p].
+    sequence; prefill queries at uniform positions p with targets uniform in [0, p]; each target is
+    instead one of the --recent-span positions before the query with probability --recent-targets.
     Each query is rescaled to --sharpness like family 'topics'.
     """
     rng = np.random.default_rng([a.seed, 20241])  # a stream of its own: never equal to family topics
@@ -358,10 +363,10 @@ def generate_drift(a):
     walk = _ou_walk(rng, ntot, a.drift_dims, a.drift_tokens)
     W = (walk @ Bw.T) * (a.drift * np.sqrt(d) / np.sqrt(a.drift_dims))
 
-    # Massive channels: spread over the lowest-frequency 3/8 of the RoPE pairs (d 128, base 5e5: turn
-    # periods from ~23K tokens to ~2.5M, so one of them visibly rotates over a long context).
+    # Massive channels: spread over the lowest-frequency quarter of the RoPE pairs (d 128, base 5e5:
+    # turn periods from ~118K tokens to ~2.5M: nearly constant over 32K, one turns once over 128K).
     nm = a.outlier_channels
-    pairs = np.arange(h - (3 * h) // 8, h)
+    pairs = np.arange(h - h // 4, h)
     if nm:
         pick = np.unique(np.linspace(0, len(pairs) - 1, num=nm).round().astype(int))
         mpairs = pairs[pick]
@@ -410,7 +415,12 @@ def generate_drift(a):
 
     def make_queries(qpos, tmax):
         nq = len(qpos)
-        tg = (rng.random((nq, a.targets)) * (np.asarray(tmax)[:, None] + 1)).astype(np.int64)
+        tmax = np.asarray(tmax)[:, None]
+        tg = (rng.random((nq, a.targets)) * (tmax + 1)).astype(np.int64)
+        # some targets are recent: uniform over the last --recent-span positions before the query
+        recent = rng.random((nq, a.targets)) < a.recent_targets
+        back = (rng.random((nq, a.targets)) * a.recent_span).astype(np.int64)
+        tg = np.where(recent, np.maximum(tmax - back, 0), tg)
         sig = C[tg].sum(axis=1).astype(np.float64) / np.sqrt(a.targets)
         noise = (rng.standard_normal((nq, d)) @ L.T.astype(np.float64)) * a.query_noise
         content = (sig + noise) @ Rq.T
