@@ -44,6 +44,13 @@ Recipe (why it is hard for key-only ANN, see DESIGN.md sections 1 and 7 and Tool
 * Each query is rescaled so the std over keys of its scaled logits q.k/sqrt(d) equals --sharpness.
   Sharp (default 7.0): exact top-100 holds ~98% of the softmax mass. Soft (e.g. 2.0): diffuse heads.
   Named presets: --sharpness sharp (7.0), medium (4.0), soft (2.0).
+
+Second recipe, --family drift (no topic clusters; unlike the above on purpose; see generate_drift and
+Tools/bench/README.md "The second family"): keys are iid anisotropic content plus a mean that drifts
+with the position (an Ornstein-Uhlenbeck walk) plus massive channels in low-frequency RoPE pairs (a
+slowly turning mean, a sink at position 0), all rotated by RoPE; a query looks for the content of a
+few earlier positions (some recent) through a partly rotated basis, plus its own offset; default
+sharpness 3.0 with a per-query jitter of 0.25, so heads range from sharp to diffuse.
 """
 import argparse
 import json

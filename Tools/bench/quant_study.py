@@ -272,7 +272,7 @@ def recall_curve(sc, Zt):
     return out
 
 
-def three_part(sc, Zt, Vt, tail_scores="codes", tail_values="codes", chunk=8):
+def three_part(sc, Zt, Vt, tail_scores="codes", tail_values="codes", chunk=16):
     """Output errors per row for every M in M_LIST: (method, drop, oracle, oracle+tail).
 
     Zt: code logits [R, N]; Vt: dequantized values [N, d]. tail_scores/tail_values 'exact' replace
@@ -281,6 +281,7 @@ def three_part(sc, Zt, Vt, tail_scores="codes", tail_values="codes", chunk=8):
     ds = sc.ds
     V = ds.V.astype(np.float64)
     Vt = (V if tail_values == "exact" else Vt.astype(np.float64))
+    V32, Vt32 = V.astype(np.float32), Vt.astype(np.float32)
     Zt = sc.Z if tail_scores == "exact" else Zt
     mmax = max(M_LIST)
     cand, cand_ok = ranked(np.where(sc.valid & ~sc.static, Zt, -np.inf), mmax, with_ok=True)
@@ -307,17 +308,21 @@ def three_part(sc, Zt, Vt, tail_scores="codes", tail_values="codes", chunk=8):
             rows = np.arange(rank.shape[0])[:, None]
             ee = np.where(ok, Ee[rows, rank], 0.0)                        # [c, mmax]
             et = np.where(ok, Et[rows, rank], 0.0)
-            exA = np.zeros((rank.shape[0], ds.d)); exB = np.zeros(rank.shape[0])
-            coA = np.zeros((rank.shape[0], ds.d)); coB = np.zeros(rank.shape[0])
+            # segment sums between consecutive M (one batched matmul each), then prefix sums over M
+            mm = rank.shape[1]
+            bounds = [min(M, mm) for M in M_LIST]
+            segs = np.zeros((len(M_LIST), mm))
             prev = 0
+            for j, M in enumerate(bounds):
+                segs[j, prev:M] = 1.0
+                prev = max(prev, M)
+            segs32 = segs.astype(np.float32)[None]
+            exAs = np.cumsum(((ee.astype(np.float32)[:, None, :] * segs32) @ V32[rank]).astype(np.float64), axis=1)
+            coAs = np.cumsum(((et.astype(np.float32)[:, None, :] * segs32) @ Vt32[rank]).astype(np.float64), axis=1)
+            exBs = np.cumsum(ee @ segs.T, axis=1)                                      # [c, nM]
+            coBs = np.cumsum(et @ segs.T, axis=1)
             for j, M in enumerate(M_LIST):
-                if M > prev:  # add the candidates prev..M-1
-                    seg = slice(prev, M)
-                    exA = exA + np.einsum("cm,cmd->cd", ee[:, seg], V[rank[:, seg]])
-                    exB = exB + ee[:, seg].sum(1)
-                    coA = coA + np.einsum("cm,cmd->cd", et[:, seg], Vt[rank[:, seg]])
-                    coB = coB + et[:, seg].sum(1)
-                    prev = M
+                exA, exB, coA, coB = exAs[:, j], exBs[:, j], coAs[:, j], coBs[:, j]
                 # with the code tail: all codes - (static + selected) codes + (static + selected) exact
                 A = A_all - A_stat_code - coA + A_stat_ex + exA
                 B = B_all - B_stat_code - coB + B_stat_ex + exB
