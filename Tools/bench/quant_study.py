@@ -33,8 +33,11 @@ Key codes (b = 2, 4, 8 bits; asymmetric min/max codes unless 'sym'; scale and mi
                then per channel / per block of 64 (queries are rotated the same way at decode)
   tok32, tok32-m    per token, blocks of 32 channels (llama.cpp q4_1-like), raw / after mean subtraction
   sym-ch, sym-ch-m  symmetric per channel (absmax, no min), raw / after mean subtraction
+  gG-q8        per block codes as gG, scored as an integer kernel would: the query times the block's
+               steps rounded to int8 (one scale per query and block), integer dot with the codes
 Value codes: tok (per token, all d channels), tok32 (per token, blocks of 32 channels: KIVI), ch (per
-channel over the head), g64 (per channel within blocks of 64 positions).
+channel over the head), g64 (per channel within blocks of 64 positions); meanG (no code: the tail
+takes the f16 mean value of its block of G positions, 2d/G bytes per position).
 
 Usage (paths are arguments; the output JSON holds every per-query figure's median/p90):
   python Tools/bench/quant_study.py --set gemma32k-L5=Tools/bench/out/gemma32k:5 \\
@@ -152,6 +155,27 @@ def q_sym_channel(X, bits):
     return (np.clip(np.rint(X / scale), -lim, lim) * scale).astype(np.float32)
 
 
+def scores_q8(Q, X, bits, G, scale):
+    """Logits of per-block (G positions, per channel) asymmetric codes scored the way an integer
+    kernel would: per block, q' = q * step (the block's per-channel steps) is rounded to int8 with
+    one f32 scale per query and block, dotted with the unsigned codes in integers, plus q . min."""
+    levels = (1 << bits) - 1
+    n, d = X.shape
+    out = np.empty((len(Q), n))
+    Q64 = Q.astype(np.float64)
+    for s in range(0, n, G):
+        B = X[s:s + G]
+        mn = f16(B.min(0, keepdims=True))
+        st = f16(np.maximum(B.max(0, keepdims=True) - mn, 1e-30) / levels)
+        st = np.where(st == 0, np.float32(6e-8), st)
+        codes = np.clip(np.rint((B - mn) / st), 0, levels)                 # [g, d]
+        qs = Q64 * st.astype(np.float64)                                    # [R, d]
+        sq = np.maximum(np.abs(qs).max(1, keepdims=True), 1e-30) / 127.0
+        q8 = np.rint(qs / sq)
+        out[:, s:s + G] = (q8 @ codes.T) * sq + Q64 @ mn.astype(np.float64).T
+    return out * scale
+
+
 def hadamard(d, seed):
     if d & (d - 1):
         Qm, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
@@ -204,6 +228,15 @@ def value_code(name, X, bits):
         G = int(name[1:])
         return q_posgroups(X, bits, G), 4 * d / G
     raise ValueError(name)
+
+
+def value_blockmean(X, G):
+    """No per-position value code: the tail takes each position's block mean (f16, G positions)."""
+    n, d = X.shape
+    out = np.empty_like(X)
+    for s in range(0, n, G):
+        out[s:s + G] = f16(X[s:s + G].mean(0, keepdims=True))
+    return out, 2 * d / G
 
 
 KEY_SCHEMES = ("ch", "ch-frozen", "g32", "g64", "g128", "rot-ch", "rot-g64", "tok32", "tok32-m", "sym-ch", "sym-ch-m")
@@ -370,8 +403,10 @@ def study(ds, args, log):
         for scheme in args.key_schemes:
             name = f"K{bits}-{scheme}"
             t = time.time()
-            Kt, extra = key_code(scheme, ds.K, bits, args.seed)
-            Zt = (ds.Q @ Kt.T).astype(np.float64) * ds.scale
+            q8 = scheme.endswith("-q8")
+            Kt, extra = key_code(scheme[:-3] if q8 else scheme, ds.K, bits, args.seed)
+            Zt = (scores_q8(ds.Q, ds.K, bits, int(scheme[1:-3]), ds.scale) if q8
+                  else (ds.Q @ Kt.T).astype(np.float64) * ds.scale)
             rc = recall_curve(sc, Zt)
             rel = np.linalg.norm(Kt - ds.K) / np.linalg.norm(ds.K - ds.K.mean(0))
             entry = {"bits": bits, "scheme": scheme, "bytes_per_position": bits * d / 8 + extra,
@@ -386,25 +421,26 @@ def study(ds, args, log):
                      "recall_min_over_rows": {str(C): float(v.min()) for C, v in rc.items() if not isinstance(C, str)}}
             out["keys"][name] = entry
             if bits in args.error_key_bits and scheme in args.error_key_schemes:
-                key_cache[name] = Kt
+                key_cache[name] = (Kt, Zt if q8 else None)
             log(f"  {name:14s} {entry['bytes_per_position']:6.1f} B/pos  recall@C=400 "
                 f"{entry['recall']['400']['median']:.3f}  C for 99/100: {entry['c_for_99']['median']:.0f}  "
                 f"({time.time() - t:.1f} s)")
 
     # value codes: bytes and reconstruction error
     val_cache = {}
-    for bits in args.value_bits:
-        for scheme in args.value_schemes:
-            name = f"V{bits}-{scheme}"
-            Vt, extra = value_code(scheme, ds.V, bits)
+    vlist = [(b, sch) for b in args.value_bits for sch in args.value_schemes if not sch.startswith("mean")]
+    vlist += [(0, sch) for sch in args.value_schemes if sch.startswith("mean")]
+    for bits, scheme in vlist:
+            name = f"V{bits}-{scheme}" if bits else f"V-{scheme}"
+            Vt, extra = value_code(scheme, ds.V, bits) if bits else value_blockmean(ds.V, int(scheme[4:]))
             val_cache[name] = (Vt, extra)
             out["values"][name] = {"bits": bits, "scheme": scheme, "bytes_per_position": bits * d / 8 + extra,
                                    "value_rel_error": float(np.linalg.norm(Vt - ds.V) / np.linalg.norm(ds.V))}
 
     def run(kname, vname, **kw):
         t = time.time()
-        Kt = key_cache[kname]
-        Zt = (ds.Q @ Kt.T).astype(np.float64) * ds.scale
+        Kt, Zq = key_cache[kname]
+        Zt = Zq if Zq is not None else (ds.Q @ Kt.T).astype(np.float64) * ds.scale
         Vt, vextra = val_cache[vname]
         res = three_part(sc, Zt, Vt, **kw)
         entry = {"bytes_per_position": out["keys"][kname]["bytes_per_position"] +
@@ -427,12 +463,19 @@ def study(ds, args, log):
             out["grid"][key] = run(base_k, vname)
     for extra_pair in args.pairs:
         kname, vname = extra_pair.split("+")
+        if vname not in val_cache and not vname.startswith("V-"):
+            b, sch = vname[1:].split("-", 1)
+            val_cache[vname] = value_code(sch, ds.V, int(b))
+            out["values"][vname] = {"bits": int(b), "scheme": sch,
+                                    "bytes_per_position": int(b) * d / 8 + val_cache[vname][1],
+                                    "value_rel_error": float(np.linalg.norm(val_cache[vname][0] - ds.V) / np.linalg.norm(ds.V))}
         if extra_pair not in out["grid"] and kname in key_cache and vname in val_cache:
             out["grid"][extra_pair] = run(kname, vname)
     # GQA: the exact rows a group fetches = the union of its query heads' top-M (capture sets)
     if len(np.unique(ds.head)) > 1:
-        Kt = key_cache[base_k]
-        Zt = np.where(sc.valid & ~sc.static, (ds.Q @ Kt.T).astype(np.float64) * ds.scale, -np.inf)
+        Kt, Zq = key_cache[base_k]
+        Zt = Zq if Zq is not None else (ds.Q @ Kt.T).astype(np.float64) * ds.scale
+        Zt = np.where(sc.valid & ~sc.static, Zt, -np.inf)
         g = len(np.unique(ds.head))
         cand = ranked(Zt, max(M_LIST))
         union = {}
