@@ -257,6 +257,11 @@ class Scorer:
         pos = np.arange(n)
         self.valid = pos[None, :] < ds.visible[:, None]
         self.static = self.valid & ((pos[None, :] < SINKS) | (pos[None, :] >= ds.visible[:, None] - WINDOW))
+        # the same as index lists: sinks, then the window (positions already among the sinks masked off)
+        win = ds.visible[:, None] - WINDOW + np.arange(WINDOW)[None, :]
+        self.static_idx = np.concatenate([np.broadcast_to(np.arange(SINKS), (R, SINKS)), np.maximum(win, 0)], axis=1)
+        self.static_ok = np.concatenate([np.broadcast_to(np.arange(SINKS) < ds.visible[:, None], (R, SINKS)),
+                                         win >= SINKS], axis=1)
         Zm = np.where(self.valid, self.Z, -np.inf)
         self.m = Zm.max(1)
         E = np.exp(Zm - self.m[:, None])
@@ -326,14 +331,16 @@ def three_part(sc, Zt, Vt, tail_scores="codes", tail_values="codes", chunk=16):
         Ee = np.where(valid, np.exp(np.minimum(Z - m, 0)), 0.0)       # exact weights
         Et = np.where(valid, np.exp(np.minimum(Zc - m, 0)), 0.0)      # code weights
         # tail everywhere from codes, then swap in exact for the selected positions
-        A_all = Et @ Vt
+        A_all = (Et.astype(np.float32) @ Vt32).astype(np.float64)
         B_all = Et.sum(1)
-        Es = np.where(static, Ee, 0.0)
-        Ts = np.where(static, Et, 0.0)
-        A_stat_ex = Es @ V
-        B_stat_ex = Es.sum(1)
-        A_stat_code = Ts @ Vt
-        B_stat_code = Ts.sum(1)
+        si, sok = sc.static_idx[r], sc.static_ok[r]
+        rows = np.arange(si.shape[0])[:, None]
+        es = np.where(sok, Ee[rows, si], 0.0)
+        ts = np.where(sok, Et[rows, si], 0.0)
+        A_stat_ex = np.einsum("cs,csd->cd", es, V[si])
+        B_stat_ex = es.sum(1)
+        A_stat_code = np.einsum("cs,csd->cd", ts, Vt[si])
+        B_stat_code = ts.sum(1)
         o = sc.o[r]
         on = sc.onorm[r]
         for sel_name, rank_all, ok_all in (("method", cand, cand_ok), ("oracle", sc.oracle_rank, sc.oracle_ok)):
