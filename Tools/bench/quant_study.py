@@ -385,7 +385,7 @@ def med(x):
 
 def summarize_rows(x, heads):
     """median and p90 over all rows, and the median per query head."""
-    out = {"median": med(x), "p90": float(np.percentile(x, 90))}
+    out = {"median": med(x), "p10": float(np.percentile(x, 10)), "p90": float(np.percentile(x, 90))}
     hs = np.unique(heads)
     if len(hs) > 1:
         out["per_head_median"] = [med(x[heads == h]) for h in hs]
@@ -501,61 +501,96 @@ def study(ds, args, log):
 # ---------------------------------------------------------------------------------------------
 # report
 
-def report(results, keys_bits=(4,), file=sys.stdout):
+def report(results, m_sweep=("K4-g64+V4-tok",), file=sys.stdout):
+    """Markdown tables: data sets, key codes (recall, C), output error by key code and by value code,
+    error against M (whole set and per query head), where the error comes from, GQA union."""
     p = lambda *x: print(*x, file=file)
     names = [r["name"] for r in results]
+    head = lambda first: p(f"| {first} | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+
+    def cell(r, path, fmt):
+        x = r
+        for k in path:
+            if not isinstance(x, dict) or k not in x:
+                return "-"
+            x = x[k]
+        return fmt.format(x)
+
     p("### Data sets\n")
-    p("| set | N | d | query rows | causal | exact top-100 mass (median / p90) | f16 K+V bytes/position |")
+    p("| set | N | d | query rows | causal | exact top-100 mass: median / p10 | f16 K+V bytes/position |")
     p("|---|---|---|---|---|---|---|")
     for r in results:
         tm = r["top100_mass"]
         p(f"| {r['name']} | {r['n']} | {r['d']} | {r['rows']} | {'yes' if r['causal'] else 'no'} | "
-          f"{tm['median']:.3f} / {tm['p90']:.3f} | {r['f16_kv_bytes_per_position']} |")
-    allkeys = list(results[0]["keys"].keys())
-    for C in ("400", "800"):
-        p(f"\n### Key codes: recall@100 with C = {C} candidates re-scored exactly (median over query rows; bytes = codes + scales per position)\n")
-        p("| key code | bytes/pos (d 256 / d 128) | " + " | ".join(names) + " |")
-        p("|---|---|" + "---|" * len(names))
-        for k in allkeys:
-            b = [f"{r['keys'][k]['bytes_per_position']:.1f}" for r in results if k in r["keys"]]
-            b = " / ".join(sorted(set(b), key=lambda x: -float(x)))
-            vals = [f"{r['keys'][k]['recall'][C]['median']:.3f}" if k in r["keys"] and C in r["keys"][k]["recall"] else "-"
-                    for r in results]
-            p(f"| {k} | {b} | " + " | ".join(vals) + " |")
-    p("\n### Key codes: candidates C needed to hold 99 of the exact top-100 (median / p90 over query rows; capped at 6400)\n")
-    p("| key code | " + " | ".join(names) + " |")
-    p("|---|" + "---|" * len(names))
+          f"{tm['median']:.3f} / {tm.get('p10', float('nan')):.3f} | {r['f16_kv_bytes_per_position']} |")
+
+    allkeys = list(dict.fromkeys(k for r in results for k in r["keys"]))
+    p("\n### Key codes: candidates C that hold 99 of the exact top-100 (median / p90 over query rows, capped at 6401)\n")
+    p("Bytes per position: codes + their scales (d 256 / d 128).\n")
+    p("| key code | bytes/pos | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
     for k in allkeys:
-        vals = [f"{r['keys'][k]['c_for_99']['median']:.0f} / {r['keys'][k]['c_for_99']['p90']:.0f}" if k in r["keys"] else "-"
-                for r in results]
-        p(f"| {k} | " + " | ".join(vals) + " |")
-    grid_names = list(results[0]["grid"].keys())
+        b = sorted({f"{r['keys'][k]['bytes_per_position']:.0f}" for r in results if k in r["keys"]}, key=lambda x: -float(x))
+        p(f"| {k} | {' / '.join(b)} | " + " | ".join(
+            f"{r['keys'][k]['c_for_99']['median']:.0f} / {r['keys'][k]['c_for_99']['p90']:.0f}" if k in r["keys"] else "-"
+            for r in results) + " |")
+    for C in ("200", "400"):
+        p(f"\n### Key codes: recall@100 with C = {C} candidates re-scored exactly (median over query rows)\n")
+        head("key code")
+        for k in allkeys:
+            p(f"| {k} | " + " | ".join(cell(r, ("keys", k, "recall", C, "median"), "{:.3f}") for r in results) + " |")
+
+    grid = list(dict.fromkeys(g for r in results for g in r["grid"]))
     for M in ("128", "256", "512"):
-        p(f"\n### Output error of the three-part method, M = {M} (median over query rows)\n")
-        p("| keys + values | bytes/pos | x f16 K+V | " + " | ".join(names) + " |")
-        p("|---|---|---|" + "---|" * len(names))
-        for g in grid_names:
+        p(f"\n### Output error of the three-part method at M = {M} (median / p90 over query rows)\n")
+        p("| keys + values | bytes/pos | x f16 K+V | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
+        for g in grid:
             r0 = next(r for r in results if g in r["grid"])
-            vals = [f"{r['grid'][g]['method'][M]['median']:.4f}" if g in r["grid"] else "-" for r in results]
-            p(f"| {g} | {r0['grid'][g]['bytes_per_position']:.1f} | {r0['grid'][g]['bytes_ratio_to_f16_kv']:.3f} | "
-              + " | ".join(vals) + " |")
+            bys = sorted({f"{r['grid'][g]['bytes_per_position']:.0f}" for r in results if g in r["grid"]}, key=lambda x: -float(x))
+            p(f"| {g} | {' / '.join(bys)} | {r0['grid'][g]['bytes_ratio_to_f16_kv']:.3f} | " + " | ".join(
+                f"{r['grid'][g]['method'][M]['median']:.4f} / {r['grid'][g]['method'][M]['p90']:.3f}" if g in r["grid"] else "-"
+                for r in results) + " |")
 
+    for pair in m_sweep:
+        p(f"\n### {pair}: output error against M (median over query rows)\n")
+        p("Per set: the three-part method (code tail) / the same with the tail dropped / the exact top-M "
+          "with the tail dropped (oracle) / the exact top-M with the code tail.\n")
+        p("| set | " + " | ".join(f"M={m}" for m in M_LIST) + " |\n|---|" + "---|" * len(M_LIST))
+        for r in results:
+            if pair not in r["grid"]:
+                continue
+            g = r["grid"][pair]
+            p(f"| {r['name']} | " + " | ".join(
+                f"{g['method'][str(m)]['median']:.4f} / {g['drop'][str(m)]['median']:.3f} / "
+                f"{g['oracle'][str(m)]['median']:.3f} / {g['oracle_tail'][str(m)]['median']:.4f}" for m in M_LIST) + " |")
+        p(f"\n{pair}, three-part method, per query head (median over decode positions; capture sets):\n")
+        p("| set, head | " + " | ".join(f"M={m}" for m in M_LIST) + " |\n|---|" + "---|" * len(M_LIST))
+        for r in results:
+            if pair not in r["grid"] or "per_head_median" not in r["grid"][pair]["method"]["0"]:
+                continue
+            g = r["grid"][pair]["method"]
+            for h in range(len(g["0"]["per_head_median"])):
+                mass = r["top100_mass"]["per_head_median"][h]
+                p(f"| {r['name']} h{h} (top-100 mass {mass:.2f}) | " + " | ".join(
+                    f"{g[str(m)]['per_head_median'][h]:.4f}" for m in M_LIST) + " |")
 
-def report_m_sweep(results, pair, file=sys.stdout):
-    p = lambda *x: print(*x, file=file)
-    p(f"\n### Error against M for {pair}: three-part (code tail) / tail dropped / exact top-M oracle (tail dropped) / oracle + code tail; median over query rows\n")
-    p("| set | " + " | ".join(f"M={m}" for m in M_LIST) + " |")
-    p("|---|" + "---|" * len(M_LIST))
+    p("\n### Where the error comes from (base pair, three-part method, median): code tail / exact tail scores (value codes only) / exact tail values (key codes only)\n")
+    p("| set | " + " | ".join(f"M={m}" for m in M_LIST) + " |\n|---|" + "---|" * len(M_LIST))
     for r in results:
-        if pair not in r["grid"]:
+        if "exact_tail_scores" not in r.get("split", {}):
             continue
-        g = r["grid"][pair]
-        cells = []
-        for m in M_LIST:
-            m = str(m)
-            cells.append(f"{g['method'][m]['median']:.4f} / {g['drop'][m]['median']:.3f} / "
-                         f"{g['oracle'][m]['median']:.3f} / {g['oracle_tail'][m]['median']:.4f}")
-        p(f"| {r['name']} | " + " | ".join(cells) + " |")
+        base = next((g for g in r["grid"] if g.startswith("K4-g64+V4-tok")), None)
+        es, ev = r["split"]["exact_tail_scores"]["method"], r["split"]["exact_tail_values"]["method"]
+        p(f"| {r['name']} | " + " | ".join(
+            (f"{r['grid'][base]['method'][str(m)]['median']:.4f}" if base else "-") +
+            f" / {es[str(m)]['median']:.4f} / {ev[str(m)]['median']:.4f}" for m in M_LIST) + " |")
+
+    if any("gqa_union" in r for r in results):
+        p("\n### GQA: distinct positions in the union of a group's 4 query heads' top-M (median), as a multiple of M\n")
+        ms = [m for m in M_LIST[1:]]
+        p("| set | " + " | ".join(f"M={m}" for m in ms) + " |\n|---|" + "---|" * len(ms))
+        for r in results:
+            if "gqa_union" in r:
+                p(f"| {r['name']} | " + " | ".join(f"{r['gqa_union'][str(m)]['ratio_to_M']:.2f}" for m in ms) + " |")
 
 
 def main():
@@ -580,16 +615,19 @@ def main():
     ap.add_argument("--pairs", default="", help="more KEY+VALUE pairs, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", action="store_true", help="print the tables at the end")
-    ap.add_argument("--m-sweep", default="K4-g64+V4-tok", help="pair whose error-vs-M table is printed")
+    ap.add_argument("--m-sweep", default="K4-g64+V4-tok", help="pairs whose error-vs-M tables are printed (comma-separated)")
+    ap.add_argument("--only", help="with --report: these sets, in this order (comma-separated names)")
     a = ap.parse_args()
     if a.report is not None:
         res = []
         for f in a.report:
             with open(f) as fh:
                 res += json.load(fh)["sets"]
-        report(res)
-        for pair in a.m_sweep.split(","):
-            report_m_sweep(res, pair)
+        if a.only:
+            keep = a.only.split(",")
+            res = [r for r in res if r["name"] in keep]
+            res.sort(key=lambda r: keep.index(r["name"]))
+        report(res, m_sweep=a.m_sweep.split(","))
         return
     a.key_bits = [int(x) for x in a.key_bits.split(",")]
     a.value_bits = [int(x) for x in a.value_bits.split(",")]
@@ -620,9 +658,7 @@ def main():
             with open(a.out, "w") as f:
                 json.dump({"argv": sys.argv[1:], "numpy": np.__version__, "sets": results}, f, indent=1)
     if a.markdown:
-        report(results)
-        for pair in a.m_sweep.split(","):
-            report_m_sweep(results, pair)
+        report(results, m_sweep=a.m_sweep.split(","))
 
 
 if __name__ == "__main__":
