@@ -562,6 +562,12 @@ def report(results, m_sweep=("K4-g64+V4-tok",), file=sys.stdout):
             p(f"| {r['name']} | " + " | ".join(
                 f"{g['method'][str(m)]['median']:.4f} / {g['drop'][str(m)]['median']:.3f} / "
                 f"{g['oracle'][str(m)]['median']:.3f} / {g['oracle_tail'][str(m)]['median']:.4f}" for m in M_LIST) + " |")
+        p(f"\n{pair}, three-part method: median / p90 over query rows\n")
+        p("| set | " + " | ".join(f"M={m}" for m in M_LIST) + " |\n|---|" + "---|" * len(M_LIST))
+        for r in results:
+            if pair in r["grid"]:
+                g = r["grid"][pair]["method"]
+                p(f"| {r['name']} | " + " | ".join(f"{g[str(m)]['median']:.4f} / {g[str(m)]['p90']:.4f}" for m in M_LIST) + " |")
         p(f"\n{pair}, three-part method, per query head (median over decode positions; capture sets):\n")
         p("| set, head | " + " | ".join(f"M={m}" for m in M_LIST) + " |\n|---|" + "---|" * len(M_LIST))
         for r in results:
