@@ -620,6 +620,8 @@ def main():
     ap.add_argument("--base-value", default="V4-tok", help="value code paired with every key code")
     ap.add_argument("--pairs", default="", help="more KEY+VALUE pairs, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--refresh-mass", action="store_true",
+                    help="only recompute the exact top-100 mass summaries of the sets already in --out")
     ap.add_argument("--markdown", action="store_true", help="print the tables at the end")
     ap.add_argument("--m-sweep", default="K4-g64+V4-tok", help="pairs whose error-vs-M tables are printed (comma-separated)")
     ap.add_argument("--only", help="with --report: these sets, in this order (comma-separated names)")
@@ -650,6 +652,18 @@ def main():
         if s not in a.error_key_schemes:
             a.error_key_schemes.append(s)
     log = lambda *x: print(*x, file=sys.stderr, flush=True)
+    if a.refresh_mass:
+        # recompute only the exact top-100 mass summaries of the sets in --out (same rows as the study)
+        with open(a.out) as f:
+            doc = json.load(f)
+        for r in doc["sets"]:
+            ds = DataSet(r["name"], r["spec"], a.max_rows, a.max_positions)
+            assert len(ds.Q) == r["rows"], (r["name"], len(ds.Q), r["rows"])
+            r["top100_mass"] = summarize_rows(Scorer(ds).mass100, ds.head)
+            log(f"{r['name']}: top-100 mass {r['top100_mass']['median']:.3f} / p10 {r['top100_mass']['p10']:.3f}")
+        with open(a.out, "w") as f:
+            json.dump(doc, f, indent=1)
+        return
     results = []
     if a.out and os.path.exists(a.out):
         with open(a.out) as f:
