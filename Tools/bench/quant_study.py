@@ -516,6 +516,16 @@ def report(results, m_sweep=("K4-g64+V4-tok",), file=sys.stdout):
             x = x[k]
         return fmt.format(x)
 
+    def bytes_cell(path):
+        """bytes per position at the largest N of each d (d 256 / d 128)"""
+        out = []
+        for d in sorted({r["d"] for r in results}, reverse=True):
+            rs = [r for r in results if r["d"] == d and path[1] in r[path[0]]]
+            if rs:
+                r = max(rs, key=lambda r: r["n"])
+                out.append(f"{r[path[0]][path[1]]['bytes_per_position']:.0f}")
+        return " / ".join(out)
+
     p("### Data sets\n")
     p("| set | N | d | query rows | causal | exact top-100 mass: median / p10 | f16 K+V bytes/position |")
     p("|---|---|---|---|---|---|---|")
@@ -529,8 +539,7 @@ def report(results, m_sweep=("K4-g64+V4-tok",), file=sys.stdout):
     p("Bytes per position: codes + their scales (d 256 / d 128).\n")
     p("| key code | bytes/pos | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
     for k in allkeys:
-        b = sorted({f"{r['keys'][k]['bytes_per_position']:.0f}" for r in results if k in r["keys"]}, key=lambda x: -float(x))
-        p(f"| {k} | {' / '.join(b)} | " + " | ".join(
+        p(f"| {k} | {bytes_cell(('keys', k))} | " + " | ".join(
             f"{r['keys'][k]['c_for_99']['median']:.0f} / {r['keys'][k]['c_for_99']['p90']:.0f}" if k in r["keys"] else "-"
             for r in results) + " |")
     for C in ("200", "400"):
@@ -545,8 +554,7 @@ def report(results, m_sweep=("K4-g64+V4-tok",), file=sys.stdout):
         p("| keys + values | bytes/pos | x f16 K+V | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
         for g in grid:
             r0 = next(r for r in results if g in r["grid"])
-            bys = sorted({f"{r['grid'][g]['bytes_per_position']:.0f}" for r in results if g in r["grid"]}, key=lambda x: -float(x))
-            p(f"| {g} | {' / '.join(bys)} | {r0['grid'][g]['bytes_ratio_to_f16_kv']:.3f} | " + " | ".join(
+            p(f"| {g} | {bytes_cell(('grid', g))} | {r0['grid'][g]['bytes_ratio_to_f16_kv']:.3f} | " + " | ".join(
                 f"{r['grid'][g]['method'][M]['median']:.4f} / {r['grid'][g]['method'][M]['p90']:.3f}" if g in r["grid"] else "-"
                 for r in results) + " |")
 

@@ -6,7 +6,7 @@
 # Usage:  bash Tools/bench/quant_study.sh            (results: Tools/bench/out/quant_study.json, .md)
 # Env:    PY (a python with numpy; default python3 if it imports numpy, else Tools/python_env.sh's venv)
 #         SETS (space-separated NAME=SPEC list to run instead of all of them)
-# Takes 1-3 hours on this 2-core machine when it is shared (numpy, one process); run it with `nice`.
+# Took about 70 minutes on this shared 2-core machine (numpy, one process); run it with `nice`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 O=Tools/bench/out
