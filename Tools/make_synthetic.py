@@ -44,6 +44,13 @@ Recipe (why it is hard for key-only ANN, see DESIGN.md sections 1 and 7 and Tool
 * Each query is rescaled so the std over keys of its scaled logits q.k/sqrt(d) equals --sharpness.
   Sharp (default 7.0): exact top-100 holds ~98% of the softmax mass. Soft (e.g. 2.0): diffuse heads.
   Named presets: --sharpness sharp (7.0), medium (4.0), soft (2.0).
+
+Second recipe, --family drift (no topic clusters; unlike the above on purpose; see generate_drift and
+Tools/bench/README.md "The second family"): keys are iid anisotropic content plus a mean that drifts
+with the position (an Ornstein-Uhlenbeck walk) plus massive channels in low-frequency RoPE pairs (a
+slowly turning mean, a sink at position 0), all rotated by RoPE; a query looks for the content of a
+few earlier positions (some recent) through a partly rotated basis, plus its own offset; default
+sharpness 3.0 with a per-query jitter of 0.25, so heads range from sharp to diffuse.
 """
 import argparse
 import json
@@ -54,6 +61,20 @@ import time
 import numpy as np
 
 SHARPNESS_PRESETS = {"sharp": 7.0, "medium": 4.0, "soft": 2.0}
+FAMILIES = ("topics", "drift")
+# Options that only one family reads (left out of the other family's meta.json).
+FAMILY_ONLY = {
+    "topics": ("rank", "topics", "segment", "rel_between", "rel_within", "irr_between", "irr_within",
+               "key_offset", "outlier_jitter", "irr_scale_sigma", "query_reads_outliers"),
+    "drift": ("drift_tokens", "drift_dims", "spectrum_decay", "massive_scale", "massive_jitter", "rope_base",
+              "query_rotation", "targets", "recent_targets", "recent_span", "query_noise", "query_reads_massive",
+              "sink"),
+}
+# Options whose default depends on the family (argparse default None, filled in parse_args).
+FAMILY_DEFAULTS = {
+    "topics": {"drift": 1.0, "query_offset": 20.0, "sharpness": "sharp", "sharpness_jitter": 0.0},
+    "drift": {"drift": 0.4, "query_offset": 1.0, "sharpness": 3.0, "sharpness_jitter": 0.25},
+}
 
 
 def parse_args(argv=None):
@@ -67,11 +88,16 @@ def parse_args(argv=None):
     p.add_argument("--prefill", type=int, default=4096, help="prefill queries (default 4096)")
     p.add_argument("--key-queries", type=int, default=1000, help="held-out keys used as queries (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sharpness", default="sharp",
+    p.add_argument("--family", choices=FAMILIES, default="topics",
+                   help="data family: 'topics' (default; topic clusters along the sequence, the recipe above) "
+                        "or 'drift' (no clusters: positional drift, RoPE, massive channels, partly rotated "
+                        "queries; see the second recipe above)")
+    p.add_argument("--sharpness", default=None,
                    help="std of the scaled logits q.k/sqrt(d) per query, or a preset: "
-                        + ", ".join(f"{k}={v}" for k, v in SHARPNESS_PRESETS.items()) + " (default sharp)")
-    p.add_argument("--sharpness-jitter", type=float, default=0.0,
-                   help="log-normal sigma of a per-query sharpness factor (default 0: all queries equal)")
+                        + ", ".join(f"{k}={v}" for k, v in SHARPNESS_PRESETS.items()) + " (default sharp; with --family drift 3.0)")
+    p.add_argument("--sharpness-jitter", type=float, default=None,
+                   help="log-normal sigma of a per-query sharpness factor (default 0: all queries equal; "
+                        "with --family drift 0.25)")
     p.add_argument("--rank", type=int, default=16, help="rank r of the shared latent (default 16)")
     p.add_argument("--topics", type=int, default=512, help="number of topics / key clusters (default 512)")
     p.add_argument("--segment", type=float, default=128.0, help="mean segment length in tokens (default 128)")
@@ -81,20 +107,55 @@ def parse_args(argv=None):
                         "more clusters and makes IVF scan more")
     p.add_argument("--irr-between", type=float, default=3.0, help="std of topic means in the other dims (3.0)")
     p.add_argument("--irr-within", type=float, default=1.0, help="std within a topic in the other dims (1.0)")
-    p.add_argument("--outlier-channels", type=int, default=4, help="high-magnitude key channels (default 4)")
+    p.add_argument("--outlier-channels", type=int, default=4,
+                   help="high-magnitude key channels (default 4; with --family drift: the massive channels)")
     p.add_argument("--key-offset", type=float, default=200.0,
                    help="norm of the common key offset carried by the outlier channels (default 200, "
                         "in units where the rest of a key has norm ~40); larger makes key-only HNSW worse")
     p.add_argument("--outlier-jitter", type=float, default=0.05,
                    help="relative per-token jitter of the outlier channel magnitudes (default 0.05)")
-    p.add_argument("--query-offset", type=float, default=20.0,
-                   help="norm of the common query offset, orthogonal to the key offset (default 20)")
+    p.add_argument("--query-offset", type=float, default=None,
+                   help="norm of the common query offset, orthogonal to the key offset (default 20); with "
+                        "--family drift: its norm relative to a key's content norm sqrt(d) (default 1.0)")
     p.add_argument("--irr-scale-sigma", type=float, default=0.0,
                    help="log-normal sigma of a per-key scale on the non-latent part (default 0)")
     p.add_argument("--query-reads-outliers", type=float, default=1.0,
                    help="factor on the query components in the outlier channels (default 1; 0 = queries "
                         "ignore the outlier channels)")
-    p.add_argument("--drift", type=float, default=1.0, help="positional drift amplitude (default 1.0)")
+    p.add_argument("--drift", type=float, default=None,
+                   help="positional drift amplitude (default 1.0); with --family drift: RMS norm of the "
+                        "drifting key mean relative to the content norm sqrt(d) (default 0.4)")
+    g2 = p.add_argument_group("family drift (only with --family drift)")
+    g2.add_argument("--drift-tokens", type=float, default=4096.0,
+                    help="correlation length in tokens of the drifting key and value means (an "
+                         "Ornstein-Uhlenbeck walk in --drift-dims directions; default 4096)")
+    g2.add_argument("--drift-dims", type=int, default=8, help="directions the key mean walks in (default 8)")
+    g2.add_argument("--spectrum-decay", type=float, default=1.0,
+                    help="content variance of principal direction j ~ (1 + j/8)^-decay (default 1.0)")
+    g2.add_argument("--massive-scale", type=float, default=12.0,
+                    help="magnitude of each massive channel before RoPE, in units of the content RMS per "
+                         "channel (default 12)")
+    g2.add_argument("--massive-jitter", type=float, default=0.05,
+                    help="relative per-token jitter of the massive channels (default 0.05)")
+    g2.add_argument("--rope-base", type=float, default=500000.0,
+                    help="RoPE base (rotate-half pairs i, i+d/2); keys rotate by their position, queries by "
+                         "theirs; the massive channels sit in low-frequency pairs (default 500000)")
+    g2.add_argument("--query-rotation", type=float, default=50.0,
+                    help="angle in degrees of the partial rotation between the key basis and the basis "
+                         "queries read it in (every principal angle equal; 0 = same basis, 90 = a query's "
+                         "own target is orthogonal; default 50)")
+    g2.add_argument("--targets", type=int, default=4,
+                    help="earlier positions whose content a query looks for (default 4)")
+    g2.add_argument("--recent-targets", type=float, default=0.25,
+                    help="probability that a target is one of the last --recent-span positions (default 0.25)")
+    g2.add_argument("--recent-span", type=int, default=1024, help="see --recent-targets (default 1024)")
+    g2.add_argument("--query-noise", type=float, default=1.0,
+                    help="std of the query's own content noise relative to its target signal (default 1.0)")
+    g2.add_argument("--query-reads-massive", type=float, default=0.15,
+                    help="norm of a query's component on the massive channels relative to its content "
+                         "norm (default 0.15: a soft recency/sink preference)")
+    g2.add_argument("--sink", type=float, default=4.0,
+                    help="factor on the massive channels of position 0 (an attention sink; default 4)")
     p.add_argument("--f16", action="store_true", help="also write float16 copies (*_f16.npy)")
     p.add_argument("--stats-queries", type=int, default=200,
                    help="decode queries used for the measured statistics (default 200)")
@@ -106,6 +167,10 @@ def parse_args(argv=None):
                         "for decode queries and held-out keys (needs hnswlib; ~20 s at 131072 x 128)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    fam_defaults = FAMILY_DEFAULTS[a.family]
+    for k, v in fam_defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if isinstance(a.sharpness, str) and a.sharpness in SHARPNESS_PRESETS:
         a.sharpness = SHARPNESS_PRESETS[a.sharpness]
     else:
@@ -117,6 +182,13 @@ def parse_args(argv=None):
         p.error("--rank must be smaller than --d")
     if a.outlier_channels >= a.d:
         p.error("--outlier-channels must be smaller than --d")
+    if a.family == "drift":
+        if a.d % 2:
+            p.error("--family drift needs an even --d (RoPE pairs)")
+        if a.outlier_channels > a.d // 8:
+            p.error("--family drift: --outlier-channels must be at most d/8 (they sit in the low-frequency RoPE pairs)")
+        if a.targets < 1 or a.drift_dims < 1 or a.drift_dims > a.d or a.drift_tokens <= 0:
+            p.error("--targets, --drift-dims must be positive (drift-dims <= d), --drift-tokens > 0")
     return a
 
 
@@ -225,6 +297,180 @@ def generate(a):
     return out, facts
 
 
+def _ou_walk(rng, n, dims, tau):
+    """Ornstein-Uhlenbeck walk, n steps x dims, unit stationary std, correlation exp(-|dt|/tau)."""
+    rho = float(np.exp(-1.0 / tau))
+    eps = rng.standard_normal((n, dims)) * np.sqrt(1.0 - rho * rho)
+    x = np.empty((n, dims))
+    prev = rng.standard_normal(dims)
+    # The recursion in blocks: x[t] = rho^(t-s) x[s] + sum rho^(t-u) eps[u]; a python loop over
+    # blocks of 1024 with a vectorised in-block solve keeps it fast and exact.
+    blk = 1024
+    powers = rho ** np.arange(blk + 1)
+    tt = np.arange(blk)
+    wfull = np.tril(powers[np.abs(tt[:, None] - tt[None, :])])  # wfull[t, u] = rho^(t-u), u <= t
+    for s in range(0, n, blk):
+        e = eps[s:s + blk]
+        m = len(e)
+        x[s:s + m] = wfull[:m, :m] @ e + powers[1:m + 1, None] * prev[None, :]
+        prev = x[s + m - 1]
+    return x
+
+
+def rope(X, positions, base):
+    """Rotate-half RoPE (dimension i pairs with i + d/2, angle pos * base^(-2i/d)), float64 angles."""
+    d = X.shape[1]
+    h = d // 2
+    inv = base ** (-2.0 * np.arange(h) / d)
+    ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None, :]
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = X[:, :h], X[:, h:]
+    return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=1)
+
+
+def generate_drift(a):
+    """Family 'drift': no topic clusters. Returns dict of float32 arrays and a dict of facts.
+
+    Per position i (0-based, pre-RoPE, content RMS 1 per channel):
+        k_i = RoPE_i( c_i + w(i) + m_i )
+    c_i   iid anisotropic Gaussian content (random principal basis U, variances (1 + j/8)^-decay),
+          scaled per token by a log-normal factor (sigma 0.07): no clusters, no topics;
+    w(i)  a drifting mean: an Ornstein-Uhlenbeck walk (correlation length --drift-tokens) in
+          --drift-dims random directions, RMS norm --drift * sqrt(d);
+    m_i   massive channels: --outlier-channels channels in low-frequency RoPE pairs with magnitude
+          --massive-scale (5 % jitter); RoPE turns them slowly with the position (a rotating mean);
+          position 0 carries --sink times more (an attention sink).
+    A query at position p for target positions j_1..j_T:
+        q = RoPE_p( Rq (sum_t c_{j_t} / sqrt(T) + noise) + m_q + r * m )
+    Rq    a partial rotation (every principal angle --query-rotation degrees) of the key basis;
+    m_q   the query's own offset (random direction, norm --query-offset * sqrt(d));
+    r m   a small component on the massive channels (--query-reads-massive): a soft preference
+          for the sink and, through the slow RoPE turn, for nearby positions.
+    Values: iid anisotropic content + their own drifting mean (half the keys' drift), per-token scale.
+    Decode queries sit at positions ntot..ntot+Q-1 (right after the keys), targets uniform over the
+    sequence; prefill queries at uniform positions p with targets uniform in [0, p]; each target is
+    instead one of the --recent-span positions before the query with probability --recent-targets.
+    Each query is rescaled to --sharpness like family 'topics'.
+    """
+    rng = np.random.default_rng([a.seed, 20241])  # a stream of its own: never equal to family topics
+    d = a.d
+    h = d // 2
+    ntot = a.n + a.key_queries
+    pos = np.arange(ntot)
+
+    U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    var = (1.0 + np.arange(d) / 8.0) ** (-a.spectrum_decay)
+    var *= d / var.sum()                                     # E|c|^2 = d: RMS 1 per channel
+    L = (U * np.sqrt(var)[None, :]).astype(np.float32)       # c = L g
+    C = rng.standard_normal((ntot, d), dtype=np.float32) @ L.T
+    C *= np.exp(0.07 * rng.standard_normal((ntot, 1))).astype(np.float32)
+
+    # Drifting mean: OU walk in drift_dims random directions.
+    Bw, _ = np.linalg.qr(rng.standard_normal((d, a.drift_dims)))
+    walk = _ou_walk(rng, ntot, a.drift_dims, a.drift_tokens)
+    W = (walk @ Bw.T) * (a.drift * np.sqrt(d) / np.sqrt(a.drift_dims))
+
+    # Massive channels: spread over the lowest-frequency quarter of the RoPE pairs (d 128, base 5e5:
+    # turn periods from ~118K tokens to ~2.5M: nearly constant over 32K, one turns once over 128K).
+    nm = a.outlier_channels
+    pairs = np.arange(h - h // 4, h)
+    if nm:
+        pick = np.unique(np.linspace(0, len(pairs) - 1, num=nm).round().astype(int))
+        mpairs = pairs[pick]
+        while len(mpairs) < nm:  # (only if nm exceeds the distinct picks)
+            mpairs = np.unique(np.concatenate([mpairs, rng.choice(pairs, nm - len(mpairs))]))
+        member = rng.integers(0, 2, size=nm)                 # first or second member of the pair
+        ch = np.sort(mpairs + member * h)
+    else:
+        ch = np.zeros(0, dtype=np.int64)
+    signs = rng.choice([-1.0, 1.0], size=nm)
+    mvec = np.zeros(d)
+    mvec[ch] = signs * a.massive_scale
+    M = np.zeros((ntot, d), dtype=np.float32)
+    if nm:
+        jit = 1.0 + a.massive_jitter * rng.standard_normal((ntot, nm))
+        M[:, ch] = (mvec[ch][None, :] * jit).astype(np.float32)
+        M[0, ch] *= a.sink
+
+    K = rope((C + W + M).astype(np.float64), pos, a.rope_base).astype(np.float32)
+
+    # Values: own content, own drift (half the keys' amplitude), per-token scale.
+    Uv, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    varv = (1.0 + np.arange(d) / 16.0) ** (-0.5)
+    varv *= d / varv.sum()
+    Lv = (Uv * np.sqrt(varv)[None, :]).astype(np.float32)
+    Bv, _ = np.linalg.qr(rng.standard_normal((d, a.drift_dims)))
+    wv = _ou_walk(rng, ntot, a.drift_dims, a.drift_tokens) @ Bv.T * (0.5 * a.drift * np.sqrt(d) / np.sqrt(a.drift_dims))
+    V = (rng.standard_normal((ntot, d), dtype=np.float32) @ Lv.T + wv.astype(np.float32))
+    V *= np.exp(0.1 * rng.standard_normal((ntot, 1))).astype(np.float32)
+
+    perm = rng.permutation(ntot)
+    hold = np.sort(perm[: a.key_queries])
+    keep = np.sort(perm[a.key_queries:])
+
+    # Partial rotation: random pairing of dimensions (in a random basis), each pair turned by alpha.
+    P, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    al = np.deg2rad(a.query_rotation)
+    G = np.eye(d)
+    for i in range(0, d - 1, 2):
+        G[i, i] = G[i + 1, i + 1] = np.cos(al)
+        G[i, i + 1], G[i + 1, i] = -np.sin(al), np.sin(al)
+    Rq = P @ G @ P.T
+    mq = rng.standard_normal(d)
+    mq *= a.query_offset * np.sqrt(d) / np.linalg.norm(mq)
+    mhat = mvec / (np.linalg.norm(mvec) or 1.0)
+
+    def make_queries(qpos, tmax):
+        nq = len(qpos)
+        tmax = np.asarray(tmax)[:, None]
+        tg = (rng.random((nq, a.targets)) * (tmax + 1)).astype(np.int64)
+        # some targets are recent: uniform over the last --recent-span positions before the query
+        recent = rng.random((nq, a.targets)) < a.recent_targets
+        back = (rng.random((nq, a.targets)) * a.recent_span).astype(np.int64)
+        tg = np.where(recent, np.maximum(tmax - back, 0), tg)
+        sig = C[tg].sum(axis=1).astype(np.float64) / np.sqrt(a.targets)
+        noise = (rng.standard_normal((nq, d)) @ L.T.astype(np.float64)) * a.query_noise
+        content = (sig + noise) @ Rq.T
+        cn = np.linalg.norm(content, axis=1, keepdims=True)
+        q = content + mq[None, :] + a.query_reads_massive * cn * mhat[None, :]
+        return rope(q, qpos, a.rope_base), tg
+
+    pp = rng.integers(1, ntot, size=a.prefill)
+    Qp, _ = make_queries(pp, pp)
+    dpos = ntot + np.arange(a.queries)
+    Qd, dtg = make_queries(dpos, np.full(a.queries, ntot - 1))
+
+    Kf = np.ascontiguousarray(K[keep])
+    samp = Kf[np.linspace(0, len(Kf) - 1, num=min(len(Kf), 8192)).astype(np.int64)].astype(np.float64)
+
+    def calibrate(Q):
+        if len(Q) == 0:
+            return Q.astype(np.float32)
+        sd = (Q @ samp.T).std(axis=1) / np.sqrt(d)
+        target = np.full(len(Q), a.sharpness)
+        if a.sharpness_jitter > 0:
+            target = target * np.exp(a.sharpness_jitter * rng.standard_normal(len(Q)))
+        return (Q * (target / sd)[:, None]).astype(np.float32)
+
+    out = {
+        "keys": Kf,
+        "values": np.ascontiguousarray(V[keep]),
+        "prefill_queries": calibrate(Qp),
+        "queries": calibrate(Qd),
+        "key_queries": np.ascontiguousarray(K[hold]),
+    }
+    facts = {
+        "family": "drift",
+        "massive_channels": ch.tolist(),
+        "massive_rope_periods_tokens": [float(2 * np.pi / a.rope_base ** (-2.0 * (c % h) / d)) for c in ch],
+        "decode_query_positions": [int(dpos[0]), int(dpos[-1])] if len(dpos) else [],
+        "decode_targets_first3": dtg[:3].tolist(),
+        "heldout_positions_first10": hold[:10].tolist(),
+        "key_positions": "keys.npy row i is sequence position keep[i]; held-out positions removed",
+    }
+    return out, facts
+
+
 def topk_rows(Q, K, k, block=256, with_mass=True):
     """Exact top-k indices (sorted by score, descending) and the softmax mass they hold, numpy only."""
     d = K.shape[1]
@@ -311,7 +557,7 @@ def main(argv=None):
     a = parse_args(argv)
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t0 = time.time()
-    arrays, facts = generate(a)
+    arrays, facts = (generate_drift if a.family == "drift" else generate)(a)
     t_gen = time.time() - t0
     os.makedirs(a.out, exist_ok=True)
     for name, arr in arrays.items():
@@ -388,7 +634,8 @@ def main(argv=None):
     meta = {
         "generator": "Tools/make_synthetic.py",
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "params": {k: v for k, v in vars(a).items() if k not in ("out", "quiet")},
+        "params": {k: v for k, v in vars(a).items()
+                   if k not in ("out", "quiet") and k not in FAMILY_ONLY[[f for f in FAMILIES if f != a.family][0]]},
         "numpy_version": np.__version__,
         "files": {name: {"shape": list(arr.shape), "dtype": "float32"} for name, arr in arrays.items()},
         "facts": facts,
