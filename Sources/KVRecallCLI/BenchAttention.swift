@@ -12,6 +12,7 @@ struct BenchAttention: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "attention",
         abstract: "Decode-step attention per method against the memory floor and exact attention, one head.",
+        usage: "kvrecall bench attention --store <dir> --queries <file> [<options>]",
         discussion: """
         Every query group is attended by each method (timed, best of
         --passes after a warm-up) and the floor is timed the same way: a

@@ -23,6 +23,7 @@ struct CodeFormatOptions: ParsableArguments {
 struct Codes: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Code a head's keys and values for the quantized tier (the quantized method reads them).",
+        usage: "kvrecall codes --store <dir> [<options>]",
         discussion: """
         Every complete group of positions gets low-bit codes of its keys (per
         channel within the group) and values (per position, in runs of
