@@ -78,18 +78,27 @@ FAST static inline float hsum1(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Rows read ahead: the rows of a head are contiguous within a block but a pass over them is too
+ * slow for the hardware prefetcher to hide memory latency behind the arithmetic alone. */
+#define PF 8
+static inline void prefetch_row(const void *p, size_t bytes) {
+    const char *c = (const char *)p;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 0);
+}
+
 /* Scores of four query heads against two rows at a time (8 accumulators in registers), then one
  * head against single rows for what is left. d need not be a multiple of 8 (scalar tail). */
 #define DEFINE_GROUP_SCORES(NAME, LOAD)                                                                      \
 FAST static void NAME(const float *q, size_t g, size_t d, const void *const *rows, size_t n, int dtype,      \
                       float scale, float *out, size_t stride) {                                              \
-    const size_t d8 = d & ~(size_t)7;                                                                        \
+    const size_t d8 = d & ~(size_t)7, rb = d * (dtype == KVR_DTYPE_F32 ? 4 : 2);                             \
     size_t h = 0;                                                                                            \
     for (; h + 4 <= g; h += 4) {                                                                             \
         const float *q0 = q + h * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;                               \
         size_t i = 0;                                                                                        \
         for (; i + 2 <= n; i += 2) {                                                                         \
             const void *r0 = rows[i], *r1 = rows[i + 1];                                                     \
+            if (i + PF + 1 < n) { prefetch_row(rows[i + PF], rb); prefetch_row(rows[i + PF + 1], rb); }      \
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;                               \
             __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;                                               \
             for (size_t j = 0; j < d8; j += 8) {                                                             \
@@ -161,9 +170,10 @@ DEFINE_GROUP_SCORES(group_scores_bf16, load8_bf16)
 #define DEFINE_GROUP_ACCUMULATE(NAME, LOAD)                                                                  \
 FAST static void NAME(const float *w, size_t g, size_t stride, const void *const *rows, size_t n, size_t dv, \
                       int dtype, float *out) {                                                               \
-    const size_t d16 = dv & ~(size_t)15;                                                                     \
+    const size_t d16 = dv & ~(size_t)15, rb = dv * (dtype == KVR_DTYPE_F32 ? 4 : 2);                         \
     for (size_t start = 0; start < n; start += 32) {                                                         \
         const size_t end = start + 32 < n ? start + 32 : n;                                                  \
+        for (size_t i = end; i < end + 32 && i < n; i++) prefetch_row(rows[i], rb);  /* the next run */       \
         size_t h = 0;                                                                                        \
         for (; h + 4 <= g; h += 4) {                                                                         \
             const float *w0 = w + h * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;      \

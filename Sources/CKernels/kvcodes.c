@@ -1,9 +1,11 @@
 /* The quantized tier's scans (Storage/CodeFormat.swift describes the group rows they read).
  *
- * Key scores: per group, each query head's q ⊙ step is quantized to int8 with one scale, so a
+ * Key scores: per group, each query head's q * step is quantized to int8 with one scale, so a
  * position's score is base + scale * (integer dot product of the int8 query with the codes), exact
- * in int32: 32 channels per vpmaddubsw. Values: the weighted sum of the decoded value codes of a
- * group's positions for every head, each code row read once for the group. */
+ * in int32: 32 channels per vpmaddubsw, two positions and four heads at a time.
+ * Values: per group and head, the tail weights are quantized to int8 with one scale, and each
+ * channel's group of codes (channel-major) meets them in vpmaddubsw: 64 positions per channel in
+ * two instructions, eight channels reduced together. */
 #include "kvkernels.h"
 #include <math.h>
 #include <string.h>
@@ -16,25 +18,30 @@
 #define KVR_X86 0
 #endif
 
-static inline unsigned code_at(const uint8_t *row, size_t c, int bits) {
+/* Mins, steps or means [0, n) of a group row as f32. */
+static void read_steps(const uint8_t *base, size_t n, int wide, float *out) {
+    if (wide) { memcpy(out, base, n * sizeof(float)); return; }
+    kvr_f16_to_f32((const uint16_t *)base, out, n);
+}
+
+static inline unsigned key_code(const uint8_t *row, size_t c, size_t bits) {
     if (bits == 8) return row[c];
     uint8_t b = row[(c / 32) * 16 + (c % 16)];
     return (c % 32) < 16 ? (b & 0x0F) : (b >> 4);
 }
 
-/* Mins or steps [first, first + n) of a group row as f32. */
-static void read_steps(const uint8_t *base, size_t first, size_t n, int wide, float *out) {
-    if (wide) { memcpy(out, (const float *)base + first, n * sizeof(float)); return; }
-    kvr_f16_to_f32((const uint16_t *)base + first, out, n);
+static inline unsigned value_code(const uint8_t *channel, size_t i, size_t group, size_t bits) {
+    if (bits == 8) return channel[i];
+    return i < group / 2 ? (channel[i] & 0x0F) : (channel[i - group / 2] >> 4);
 }
 
 /* Per head: the int8 query for one group's key steps (padded channels 0), its scale and base.
- * scratch: 2 * padded floats. */
-static void prepare_group_portable(const float *q, size_t g, size_t d, const kvr_code_layout *L, const uint8_t *row,
-                                   int8_t *q8, float *scales, float *bases, float *scratch) {
+ * scratch: 3 * padded floats. */
+static void prepare_portable(const float *q, size_t g, size_t d, const kvr_code_layout *L, const uint8_t *row,
+                             int8_t *q8, float *scales, float *bases, float *scratch) {
     float *kmin = scratch, *kstep = scratch + L->padded;
-    read_steps(row + L->key_min, 0, d, (int)L->wide_steps, kmin);
-    read_steps(row + L->key_step, 0, d, (int)L->wide_steps, kstep);
+    read_steps(row + L->key_min, d, (int)L->wide_steps, kmin);
+    read_steps(row + L->key_step, d, (int)L->wide_steps, kstep);
     const float limit = L->key_bits == 8 ? 63.0f : 127.0f; /* u8 x s8 pairs must not saturate int16 */
     for (size_t h = 0; h < g; h++) {
         const float *qh = q + h * d;
@@ -44,23 +51,42 @@ static void prepare_group_portable(const float *q, size_t g, size_t d, const kvr
             float v = fabsf(qh[j] * kstep[j]);
             top = v > top ? v : top;
         }
-        float scale = top > 0 ? top / limit : 0, inv = top > 0 ? limit / top : 0;
+        float inv = top > 0 ? limit / top : 0;
         int8_t *out = q8 + h * L->padded;
         for (size_t j = 0; j < d; j++) out[j] = (int8_t)lrintf(qh[j] * kstep[j] * inv);
         for (size_t j = d; j < L->padded; j++) out[j] = 0;
-        scales[h] = scale;
+        scales[h] = top > 0 ? top / limit : 0;
         bases[h] = base;
     }
 }
 
-static void group_dots_portable(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes,
-                                size_t positions, int32_t *dots) {
-    for (size_t i = 0; i < positions; i++) {
+static void key_dots_portable(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
+    for (size_t i = 0; i < L->group; i++) {
         const uint8_t *c = codes + i * L->key_code_bytes;
         for (size_t h = 0; h < g; h++) {
             int32_t s = 0;
-            for (size_t j = 0; j < L->padded; j++) s += (int32_t)q8[h * L->padded + j] * (int32_t)code_at(c, j, (int)L->key_bits);
-            dots[h * positions + i] = s;
+            for (size_t j = 0; j < L->padded; j++) s += (int32_t)q8[h * L->padded + j] * (int32_t)key_code(c, j, L->key_bits);
+            dots[h * L->group + i] = s;
+        }
+    }
+}
+
+/* Value pass of one group for g heads: w holds the group's weights, w[h * stride + i]. */
+static void group_values_portable(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                  size_t dv, float *out, float *scratch) {
+    float *vmin = scratch, *vstep = scratch + L->padded;
+    read_steps(row + L->value_min, dv, (int)L->wide_steps, vmin);
+    read_steps(row + L->value_step, dv, (int)L->wide_steps, vstep);
+    for (size_t h = 0; h < g; h++) {
+        const float *wh = w + h * stride;
+        float total = 0;
+        for (size_t i = 0; i < L->group; i++) total += wh[i];
+        if (total == 0) continue;
+        for (size_t c = 0; c < dv; c++) {
+            const uint8_t *channel = row + L->value_codes + c * L->value_code_bytes;
+            float s = 0;
+            for (size_t i = 0; i < L->group; i++) s += wh[i] * (float)value_code(channel, i, L->group, L->value_bits);
+            out[h * L->padded + c] += vmin[c] * total + vstep[c] * s;
         }
     }
 }
@@ -80,17 +106,27 @@ FAST static inline float hmax_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* prepare_group_portable, eight channels at a time (d a multiple of 8). */
-FAST static void prepare_group_fast(const float *q, size_t g, size_t d, const kvr_code_layout *L, const uint8_t *row,
-                                    int8_t *q8, float *scales, float *bases, float *scratch) {
-    float *kmin = scratch, *kstep = scratch + L->padded;
-    read_steps(row + L->key_min, 0, d, (int)L->wide_steps, kmin);
-    read_steps(row + L->key_step, 0, d, (int)L->wide_steps, kstep);
+/* Eight int32 vectors reduced to one: lane j holds the sum of vector j's lanes. */
+FAST static inline __m256i reduce8(__m256i a0, __m256i a1, __m256i a2, __m256i a3,
+                                   __m256i a4, __m256i a5, __m256i a6, __m256i a7) {
+    __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    __m256i b2 = _mm256_hadd_epi32(a4, a5), b3 = _mm256_hadd_epi32(a6, a7);
+    __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);
+    /* c0 lanes: [a0 a1 a2 a3 | a0 a1 a2 a3] halves; c1 likewise for a4..a7. */
+    __m256i lo = _mm256_permute2x128_si256(c0, c1, 0x20), hi = _mm256_permute2x128_si256(c0, c1, 0x31);
+    return _mm256_add_epi32(lo, hi);
+}
+
+/* prepare_portable, eight channels at a time (d a multiple of 8). */
+FAST static void prepare_fast(const float *q, size_t g, size_t d, const kvr_code_layout *L, const uint8_t *row,
+                              int8_t *q8, float *scales, float *bases, float *scratch) {
+    float *kmin = scratch, *kstep = scratch + L->padded, *qs = scratch + 2 * L->padded;
+    read_steps(row + L->key_min, d, (int)L->wide_steps, kmin);
+    read_steps(row + L->key_step, d, (int)L->wide_steps, kstep);
     const float limit = L->key_bits == 8 ? 63.0f : 127.0f;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (size_t h = 0; h < g; h++) {
         const float *qh = q + h * d;
-        float *qs = scratch + 2 * L->padded;  /* q * step, reused for the rounding pass */
         __m256 b = _mm256_setzero_ps(), top = _mm256_setzero_ps();
         for (size_t j = 0; j < d; j += 8) {
             __m256 x = _mm256_loadu_ps(qh + j);
@@ -100,7 +136,6 @@ FAST static void prepare_group_fast(const float *q, size_t g, size_t d, const kv
             top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
         }
         float t = hmax_ps(top);
-        float scale = t > 0 ? t / limit : 0;
         __m256 inv = _mm256_set1_ps(t > 0 ? limit / t : 0);
         int8_t *out = q8 + h * L->padded;
         for (size_t j = 0; j < d; j += 8) {
@@ -109,53 +144,85 @@ FAST static void prepare_group_fast(const float *q, size_t g, size_t d, const kv
             _mm_storel_epi64((__m128i *)(out + j), _mm_packs_epi16(w, w));
         }
         for (size_t j = d; j < L->padded; j++) out[j] = 0;
-        scales[h] = scale;
+        scales[h] = t > 0 ? t / limit : 0;
         bases[h] = hsum_ps(b);
     }
 }
 
-/* 4-bit codes: a 16-byte load holds 32 channels (byte j: channel j low, j + 16 high); both halves
- * go into one 256-bit register in channel order and meet the int8 query in vpmaddubsw. The int16
- * sums stay below 15 * 127 * 2 * 8 per 8 runs, so they widen to int32 every 8 runs. */
-FAST static void group_dots_u4(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes,
-                               size_t positions, int32_t *dots) {
-    const size_t runs = L->padded / 32;
+/* The maximum of x[0, 8 * (n / 8)) into *m; returns how many were read. */
+FAST static size_t max_fast(const float *x, size_t n, float *m) {
+    __m256 a = _mm256_set1_ps(-INFINITY), b = a;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) { a = _mm256_max_ps(a, _mm256_loadu_ps(x + i)); b = _mm256_max_ps(b, _mm256_loadu_ps(x + i + 8)); }
+    for (; i + 8 <= n; i += 8) a = _mm256_max_ps(a, _mm256_loadu_ps(x + i));
+    *m = hmax_ps(_mm256_max_ps(a, b));
+    return i;
+}
+
+/* The sum of x[0, 8 * (n / 8)) into *s; returns how many were read. */
+FAST static size_t sum_fast(const float *x, size_t n, float *s) {
+    __m256 a = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+    *s = hsum_ps(a);
+    return i;
+}
+
+/* o[i] = a * dots[i] + b, eight at a time; returns how many were written. */
+FAST static size_t scale_dots(const int32_t *dots, size_t n, float a, float b, float *o) {
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(va, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(dots + i))), vb));
+    return i;
+}
+
+/* One 32-channel run of 4-bit key codes as 32 bytes in channel order. */
+FAST static inline __m256i key_run_u4(const uint8_t *c, __m256i nibble) {
+    __m128i b = _mm_loadu_si128((const __m128i *)c);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), nibble);
+}
+
+/* 4-bit keys with at most 256 channels (8 runs: the int16 sums stay below 15 * 127 * 2 * 8):
+ * two positions and four heads (q8 padded to a multiple of 4 heads with zeros) at a time, the
+ * int8 query runs loaded once for both positions, eight dot products reduced together. */
+FAST static void key_dots_u4(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
+    const size_t runs = L->padded / 32, P = L->padded, G = L->group;
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (size_t i = 0; i < positions; i++) {
-        const uint8_t *c = codes + i * L->key_code_bytes;
-        for (size_t h0 = 0; h0 < g; h0 += 4) {
-            const size_t hn = g - h0 < 4 ? g - h0 : 4;
-            __m256i wide[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (size_t r0 = 0; r0 < runs; r0 += 8) {
-                const size_t r1 = r0 + 8 < runs ? r0 + 8 : runs;
-                __m256i narrow[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (size_t r = r0; r < r1; r++) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(c + r * 16));
-                    __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-                    __m256i x = _mm256_and_si256(both, nibble);
-                    for (size_t t = 0; t < hn; t++) {
-                        __m256i w = _mm256_loadu_si256((const __m256i *)(q8 + (h0 + t) * L->padded + r * 32));
-                        narrow[t] = _mm256_add_epi16(narrow[t], _mm256_maddubs_epi16(x, w));
-                    }
-                }
-                for (size_t t = 0; t < hn; t++) wide[t] = _mm256_add_epi32(wide[t], _mm256_madd_epi16(narrow[t], ones));
+    for (size_t h0 = 0; h0 < g; h0 += 4) {
+        const int8_t *q0 = q8 + h0 * P, *q1 = q0 + P, *q2 = q1 + P, *q3 = q2 + P;
+        for (size_t i = 0; i < G; i += 2) {
+            const uint8_t *c0 = codes + i * L->key_code_bytes, *c1 = c0 + L->key_code_bytes;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (size_t r = 0; r < runs; r++) {
+                __m256i x0 = key_run_u4(c0 + r * 16, nibble), x1 = key_run_u4(c1 + r * 16, nibble), w;
+                w = _mm256_loadu_si256((const __m256i *)(q0 + r * 32));
+                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(x0, w)); b0 = _mm256_add_epi16(b0, _mm256_maddubs_epi16(x1, w));
+                w = _mm256_loadu_si256((const __m256i *)(q1 + r * 32));
+                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(x0, w)); b1 = _mm256_add_epi16(b1, _mm256_maddubs_epi16(x1, w));
+                w = _mm256_loadu_si256((const __m256i *)(q2 + r * 32));
+                a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(x0, w)); b2 = _mm256_add_epi16(b2, _mm256_maddubs_epi16(x1, w));
+                w = _mm256_loadu_si256((const __m256i *)(q3 + r * 32));
+                a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(x0, w)); b3 = _mm256_add_epi16(b3, _mm256_maddubs_epi16(x1, w));
             }
-            for (size_t t = 0; t < hn; t++) {
-                __m128i s = _mm_add_epi32(_mm256_castsi256_si128(wide[t]), _mm256_extracti128_si256(wide[t], 1));
-                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-                dots[(h0 + t) * positions + i] = _mm_cvtsi128_si32(s);
+            __m256i s = reduce8(_mm256_madd_epi16(a0, ones), _mm256_madd_epi16(a1, ones), _mm256_madd_epi16(a2, ones),
+                                _mm256_madd_epi16(a3, ones), _mm256_madd_epi16(b0, ones), _mm256_madd_epi16(b1, ones),
+                                _mm256_madd_epi16(b2, ones), _mm256_madd_epi16(b3, ones));
+            int32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, s);
+            for (size_t t = 0; t < 4 && h0 + t < g; t++) {
+                dots[(h0 + t) * G + i] = lanes[t];
+                dots[(h0 + t) * G + i + 1] = lanes[4 + t];
             }
         }
     }
 }
 
-/* 8-bit codes: 32 channels per load; the query is limited to +-63 so a pair never saturates. */
-FAST static void group_dots_u8(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes,
-                               size_t positions, int32_t *dots) {
+/* 8-bit key codes: 32 channels per load; the query is limited to +-63 so a pair never saturates. */
+FAST static void key_dots_u8(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
     const size_t runs = L->padded / 32;
     const __m256i ones = _mm256_set1_epi16(1);
-    for (size_t i = 0; i < positions; i++) {
+    for (size_t i = 0; i < L->group; i++) {
         const uint8_t *c = codes + i * L->key_code_bytes;
         for (size_t h = 0; h < g; h++) {
             __m256i acc = _mm256_setzero_si256();
@@ -167,57 +234,77 @@ FAST static void group_dots_u8(const int8_t *q8, size_t g, const kvr_code_layout
             __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
             s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
             s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-            dots[h * positions + i] = _mm_cvtsi128_si32(s);
+            dots[h * L->group + i] = _mm_cvtsi128_si32(s);
         }
     }
 }
 
-/* Value codes of one position, 8 channels at a time as floats. */
-FAST static inline __m256 value_codes8(const uint8_t *c, size_t j, int bits) {
-    if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + j))));
-    /* channels j..j+7 of a 32-channel run: bytes (run*16 + j%16 ...), low nibbles for j%32 < 16. */
-    __m128i b = _mm_loadl_epi64((const __m128i *)(c + (j / 32) * 16 + (j % 16)));
-    if (j % 32 >= 16) b = _mm_srli_epi16(b, 4);
-    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-}
-
-FAST static void group_values_fast(const float *w, size_t g, size_t stride, const kvr_code_layout *L,
-                                   const uint8_t *row, size_t positions, size_t dv, float *out, float *offsets, float *scratch) {
-    const size_t runs = L->value_runs, vc = L->value_channels, p8 = L->padded;
-    float *vmin = scratch, *vstep = scratch + positions * runs, *a = scratch + 2 * positions * runs; /* a: [h][i][r] */
-    read_steps(row + L->value_min, 0, positions * runs, (int)L->wide_steps, vmin);
-    read_steps(row + L->value_step, 0, positions * runs, (int)L->wide_steps, vstep);
-    for (size_t h = 0; h < g; h++)
-        for (size_t i = 0; i < positions; i++) {
-            const float wh = w[h * stride + i];
-            for (size_t r = 0; r < runs; r++) {
-                a[(h * positions + i) * runs + r] = wh * vstep[i * runs + r];
-                offsets[h * runs + r] += wh * vmin[i * runs + r];
-            }
-        }
+/* The value pass of one group of 64 positions (4- or 8-bit codes): per head, the weights quantized
+ * to int16 (one scale: the largest weight maps to 32767, so a weight 1e-4 of it keeps 3 digits; int8
+ * lost the small tail weights of a group and doubled the error on real heads); then per pair of
+ * channels, each channel's 64 codes widened once and multiplied with every head's weights
+ * (vpmaddwd, 16 positions per instruction), the eight dot products reduced together. */
+FAST static void group_values_64(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                 size_t dv, float *out, float *scratch) {
+    const size_t P = L->padded;
+    float *vmin = scratch, *vstep = scratch + P;
+    read_steps(row + L->value_min, dv, (int)L->wide_steps, vmin);
+    read_steps(row + L->value_step, dv, (int)L->wide_steps, vstep);
     const uint8_t *codes = row + L->value_codes;
-    /* Channels 16 at a time; each head's two accumulators stay in registers over the group's positions. */
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const int wide = L->value_bits == 8;
     for (size_t h0 = 0; h0 < g; h0 += 4) {
         const size_t hn = g - h0 < 4 ? g - h0 : 4;
-        for (size_t j = 0; j < p8 && j < dv + 15; j += 16) {
-            const size_t r = j / vc;
-            __m256 acc[4][2];
-            for (size_t t = 0; t < 4; t++) { acc[t][0] = _mm256_setzero_ps(); acc[t][1] = _mm256_setzero_ps(); }
-            for (size_t i = 0; i < positions; i++) {
-                const uint8_t *c = codes + i * L->value_code_bytes;
-                __m256 x0 = value_codes8(c, j, (int)L->value_bits), x1 = value_codes8(c, j + 8, (int)L->value_bits);
-                for (size_t t = 0; t < hn; t++) {
-                    __m256 b = _mm256_broadcast_ss(a + ((h0 + t) * positions + i) * runs + r);
-                    acc[t][0] = _mm256_fmadd_ps(b, x0, acc[t][0]);
-                    acc[t][1] = _mm256_fmadd_ps(b, x1, acc[t][1]);
+        __m256i w16[4][4];      /* head t, positions 16k..16k+15 */
+        float scale[4] = {0, 0, 0, 0}, total[4] = {0, 0, 0, 0};
+        int any = 0;
+        for (size_t t = 0; t < 4; t++) {
+            for (size_t k = 0; k < 4; k++) w16[t][k] = _mm256_setzero_si256();
+            if (t >= hn) continue;
+            const float *wh = w + (h0 + t) * stride;
+            __m256 x[8];
+            for (size_t k = 0; k < 8; k++) x[k] = _mm256_loadu_ps(wh + 8 * k);
+            total[t] = hsum_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])),
+                                             _mm256_add_ps(_mm256_add_ps(x[4], x[5]), _mm256_add_ps(x[6], x[7]))));
+            if (total[t] == 0) continue;
+            any = 1;
+            float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
+                                              _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));
+            const __m256 inv = _mm256_set1_ps(32767.0f / top);
+            scale[t] = top / 32767.0f;
+            for (size_t k = 0; k < 4; k++) {
+                __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x[2 * k], inv)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(x[2 * k + 1], inv)));
+                w16[t][k] = _mm256_permute4x64_epi64(p, 0xD8);  /* packs interleaves the 128-bit lanes */
+            }
+        }
+        if (!any) continue;
+        for (size_t c = 0; c < dv; c += 2) {
+            __m256i acc[8];
+            for (size_t e = 0; e < 2; e++) {
+                const size_t ch = c + e < dv ? c + e : c;  /* an odd last channel repeats (its result is not kept) */
+                const uint8_t *cc = codes + ch * L->value_code_bytes;
+                __m256i lo, hi;  /* positions 0..31 and 32..63 as bytes */
+                if (wide) {
+                    lo = _mm256_loadu_si256((const __m256i *)cc);
+                    hi = _mm256_loadu_si256((const __m256i *)(cc + 32));
+                } else {
+                    __m256i b = _mm256_loadu_si256((const __m256i *)cc);
+                    lo = _mm256_and_si256(b, nibble);
+                    hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+                }
+                const __m256i x0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), x1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+                const __m256i x2 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), x3 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+                for (size_t t = 0; t < 4; t++) {
+                    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(x0, w16[t][0]), _mm256_madd_epi16(x1, w16[t][1]));
+                    acc[4 * e + t] = _mm256_add_epi32(s, _mm256_add_epi32(_mm256_madd_epi16(x2, w16[t][2]), _mm256_madd_epi16(x3, w16[t][3])));
                 }
             }
-            for (size_t t = 0; t < hn; t++) {
-                float *o = out + (h0 + t) * p8 + j;
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[t][0]));
-                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[t][1]));
-            }
+            int32_t dots[8];
+            _mm256_storeu_si256((__m256i *)dots, reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));
+            for (size_t e = 0; e < 2 && c + e < dv; e++)
+                for (size_t t = 0; t < hn; t++)
+                    out[(h0 + t) * P + c + e] += vmin[c + e] * total[t] + vstep[c + e] * scale[t] * (float)dots[4 * e + t];
         }
     }
 }
@@ -227,50 +314,81 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
                      const kvr_code_layout *L, float scale, float *out, size_t stride, int8_t *q8, int32_t *dots,
                      float *scratch) {
     float scales[64], bases[64];
+    const size_t g4 = (g + 3) & ~(size_t)3;
+#if KVR_X86
+    const int fast = kvr_has_fast_path();
+    const int u4 = fast && L->key_bits == 4 && L->padded <= 256 && L->group % 2 == 0;
+    if (u4) memset(q8 + g * L->padded, 0, (g4 - g) * L->padded);  /* the fourth-head tiles' padding */
+#endif
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const uint8_t *codes = row + L->key_codes;
 #if KVR_X86
-        if (kvr_has_fast_path() && d % 8 == 0) prepare_group_fast(q, g, d, L, row, q8, scales, bases, scratch);
+        if (fast && d % 8 == 0) prepare_fast(q, g, d, L, row, q8, scales, bases, scratch);
         else
 #endif
-            prepare_group_portable(q, g, d, L, row, q8, scales, bases, scratch);
+            prepare_portable(q, g, d, L, row, q8, scales, bases, scratch);
 #if KVR_X86
-        if (kvr_has_fast_path() && L->key_bits == 4) group_dots_u4(q8, g, L, codes, L->group, dots);
-        else if (kvr_has_fast_path()) group_dots_u8(q8, g, L, codes, L->group, dots);
+        if (u4) key_dots_u4(q8, g, L, codes, dots);
+        else if (fast && L->key_bits == 8) key_dots_u8(q8, g, L, codes, dots);
         else
 #endif
-            group_dots_portable(q8, g, L, codes, L->group, dots);
-        for (size_t h = 0; h < g; h++)
-            for (size_t i = 0; i < L->group; i++)
-                out[h * stride + gi * L->group + i] = (bases[h] + scales[h] * (float)dots[h * L->group + i]) * scale;
+            key_dots_portable(q8, g, L, codes, dots);
+        for (size_t h = 0; h < g; h++) {
+            const float a = scales[h] * scale, b = bases[h] * scale;
+            float *o = out + h * stride + gi * L->group;
+            const int32_t *dh = dots + h * L->group;
+            size_t i = 0;
+#if KVR_X86
+            if (fast) i = scale_dots(dh, L->group, a, b, o);
+#endif
+            for (; i < L->group; i++) o[i] = a * (float)dh[i] + b;
+        }
     }
 }
 
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
-                     const kvr_code_layout *L, size_t dv, float *out, float *offsets, float *scratch) {
-    const size_t runs = L->value_runs, n = L->group;
+                     const kvr_code_layout *L, size_t dv, float *out, float *scratch) {
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
-        const float *wg = w + gi * n;
+        const float *wg = w + gi * L->group;
 #if KVR_X86
-        if (kvr_has_fast_path()) { group_values_fast(wg, g, stride, L, row, n, dv, out, offsets, scratch); continue; }
+        if (kvr_has_fast_path() && L->group == 64) { group_values_64(wg, g, stride, L, row, dv, out, scratch); continue; }
 #endif
-        float *vmin = scratch, *vstep = scratch + n * runs;
-        read_steps(row + L->value_min, 0, n * runs, (int)L->wide_steps, vmin);
-        read_steps(row + L->value_step, 0, n * runs, (int)L->wide_steps, vstep);
-        for (size_t i = 0; i < n; i++) {
-            const uint8_t *c = row + L->value_codes + i * L->value_code_bytes;
-            for (size_t h = 0; h < g; h++) {
-                float wh = wg[h * stride + i];
-                if (wh == 0) continue;
-                for (size_t r = 0; r < runs; r++) {
-                    offsets[h * runs + r] += wh * vmin[i * runs + r];
-                    float a = wh * vstep[i * runs + r];
-                    for (size_t j = r * L->value_channels; j < (r + 1) * L->value_channels && j < L->padded; j++)
-                        out[h * L->padded + j] += a * (float)code_at(c, j, (int)L->value_bits);
-                }
-            }
-        }
+        group_values_portable(wg, g, stride, L, row, dv, out, scratch);
+    }
+}
+
+void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_code_layout *L, size_t dv, float *out,
+                    float *scratch) {
+    read_steps((const uint8_t *)row + L->value_mean, dv, (int)L->wide_steps, scratch);
+    for (size_t h = 0; h < g; h++) {
+        const float t = totals[h];
+        if (t == 0) continue;
+        float *oh = out + h * L->padded;
+        for (size_t c = 0; c < dv; c++) oh[c] += t * scratch[c];
+    }
+}
+
+float kvr_max(const float *x, size_t n) {
+    size_t i = 0;
+    float m = -INFINITY;
+#if KVR_X86
+    if (kvr_has_fast_path() && n >= 8) i = max_fast(x, n, &m);
+#endif
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+void kvr_group_sums(const float *x, size_t groups, size_t group, float *out) {
+    for (size_t gi = 0; gi < groups; gi++) {
+        const float *p = x + gi * group;
+        float s = 0;
+        size_t i = 0;
+#if KVR_X86
+        if (kvr_has_fast_path()) i = sum_fast(p, group, &s);
+#endif
+        for (; i < group; i++) s += p[i];
+        out[gi] = s;
     }
 }

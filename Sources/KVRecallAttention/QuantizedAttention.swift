@@ -15,9 +15,11 @@ public struct QuantizedParameters: Sendable, Equatable {
     /// Whether every other coded position contributes through its codes (score and value); false
     /// drops them (a sharp head loses nothing).
     public var tail = true
-    /// A group of positions whose tail weight is below this share of the head's tail mass per
-    /// group, for every head of the group, is skipped: at most this share of the tail mass is lost.
-    public var tailSkip: Float = 0.01
+    /// A group of positions contributes through each position's value codes when some head gives
+    /// it at least this multiple of its mean tail mass per group; lighter groups contribute through
+    /// their mean value (their weights still from each position's key codes). 0: every group through
+    /// its codes.
+    public var tailDetail: Float = 1
     /// A head whose tail holds less than this share of the mass of its exact part (a sharp head)
     /// drops its tail: its values are not read (an output error of about this share at most).
     public var tailFloor: Float = 0.002
@@ -25,7 +27,7 @@ public struct QuantizedParameters: Sendable, Equatable {
 
     public func validate() throws {
         guard candidates >= 0 else { throw IndexError.invalidParameter("quantized candidates must be non-negative (got \(candidates))") }
-        guard tailSkip >= 0 && tailSkip < 1 else { throw IndexError.invalidParameter("tail skip must be in [0, 1) (got \(tailSkip))") }
+        guard tailDetail >= 0 && tailDetail.isFinite else { throw IndexError.invalidParameter("tail detail must be non-negative (got \(tailDetail))") }
         guard tailFloor >= 0 && tailFloor < 1 else { throw IndexError.invalidParameter("tail floor must be in [0, 1) (got \(tailFloor))") }
     }
 }
@@ -35,10 +37,10 @@ extension CodeView {
     var kernelLayout: kvr_code_layout {
         let l = layout
         return kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
-                               value_step: l.valueStep, value_codes: l.valueCodes, row_bytes: l.rowBytes,
-                               key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, value_runs: l.valueRuns,
-                               value_channels: format.valueChannels, padded: l.padded, group: l.group,
-                               key_bits: format.keyBits, value_bits: format.valueBits, wide_steps: format.wideSteps ? 1 : 0)
+                               value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes, row_bytes: l.rowBytes,
+                               key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, padded: l.padded,
+                               group: l.group, key_bits: format.keyBits, value_bits: format.valueBits,
+                               wide_steps: format.wideSteps ? 1 : 0)
     }
 }
 
@@ -110,7 +112,7 @@ extension Attention {
         DispatchQueue.concurrentPerform(iterations: parts) { p in
             let lo = groups * p / parts, hi = groups * (p + 1) / parts
             let rows = UnsafeMutablePointer<UnsafeRawPointer?>.allocate(capacity: max(1, hi - lo))
-            let q8 = UnsafeMutablePointer<Int8>.allocate(capacity: g * layout.padded)
+            let q8 = UnsafeMutablePointer<Int8>.allocate(capacity: (g + 3) / 4 * 4 * layout.padded)
             let dots = UnsafeMutablePointer<Int32>.allocate(capacity: g * layout.group)
             let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 3 * layout.padded)
             defer { rows.deallocate(); q8.deallocate(); dots.deallocate(); scratch.deallocate() }
@@ -120,72 +122,56 @@ extension Attention {
     }
 
     /// Each head's attention over the positions whose score in `scores` is finite, from their
-    /// codes: weights from the approximate scores, values decoded from the value codes. Groups of
-    /// positions where every head's weight is below `skip` of its mean group weight are left out.
+    /// codes: weights from the approximate scores; values from each position's value codes in the
+    /// groups that weigh (`tailDetail`), from the group's mean value in the others. A sharp head
+    /// (its tail below `tailFloor` of its exact part's mass) gets none.
     static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, dimension dv: Int,
                              exact: [PartialAttention], parameters q: QuantizedParameters, parts: Int) -> [PartialAttention] {
-        let skip = q.tailSkip
         var layout = codes.kernelLayout
-        let coded = codes.positions, groups = codes.count, group = layout.group
+        let coded = codes.positions, groups = codes.count, group = layout.group, padded = layout.padded
         var maxima = [Float](repeating: -.infinity, count: g), totals = [Float](repeating: 0, count: g)
+        // Each group's tail mass per head (`g x groups`), from weights exp(s - max).
         var groupMass = [Float](repeating: 0, count: g * groups)
-        for h in 0..<g {
-            let row = scores + h * coded
-            var m = -Float.infinity
-            for i in 0..<coded { m = max(m, row[i]) }
-            maxima[h] = m
-            guard m > -.infinity else { row.update(repeating: 0, count: coded); continue }
-            totals[h] = kvr_exp_sub(row, coded, m)
-            // A sharp head: its tail's mass against its exact part's is below the floor.
-            if m + log(totals[h]) - exact[h].lse < log(q.tailFloor) {
-                totals[h] = 0
-                continue
-            }
-            for gi in 0..<groups {
-                var s: Float = 0
-                for i in (gi * group)..<((gi + 1) * group) { s += row[i] }
-                groupMass[h * groups + gi] = s
+        groupMass.withUnsafeMutableBufferPointer { mass in
+            for h in 0..<g {
+                let row = scores + h * coded
+                let m = kvr_max(row, coded)
+                maxima[h] = m
+                guard m > -.infinity else { row.update(repeating: 0, count: coded); continue }
+                totals[h] = kvr_exp_sub(row, coded, m)
+                if m + log(totals[h]) - exact[h].lse < log(q.tailFloor) {  // a sharp head
+                    totals[h] = 0
+                    row.update(repeating: 0, count: coded)
+                    continue
+                }
+                kvr_group_sums(row, groups, group, mass.baseAddress! + h * groups)
             }
         }
-        // Groups that matter to some head; the others hold at most `skip` of every head's tail mass
-        // and are left out of the partial (weights and values alike).
-        var kept: [Int] = []
-        kept.reserveCapacity(groups)
-        var keptMass = [Float](repeating: 0, count: g)
-        for gi in 0..<groups {
-            let matters = (0..<g).contains { h in totals[h] > 0 && groupMass[h * groups + gi] > skip * totals[h] / Float(groups) }
-            guard matters else { continue }
-            kept.append(gi)
-            for h in 0..<g { keptMass[h] += groupMass[h * groups + gi] }
+        guard totals.contains(where: { $0 > 0 }) else { return Array(repeating: .empty(dimension: dv), count: g) }
+        let detailed = (0..<groups).map { gi in
+            (0..<g).contains { h in totals[h] > 0 && groupMass[h * groups + gi] >= q.tailDetail * totals[h] / Float(groups) }
         }
-        totals = keptMass
-        guard !kept.isEmpty else { return Array(repeating: .empty(dimension: dv), count: g) }
-        // A head without a tail weighs nothing in the value pass.
-        for h in 0..<g where totals[h] == 0 { (scores + h * coded).update(repeating: 0, count: coded) }
-        let runs = layout.value_runs, padded = layout.padded
-        var sums = [[Float]](repeating: [], count: parts), offsets = [[Float]](repeating: [], count: parts)
+        var sums = [[Float]](repeating: [], count: parts)
         sums.withUnsafeMutableBufferPointer { sumOut in
-            offsets.withUnsafeMutableBufferPointer { offsetOut in
-                DispatchQueue.concurrentPerform(iterations: parts) { p in
-                    var sum = [Float](repeating: 0, count: g * padded), offset = [Float](repeating: 0, count: g * runs)
-                    let lo = kept.count * p / parts, hi = kept.count * (p + 1) / parts
-                    var row: UnsafeRawPointer? = nil
-                    var scratch = [Float](repeating: 0, count: (2 + g) * group * runs)
-                    sum.withUnsafeMutableBufferPointer { s in
-                        offset.withUnsafeMutableBufferPointer { o in
-                            scratch.withUnsafeMutableBufferPointer { t in
-                                for j in lo..<hi {
-                                    let gi = kept[j]
-                                    row = codes.row(gi)
-                                    kvr_code_values(scores + gi * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, o.baseAddress!,
-                                                    t.baseAddress!)
-                                }
+            DispatchQueue.concurrentPerform(iterations: parts) { p in
+                var sum = [Float](repeating: 0, count: g * padded)
+                var scratch = [Float](repeating: 0, count: 2 * padded)
+                var masses = [Float](repeating: 0, count: g)
+                var row: UnsafeRawPointer? = nil
+                sum.withUnsafeMutableBufferPointer { s in
+                    scratch.withUnsafeMutableBufferPointer { t in
+                        for gi in (groups * p / parts)..<(groups * (p + 1) / parts) {
+                            row = codes.row(gi)
+                            if detailed[gi] {
+                                kvr_code_values(scores + gi * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)
+                            } else {
+                                for h in 0..<g { masses[h] = groupMass[h * groups + gi] }
+                                kvr_code_means(masses, g, row, &layout, dv, s.baseAddress!, t.baseAddress!)
                             }
                         }
                     }
-                    sumOut[p] = sum
-                    offsetOut[p] = offset
                 }
+                sumOut[p] = sum
             }
         }
         return (0..<g).map { h in
@@ -193,7 +179,7 @@ extension Attention {
             let inv = 1 / totals[h]
             let output = (0..<dv).map { c -> Float in
                 var v: Float = 0
-                for p in 0..<parts { v += sums[p][h * padded + c] + offsets[p][h * runs + c / codes.format.valueChannels] }
+                for p in 0..<parts { v += sums[p][h * padded + c] }
                 return v * inv
             }
             return PartialAttention(output: output, lse: maxima[h] + log(totals[h]))
@@ -204,10 +190,15 @@ extension Attention {
     /// in no particular order: a selection over 64-bit (score, position) keys, O(count).
     static func bestPositions(_ scores: UnsafePointer<Float>, count: Int, take: Int) -> [Int] {
         guard take > 0, count > 0 else { return [] }
+        // Only scores within `span` of the best can be among the best `take` unless fewer than
+        // `take` are (a weight below e^-span of the best's is not worth an exact row).
+        let top = kvr_max(scores, count), span: Float = 16
+        guard top > -.infinity else { return [] }
         let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
         defer { keys.deallocate() }
         var n = 0
-        for i in 0..<count where scores[i] > -.infinity {
+        let floor = top - span
+        for i in 0..<count where scores[i] >= floor {
             keys[n] = kvr_pair_key(scores[i], Int32(i))
             n += 1
         }

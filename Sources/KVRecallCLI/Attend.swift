@@ -36,6 +36,7 @@ struct AttentionOptions: ParsableArguments {
     @Option(help: "Estimate: most positions the adaptive budget retrieves.")
     var maxRetrieved: Int = 4096
     @OptionGroup var search: SearchParameterOptions
+    @OptionGroup var quantized: QuantizedOptions
 
     func validate() throws {
         if group < 1 { throw ValidationError("--group must be at least 1") }
@@ -50,6 +51,7 @@ struct AttentionOptions: ParsableArguments {
         p.estimation.clusters = estimateClusters
         p.estimation.topP = topP
         p.estimation.maxRetrieved = maxRetrieved
+        quantized.apply(to: &p)
         return p
     }
 }

@@ -41,9 +41,12 @@ struct BenchAttention: ParsableCommand {
     var limit: Int = 32
     @Option(help: "Timed passes per group (after one warm-up); the best counts.")
     var passes: Int = 5
+    @Option(help: "Softmax scale (default 1/sqrt(d); Gemma 3: 0.0625).")
+    var scale: Float?
     @Option(help: "Cores one head's passes are split over (default: all).")
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
     @OptionGroup var budget: BudgetOptions
+    @OptionGroup var quantized: QuantizedOptions
     @Flag(help: "Print JSON.")
     var json = false
 
@@ -76,6 +79,8 @@ struct BenchAttention: ParsableCommand {
         values = Array(values.prefix(rows * d))
         var parameters = budget.attention
         parameters.threads = threads
+        quantized.apply(to: &parameters)
+        if let scale { parameters.scale = scale }
         let methods = try methods()
         let report = try store.read { snapshot -> [[String: Any]] in
             let keys = try snapshot.vectors(headOptions.id, .keys), vals = try snapshot.vectors(headOptions.id, .values)

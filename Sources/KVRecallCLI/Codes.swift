@@ -9,13 +9,11 @@ struct CodeFormatOptions: ParsableArguments {
     var keyBits: Int = CodeFormat().keyBits
     @Option(help: "Bits per value code: 4 or 8.")
     var valueBits: Int = CodeFormat().valueBits
-    @Option(help: "Positions per code group (keys are coded per channel within a group); divides the block size (256).")
+    @Option(help: "Positions per code group (keys and values are coded per channel within a group; 64 is the scan's fast path); even, dividing the block size (256).")
     var codeGroup: Int = CodeFormat().group
-    @Option(help: "Channels sharing one value step within a position (a multiple of 8).")
-    var valueChannels: Int = CodeFormat().valueChannels
 
     var format: CodeFormat {
-        CodeFormat(keyBits: keyBits, valueBits: valueBits, group: codeGroup, valueChannels: valueChannels)
+        CodeFormat(keyBits: keyBits, valueBits: valueBits, group: codeGroup)
     }
 }
 
@@ -25,9 +23,9 @@ struct Codes: ParsableCommand {
         abstract: "Code a head's keys and values for the quantized tier (the quantized method reads them).",
         usage: "kvrecall codes --store <dir> [<options>]",
         discussion: """
-        Every complete group of positions gets low-bit codes of its keys (per
-        channel within the group) and values (per position, in runs of
-        channels), stored beside the vectors; later ingests keep them current.
+        Every complete group of positions gets low-bit codes of its keys and
+        values (per channel within the group) and its mean value, stored
+        beside the vectors; later ingests keep them current.
         A store written before the tier gets its codes here (a session keeps
         them from its first token). Recoding with another format replaces them.
 
@@ -58,3 +56,20 @@ struct Codes: ParsableCommand {
         }
     }
 }
+
+/// The `quantized` method's knobs (`attend`, `bench attention`).
+struct QuantizedOptions: ParsableArguments {
+    @Option(help: "quantized: positions per query head taken from the code scan and attended exactly.")
+    var candidates: Int = QuantizedParameters().candidates
+    @Option(help: "quantized: a group of positions is attended through each position's value codes when a head gives it at least this multiple of its mean tail mass per group, else through its mean value (0: every group through its codes).")
+    var tailDetail: Float = QuantizedParameters().tailDetail
+    @Flag(help: "quantized: drop the positions outside the candidates instead of attending them through their codes.")
+    var noTail = false
+
+    func apply(to p: inout AttentionParameters) {
+        p.quantized.candidates = candidates
+        p.quantized.tailDetail = tailDetail
+        p.quantized.tail = !noTail
+    }
+}
+

@@ -6,38 +6,39 @@ import KVRecallFormats
 /// The quantized tier of a head: low-bit codes of its keys and values, beside the stored vectors,
 /// for a scan that reads a fraction of the bytes (docs/ARCHITECTURE.md, "Quantized tier").
 ///
-/// Positions are coded in groups of `group` (KIVI): keys per channel within a group (a channel's
-/// min and step over the group's positions: key outliers live in channels), values per position
-/// in runs of `valueChannels` channels. A group is coded once its last position is stored, in the
-/// same transaction; the positions of an incomplete group are the most recent ones, which attention
-/// keeps in its exact window.
+/// Positions are coded in groups of `group` (KIVI's per-channel key quantization, applied to the
+/// values too: docs/QUANT_STUDY.md measured it as accurate as per-position value codes at fewer
+/// bytes): every channel of a group has a min and a step for its keys and for its values, and the
+/// group keeps its mean value (a light group of a decode step's tail is attended through it). A
+/// group is coded once its last position is stored, in the same transaction; the positions of an
+/// incomplete group are the most recent ones, which attention keeps in its exact window.
 ///
-/// One group is one row of the head's code stream:
+/// One group is one row of the head's code stream (S: f16, or f32 with `wideSteps`; P: the
+/// dimension rounded up to 32, padding channels code 0 and never count):
 ///
-///     key min [P] f32 | key step [P] f32 | key codes [group][P * keyBits / 8]
-///     value min [group][P / valueChannels] f32 | value step [group][P / valueChannels] f32
-///     value codes [group][P * valueBits / 8]
+///     key min [P] S | key step [P] S | key codes [group][P * keyBits / 8]      (position-major)
+///     value min [P] S | value step [P] S | value mean [P] S
+///     value codes [P][group * valueBits / 8]                                  (channel-major)
 ///
-/// with P the dimension rounded up to 32 (padding channels hold code 0 and never count). 4-bit
-/// codes pack 32 channels in 16 bytes: byte j holds channel j in its low nibble and j + 16 in its
-/// high one, so a scan splits a 16-byte load into two runs of 16 channels in order.
+/// Key codes of a position pack 32 channels in 16 bytes (4 bits): byte j holds channel j in its low
+/// nibble and j + 16 in its high one, so a scan splits a 16-byte load into 32 channels in order.
+/// Value codes of a channel pack the group's positions the same way: byte j holds position j low
+/// and j + group / 2 high, so the value pass reads a channel's group in one load and multiplies it
+/// with the group's weights as bytes.
 public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible {
     /// Bits per key code and per value code: 4 or 8.
     public var keyBits: Int
     public var valueBits: Int
-    /// Positions per group (key steps are per channel and group); divides the head's block size.
+    /// Positions per group: even, and dividing the head's block size (64: the scan's fast path).
     public var group: Int
-    /// Channels sharing one value min and step within a position; divides the padded dimension.
-    public var valueChannels: Int
-    /// Mins and steps as f32 (heads stored in f32 or bf16, whose values may pass f16's range) or
-    /// as f16 (heads stored in f16: every value, so every min and step, fits).
+    /// Mins, steps and means as f32 (heads stored in f32 or bf16, whose values may pass f16's
+    /// range) or as f16 (heads stored in f16: every value, so every min, step and mean, fits).
     public var wideSteps: Bool
 
-    public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, valueChannels: Int = 32, wideSteps: Bool = false) {
+    public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, wideSteps: Bool = false) {
         self.keyBits = keyBits
         self.valueBits = valueBits
         self.group = group
-        self.valueChannels = valueChannels
         self.wideSteps = wideSteps
     }
 
@@ -48,19 +49,18 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
         return format
     }
 
-    /// Bytes of one min or step.
+    /// Bytes of one min, step or mean.
     public var stepBytes: Int { wideSteps ? 4 : 2 }
 
     public var description: String {
-        "keys \(keyBits)-bit per channel in groups of \(group) positions, values \(valueBits)-bit per position in runs of \(valueChannels) channels"
+        "keys and values \(keyBits)- and \(valueBits)-bit per channel in groups of \(group) positions"
     }
 
     /// The error naming what is wrong with this format for a head, or nil.
     public func problem(dimension d: Int, blockSize: Int) -> String? {
         guard [4, 8].contains(keyBits), [4, 8].contains(valueBits) else { return "code bits must be 4 or 8 (got keys \(keyBits), values \(valueBits))" }
-        guard group >= 1, blockSize % group == 0 else { return "the code group (\(group)) must divide the block size (\(blockSize))" }
-        guard valueChannels >= 16, valueChannels % 16 == 0, padded(d) % valueChannels == 0 else {
-            return "value channels per step (\(valueChannels)) must be a multiple of 16 dividing the padded dimension \(padded(d))"
+        guard group >= 2, group % 2 == 0, blockSize % group == 0 else {
+            return "the code group (\(group)) must be even and divide the block size (\(blockSize))"
         }
         return nil
     }
@@ -68,29 +68,26 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
     /// The dimension rounded up to a whole number of 32-channel runs.
     public func padded(_ d: Int) -> Int { (d + 31) / 32 * 32 }
 
-    /// Bytes of one position's key codes and value codes.
-    public func keyCodeBytes(_ d: Int) -> Int { padded(d) * keyBits / 8 }
-    public func valueCodeBytes(_ d: Int) -> Int { padded(d) * valueBits / 8 }
-    /// Value steps per position.
-    public func valueRuns(_ d: Int) -> Int { padded(d) / valueChannels }
-
     /// Byte offsets of a group row's parts, and its size.
     public struct Layout: Sendable, Equatable {
-        public let keyMin: Int, keyStep: Int, keyCodes: Int, valueMin: Int, valueStep: Int, valueCodes: Int, rowBytes: Int
-        public let keyCodeBytes: Int, valueCodeBytes: Int, valueRuns: Int, padded: Int, group: Int
+        public let keyMin: Int, keyStep: Int, keyCodes: Int, valueMin: Int, valueStep: Int, valueMean: Int, valueCodes: Int
+        public let rowBytes: Int
+        /// Bytes of one position's key codes, and of one channel's value codes.
+        public let keyCodeBytes: Int, valueCodeBytes: Int
+        public let padded: Int, group: Int
     }
 
     public func layout(dimension d: Int) -> Layout {
-        let p = padded(d), kb = keyCodeBytes(d), vb = valueCodeBytes(d), runs = valueRuns(d), s = stepBytes
+        let p = padded(d), s = stepBytes, kb = p * keyBits / 8, vb = group * valueBits / 8
         let keyMin = 0, keyStep = keyMin + s * p, keyCodes = keyStep + s * p
-        let valueMin = keyCodes + group * kb, valueStep = valueMin + s * group * runs, valueCodes = valueStep + s * group * runs
+        let valueMin = keyCodes + group * kb, valueStep = valueMin + s * p, valueMean = valueStep + s * p
+        let valueCodes = valueMean + s * p
         return Layout(keyMin: keyMin, keyStep: keyStep, keyCodes: keyCodes, valueMin: valueMin, valueStep: valueStep,
-                      valueCodes: valueCodes, rowBytes: valueCodes + group * vb, keyCodeBytes: kb, valueCodeBytes: vb,
-                      valueRuns: runs, padded: p, group: group)
+                      valueMean: valueMean, valueCodes: valueCodes, rowBytes: valueCodes + p * vb, keyCodeBytes: kb,
+                      valueCodeBytes: vb, padded: p, group: group)
     }
 
-    /// Bytes per position of codes and their steps, against `bytesPerVector` for one stored key
-    /// plus one stored value (the tier's size relative to the vectors it stands for).
+    /// Bytes per position of codes, steps and means.
     public func bytesPerPosition(dimension d: Int) -> Double { Double(layout(dimension: d).rowBytes) / Double(group) }
 }
 
@@ -101,58 +98,45 @@ extension CodeFormat {
                             into out: UnsafeMutableRawPointer) {
         let l = layout(dimension: d)
         out.initializeMemory(as: UInt8.self, repeating: 0, count: l.rowBytes)
-        // Mins and steps are rounded to their stored type first, and codes are chosen against the
-        // rounded ones, so decoding reproduces what the codes were chosen for.
-        var keyMin = [Float](repeating: 0, count: d), keyStep = [Float](repeating: 0, count: d)
-        let keyLevels = Float((1 << keyBits) - 1)
+        encodeChannels(keys, dimension: d, bits: keyBits, min: out + l.keyMin, step: out + l.keyStep) { i, c, code in
+            Self.put(code, at: c, bits: keyBits, in: (out + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self))
+        }
+        encodeChannels(values, dimension: d, bits: valueBits, min: out + l.valueMin, step: out + l.valueStep) { i, c, code in
+            let channel = (out + l.valueCodes + c * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
+            if valueBits == 8 { channel[i] = code } else if i < group / 2 { channel[i] |= code } else { channel[i - group / 2] |= code << 4 }
+        }
+        var mean = [Float](repeating: 0, count: d)
+        for i in 0..<group { for c in 0..<d { mean[c] += values[i * d + c] } }
+        for c in 0..<d { mean[c] /= Float(group) }
+        writeSteps(mean, at: out + l.valueMean)
+    }
+
+    /// Per channel of `rows` (`group x d`): the group's min (rounded down) and step (rounded up) in
+    /// the stored type, written at `min` and `step`, and each position's code handed to `put`
+    /// (position, channel, code), chosen against the stored min and step so decoding reproduces it.
+    private func encodeChannels(_ rows: UnsafePointer<Float>, dimension d: Int, bits: Int, min minOut: UnsafeMutableRawPointer,
+                                step stepOut: UnsafeMutableRawPointer, put: (Int, Int, UInt8) -> Void) {
+        let levels = Float((1 << bits) - 1)
+        var mins = [Float](repeating: 0, count: d), steps = [Float](repeating: 0, count: d)
         for c in 0..<d {
             var lo = Float.infinity, hi = -Float.infinity
             for i in 0..<group {
-                lo = min(lo, keys[i * d + c])
-                hi = max(hi, keys[i * d + c])
+                lo = Swift.min(lo, rows[i * d + c])
+                hi = Swift.max(hi, rows[i * d + c])
             }
-            keyMin[c] = roundedStep(lo, down: true)
-            keyStep[c] = hi > keyMin[c] ? roundedStep((hi - keyMin[c]) / keyLevels, down: false) : 0
-        }
-        writeSteps(keyMin, at: out + l.keyMin)
-        writeSteps(keyStep, at: out + l.keyStep)
-        for i in 0..<group {
-            let row = (out + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
-            for c in 0..<d {
-                let step = keyStep[c]
-                let code = step > 0 ? min(keyLevels, max(0, ((keys[i * d + c] - keyMin[c]) / step).rounded())) : 0
-                Self.put(UInt8(code), channel: c, bits: keyBits, in: row)
+            mins[c] = roundedStep(lo, down: true)
+            steps[c] = hi > mins[c] ? roundedStep((hi - mins[c]) / levels, down: false) : 0
+            for i in 0..<group {
+                let code = steps[c] > 0 ? Swift.min(levels, Swift.max(0, ((rows[i * d + c] - mins[c]) / steps[c]).rounded())) : 0
+                put(i, c, UInt8(code))
             }
         }
-        var valueMin = [Float](repeating: 0, count: group * l.valueRuns), valueStep = valueMin
-        let valueLevels = Float((1 << valueBits) - 1)
-        for i in 0..<group {
-            let row = (out + l.valueCodes + i * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
-            for r in 0..<l.valueRuns {
-                let first = r * valueChannels, last = min(d, first + valueChannels)
-                guard first < d else { break }
-                var lo = Float.infinity, hi = -Float.infinity
-                for c in first..<last {
-                    lo = min(lo, values[i * d + c])
-                    hi = max(hi, values[i * d + c])
-                }
-                lo = roundedStep(lo, down: true)
-                let step = hi > lo ? roundedStep((hi - lo) / valueLevels, down: false) : 0
-                valueMin[i * l.valueRuns + r] = lo
-                valueStep[i * l.valueRuns + r] = step
-                for c in first..<last {
-                    let code = step > 0 ? min(valueLevels, max(0, ((values[i * d + c] - lo) / step).rounded())) : 0
-                    Self.put(UInt8(code), channel: c, bits: valueBits, in: row)
-                }
-            }
-        }
-        writeSteps(valueMin, at: out + l.valueMin)
-        writeSteps(valueStep, at: out + l.valueStep)
+        writeSteps(mins, at: minOut)
+        writeSteps(steps, at: stepOut)
     }
 
     /// `x` as the stored type will hold it: a min rounded down and a step rounded up to a
     /// neighbouring f16 (so the codes' range still covers the group), or `x` itself with `wideSteps`.
-    /// (f16 through the C kernels: Swift's Float16 is not used on x86 Linux here.)
     func roundedStep(_ x: Float, down: Bool) -> Float {
         guard !wideSteps else { return x }
         var value = x, half: UInt16 = 0, back: Float = 0
@@ -164,7 +148,7 @@ extension CodeFormat {
         return back
     }
 
-    /// Stores mins or steps in the stored type.
+    /// Stores mins, steps or means in the stored type.
     func writeSteps(_ values: [Float], at out: UnsafeMutableRawPointer) {
         values.withUnsafeBufferPointer { v in
             if wideSteps {
@@ -175,32 +159,22 @@ extension CodeFormat {
         }
     }
 
-    /// Min or step `i` read back as f32.
+    /// Min, step or mean `i` read back as f32.
     @inline(__always)
-    func step(_ base: UnsafeRawPointer, _ i: Int) -> Float {
+    public func step(_ base: UnsafeRawPointer, _ i: Int) -> Float {
         if wideSteps { return base.load(fromByteOffset: 4 * i, as: Float.self) }
         var half = base.load(fromByteOffset: 2 * i, as: UInt16.self), out: Float = 0
         kvr_f16_to_f32(&half, &out, 1)
         return out
     }
 
-    /// Writes `code` for `channel` into a position's code bytes (4-bit: byte j of a 32-channel run
-    /// holds channels j and j + 16).
+    /// Writes the key code of channel `c` into a position's key code bytes (4-bit: byte j of a
+    /// 32-channel run holds channels j and j + 16).
     @inline(__always)
-    static func put(_ code: UInt8, channel c: Int, bits: Int, in row: UnsafeMutablePointer<UInt8>) {
+    static func put(_ code: UInt8, at c: Int, bits: Int, in row: UnsafeMutablePointer<UInt8>) {
         if bits == 8 { row[c] = code; return }
-        let run = c / 32, j = c % 32
-        let byte = run * 16 + j % 16
-        row[byte] |= j < 16 ? code : code << 4
-    }
-
-    /// The code of `channel` in a position's code bytes.
-    @inline(__always)
-    public static func code(channel c: Int, bits: Int, in row: UnsafePointer<UInt8>) -> UInt8 {
-        if bits == 8 { return row[c] }
-        let run = c / 32, j = c % 32
-        let byte = row[run * 16 + j % 16]
-        return j < 16 ? byte & 0x0F : byte >> 4
+        let j = c % 32
+        row[(c / 32) * 16 + j % 16] |= j < 16 ? code : code << 4
     }
 
     /// Position `i` of a group row decoded back to f32 (`d` floats each; tests and diagnostics).
@@ -209,12 +183,17 @@ extension CodeFormat {
         let l = layout(dimension: d)
         let keyCodes = (row + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
         for c in 0..<d {
-            key[c] = step(row + l.keyMin, c) + step(row + l.keyStep, c) * Float(Self.code(channel: c, bits: keyBits, in: keyCodes))
+            let code: UInt8
+            if keyBits == 8 { code = keyCodes[c] } else {
+                let byte = keyCodes[(c / 32) * 16 + (c % 32) % 16]
+                code = c % 32 < 16 ? byte & 0x0F : byte >> 4
+            }
+            key[c] = step(row + l.keyMin, c) + step(row + l.keyStep, c) * Float(code)
         }
-        let valueCodes = (row + l.valueCodes + i * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
         for c in 0..<d {
-            let r = i * l.valueRuns + c / valueChannels
-            value[c] = step(row + l.valueMin, r) + step(row + l.valueStep, r) * Float(Self.code(channel: c, bits: valueBits, in: valueCodes))
+            let channel = (row + l.valueCodes + c * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
+            let code: UInt8 = valueBits == 8 ? channel[i] : i < group / 2 ? channel[i] & 0x0F : channel[i - group / 2] >> 4
+            value[c] = step(row + l.valueMin, c) + step(row + l.valueStep, c) * Float(code)
         }
     }
 }

@@ -109,26 +109,37 @@ uint64_t kvr_read_bytes(const void *p, size_t bytes);
 /* ---- The quantized tier (kvcodes.c; the layout of a group row is Storage/CodeFormat.swift's) ---- */
 
 typedef struct kvr_code_layout {
-    size_t key_min, key_step, key_codes, value_min, value_step, value_codes; /* byte offsets in a group row */
-    size_t row_bytes, key_code_bytes, value_code_bytes;
-    size_t value_runs, value_channels, padded, group, key_bits, value_bits;
-    size_t wide_steps; /* mins and steps: 1 f32, 0 f16 */
+    size_t key_min, key_step, key_codes, value_min, value_step, value_mean, value_codes; /* byte offsets in a group row */
+    size_t row_bytes, key_code_bytes, value_code_bytes; /* a position's key codes, a channel's value codes */
+    size_t padded, group, key_bits, value_bits;
+    size_t wide_steps; /* mins, steps and means: 1 f32, 0 f16 */
 } kvr_code_layout;
 
 /* Approximate scores of g <= 64 queries (g x d f32) against every position of `groups` group rows:
  * out[h * stride + gi * group + i] = scale * (q_h . decoded key i of group gi), the query times each
- * group's steps quantized to int8 (one scale per head and group). Scratch: q8 holds g * padded,
- * dots g * group, scratch 3 * padded floats. */
+ * group's steps quantized to int8 (one scale per head and group). Scratch: q8 holds
+ * ((g + 3) / 4 * 4) * padded bytes, dots g * group ints, scratch 3 * padded floats. */
 void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t groups,
                      const kvr_code_layout *layout, float scale, float *out, size_t stride, int8_t *q8, int32_t *dots,
                      float *scratch);
 
-/* Weighted sums of decoded value codes for g <= 64 heads: with w[h * stride + gi * group + i] the
- * weight of position i of group gi (0 skips it), out[h * padded + c] += sum w * step * code and
- * offsets[h * value_runs + r] += sum w * min (the caller adds a run's offset to each of its channels).
- * scratch: (2 + g) * group * value_runs floats. */
+/* The weighted sums of decoded value codes for g heads: with w[h * stride + gi * group + i] >= 0 the
+ * weight of position i of group gi (a head whose group weights are all 0 is skipped), out[h * padded
+ * + c] += sum_i w * value_ic, for c < dv. The weights are quantized to int8 per head and group.
+ * scratch: 2 * padded floats. */
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
-                     const kvr_code_layout *layout, size_t dv, float *out, float *offsets, float *scratch);
+                     const kvr_code_layout *layout, size_t dv, float *out, float *scratch);
+
+/* The largest of x[0, n) (-inf for n == 0; NaN-free input), vectorised. */
+float kvr_max(const float *x, size_t n);
+
+/* out[gi] = sum of x[gi * group, (gi + 1) * group) for gi < groups. */
+void kvr_group_sums(const float *x, size_t groups, size_t group, float *out);
+
+/* A light group through its mean value: out[h * padded + c] += totals[h] * mean_c for c < dv.
+ * scratch: padded floats. */
+void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_code_layout *layout, size_t dv, float *out,
+                    float *scratch);
 
 #ifdef __cplusplus
 }
