@@ -27,7 +27,7 @@ import KVRecallStorage
 /// results being the best k of every key scored: with `M` (128) above `Nq` each key links to
 /// nearly all keys ranked with it, so a few expanded nodes hold most of a query's top keys and a
 /// narrow beam with wide lists scans fewer keys per unit of recall than a wide beam with narrow ones.
-public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
+public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
     public static let formatVersion = 3
     public let dimension: Int
@@ -59,7 +59,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Per node, the next connectivity slot to overwrite when full (round robin).
     private var connectivityCursor: [UInt8] = []
     private(set) var entries: [Int32] = []
-    let scratchPool = ScratchPool()
+    let scratchPool = GraphScratchPool()
 
     public init(dimension: Int, M: Int = 128, queryNeighbours: Int = 100, maxTrainingQueries: Int = 4096,
                 restrictedTrainingQueries: Int = 45056, efConstruction: Int = 64, entryCount: Int = 64,
@@ -158,7 +158,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Distances among keys are L2, not inner product: attention keys share a large common
     /// component that would make every key look alike.
     /// `norms` holds every key's squared norm.
-    private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
+    private func prune(_ candidates: [Int32], keys: VectorView, scratch: GraphScratch, norms: UnsafePointer<Float>) -> [Int32] {
         // The fill would keep every candidate: the rule would only reorder them.
         if candidates.count <= M { return candidates }
         let d = dimension
@@ -696,10 +696,12 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                     for j in (th * chunk)..<min(batch, (th + 1) * chunk) {
                         let node = nodes[next + j]
                         keys.decodeRow(node, into: scratch.query)
-                        let starts = entries.map { ($0, 2 * keys.score(query: scratch.query, row: Int($0)) - normsPointer[Int($0)]) }
-                        beamSearch(graph, query: scratch.query, keys: keys, entries: starts, ef: efConstruction,
-                                   scratch: scratch, limit: limit, norms: normsPointer)
-                        let found = scratch.results.drainDescending().filter { Int($0.id) != node }.map(\.id)
+                        entries.withUnsafeBufferPointer { entries in
+                            walkGraph(graph, L2Query(query: scratch.query, norms: normsPointer), keys: keys, entries: entries,
+                                      width: efConstruction, limit: limit, scratch: scratch)
+                        }
+                        let (beam, size) = scratch.beam()
+                        let found = (0..<size).map { GraphKey.unpack(beam[$0]).id }.filter { Int($0) != node }
                         out[j] = self.prune(found, keys: keys, scratch: scratch, norms: normsPointer)
                     }
                 }
@@ -717,13 +719,9 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 
     /// Adds keys `range` (decode-time upkeep): each is searched for and linked.
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        try checkAdd(keys: keys, range: range, name: "the retrieval graph")
         guard isTrained else {
             throw IndexError.notBuilt("the retrieval graph must first be built from prefill queries")
-        }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("keys are added in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
         }
         if count == 0 {
             guard !range.isEmpty else { return }
@@ -740,20 +738,31 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         count = newCount
     }
 
+    /// Top-`k` of each query by a beam walk from the entry points; the beam (ef) may be narrower
+    /// than k, the results being the best k of every key scored.
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
-        guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
-        try parameters.graph.validate()
-        // The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
-        let ef = parameters.graph.ef
+        try searchGraph(queries, k: k, parameters: parameters, keys: keys)
+    }
+
+    /// Top-`k` for each query of a GQA group (`g x dimension`) by one shared walk of the graph:
+    /// each reached key is read once for the whole group. An ef below `k` narrows each query's
+    /// beam as in `search`.
+    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                            keys: VectorView) throws -> SearchResults {
+        try searchGraphGroup(queries, k: k, parameters: parameters, keys: keys)
+    }
+
+    static let indexName = "the retrieval graph"
+
+    /// The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
+    func beamWidth(k: Int, ef: Int) -> Int { ef }
+
+    /// One walk from the entry points (each scored for every query).
+    func walk<Queries: WalkQueries>(_ queries: Queries, width: Int, keep: Int, keys: VectorView, scratch: GraphScratch) {
         let graph = self.graph
-        return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
-                                pool: scratchPool) { query, scratch in
-            let starts = entries.map { ($0, keys.score(query: query, row: Int($0))) }
-            scratch.computations += starts.count
-            beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count, keep: k)
+        entries.withUnsafeBufferPointer { entries in
+            walkGraph(graph, queries, keys: keys, entries: entries, width: width, keep: keep, limit: count, scratch: scratch)
         }
     }
 
@@ -850,4 +859,22 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 func rowAsFloats(_ keys: VectorView, _ i: Int, _ buffer: UnsafeMutablePointer<Float>) -> UnsafeMutablePointer<Float> {
     keys.decodeRow(i, into: buffer)
     return buffer
+}
+
+/// Sorts short candidate lists best first (score descending, ties to the lower id). Insertion
+/// sort: the lists here hold a few dozen to a few hundred entries and are mostly ordered already.
+@inline(__always)
+func sortBestFirst(_ list: inout [(score: Float, id: Int32)]) {
+    list.withUnsafeMutableBufferPointer { a in
+        guard a.count > 1 else { return }
+        for i in 1..<a.count {
+            let x = a[i]
+            var j = i - 1
+            while j >= 0 && (a[j].score < x.score || (a[j].score == x.score && a[j].id > x.id)) {
+                a[j + 1] = a[j]
+                j -= 1
+            }
+            a[j + 1] = x
+        }
+    }
 }
