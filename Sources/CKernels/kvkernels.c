@@ -98,16 +98,28 @@ static float dot_u8_portable(const float *q, const uint8_t *row, size_t d) {
 /* Rows a gathered scan prefetches ahead of the one it scores: a burst of a whole neighbour list's
  * rows stalls on the miss queue (at 128K keys 4-5% slower than 4 ahead; 2 and 8 in between). */
 #define ROWS_AHEAD 4
+/* Bytes of a row prefetched: its first four cache lines. The scoring reads the row in order, and
+ * the hardware's stream prefetcher brings the rest; prefetching every line kept more misses in
+ * flight than the load queue holds (HNSW, 128K keys, held-out keys: 7.4-7.8 us against 7.1-7.2
+ * per query). */
+#define PREFETCH_BYTES(B) ((B) < 256 ? (B) : 256)
 
 /* Scores of g queries against n rows given by pointer, each row prefetched ROWS_AHEAD rows
- * before it is scored (a graph walk's unvisited neighbours, read at random from the map). */
-#define SCORE_GATHERED(DOT, T)                                                     \
-    for (size_t r = 0; r < n && r < ROWS_AHEAD; r++) kvr_prefetch(rows[r], d * sizeof(T)); \
+ * before it is scored (a graph walk's unvisited neighbours, read at random from the map). The
+ * common head dimensions get their own loops (DOT inlined with a constant d: unrolled, no tail
+ * tests), and one query its own; the arithmetic is the same, so are the results. */
+#define GATHER_LOOP(DOT, T, DIM)                                                   \
     for (size_t r = 0; r < n; r++) {                                               \
-        if (r + ROWS_AHEAD < n) kvr_prefetch(rows[r + ROWS_AHEAD], d * sizeof(T));  \
+        if (r + ROWS_AHEAD < n) kvr_prefetch(rows[r + ROWS_AHEAD], PREFETCH_BYTES((DIM) * sizeof(T))); \
         const T *p = (const T *)rows[r];                                           \
-        for (size_t h = 0; h < g; h++) out[r * g + h] = DOT(queries + h * d, p, d); \
+        if (g == 1) out[r] = DOT(queries, p, DIM);                                 \
+        else for (size_t h = 0; h < g; h++) out[r * g + h] = DOT(queries + h * (DIM), p, DIM); \
     }
+#define SCORE_GATHERED(DOT, T)                                                     \
+    for (size_t r = 0; r < n && r < ROWS_AHEAD; r++) kvr_prefetch(rows[r], PREFETCH_BYTES(d * sizeof(T))); \
+    if (d == 128) { GATHER_LOOP(DOT, T, 128) }                                     \
+    else if (d == 64) { GATHER_LOOP(DOT, T, 64) }                                  \
+    else { GATHER_LOOP(DOT, T, d) }
 
 /* ---- AVX2 / FMA / F16C bodies ---- */
 #if KVR_X86

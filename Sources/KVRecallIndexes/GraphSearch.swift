@@ -50,18 +50,17 @@ protocol WalkQueries {
     var count: Int { get }
     /// Scores `n` gathered rows (`rows`, key positions `ids`) for every query into `out`
     /// (`n x count`, row-major), prefetching rows a few ahead.
-    func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
-               into out: UnsafeMutablePointer<Float>)
+    func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView, into out: UnsafeMutablePointer<Float>)
     /// The same for query `h` alone (`n` scores; HNSW's greedy descent, one head at a time).
-    func score(head h: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int,
-               keys: VectorView, into out: UnsafeMutablePointer<Float>)
+    func score(head h: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
+               into out: UnsafeMutablePointer<Float>)
 }
 
 extension WalkQueries {
     /// One query alone is the group of one.
     @inline(__always)
-    func score(head h: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int,
-               keys: VectorView, into out: UnsafeMutablePointer<Float>) {
+    func score(head h: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
+               into out: UnsafeMutablePointer<Float>) {
         score(rows, ids: ids, count: n, keys: keys, into: out)
     }
 
@@ -69,8 +68,8 @@ extension WalkQueries {
     /// whatever `g` (so a group of one walks exactly as a single query), and for f32 equals
     /// `VectorView.score`.
     @inline(__always)
-    func scoreGathered(_ queries: UnsafePointer<Float>, _ g: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, _ n: Int,
-                       _ keys: VectorView, _ out: UnsafeMutablePointer<Float>) {
+    func scoreRows(_ queries: UnsafePointer<Float>, _ g: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, _ n: Int,
+                   _ keys: VectorView, _ out: UnsafeMutablePointer<Float>) {
         switch keys.dtype {
         case .f32: kvr_scores_gathered_f32(queries, g, rows, n, keys.dimension, out)
         case .f16: kvr_scores_gathered_f16(queries, g, rows, n, keys.dimension, out)
@@ -86,7 +85,7 @@ struct SingleQuery: WalkQueries {
     @inline(__always)
     func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
                into out: UnsafeMutablePointer<Float>) {
-        scoreGathered(query, 1, rows, n, keys, out)
+        scoreRows(query, 1, rows, n, keys, out)
     }
 }
 
@@ -99,7 +98,7 @@ struct L2Query: WalkQueries {
     @inline(__always)
     func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
                into out: UnsafeMutablePointer<Float>) {
-        scoreGathered(query, 1, rows, n, keys, out)
+        scoreRows(query, 1, rows, n, keys, out)
         for j in 0..<n { out[j] = 2 * out[j] - norms[Int(ids[j])] }
     }
 }
@@ -112,13 +111,13 @@ struct QueryGroup: WalkQueries {
     @inline(__always)
     func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
                into out: UnsafeMutablePointer<Float>) {
-        scoreGathered(queries, count, rows, n, keys, out)
+        scoreRows(queries, count, rows, n, keys, out)
     }
 
     @inline(__always)
-    func score(head h: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int,
-               keys: VectorView, into out: UnsafeMutablePointer<Float>) {
-        scoreGathered(queries + h * keys.dimension, 1, rows, n, keys, out)
+    func score(head h: Int, _ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
+               into out: UnsafeMutablePointer<Float>) {
+        scoreRows(queries + h * keys.dimension, 1, rows, n, keys, out)
     }
 }
 
@@ -159,11 +158,25 @@ struct Beam {
         self.width = width
     }
 
-    /// Keeps `key` if it is among the `width` best seen.
+    /// Offers `n` nodes (`ids`, scores at `scores[j * stride]`). Call it on a local copy of the
+    /// beam, so its fields stay in registers: most offers are refused by one comparison with the
+    /// worst key kept (a full beam never holds a key equal to a new node's).
     @inline(__always)
-    mutating func offer(_ key: UInt64) {
-        guard size < width || key > keys[size &- 1] else { return }
-        // The first position whose key is below `key` (branch-free: the outcomes are random).
+    mutating func offer(_ scores: UnsafePointer<Float>, stride: Int, ids: UnsafePointer<Int32>, count n: Int) {
+        var floor: UInt64 = size < width ? 0 : keys[size &- 1]
+        for j in 0..<n {
+            let key = GraphKey.make(scores[j &* stride], ids[j])
+            guard key >= floor else { continue }
+            insert(key)
+            floor = size < width ? 0 : keys[size &- 1]
+        }
+    }
+
+    /// Inserts `key` in order, dropping the worst when full (the caller checked it belongs).
+    @inline(__always)
+    mutating func insert(_ key: UInt64) {
+        // The first position whose key is below `key` (a binary search; written branch-free,
+        // a comparison's 0 or 1 scaling the step, it measured slower).
         var lo = 0
         if size > 0 {
             var n = size
@@ -215,19 +228,25 @@ struct KeptBest {
         self.keep = keep
     }
 
+    /// Offers `n` nodes (`ids`, scores at `scores[j * stride]`); call it on a local copy.
     @inline(__always)
-    mutating func offer(_ s: Float, _ id: Int32) {
-        guard s >= threshold else { return }
-        keys[count] = kvr_pair_key(s, id)
-        count &+= 1
-        if count == 2 &* keep {
-            threshold = kvr_pair_score(kvr_select_u64(keys, count, keep))
-            count = keep
+    mutating func offer(_ scores: UnsafePointer<Float>, stride: Int, ids: UnsafePointer<Int32>, count n: Int) {
+        for j in 0..<n {
+            let s = scores[j &* stride]
+            guard s >= threshold else { continue }
+            keys[count] = kvr_pair_key(s, ids[j])
+            count &+= 1
+            if count == 2 &* keep {
+                threshold = kvr_pair_score(kvr_select_u64(keys, count, keep))
+                count = keep
+            }
         }
     }
 }
 
 // MARK: Scratch
+
+typealias VisitStamp = UInt32
 
 /// Per-thread scratch of graph walks, reused across walks (pooled per index: visited stamps for
 /// every node are too costly to allocate per query). The walk's growable state lives behind one
@@ -235,9 +254,9 @@ struct KeptBest {
 final class GraphScratch {
     struct State {
         /// Visited stamps, one per node, cleared in O(1) by bumping the generation.
-        var stamps: UnsafeMutablePointer<UInt32>
+        var stamps: UnsafeMutablePointer<VisitStamp>
         var stampCapacity: Int
-        var generation: UInt32 = 0
+        var generation: VisitStamp = 0
         /// Beams of the last walk: `heads` of them, `beamWidth` keys each.
         var beams: UnsafeMutablePointer<Beam>
         var beamKeys: UnsafeMutablePointer<UInt64>
@@ -281,7 +300,7 @@ final class GraphScratch {
     init(dimension: Int, capacity: Int) {
         self.dimension = dimension
         let nodes = max(1, capacity)
-        let stamps = UnsafeMutablePointer<UInt32>.allocate(capacity: nodes)
+        let stamps = UnsafeMutablePointer<VisitStamp>.allocate(capacity: nodes)
         stamps.initialize(repeating: 0, count: nodes)
         state = .allocate(capacity: 1)
         state.initialize(to: State(stamps: stamps, stampCapacity: nodes,
@@ -313,8 +332,8 @@ final class GraphScratch {
     /// empties the beams, bumps the visited generation. Returns the walk's pointers.
     @inline(__always)
     func begin(heads g: Int, width: Int, keep: Int, limit: Int) -> (beams: UnsafeMutablePointer<Beam>,
-            kept: UnsafeMutablePointer<KeptBest>, tracking: Bool, stamps: UnsafeMutablePointer<UInt32>,
-            generation: UInt32, scores: UnsafeMutablePointer<Float>) {
+            kept: UnsafeMutablePointer<KeptBest>, tracking: Bool, stamps: UnsafeMutablePointer<VisitStamp>,
+            generation: VisitStamp, scores: UnsafeMutablePointer<Float>) {
         let s = state
         if limit > s.pointee.stampCapacity {
             s.pointee.stamps.deallocate()
@@ -409,14 +428,21 @@ final class GraphScratch {
 }
 
 /// A lock-protected stack of scratch objects, so concurrent searches each get their own and
-/// repeated searches reuse them.
+/// repeated searches reuse them. The stack lives behind a pointer (no exclusivity checks).
 final class GraphScratchPool: @unchecked Sendable {
     private let lock = NSLock()
-    private var free: [GraphScratch] = []
+    private let free = UnsafeMutablePointer<[GraphScratch]>.allocate(capacity: 1)
+
+    init() { free.initialize(to: []) }
+
+    deinit {
+        free.deinitialize(count: 1)
+        free.deallocate()
+    }
 
     func take(dimension: Int, capacity: Int) -> GraphScratch {
         lock.lock()
-        let s = free.popLast()
+        let s = free.pointee.popLast()
         lock.unlock()
         let scratch = s ?? GraphScratch(dimension: dimension, capacity: capacity)
         scratch.computations = 0
@@ -425,7 +451,7 @@ final class GraphScratchPool: @unchecked Sendable {
 
     func give(_ scratch: GraphScratch) {
         lock.lock()
-        free.append(scratch)
+        free.pointee.append(scratch)
         lock.unlock()
     }
 
@@ -474,13 +500,15 @@ func walkGraph<Links: NeighbourSource, Queries: WalkQueries>(
 
     /// Offers the `n` pending nodes, scored in `scores` (`n x g`), to every head.
     @inline(__always) func offer(_ n: Int, _ scores: UnsafePointer<Float>) {
-        for j in 0..<n {
-            let node = pending[j]
-            for h in 0..<g {
-                let s = scores[j &* g &+ h]
-                if tracking { kept[h].offer(s, node) }
-                beams[h].offer(GraphKey.make(s, node))
+        for h in 0..<g {
+            if tracking {
+                var best = kept[h]
+                best.offer(scores + h, stride: g, ids: pending, count: n)
+                kept[h] = best
             }
+            var beam = beams[h]
+            beam.offer(scores + h, stride: g, ids: pending, count: n)
+            beams[h] = beam
         }
     }
 
@@ -504,6 +532,7 @@ func walkGraph<Links: NeighbourSource, Queries: WalkQueries>(
             e &+= 1
         }
         if waiting > 0 {
+            for j in 0..<waiting { rows[j] = keys.row(Int(pending[j])) }
             queries.score(rows, ids: pending, count: waiting, keys: keys, into: scores)
             offer(waiting, scores)
             computed &+= waiting &* g
@@ -522,9 +551,10 @@ func walkGraph<Links: NeighbourSource, Queries: WalkQueries>(
         // The node expanded next (the next head's best unexpanded): fetch its list while scoring.
         let next = h &+ 1 == g ? 0 : h &+ 1
         if let upcoming = beams[next].upcoming { links.prefetch(Int(upcoming)) }
-        // Unvisited neighbours below `limit`. The visited test is branch-free (a stamp is written
-        // whether or not it was set; lists hold no duplicates), so its cache misses overlap
-        // instead of each costing a mispredicted branch.
+        // Unvisited neighbours below `limit`, with their rows. The visited test is branch-free (a
+        // stamp is written whether or not it was set; lists hold no duplicates; a visited node's
+        // entry is overwritten by the next), so its cache misses overlap instead of each costing
+        // a mispredicted branch.
         var waiting = 0
         for n in links.neighbours(Int(c)) {
             let ni = Int(n)
@@ -532,10 +562,10 @@ func walkGraph<Links: NeighbourSource, Queries: WalkQueries>(
             let fresh = stamps[ni] != generation
             stamps[ni] = generation
             pending[waiting] = n
+            rows[waiting] = keys.row(ni)
             waiting &+= fresh ? 1 : 0
         }
         if waiting > 0 {
-            for j in 0..<waiting { rows[j] = keys.row(Int(pending[j])) }
             queries.score(rows, ids: pending, count: waiting, keys: keys, into: scores)
             offer(waiting, scores)
             computed &+= waiting &* g
@@ -571,26 +601,26 @@ extension GraphWalkIndex {
         var results = SearchResults(k: k, queryCount: m)
         results.stats.keyCount = count
         let plan = ChunkPlan.contiguous(count: m, threads: parameters.threads)
-        var computed = [Int](repeating: 0, count: plan.workers)
+        let computed = UnsafeMutablePointer<Int>.allocate(capacity: plan.workers)
+        defer { computed.deallocate() }
+        computed.initialize(repeating: 0, count: plan.workers)
         results.ids.withUnsafeMutableBufferPointer { ids in
             results.scores.withUnsafeMutableBufferPointer { scores in
-                computed.withUnsafeMutableBufferPointer { computed in
-                    plan.run { worker, chunks in
-                        scratchPool.with(dimension: d, capacity: count) { scratch in
-                            for (_, range) in chunks {
-                                for q in range {
-                                    walk(SingleQuery(query: queries.baseAddress! + q * d), width: width, keep: k, keys: keys,
-                                         scratch: scratch)
-                                    _ = scratch.hits(0, k: k, ids: ids.baseAddress! + q * k, scores: scores.baseAddress! + q * k)
-                                }
+                plan.run { worker, chunks in
+                    scratchPool.with(dimension: d, capacity: count) { scratch in
+                        for (_, range) in chunks {
+                            for q in range {
+                                walk(SingleQuery(query: queries.baseAddress! + q * d), width: width, keep: k, keys: keys,
+                                     scratch: scratch)
+                                _ = scratch.hits(0, k: k, ids: ids.baseAddress! + q * k, scores: scores.baseAddress! + q * k)
                             }
-                            computed[worker] = scratch.computations
                         }
+                        computed[worker] = scratch.computations
                     }
                 }
             }
         }
-        results.stats.distanceComputations = computed.reduce(0, +)
+        results.stats.distanceComputations = UnsafeBufferPointer(start: computed, count: plan.workers).reduce(0, +)
         return results
     }
 

@@ -83,8 +83,9 @@ public final class HNSWIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @
     /// Greedy walk of head `h` of `queries` at one upper layer, from `start` (scored `startScore`):
     /// moves to the best neighbour until none improves; each list is scored by one gathered call.
     @inline(__always)
-    func greedy<Queries: WalkQueries>(_ queries: Queries, head h: Int, keys: VectorView, from start: Int32, score startScore: Float,
-                                      level: Int, scratch: GraphScratch, computations: inout Int) -> (Int32, Float) {
+    func greedy<Queries: WalkQueries>(_ queries: Queries, head h: Int, keys: VectorView, from start: Int32,
+                                      score startScore: Float, level: Int, scratch: GraphScratch,
+                                      computations: inout Int) -> (Int32, Float) {
         let links = layer(level), rows = scratch.rows, scores = scratch.listScores
         var current = start
         var best = startScore
