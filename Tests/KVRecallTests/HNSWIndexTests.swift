@@ -102,6 +102,34 @@ import KVRecallTestSupport
         }
     }
 
+    /// The orphan repair gives a node without an incoming layer-0 edge one from a neighbour (or a
+    /// neighbour's neighbour) whose list is short, never from a long list such as a hub's: a
+    /// hub filled with repair edges made every walk through it score 2M keys.
+    @Test func orphansAreRepairedFromShortListsNotHubs() throws {
+        let f = try IndexFixture(n: 12)
+        let index = try build(f, M: 4, efC: 20)
+        let hub = Int(index.entryPoint)
+        let others = (0..<12).filter { $0 != hub }
+        func set(_ node: Int, _ list: [Int]) {
+            let slot = index.layer(0).slot(node)
+            slot[0] = Int32(list.count)
+            for (i, n) in list.enumerated() { slot[1 + i] = Int32(n) }
+        }
+        // The hub lists six nodes (room for eight, but more than M/2); they and five orphans list the hub.
+        let listed = Array(others.prefix(6)), orphans = Array(others.dropFirst(6))
+        set(hub, listed)
+        for n in others { set(n, [hub]) }
+        index.repairOrphans()
+        #expect(index.neighbours(hub, level: 0).map(Int.init) == listed, "the hub's list is left as it was")
+        var incoming = [Int](repeating: 0, count: 12)
+        for n in 0..<12 { for m in index.neighbours(n, level: 0) { incoming[Int(m)] += 1 } }
+        for o in orphans { #expect(incoming[o] == 1, "orphan \(o) is linked once") }
+        for n in listed {
+            let list = index.neighbours(n, level: 0).map(Int.init)
+            #expect(list.count <= 2 && list[0] == hub, "node \(n) took at most one repair edge: \(list)")
+        }
+    }
+
     @Test func persistenceRoundTripGivesIdenticalResults() throws {
         let f = try IndexFixture(n: 2000)
         let index = try build(f)
