@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -218,13 +217,12 @@ public final class HNSWIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @
             var plans = [[[Int32]]](repeating: [], count: batch)
             let frozenCount = count
             plans.withUnsafeMutableBufferPointer { out in
-                let chunk = (batch + threads - 1) / threads
-                DispatchQueue.concurrentPerform(iterations: min(threads, batch)) { t in
-                    let scratch = pool[t]
-                    let lo = t * chunk
-                    for j in lo..<min(batch, lo + chunk) {
-                        out[j] = self.plan(node: batchRange.lowerBound + j, keys: keys, frozenCount: frozenCount,
-                                           batchStart: batchRange.lowerBound, scratch: scratch)
+                ChunkPlan.contiguous(count: batch, threads: threads).run { t, chunks in
+                    for (_, range) in chunks {
+                        for j in range {
+                            out[j] = self.plan(node: batchRange.lowerBound + j, keys: keys, frozenCount: frozenCount,
+                                               batchStart: batchRange.lowerBound, scratch: pool[t])
+                        }
                     }
                 }
             }

@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -306,27 +305,24 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         matrix.withUnsafeMutableBufferPointer { mb in
             for (j, i) in hot.enumerated() { keys.decodeRow(i, into: mb.baseAddress! + j * d) }
         }
-        let rowsPerBlock = 128, blocks = (m + rowsPerBlock - 1) / rowsPerBlock
-        let workers = max(1, min(threads, blocks))
+        let rowsPerBlock = 128
         var lists = [[Int32]](repeating: [], count: m)
         BLAS.setThreads(1)
         lists.withUnsafeMutableBufferPointer { out in
             matrix.withUnsafeBufferPointer { mb in
                 queries.withUnsafeBufferPointer { qb in
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                    ChunkPlan(count: m, chunk: rowsPerBlock, threads: threads).run { _, blocks in
                         let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
                         defer { scores.deallocate() }
                         var top = TopK<Int32>(k: take)
-                        var b = w
-                        while b < blocks {
-                            let lo = b * rowsPerBlock, rows = min(rowsPerBlock, m - lo)
-                            BLAS.scoresNT(m: rows, n: h, k: d, a: qb.baseAddress! + lo * d, b: mb.baseAddress!, c: scores)
-                            for r in 0..<rows {
+                        for (_, block) in blocks {
+                            let lo = block.lowerBound
+                            BLAS.scoresNT(m: block.count, n: h, k: d, a: qb.baseAddress! + lo * d, b: mb.baseAddress!, c: scores)
+                            for r in 0..<block.count {
                                 top.reset()
                                 top.push(scores: scores + r * h, count: h)
                                 out[lo + r] = top.sorted().map { Int32(hot[Int($0.id)]) }
                             }
-                            b += workers
                         }
                     }
                 }
@@ -341,20 +337,18 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
     /// pruned to `M` at the end, in parallel; the graph has no other edge yet.
     private func projectLists(_ lists: [[Int32]], keys: VectorView, norms: [Float]) {
         let n = keys.count, d = dimension, m = lists.count
-        let workers = max(1, min(threads, m))
+        let plan = ChunkPlan(count: m, chunk: 1, threads: threads), workers = plan.workers
         let pool = (0..<workers).map { _ in scratchPool.take(dimension: d, capacity: n) }
         defer { pool.forEach(scratchPool.give) }
         var kept = [[Int32]](repeating: [], count: m)
         norms.withUnsafeBufferPointer { nb in
             kept.withUnsafeMutableBufferPointer { out in
-                DispatchQueue.concurrentPerform(iterations: workers) { w in
-                    var q = w
-                    while q < m {
+                plan.run { w, owned in
+                    for (q, _) in owned {
                         if let nearest = lists[q].first {
                             keys.decodeRow(Int(nearest), into: pool[w].query)
                             out[q] = self.prune(Array(lists[q].dropFirst()), keys: keys, scratch: pool[w], norms: nb.baseAddress!)
                         }
-                        q += workers
                     }
                 }
             }
@@ -363,7 +357,7 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
             var pending = [[Int32]](repeating: [], count: n)
             let slack = 4 * M
             pending.withUnsafeMutableBufferPointer { pb in
-                DispatchQueue.concurrentPerform(iterations: workers) { w in
+                plan.run { w, _ in
                     func append(_ node: Int, _ ids: some Sequence<Int32>) {
                         pb[node].append(contentsOf: ids)
                         guard pb[node].count > slack else { return }
@@ -380,9 +374,8 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
             let base = links.pointer, stride = self.stride
             projectionCount.withUnsafeMutableBufferPointer { counts in
                 pending.withUnsafeBufferPointer { pb in
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
-                        var node = w
-                        while node < n {
+                    ChunkPlan(count: n, chunk: 1, threads: workers).run { w, nodes in
+                        for (node, _) in nodes {
                             var list = Self.unique(pb[node])
                             if list.count > self.M {
                                 keys.decodeRow(node, into: pool[w].query)
@@ -392,7 +385,6 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
                             slot[0] = Int32(list.count)
                             for (i, x) in list.enumerated() { slot[1 + i] = x }
                             counts[node] = Int32(list.count)
-                            node += workers
                         }
                     }
                 }
@@ -465,23 +457,20 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         }
         // Nearest anchor of every key: argmax 2 x·a - |a|² by sgemm, in chunks over threads.
         var group = [Int32](repeating: 0, count: n)
-        let chunk = 2048, chunks = (n + chunk - 1) / chunk
-        let workers = max(1, min(threads, chunks))
+        let chunk = 2048
         BLAS.setThreads(1)
         group.withUnsafeMutableBufferPointer { out in
             anchorRows.withUnsafeBufferPointer { ar in
                 anchorNorms.withUnsafeBufferPointer { an in
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
+                    ChunkPlan(count: n, chunk: chunk, threads: threads).run { _, chunks in
                         let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
                         let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * anchors)
                         defer { rows.deallocate(); scores.deallocate() }
-                        var c = w
-                        while c < chunks {
-                            let lo = c * chunk, m = decodeRun(keys, from: lo, upTo: min(n, lo + chunk), into: rows)
+                        for (_, part) in chunks {
+                            let lo = part.lowerBound, m = decodeRun(keys, from: lo, upTo: part.upperBound, into: rows)
                             for r in 0..<m { (scores + r * anchors).update(from: an.baseAddress!, count: anchors) }
                             BLAS.scoresNT(m: m, n: anchors, k: d, a: rows, b: ar.baseAddress!, c: scores, alpha: -2, beta: 1)
                             for r in 0..<m { out[lo + r] = Int32(KMeans.argMin(scores + r * anchors, count: anchors).0) }
-                            c += workers
                         }
                     }
                 }
@@ -507,15 +496,13 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         plans.withUnsafeMutableBufferPointer { out in
             norms.withUnsafeBufferPointer { nb in
                 isCold.withUnsafeBufferPointer { coldFlags in
-                    DispatchQueue.concurrentPerform(iterations: max(1, min(threads, pieces.count))) { w in
+                    ChunkPlan(count: pieces.count, chunk: 1, threads: threads).run { _, owned in
                         let rows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
                         let coldRows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
                         let scores = UnsafeMutablePointer<Float>.allocate(capacity: limit * limit)
                         defer { rows.deallocate(); coldRows.deallocate(); scores.deallocate() }
                         var top = TopK<Int32>(k: L + 1)
-                        var p = w
-                        let step = max(1, min(threads, pieces.count))
-                        while p < pieces.count {
+                        for (p, _) in owned {
                             let piece = Array(pieces[p]), s = piece.count
                             var coldIndex: [Int] = []
                             for (j, id) in piece.enumerated() {
@@ -536,7 +523,6 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
                                 }
                                 out[Int(piece[j])] = top.sorted().prefix(L).map(\.id)
                             }
-                            p += step
                         }
                     }
                 }
@@ -651,23 +637,20 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         }
         let rowsPerBlock = 256
         var lists = [[Int32]](repeating: [], count: h)
-        let blocks = (h + rowsPerBlock - 1) / rowsPerBlock
         lists.withUnsafeMutableBufferPointer { out in
             matrix.withUnsafeBufferPointer { m in
-                DispatchQueue.concurrentPerform(iterations: min(threads, blocks)) { t in
+                ChunkPlan(count: h, chunk: rowsPerBlock, threads: threads).run { _, blocks in
                     let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
                     defer { scores.deallocate() }
-                    var b = t
-                    while b < blocks {
-                        let lo = b * rowsPerBlock, rows = min(rowsPerBlock, h - lo)
-                        BLAS.scoresNT(m: rows, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
-                        for r in 0..<rows {
+                    for (_, block) in blocks {
+                        let lo = block.lowerBound
+                        BLAS.scoresNT(m: block.count, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
+                        for r in 0..<block.count {
                             var top = TopK<Int>(k: min(localNeighbours + 1, h))
                             let row = scores + r * h
                             for j in 0..<h { top.push(2 * row[j] - norms[j], j) }  // -|x - y|^2 + |x|^2
                             out[lo + r] = top.sorted().filter { $0.id != lo + r }.prefix(localNeighbours).map { Int32(hot[$0.id]) }
                         }
-                        b += threads
                     }
                 }
             }
@@ -690,10 +673,9 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
             norms.withUnsafeBufferPointer { normsBuffer in
             let normsPointer = normsBuffer.baseAddress!
             plans.withUnsafeMutableBufferPointer { out in
-                let chunk = (batch + threads - 1) / threads
-                DispatchQueue.concurrentPerform(iterations: min(threads, batch)) { th in
+                ChunkPlan.contiguous(count: batch, threads: threads).run { th, chunks in
                     let scratch = pool[th]
-                    for j in (th * chunk)..<min(batch, (th + 1) * chunk) {
+                    for (_, range) in chunks { for j in range {
                         let node = nodes[next + j]
                         keys.decodeRow(node, into: scratch.query)
                         entries.withUnsafeBufferPointer { entries in
@@ -703,7 +685,7 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
                         let (beam, size) = scratch.beam()
                         let found = (0..<size).map { GraphKey.unpack(beam[$0]).id }.filter { Int($0) != node }
                         out[j] = self.prune(found, keys: keys, scratch: scratch, norms: normsPointer)
-                    }
+                    } }
                 }
             }
             }

@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -27,7 +26,7 @@ import KVRecallStorage
 ///   centroid), scanned sequentially, the best candidates re-ranked exactly.
 /// - Later adds put each new key in the list of its nearest fine centroid; the tree stays.
 /// - Searches may run concurrently with each other, not with `add`.
-public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
+public final class CentroidTreeIndex: BuildableIndex, ClusteredIndex, @unchecked Sendable {
     public static let kind = IndexKind.tree
     /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
     public static let formatVersion = 3
@@ -35,7 +34,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     public static let branching = 8
 
     public let dimension: Int
-    public private(set) var count = 0
+    public internal(set) var count = 0
     public private(set) var mapSnapshot: MapIdentity?
     /// Levels of centroids (fine = level 0).
     public let levels: Int
@@ -56,9 +55,11 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
     /// The trained codec; nil until trained.
     private(set) var codec: ListCodec?
     /// The keys of each fine cluster (one inverted list per level-0 node).
-    public private(set) var lists = InvertedLists(lists: 0)
+    public internal(set) var lists = InvertedLists(lists: 0)
     /// Fine labels of the keys `train` saw when it saw all of them, for the `add` of the same range.
-    private var trainedLabels: (range: Range<Int>, labels: [Int32])?
+    var trainedLabels: TrainedLabels?
+    static let indexName = "the centroid tree"
+    var fineCentroids: [Float] { centroids[0] }
     /// Keys beneath each node, per level, and their logarithms (-inf for none).
     private(set) var subtreeSizes: [[Int]] = []
     private var logSizes: [[Float]] = []
@@ -87,13 +88,6 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
                       threads: parameters.threads, codes: parameters.listCodes)
     }
 
-    /// Builds over all keys of `keys`.
-    public convenience init(keys: VectorView, parameters: IndexBuildParameters = IndexBuildParameters(),
-                            progress: ((Int, Int) -> Void)? = nil) throws {
-        try self.init(dimension: keys.dimension, parameters: parameters)
-        try add(keys: keys, range: 0..<keys.count, progress: progress)
-    }
-
     public var isTrained: Bool { !centroids.isEmpty }
 
     /// Nodes per level, fine first.
@@ -106,38 +100,17 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     /// Trains every level on keys `range`.
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard !isTrained else { throw IndexError.invalidParameter("the centroid tree is already trained") }
-        guard !range.isEmpty, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("the centroid tree trains on a non-empty range within \(keys.count) keys, got \(range)")
-        }
+        try checkTrain(keys: keys, range: range)
         let labels = try trainLevels(keys: keys, range: range)
         lists = InvertedLists(lists: levelCounts[0], codeSize: codeKind.codeSize(dimension: dimension))
-        trainedLabels = (range, labels)
+        trainedLabels = TrainedLabels(range: range, labels: labels)
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("the centroid tree adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
-        }
-        guard range.upperBound <= Int(Int32.max) else { throw IndexError.invalidParameter("the tree holds at most \(Int32.max) keys") }
-        guard !range.isEmpty else { return }
-        if !isTrained { try train(keys: keys, range: range) }
-        let labels: [Int32]
-        if let trained = trainedLabels, trained.range == range {
-            labels = trained.labels
-        } else {
-            labels = assignKeys(keys, range: range, centroids: centroids[0], mean: mean, metric: metric, threads: threads)
-        }
-        trainedLabels = nil
-        let codes = encodeKeys(keys, range: range, labels: labels, centroids: centroids[0], mean: mean, codec: codec!, threads: threads)
-        lists.append(labels: labels, firstID: range.lowerBound, codes: codes)
-        count = range.upperBound
-        computeSizes()
-        progress?(range.count, range.count)
+        try addToLists(keys: keys, range: range, progress: progress)
     }
+
+    func didAdd() { computeSizes() }
 
     /// Builds every level from `range`; returns the fine cluster of each key of `range` (in final numbering).
     private func trainLevels(keys: VectorView, range: Range<Int>) throws -> [Int32] {
@@ -262,11 +235,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: TreeQuantizer.Descent, threads: Int,
                      rerank: Int, keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0, isTrained else { throw IndexError.notBuilt("the centroid tree is empty; add keys first") }
-        guard keys.count >= count else {
-            throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
-        }
+        let m = try checkSearch(queries, k: k, keys: keys)
         let quantizer = TreeQuantizer(dimension: dimension, centroids: centroids, childOffsets: childOffsets,
                                       sizes: subtreeSizes, logSizes: logSizes, descent: descent)
         return searchInvertedLists(queries, queryCount: m, k: k, dimension: dimension, threads: threads,
