@@ -78,28 +78,17 @@ extension WalkQueries {
     }
 }
 
-/// One query, ranking keys by inner product.
+/// One query, ranking keys by inner product; with `norms` (the keys' squared norms) by L2
+/// distance instead, as 2 q·k - |k|² (the retrieval graph's key-to-key search while it links keys).
 struct SingleQuery: WalkQueries {
     let query: UnsafePointer<Float>
+    var norms: UnsafePointer<Float>? = nil
     @inline(__always) var count: Int { 1 }
     @inline(__always)
     func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
                into out: UnsafeMutablePointer<Float>) {
         scoreRows(query, 1, rows, n, keys, out)
-    }
-}
-
-/// One key as the query, ranking keys by L2 distance: 2 q·k - |k|² with `norms` the keys' squared
-/// norms (the retrieval graph's key-to-key search while it links keys).
-struct L2Query: WalkQueries {
-    let query: UnsafePointer<Float>
-    let norms: UnsafePointer<Float>
-    @inline(__always) var count: Int { 1 }
-    @inline(__always)
-    func score(_ rows: UnsafePointer<UnsafeRawPointer?>, ids: UnsafePointer<Int32>, count n: Int, keys: VectorView,
-               into out: UnsafeMutablePointer<Float>) {
-        scoreRows(query, 1, rows, n, keys, out)
-        for j in 0..<n { out[j] = 2 * out[j] - norms[Int(ids[j])] }
+        if let norms { for j in 0..<n { out[j] = 2 * out[j] - norms[Int(ids[j])] } }
     }
 }
 

@@ -15,7 +15,7 @@ import KVRecallStorage
 /// against the graph as it stood at the batch start (plus the batch's earlier nodes, scored
 /// directly), then the links are made in node order. The result depends only on the keys,
 /// the parameters and the seed — not on the thread count or timing.
-public final class HNSWIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @unchecked Sendable {
+public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.hnsw
     public static let formatVersion = 2
     public let dimension: Int
@@ -353,26 +353,6 @@ public final class HNSWIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @
         try searchGraph(queries, k: k, parameters: parameters, keys: keys)
     }
 
-    /// Top-`k` for each query of a GQA group (`g x dimension`): each head descends the upper
-    /// layers on its own, then the group walks layer 0 once from the nodes they reached.
-    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
-                            keys: VectorView) throws -> SearchResults {
-        try searchGraphGroup(queries, k: k, parameters: parameters, keys: keys)
-    }
-
-    static let indexName = "the HNSW index"
-
-    /// HNSW raises ef to k.
-    func beamWidth(k: Int, ef: Int) -> Int { max(ef, k) }
-
-    /// The upper layers by greedy descent, then layer 0 by the beam walk.
-    func walk<Queries: WalkQueries>(_ queries: Queries, width: Int, keep: Int, keys: VectorView, scratch: GraphScratch) {
-        let found = descend(queries, keys: keys, to: 0, scratch: scratch)
-        walkGraph(layer(0), queries, keys: keys, entries: UnsafeBufferPointer(start: scratch.entries, count: found),
-                  entryScores: queries.count == 1 ? scratch.entryScores : nil, width: width, keep: keep, limit: count,
-                  scratch: scratch)
-    }
-
     /// HNSW learns nothing before adding.
     public var isTrained: Bool { true }
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {}
@@ -450,5 +430,27 @@ public final class HNSWIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @
         self.maxLevel = maxLevel
         rng.state = state
         mapSnapshot = sections.mapSnapshot
+    }
+}
+
+extension HNSWIndex: GraphWalkIndex, GroupSearchable {
+    /// Top-`k` for each query of a GQA group (`g x dimension`): each head descends the upper
+    /// layers on its own, then the group walks layer 0 once from the nodes they reached.
+    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                            keys: VectorView) throws -> SearchResults {
+        try searchGraphGroup(queries, k: k, parameters: parameters, keys: keys)
+    }
+
+    static let indexName = "the HNSW index"
+
+    /// HNSW raises ef to k.
+    func beamWidth(k: Int, ef: Int) -> Int { max(ef, k) }
+
+    /// The upper layers by greedy descent, then layer 0 by the beam walk.
+    func walk<Queries: WalkQueries>(_ queries: Queries, width: Int, keep: Int, keys: VectorView, scratch: GraphScratch) {
+        let found = descend(queries, keys: keys, to: 0, scratch: scratch)
+        walkGraph(layer(0), queries, keys: keys, entries: UnsafeBufferPointer(start: scratch.entries, count: found),
+                  entryScores: queries.count == 1 ? scratch.entryScores : nil, width: width, keep: keep, limit: count,
+                  scratch: scratch)
     }
 }

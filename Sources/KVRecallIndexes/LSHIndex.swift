@@ -88,10 +88,8 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         let chunkRows = 256
         let done = Counter()
         let plan = ChunkPlan(count: n, chunk: chunkRows, threads: threads)
-        plan.run { t, chunks in
-            let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * dimension)
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * projections)
-            defer { rows.deallocate(); scratch.deallocate() }
+        plan.run(scratch: chunkRows * (dimension + projections)) { t, chunks, buffer in
+            let rows = buffer, scratch = buffer + chunkRows * dimension
             for (_, part) in chunks {
                 let lo = range.lowerBound + part.lowerBound, m = part.count
                 for i in 0..<m {

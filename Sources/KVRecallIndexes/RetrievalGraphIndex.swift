@@ -26,7 +26,7 @@ import KVRecallStorage
 /// results being the best k of every key scored: with `M` (128) above `Nq` each key links to
 /// nearly all keys ranked with it, so a few expanded nodes hold most of a query's top keys and a
 /// narrow beam with wide lists scans fewer keys per unit of recall than a wide beam with narrow ones.
-public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSearchable, @unchecked Sendable {
+public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     public static let kind = IndexKind.retrieval
     public static let formatVersion = 3
     public let dimension: Int
@@ -311,9 +311,7 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         lists.withUnsafeMutableBufferPointer { out in
             matrix.withUnsafeBufferPointer { mb in
                 queries.withUnsafeBufferPointer { qb in
-                    ChunkPlan(count: m, chunk: rowsPerBlock, threads: threads).run { _, blocks in
-                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
-                        defer { scores.deallocate() }
+                    ChunkPlan(count: m, chunk: rowsPerBlock, threads: threads).run(scratch: rowsPerBlock * h) { _, blocks, scores in
                         var top = TopK<Int32>(k: take)
                         for (_, block) in blocks {
                             let lo = block.lowerBound
@@ -462,10 +460,8 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         group.withUnsafeMutableBufferPointer { out in
             anchorRows.withUnsafeBufferPointer { ar in
                 anchorNorms.withUnsafeBufferPointer { an in
-                    ChunkPlan(count: n, chunk: chunk, threads: threads).run { _, chunks in
-                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
-                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * anchors)
-                        defer { rows.deallocate(); scores.deallocate() }
+                    ChunkPlan(count: n, chunk: chunk, threads: threads).run(scratch: chunk * (d + anchors)) { _, chunks, buffer in
+                        let rows = buffer, scores = buffer + chunk * d
                         for (_, part) in chunks {
                             let lo = part.lowerBound, m = decodeRun(keys, from: lo, upTo: part.upperBound, into: rows)
                             for r in 0..<m { (scores + r * anchors).update(from: an.baseAddress!, count: anchors) }
@@ -496,11 +492,8 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         plans.withUnsafeMutableBufferPointer { out in
             norms.withUnsafeBufferPointer { nb in
                 isCold.withUnsafeBufferPointer { coldFlags in
-                    ChunkPlan(count: pieces.count, chunk: 1, threads: threads).run { _, owned in
-                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
-                        let coldRows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
-                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: limit * limit)
-                        defer { rows.deallocate(); coldRows.deallocate(); scores.deallocate() }
+                    ChunkPlan(count: pieces.count, chunk: 1, threads: threads).run(scratch: limit * (2 * d + limit)) { _, owned, buffer in
+                        let rows = buffer, coldRows = buffer + limit * d, scores = buffer + 2 * limit * d
                         var top = TopK<Int32>(k: L + 1)
                         for (p, _) in owned {
                             let piece = Array(pieces[p]), s = piece.count
@@ -639,9 +632,7 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         var lists = [[Int32]](repeating: [], count: h)
         lists.withUnsafeMutableBufferPointer { out in
             matrix.withUnsafeBufferPointer { m in
-                ChunkPlan(count: h, chunk: rowsPerBlock, threads: threads).run { _, blocks in
-                    let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
-                    defer { scores.deallocate() }
+                ChunkPlan(count: h, chunk: rowsPerBlock, threads: threads).run(scratch: rowsPerBlock * h) { _, blocks, scores in
                     for (_, block) in blocks {
                         let lo = block.lowerBound
                         BLAS.scoresNT(m: block.count, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
@@ -679,7 +670,7 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
                         let node = nodes[next + j]
                         keys.decodeRow(node, into: scratch.query)
                         entries.withUnsafeBufferPointer { entries in
-                            walkGraph(graph, L2Query(query: scratch.query, norms: normsPointer), keys: keys, entries: entries,
+                            walkGraph(graph, SingleQuery(query: scratch.query, norms: normsPointer), keys: keys, entries: entries,
                                       width: efConstruction, limit: limit, scratch: scratch)
                         }
                         let (beam, size) = scratch.beam()
@@ -725,27 +716,6 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
         try searchGraph(queries, k: k, parameters: parameters, keys: keys)
-    }
-
-    /// Top-`k` for each query of a GQA group (`g x dimension`) by one shared walk of the graph:
-    /// each reached key is read once for the whole group. An ef below `k` narrows each query's
-    /// beam as in `search`.
-    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
-                            keys: VectorView) throws -> SearchResults {
-        try searchGraphGroup(queries, k: k, parameters: parameters, keys: keys)
-    }
-
-    static let indexName = "the retrieval graph"
-
-    /// The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
-    func beamWidth(k: Int, ef: Int) -> Int { ef }
-
-    /// One walk from the entry points (each scored for every query).
-    func walk<Queries: WalkQueries>(_ queries: Queries, width: Int, keep: Int, keys: VectorView, scratch: GraphScratch) {
-        let graph = self.graph
-        entries.withUnsafeBufferPointer { entries in
-            walkGraph(graph, queries, keys: keys, entries: entries, width: width, keep: keep, limit: count, scratch: scratch)
-        }
     }
 
     // MARK: Persistence
@@ -833,6 +803,29 @@ public final class RetrievalGraphIndex: BuildableIndex, GraphWalkIndex, GroupSea
         self.entries = entries
         self.count = count
         mapSnapshot = sections.mapSnapshot
+    }
+}
+
+extension RetrievalGraphIndex: GraphWalkIndex, GroupSearchable {
+    /// Top-`k` for each query of a GQA group (`g x dimension`) by one shared walk of the graph:
+    /// each reached key is read once for the whole group. An ef below `k` narrows each query's
+    /// beam as in `search`.
+    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                            keys: VectorView) throws -> SearchResults {
+        try searchGraphGroup(queries, k: k, parameters: parameters, keys: keys)
+    }
+
+    static let indexName = "the retrieval graph"
+
+    /// The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
+    func beamWidth(k: Int, ef: Int) -> Int { ef }
+
+    /// One walk from the entry points (each scored for every query).
+    func walk<Queries: WalkQueries>(_ queries: Queries, width: Int, keep: Int, keys: VectorView, scratch: GraphScratch) {
+        let graph = self.graph
+        entries.withUnsafeBufferPointer { entries in
+            walkGraph(graph, queries, keys: keys, entries: entries, width: width, keep: keep, limit: count, scratch: scratch)
+        }
     }
 }
 

@@ -426,9 +426,7 @@ public enum KMeans {
                 chunkChanged.withUnsafeMutableBufferPointer { chg in
                     assignCentroids.withUnsafeBufferPointer { cen in
                         bias.withUnsafeBufferPointer { bias in
-                            plan.run { _, chunks in
-                                let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * k)
-                                defer { scores.deallocate() }
+                            plan.run(scratch: chunk * k) { _, chunks, scores in
                                 for (c, range) in chunks {
                                     let x = rows.baseAddress! + range.lowerBound * d
                                     let (o, ch) = assignChunk(x, rows: range.count, dimension: d, centroids: cen.baseAddress!, k: k,
@@ -585,9 +583,7 @@ public enum KMeans {
                     norms.withUnsafeBufferPointer { np in
                         chunkSums.withUnsafeMutableBufferPointer { sumBuffer in
                             let dp = distBuffer, sp = sumBuffer
-                            plan.run { _, owned in
-                                let dots = UnsafeMutablePointer<Float>.allocate(capacity: chunk)
-                                defer { dots.deallocate() }
+                            plan.run(scratch: chunk) { _, owned, dots in
                                 for (b, range) in owned {
                                     let lo = range.lowerBound
                                     kvr_scores_f32(centre, x + lo * d, range.count, d, dots)

@@ -51,6 +51,17 @@ public struct ChunkPlan: Sendable {
             DispatchQueue.concurrentPerform(iterations: workers) { w in work(w, chunks(of: w)) }
         }
     }
+
+    /// `run`, each worker with `scratch` floats of its own (a chunk's decoded rows or scores),
+    /// allocated once per worker.
+    @inlinable
+    public func run(scratch: Int, _ work: (_ worker: Int, _ chunks: WorkerChunks, _ buffer: UnsafeMutablePointer<Float>) -> Void) {
+        run { w, chunks in
+            let buffer = UnsafeMutablePointer<Float>.allocate(capacity: Swift.max(1, scratch))
+            defer { buffer.deallocate() }
+            work(w, chunks, buffer)
+        }
+    }
 }
 
 /// The chunks one worker of a `ChunkPlan` runs: (chunk number, its items), in order.

@@ -188,9 +188,7 @@ func encodeKeys(_ keys: VectorView, range: Range<Int>, labels: [Int32], centroid
         labels.withUnsafeBufferPointer { lab in
             centroids.withUnsafeBufferPointer { cen in
                 mean.withUnsafeBufferPointer { mu in
-                    ChunkPlan(count: n, chunk: chunk, threads: threads).run { _, chunks in
-                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
-                        defer { rows.deallocate() }
+                    ChunkPlan(count: n, chunk: chunk, threads: threads).run(scratch: chunk * d) { _, chunks, rows in
                         for (_, part) in chunks {
                             _ = decodeRun(keys, from: range.lowerBound + part.lowerBound, upTo: range.lowerBound + part.upperBound, into: rows)
                             for (r, i) in part.enumerated() {
