@@ -239,14 +239,15 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     /// Gives layer-0 nodes without an incoming edge one, so they stay reachable: the heuristic
     /// pruning can drop a node from every list that held it (hnswlib leaves such nodes
     /// unreachable). The edge is appended to the list of a neighbour, or of a neighbour's
-    /// neighbour, that holds fewer than M/2 edges; no existing edge is ever replaced, so
-    /// navigation is untouched. Lists the heuristic left long (hubs: on keys sharing a large
-    /// offset most nodes keep one edge, to a hub) take none: filled up to 2M with repair edges
-    /// they made every walk through them score 2M keys (synthetic 128K head, held-out keys:
-    /// 0.29% of keys scanned at ef 10 against 0.17%, 2.3% against 1.1% at ef 128, the same
-    /// recall@10 from ef 96 up, 0.920 at ef 256).
+    /// neighbour, that holds fewer than M edges; no existing edge is ever replaced, so navigation
+    /// is untouched. Lists the heuristic left long (hubs: on keys sharing a large offset most
+    /// nodes keep one edge, to a hub) stop taking repair edges at M: filled up to 2M they made
+    /// every walk through them score 2M keys (synthetic 128K head, held-out keys: 0.29% -> 0.21%
+    /// of keys scanned at ef 10, 2.3% -> 1.5% at ef 128, recall@10 within 0.004). A cap of M/2
+    /// scanned fewer still but lost decode-query recall: out-of-distribution walks stay among the
+    /// hubs and reach orphans through their repair edges.
     func repairOrphans() {
-        let cap = max(1, M / 2)
+        let cap = M
         var indegree = [Int32](repeating: 0, count: count)
         for i in 0..<count { for n in neighbours(i, level: 0) { indegree[Int(n)] += 1 } }
         for orphan in 0..<count where indegree[orphan] == 0 && Int32(orphan) != entryPoint {
