@@ -1,4 +1,3 @@
-import Dispatch
 import KVRecallSupport
 import KVRecallKernels
 import KVRecallFormats
@@ -31,21 +30,20 @@ public struct FlatIndex: VectorIndex {
         results.stats.keyCount = keys.count
         results.stats.distanceComputations = m * keys.count
         guard m > 0 else { return results }
-        let threads = max(1, min(parameters.threads, m))
-        let chunk = (m + threads - 1) / threads
         let d = dimension
         let outIDs = UnsafeMutableBufferPointer<Int>.allocate(capacity: m * k)
         let outScores = UnsafeMutableBufferPointer<Float>.allocate(capacity: m * k)
         defer { outIDs.deallocate(); outScores.deallocate() }
-        DispatchQueue.concurrentPerform(iterations: threads) { t in
-            let lo = t * chunk, hi = min(m, lo + chunk)
-            guard lo < hi else { return }
-            let part = UnsafeBufferPointer(rebasing: queries[(lo * d)..<(hi * d)])
-            let tops = FlatIndex.scan(part, k: k, keys: keys)
-            for (j, top) in tops.enumerated() {
-                for (r, hit) in top.sorted().enumerated() {
-                    outIDs[(lo + j) * k + r] = hit.id
-                    outScores[(lo + j) * k + r] = hit.score
+        ChunkPlan.contiguous(count: m, threads: parameters.threads).run { _, chunks in
+            for (_, range) in chunks {
+                let lo = range.lowerBound
+                let part = UnsafeBufferPointer(rebasing: queries[(lo * d)..<(range.upperBound * d)])
+                let tops = FlatIndex.scan(part, k: k, keys: keys)
+                for (j, top) in tops.enumerated() {
+                    for (r, hit) in top.sorted().enumerated() {
+                        outIDs[(lo + j) * k + r] = hit.id
+                        outScores[(lo + j) * k + r] = hit.score
+                    }
                 }
             }
         }

@@ -1,4 +1,3 @@
-import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -79,11 +78,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("LSH adds keys in order: expected range starting at \(count) within \(keys.count) keys, got \(range)")
-        }
+        try checkAdd(keys: keys, range: range, name: "LSH")
         let n = range.count
         guard n > 0 else { return }
         if !isTrained { try train(keys: keys, range: range) }
@@ -91,23 +86,18 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         let codes = UnsafeMutablePointer<UInt16>.allocate(capacity: n * tables)
         defer { codes.deallocate() }
         let chunkRows = 256
-        let chunks = (n + chunkRows - 1) / chunkRows
         let done = Counter()
-        DispatchQueue.concurrentPerform(iterations: min(threads, chunks)) { t in
-            let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * dimension)
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * projections)
-            defer { rows.deallocate(); scratch.deallocate() }
-            var c = t
-            while c < chunks {
-                let lo = range.lowerBound + c * chunkRows
-                let m = min(chunkRows, range.upperBound - lo)
+        let plan = ChunkPlan(count: n, chunk: chunkRows, threads: threads)
+        plan.run(scratch: chunkRows * (dimension + projections)) { t, chunks, buffer in
+            let rows = buffer, scratch = buffer + chunkRows * dimension
+            for (_, part) in chunks {
+                let lo = range.lowerBound + part.lowerBound, m = part.count
                 for i in 0..<m {
                     keys.decodeRow(lo + i, into: rows + i * dimension)
                     for j in 0..<dimension { rows[i * dimension + j] -= mean[j] }
                 }
-                self.codes(rows: rows, n: m, scratch: scratch, into: codes + (lo - range.lowerBound) * tables)
-                if t == 0 { progress?(min(n, done.add(m * threads)), n) }
-                c += threads
+                self.codes(rows: rows, n: m, scratch: scratch, into: codes + part.lowerBound * tables)
+                if t == 0 { progress?(min(n, done.add(m * plan.workers)), n) }
             }
         }
         // Merge into each table's CSR buckets (old ids first, so buckets stay in id order).
@@ -116,7 +106,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         var newIDs = bucketIDs
         newOffsets.withUnsafeMutableBufferPointer { offsetsOut in
             newIDs.withUnsafeMutableBufferPointer { idsOut in
-                DispatchQueue.concurrentPerform(iterations: tables) { t in
+                ChunkPlan(count: tables, chunk: 1, threads: threads).run { _, owned in for (t, _) in owned {
                     var counts = [Int32](repeating: 0, count: buckets)
                     let old = bucketOffsets[t]
                     for b in 0..<buckets { counts[b] = old[b + 1] - old[b] }
@@ -136,7 +126,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                     }
                     offsetsOut[t] = offsets
                     idsOut[t] = SectionArray(ids)
-                }
+                } }
             }
         }
         bucketOffsets = newOffsets
@@ -147,23 +137,17 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0 else { throw IndexError.notBuilt("the LSH index is empty") }
-        guard keys.count >= count else {
-            throw IndexError.corrupt("the LSH index covers \(count) keys but the head holds \(keys.count)")
-        }
+        let m = try checkSearch(queries, k: k, keys: keys, name: "the LSH index")
         guard (1...tables).contains(parameters.lsh.minCollisions) else {
             throw IndexError.invalidParameter("min-collisions \(parameters.lsh.minCollisions) must be in 1...\(tables) (the table count)")
         }
         var results = SearchResults(k: k, queryCount: m)
         results.stats.keyCount = count
-        let threads = max(1, min(parameters.threads, m))
-        let chunk = (m + threads - 1) / threads
         let need = UInt16(parameters.lsh.minCollisions)
         let computed = Counter()
         results.ids.withUnsafeMutableBufferPointer { ids in
             results.scores.withUnsafeMutableBufferPointer { scores in
-                DispatchQueue.concurrentPerform(iterations: threads) { t in
+                ChunkPlan.contiguous(count: m, threads: parameters.threads).run { _, chunks in
                     var hits = [UInt16](repeating: 0, count: count)
                     var touched: [Int32] = []
                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: projections)
@@ -171,7 +155,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                     defer { scratch.deallocate() }
                     var top = TopK<Int>(k: k)
                     var local = 0
-                    for q in (t * chunk)..<min(m, (t + 1) * chunk) {
+                    for (_, range) in chunks { for q in range {
                         let query = queries.baseAddress! + q * dimension
                         code.withUnsafeMutableBufferPointer { self.codes(rows: query, n: 1, scratch: scratch, into: $0.baseAddress!) }
                         touched.removeAll(keepingCapacity: true)
@@ -200,7 +184,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                             ids[q * k + j] = hit.id
                             scores[q * k + j] = hit.score
                         }
-                    }
+                    } }
                     _ = computed.add(local)
                 }
             }

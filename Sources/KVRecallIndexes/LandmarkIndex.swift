@@ -31,11 +31,7 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {}
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("keys are added in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
-        }
+        try checkAdd(keys: keys, range: range, name: "the landmark index")
         let d = dimension
         let blocks = (range.upperBound + blockSize - 1) / blockSize
         let fresh = blocks * d - sums.count
@@ -82,11 +78,7 @@ public final class LandmarkIndex: BuildableIndex, @unchecked Sendable {
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0 else { throw IndexError.notBuilt("the landmark index is empty") }
-        guard keys.count >= count else {
-            throw IndexError.corrupt("the landmark index covers \(count) keys but the head holds \(keys.count)")
-        }
+        let m = try checkSearch(queries, k: k, keys: keys, name: "the landmark index")
         try parameters.landmark.validate()
         let keep = min(blockCount, parameters.landmark.blocks > 0 ? parameters.landmark.blocks : (4 * k + blockSize - 1) / blockSize)
         var results = SearchResults(k: k, queryCount: m)

@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -59,7 +58,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Per node, the next connectivity slot to overwrite when full (round robin).
     private var connectivityCursor: [UInt8] = []
     private(set) var entries: [Int32] = []
-    let scratchPool = ScratchPool()
+    let scratchPool = GraphScratchPool()
 
     public init(dimension: Int, M: Int = 128, queryNeighbours: Int = 100, maxTrainingQueries: Int = 4096,
                 restrictedTrainingQueries: Int = 45056, efConstruction: Int = 64, entryCount: Int = 64,
@@ -158,7 +157,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Distances among keys are L2, not inner product: attention keys share a large common
     /// component that would make every key look alike.
     /// `norms` holds every key's squared norm.
-    private func prune(_ candidates: [Int32], keys: VectorView, scratch: SearchScratch, norms: UnsafePointer<Float>) -> [Int32] {
+    private func prune(_ candidates: [Int32], keys: VectorView, scratch: GraphScratch, norms: UnsafePointer<Float>) -> [Int32] {
         // The fill would keep every candidate: the rule would only reorder them.
         if candidates.count <= M { return candidates }
         let d = dimension
@@ -306,27 +305,22 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         matrix.withUnsafeMutableBufferPointer { mb in
             for (j, i) in hot.enumerated() { keys.decodeRow(i, into: mb.baseAddress! + j * d) }
         }
-        let rowsPerBlock = 128, blocks = (m + rowsPerBlock - 1) / rowsPerBlock
-        let workers = max(1, min(threads, blocks))
+        let rowsPerBlock = 128
         var lists = [[Int32]](repeating: [], count: m)
         BLAS.setThreads(1)
         lists.withUnsafeMutableBufferPointer { out in
             matrix.withUnsafeBufferPointer { mb in
                 queries.withUnsafeBufferPointer { qb in
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
-                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
-                        defer { scores.deallocate() }
+                    ChunkPlan(count: m, chunk: rowsPerBlock, threads: threads).run(scratch: rowsPerBlock * h) { _, blocks, scores in
                         var top = TopK<Int32>(k: take)
-                        var b = w
-                        while b < blocks {
-                            let lo = b * rowsPerBlock, rows = min(rowsPerBlock, m - lo)
-                            BLAS.scoresNT(m: rows, n: h, k: d, a: qb.baseAddress! + lo * d, b: mb.baseAddress!, c: scores)
-                            for r in 0..<rows {
+                        for (_, block) in blocks {
+                            let lo = block.lowerBound
+                            BLAS.scoresNT(m: block.count, n: h, k: d, a: qb.baseAddress! + lo * d, b: mb.baseAddress!, c: scores)
+                            for r in 0..<block.count {
                                 top.reset()
                                 top.push(scores: scores + r * h, count: h)
                                 out[lo + r] = top.sorted().map { Int32(hot[Int($0.id)]) }
                             }
-                            b += workers
                         }
                     }
                 }
@@ -341,20 +335,18 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// pruned to `M` at the end, in parallel; the graph has no other edge yet.
     private func projectLists(_ lists: [[Int32]], keys: VectorView, norms: [Float]) {
         let n = keys.count, d = dimension, m = lists.count
-        let workers = max(1, min(threads, m))
+        let plan = ChunkPlan(count: m, chunk: 1, threads: threads), workers = plan.workers
         let pool = (0..<workers).map { _ in scratchPool.take(dimension: d, capacity: n) }
         defer { pool.forEach(scratchPool.give) }
         var kept = [[Int32]](repeating: [], count: m)
         norms.withUnsafeBufferPointer { nb in
             kept.withUnsafeMutableBufferPointer { out in
-                DispatchQueue.concurrentPerform(iterations: workers) { w in
-                    var q = w
-                    while q < m {
+                plan.run { w, owned in
+                    for (q, _) in owned {
                         if let nearest = lists[q].first {
                             keys.decodeRow(Int(nearest), into: pool[w].query)
                             out[q] = self.prune(Array(lists[q].dropFirst()), keys: keys, scratch: pool[w], norms: nb.baseAddress!)
                         }
-                        q += workers
                     }
                 }
             }
@@ -363,7 +355,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             var pending = [[Int32]](repeating: [], count: n)
             let slack = 4 * M
             pending.withUnsafeMutableBufferPointer { pb in
-                DispatchQueue.concurrentPerform(iterations: workers) { w in
+                plan.run { w, _ in
                     func append(_ node: Int, _ ids: some Sequence<Int32>) {
                         pb[node].append(contentsOf: ids)
                         guard pb[node].count > slack else { return }
@@ -380,9 +372,8 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             let base = links.pointer, stride = self.stride
             projectionCount.withUnsafeMutableBufferPointer { counts in
                 pending.withUnsafeBufferPointer { pb in
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
-                        var node = w
-                        while node < n {
+                    ChunkPlan(count: n, chunk: 1, threads: workers).run { w, nodes in
+                        for (node, _) in nodes {
                             var list = Self.unique(pb[node])
                             if list.count > self.M {
                                 keys.decodeRow(node, into: pool[w].query)
@@ -392,7 +383,6 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                             slot[0] = Int32(list.count)
                             for (i, x) in list.enumerated() { slot[1 + i] = x }
                             counts[node] = Int32(list.count)
-                            node += workers
                         }
                     }
                 }
@@ -465,23 +455,18 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         }
         // Nearest anchor of every key: argmax 2 x·a - |a|² by sgemm, in chunks over threads.
         var group = [Int32](repeating: 0, count: n)
-        let chunk = 2048, chunks = (n + chunk - 1) / chunk
-        let workers = max(1, min(threads, chunks))
+        let chunk = 2048
         BLAS.setThreads(1)
         group.withUnsafeMutableBufferPointer { out in
             anchorRows.withUnsafeBufferPointer { ar in
                 anchorNorms.withUnsafeBufferPointer { an in
-                    DispatchQueue.concurrentPerform(iterations: workers) { w in
-                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
-                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * anchors)
-                        defer { rows.deallocate(); scores.deallocate() }
-                        var c = w
-                        while c < chunks {
-                            let lo = c * chunk, m = decodeRun(keys, from: lo, upTo: min(n, lo + chunk), into: rows)
+                    ChunkPlan(count: n, chunk: chunk, threads: threads).run(scratch: chunk * (d + anchors)) { _, chunks, buffer in
+                        let rows = buffer, scores = buffer + chunk * d
+                        for (_, part) in chunks {
+                            let lo = part.lowerBound, m = decodeRun(keys, from: lo, upTo: part.upperBound, into: rows)
                             for r in 0..<m { (scores + r * anchors).update(from: an.baseAddress!, count: anchors) }
                             BLAS.scoresNT(m: m, n: anchors, k: d, a: rows, b: ar.baseAddress!, c: scores, alpha: -2, beta: 1)
                             for r in 0..<m { out[lo + r] = Int32(KMeans.argMin(scores + r * anchors, count: anchors).0) }
-                            c += workers
                         }
                     }
                 }
@@ -507,15 +492,10 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         plans.withUnsafeMutableBufferPointer { out in
             norms.withUnsafeBufferPointer { nb in
                 isCold.withUnsafeBufferPointer { coldFlags in
-                    DispatchQueue.concurrentPerform(iterations: max(1, min(threads, pieces.count))) { w in
-                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
-                        let coldRows = UnsafeMutablePointer<Float>.allocate(capacity: limit * d)
-                        let scores = UnsafeMutablePointer<Float>.allocate(capacity: limit * limit)
-                        defer { rows.deallocate(); coldRows.deallocate(); scores.deallocate() }
+                    ChunkPlan(count: pieces.count, chunk: 1, threads: threads).run(scratch: limit * (2 * d + limit)) { _, owned, buffer in
+                        let rows = buffer, coldRows = buffer + limit * d, scores = buffer + 2 * limit * d
                         var top = TopK<Int32>(k: L + 1)
-                        var p = w
-                        let step = max(1, min(threads, pieces.count))
-                        while p < pieces.count {
+                        for (p, _) in owned {
                             let piece = Array(pieces[p]), s = piece.count
                             var coldIndex: [Int] = []
                             for (j, id) in piece.enumerated() {
@@ -536,7 +516,6 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
                                 }
                                 out[Int(piece[j])] = top.sorted().prefix(L).map(\.id)
                             }
-                            p += step
                         }
                     }
                 }
@@ -651,23 +630,18 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         }
         let rowsPerBlock = 256
         var lists = [[Int32]](repeating: [], count: h)
-        let blocks = (h + rowsPerBlock - 1) / rowsPerBlock
         lists.withUnsafeMutableBufferPointer { out in
             matrix.withUnsafeBufferPointer { m in
-                DispatchQueue.concurrentPerform(iterations: min(threads, blocks)) { t in
-                    let scores = UnsafeMutablePointer<Float>.allocate(capacity: rowsPerBlock * h)
-                    defer { scores.deallocate() }
-                    var b = t
-                    while b < blocks {
-                        let lo = b * rowsPerBlock, rows = min(rowsPerBlock, h - lo)
-                        BLAS.scoresNT(m: rows, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
-                        for r in 0..<rows {
+                ChunkPlan(count: h, chunk: rowsPerBlock, threads: threads).run(scratch: rowsPerBlock * h) { _, blocks, scores in
+                    for (_, block) in blocks {
+                        let lo = block.lowerBound
+                        BLAS.scoresNT(m: block.count, n: h, k: d, a: m.baseAddress! + lo * d, b: m.baseAddress!, c: scores)
+                        for r in 0..<block.count {
                             var top = TopK<Int>(k: min(localNeighbours + 1, h))
                             let row = scores + r * h
                             for j in 0..<h { top.push(2 * row[j] - norms[j], j) }  // -|x - y|^2 + |x|^2
                             out[lo + r] = top.sorted().filter { $0.id != lo + r }.prefix(localNeighbours).map { Int32(hot[$0.id]) }
                         }
-                        b += threads
                     }
                 }
             }
@@ -690,18 +664,19 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
             norms.withUnsafeBufferPointer { normsBuffer in
             let normsPointer = normsBuffer.baseAddress!
             plans.withUnsafeMutableBufferPointer { out in
-                let chunk = (batch + threads - 1) / threads
-                DispatchQueue.concurrentPerform(iterations: min(threads, batch)) { th in
+                ChunkPlan.contiguous(count: batch, threads: threads).run { th, chunks in
                     let scratch = pool[th]
-                    for j in (th * chunk)..<min(batch, (th + 1) * chunk) {
+                    for (_, range) in chunks { for j in range {
                         let node = nodes[next + j]
                         keys.decodeRow(node, into: scratch.query)
-                        let starts = entries.map { ($0, 2 * keys.score(query: scratch.query, row: Int($0)) - normsPointer[Int($0)]) }
-                        beamSearch(graph, query: scratch.query, keys: keys, entries: starts, ef: efConstruction,
-                                   scratch: scratch, limit: limit, norms: normsPointer)
-                        let found = scratch.results.drainDescending().filter { Int($0.id) != node }.map(\.id)
+                        entries.withUnsafeBufferPointer { entries in
+                            walkGraph(graph, SingleQuery(query: scratch.query, norms: normsPointer), keys: keys, entries: entries,
+                                      width: efConstruction, limit: limit, scratch: scratch)
+                        }
+                        let (beam, size) = scratch.beam()
+                        let found = (0..<size).map { GraphKey.unpack(beam[$0]).id }.filter { Int($0) != node }
                         out[j] = self.prune(found, keys: keys, scratch: scratch, norms: normsPointer)
-                    }
+                    } }
                 }
             }
             }
@@ -717,13 +692,9 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
 
     /// Adds keys `range` (decode-time upkeep): each is searched for and linked.
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        try checkAdd(keys: keys, range: range, name: "the retrieval graph")
         guard isTrained else {
             throw IndexError.notBuilt("the retrieval graph must first be built from prefill queries")
-        }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("keys are added in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
         }
         if count == 0 {
             guard !range.isEmpty else { return }
@@ -740,21 +711,11 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         count = newCount
     }
 
+    /// Top-`k` of each query by a beam walk from the entry points; the beam (ef) may be narrower
+    /// than k, the results being the best k of every key scored.
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        _ = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0 else { throw IndexError.notBuilt("the retrieval graph is empty") }
-        guard keys.count >= count else { throw IndexError.corrupt("the graph covers \(count) keys but the head holds \(keys.count)") }
-        try parameters.graph.validate()
-        // The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
-        let ef = parameters.graph.ef
-        let graph = self.graph
-        return searchGraphBatch(queries, dimension: dimension, k: k, threads: parameters.threads, keyCount: count,
-                                pool: scratchPool) { query, scratch in
-            let starts = entries.map { ($0, keys.score(query: query, row: Int($0))) }
-            scratch.computations += starts.count
-            beamSearch(graph, query: query, keys: keys, entries: starts, ef: ef, scratch: scratch, limit: count, keep: k)
-        }
+        try searchGraph(queries, k: k, parameters: parameters, keys: keys)
     }
 
     // MARK: Persistence
@@ -845,11 +806,52 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     }
 }
 
+extension RetrievalGraphIndex: GraphWalkIndex, GroupSearchable {
+    /// Top-`k` for each query of a GQA group (`g x dimension`) by one shared walk of the graph:
+    /// each reached key is read once for the whole group. An ef below `k` narrows each query's
+    /// beam as in `search`.
+    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                            keys: VectorView) throws -> SearchResults {
+        try searchGraphGroup(queries, k: k, parameters: parameters, keys: keys)
+    }
+
+    static let indexName = "the retrieval graph"
+
+    /// The beam is ef wide; below k it is narrower than the results, which keep the best k scored.
+    func beamWidth(k: Int, ef: Int) -> Int { ef }
+
+    /// One walk from the entry points (each scored for every query).
+    func walk<Queries: WalkQueries>(_ queries: Queries, width: Int, keep: Int, keys: VectorView, scratch: GraphScratch) {
+        let graph = self.graph
+        entries.withUnsafeBufferPointer { entries in
+            walkGraph(graph, queries, keys: keys, entries: entries, width: width, keep: keep, limit: count, scratch: scratch)
+        }
+    }
+}
+
 /// Decodes row `i` of `keys` into `buffer` and returns it (for a norm: the row scored against itself).
 @inline(__always)
 func rowAsFloats(_ keys: VectorView, _ i: Int, _ buffer: UnsafeMutablePointer<Float>) -> UnsafeMutablePointer<Float> {
     keys.decodeRow(i, into: buffer)
     return buffer
+}
+
+/// Sorts short candidate lists best first (score descending, ties to the lower id). Insertion
+/// sort: the lists here hold a few dozen to a few hundred entries and are mostly ordered already.
+@inline(__always)
+func sortBestFirst(_ list: inout [(score: Float, id: Int32)]) {
+    list.withUnsafeMutableBufferPointer { a in
+        guard a.count > 1 else { return }
+        for i in 1..<a.count {
+            let x = a[i]
+            var j = i - 1
+            while j >= 0 && (a[j].score < x.score || (a[j].score == x.score && a[j].id > x.id)) {
+                a[j + 1] = a[j]
+                j -= 1
+            }
+            a[j + 1] = x
+        }
+    }
 }
 
 extension RetrievalGraphIndex {

@@ -206,6 +206,33 @@ package func checkIndexSnapshot(_ indexSnapshot: MapIdentity?, keys: VectorView)
     }
 }
 
+extension BuildableIndex {
+    /// The one search preamble: the keys are of the index's snapshot and dimension, the queries'
+    /// shape and `k` are valid (`validateSearch`), the index holds keys, and the head holds at
+    /// least the keys the index covers. `name` names the index in errors ("the IVF index").
+    /// Returns the query count.
+    package func checkSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, keys: VectorView, name: String) throws -> Int {
+        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
+        guard count > 0, isTrained else { throw IndexError.notBuilt("\(name) is empty; add keys first") }
+        guard keys.count >= count else {
+            throw IndexError.corrupt("\(name) covers \(count) keys but the head holds \(keys.count)")
+        }
+        return m
+    }
+
+    /// The one add preamble: the keys are of the index's snapshot and dimension, and `range`
+    /// continues the index (it starts at `count`) within the keys. `name` names the index in
+    /// errors ("IVF").
+    package func checkAdd(keys: VectorView, range: Range<Int>, name: String) throws {
+        try checkIndexSnapshot(mapSnapshot, keys: keys)
+        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
+        guard range.lowerBound == count, range.upperBound <= keys.count else {
+            throw IndexError.invalidParameter(
+                "\(name) adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
+        }
+    }
+}
+
 package func validateSearch(_ queries: UnsafeBufferPointer<Float>, k: Int, dimension: Int, keys: VectorView,
                             indexSnapshot: MapIdentity? = nil) throws -> Int {
     try checkIndexSnapshot(indexSnapshot, keys: keys)

@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import Foundation
 import KVRecallSupport
 
@@ -205,12 +204,9 @@ public enum KMeans {
                 try repairs.withUnsafeMutableBufferPointer { rep in
                     let cen = cen, lab = lab, rep = rep
                     let failure = LockedError()
-                    let workers = min(threads, groups)
-                    DispatchQueue.concurrentPerform(iterations: workers) { t in
-                        var j = t
-                        while j < groups {
+                    ChunkPlan(count: groups, chunk: 1, threads: threads).run { _, chunks in
+                        for (j, _) in chunks {
                             let g = order[j]
-                            j += workers
                             let kg = share[g]
                             guard kg > 0 else { continue }
                             let lo = memberOffsets[g], cnt = sizes[g]
@@ -347,11 +343,8 @@ public enum KMeans {
             objectives.withUnsafeMutableBufferPointer { obj in
                 changes.withUnsafeMutableBufferPointer { chg in
                     let lab = lab, obj = obj, chg = chg
-                    let workers = max(1, min(threads, groups))
-                    DispatchQueue.concurrentPerform(iterations: workers) { t in
-                        var g = t
-                        while g < groups {
-                            defer { g += workers }
+                    ChunkPlan(count: groups, chunk: 1, threads: threads).run { _, chunks in
+                        for (g, _) in chunks {
                             let lo = memberOffsets[g], cnt = memberOffsets[g + 1] - lo
                             guard cnt > 0 else { continue }
                             // Candidate clusters (global numbers) and their centroids.
@@ -425,28 +418,22 @@ public enum KMeans {
             }
         }
         let chunk = chunkRows(k: k)
-        let chunks = (n + chunk - 1) / chunk
-        var chunkObjective = [Double](repeating: 0, count: chunks)
-        var chunkChanged = [Int](repeating: 0, count: chunks)
-        let workers = max(1, min(threads, chunks))
+        let plan = ChunkPlan(count: n, chunk: chunk, threads: threads)
+        var chunkObjective = [Double](repeating: 0, count: plan.chunks)
+        var chunkChanged = [Int](repeating: 0, count: plan.chunks)
         labels.withUnsafeMutableBufferPointer { lab in
             chunkObjective.withUnsafeMutableBufferPointer { obj in
                 chunkChanged.withUnsafeMutableBufferPointer { chg in
                     assignCentroids.withUnsafeBufferPointer { cen in
                         bias.withUnsafeBufferPointer { bias in
-                            DispatchQueue.concurrentPerform(iterations: workers) { t in
-                                let scores = UnsafeMutablePointer<Float>.allocate(capacity: chunk * k)
-                                defer { scores.deallocate() }
-                                var c = t
-                                while c < chunks {
-                                    let lo = c * chunk, rowsHere = min(chunk, n - lo)
-                                    let x = rows.baseAddress! + lo * d
-                                    let (o, ch) = assignChunk(x, rows: rowsHere, dimension: d, centroids: cen.baseAddress!, k: k,
+                            plan.run(scratch: chunk * k) { _, chunks, scores in
+                                for (c, range) in chunks {
+                                    let x = rows.baseAddress! + range.lowerBound * d
+                                    let (o, ch) = assignChunk(x, rows: range.count, dimension: d, centroids: cen.baseAddress!, k: k,
                                                               bias: bias.baseAddress!, metric: metric, scores: scores,
-                                                              labels: lab.baseAddress! + lo)
+                                                              labels: lab.baseAddress! + range.lowerBound)
                                     obj[c] = o
                                     chg[c] = ch
-                                    c += workers
                                 }
                             }
                         }
@@ -579,9 +566,9 @@ public enum KMeans {
         var dist = [Float](repeating: .infinity, count: m)
         var norms = [Float](repeating: 0, count: m)
         let chunk = 2048
-        let chunks = (m + chunk - 1) / chunk
+        let plan = ChunkPlan(count: m, chunk: chunk, threads: threads)
+        let chunks = plan.chunks
         var chunkSums = [Double](repeating: 0, count: chunks)
-        let workers = max(1, min(threads, chunks))
         subset.withUnsafeBufferPointer { xs in
             let x = xs.baseAddress!
             for i in 0..<m { norms[i] = kvr_dot_f32(x + i * d, x + i * d, d) }
@@ -596,24 +583,19 @@ public enum KMeans {
                     norms.withUnsafeBufferPointer { np in
                         chunkSums.withUnsafeMutableBufferPointer { sumBuffer in
                             let dp = distBuffer, sp = sumBuffer
-                            let body = { (w: Int) in
-                                let dots = UnsafeMutablePointer<Float>.allocate(capacity: chunk)
-                                defer { dots.deallocate() }
-                                var b = w
-                                while b < chunks {
-                                    let lo = b * chunk, cnt = min(chunk, m - lo)
-                                    kvr_scores_f32(centre, x + lo * d, cnt, d, dots)
+                            plan.run(scratch: chunk) { _, owned, dots in
+                                for (b, range) in owned {
+                                    let lo = range.lowerBound
+                                    kvr_scores_f32(centre, x + lo * d, range.count, d, dots)
                                     var s: Double = 0
-                                    for r in 0..<cnt {
+                                    for r in 0..<range.count {
                                         let v = max(0, np[lo + r] - 2 * dots[r] + cn)
                                         if v < dp[lo + r] { dp[lo + r] = v }
                                         s += Double(dp[lo + r])
                                     }
                                     sp[b] = s
-                                    b += workers
                                 }
                             }
-                            if workers == 1 { body(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: body) }
                         }
                     }
                 }

@@ -51,13 +51,13 @@ import KVRecallTestSupport
         #expect(try f.recall(of: a, k: 10, parameters: p).0 >= 0.95)
     }
 
-    /// The sorted beam (`beamSearch`) expands exactly the nodes HNSW's two heaps do: same
+    /// The sorted beam (`walkGraph`) expands exactly the nodes HNSW's two heaps do: same
     /// results, same number of scored keys, against a plain two-heap search-layer.
     @Test func beamSearchMatchesTheTwoHeapSearchLayer() throws {
         let f = try IndexFixture(n: 3000)
         let index = try build(f)
         try f.withKeys { keys in
-            let scratch = SearchScratch(dimension: f.d, capacity: index.count)
+            let scratch = GraphScratch(dimension: f.d, capacity: index.count)
             for q in 0..<f.queries.count / f.d {
                 try f.queries.withUnsafeBufferPointer { all in
                     let query = all.baseAddress! + q * f.d
@@ -84,17 +84,49 @@ import KVRecallTestSupport
                             }
                         }
                         scratch.computations = 0
-                        index.searchLayer(query: query, keys: keys, entries: [(start, startScore)], ef: ef, level: 0,
-                                          scratch: scratch, limit: index.count)
-                        let found = (0..<scratch.results.count).map { scratch.results.ids[$0] }.sorted()
+                        [start].withUnsafeBufferPointer { entry in
+                            var entryScore = startScore
+                            walkGraph(index.layer(0), SingleQuery(query: query), keys: keys, entries: entry,
+                                      entryScores: &entryScore, width: ef, limit: index.count, scratch: scratch)
+                        }
+                        let (beamKeys, size) = scratch.beam()
+                        let beam = (0..<size).map { beamKeys[$0] & ~1 }
+                        let found = beam.map { GraphKey.unpack($0).id }.sorted()
                         #expect(found == results.map(\.1).sorted(), "query \(q) ef \(ef)")
                         #expect(scratch.computations == scored, "query \(q) ef \(ef)")
                         // The beam is sorted best first.
-                        let beam = (0..<scratch.poolCount).map { scratch.pool[$0] & ~1 }
                         #expect(beam == beam.sorted(by: >))
                     }
                 }
             }
+        }
+    }
+
+    /// The orphan repair gives a node without an incoming layer-0 edge one from a neighbour (or a
+    /// neighbour's neighbour) whose list holds fewer than M edges, never from a long list such as
+    /// a hub's: a hub filled with repair edges made every walk through it score 2M keys.
+    @Test func orphansAreRepairedFromShortListsNotHubs() throws {
+        let f = try IndexFixture(n: 12)
+        let index = try build(f, M: 4, efC: 20)
+        let hub = Int(index.entryPoint)
+        let others = (0..<12).filter { $0 != hub }
+        func set(_ node: Int, _ list: [Int]) {
+            let slot = index.layer(0).slot(node)
+            slot[0] = Int32(list.count)
+            for (i, n) in list.enumerated() { slot[1 + i] = Int32(n) }
+        }
+        // The hub lists six nodes (room for eight, but more than M); they and five orphans list the hub.
+        let listed = Array(others.prefix(6)), orphans = Array(others.dropFirst(6))
+        set(hub, listed)
+        for n in others { set(n, [hub]) }
+        index.repairOrphans()
+        #expect(index.neighbours(hub, level: 0).map(Int.init) == listed, "the hub's list is left as it was")
+        var incoming = [Int](repeating: 0, count: 12)
+        for n in 0..<12 { for m in index.neighbours(n, level: 0) { incoming[Int(m)] += 1 } }
+        for o in orphans { #expect(incoming[o] == 1, "orphan \(o) is linked once") }
+        for n in listed {
+            let list = index.neighbours(n, level: 0).map(Int.init)
+            #expect(list.count <= index.M && list[0] == hub, "node \(n) took repair edges up to M: \(list)")
         }
     }
 
@@ -143,7 +175,7 @@ import KVRecallTestSupport
             #expect(throws: IndexError.invalidParameter("ef must be at least 1")) {
                 try q.withUnsafeBufferPointer { try index.search($0, k: 1, parameters: zero, keys: keys) }
             }
-            #expect(throws: IndexError.invalidParameter("HNSW adds keys in order: expected range starting at 300 within 300 keys, got 0..<10")) {
+            #expect(throws: IndexError.invalidParameter("HNSW adds keys in order: expected a range starting at 300 within 300 keys, got 0..<10")) {
                 try index.add(keys: keys, range: 0..<10, progress: nil)
             }
         }
@@ -179,18 +211,18 @@ import KVRecallTestSupport
         // Listed worst first.
         let candidates: [(Float, Int32)] = [(-3, 4), (-0.5, 1), (0, 9), (0, 2), (1e-3, 0), (2.5, 7), (2.5, 3), (100, Int32.max)]
         for (a, b) in zip(candidates, candidates.dropFirst()) {
-            let ka = HNSWIndex.sortKey(a.0, a.1), kb = HNSWIndex.sortKey(b.0, b.1)
+            let ka = GraphKey.make(a.0, a.1), kb = GraphKey.make(b.0, b.1)
             #expect(ka < kb, "\(a) should rank below \(b)")
         }
         for c in candidates {
-            let u = HNSWIndex.unpack(HNSWIndex.sortKey(c.0, c.1))
+            let u = GraphKey.unpack(GraphKey.make(c.0, c.1))
             #expect(u.score == c.0 && u.id == c.1)
             // Bit 0 (the beam search's expanded mark) changes neither the unpacked pair nor the order.
-            let marked = HNSWIndex.unpack(HNSWIndex.sortKey(c.0, c.1) | 1)
+            let marked = GraphKey.unpack(GraphKey.make(c.0, c.1) | 1)
             #expect(marked.score == c.0 && marked.id == c.1)
         }
         for (a, b) in zip(candidates, candidates.dropFirst()) {
-            #expect(HNSWIndex.sortKey(a.0, a.1) | 1 < HNSWIndex.sortKey(b.0, b.1))
+            #expect(GraphKey.make(a.0, a.1) | 1 < GraphKey.make(b.0, b.1))
         }
     }
 }

@@ -107,7 +107,9 @@ import KVRecallTestSupport
         }
         var found: [AnyObject?]?
         switch index {
-        case let h as HNSWIndex: found = h.links0.isView ? owners([h.levels, h.upperOffset]).map { $0 + [h.links0.viewOwner] } : nil
+        case let h as HNSWIndex:
+            found = h.links0.isView && h.upperOffset.isView
+                ? owners([h.levels]).map { $0 + [h.upperOffset.viewOwner, h.links0.viewOwner] } : nil
         case let g as RetrievalGraphIndex: found = g.links.isView ? [g.links.viewOwner] : nil
         case let i as IVFIndex: found = i.lists.codes.view != nil ? owners([i.lists.ids]) : nil
         case let t as CentroidTreeIndex: found = t.lists.codes.view != nil ? owners([t.lists.ids]) : nil

@@ -106,6 +106,7 @@ class Ctx:
         self._Kc = None
         self.mean = K.mean(axis=0, dtype=np.float64).astype(np.float32)
         self.nprobe_list = None
+        self.ef_list = None
 
     @property
     def Kc(self):
@@ -122,6 +123,8 @@ class Ctx:
 
     @property
     def efs(self):
+        if self.ef_list:
+            return self.ef_list
         return [16, 64, 256, 1024] if self.quick else [16, 32, 64, 128, 256, 512, 1024]
 
     def nprobes(self, nlist):
@@ -407,6 +410,8 @@ def run(args):
     ctx = Ctx(K, args.threads, args.quick, nlists, args.seed)
     if args.nprobe:
         ctx.nprobe_list = [int(x) for x in args.nprobe.split(",")]
+    if args.ef:
+        ctx.ef_list = [int(x) for x in args.ef.split(",")]
     results = []
     ds = os.path.basename(os.path.dirname(os.path.abspath(args.keys)))
     started = time.time()
@@ -593,6 +598,7 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="time each query this many times and keep the best (kvrecall bench ann keeps the best of 3)")
     p.add_argument("--nprobe", default=None, help="IVF nprobe values, comma list (default: the built-in sweep)")
+    p.add_argument("--ef", default=None, help="HNSW ef values, comma list (default: the built-in sweep)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="plot mode: result files to merge")
     p.add_argument("--png", default="peers.png")
     p.add_argument("--query-set", default=None, help="plot only this query set (default: one panel each)")

@@ -71,11 +71,28 @@ void kvr_cap_u8s8_path(int cap);
  * keys: the k best pairs. Quickselect with a branchless partition, in place, O(n) expected. */
 uint64_t kvr_select_u64(uint64_t *keys, size_t n, size_t k);
 
-/* Hints the CPU to fetch the cache lines of [p, p + bytes) (graph walks: the next neighbour's row). */
+/* Hints the CPU to fetch the cache lines holding [p, p + bytes) (graph walks: the next neighbour's
+ * row or list): every line from the one holding p, four per step (a prefetch never faults, so the
+ * last step may name a line or three past the end; a row of 512 bytes at any offset is 9 lines). */
 static inline void kvr_prefetch(const void *p, size_t bytes) {
-    const char *c = (const char *)p;
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+    const char *c = (const char *)((uintptr_t)p & ~(uintptr_t)63);
+    const char *end = (const char *)p + bytes;
+    for (; c < end; c += 256) {
+        __builtin_prefetch(c, 0, 3);
+        __builtin_prefetch(c + 64, 0, 3);
+        __builtin_prefetch(c + 128, 0, 3);
+        __builtin_prefetch(c + 192, 0, 3);
+    }
 }
+
+/* Inner products of g f32 queries (g x d, row-major) with n rows of d elements given by pointer
+ * (a graph walk's unvisited neighbours, at random places of the map; rows may be unaligned):
+ * out[r * g + h] = dot(queries + h * d, rows[r]). Each row is prefetched a few rows before it is
+ * scored. The per-pair result is the same bit for bit whatever g, and for f32 the same as
+ * kvr_dot_f32 (for f16/bf16 as kvr_scores_f16/bf16 of one row). */
+void kvr_scores_gathered_f32(const float *queries, size_t g, const void *const *rows, size_t n, size_t d, float *out);
+void kvr_scores_gathered_f16(const float *queries, size_t g, const void *const *rows, size_t n, size_t d, float *out);
+void kvr_scores_gathered_bf16(const float *queries, size_t g, const void *const *rows, size_t n, size_t d, float *out);
 
 /* Single inner product of two f32 vectors of length d. */
 float kvr_dot_f32(const float *a, const float *b, size_t d);

@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import Foundation
 import KVRecallSupport
 import KVRecallKernels
@@ -27,71 +26,41 @@ import KVRecallStorage
 ///   centroid), scanned sequentially, the best candidates re-ranked exactly.
 /// - Later adds put each new key in the list of its nearest fine centroid; the tree stays.
 /// - Searches may run concurrently with each other, not with `add`.
-public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
+public final class CentroidTreeIndex: InvertedFileIndex, BuildableIndex, ClusteredIndex, @unchecked Sendable {
     public static let kind = IndexKind.tree
     /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
     public static let formatVersion = 3
     /// Nodes of a level per node of the level above.
     public static let branching = 8
 
-    public let dimension: Int
-    public private(set) var count = 0
-    public private(set) var mapSnapshot: MapIdentity?
     /// Levels of centroids (fine = level 0).
     public let levels: Int
     public let fineFraction: Double
-    public let metric: ClusterMetric
-    public let iterations: Int
-    public let seed: UInt64
-    /// Threads for training and assignment.
-    public var threads: Int
-    /// Mean of the training keys (empty until trained).
-    public private(set) var mean: [Float] = []
     /// Centroids of each level (level 0 = fine), `count_l x dimension`, depth-first order.
     public private(set) var centroids: [[Float]] = []
     /// For level l >= 1: `count_l + 1` offsets of each node's children in level l - 1 (entry 0 is empty).
     private(set) var childOffsets: [[Int]] = []
-    /// How lists code their keys.
-    public let codeKind: ListCodeKind
-    /// The trained codec; nil until trained.
-    private(set) var codec: ListCodec?
-    /// The keys of each fine cluster (one inverted list per level-0 node).
-    public private(set) var lists = InvertedLists(lists: 0)
-    /// Fine labels of the keys `train` saw when it saw all of them, for the `add` of the same range.
-    private var trainedLabels: (range: Range<Int>, labels: [Int32])?
+    static let indexName = "the centroid tree"
+    var fineCentroids: [Float] { centroids[0] }
     /// Keys beneath each node, per level, and their logarithms (-inf for none).
     private(set) var subtreeSizes: [[Int]] = []
     private var logSizes: [[Float]] = []
 
     public init(dimension: Int, levels: Int = 2, fineFraction: Double = 0.05, metric: ClusterMetric = .l2,
                 iterations: Int = 20, seed: UInt64 = 42, threads: Int = 2, codes: ListCodeKind = .sq8) throws {
-        guard dimension >= 1 else { throw IndexError.invalidParameter("dimension must be at least 1 (got \(dimension))") }
         guard (2...32).contains(levels) else { throw IndexError.invalidParameter("levels must be in 2...32 (got \(levels))") }
         guard fineFraction > 0, fineFraction <= 1 else {
             throw IndexError.invalidParameter("fine fraction must be in (0, 1] (got \(fineFraction))")
         }
-        guard iterations >= 1 else { throw IndexError.invalidParameter("k-means iterations must be at least 1 (got \(iterations))") }
-        self.dimension = dimension
         self.levels = levels
         self.fineFraction = fineFraction
-        self.metric = metric
-        self.iterations = iterations
-        self.seed = seed
-        self.threads = max(1, threads)
-        self.codeKind = codes
+        try super.init(dimension: dimension, metric: metric, iterations: iterations, seed: seed, threads: threads, codes: codes)
     }
 
     public convenience init(dimension: Int, parameters: IndexBuildParameters) throws {
         try self.init(dimension: dimension, levels: parameters.levels, fineFraction: parameters.fineFraction,
                       metric: parameters.clusterMetric, iterations: parameters.iterations, seed: parameters.seed,
                       threads: parameters.threads, codes: parameters.listCodes)
-    }
-
-    /// Builds over all keys of `keys`.
-    public convenience init(keys: VectorView, parameters: IndexBuildParameters = IndexBuildParameters(),
-                            progress: ((Int, Int) -> Void)? = nil) throws {
-        try self.init(dimension: keys.dimension, parameters: parameters)
-        try add(keys: keys, range: 0..<keys.count, progress: progress)
     }
 
     public var isTrained: Bool { !centroids.isEmpty }
@@ -106,38 +75,17 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     /// Trains every level on keys `range`.
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard !isTrained else { throw IndexError.invalidParameter("the centroid tree is already trained") }
-        guard !range.isEmpty, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("the centroid tree trains on a non-empty range within \(keys.count) keys, got \(range)")
-        }
+        try checkTrain(keys: keys, range: range)
         let labels = try trainLevels(keys: keys, range: range)
         lists = InvertedLists(lists: levelCounts[0], codeSize: codeKind.codeSize(dimension: dimension))
-        trainedLabels = (range, labels)
+        trainedLabels = TrainedLabels(range: range, labels: labels)
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("the centroid tree adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
-        }
-        guard range.upperBound <= Int(Int32.max) else { throw IndexError.invalidParameter("the tree holds at most \(Int32.max) keys") }
-        guard !range.isEmpty else { return }
-        if !isTrained { try train(keys: keys, range: range) }
-        let labels: [Int32]
-        if let trained = trainedLabels, trained.range == range {
-            labels = trained.labels
-        } else {
-            labels = assignKeys(keys, range: range, centroids: centroids[0], mean: mean, metric: metric, threads: threads)
-        }
-        trainedLabels = nil
-        let codes = encodeKeys(keys, range: range, labels: labels, centroids: centroids[0], mean: mean, codec: codec!, threads: threads)
-        lists.append(labels: labels, firstID: range.lowerBound, codes: codes)
-        count = range.upperBound
-        computeSizes()
-        progress?(range.count, range.count)
+        try addToLists(keys: keys, range: range, progress: progress)
     }
+
+    func didAdd() { computeSizes() }
 
     /// Builds every level from `range`; returns the fine cluster of each key of `range` (in final numbering).
     private func trainLevels(keys: VectorView, range: Range<Int>) throws -> [Int32] {
@@ -262,11 +210,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
 
     private func run(_ queries: UnsafeBufferPointer<Float>, k: Int, descent: TreeQuantizer.Descent, threads: Int,
                      rerank: Int, keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0, isTrained else { throw IndexError.notBuilt("the centroid tree is empty; add keys first") }
-        guard keys.count >= count else {
-            throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
-        }
+        let m = try checkSearch(queries, k: k, keys: keys)
         let quantizer = TreeQuantizer(dimension: dimension, centroids: centroids, childOffsets: childOffsets,
                                       sizes: subtreeSizes, logSizes: logSizes, descent: descent)
         return searchInvertedLists(queries, queryCount: m, k: k, dimension: dimension, threads: threads,
@@ -290,8 +234,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
         for level in centroids { cen.write(array: level) }
         var tree = ByteWriter()
         for l in 1..<max(1, centroids.count) { tree.write(array: childOffsets[l].map(Int64.init)) }
-        (codec ?? ListCodec.train(codeKind, residuals: UnsafeBufferPointer(start: nil, count: 0), dimension: dimension)).write(to: &tree)
-        lists.write(to: &tree)
+        writeCodedLists(to: &tree)
         return ["meta": meta.bytes, "centroids": cen.bytes, "tree": tree.bytes]
     }
 
@@ -326,7 +269,7 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
             throw IndexError.corrupt("tree centroids do not match dimension \(d), or are not finite")
         }
         let counts = levelCentroids.map { $0.count / d }
-        let (offsets, codec, lists) = try readSection(sections, "tree", of: .tree) { tree -> ([[Int]], ListCodec, InvertedLists) in
+        let (offsets, stored) = try readSection(sections, "tree", of: .tree) { tree -> ([[Int]], (codec: ListCodec, lists: InvertedLists)) in
             var offsets: [[Int]] = [[]]
             for l in 1..<max(1, counts.count) {
                 let o = try tree.readArray(Int64.self).map { Int(truncatingIfNeeded: $0) }
@@ -336,20 +279,12 @@ public final class CentroidTreeIndex: BuildableIndex, @unchecked Sendable {
                 }
                 offsets.append(o)
             }
-            let codec = try ListCodec.read(from: &tree, dimension: d, what: "tree")
-            guard codec.kind == codeKind else { throw IndexError.corrupt("tree lists hold \(codec.kind.rawValue) codes, meta says \(codeKind.rawValue)") }
-            return (offsets, codec, try InvertedLists.read(from: &tree, lists: counts.first ?? 0, keyCount: n,
-                                                           codeSize: codec.codeSize, what: "tree"))
+            return (offsets, try readCodedLists(from: &tree, listCount: counts.first ?? 0, keyCount: n, what: "tree"))
         }
-        try codec.validate(lists.codes, what: "tree")
-        self.codec = n > 0 ? codec : nil
-        self.count = n
-        self.mean = mean
         self.centroids = levelCentroids
         self.childOffsets = offsets
-        self.lists = lists
+        try restore(mean: mean, codec: stored.codec, lists: stored.lists, count: n, snapshot: sections.mapSnapshot, what: "tree")
         computeSizes()
-        mapSnapshot = sections.mapSnapshot
     }
 }
 

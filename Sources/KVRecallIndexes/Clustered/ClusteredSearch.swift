@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import KVRecallSupport
 import KVRecallKernels
 import KVRecallFormats
@@ -82,12 +81,11 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
     results.stats.keyCount = lists.keyCount
     guard m > 0 else { return results }
     let qb = clusteredQueryBatch, coarseCount = quantizer.coarseCount
-    let batches = (m + qb - 1) / qb
-    let workers = max(1, min(threads, batches))
-    if workers > 1 { BLAS.setThreads(1) }
+    let plan = ChunkPlan(count: m, chunk: qb, threads: threads)
+    if plan.workers > 1 { BLAS.setThreads(1) }
     let rerank = max(k, requested > 0 ? requested : defaultRerankFactor * k)
     let longest = max(1, lists.maxListSize), cs = lists.codeSize
-    var work = [(scanned: Int, scored: Int)](repeating: (0, 0), count: workers)
+    var work = [(scanned: Int, scored: Int)](repeating: (0, 0), count: plan.workers)
     let coarse = quantizer.coarse, keep = quantizer.maxSelected
     results.ids.withUnsafeMutableBufferPointer { outIDs in
         results.scores.withUnsafeMutableBufferPointer { outScores in
@@ -97,7 +95,7 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                     lists.offsets.withUnsafeBufferPointer { off in
                         lists.ids.withUnsafeBufferPointer { ids in
                             lists.codes.withUnsafeBufferPointer { codes in
-                            DispatchQueue.concurrentPerform(iterations: workers) { t in
+                            plan.run { t, batches in
                                 // Sized to the batch: a single query must not pay for a 32-query buffer (an mmap).
                                 let scores = UnsafeMutablePointer<Float>.allocate(capacity: min(qb, m) * coarseCount)
                                 let prepared = UnsafeMutablePointer<Float>.allocate(capacity: d)
@@ -118,9 +116,8 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                 var selected = TopK<Int32>(k: keep)
                                 var scanned = 0, scored = 0
                                 let integer = codec.kind == .sq8
-                                var b = t
-                                while b < batches {
-                                    let lo = b * qb, rows = min(qb, m - lo)
+                                for (_, batch) in batches {
+                                    let lo = batch.lowerBound, rows = batch.count
                                     if rows == 1 {
                                         BLAS.gemv(n: coarseCount, k: d, a: cen.baseAddress!, x: queries.baseAddress! + lo * d, y: scores)
                                     } else {
@@ -183,7 +180,6 @@ func searchInvertedLists<Q: ListQuantizer>(_ queries: UnsafeBufferPointer<Float>
                                             outScores[(lo + r) * k + j] = kvr_pair_score(cand[j])
                                         }
                                     }
-                                    b += workers
                                 }
                                 work[t] = (scanned, scored)
                             }

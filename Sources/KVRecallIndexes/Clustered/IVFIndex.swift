@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import KVRecallSupport
 import KVRecallKernels
 import KVRecallFormats
@@ -38,7 +37,7 @@ import KVRecallStorage
 /// - Only the re-ranked candidates (2k by default) are read at random positions of the map;
 ///   reading every probed key there cost a cache and TLB miss each (0.30x faiss IVFFlat's QPS).
 /// - Searches may run concurrently with each other, not with `add`.
-public final class IVFIndex: BuildableIndex, @unchecked Sendable {
+public final class IVFIndex: InvertedFileIndex, BuildableIndex, ClusteredIndex, @unchecked Sendable {
     public static let kind = IndexKind.ivf
     /// 2: lists carry residual codes (version 1 lists held only ids: rebuild).
     public static let formatVersion = 3
@@ -49,57 +48,26 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
     /// of 20 full passes from k-means++, in a fifth of the time (12.4 s -> 2.5 s per head).
     public static let fullKMeansPasses = 2
 
-    public let dimension: Int
-    public private(set) var count = 0
-    public private(set) var mapSnapshot: MapIdentity?
     /// Lists asked for; nil picks `defaultNlist` of the first add's key count.
     public let requestedNlist: Int?
     /// Lists in the trained index (0 until the first add).
     public private(set) var nlist = 0
-    public let metric: ClusterMetric
-    public let iterations: Int
-    public let seed: UInt64
-    /// Threads for training and assignment.
-    public var threads: Int
-    /// Mean of the training keys (`dimension` floats; empty until trained).
-    public private(set) var mean: [Float] = []
     /// `nlist x dimension` centroids of the centred keys, row-major.
     public private(set) var centroids: [Float] = []
-    /// How lists code their keys.
-    public let codeKind: ListCodeKind
-    /// The trained codec (SQ8 ranges); nil until trained.
-    private(set) var codec: ListCodec?
-    /// One inverted list per centroid.
-    public private(set) var lists = InvertedLists(lists: 0)
-    /// Labels of the keys `train` clustered when it saw every one of them, kept for the `add` of
-    /// the same range (so the first add does not assign them again).
-    private var trainedLabels: (range: Range<Int>, labels: [Int32])?
+    static let indexName = "the IVF index"
+    var fineCentroids: [Float] { centroids }
 
     public init(dimension: Int, nlist: Int? = nil, metric: ClusterMetric = .l2, iterations: Int = 20,
                 seed: UInt64 = 42, threads: Int = 2, codes: ListCodeKind = .sq8) throws {
-        guard dimension >= 1 else { throw IndexError.invalidParameter("dimension must be at least 1 (got \(dimension))") }
         if let nlist, nlist < 1 { throw IndexError.invalidParameter("nlist must be at least 1 (got \(nlist))") }
-        guard iterations >= 1 else { throw IndexError.invalidParameter("k-means iterations must be at least 1 (got \(iterations))") }
-        self.dimension = dimension
-        self.requestedNlist = nlist
-        self.metric = metric
-        self.iterations = iterations
-        self.seed = seed
-        self.threads = max(1, threads)
-        self.codeKind = codes
+        requestedNlist = nlist
+        try super.init(dimension: dimension, metric: metric, iterations: iterations, seed: seed, threads: threads, codes: codes)
     }
 
     public convenience init(dimension: Int, parameters: IndexBuildParameters) throws {
         try self.init(dimension: dimension, nlist: parameters.nlist, metric: parameters.clusterMetric,
                       iterations: parameters.iterations, seed: parameters.seed, threads: parameters.threads,
                       codes: parameters.listCodes)
-    }
-
-    /// Builds over all keys of `keys`.
-    public convenience init(keys: VectorView, parameters: IndexBuildParameters = IndexBuildParameters(),
-                            progress: ((Int, Int) -> Void)? = nil) throws {
-        try self.init(dimension: keys.dimension, parameters: parameters)
-        try add(keys: keys, range: 0..<keys.count, progress: progress)
     }
 
     /// 4 sqrt(N), clamped to [1, N].
@@ -122,11 +90,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
 
     /// Trains mean and centroids on keys `range` (k-means on at most 256 keys per centroid, seeded).
     public func train(keys: VectorView, range: Range<Int>, queries: VectorView? = nil) throws {
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard !isTrained else { throw IndexError.invalidParameter("the IVF index is already trained") }
-        guard !range.isEmpty, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("IVF trains on a non-empty range within \(keys.count) keys, got \(range)")
-        }
+        try checkTrain(keys: keys, range: range)
         let n = range.count
         let lists = requestedNlist ?? IVFIndex.defaultNlist(for: n)
         guard lists <= n else { throw IndexError.invalidParameter("nlist \(lists) exceeds the \(n) keys to train on") }
@@ -143,40 +107,18 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         nlist = lists
         codec = trained
         self.lists = InvertedLists(lists: lists, codeSize: trained.codeSize)
-        trainedLabels = all ? (range, result.labels) : nil
+        trainedLabels = all ? TrainedLabels(range: range, labels: result.labels) : nil
     }
 
     public func add(keys: VectorView, range: Range<Int>, progress: ((Int, Int) -> Void)? = nil) throws {
-        try checkIndexSnapshot(mapSnapshot, keys: keys)
-        guard keys.dimension == dimension else { throw IndexError.dimensionMismatch(expected: dimension, actual: keys.dimension) }
-        guard range.lowerBound == count, range.upperBound <= keys.count else {
-            throw IndexError.invalidParameter("IVF adds keys in order: expected a range starting at \(count) within \(keys.count) keys, got \(range)")
-        }
-        guard range.upperBound <= Int(Int32.max) else { throw IndexError.invalidParameter("IVF holds at most \(Int32.max) keys") }
-        guard !range.isEmpty else { return }
-        if !isTrained { try train(keys: keys, range: range) }
-        let assigned: [Int32]
-        if let trained = trainedLabels, trained.range == range {
-            assigned = trained.labels
-        } else {
-            assigned = assignKeys(keys, range: range, centroids: centroids, mean: mean, metric: metric, threads: threads)
-        }
-        trainedLabels = nil
-        let codes = encodeKeys(keys, range: range, labels: assigned, centroids: centroids, mean: mean, codec: codec!, threads: threads)
-        lists.append(labels: assigned, firstID: range.lowerBound, codes: codes)
-        count = range.upperBound
-        progress?(range.count, range.count)
+        try addToLists(keys: keys, range: range, progress: progress)
     }
 
     // MARK: Search
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                        keys: VectorView) throws -> SearchResults {
-        let m = try validateSearch(queries, k: k, dimension: dimension, keys: keys, indexSnapshot: mapSnapshot)
-        guard count > 0 else { throw IndexError.notBuilt("the IVF index is empty; add keys first") }
-        guard keys.count >= count else {
-            throw IndexError.corrupt("the index covers \(count) keys but the head holds \(keys.count)")
-        }
+        let m = try checkSearch(queries, k: k, keys: keys)
         let nprobe = parameters.ivf.nprobe
         try parameters.ivf.validate()
         guard nprobe <= nlist else { throw IndexError.invalidParameter("nprobe \(nprobe) exceeds nlist \(nlist)") }
@@ -216,8 +158,7 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
         cen.write(array: mean)
         cen.write(array: centroids)
         var lists = ByteWriter()
-        (codec ?? ListCodec.train(codeKind, residuals: UnsafeBufferPointer(start: nil, count: 0), dimension: dimension)).write(to: &lists)
-        self.lists.write(to: &lists)
+        writeCodedLists(to: &lists)
         return ["meta": meta.bytes, "centroids": cen.bytes, "lists": lists.bytes]
     }
 
@@ -246,19 +187,10 @@ public final class IVFIndex: BuildableIndex, @unchecked Sendable {
               mean.allSatisfy(\.isFinite), centroids.allSatisfy(\.isFinite) else {
             throw IndexError.corrupt("IVF centroids do not match \(lists) lists of dimension \(d), or are not finite")
         }
-        let (codec, stored) = try readSection(sections, "lists", of: .ivf) { reader -> (ListCodec, InvertedLists) in
-            let codec = try ListCodec.read(from: &reader, dimension: d, what: "IVF")
-            guard codec.kind == codeKind else { throw IndexError.corrupt("IVF lists hold \(codec.kind.rawValue) codes, meta says \(codeKind.rawValue)") }
-            return (codec, try InvertedLists.read(from: &reader, lists: lists, keyCount: n, codeSize: codec.codeSize, what: "IVF"))
-        }
-        try codec.validate(stored.codes, what: "IVF")
-        self.lists = stored
-        self.codec = lists > 0 ? codec : nil
-        self.count = n
+        let stored = try readSection(sections, "lists", of: .ivf) { try readCodedLists(from: &$0, listCount: lists, keyCount: n, what: "IVF") }
         self.nlist = lists
-        self.mean = mean
         self.centroids = centroids
-        mapSnapshot = sections.mapSnapshot
+        try restore(mean: mean, codec: stored.codec, lists: stored.lists, count: n, snapshot: sections.mapSnapshot, what: "IVF")
     }
 }
 

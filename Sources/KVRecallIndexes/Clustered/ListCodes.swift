@@ -1,5 +1,4 @@
 import CKernels
-import Dispatch
 import KVRecallSupport
 import KVRecallKernels
 import KVRecallFormats
@@ -185,25 +184,18 @@ func encodeKeys(_ keys: VectorView, range: Range<Int>, labels: [Int32], centroid
     let d = keys.dimension, cs = codec.codeSize, n = range.count
     var codes = [UInt8](repeating: 0, count: n * cs)
     let chunk = 4096
-    let chunks = (n + chunk - 1) / chunk
-    let workers = max(1, min(threads, chunks))
     codes.withUnsafeMutableBufferPointer { out in
         labels.withUnsafeBufferPointer { lab in
             centroids.withUnsafeBufferPointer { cen in
                 mean.withUnsafeBufferPointer { mu in
-                    DispatchQueue.concurrentPerform(iterations: workers) { t in
-                        let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
-                        defer { rows.deallocate() }
-                        var c = t
-                        while c < chunks {
-                            let lo = c * chunk, hi = min(n, lo + chunk)
-                            _ = decodeRun(keys, from: range.lowerBound + lo, upTo: range.lowerBound + hi, into: rows)
-                            for r in 0..<(hi - lo) {
-                                let row = rows + r * d, centre = cen.baseAddress! + Int(lab[lo + r]) * d
+                    ChunkPlan(count: n, chunk: chunk, threads: threads).run(scratch: chunk * d) { _, chunks, rows in
+                        for (_, part) in chunks {
+                            _ = decodeRun(keys, from: range.lowerBound + part.lowerBound, upTo: range.lowerBound + part.upperBound, into: rows)
+                            for (r, i) in part.enumerated() {
+                                let row = rows + r * d, centre = cen.baseAddress! + Int(lab[i]) * d
                                 for j in 0..<d { row[j] -= mu[j] + centre[j] }
-                                codec.encode(row, into: out.baseAddress! + (lo + r) * cs)
+                                codec.encode(row, into: out.baseAddress! + i * cs)
                             }
-                            c += workers
                         }
                     }
                 }
