@@ -170,7 +170,7 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// time per step (an index does not pay on a short generation).
     public var decodeHorizon = 4096
     /// Exact candidates per query head the quantized method is tried with, ascending.
-    public var quantizedCandidates = [32, 64, 128, 256, 512, 1024]
+    public var quantizedCandidates = [64, 128, 256, 512]
     /// Fewest keys an index is built for to be tried at all (below, a scan is as cheap).
     public var minimumIndexedKeys = 8192
     /// Held-out query groups the candidates are timed on (best of `timingPasses` each).

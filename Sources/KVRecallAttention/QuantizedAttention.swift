@@ -11,7 +11,7 @@ import KVRecallIndexes
 public struct QuantizedParameters: Sendable, Equatable {
     /// Positions per query head taken from the code scan and attended exactly (the union over the
     /// group's heads, beyond sinks and window).
-    public var candidates = 256
+    public var candidates = 128
     /// Whether every other coded position contributes through its codes (score and value); false
     /// drops them (a sharp head loses nothing).
     public var tail = true
@@ -19,7 +19,7 @@ public struct QuantizedParameters: Sendable, Equatable {
     /// it at least this multiple of its mean tail mass per group; lighter groups contribute through
     /// their mean value (their weights still from each position's key codes). 0: every group through
     /// its codes.
-    public var tailDetail: Float = 1
+    public var tailDetail: Float = 0.5
     /// A head whose tail holds less than this share of the mass of its exact part (a sharp head)
     /// drops its tail: its values are not read (an output error of about this share at most).
     public var tailFloor: Float = 0.002
