@@ -173,12 +173,13 @@ FAST static void NAME(const float *w, size_t g, size_t stride, const void *const
     const size_t d16 = dv & ~(size_t)15, rb = dv * (dtype == KVR_DTYPE_F32 ? 4 : 2);                         \
     for (size_t start = 0; start < n; start += 32) {                                                         \
         const size_t end = start + 32 < n ? start + 32 : n;                                                  \
-        for (size_t i = end; i < end + 32 && i < n; i++) prefetch_row(rows[i], rb);  /* the next run */       \
         size_t h = 0;                                                                                        \
         for (; h + 4 <= g; h += 4) {                                                                         \
             const float *w0 = w + h * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;      \
             float *o0 = out + h * dv, *o1 = o0 + dv, *o2 = o1 + dv, *o3 = o2 + dv;                           \
             for (size_t c = 0; c < d16; c += 16) {                                                           \
+                /* the next run's rows, two per sweep, spread so that they arrive before they are read */   \
+                for (size_t i = end + 2 * (c / 16); i < end + 2 * (c / 16) + 2 && i < n; i++) prefetch_row(rows[i], rb); \
                 __m256 a00 = _mm256_loadu_ps(o0 + c), a01 = _mm256_loadu_ps(o0 + c + 8);                     \
                 __m256 a10 = _mm256_loadu_ps(o1 + c), a11 = _mm256_loadu_ps(o1 + c + 8);                     \
                 __m256 a20 = _mm256_loadu_ps(o2 + c), a21 = _mm256_loadu_ps(o2 + c + 8);                     \
@@ -200,6 +201,8 @@ FAST static void NAME(const float *w, size_t g, size_t stride, const void *const
             const float *wh = w + h * stride;                                                                \
             float *oh = out + h * dv;                                                                        \
             for (size_t c = 0; c < d16; c += 16) {                                                           \
+                if (h + 1 == g)                                                                              \
+                    for (size_t i = end + 2 * (c / 16); i < end + 2 * (c / 16) + 2 && i < n; i++) prefetch_row(rows[i], rb); \
                 __m256 a0 = _mm256_loadu_ps(oh + c), a1 = _mm256_loadu_ps(oh + c + 8);                       \
                 for (size_t i = start; i < end; i++) {                                                       \
                     __m256 b = _mm256_broadcast_ss(wh + i);                                                  \

@@ -18,6 +18,11 @@
 #define KVR_X86 0
 #endif
 
+/* Starts fetching [p, p + bytes) (the next group row, while this one is scanned). */
+static inline void prefetch_bytes(const uint8_t *p, size_t bytes) {
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+}
+
 /* Mins, steps or means [0, n) of a group row as f32. */
 static void read_steps(const uint8_t *base, size_t n, int wide, float *out) {
     if (wide) { memcpy(out, base, n * sizeof(float)); return; }
@@ -323,6 +328,7 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const uint8_t *codes = row + L->key_codes;
+        if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1], L->value_min);  /* the next group's keys */
 #if KVR_X86
         if (fast && d % 8 == 0) prepare_fast(q, g, d, L, row, q8, scales, bases, scratch);
         else
@@ -352,6 +358,7 @@ void kvr_code_values(const float *w, size_t g, size_t stride, const void *const 
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const float *wg = w + gi * L->group;
+        if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1] + L->value_min, L->row_bytes - L->value_min);
 #if KVR_X86
         if (kvr_has_fast_path() && L->group == 64) { group_values_64(wg, g, stride, L, row, dv, out, scratch); continue; }
 #endif
