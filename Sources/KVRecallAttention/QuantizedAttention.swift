@@ -72,21 +72,39 @@ extension Attention {
         }
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * coded)
         defer { scores.deallocate() }
+        // The groups split in parts, one per core (flash-decoding's split-K): each part scans its
+        // groups and picks its own best candidates; the union of the parts' picks is cut to each
+        // head's best; each part then attends its share of the tail, merged by log-sum-exp.
         let parts = max(1, min(parameters.threads, codes.count / 32))
-        scan(queries.baseAddress!, g: g, codes: codes, score: score, parts: parts, into: scores)
-        for h in 0..<g {
-            let row = scores + h * coded
-            score.cap(row, count: coded)
-            for i in fixed where i < coded { row[i] = -.infinity }
+        let groupsOf = (0..<parts).map { p in (codes.count * p / parts)..<(codes.count * (p + 1) / parts) }
+        let group = codes.format.group
+        var picks = [[[Int]]](repeating: [], count: parts)
+        picks.withUnsafeMutableBufferPointer { out in
+            DispatchQueue.concurrentPerform(iterations: parts) { p in
+                let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
+                scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
+                for h in 0..<g {
+                    let row = scores + h * coded
+                    score.cap(row + first, count: count)
+                    for i in fixed where i >= first && i < first + count { row[i] = -.infinity }
+                }
+                out[p] = q.candidates > 0
+                    ? (0..<g).map { h in bestPositions(scores + h * coded + first, count: count, take: q.candidates).map { $0 + first } }
+                    : []
+            }
         }
-        // Each head's best candidates, their union attended exactly with the static part.
+        // Each head's best candidates over all parts, their union attended exactly with the static part.
         var chosen = Set<Int>()
         var retrieved: [Int] = []
         if q.candidates > 0 {
             for h in 0..<g {
-                for i in bestPositions(scores + h * coded, count: coded, take: q.candidates) where chosen.insert(i).inserted {
-                    retrieved.append(i)
+                let row = scores + h * coded
+                var pool = picks.flatMap { $0[h] }
+                if pool.count > q.candidates {
+                    pool.sort { row[$0] != row[$1] ? row[$0] > row[$1] : $0 < $1 }
+                    pool.removeLast(pool.count - q.candidates)
                 }
+                for i in pool where chosen.insert(i).inserted { retrieved.append(i) }
             }
         }
         let attended = (fixed + retrieved).sorted()
@@ -96,93 +114,84 @@ extension Attention {
         }
         if q.tail {
             for i in retrieved { for h in 0..<g { scores[h * coded + i] = -.infinity } }
-            let tail = tailPartials(scores: scores, g: g, codes: codes, dimension: values.dimension, exact: heads,
-                                    parameters: q, parts: parts)
-            for h in 0..<g { heads[h] = heads[h].merged(with: tail[h]) }
+            var tails = [[PartialAttention]](repeating: [], count: parts)
+            tails.withUnsafeMutableBufferPointer { out in
+                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                    out[p] = tailPartials(scores: scores, g: g, codes: codes, groups: groupsOf[p], dimension: values.dimension,
+                                          exact: heads, share: Float(groupsOf[p].count) / Float(codes.count), parameters: q)
+                }
+            }
+            for h in 0..<g { heads[h] = tails.reduce(heads[h]) { $0.merged(with: $1[h]) } }
         }
         let stats = SearchStats(distanceComputations: attended.count * g, auxiliaryComputations: coded * g, queries: g, keyCount: n)
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
     }
 
-    /// Scaled approximate scores of every coded position (`g x codes.positions`), groups split in parts.
-    static func scan(_ queries: UnsafePointer<Float>, g: Int, codes: CodeView, score: ScoreTransform, parts: Int,
+    /// Scaled approximate scores of the positions of `groups` (into `scores`, `g x codes.positions`).
+    static func scan(_ queries: UnsafePointer<Float>, g: Int, codes: CodeView, groups: Range<Int>, score: ScoreTransform,
                      into scores: UnsafeMutablePointer<Float>) {
         var layout = codes.kernelLayout
-        let d = codes.info.dimension, coded = codes.positions, groups = codes.count
-        DispatchQueue.concurrentPerform(iterations: parts) { p in
-            let lo = groups * p / parts, hi = groups * (p + 1) / parts
-            let rows = UnsafeMutablePointer<UnsafeRawPointer?>.allocate(capacity: max(1, hi - lo))
-            let q8 = UnsafeMutablePointer<Int8>.allocate(capacity: (g + 3) / 4 * 4 * layout.padded)
-            let dots = UnsafeMutablePointer<Int32>.allocate(capacity: g * layout.group)
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 3 * layout.padded)
-            defer { rows.deallocate(); q8.deallocate(); dots.deallocate(); scratch.deallocate() }
-            for j in lo..<hi { rows[j - lo] = codes.row(j) }
-            kvr_code_scores(queries, g, d, rows, hi - lo, &layout, score.scale, scores + lo * layout.group, coded, q8, dots, scratch)
-        }
+        let d = codes.info.dimension, coded = codes.positions
+        let rows = UnsafeMutablePointer<UnsafeRawPointer?>.allocate(capacity: max(1, groups.count))
+        let q8 = UnsafeMutablePointer<Int8>.allocate(capacity: (g + 3) / 4 * 4 * layout.padded)
+        let dots = UnsafeMutablePointer<Int32>.allocate(capacity: g * layout.group)
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 3 * layout.padded)
+        defer { rows.deallocate(); q8.deallocate(); dots.deallocate(); scratch.deallocate() }
+        for (j, gi) in groups.enumerated() { rows[j] = codes.row(gi) }
+        kvr_code_scores(queries, g, d, rows, groups.count, &layout, score.scale, scores + groups.lowerBound * layout.group, coded,
+                        q8, dots, scratch)
     }
 
-    /// Each head's attention over the positions whose score in `scores` is finite, from their
-    /// codes: weights from the approximate scores; values from each position's value codes in the
-    /// groups that weigh (`tailDetail`), from the group's mean value in the others. A sharp head
-    /// (its tail below `tailFloor` of its exact part's mass) gets none.
-    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, dimension dv: Int,
-                             exact: [PartialAttention], parameters q: QuantizedParameters, parts: Int) -> [PartialAttention] {
+    /// Each head's attention over the positions of `groups` whose score in `scores` is finite, from
+    /// their codes: weights from the approximate scores; values from each position's value codes in
+    /// the groups that weigh (`tailDetail` times the part's mean group mass), from the group's mean
+    /// value in the others. A head whose tail here holds less than `tailFloor` x `share` of its exact
+    /// part's mass (a sharp head) gets none.
+    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, groups: Range<Int>, dimension dv: Int,
+                             exact: [PartialAttention], share: Float, parameters q: QuantizedParameters) -> [PartialAttention] {
         var layout = codes.kernelLayout
-        let coded = codes.positions, groups = codes.count, group = layout.group, padded = layout.padded
+        let coded = codes.positions, group = layout.group, padded = layout.padded, count = groups.count
+        let first = groups.lowerBound * group
         var maxima = [Float](repeating: -.infinity, count: g), totals = [Float](repeating: 0, count: g)
-        // Each group's tail mass per head (`g x groups`), from weights exp(s - max).
-        var groupMass = [Float](repeating: 0, count: g * groups)
+        // Each group's tail mass per head (`g x count`), from weights exp(s - max).
+        var groupMass = [Float](repeating: 0, count: g * count)
         groupMass.withUnsafeMutableBufferPointer { mass in
             for h in 0..<g {
-                let row = scores + h * coded
-                let m = kvr_max(row, coded)
+                let row = scores + h * coded + first
+                let m = kvr_max(row, count * group)
                 maxima[h] = m
-                guard m > -.infinity else { row.update(repeating: 0, count: coded); continue }
-                totals[h] = kvr_exp_sub(row, coded, m)
-                if m + log(totals[h]) - exact[h].lse < log(q.tailFloor) {  // a sharp head
+                guard m > -.infinity else { row.update(repeating: 0, count: count * group); continue }
+                totals[h] = kvr_exp_sub(row, count * group, m)
+                if m + log(totals[h]) - exact[h].lse < log(q.tailFloor * share) {  // a sharp head
                     totals[h] = 0
-                    row.update(repeating: 0, count: coded)
+                    row.update(repeating: 0, count: count * group)
                     continue
                 }
-                kvr_group_sums(row, groups, group, mass.baseAddress! + h * groups)
+                kvr_group_sums(row, count, group, mass.baseAddress! + h * count)
             }
         }
         guard totals.contains(where: { $0 > 0 }) else { return Array(repeating: .empty(dimension: dv), count: g) }
-        let detailed = (0..<groups).map { gi in
-            (0..<g).contains { h in totals[h] > 0 && groupMass[h * groups + gi] >= q.tailDetail * totals[h] / Float(groups) }
-        }
-        var sums = [[Float]](repeating: [], count: parts)
-        sums.withUnsafeMutableBufferPointer { sumOut in
-            DispatchQueue.concurrentPerform(iterations: parts) { p in
-                var sum = [Float](repeating: 0, count: g * padded)
-                var scratch = [Float](repeating: 0, count: 2 * padded)
-                var masses = [Float](repeating: 0, count: g)
-                var row: UnsafeRawPointer? = nil
-                sum.withUnsafeMutableBufferPointer { s in
-                    scratch.withUnsafeMutableBufferPointer { t in
-                        for gi in (groups * p / parts)..<(groups * (p + 1) / parts) {
-                            row = codes.row(gi)
-                            if detailed[gi] {
-                                kvr_code_values(scores + gi * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)
-                            } else {
-                                for h in 0..<g { masses[h] = groupMass[h * groups + gi] }
-                                kvr_code_means(masses, g, row, &layout, dv, s.baseAddress!, t.baseAddress!)
-                            }
-                        }
+        var sum = [Float](repeating: 0, count: g * padded), scratch = [Float](repeating: 0, count: 2 * padded)
+        var masses = [Float](repeating: 0, count: g)
+        var row: UnsafeRawPointer? = nil
+        sum.withUnsafeMutableBufferPointer { s in
+            scratch.withUnsafeMutableBufferPointer { t in
+                for j in 0..<count {
+                    row = codes.row(groups.lowerBound + j)
+                    let detailed = (0..<g).contains { h in totals[h] > 0 && groupMass[h * count + j] >= q.tailDetail * totals[h] / Float(count) }
+                    if detailed {
+                        kvr_code_values(scores + first + j * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)
+                    } else {
+                        for h in 0..<g { masses[h] = groupMass[h * count + j] }
+                        kvr_code_means(masses, g, row, &layout, dv, s.baseAddress!, t.baseAddress!)
                     }
                 }
-                sumOut[p] = sum
             }
         }
         return (0..<g).map { h in
             guard totals[h] > 0 else { return .empty(dimension: dv) }
             let inv = 1 / totals[h]
-            let output = (0..<dv).map { c -> Float in
-                var v: Float = 0
-                for p in 0..<parts { v += sums[p][h * padded + c] }
-                return v * inv
-            }
-            return PartialAttention(output: output, lse: maxima[h] + log(totals[h]))
+            return PartialAttention(output: (0..<dv).map { sum[h * padded + $0] * inv }, lse: maxima[h] + log(totals[h]))
         }
     }
 

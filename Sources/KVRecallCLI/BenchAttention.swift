@@ -21,6 +21,10 @@ struct BenchAttention: ParsableCommand {
         method is a win only where it beats exact attention. Reports medians
         over the groups and their ratios within this run.
 
+        --cold evicts the caches before every timed call (a decoder reads a
+        head after its other layers went through the cache): then the floor
+        is memory's bandwidth, not the cache's.
+
         Example (a 32K Gemma 3 capture, see docs/BENCHMARKS.md):
           kvrecall ingest --store s --keys t/layer05_keys.npy \\
               --values t/layer05_values.npy --dtype f16 --layer 5
@@ -47,6 +51,8 @@ struct BenchAttention: ParsableCommand {
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
     @OptionGroup var budget: BudgetOptions
     @OptionGroup var quantized: QuantizedOptions
+    @Flag(help: "Evict the caches before every timed call (a 96 MB read), as a decoder's other layers do: the head is read from memory, not from the last-level cache.")
+    var cold = false
     @Flag(help: "Print JSON.")
     var json = false
 
@@ -84,9 +90,10 @@ struct BenchAttention: ParsableCommand {
         let methods = try methods()
         let report = try store.read { snapshot -> [[String: Any]] in
             let keys = try snapshot.vectors(headOptions.id, .keys), vals = try snapshot.vectors(headOptions.id, .values)
-            let floor = (0..<groups).map { _ in best(of: passes) { _ = readFloor(keys: keys, values: vals, parts: threads) } }
+            let evict: (() -> Void)? = cold ? { CacheEvictor.shared.evict() } : nil
+            let floor = (0..<groups).map { _ in best(of: passes, before: evict) { _ = readFloor(keys: keys, values: vals, parts: threads) } }
             let runs = try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values, groupSize: group,
-                                      parameters: parameters, repetitions: passes + 1).map { try $0.get() }
+                                      parameters: parameters, repetitions: passes + 1, beforeEach: evict).map { try $0.get() }
             let floorMs = median(floor) / 1e3
             let bytes = keys.count * (keys.bytesPerRow + vals.bytesPerRow)
             var lines: [[String: Any]] = [["method": "floor", "median_ms": floorMs, "gb_per_s": Double(bytes) / floorMs / 1e6]]
@@ -106,7 +113,7 @@ struct BenchAttention: ParsableCommand {
                                   "groups": groups, "group": group, "threads": threads, "results": report]))
             return
         }
-        print("head \(info.id): \(info.count) keys x \(d) \(info.dtype.rawValue); \(groups) groups of \(group); \(threads) threads; best of \(passes) per group, medians")
+        print("head \(info.id): \(info.count) keys x \(d) \(info.dtype.rawValue); \(groups) groups of \(group); \(threads) threads; best of \(passes) per group, medians\(cold ? "; caches evicted before every call" : "")")
         var table = TextTable(["method", "median_ms", "vs_floor", "vs_exact", "median_error", "keys_scanned"])
         for line in report {
             let ms = line["median_ms"] as! Double
@@ -130,11 +137,12 @@ struct BenchAttention: ParsableCommand {
     }
 }
 
-/// The best of `passes` timings of `body` (after one warm-up), in microseconds.
-func best(of passes: Int, _ body: () -> Void) -> Double {
+/// The best of `passes` timings of `body` (after one warm-up; `before` untimed before each), in microseconds.
+func best(of passes: Int, before: (() -> Void)? = nil, _ body: () -> Void) -> Double {
     body()
     var fastest = Double.infinity
     for _ in 0..<passes {
+        before?()
         let t0 = monotonicNanos()
         body()
         fastest = min(fastest, Double(monotonicNanos() - t0) / 1e3)
@@ -165,3 +173,17 @@ func readFloor(keys: VectorView, values: VectorView, parts: Int) -> UInt64 {
     }
     return folds.reduce(0, ^)
 }
+
+/// Evicts the last-level cache by reading a buffer three times its size (32 MB here), touching
+/// every line: what a decoder's other layers do to a head's keys and values between its steps.
+final class CacheEvictor: @unchecked Sendable {
+    static let shared = CacheEvictor()
+    private let bytes = 96 << 20
+    private let buffer: UnsafeMutableRawPointer
+    private init() {
+        buffer = .allocate(byteCount: bytes, alignment: 64)
+        buffer.initializeMemory(as: UInt8.self, repeating: 1, count: bytes)
+    }
+    func evict() { _ = kvr_read_bytes(buffer, bytes) }
+}
+

@@ -50,13 +50,14 @@ public func runMethod(_ method: AttentionMethod, snapshot: StoreSnapshot, head: 
                    parameters: parameters, repetitions: repetitions, cache: cache)[0].get()
 }
 
-/// Runs several methods over the same query groups: each group's exact reference (scores, exact
+/// Runs several methods over the same query groups (`beforeEach`, untimed, before every timed call):
+/// each group's exact reference (scores, exact
 /// output, top-k, oracle) is computed once and shared by every method's fidelity. A method that
 /// cannot be prepared or fails gives its error and the others go on. With a `cache`, methods
 /// prepared by an earlier call on the same data are reused.
 public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, head: HeadID, queries: [Float], groupSize: Int,
                        parameters: AttentionParameters, repetitions: Int = 1,
-                       cache: PreparedMethodCache? = nil) throws -> [Result<MethodRun, Error>] {
+                       cache: PreparedMethodCache? = nil, beforeEach: (() -> Void)? = nil) throws -> [Result<MethodRun, Error>] {
     let keys = try snapshot.vectors(head, .keys)
     let values = try snapshot.vectors(head, .values)
     let d = keys.dimension
@@ -82,6 +83,7 @@ public func runMethods(_ methods: [AttentionMethod], snapshot: StoreSnapshot, he
                 do {
                     var first: AttentionResult?
                     for _ in 0..<max(1, repetitions) {
+                        beforeEach?()  // untimed (e.g. evicting the caches, as a decoder's other layers do)
                         let t0 = monotonicNanos()
                         let result = try method.attend(group, parameters: parameters)
                         run.micros.append(Double(monotonicNanos() - t0) / 1e3)
