@@ -86,6 +86,7 @@ public final class PreparedMethod: @unchecked Sendable {
     public let calibration: SearchCalibration?
     /// `auto`'s exact candidates per query head for a quantized head.
     public let exactCandidates: Int?
+    public let tailDetail: Float?
     /// The estimation zone's per-cluster statistics over the keys `index` holds.
     public private(set) var summary: ClusterSummary?
 
@@ -111,6 +112,7 @@ public final class PreparedMethod: @unchecked Sendable {
         // auto's plan, or an index method's adaptive budget, raises the caller's k.
         self.budget = effective.indexKind != nil ? plan?.k : nil
         self.exactCandidates = effective == .quantized ? plan?.exactCandidates : nil
+        self.tailDetail = effective == .quantized ? plan?.tailDetail : nil
         self.index = effective.indexKind == nil ? nil : index
         self.calibration = self.index == nil ? nil : calibration
         if effective == .estimate, let ivf = index as? IVFIndex {
@@ -148,6 +150,7 @@ public final class PreparedMethod: @unchecked Sendable {
         p.search = searchParameters(parameters.search)
         if let budget, budget > p.k { p.k = budget }
         if let exactCandidates { p.quantized.candidates = exactCandidates }
+        if let tailDetail { p.quantized.tailDetail = tailDetail }
         let n = keys.count
         var selector: (any VectorIndex)? = nil
         switch effective {

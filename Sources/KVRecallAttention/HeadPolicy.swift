@@ -169,8 +169,10 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// Decode steps an index build is paid back over: its build time / horizon counts against its
     /// time per step (an index does not pay on a short generation).
     public var decodeHorizon = 4096
-    /// Exact candidates per query head the quantized method is tried with, ascending.
+    /// Exact candidates per query head the quantized method is tried with, ascending, each with
+    /// every tail detail of `quantizedDetails` (cheaper tails for heads whose error allows them).
     public var quantizedCandidates = [64, 128, 256, 512]
+    public var quantizedDetails: [Float] = [0.5, 2]
     /// Fewest keys an index is built for to be tried at all (below, a scan is as cheap).
     public var minimumIndexedKeys = 8192
     /// Held-out query groups the candidates are timed on (best of `timingPasses` each).
@@ -220,8 +222,9 @@ public struct HeadPlan: Codable, Equatable, Sendable {
     /// Retrieval: positions retrieved per query head when the profiled k leaves too much mass
     /// out (a floor on the caller's k); nil keeps the caller's.
     public var k: Int?
-    /// Quantized: exact candidates per query head.
+    /// Quantized: exact candidates per query head, and the tail's detail (`QuantizedParameters`).
     public var exactCandidates: Int? = nil
+    public var tailDetail: Float? = nil
     /// Every candidate measured at the build (error and time on held-out queries), the chosen one
     /// among them; empty for plans made before `auto` measured costs.
     public var candidates: [PlanCandidate] = []
@@ -233,7 +236,7 @@ public struct HeadPlan: Codable, Equatable, Sendable {
         self.k = k
     }
 
-    private enum CodingKeys: String, CodingKey { case policy, profile, reason, k, exactCandidates, candidates }
+    private enum CodingKeys: String, CodingKey { case policy, profile, reason, k, exactCandidates, tailDetail, candidates }
 
     /// Plans stored before the cost-aware planner lack candidates; they decode with none.
     public init(from decoder: Decoder) throws {
@@ -243,6 +246,7 @@ public struct HeadPlan: Codable, Equatable, Sendable {
         reason = try c.decode(String.self, forKey: .reason)
         k = try c.decodeIfPresent(Int.self, forKey: .k)
         exactCandidates = try c.decodeIfPresent(Int.self, forKey: .exactCandidates)
+        tailDetail = try c.decodeIfPresent(Float.self, forKey: .tailDetail)
         candidates = try c.decodeIfPresent([PlanCandidate].self, forKey: .candidates) ?? []
     }
 
@@ -256,7 +260,11 @@ public struct HeadPlan: Codable, Equatable, Sendable {
 
     /// The measured candidates, one line each ("quantized 256: error 0.004, 410 us per step").
     public var candidateLines: [String] {
-        candidates.map { $0.summary + ($0.policy == policy && $0.setting == (policy == .quantized ? exactCandidates : k) ? "  <- chosen" : "") }
+        candidates.map { c in
+            let chosen = c.policy == policy && c.setting == (policy == .quantized ? exactCandidates : k)
+                && (policy != .quantized || c.tailDetail == tailDetail)
+            return c.summary + (chosen ? "  <- chosen" : "")
+        }
     }
 }
 
@@ -266,6 +274,8 @@ public struct PlanCandidate: Codable, Equatable, Sendable {
     public var policy: HeadPolicy
     /// Exact candidates (quantized) or k (retrieval); nil for the others.
     public var setting: Int?
+    /// Quantized: the tail's detail.
+    public var tailDetail: Float? = nil
     public var error: Double
     /// Median time per step (one query group), microseconds.
     public var micros: Double
@@ -284,7 +294,7 @@ public struct PlanCandidate: Codable, Equatable, Sendable {
     }
 
     public var summary: String {
-        let name = policy.rawValue + (setting.map { " \($0)" } ?? "")
+        let name = policy.rawValue + (setting.map { " \($0)" } ?? "") + (tailDetail.map { " detail \(String(format: "%g", $0))" } ?? "")
         var text = "\(name): error \(String(format: "%.4f", error)), \(String(format: "%.0f", micros)) us per step"
         if buildSeconds > 0 { text += ", built in \(String(format: "%.2f", buildSeconds)) s (cost \(String(format: "%.0f", cost)) us)" }
         return text

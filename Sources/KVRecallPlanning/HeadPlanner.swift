@@ -93,6 +93,7 @@ public enum HeadPlanner {
         struct Candidate {
             let policy: HeadPolicy
             let setting: Int?
+            var detail: Float? = nil
             let method: PreparedMethod
             let parameters: AttentionParameters
             let buildSeconds: Double
@@ -108,11 +109,14 @@ public enum HeadPlanner {
                                     parameters: p, buildSeconds: 0))
         if codes != nil {
             for m in policy.quantizedCandidates {
-                var q = p
-                q.quantized.candidates = m
-                candidates.append(Candidate(policy: .quantized, setting: m,
-                                            method: try PreparedMethod(.quantized, index: nil, keys: keys, values: values),
-                                            parameters: q, buildSeconds: 0))
+                for detail in policy.quantizedDetails {
+                    var q = p
+                    q.quantized.candidates = m
+                    q.quantized.tailDetail = detail
+                    candidates.append(Candidate(policy: .quantized, setting: m, detail: detail,
+                                                method: try PreparedMethod(.quantized, index: nil, keys: keys, values: values),
+                                                parameters: q, buildSeconds: 0))
+                }
             }
         }
         let selects = p.sinks + p.window < keys.count
@@ -172,8 +176,10 @@ public enum HeadPlanner {
         }
         let measured = candidates.map { c -> PlanCandidate in
             let micros = median(c.micros)
-            return PlanCandidate(policy: c.policy, setting: c.setting, error: median(c.errors), micros: micros, buildSeconds: c.buildSeconds,
-                                 cost: micros + c.buildSeconds * 1e6 / Double(policy.decodeHorizon))
+            var candidate = PlanCandidate(policy: c.policy, setting: c.setting, error: median(c.errors), micros: micros,
+                                          buildSeconds: c.buildSeconds, cost: micros + c.buildSeconds * 1e6 / Double(policy.decodeHorizon))
+            candidate.tailDetail = c.detail
+            return candidate
         }
         // The cheapest within the target (exact always is); ties to the earlier (simpler) one.
         var best = 0
@@ -181,11 +187,12 @@ public enum HeadPlanner {
         let chosen = measured[best], exact = measured[0]
         var reason = chosen.policy == .exact
             ? "no candidate within the target error \(policy.targetError) is cheaper than exact attention (\(String(format: "%.0f", exact.micros)) us per step)"
-            : "\(chosen.policy.rawValue)\(chosen.setting.map { " \($0)" } ?? ""): error \(String(format: "%.4f", chosen.error)) within the target \(policy.targetError), \(String(format: "%.0f", chosen.cost)) us per step against exact's \(String(format: "%.0f", exact.micros)) us (\(String(format: "%.2f", chosen.cost / max(exact.micros, 1e-9)))x)"
+            : "\(chosen.policy.rawValue)\(chosen.setting.map { " \($0)" } ?? "")\(chosen.tailDetail.map { " detail \(String(format: "%g", $0))" } ?? ""): error \(String(format: "%.4f", chosen.error)) within the target \(policy.targetError), \(String(format: "%.0f", chosen.cost)) us per step against exact's \(String(format: "%.0f", exact.micros)) us (\(String(format: "%.2f", chosen.cost / max(exact.micros, 1e-9)))x)"
         if chosen.policy == .retrieval, let raised = policy.raisedK(for: profile) { reason += "; \(raised.reason)" }
         var plan = HeadPlan(policy: chosen.policy, profile: profile, reason: reason,
                             k: chosen.policy == .retrieval ? chosen.setting : nil)
         plan.exactCandidates = chosen.policy == .quantized ? chosen.setting : nil
+        plan.tailDetail = chosen.policy == .quantized ? chosen.tailDetail : nil
         plan.candidates = measured
         return (plan, candidates[best].index, candidates[best].calibration)
     }
