@@ -114,11 +114,21 @@ extension Attention {
         }
         if q.tail {
             for i in retrieved { for h in 0..<g { scores[h * coded + i] = -.infinity } }
+            // Masses first (each part's weights and group sums), then one decision over the whole
+            // head (sharp or not, which groups weigh), then each part's values: the same result
+            // whatever the number of parts.
+            var masses = [TailMasses](repeating: TailMasses(), count: parts)
+            masses.withUnsafeMutableBufferPointer { out in
+                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                    out[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: groupsOf[p])
+                }
+            }
+            let plan = TailPlan(masses, exact: heads, groups: codes.count, parameters: q)
             var tails = [[PartialAttention]](repeating: [], count: parts)
             tails.withUnsafeMutableBufferPointer { out in
                 DispatchQueue.concurrentPerform(iterations: parts) { p in
                     out[p] = tailPartials(scores: scores, g: g, codes: codes, groups: groupsOf[p], dimension: values.dimension,
-                                          exact: heads, share: Float(groupsOf[p].count) / Float(codes.count), parameters: q)
+                                          masses: masses[p], plan: plan)
                 }
             }
             for h in 0..<g { heads[h] = tails.reduce(heads[h]) { $0.merged(with: $1[h]) } }
@@ -142,35 +152,61 @@ extension Attention {
                         q8, dots, scratch)
     }
 
-    /// Each head's attention over the positions of `groups` whose score in `scores` is finite, from
-    /// their codes: weights from the approximate scores; values from each position's value codes in
-    /// the groups that weigh (`tailDetail` times the part's mean group mass), from the group's mean
-    /// value in the others. A head whose tail here holds less than `tailFloor` x `share` of its exact
-    /// part's mass (a sharp head) gets none.
-    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, groups: Range<Int>, dimension dv: Int,
-                             exact: [PartialAttention], share: Float, parameters q: QuantizedParameters) -> [PartialAttention] {
-        var layout = codes.kernelLayout
-        let coded = codes.positions, group = layout.group, padded = layout.padded, count = groups.count
-        let first = groups.lowerBound * group
-        var maxima = [Float](repeating: -.infinity, count: g), totals = [Float](repeating: 0, count: g)
-        // Each group's tail mass per head (`g x count`), from weights exp(s - max).
-        var groupMass = [Float](repeating: 0, count: g * count)
-        groupMass.withUnsafeMutableBufferPointer { mass in
+    /// One part's tail weights: per head the part's maximum score, its weights' total and each
+    /// group's share (`g x groups.count`), the weights exp(s - max) left in `scores`.
+    struct TailMasses {
+        var maxima: [Float] = [], totals: [Float] = [], groupMass: [Float] = []
+    }
+
+    static func tailMasses(scores: UnsafeMutablePointer<Float>, g: Int, coded: Int, group: Int, groups: Range<Int>) -> TailMasses {
+        let count = groups.count, first = groups.lowerBound * group
+        var m = TailMasses(maxima: Array(repeating: -.infinity, count: g), totals: Array(repeating: 0, count: g),
+                           groupMass: Array(repeating: 0, count: g * count))
+        m.groupMass.withUnsafeMutableBufferPointer { mass in
             for h in 0..<g {
                 let row = scores + h * coded + first
-                let m = kvr_max(row, count * group)
-                maxima[h] = m
-                guard m > -.infinity else { row.update(repeating: 0, count: count * group); continue }
-                totals[h] = kvr_exp_sub(row, count * group, m)
-                if m + log(totals[h]) - exact[h].lse < log(q.tailFloor * share) {  // a sharp head
-                    totals[h] = 0
-                    row.update(repeating: 0, count: count * group)
-                    continue
-                }
+                let top = kvr_max(row, count * group)
+                m.maxima[h] = top
+                guard top > -.infinity else { row.update(repeating: 0, count: count * group); continue }
+                m.totals[h] = kvr_exp_sub(row, count * group, top)
                 kvr_group_sums(row, count, group, mass.baseAddress! + h * count)
             }
         }
-        guard totals.contains(where: { $0 > 0 }) else { return Array(repeating: .empty(dimension: dv), count: g) }
+        return m
+    }
+
+    /// The decisions over a head's whole tail: which heads keep it (not sharp) and, per head, the
+    /// mass (relative to its whole tail's maximum) from which a group goes through its value codes.
+    struct TailPlan {
+        var maximum: [Float], keeps: [Bool], detailFloor: [Float]
+
+        init(_ parts: [TailMasses], exact: [PartialAttention], groups: Int, parameters q: QuantizedParameters) {
+            let g = exact.count
+            maximum = (0..<g).map { h in parts.map { $0.maxima[h] }.max() ?? -.infinity }
+            keeps = Array(repeating: false, count: g)
+            detailFloor = Array(repeating: .infinity, count: g)
+            for h in 0..<g where maximum[h] > -.infinity {
+                let total = parts.reduce(Float(0)) { $0 + ($1.totals[h] > 0 ? $1.totals[h] * exp($1.maxima[h] - maximum[h]) : 0) }
+                // A head whose tail holds less than `tailFloor` of its exact part's mass is sharp.
+                keeps[h] = total > 0 && maximum[h] + log(total) - exact[h].lse >= log(q.tailFloor)
+                detailFloor[h] = q.tailDetail * total / Float(groups)
+            }
+        }
+    }
+
+    /// Each head's attention over one part's tail (`masses` from `tailMasses`), from the codes:
+    /// values from each position's value codes in the groups that weigh (per `plan`), from the
+    /// group's mean value in the others.
+    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, groups: Range<Int>, dimension dv: Int,
+                             masses m: TailMasses, plan: TailPlan) -> [PartialAttention] {
+        var layout = codes.kernelLayout
+        let coded = codes.positions, group = layout.group, padded = layout.padded, count = groups.count
+        let first = groups.lowerBound * group
+        let keeps = (0..<g).map { h in plan.keeps[h] && m.totals[h] > 0 }
+        guard keeps.contains(true) else { return Array(repeating: .empty(dimension: dv), count: g) }
+        for h in 0..<g where !keeps[h] { (scores + h * coded + first).update(repeating: 0, count: count * group) }
+        // A group's mass relative to the head's maximum over the whole tail.
+        let rescale = (0..<g).map { h in keeps[h] ? exp(m.maxima[h] - plan.maximum[h]) : 0 }
         var sum = [Float](repeating: 0, count: g * padded), scratch = [Float](repeating: 0, count: 2 * padded)
         var masses = [Float](repeating: 0, count: g)
         var row: UnsafeRawPointer? = nil
@@ -178,20 +214,20 @@ extension Attention {
             scratch.withUnsafeMutableBufferPointer { t in
                 for j in 0..<count {
                     row = codes.row(groups.lowerBound + j)
-                    let detailed = (0..<g).contains { h in totals[h] > 0 && groupMass[h * count + j] >= q.tailDetail * totals[h] / Float(count) }
+                    let detailed = (0..<g).contains { h in keeps[h] && m.groupMass[h * count + j] * rescale[h] >= plan.detailFloor[h] }
                     if detailed {
                         kvr_code_values(scores + first + j * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)
                     } else {
-                        for h in 0..<g { masses[h] = groupMass[h * count + j] }
+                        for h in 0..<g { masses[h] = keeps[h] ? m.groupMass[h * count + j] : 0 }
                         kvr_code_means(masses, g, row, &layout, dv, s.baseAddress!, t.baseAddress!)
                     }
                 }
             }
         }
         return (0..<g).map { h in
-            guard totals[h] > 0 else { return .empty(dimension: dv) }
-            let inv = 1 / totals[h]
-            return PartialAttention(output: (0..<dv).map { sum[h * padded + $0] * inv }, lse: maxima[h] + log(totals[h]))
+            guard keeps[h] else { return .empty(dimension: dv) }
+            let inv = 1 / m.totals[h]
+            return PartialAttention(output: (0..<dv).map { sum[h * padded + $0] * inv }, lse: m.maxima[h] + log(m.totals[h]))
         }
     }
 

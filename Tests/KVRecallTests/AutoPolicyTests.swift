@@ -164,7 +164,7 @@ import KVRecallTestSupport
         let build = try runCLI(["build", "--store", store, "--index", "auto", "--quiet"])
         #expect(build.status == 0, "\(build.stderr)")
         #expect(build.stdout.contains("auto chose ") && build.stdout.contains("candidate exact: error 0.0000"), "\(build.stdout)")
-        #expect(build.stdout.contains("candidate quantized 32"), "a build of auto gives the head its codes first: \(build.stdout)")
+        #expect(build.stdout.contains("candidate quantized 64"), "a build of auto gives the head its codes first: \(build.stdout)")
         let chosen = try #require(build.stdout.split(separator: "\n").first { $0.contains("auto chose ") }?
             .split(separator: " ").dropFirst(4).first.map { String($0.dropLast()) })
         let info = try runCLI(["info", "--store", store])
