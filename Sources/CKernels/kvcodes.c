@@ -387,6 +387,54 @@ float kvr_max(const float *x, size_t n) {
     return m;
 }
 
+#if KVR_X86
+/* Pair keys of the scores >= floor (and finite-above -inf) among x[0, 8 * (n / 8)) into keys;
+ * returns how many were written, *read how many scores were looked at. */
+FAST static size_t collect_fast(const float *x, size_t n, float floor, uint64_t *keys, size_t *read) {
+    const __m256 f = _mm256_set1_ps(floor), low = _mm256_set1_ps(-INFINITY);
+    size_t i = 0, m = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        int mask = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, f, _CMP_GE_OQ), _mm256_cmp_ps(v, low, _CMP_GT_OQ)));
+        while (mask) {
+            int b = __builtin_ctz(mask);
+            keys[m++] = kvr_pair_key(x[i + b], (int32_t)(i + b));
+            mask &= mask - 1;
+        }
+    }
+    *read = i;
+    return m;
+}
+#endif
+
+static size_t collect_pairs(const float *x, size_t n, float floor, uint64_t *keys) {
+    size_t i = 0, m = 0;
+#if KVR_X86
+    if (kvr_has_fast_path()) m = collect_fast(x, n, floor, keys, &i);
+#endif
+    for (; i < n; i++)
+        if (x[i] >= floor && x[i] > -INFINITY) keys[m++] = kvr_pair_key(x[i], (int32_t)i);
+    return m;
+}
+
+size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *out, uint64_t *keys) {
+    if (take == 0 || n == 0) return 0;
+    /* The sample's best `2 take / stride + 8` are each worth about `stride` scores. */
+    const size_t stride = n / 1024 > 1 ? n / 1024 : 1;
+    float floor = -INFINITY;
+    if (stride > 1) {
+        size_t samples = 0, rank = 2 * take / stride + 8;
+        for (size_t i = 0; i < n; i += stride) keys[samples++] = kvr_pair_key(scores[i], (int32_t)i);
+        if (rank < samples) floor = kvr_pair_score(kvr_select_u64(keys, samples, rank + 1));
+    }
+    size_t m = collect_pairs(scores, n, floor, keys);
+    if (m < take && floor > -INFINITY) m = collect_pairs(scores, n, -INFINITY, keys);
+    size_t k = take < m ? take : m;
+    if (k < m) kvr_select_u64(keys, m, k);
+    for (size_t i = 0; i < k; i++) out[i] = kvr_pair_id(keys[i]);
+    return k;
+}
+
 void kvr_group_sums(const float *x, size_t groups, size_t group, float *out) {
     for (size_t gi = 0; gi < groups; gi++) {
         const float *p = x + gi * group;

@@ -235,33 +235,10 @@ extension Attention {
     /// in no particular order: a selection over 64-bit (score, position) keys, O(count).
     static func bestPositions(_ scores: UnsafePointer<Float>, count: Int, take: Int) -> [Int] {
         guard take > 0, count > 0 else { return [] }
-        // A floor below which fewer than `take` scores can lie is read off a sample (every
-        // `stride`-th score): the sample's best `2 take / stride + 8` are each worth about
-        // `stride` scores, so about twice `take` pass it; only those are selected from.
-        let stride = max(1, count / 1024)
-        var floor = -Float.infinity
-        if stride > 1 {
-            var sample = Swift.stride(from: 0, to: count, by: stride).map { scores[$0] }
-            let rank = 2 * take / stride + 8
-            if rank < sample.count {
-                sample.sort(by: >)
-                floor = sample[rank]
-            }
-        }
         let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
         defer { keys.deallocate() }
-        func collect(above floor: Float) -> Int {
-            var n = 0
-            for i in 0..<count where scores[i] >= floor && scores[i] > -.infinity {
-                keys[n] = kvr_pair_key(scores[i], Int32(i))
-                n += 1
-            }
-            return n
-        }
-        var n = collect(above: floor)
-        if n < take && floor > -.infinity { n = collect(above: -.infinity) }  // the sample misjudged: all of them
-        let k = min(take, n)
-        if k < n { _ = kvr_select_u64(keys, n, k) }
-        return (0..<k).map { Int(kvr_pair_id(keys[$0])) }
+        var out = [Int32](repeating: 0, count: take)
+        let k = out.withUnsafeMutableBufferPointer { kvr_best_positions(scores, count, take, $0.baseAddress!, keys) }
+        return out[0..<k].map { Int($0) }
     }
 }

@@ -150,6 +150,12 @@ void kvr_code_values(const float *w, size_t g, size_t stride, const void *const 
 /* The largest of x[0, n) (-inf for n == 0; NaN-free input), vectorised. */
 float kvr_max(const float *x, size_t n);
 
+/* The best `take` of scores[0, n) (ties to the lower position; -inf never taken) as positions in
+ * out (room for take), in no particular order; returns how many (min(take, finite count)). A floor
+ * read off a sample (every stride-th score) keeps about twice `take` candidates for the final
+ * selection; a sample that misjudged falls back to all. keys: room for n. */
+size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *out, uint64_t *keys);
+
 /* out[gi] = sum of x[gi * group, (gi + 1) * group) for gi < groups. */
 void kvr_group_sums(const float *x, size_t groups, size_t group, float *out);
 
