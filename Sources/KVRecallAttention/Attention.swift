@@ -157,9 +157,8 @@ public enum Attention {
                 stats = found.stats
                 retrieved = Array(found.hits(0).map(\.id).filter { !isStatic.contains($0) }.prefix(parameters.k))
             } else {
-                // One shared walk for the group when the index has one, else a batch of searches.
-                let found = try (selector as? any GroupSearchable)?.searchGroup(queries, k: want, parameters: parameters.search, keys: keys)
-                    ?? selector.search(queries, k: want, parameters: parameters.search, keys: keys)
+                // One shared walk for the group where the index has one, else a batch of searches.
+                let found = try selector.searchGroup(queries, k: want, parameters: parameters.search, keys: keys)
                 stats = found.stats
                 let perHead = (0..<g).map { found.hits($0).map(\.id).filter { !isStatic.contains($0) }.prefix(parameters.k) }
                 let cap = parameters.groupSelection == .unionCapped ? parameters.k : g * parameters.k

@@ -434,7 +434,7 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     }
 }
 
-extension HNSWIndex: GraphWalkIndex, GroupSearchable {
+extension HNSWIndex: GraphWalkIndex {
     /// Top-`k` for each query of a GQA group (`g x dimension`): each head descends the upper
     /// layers on its own, then the group walks layer 0 once from the nodes they reached.
     public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,

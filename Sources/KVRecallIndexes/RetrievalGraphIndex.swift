@@ -806,7 +806,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     }
 }
 
-extension RetrievalGraphIndex: GraphWalkIndex, GroupSearchable {
+extension RetrievalGraphIndex: GraphWalkIndex {
     /// Top-`k` for each query of a GQA group (`g x dimension`) by one shared walk of the graph:
     /// each reached key is read once for the whole group. An ef below `k` narrows each query's
     /// beam as in `search`.

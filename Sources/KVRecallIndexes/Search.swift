@@ -183,14 +183,18 @@ public protocol VectorIndex {
     /// Top-`k` by inner product for `queries` (`m x dimension`, row-major f32).
     func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                 keys: VectorView) throws -> SearchResults
-}
-
-/// An index that can search a GQA group's queries together, sharing the work (a graph walk
-/// that reads each reached key once for every head). The union selection uses it when present.
-public protocol GroupSearchable: VectorIndex {
-    /// Top-`k` of each query of one group (`g x dimension`, row-major); same results layout as `search`.
+    /// Top-`k` of each query of one GQA group (`g x dimension`, row-major; same results layout as
+    /// `search`). Graph indexes share the work (one walk reads each reached key once for every
+    /// head); the default is the batched `search`.
     func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                      keys: VectorView) throws -> SearchResults
+}
+
+extension VectorIndex {
+    public func searchGroup(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
+                            keys: VectorView) throws -> SearchResults {
+        try search(queries, k: k, parameters: parameters, keys: keys)
+    }
 }
 
 /// Validates a search call's shape against an index and its keys.

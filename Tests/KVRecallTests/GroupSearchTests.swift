@@ -48,8 +48,7 @@ import KVRecallTestSupport
 
     static func searchGroup(_ index: any BuildableIndex, _ q: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
                             keys: VectorView) throws -> SearchResults {
-        let grouped = try #require(index as? any GroupSearchable)
-        return try grouped.searchGroup(q, k: k, parameters: parameters, keys: keys)
+        try index.searchGroup(q, k: k, parameters: parameters, keys: keys)
     }
 
     @Test(arguments: [IndexKind.retrieval, .hnsw])

@@ -379,6 +379,74 @@ struct IngestSource {
               + "(HNSW over \(n) keys); \(commitKills) of them within 1 ms of the commit's first write (\(interruptedCommits) before it finished); left: no index \(absent), whole index \(whole), anything else 0")
         #expect(absent + whole == kills)
     }
+
+    /// SIGKILLs `kvrecall ingest` appending to a head that keeps codes (the quantized tier). After each
+    /// kill the store holds a prefix of whole transactions, and the code stream covers exactly the
+    /// complete groups of that prefix with the rows a fresh `buildCodes` of the same vectors gives:
+    /// codes are written in the append's transaction, never behind or ahead of the vectors.
+    @Test func appendKilledAtRandomMomentsKeepsVectorsAndCodesInAgreement() throws {
+        let kills = ReliabilityEnv.int("KVRECALL_CODES_KILLS", 4)
+        let seed = UInt64(ReliabilityEnv.int("KVRECALL_CRASH_SEED", 7)) &+ 2
+        let rows = 16_000, rpt = 96, d = 32  // 96 rows per transaction: commits end inside code groups of 64
+        let dir = TemporaryDirectory("kvrecall-crash-codes")
+        let source = try IngestSource(dir: dir.path, rows: rows, queryRows: 64, d: d, seed: seed)
+        let format = CodeFormat(group: 64)
+        func prepared(_ path: String) throws {
+            let store = try KVStore(path: path, create: true)
+            try store.createHead(HeadID(), dimension: d, dtype: .f32, codes: format)
+            store.close()
+        }
+        func codeRows(_ store: KVStore) throws -> [[UInt8]] {
+            try store.read { s in
+                guard let codes = try s.codes(HeadID()) else { return [] }
+                return (0..<codes.count).map { Array(UnsafeRawBufferPointer(start: codes.row($0), count: codes.layout.rowBytes)) }
+            }
+        }
+        func dataFileSize(_ path: String) -> Int {
+            ((try? FileManager.default.attributesOfItem(atPath: path + "/data.mdb"))?[.size] as? NSNumber)?.intValue ?? 0
+        }
+        let referencePath = dir.path + "/reference"
+        try prepared(referencePath)
+        let empty = dataFileSize(referencePath)
+        let reference = try spawnKVRecall(source.ingestArguments(store: referencePath, head: 0, rowsPerTransaction: rpt))
+        try #require(reference.status == 0, "\(reference.stderr)")
+        let growth = dataFileSize(referencePath) - empty
+        var rng = SeededRandom(seed: seed)
+        var partial = 0, killedCount = 0
+        for run in 0..<kills {
+            let path = dir.path + "/run-\(run)"
+            try prepared(path)
+            let start = dataFileSize(path), target = start + Int(uniform(0.05...0.95, &rng) * Double(growth))
+            let outcome = try spawnKVRecall(source.ingestArguments(store: path, head: 0, rowsPerTransaction: rpt),
+                                            killWhen: { dataFileSize(path) >= target })
+            #expect(!outcome.timedOut)
+            #expect(outcome.killed || outcome.status == 0, "ingest failed by itself: \(outcome.stderr)")
+            if outcome.killed { killedCount += 1 }
+            let store = try KVStore(path: path)
+            let state = try source.verify(store, HeadID(), rowsPerTransaction: rpt)
+            let info = try store.info(HeadID())
+            if state == .partialKeys { partial += 1 }
+            // The same vectors coded at once, in a store of their own.
+            let fresh = try KVStore(path: dir.path + "/fresh-\(run)", create: true)
+            try fresh.createHead(HeadID(), dimension: d, dtype: .f32)
+            if info.count > 0 {
+                try source.keys.withUnsafeBufferPointer { k in
+                    try source.values.withUnsafeBufferPointer { v in
+                        try fresh.append(HeadID(), keys: UnsafeBufferPointer(rebasing: k[0..<(info.count * d)]),
+                                         values: UnsafeBufferPointer(rebasing: v[0..<(info.count * d)]))
+                    }
+                }
+            }
+            try fresh.buildCodes(HeadID(), format: format)
+            let kept = try codeRows(store)
+            #expect(kept.count == info.count / 64, "\(info.count) positions but \(kept.count) code groups")
+            #expect(kept == (try codeRows(fresh)), "the codes left by a kill differ from codes built from the same vectors")
+            fresh.close()
+            store.close()
+        }
+        print("crash/codes: \(kills) runs, \(killedCount) SIGKILLed mid-append (\(rows) rows, \(rpt) per transaction, codes in groups of 64); partial heads left: \(partial), each with codes equal to a fresh build")
+        #expect(killedCount >= 1 && partial >= 1, "no kill landed between two commits")
+    }
 }
 
 // MARK: - Concurrency soak

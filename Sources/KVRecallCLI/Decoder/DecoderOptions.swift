@@ -24,7 +24,7 @@ struct ModelOptions: ParsableArguments {
 
 /// How the global layers attend at decode time: the method(s) and their knobs.
 struct DecoderMethodOptions: ParsableArguments {
-    static let methods: [AttentionMethod] = [.exact, .retrieval, .hip, .landmark, .hnsw, .ivf, .lsh, .tree, .estimate, .streaming, .auto]
+    static let methods = AttentionMethod.allCases
 
     @Option(help: ArgumentHelp("Decode-time attention of the global layers: \(methods.map(\.rawValue).joined(separator: ", ")); a comma-separated list or 'all' runs each from one shared prefill.",
                                valueName: "method"))
