@@ -178,6 +178,11 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// Held-out query groups the candidates are timed on (best of `timingPasses` each).
     public var timedGroups = 16
     public var timingPasses = 3
+    /// A head whose keys and values take at least this many bytes is timed with cold caches (each
+    /// pass after an eviction, as a decode step meets it after the model's other layers): timed
+    /// warm, a method whose bytes fit in the cache (the quantized tier's codes of a 128K head) looks
+    /// several times cheaper than in a decoder. nil: always warm.
+    public var coldTimingBytes: Int? = 4 << 20
     public init() {}
 
     public func validate() throws {

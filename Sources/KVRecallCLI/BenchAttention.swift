@@ -90,7 +90,8 @@ struct BenchAttention: ParsableCommand {
         let methods = try methods()
         let report = try store.read { snapshot -> [[String: Any]] in
             let keys = try snapshot.vectors(headOptions.id, .keys), vals = try snapshot.vectors(headOptions.id, .values)
-            let evict: (() -> Void)? = cold ? { CacheEvictor.shared.evict() } : nil
+            let evictor = cold ? CacheEvictor() : nil
+            let evict: (() -> Void)? = evictor.map { e in { e.evict() } }
             let floor = (0..<groups).map { _ in best(of: passes, before: evict) { _ = readFloor(keys: keys, values: vals, parts: threads) } }
             let runs = try runMethods(methods, snapshot: snapshot, head: headOptions.id, queries: values, groupSize: group,
                                       parameters: parameters, repetitions: passes + 1, beforeEach: evict).map { try $0.get() }
@@ -174,16 +175,4 @@ func readFloor(keys: VectorView, values: VectorView, parts: Int) -> UInt64 {
     return folds.reduce(0, ^)
 }
 
-/// Evicts the last-level cache by reading a buffer three times its size (32 MB here), touching
-/// every line: what a decoder's other layers do to a head's keys and values between its steps.
-final class CacheEvictor: @unchecked Sendable {
-    static let shared = CacheEvictor()
-    private let bytes = 96 << 20
-    private let buffer: UnsafeMutableRawPointer
-    private init() {
-        buffer = .allocate(byteCount: bytes, alignment: 64)
-        buffer.initializeMemory(as: UInt8.self, repeating: 1, count: bytes)
-    }
-    func evict() { _ = kvr_read_bytes(buffer, bytes) }
-}
 

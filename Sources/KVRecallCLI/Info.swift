@@ -62,6 +62,10 @@ struct Info: ParsableCommand {
                          o["streaming_error"] = f.streamingError ?? NSNull(); o["retrieval_oracle_error"] = f.retrievalOracleError ?? NSNull()
                          o["estimation_error"] = f.estimationError ?? NSNull()
                      }
+                     o["candidates"] = p.candidates.map { c -> [String: Any] in
+                         ["policy": c.policy.rawValue, "setting": c.setting ?? NSNull(), "tail_detail": c.tailDetail.map { Double($0) } ?? NSNull(),
+                          "error": c.error, "micros_per_step": c.micros, "build_s": c.buildSeconds, "cost": c.cost]
+                     }
                      return o
                  } ?? NSNull(),
                  "calibration": (calibrations[h.id] ?? [:]).mapValues { c -> [String: Any] in
@@ -81,7 +85,10 @@ struct Info: ParsableCommand {
         }
         print(table.render())
         for h in heads {
-            if let plan = plans[h.id] { print("\(h.id) auto: \(plan.summary)") }
+            if let plan = plans[h.id] {
+                print("\(h.id) auto: \(plan.summary)")
+                for line in plan.candidateLines { print("  candidate \(line)") }
+            }
             for (name, c) in (calibrations[h.id] ?? [:]).sorted(by: { $0.key < $1.key }) { print("\(h.id) \(name): calibrated \(c.summary)") }
         }
     }

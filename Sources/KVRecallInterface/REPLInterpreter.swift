@@ -629,6 +629,7 @@ public final class REPLInterpreter {
         if let plan = r.plan {
             rows.append(("policy", "\(plan.policy.rawValue): \(plan.reason)"))
             if let profile = plan.profile { rows.append(("profile", profile.summary)) }
+            for line in plan.candidateLines { rows.append(("candidate", line)) }
         }
         if let calibration = r.calibration {
             let own = calibration.knob.isSet(in: p.search) && calibration.knob.applied(calibration.value, to: p.search) != p.search

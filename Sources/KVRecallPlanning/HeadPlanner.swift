@@ -65,7 +65,8 @@ public enum HeadPlanner {
     /// (built over keys `0..<indexUpTo`, its build spread over `policy.decodeHorizon` steps, when
     /// it holds at least `policy.minimumIndexedKeys`), and for a head that looks diffuse the
     /// estimation zone over an IVF index. The cheapest candidate within `policy.targetError` wins;
-    /// exact is one of them, so no plan is measured slower than exact attention. The index the
+    /// exact is one of them, so no plan is measured slower than exact attention. A large head is
+    /// timed with cold caches (`policy.coldTimingBytes`), as a decoder meets it. The index the
     /// winner reads comes back built and calibrated.
     /// Without enough queries: quantized when the head keeps codes, else exact.
     public static func plan(keys: VectorView, values: VectorView, codes: CodeView? = nil, queries: VectorView?, group: Int,
@@ -151,6 +152,8 @@ public enum HeadPlanner {
 
         // Errors on every held-out group; times on the first `timedGroups`, the candidates
         // interleaved per group so that they share the machine's load alike.
+        let headBytes = keys.count * (keys.bytesPerRow + values.bytesPerRow)
+        let evictor = policy.coldTimingBytes.map { headBytes >= $0 } == true ? CacheEvictor() : nil
         try held.withUnsafeBufferPointer { qb in
             for gi in 0..<groups {
                 let one = UnsafeBufferPointer(rebasing: qb[(gi * group * d)..<((gi + 1) * group * d)])
@@ -165,6 +168,7 @@ public enum HeadPlanner {
                     if gi < policy.timedGroups {
                         var fastest = Double.infinity
                         for _ in 0..<policy.timingPasses {
+                            evictor?.evict()
                             let t0 = monotonicNanos()
                             _ = try run()
                             fastest = min(fastest, Double(monotonicNanos() - t0) / 1e3)

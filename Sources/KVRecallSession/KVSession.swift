@@ -254,6 +254,7 @@ public final class KVSession {
             if let index = state.index { line += "; \(index.kind.rawValue) over \(index.count) keys" }
             if let c = state.calibration { line += "; calibrated \(c.summary)" }
             if let profile = state.plan?.profile { line += "; \(profile.summary)" }
+            if let plan = state.plan, !plan.candidates.isEmpty { line += "; candidates: " + plan.candidateLines.joined(separator: "; ") }
             return line
         }
     }

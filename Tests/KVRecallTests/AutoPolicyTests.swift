@@ -134,6 +134,7 @@ import KVRecallTestSupport
             #expect(chosen.error <= PolicyParameters().targetError && chosen.cost <= exact.cost, "\(plan.candidateLines)")
             #expect(plan.candidates.contains { $0.policy == .quantized }, "a session with auto keeps codes")
             #expect(session.report().count == 1 && session.report()[0].contains(plan.policy.rawValue))
+            #expect(session.report()[0].contains("candidates: exact: error 0.0000"), "report() lists the candidates: \(session.report())")
             policy = plan.policy
             // Its output is what the attention layer gives for the plan's method over the same index.
             for q in 0..<8 {
@@ -169,6 +170,9 @@ import KVRecallTestSupport
             .split(separator: " ").dropFirst(4).first.map { String($0.dropLast()) })
         let info = try runCLI(["info", "--store", store])
         #expect(info.stdout.contains("0/0/0 auto: \(chosen)"), "\(info.stdout)")
+        #expect(info.stdout.contains("  candidate exact: error 0.0000"), "info lists every measured candidate: \(info.stdout)")
+        let json = try runCLI(["info", "--store", store, "--json"])
+        #expect(json.stdout.contains("\"micros_per_step\""), "\(json.stdout)")
         let attend = try runCLI(["attend", "--store", store, "--queries", "\(data)/queries.npy", "--limit", "8", "--method", "auto"])
         #expect(attend.status == 0, "\(attend.stderr)")
         #expect(attend.stdout.contains("auto: \(HeadPolicy(rawValue: chosen)?.method.rawValue ?? chosen) ("), "\(attend.stdout)")
@@ -303,5 +307,6 @@ import KVRecallTestSupport
         let explain = repl.ok("explain")
         #expect(explain.contains("auto -> estimate") && explain.contains("policy") && explain.contains("calibration"), "\(explain)")
         #expect(explain.contains("nprobe") && explain.contains("held-out queries"), "\(explain)")
+        #expect(explain.contains("candidate") && explain.contains("exact: error 0.0000"), "explain lists the measured candidates: \(explain)")
     }
 }
