@@ -129,8 +129,9 @@ def test_report_says_what_each_head_runs():
         after = s.report()
         assert len(after) == H and all(line.startswith(f"layer 0 head {h}: ") for h, line in enumerate(after))
         # auto named a policy per head, with its reason and the figures behind it.
-        assert all(any(p in line for p in ("streaming (", "retrieval (", "estimation (")) for line in after)
+        assert all(any(p in line for p in ("exact (", "streaming (", "quantized (", "retrieval (", "estimation (")) for line in after)
         assert all("mass on sinks+window" in line for line in after)
+        assert all("candidates: exact: error 0.0000" in line for line in after)  # every measured candidate
 
 
 def test_progress_false_aborts_and_exceptions_propagate():

@@ -441,7 +441,7 @@ public final class KVSession {
             throw SessionError.invalidArgument("query of KV head \(row / g), query head \(row % g) holds NaN or Inf")
         }
         guard heads[layer][0].tokens > 0 else {
-            throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)")
+            throw SessionError.wrongOrder("attend before any key was appended to layer \(layer): append keys and values first")
         }
         let failures = FirstError()
         let workers = max(1, min(threads, h))
@@ -482,7 +482,7 @@ public final class KVSession {
     /// The full attention result (attended positions, statistics) of one KV head's query group.
     public func attendDetailed(layer: Int, head: Int, queries: UnsafeBufferPointer<Float>) throws -> AttentionResult {
         let state = try state(layer, head)
-        guard state.tokens > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer)") }
+        guard state.tokens > 0 else { throw SessionError.wrongOrder("attend before any key was appended to layer \(layer): append keys and values first") }
         return try store.read { snapshot in
             let views = try state.views(in: snapshot)
             var parameters = self.parameters
