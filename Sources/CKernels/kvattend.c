@@ -9,13 +9,7 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KVR_X86 1
-#define FAST __attribute__((target("avx2,fma,f16c")))
-#else
-#define KVR_X86 0
-#endif
+#include "kvarch.h"
 
 /* ---- portable bodies ---- */
 

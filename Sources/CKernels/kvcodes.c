@@ -10,13 +10,7 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KVR_X86 1
-#define FAST __attribute__((target("avx2,fma,f16c")))
-#else
-#define KVR_X86 0
-#endif
+#include "kvarch.h"
 
 /* Starts fetching [p, p + bytes) (the next group row, while this one is scanned). */
 static inline void prefetch_bytes(const uint8_t *p, size_t bytes) {

@@ -104,7 +104,8 @@ func jsonNumber(_ x: Double) -> Any { x.isFinite ? x : NSNull() }
 /// Per-call search knobs, named as faiss and hnswlib users know them. ef, nprobe and beam left
 /// unset take the value calibrated at build for the index's target recall (`build --target-recall`),
 /// or the library's default for an index built without prefill queries to calibrate on.
-struct SearchParameterOptions: ParsableArguments {
+/// The index search knobs (unset: each head's calibrated value, else the library default).
+struct SearchKnobOptions: ParsableArguments {
     @Option(parsing: .unconditional, help: "HNSW, retrieval: candidate list size at search (default: calibrated at build, else 64).")
     var ef: Int?
     @Option(parsing: .unconditional, help: "IVF: lists probed (default: calibrated at build, else 8). (estimate's retrieval zone is set by -k or --top-p, not by --nprobe.)")
@@ -113,8 +114,6 @@ struct SearchParameterOptions: ParsableArguments {
     var beam: Int?
     @Option(help: "LSH: tables a key must share with the query to be a candidate.")
     var minCollisions: Int = 2
-    @Option(help: "Threads over the query batch.")
-    var threads: Int = 1
 
     func validate() throws {
         try validateSettings { try parameters.validate() }
@@ -126,6 +125,18 @@ struct SearchParameterOptions: ParsableArguments {
         p.ivf.nprobeSetting = nprobe
         p.tree.beamSetting = beam
         p.lsh.minCollisions = minCollisions
+        return p
+    }
+}
+
+/// The search knobs and the threads a batch of queries is split over (`query`, `attend`).
+struct SearchParameterOptions: ParsableArguments {
+    @OptionGroup var knobs: SearchKnobOptions
+    @Option(help: "Threads over the query batch.")
+    var threads: Int = 1
+
+    var parameters: SearchParameters {
+        var p = knobs.parameters
         p.threads = threads
         return p
     }

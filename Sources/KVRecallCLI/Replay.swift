@@ -36,7 +36,7 @@ struct Replay: ParsableCommand {
         }
         var config = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
                                           method: method, k: attention.k, sinks: attention.sinks,
-                                          window: attention.window, ef: attention.search.ef, nprobe: attention.search.nprobe, beam: attention.search.beam)
+                                          window: attention.window, ef: attention.search.knobs.ef, nprobe: attention.search.knobs.nprobe, beam: attention.search.knobs.beam)
         config.upkeepBatch = 16
         let session = try KVSession(configuration: config, directory: nil)
         defer { session.close() }

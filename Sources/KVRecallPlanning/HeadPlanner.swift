@@ -104,6 +104,19 @@ public enum HeadPlanner {
             var micros: [Double] = []
         }
         var candidates: [Candidate] = []
+        /// A candidate reading an index of `kind` over keys `0..<upTo`, built and calibrated now (its build time counts).
+        func indexed(_ policy: HeadPolicy, kind: IndexKind, method: AttentionMethod, setting: Int?,
+                     parameters: AttentionParameters) throws -> Candidate {
+            let start = monotonicNanos()
+            let built = try buildCalibrated(kind, keys: keys, count: upTo, queries: queries, build: build, calibration: calibration)
+            var candidate = Candidate(policy: policy, setting: setting,
+                                      method: try PreparedMethod(method, index: built.index, calibration: built.calibration,
+                                                                 keys: keys, values: values),
+                                      parameters: parameters, buildSeconds: Double(monotonicNanos() - start) / 1e9)
+            candidate.index = built.index
+            candidate.calibration = built.calibration
+            return candidate
+        }
         candidates.append(Candidate(policy: .exact, setting: nil, method: try PreparedMethod(.exact, index: nil, keys: keys, values: values),
                                     parameters: p, buildSeconds: 0))
         candidates.append(Candidate(policy: .streaming, setting: nil, method: try PreparedMethod(.streaming, index: nil, keys: keys, values: values),
@@ -125,29 +138,11 @@ public enum HeadPlanner {
             // Retrieval at the budget it would get (its k raised for a diffuse head).
             var r = p
             if let budget = policy.budget(for: profile) { r.k = max(r.k, budget) }
-            let start = monotonicNanos()
-            let built = try buildCalibrated(.retrieval, keys: keys, count: upTo, queries: queries, build: build, calibration: calibration)
-            let seconds = Double(monotonicNanos() - start) / 1e9
-            var candidate = Candidate(policy: .retrieval, setting: r.k,
-                                      method: try PreparedMethod(.retrieval, index: built.index, calibration: built.calibration,
-                                                                 keys: keys, values: values),
-                                      parameters: r, buildSeconds: seconds)
-            candidate.index = built.index
-            candidate.calibration = built.calibration
-            candidates.append(candidate)
+            candidates.append(try indexed(.retrieval, kind: .retrieval, method: .retrieval, setting: r.k, parameters: r))
         }
         if selects, profile.worstStaticMass < policy.streamingMass, profile.worstOracleMass < policy.diffuseMass, upTo > p.sinks {
             // A head that looks diffuse also tries the estimation zone, over an IVF index.
-            let start = monotonicNanos()
-            let built = try buildCalibrated(.ivf, keys: keys, count: upTo, queries: queries, build: build, calibration: calibration)
-            let seconds = Double(monotonicNanos() - start) / 1e9
-            var candidate = Candidate(policy: .estimation, setting: nil,
-                                      method: try PreparedMethod(.estimate, index: built.index, calibration: built.calibration,
-                                                                 keys: keys, values: values),
-                                      parameters: p, buildSeconds: seconds)
-            candidate.index = built.index
-            candidate.calibration = built.calibration
-            candidates.append(candidate)
+            candidates.append(try indexed(.estimation, kind: .ivf, method: .estimate, setting: nil, parameters: p))
         }
 
         // Errors on every held-out group; times on the first `timedGroups`, the candidates

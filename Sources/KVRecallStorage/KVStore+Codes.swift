@@ -185,26 +185,10 @@ public struct CodeView {
         count = info.codedGroups
         groupsPerBlock = info.blockSize / format.group
         let expected = (count + groupsPerBlock - 1) / groupsPerBlock
-        var table = kept
         let rowBytes = layout.rowBytes, perBlock = groupsPerBlock, count = count
-        if table.count < expected {
-            try txn.scan(db, prefix: StoreKey.codePrefix(info.id), from: StoreKey.codeBlock(info.id, UInt32(table.count))) { key, value in
-                let number = Int(StoreKey.decodeBlockNumber(key))
-                guard number == table.count else {
-                    throw StoreError(.corrupt, "code block \(table.count) is missing (found \(number)); rebuild the codes", path: path, head: info.id)
-                }
-                let rows = min(perBlock, count - number * perBlock)
-                guard value.count >= rows * rowBytes, let base = value.baseAddress else {
-                    throw StoreError(.corrupt, "code block \(number) holds \(value.count) bytes, expected \(rows * rowBytes); rebuild the codes",
-                                     path: path, head: info.id)
-                }
-                table.append(base)
-                return table.count < expected
-            }
-        }
-        guard table.count == expected else {
-            throw StoreError(.corrupt, "the codes have \(table.count) blocks, expected \(expected); rebuild the codes", path: path, head: info.id)
-        }
+        let table = try txn.blockTable(db, prefix: StoreKey.codePrefix(info.id), key: { StoreKey.codeBlock(info.id, $0) },
+                                       keeping: kept, expected: expected, bytes: { min(perBlock, count - $0 * perBlock) * rowBytes },
+                                       what: "the code stream", advice: "; rebuild the codes", path: path, head: info.id)
         blocks = table
     }
 

@@ -53,28 +53,9 @@ public struct VectorView {
         let width = info.bytesPerVector
         let expectedBlocks = (count + bs - 1) / bs
         let kind = kind
-        var table = kept
-        table.reserveCapacity(expectedBlocks)
-        if table.count < expectedBlocks {
-            try txn.scan(db, prefix: StoreKey.vectorPrefix(info.id, kind),
-                         from: StoreKey.block(info.id, kind, UInt32(table.count))) { key, value in
-                let number = Int(StoreKey.decodeBlockNumber(key))
-                guard number == table.count else {
-                    throw StoreError(.corrupt, "\(kind) block \(table.count) is missing (found \(number))", path: path, head: info.id)
-                }
-                if number >= expectedBlocks { return false }
-                let rowsHere = min(bs, count - number * bs)
-                guard value.count >= rowsHere * width, let base = value.baseAddress else {
-                    throw StoreError(.corrupt, "\(kind) block \(number) holds \(value.count) bytes, expected \(rowsHere * width)",
-                                     path: path, head: info.id)
-                }
-                table.append(base)
-                return table.count < expectedBlocks
-            }
-        }
-        guard table.count == expectedBlocks else {
-            throw StoreError(.corrupt, "\(kind) has \(table.count) blocks, expected \(expectedBlocks)", path: path, head: info.id)
-        }
+        let table = try txn.blockTable(db, prefix: StoreKey.vectorPrefix(info.id, kind), key: { StoreKey.block(info.id, kind, $0) },
+                                   keeping: kept, expected: expectedBlocks, bytes: { min(bs, count - $0 * bs) * width },
+                                   what: "\(kind)", advice: "", path: path, head: info.id)
         blocks = table
         tableOwner = BlockTable(table)
         self.table = UnsafePointer(tableOwner.pointer)
@@ -242,4 +223,34 @@ final class BlockTable {
         for (i, b) in blocks.enumerated() { (pointer + i).initialize(to: b) }
     }
     deinit { pointer.deallocate() }
+}
+
+extension ReadTransaction {
+    /// The map addresses of a stream's blocks: `kept` (already known) followed by blocks
+    /// `kept.count..<expected` read from `db` (keys `key(b)`, all under `prefix`), each present in
+    /// order and holding at least `bytes(b)`. Errors name the stream (`what`) and add `advice`.
+    func blockTable(_ db: MDB_dbi, prefix: [UInt8], key: (UInt32) -> [UInt8], keeping kept: [UnsafeRawPointer], expected: Int,
+                    bytes: (Int) -> Int, what: String, advice: String, path: String, head: HeadID) throws -> [UnsafeRawPointer] {
+        var table = kept
+        table.reserveCapacity(expected)
+        if table.count < expected {
+            try scan(db, prefix: prefix, from: key(UInt32(table.count))) { key, value in
+                let number = Int(StoreKey.decodeBlockNumber(key))
+                guard number == table.count else {
+                    throw StoreError(.corrupt, "\(what) block \(table.count) is missing (found \(number))\(advice)", path: path, head: head)
+                }
+                if number >= expected { return false }
+                guard value.count >= bytes(number), let base = value.baseAddress else {
+                    throw StoreError(.corrupt, "\(what) block \(number) holds \(value.count) bytes, expected \(bytes(number))\(advice)",
+                                     path: path, head: head)
+                }
+                table.append(base)
+                return table.count < expected
+            }
+        }
+        guard table.count == expected else {
+            throw StoreError(.corrupt, "\(what) has \(table.count) blocks, expected \(expected)\(advice)", path: path, head: head)
+        }
+        return table
+    }
 }

@@ -38,16 +38,9 @@ struct DecoderMethodOptions: ParsableArguments {
     var sinks: Int = 4
     @Option(parsing: .unconditional, help: "Last positions always attended (recent window) in the global layers.")
     var window: Int = 64
-    @Option(help: "HNSW / retrieval graph: candidate list size at search (default: calibrated per head at the index build for --target-recall).")
-    var ef: Int?
-    @Option(help: "IVF: lists probed (default: calibrated; estimate's retrieval zone is set by -k).")
-    var nprobe: Int?
-    @Option(help: "Tree: clusters kept per level (default: calibrated).")
-    var beam: Int?
+    @OptionGroup var search: SearchKnobOptions
     @Option(help: "Recall@k against exact search the calibrated ef / nprobe / beam reach on held-out prefill queries.")
     var targetRecall: Double = 0.95
-    @Option(help: "LSH: tables a key must share with the query to be a candidate.")
-    var minCollisions: Int = 2
     @Option(help: "Storage type of the cached keys and values: f32, f16, bf16.")
     var dtype: DType = .f16
     @Option(help: "GQA selection of index-backed methods: union (every query head's own top-k, attended by all), union-capped, summed.")
@@ -60,12 +53,8 @@ struct DecoderMethodOptions: ParsableArguments {
         if k < 1 { throw ValidationError("-k must be at least 1 (got \(k))") }
         if sinks < 0 { throw ValidationError("--sinks must be non-negative (got \(sinks))") }
         if window < 0 { throw ValidationError("--window must be non-negative (got \(window))") }
-        if let ef, ef < 1 { throw ValidationError("--ef must be at least 1 (got \(ef))") }
-        if let nprobe, nprobe < 1 { throw ValidationError("--nprobe must be at least 1 (got \(nprobe))") }
-        if let beam, beam < 1 { throw ValidationError("--beam must be at least 1 (got \(beam))") }
         if !(targetRecall > 0 && targetRecall <= 1) { throw ValidationError("--target-recall must be in (0, 1] (got \(targetRecall))") }
         if !(budgetMass >= 0 && budgetMass <= 1) { throw ValidationError("--budget-mass must be in [0, 1], 0 for a fixed k (got \(budgetMass))") }
-        if minCollisions < 1 { throw ValidationError("--min-collisions must be at least 1 (got \(minCollisions))") }
     }
 
     func methodList() throws -> [AttentionMethod] {
@@ -78,12 +67,12 @@ struct DecoderMethodOptions: ParsableArguments {
         o.k = k
         o.sinks = sinks
         o.window = window
-        o.ef = ef
-        o.nprobe = nprobe
-        o.beam = beam
+        o.ef = search.ef
+        o.nprobe = search.nprobe
+        o.beam = search.beam
         o.targetRecall = targetRecall
         o.budgetMass = budgetMass > 0 ? budgetMass : nil
-        o.minCollisions = minCollisions
+        o.minCollisions = search.minCollisions
         o.dtype = dtype
         o.groupSelection = groupSelection
         o.prefillQueries = prefillQueries

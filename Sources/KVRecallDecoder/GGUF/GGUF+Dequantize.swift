@@ -41,8 +41,8 @@ func ggmlDequantizeUnchecked(_ type: GGMLType, from src: UnsafeRawPointer, count
     case .q8_0: dequantQ8_0(src, nb, dst)
     case .q2_K: dequantQ2_K(src, nb, dst)
     case .q3_K: dequantQ3_K(src, nb, dst)
-    case .q4_K: dequantQ4_K(src, nb, dst)
-    case .q5_K: dequantQ5_K(src, nb, dst)
+    case .q4_K: dequantQ45_K(src, nb, dst, fifthBit: false)
+    case .q5_K: dequantQ45_K(src, nb, dst, fifthBit: true)
     case .q6_K: dequantQ6_K(src, nb, dst)
     case .q8_K: dequantQ8_K(src, nb, dst)
     case .iq4_nl: dequantIQ4_NL(src, nb, dst)
@@ -252,33 +252,17 @@ private func dequantQ3_K(_ src: UnsafeRawPointer, _ nb: Int, _ dst: UnsafeMutabl
     }
 }
 
-private func dequantQ4_K(_ src: UnsafeRawPointer, _ nb: Int, _ dst: UnsafeMutablePointer<Float>) {
+/// Q4_K and Q5_K: super-blocks of 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and
+/// min; 4-bit low parts, and for Q5_K a fifth bit per weight (32 bytes `qh`, before the low parts).
+private func dequantQ45_K(_ src: UnsafeRawPointer, _ nb: Int, _ dst: UnsafeMutablePointer<Float>, fifthBit: Bool) {
+    let blockBytes = fifthBit ? 176 : 144
+    let high: UInt8 = fifthBit ? 16 : 0
     for i in 0..<nb {
-        let b = src + i * 144
+        let b = src + i * blockBytes
         let d = half(b, 0), dmin = half(b, 2)
         let scales = bytes(b, 4)
-        var q = bytes(b, 16)
-        var y = dst + i * 256
-        for j in 0..<4 {
-            let (sc1, m1) = scaleMinK4(2 * j, scales)
-            let (sc2, m2) = scaleMinK4(2 * j + 1, scales)
-            let d1 = d * sc1, o1 = dmin * m1
-            let d2 = d * sc2, o2 = dmin * m2
-            for l in 0..<32 { y[l] = d1 * Float(q[l] & 0x0F) - o1 }
-            for l in 0..<32 { y[l + 32] = d2 * Float(q[l] >> 4) - o2 }
-            q += 32
-            y += 64
-        }
-    }
-}
-
-private func dequantQ5_K(_ src: UnsafeRawPointer, _ nb: Int, _ dst: UnsafeMutablePointer<Float>) {
-    for i in 0..<nb {
-        let b = src + i * 176
-        let d = half(b, 0), dmin = half(b, 2)
-        let scales = bytes(b, 4)
-        let qh = bytes(b, 16)
-        var ql = bytes(b, 48)
+        let qh = bytes(b, 16)  // Q4_K: the low parts, read but weighted 0
+        var ql = bytes(b, fifthBit ? 48 : 16)
         var y = dst + i * 256
         var u1: UInt8 = 1, u2: UInt8 = 2
         for j in 0..<4 {
@@ -286,8 +270,8 @@ private func dequantQ5_K(_ src: UnsafeRawPointer, _ nb: Int, _ dst: UnsafeMutabl
             let (sc2, m2) = scaleMinK4(2 * j + 1, scales)
             let d1 = d * sc1, o1 = dmin * m1
             let d2 = d * sc2, o2 = dmin * m2
-            for l in 0..<32 { y[l] = d1 * Float((ql[l] & 0x0F) + ((qh[l] & u1) != 0 ? 16 : 0)) - o1 }
-            for l in 0..<32 { y[l + 32] = d2 * Float((ql[l] >> 4) + ((qh[l] & u2) != 0 ? 16 : 0)) - o2 }
+            for l in 0..<32 { y[l] = d1 * Float((ql[l] & 0x0F) + ((qh[l] & u1) != 0 ? high : 0)) - o1 }
+            for l in 0..<32 { y[l + 32] = d2 * Float((ql[l] >> 4) + ((qh[l] & u2) != 0 ? high : 0)) - o2 }
             ql += 32
             y += 64
             u1 <<= 2
