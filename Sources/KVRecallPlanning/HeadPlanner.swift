@@ -138,7 +138,12 @@ public enum HeadPlanner {
             // Retrieval at the budget it would get (its k raised for a diffuse head).
             var r = p
             if let budget = policy.budget(for: profile) { r.k = max(r.k, budget) }
-            candidates.append(try indexed(.retrieval, kind: .retrieval, method: .retrieval, setting: r.k, parameters: r))
+            // A budget at the exact-selection fraction selects by a scan of every key (exact's score
+            // pass, and more): never cheaper than exact attention, so its graph is not built (on a
+            // diffuse 128K head the build alone took minutes).
+            if Double(r.k) < PreparedMethod.exactSelectionFraction * Double(upTo) {
+                candidates.append(try indexed(.retrieval, kind: .retrieval, method: .retrieval, setting: r.k, parameters: r))
+            }
         }
         if selects, profile.worstStaticMass < policy.streamingMass, profile.worstOracleMass < policy.diffuseMass, upTo > p.sinks {
             // A head that looks diffuse also tries the estimation zone, over an IVF index.
