@@ -80,7 +80,7 @@ final class RefreshJob: @unchecked Sendable {
     private var outcome: Result<Made, Error>?
     private var finished = false
 
-    /// The niceness of refresh threads: by measurement (docs/BENCHMARKS.md "Long generations").
+    /// How much nicer than the process refresh threads run (capped at 19).
     static let niceness: Int32 = 10
 
     init(upTo: Int) {
@@ -117,8 +117,11 @@ final class RefreshJob: @unchecked Sendable {
     /// a new low-priority thread.
     func start(_ build: @escaping (RefreshJob) throws -> Made) {
         let thread = Thread { [self] in
-            // On Linux the nice value is per thread, and 0 names the calling thread.
-            setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, RefreshJob.niceness)
+            // On Linux the nice value is per thread, and 0 names the calling thread: the builder
+            // runs `niceness` below the process (a decoder started with `nice` keeps its margin).
+            errno = 0
+            let base = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
+            setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, min(19, (errno == 0 ? base : 0) + RefreshJob.niceness))
             let result = Result { try build(self) }
             lock.lock()
             outcome = result

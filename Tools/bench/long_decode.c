@@ -26,6 +26,9 @@
 enum { LAYERS = 2, KV = 2, G = 4, D = 64, CLUSTERS = 32, SINKS = 4, WINDOW = 64, TOPK = 100 };
 
 static uint64_t rng_state;
+/* Query length over sqrt(d) (LONG_DECODE_SHARPNESS, default 0.35): how far above the rest its target and
+ * the target's topic score, so how much of the mass the top-100 holds. */
+static float sharpness = 0.35f;
 static double uniform(void) {
     rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
     return (double)(rng_state >> 11) / 9007199254740992.0;
@@ -72,7 +75,7 @@ static void aim(const Head *h, int j, float *q) {
     float u[D], norm = 0;
     for (int i = 0; i < D; i++) { u[i] = h->keys[j * D + i] - (i < 2 ? 4.0f : 1.0f) * h->mu[i]; norm += u[i] * u[i]; }
     norm = sqrtf(norm) + 1e-6f;
-    for (int i = 0; i < D; i++) q[i] = 0.8f * 8.0f * u[i] / norm + 0.5f * h->w[i] / 8.0f + 0.3f * gauss();
+    for (int i = 0; i < D; i++) q[i] = sharpness * 8.0f * u[i] / norm + 0.5f * h->w[i] / 8.0f + 0.3f * gauss();
 }
 
 /* Exact attention of q over rows `rows` (NULL: all n) of h; output into out. */
@@ -215,6 +218,7 @@ static int run(int prompt, int steps, int method, const char *name) {
 int main(int argc, char **argv) {
     if (argc < 4) { fprintf(stderr, "usage: long_decode PROMPT STEPS METHOD[,METHOD...] [REFRESH]\n"); return 2; }
     int prompt = atoi(argv[1]), steps = atoi(argv[2]);
+    if (getenv("LONG_DECODE_SHARPNESS")) sharpness = (float)atof(getenv("LONG_DECODE_SHARPNESS"));
     if (argc > 4) refresh = strcmp(argv[4], "none") == 0 ? -1 : atof(argv[4]);
     char *list = strdup(argv[3]);
     for (char *name = strtok(list, ","); name; name = strtok(NULL, ",")) {
