@@ -81,7 +81,7 @@ final class RefreshJob: @unchecked Sendable {
     private var finished = false
 
     /// How much nicer than the process refresh threads run (capped at 19).
-    static let niceness: Int32 = 10
+    static let niceness: Int32 = 5
 
     init(upTo: Int) {
         self.upTo = upTo
@@ -118,7 +118,7 @@ final class RefreshJob: @unchecked Sendable {
     func start(_ build: @escaping (RefreshJob) throws -> Made) {
         let thread = Thread { [self] in
             // On Linux the nice value is per thread, and 0 names the calling thread: the builder
-            // runs `niceness` below the process (a decoder started with `nice` keeps its margin).
+            // runs `niceness` nicer than the process (a decoder started with `nice` keeps its margin).
             errno = 0
             let base = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
             setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, min(19, (errno == 0 ? base : 0) + RefreshJob.niceness))

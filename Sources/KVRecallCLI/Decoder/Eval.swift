@@ -110,7 +110,7 @@ struct Eval: ParsableCommand {
             let report = try evaluation.score(options: methodOptions.options(for: method), from: prefillState, fidelity: fidelity,
                                               progress: ProgressBar("score \(method.rawValue)").update)
             reports.append(report)
-            note("[\(method.rawValue)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token")
+            note("[\(method.rawValue)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token, \(report.refreshes) refreshes")
         }
         if json {
             print(try jsonString(reports.count == 1 ? reports[0].json : reports.map(\.json) as Any))
