@@ -116,6 +116,20 @@ final class HeadState {
     /// The head grew by `added` tokens (an append committed).
     func appended(_ added: Int) { tokens += added }
 
+    /// Lets a retrieval budget follow the head's length between refreshes: the plan's profile
+    /// measured the mass every budget keeps, and the most a budget may be is a fraction of the
+    /// keys, so a budget held down by that cap rises as the head grows (the profile's masses are
+    /// measured again at the next refresh). The method is prepared again when k changes.
+    func followLength(policy: PolicyParameters) {
+        guard var plan, plan.policy == .retrieval, var profile = plan.profile, tokens > profile.keys else { return }
+        profile.keys = tokens
+        guard let k = policy.budget(for: profile), k > (plan.k ?? 0) else { return }
+        plan.k = k
+        plan.reason += "; k \(k) once the head reached \(tokens) keys"
+        self.plan = plan
+        prepared = nil
+    }
+
     /// The head was cut to `count` tokens: its views are read afresh; an index holding dropped
     /// keys must be replaced by the caller.
     func truncated(to count: Int) {

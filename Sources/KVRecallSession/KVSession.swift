@@ -448,6 +448,7 @@ public final class KVSession {
                     }
                 }
             }
+            state.followLength(policy: planning.policy)
             state.refresh?.setTarget(state.tokens - configuration.window)
             if startRefreshes { try startRefreshIfDue(state) }
         }

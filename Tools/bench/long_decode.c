@@ -8,7 +8,9 @@
  * (anywhere before it, appended ones included). Every output is compared with exact attention
  * computed here over all keys: ||o - o_exact|| / ||o_exact||, mean and max over steps, layers and
  * query heads; "perfect" is the same error of exact attention over sinks + window + each query
- * head's exact top-k (k 100), what a perfect index would give at the default k.
+ * head's exact top-k (k 100), what a perfect index would give at the default k. The queries of a
+ * position depend on it alone, so "last 30 steps" of PROMPT + STEPS compares with a run whose prompt
+ * is PROMPT + STEPS - 30: the same keys and queries, the keys appended in one case, prompt in the other.
  *
  * Usage: long_decode PROMPT STEPS METHOD[,METHOD...] [REFRESH]
  *   REFRESH (optional): config.refresh_fraction, or "none" (never refresh); default: the library's.
@@ -23,7 +25,7 @@
 #include <time.h>
 #include "kvrecall.h"
 
-enum { LAYERS = 2, KV = 2, G = 4, D = 64, CLUSTERS = 32, SINKS = 4, WINDOW = 64, TOPK = 100 };
+enum { TAIL = 30, LAYERS = 2, KV = 2, G = 4, D = 64, CLUSTERS = 32, SINKS = 4, WINDOW = 64, TOPK = 100 };
 
 static uint64_t rng_state;
 /* Query length over sqrt(d) (LONG_DECODE_SHARPNESS, default 0.35): how far above the rest its target and
@@ -160,8 +162,8 @@ static int run(int prompt, int steps, int method, const char *name) {
     double b0 = now_ms();
     check(kvrecall_session_build_indexes(s), "build");
     double build_ms = now_ms() - b0;
-    double sum = 0, max = 0, perfect = 0;
-    long count = 0;
+    double sum = 0, max = 0, perfect = 0, quarter[4] = {0}, tail = 0, tail_perfect = 0;
+    long count = 0, quarter_count[4] = {0};
     double *times = malloc(sizeof(double) * steps);
     int *rows = malloc(sizeof(int) * (n + TOPK));
     float q[KV * G * D], out[KV * G * D], ref[D], kq[KV * D], vq[KV * D];
@@ -169,6 +171,10 @@ static int run(int prompt, int steps, int method, const char *name) {
         int t = prompt + step;  /* the new token's position */
         double step_ms = 0;
         for (int l = 0; l < LAYERS; l++) {
+            /* The queries of position t depend on t and the layer only: two runs that reach t hold
+             * the same keys and ask the same queries there (prompt 1000 + 3000 steps against a
+             * prompt of 3970 + the last 30 steps). */
+            rng_state = 0x9E3779B97F4A7C15ull ^ ((uint64_t)t * 1000003u + (uint64_t)l * 7919u + 1);
             for (int k = 0; k < KV; k++) {
                 memcpy(kq + k * D, heads[l][k].keys + (size_t)t * D, sizeof(float) * D);
                 memcpy(vq + k * D, heads[l][k].values + (size_t)t * D, sizeof(float) * D);
@@ -187,10 +193,13 @@ static int run(int prompt, int steps, int method, const char *name) {
                     attend_rows(&heads[l][k], t + 1, qj, NULL, 0, ref);
                     double e = rel_error(out + (k * G + j) * D, ref);
                     sum += e; if (e > max) max = e;
+                    quarter[step * 4 / steps] += e; quarter_count[step * 4 / steps]++;
                     int m = perfect_rows(&heads[l][k], t + 1, qj, rows);
                     float top[D];
                     attend_rows(&heads[l][k], t + 1, qj, rows, m, top);
-                    perfect += rel_error(top, ref);
+                    double pe = rel_error(top, ref);
+                    perfect += pe;
+                    if (step >= steps - TAIL) { tail += e; tail_perfect += pe; }
                     count++;
                 }
             }
@@ -204,9 +213,12 @@ static int run(int prompt, int steps, int method, const char *name) {
     kvrecall_session_report(s, report, length + 1, &length);
     int refreshes = 0;
     for (char *p = report; (p = strstr(p, "refreshed ")) != NULL; p += 10) refreshes += atoi(p + 10);
-    printf("%-10s prompt %5d steps %5d  error mean %.4f max %.3f  perfect top-%d %.4f  step ms p50 %.3f p99 %.3f max %.2f  build %.0f ms  refreshes %d\n",
-           name, prompt, steps, sum / count, max, TOPK, perfect / count, times[steps / 2],
+    long tail_count = (long)(steps < TAIL ? steps : TAIL) * LAYERS * KV * G;
+    printf("%-10s prompt %5d steps %5d  error mean %.4f (last %d steps %.4f) max %.3f  perfect top-%d %.4f (last %.4f)  step ms p50 %.3f p99 %.3f max %.2f  build %.0f ms  refreshes %d\n",
+           name, prompt, steps, sum / count, TAIL, tail / tail_count, max, TOPK, perfect / count, tail_perfect / tail_count, times[steps / 2],
            times[(int)(steps * 0.99)], times[steps - 1], build_ms, refreshes);
+    printf("%-10s   error by quarter of the steps: %.4f %.4f %.4f %.4f\n", name, quarter[0] / (quarter_count[0] + 1e-9),
+           quarter[1] / (quarter_count[1] + 1e-9), quarter[2] / (quarter_count[2] + 1e-9), quarter[3] / (quarter_count[3] + 1e-9));
     if (getenv("LONG_DECODE_REPORT")) printf("%s\n", report);
     fflush(stdout);
     kvrecall_session_close(s);
