@@ -14,6 +14,8 @@
  *
  * Usage: long_decode PROMPT STEPS METHOD[,METHOD...] [REFRESH]
  *   REFRESH (optional): config.refresh_fraction, or "none" (never refresh); default: the library's.
+ * LONG_DECODE_BUDGET=0 keeps k fixed at 100 (the adaptive budget otherwise raises it towards 10% of
+ * the keys, where index methods select by an exact scan and so all give the same figures).
  * Prints one line per method: prompt, steps, mean and max error, perfect top-k's, attend ms per
  * step (median, p99 over steps, both layers), refreshes installed (from the session's report).
  */
@@ -145,6 +147,7 @@ static int run(int prompt, int steps, int method, const char *name) {
     config.dtype = KVRECALL_F32;
     config.method = method;
     config.refresh_fraction = refresh;
+    if (getenv("LONG_DECODE_BUDGET")) config.budget_mass = (float)atof(getenv("LONG_DECODE_BUDGET"));  /* 0: a fixed k */
     kvrecall_session *s = NULL;
     check(kvrecall_session_open(&config, NULL, &s), "open");
     rng_state = 777;
