@@ -145,6 +145,12 @@ public final class KVSession {
         if method.needsBuild {
             try store.read { snapshot in
                 for state in allHeads {
+                    // Refreshes go on from where the checkpoint left them (a refresh being built at a
+                    // crash was never saved: the checkpoint's plan and index are the ones in use).
+                    if let record = try RefreshStatus.load(snapshot: snapshot, head: state.id) {
+                        state.plannedOver = min(record.plannedOver, max(0, tokens - configuration.window))
+                        state.refreshes = record.refreshes
+                    }
                     let plan = try storedPlan(snapshot: snapshot, head: state.id)
                     if method == .auto && plan == nil { missing.append(state); continue }
                     guard let kind = method == .auto ? plan?.indexKind : method.indexKind else {
@@ -158,11 +164,8 @@ public final class KVSession {
                         let index = try IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: state.id, copy: true)
                         if index.index.count <= tokens {
                             state.install(plan: plan, index: index.index, calibration: index.calibration)
-                            // Refreshes go on from where the checkpoint left them (a refresh being
-                            // built at a crash was never saved: the checkpoint's index is the one in use).
-                            let record = try RefreshStatus.load(snapshot: snapshot, head: state.id)
-                            state.plannedOver = min(record?.plannedOver ?? index.index.count, index.index.count)
-                            state.refreshes = record?.refreshes ?? 0
+                            // A checkpoint made before refreshes existed: planned over what its index holds.
+                            if state.plannedOver == 0 { state.plannedOver = index.index.count }
                             loaded += 1
                             continue
                         }
