@@ -107,6 +107,12 @@ typedef struct kvrecall_config {
                                     (at most to 10% of its keys) until its neediest query head keeps this
                                     much attention mass with its exact top-k on held-out prefill queries;
                                     0: k stays fixed. Default 0.9. */
+    /* ABI 2, extended again: a config of the two earlier ABI-2 sizes is still accepted, with the default. */
+    double refresh_fraction;     /* long generations: once the keys a head indexed during decoding pass this
+                                    fraction of those its plan was made over, its plan, budget, index and
+                                    calibration are made again over all its keys (trained on its prefill and
+                                    recorded decode queries) on a background thread and swapped in at a step
+                                    boundary. 0: the default (0.5); negative: never refresh. */
 } kvrecall_config;
 
 typedef struct kvrecall_session kvrecall_session;
@@ -127,7 +133,7 @@ typedef void (*kvrecall_log_callback)(int level, const char *message, void *user
 void kvrecall_set_log_callback(kvrecall_log_callback callback, void *user_data);
 
 /* Fills `config` with defaults for the given shape (method retrieval, f16, k 100, sinks 4,
- * window 64, scale 0, soft_cap 0, threads 0, budget_mass 0.9). */
+ * window 64, scale 0, soft_cap 0, threads 0, budget_mass 0.9, refresh_fraction 0.5). */
 void kvrecall_config_default(kvrecall_config *config, uint32_t layers, uint32_t kv_heads,
                              uint32_t query_heads_per_kv, uint32_t head_dim);
 

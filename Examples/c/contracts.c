@@ -164,6 +164,26 @@ static void test_configuration(void) {
     back.struct_size = sizeof back;
     EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.budget_mass == 0, "first ABI-2 caller: fixed k");
     kvrecall_session_close(s);
+    /* Refreshes (long generations): 0.5 by default, negative for never, not finite refused; a caller
+     * of the second ABI-2 size (config without refresh_fraction) gets the default. */
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    EXPECT(c.refresh_fraction == 0.5, "default refresh fraction %g", c.refresh_fraction);
+    c.refresh_fraction = -1;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "refresh never");
+    back.struct_size = sizeof back;
+    EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.refresh_fraction < 0, "never refresh kept");
+    kvrecall_session_close(s);
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    c.refresh_fraction = INFINITY;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "refresh_fraction"),
+           "infinite refresh fraction refused");
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    c.refresh_fraction = 0;
+    c.struct_size = offsetof(kvrecall_config, refresh_fraction);
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "second ABI-2 config size %zu accepted", c.struct_size);
+    back.struct_size = sizeof back;
+    EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.refresh_fraction == 0.5, "second ABI-2 caller: default refresh");
+    kvrecall_session_close(s);
     /* auto: available once the library's AttentionMethod has it; otherwise a clear argument error. */
     c = base_config(KVRECALL_METHOD_AUTO);
     int rc = kvrecall_session_open(&c, NULL, &s);

@@ -116,13 +116,15 @@ class Session:
     `scale` is the softmax scale (None: 1/sqrt(head_dim)), `soft_cap` a logit soft-cap (None: none,
     else scores s become soft_cap * tanh(s / soft_cap)); `budget_mass` the adaptive budget of index
     methods (at build each head's k is raised, at most to 10% of its keys, until its neediest query
-    head keeps this much attention mass with its exact top-k; None: k stays fixed); `params` may set `ef`, `nprobe`
+    head keeps this much attention mass with its exact top-k; None: k stays fixed); `refresh_fraction`
+    when a head's plan and index are made again during a long decode (once the keys indexed since
+    pass this fraction of those planned over; on a background thread; None: never); `params` may set `ef`, `nprobe`
     (search knobs) and `threads` (0: all cores). Calls on one session are serialised by the
     library; separate sessions run in parallel (ctypes releases the GIL during each call).
     """
 
     def __init__(self, layers, kv_heads, query_heads_per_kv, head_dim, *, method="retrieval", dtype="f16", k=100,
-                 sinks=4, window=64, scale=None, soft_cap=None, budget_mass=0.9, path=None, **params):
+                 sinks=4, window=64, scale=None, soft_cap=None, budget_mass=0.9, refresh_fraction=0.5, path=None, **params):
         unknown = set(params) - _PARAMS
         if unknown:
             raise TypeError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_PARAMS))}")
@@ -133,6 +135,8 @@ class Session:
         _optional_number("scale", scale, lambda x: math.isfinite(x) and x > 0, "finite and positive")
         _optional_number("soft_cap", soft_cap, lambda x: math.isfinite(x) and x > 0, "finite and positive")
         _optional_number("budget_mass", budget_mass, lambda x: 0 < x <= 1, "in (0, 1], or None for a fixed k")
+        _optional_number("refresh_fraction", refresh_fraction, lambda x: math.isfinite(x) and x > 0,
+                         "finite and positive, or None to never refresh")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})")
         shape = [_uint("layers", layers, 1), _uint("kv_heads", kv_heads, 1),
@@ -153,6 +157,7 @@ class Session:
         c.scale = 0.0 if scale is None else float(scale)
         c.soft_cap = 0.0 if soft_cap is None else float(soft_cap)
         c.budget_mass = 0.0 if budget_mass is None else float(budget_mass)
+        c.refresh_fraction = -1.0 if refresh_fraction is None else float(refresh_fraction)
         handle = ctypes.c_void_p()
         directory = None if path is None else os.fsencode(path)
         _check(lib.kvrecall_session_open(ctypes.byref(c), directory, ctypes.byref(handle)))
@@ -171,6 +176,7 @@ class Session:
         self.scale = None if config.scale == 0 else config.scale
         self.soft_cap = None if config.soft_cap == 0 else config.soft_cap
         self.budget_mass = None if config.budget_mass == 0 else config.budget_mass
+        self.refresh_fraction = None if config.refresh_fraction < 0 else config.refresh_fraction
 
     @classmethod
     def resume(cls, path):

@@ -71,6 +71,7 @@ class Config(ctypes.Structure):
         ("soft_cap", ctypes.c_float),
         ("threads", ctypes.c_uint32),
         ("budget_mass", ctypes.c_float),
+        ("refresh_fraction", ctypes.c_double),
     ]
 
 

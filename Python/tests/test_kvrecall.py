@@ -76,6 +76,18 @@ def test_budget_mass_default_none_and_bad_values():
         kvrecall.Session(1, H, G, D, budget_mass="high")
 
 
+def test_refresh_fraction_default_none_and_bad_values():
+    with kvrecall.Session(1, H, G, D) as s:
+        assert s.refresh_fraction == 0.5
+    with kvrecall.Session(1, H, G, D, refresh_fraction=None) as s:
+        assert s.refresh_fraction is None
+    with kvrecall.Session(1, H, G, D, refresh_fraction=0.25) as s:
+        assert s.refresh_fraction == 0.25
+    for bad in (0.0, -0.5, float("inf")):
+        with pytest.raises(ValueError, match="refresh_fraction"):
+            kvrecall.Session(1, H, G, D, refresh_fraction=bad)
+
+
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_exact_equals_numpy_softmax(scale):
     keys, values = data(500)

@@ -174,12 +174,18 @@ private let configV1Size = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_c
 /// Size of the first ABI-2 `kvrecall_config` (before `budget_mass`), still accepted.
 private let configV2Size = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.budget_mass)! + 7) / 8 * 8
 
+/// Size of the second ABI-2 `kvrecall_config` (before `refresh_fraction`), still accepted.
+private let configV2bSize = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.refresh_fraction)! + 7) / 8 * 8
+
+/// Every accepted `struct_size` of `kvrecall_config`.
+private var configSizes: Set<Int> { [MemoryLayout<kvrecall_config>.size, configV2bSize, configV2Size, configV1Size] }
+
 /// Copies a caller's config of any ABI version into a full one (later fields zero: those
 /// versions' behaviour, e.g. a fixed k).
 private func readConfig(_ config: UnsafePointer<kvrecall_config>) throws -> kvrecall_config {
     let size = UnsafeRawPointer(config).load(as: Int.self)
-    guard size == MemoryLayout<kvrecall_config>.size || size == configV2Size || size == configV1Size else {
-        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2), \(configV2Size) (ABI 2 before budget_mass) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
+    guard configSizes.contains(size) else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2), \(configV2bSize) (ABI 2 before refresh_fraction), \(configV2Size) (ABI 2 before budget_mass) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
     }
     var c = kvrecall_config()
     withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: config, count: size)) }
@@ -206,6 +212,11 @@ private func configuration(_ c: kvrecall_config) throws -> SessionConfiguration 
         budgetMass: c.budget_mass == 0 ? nil : (Double(c.budget_mass) * 1e6).rounded() / 1e6)
     s.scale = c.scale == 0 ? nil : c.scale
     s.softCap = c.soft_cap == 0 ? nil : c.soft_cap
+    guard c.refresh_fraction.isFinite else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.refresh_fraction must be finite: positive, 0 for the default, negative for never (got \(c.refresh_fraction))")
+    }
+    s.refreshFraction = c.refresh_fraction == 0 ? SessionConfiguration.defaultRefreshFraction
+        : c.refresh_fraction < 0 ? nil : c.refresh_fraction
     return s
 }
 
@@ -253,6 +264,7 @@ private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_con
     c.soft_cap = s.softCap ?? 0
     c.threads = threads
     c.budget_mass = Float(s.budgetMass ?? 0)
+    c.refresh_fraction = s.refreshFraction ?? -1
     return c
 }
 
@@ -306,7 +318,7 @@ public func kvrecall_session_get_config(_ handle: OpaquePointer?, _ out: UnsafeM
         try withSession(handle, "kvrecall_session_get_config") { s in
             guard let out else { throw ABIError(KVRECALL_ERR_NULL, "kvrecall_session_get_config: out must not be NULL") }
             let size = UnsafeRawPointer(out).load(as: Int.self)
-            guard size == MemoryLayout<kvrecall_config>.size || size == configV2Size || size == configV1Size else {
+            guard configSizes.contains(size) else {
                 throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size); set it to sizeof(kvrecall_config) (\(MemoryLayout<kvrecall_config>.size))")
             }
             var c = cConfig(s.configuration, threads: UInt32(s.threads))

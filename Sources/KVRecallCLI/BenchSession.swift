@@ -48,10 +48,22 @@ struct BenchSession: ParsableCommand {
     var scratch: String?
     @Option(help: "Retrieval graph: most prefill queries each head's graph trains on (spread over positions).")
     var trainingQueries: Int = IndexBuildParameters().trainingQueries
+    @Option(help: ArgumentHelp("The method session's refresh fraction (long decodes: plans and indexes made again off the decode path); 'none': never.",
+                               valueName: "fraction"))
+    var refreshFraction: String = SessionConfiguration.defaultRefreshFraction.map { "\($0)" } ?? "none"
 
     func validate() throws {
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
         if trainingQueries < 1 { throw ValidationError("--training-queries must be at least 1 (got \(trainingQueries))") }
+        _ = try refresh()
+    }
+
+    func refresh() throws -> Double? {
+        if refreshFraction == "none" { return nil }
+        guard let f = Double(refreshFraction), f > 0, f.isFinite else {
+            throw ValidationError("--refresh-fraction must be a positive number or 'none' (got \(refreshFraction))")
+        }
+        return f
     }
 
     func run() throws {
@@ -67,7 +79,7 @@ struct BenchSession: ParsableCommand {
         for m in [AttentionMethod.exact, method] {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
                                               dtype: dtype, method: m, k: k, ef: ef,
-                                              targetRecall: targetRecall)
+                                              targetRecall: targetRecall, refreshFraction: try refresh())
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
             sessions[sessions.count - 1].parameters.groupSelection = groupSelection
         }
@@ -102,11 +114,12 @@ struct BenchSession: ParsableCommand {
         let buildSeconds = Double(monotonicNanos() - build0) / 1e9
         print("\(layers) layers x \(kvHeads) KV heads x \(group) query heads, d=\(d), \(dtype.rawValue), context \(context): filled in \(fmt(fillSeconds, 1)) s, \(method) indexes built in \(fmt(buildSeconds, 1)) s")
         var times: [[Double]] = [[], []]
+        var stepTimes: [[Double]] = [[], []]  // append (with the index upkeep and refresh installs) + attend
         // Fidelity of the method session's first head per layer, at 8 steps spread over the run.
         var recalls: [Double] = [], errors: [Double] = [], oracleErrors: [Double] = []
         let measureEvery = max(1, steps / 8)
         for step in 0..<steps {
-            var elapsed = [0.0, 0.0]
+            var elapsed = [0.0, 0.0], whole = [0.0, 0.0]
             for layer in 0..<layers {
                 var kBuf = [Float](), vBuf = [Float](), qBuf = [Float]()
                 for head in 0..<kvHeads {
@@ -122,10 +135,13 @@ struct BenchSession: ParsableCommand {
                     }
                 }
                 for (i, s) in sessions.enumerated() {
+                    let a0 = monotonicNanos()
                     try kBuf.withUnsafeBufferPointer { kb in try vBuf.withUnsafeBufferPointer { vb in try s.append(layer: layer, keys: kb, values: vb) } }
                     let t0 = monotonicNanos()
                     _ = try qBuf.withUnsafeBufferPointer { try s.attend(layer: layer, queries: $0) }
-                    elapsed[i] += Double(monotonicNanos() - t0) / 1e3
+                    let t1 = monotonicNanos()
+                    elapsed[i] += Double(t1 - t0) / 1e3
+                    whole[i] += Double(t1 - a0) / 1e3
                 }
                 if step % measureEvery == 0 || step == steps - 1 {
                     let f = try sessions[1].store.read { snapshot -> FidelityMetrics in
@@ -144,6 +160,7 @@ struct BenchSession: ParsableCommand {
                 }
             }
             times[0].append(elapsed[0]); times[1].append(elapsed[1])
+            stepTimes[0].append(whole[0]); stepTimes[1].append(whole[1])
         }
         let exactMs = median(times[0]) / 1e3, retrievalMs = median(times[1]) / 1e3
         var table = TextTable(["method", "per_token_ms", "per_layer_ms", "speedup", "recall@\(k)", "output_error", "oracle_error"])
@@ -151,6 +168,18 @@ struct BenchSession: ParsableCommand {
         table.add([method.rawValue, fmt(retrievalMs, 2), fmt(retrievalMs / Double(layers), 3), fmt(exactMs / retrievalMs, 2) + "x",
                    fmt(median(recalls), 3), fmt(median(errors), 4), fmt(median(oracleErrors), 4)])
         print(table.render())
+        // Step times' tail (issue 25: refreshes are built off the decode path, so p99 stays near the median).
+        func percentile(_ x: [Double], _ p: Double) -> Double {
+            let sorted = x.sorted()
+            return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+        }
+        var refreshes = 0
+        for l in 0..<layers { for h in 0..<kvHeads { refreshes += try sessions[1].refreshStatus(layer: l, head: h)?.refreshes ?? 0 } }
+        for (label, series) in [("attention", times[1]), ("step (append + attention)", stepTimes[1])] {
+            let p50 = median(series), p99 = percentile(series, 0.99)
+            print("\(method.rawValue) \(label) ms over \(steps) steps: median \(fmt(p50 / 1e3, 3)), p99 \(fmt(p99 / 1e3, 3)) (\(fmt(p99 / p50, 2))x), max \(fmt((series.max() ?? 0) / 1e3, 2))")
+        }
+        print("refreshes installed: \(refreshes) over \(layers * kvHeads) heads (refresh fraction \(refreshFraction))")
         // What the method session chose per head (auto's policies; every index's calibrated knob).
         let report = sessions[1].report()
         if let first = report.first { print("head policies and calibration (\(report.count) heads), first: \(first)") }

@@ -29,10 +29,14 @@ struct Info: ParsableCommand {
         // auto's plan and every index's calibration, per head.
         var plans: [HeadID: HeadPlan] = [:]
         var calibrations: [HeadID: [String: SearchCalibration]] = [:]
+        // A session's refreshes per head (long generations: plans and indexes made again while decoding).
+        var refreshes: [HeadID: RefreshStatus] = [:]
         try store.read { snapshot in
             for h in heads {
                 for name in indexes[h.id] ?? [] {
-                    if name == "auto" {
+                    if name == "refresh" {
+                        refreshes[h.id] = try RefreshStatus.load(snapshot: snapshot, head: h.id)
+                    } else if name == "auto" {
                         plans[h.id] = try HeadPlan.load(snapshot: snapshot, head: h.id)
                     } else if let kind = IndexKind(rawValue: name), kind.type != nil,
                               let c = try? IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: h.id).calibration {
@@ -68,6 +72,7 @@ struct Info: ParsableCommand {
                      }
                      return o
                  } ?? NSNull(),
+                 "refresh": refreshes[h.id].map { ["planned_over": $0.plannedOver, "refreshes": $0.refreshes] as [String: Any] } ?? NSNull(),
                  "calibration": (calibrations[h.id] ?? [:]).mapValues { c -> [String: Any] in
                      ["knob": c.knob.rawValue, "value": c.value, "recall": c.recall, "target_recall": c.targetRecall,
                       "keys_scanned_fraction": c.keysScanned, "k": c.k, "queries": c.queries, "reached": c.reached]
@@ -89,6 +94,7 @@ struct Info: ParsableCommand {
                 print("\(h.id) auto: \(plan.summary)")
                 for line in plan.candidateLines { print("  candidate \(line)") }
             }
+            if let refresh = refreshes[h.id] { print("\(h.id) refresh: \(refresh.summary)") }
             for (name, c) in (calibrations[h.id] ?? [:]).sorted(by: { $0.key < $1.key }) { print("\(h.id) \(name): calibrated \(c.summary)") }
         }
     }

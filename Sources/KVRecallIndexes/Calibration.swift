@@ -88,6 +88,8 @@ public struct CalibrationParameters: Sendable, Equatable {
     public var k = 100
     /// Most prefill queries held out (the last ones: closest to decode).
     public var heldOutQueries = 128
+    /// Threads of the exact top-k and the searches measured (a session's background refresh: 1).
+    public var threads = 2
     /// Fewer queries than this in the head: no calibration (the defaults apply).
     public static let minimumQueries = 16
     public init() {}
@@ -129,7 +131,7 @@ public enum Calibrator {
         let indexed = keys.limited(to: index.count)
         let k = min(parameters.k, index.count)
         var p = base
-        p.threads = max(p.threads, 2)
+        p.threads = max(1, parameters.threads)
         let truth = try FlatIndex(keys: indexed).search(queries, k: k, parameters: p, keys: indexed)
         let exact = (0..<m).map { Set(truth.hits($0).map(\.id)) }
 

@@ -279,6 +279,9 @@ public final class REPLInterpreter {
         var lines = ["store    \(store.path) (read-only): \(heads.count) head\(heads.count == 1 ? "" : "s"), \(store.environment.fileSize()) bytes on disk"]
         if let headID, let info = heads.first(where: { $0.id == headID }) {
             lines.append("head     \(headID): \(describe(info, indexes: try store.indexNames()[headID] ?? []))")
+            if let refresh = try store.read({ try RefreshStatus.load(snapshot: $0, head: headID) }) {
+                lines.append("refresh  \(refresh.summary) (a session's long decode: plan and index made again)")
+            }
             lines.append("query    " + (query?.label ?? "none (use `query ROW`, `query random` or `query file Q.npy ROW`)"))
             let (available, missing) = try availableMethods(store, headID)
             lines.append("methods  " + available.map(\.rawValue).joined(separator: ", ")

@@ -245,18 +245,27 @@ public enum HeadPlanner {
     /// index method's adaptive budget when `setup.policy.budgetMass` > 0) and the index the plan
     /// names, over keys `0..<indexUpTo` (the rest stay in the window), calibrated on the held-out
     /// tail of `queries` (`group` rows per position, or a sample). Nothing when the head has too
-    /// few keys for an index.
+    /// few keys for an index. `rowsPerPosition` says how the queries line up with positions when
+    /// the caller knows it (a session's recorded decode queries may end before the last key: the
+    /// last step's query is stored with the next append); nil tells it from the counts.
     public static func prepareHead(method: AttentionMethod, keys: VectorView, values: VectorView, codes: CodeView?, queries: VectorView?,
-                                   group: Int, indexUpTo: Int, setup: Setup,
-                                   build: IndexBuildParameters) throws -> (plan: HeadPlan?, index: (any BuildableIndex)?,
+                                   group: Int, indexUpTo: Int, setup: Setup, build: IndexBuildParameters,
+                                   rowsPerPosition: Int? = nil) throws -> (plan: HeadPlan?, index: (any BuildableIndex)?,
                                                                            calibration: SearchCalibration?) {
         let upTo = min(keys.count, max(0, indexUpTo))
         guard upTo > setup.attention.sinks else { return (nil, nil, nil) }
         let rows = queries?.count ?? 0
         // Rows per position: the group's every query head, or one (summed) query; queries that
         // are not one row set per position (a sample) are measured against every key.
-        let perHead = group > 1 && rows == keys.count * group
-        let aligned = perHead || rows == keys.count
+        let perHead: Bool, aligned: Bool
+        if let rowsPerPosition, rowsPerPosition == 1 || rowsPerPosition == group, rows % rowsPerPosition == 0,
+           rows / rowsPerPosition <= keys.count {
+            perHead = group > 1 && rowsPerPosition == group
+            aligned = true
+        } else {
+            perHead = group > 1 && rows == keys.count * group
+            aligned = perHead || rows == keys.count
+        }
         if method == .auto {
             return try self.plan(keys: keys, values: values, codes: codes, queries: queries, group: perHead ? group : 1,
                                  calibration: setup.calibration, attention: setup.attention, policy: setup.policy, build: build,

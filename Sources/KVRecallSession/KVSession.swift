@@ -30,6 +30,14 @@ public final class KVSession {
     private var writerLock: HeadWriterLock?
     /// What `init(resuming:)` found and did; nil for a session opened with `init(configuration:directory:)`.
     public private(set) var resumeReport: ResumeReport?
+    /// Refreshes (`SessionConfiguration.refreshFraction`) are built on a background thread and
+    /// installed at a later step boundary (true), or built and installed within the step that
+    /// started them (false: decode steps stall, results do not depend on timing).
+    public var refreshInBackground = true
+    /// The build parameters of the last `buildIndexes` (refreshes build with them, on one thread).
+    private var buildParameters = IndexBuildParameters()
+    /// Fewest keys a head must have gained before a refresh, whatever the fraction.
+    public static let refreshMinimumKeys = 256
 
     static let configurationKey = "kvrecall.session"
 
@@ -57,7 +65,8 @@ public final class KVSession {
             try createHeads()
             heads = try (0..<configuration.layers).map { layer in
                 try (0..<configuration.kvHeads).map { head in
-                    HeadState(id: headID(layer, head), tokens: try store.info(headID(layer, head)).count)
+                    let info = try store.info(headID(layer, head))
+                    return HeadState(id: info.id, tokens: info.count, queryRows: info.queryCount)
                 }
             }
         } catch {
@@ -129,13 +138,19 @@ public final class KVSession {
         // position): equal across heads (a crash between layers' calls), none if no token survived.
         let queryTokens = tokens == 0 ? 0 : (mine.map(\.queryCount).min() ?? 0)
         try store.truncate(mine.map(\.id), to: tokens, queryTokens: queryTokens)
-        allHeads.forEach { $0.truncated(to: tokens) }
+        allHeads.forEach { $0.truncated(to: tokens); $0.queriesCut(to: queryTokens) }
         var loaded = 0
         var missing: [HeadState] = []
         let method = configuration.method
         if method.needsBuild {
             try store.read { snapshot in
                 for state in allHeads {
+                    // Refreshes go on from where the checkpoint left them (a refresh being built at a
+                    // crash was never saved: the checkpoint's plan and index are the ones in use).
+                    if let record = try RefreshStatus.load(snapshot: snapshot, head: state.id) {
+                        state.plannedOver = min(record.plannedOver, max(0, tokens - configuration.window))
+                        state.refreshes = record.refreshes
+                    }
                     let plan = try storedPlan(snapshot: snapshot, head: state.id)
                     if method == .auto && plan == nil { missing.append(state); continue }
                     guard let kind = method == .auto ? plan?.indexKind : method.indexKind else {
@@ -149,6 +164,8 @@ public final class KVSession {
                         let index = try IndexCatalog.loadCalibrated(kind, snapshot: snapshot, head: state.id, copy: true)
                         if index.index.count <= tokens {
                             state.install(plan: plan, index: index.index, calibration: index.calibration)
+                            // A checkpoint made before refreshes existed: planned over what its index holds.
+                            if state.plannedOver == 0 { state.plannedOver = index.index.count }
                             loaded += 1
                             continue
                         }
@@ -192,9 +209,17 @@ public final class KVSession {
         guard tokens >= 0, tokens <= longest else {
             throw SessionError.invalidArgument("cannot truncate to \(tokens) tokens: the session holds \(longest)")
         }
-        try store.truncate(allHeads.map(\.id), to: tokens, queryTokens: tokens == 0 ? 0 : nil)
+        cancelRefreshes()
+        // Decode queries recorded for positions that go are cut with them (prefill queries stay).
+        var queryTokens: Int? = tokens == 0 ? 0 : nil
+        if tokens > 0 {
+            let cuts = allHeads.compactMap { state in state.recording.map { max($0.from, tokens * $0.rowsPerPosition) } }
+            if let cut = cuts.max(), allHeads.contains(where: { $0.queryRows > cut }) { queryTokens = cut }
+        }
+        try store.truncate(allHeads.map(\.id), to: tokens, queryTokens: queryTokens)
         for state in allHeads {
             state.truncated(to: tokens)
+            state.queriesCut(to: queryTokens ?? state.queryRows)
             if let index = state.index, index.count > tokens {
                 state.install(plan: state.plan, index: nil, calibration: nil)
                 try rebuild(state)
@@ -208,14 +233,16 @@ public final class KVSession {
     @discardableResult
     private func rebuild(_ state: HeadState, parameters build: IndexBuildParameters = IndexBuildParameters()) throws -> Bool {
         guard configuration.method.needsBuild else { return false }
+        if let job = state.refresh { job.cancelAndWait(); state.refresh = nil }
         let made = try store.read { snapshot in
             try HeadPlanner.prepareHead(method: configuration.method, keys: try snapshot.vectors(state.id, .keys),
                                         values: try snapshot.vectors(state.id, .values), codes: try snapshot.codes(state.id),
                                         queries: try snapshot.vectors(state.id, .queries),
                                         group: configuration.queryHeadsPerKV, indexUpTo: state.tokens - configuration.window,
-                                        setup: planning, build: build)
+                                        setup: planning, build: build, rowsPerPosition: state.recording?.rowsPerPosition)
         }
         state.install(plan: made.plan, index: made.index, calibration: made.calibration)
+        state.plannedOver = max(0, state.tokens - configuration.window)
         return made.index != nil
     }
 
@@ -254,6 +281,9 @@ public final class KVSession {
             if let index = state.index { line += "; \(index.kind.rawValue) over \(index.count) keys" }
             if let c = state.calibration { line += "; calibrated \(c.summary)" }
             if let profile = state.plan?.profile { line += "; \(profile.summary)" }
+            if built, configuration.method.needsBuild {
+                line += "; \(state.refreshStatus(fraction: configuration.refreshFraction, minimum: Self.refreshMinimumKeys).summary)"
+            }
             if let plan = state.plan, !plan.candidates.isEmpty { line += "; candidates: " + plan.candidateLines.joined(separator: "; ") }
             return line
         }
@@ -280,6 +310,7 @@ public final class KVSession {
     /// Closes the store (and removes a temporary one).
     public func close() {
         guard store.environment.isOpen else { return }
+        cancelRefreshes()  // a refresh reads the store: it leaves before the store closes
         writerLock?.release()
         writerLock = nil
         store.close()
@@ -348,12 +379,26 @@ public final class KVSession {
             }
         }
         // One write transaction for every head of the layer: a failure or a crash leaves all or none.
-        try store.appendAtomically((0..<h).map { head in
-            let span = (head * tokens * d)..<((head + 1) * tokens * d)
-            return .keysAndValues(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
-                                  values: UnsafeBufferPointer(rebasing: values[span]))
-        }, allowNonFinite: true)  // checked above
-        heads[layer].forEach { $0.appended(tokens) }
+        // The last step's recorded decode queries go with it (they were checked when recorded).
+        let states = heads[layer]
+        let pending = states.flatMap(\.pendingQueries)
+        try pending.withUnsafeBufferPointer { queued in
+            var batch: [KVStore.HeadRows] = (0..<h).map { head in
+                let span = (head * tokens * d)..<((head + 1) * tokens * d)
+                return .keysAndValues(headID(layer, head), keys: UnsafeBufferPointer(rebasing: keys[span]),
+                                      values: UnsafeBufferPointer(rebasing: values[span]))
+            }
+            var at = 0
+            for state in states where !state.pendingQueries.isEmpty {
+                batch.append(.queries(state.id, UnsafeBufferPointer(rebasing: queued[at..<(at + state.pendingQueries.count)])))
+                at += state.pendingQueries.count
+            }
+            try store.appendAtomically(batch, allowNonFinite: true)  // checked above
+        }
+        for state in states {
+            state.queriesStored(state.pendingQueries.count / d)
+            state.appended(tokens)
+        }
         if built { try upkeep(layer: layer, force: false) }
     }
 
@@ -382,6 +427,7 @@ public final class KVSession {
     public func buildIndexes(parameters build: IndexBuildParameters = IndexBuildParameters(),
                              progress: ((Int, Int) throws -> Void)? = nil) throws {
         guard configuration.method.needsBuild else { built = true; return }
+        buildParameters = build
         let all = allHeads
         for (done, state) in all.enumerated() {
             try rebuild(state, parameters: build)
@@ -390,18 +436,113 @@ public final class KVSession {
         built = true
     }
 
-    /// Indexes keys that have left the window, in whole batches (all of them with `force`).
-    private func upkeep(layer: Int, force: Bool) throws {
+    /// At a step boundary of `layer`: installs each head's finished refresh, indexes keys that
+    /// have left the window in whole batches (all of them with `force`), and starts the refreshes
+    /// that are due (unless `startRefreshes` is false).
+    private func upkeep(layer: Int, force: Bool, startRefreshes: Bool = true) throws {
         for state in heads[layer] {
-            guard let index = state.index else { continue }
-            let upTo = max(index.count, state.tokens - configuration.window)
-            let pending = upTo - index.count
-            guard pending >= configuration.upkeepBatch || (force && pending > 0) else { continue }
-            try store.read { snapshot in
-                let views = try state.views(in: snapshot)
-                try state.extendIndex(upTo: upTo, keys: views.keys, values: views.values)
+            installFinishedRefresh(state)
+            if let index = state.index {
+                let upTo = max(index.count, state.tokens - configuration.window)
+                let pending = upTo - index.count
+                if pending >= configuration.upkeepBatch || (force && pending > 0) {
+                    try store.read { snapshot in
+                        let views = try state.views(in: snapshot)
+                        try state.extendIndex(upTo: upTo, keys: views.keys, values: views.values)
+                    }
+                }
+            }
+            state.followLength(policy: planning.policy)
+            state.refresh?.setTarget(state.tokens - configuration.window)
+            if startRefreshes { try startRefreshIfDue(state) }
+        }
+    }
+
+    /// Starts (layer, head)'s refresh once the keys outside its window pass the refresh fraction of
+    /// those its plan was made over: plan, budget, index and calibration made again over all of
+    /// them by `HeadPlanner.prepareHead` (trained on the prefill and recorded decode queries, the
+    /// latest held out), off the decode path. Within the step when `refreshInBackground` is false.
+    private func startRefreshIfDue(_ state: HeadState) throws {
+        guard built, let fraction = configuration.refreshFraction, configuration.method.needsBuild, state.refresh == nil else { return }
+        let upTo = state.tokens - configuration.window
+        guard upTo > configuration.sinks, upTo >= state.refreshDue(fraction: fraction, minimum: Self.refreshMinimumKeys) else { return }
+        let job = RefreshJob(upTo: upTo)
+        state.refresh = job
+        let store = self.store, id = state.id, method = configuration.method, group = configuration.queryHeadsPerKV
+        let batch = configuration.upkeepBatch, rowsPerPosition = state.recording?.rowsPerPosition
+        // One thread everywhere: the builder must not take the cores decode steps run on.
+        var setup = planning
+        setup.attention.threads = 1
+        setup.calibration.threads = 1
+        var build = buildParameters
+        build.threads = 1
+        job.start { job in
+            let made = try store.read { snapshot in
+                try HeadPlanner.prepareHead(method: method, keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values),
+                                            codes: try snapshot.codes(id), queries: try snapshot.vectors(id, .queries), group: group,
+                                            indexUpTo: upTo, setup: setup, build: build, rowsPerPosition: rowsPerPosition)
+            }
+            // Catch up with the keys appended meanwhile, so the step that installs it adds at most a batch.
+            while let index = made.index, !job.isCancelled {
+                let want = job.currentTarget
+                guard want - index.count >= batch else { break }
+                try store.read { snapshot in
+                    try index.add(keys: try snapshot.vectors(id, .keys).limited(to: want), range: index.count..<want, progress: nil)
+                }
+            }
+            return made
+        }
+        if !refreshInBackground {
+            job.waitUntilFinished()
+            installFinishedRefresh(state)
+            if let index = state.index, state.tokens - configuration.window > index.count {
+                try store.read { snapshot in
+                    let views = try state.views(in: snapshot)
+                    try state.extendIndex(upTo: state.tokens - configuration.window, keys: views.keys, values: views.values)
+                }
             }
         }
+    }
+
+    /// Hands a finished refresh to its head (a failed one leaves the head as it was, and the next
+    /// refresh waits for the head to grow by the fraction again).
+    private func installFinishedRefresh(_ state: HeadState) {
+        guard let job = state.refresh, let outcome = job.takeOutcome() else { return }
+        state.refresh = nil
+        state.plannedOver = job.upTo
+        switch outcome {
+        case .success(let made):
+            state.install(plan: made.plan, index: made.index, calibration: made.calibration)
+            state.refreshes += 1
+            state.lastRefreshFailure = nil
+        case .failure(let error):
+            state.lastRefreshFailure = "\(error)"
+        }
+    }
+
+    /// Stops every refresh being built (their results are dropped) and waits for them to leave the store.
+    private func cancelRefreshes() {
+        for state in heads.flatMap({ $0 }) {
+            state.refresh?.cancelAndWait()
+            state.refresh = nil
+        }
+    }
+
+    /// Waits for every refresh being built and installs it (no new one starts): a decoder that
+    /// wants results independent of timing, a test, or a caller about to measure.
+    public func waitForRefreshes() throws {
+        for layer in 0..<configuration.layers {
+            heads[layer].forEach { $0.refresh?.waitUntilFinished() }
+            try upkeep(layer: layer, force: false, startRefreshes: false)
+        }
+    }
+
+    /// Where (`layer`, `head`) stands with refreshes: keys its plan was made over, refreshes
+    /// installed, one being built, the next one's start; nil for a method that builds nothing.
+    public func refreshStatus(layer: Int, head: Int) throws -> RefreshStatus? {
+        let state = try state(layer, head)
+        guard configuration.method.needsBuild else { return nil }
+        return state.refreshStatus(fraction: configuration.refreshFraction, minimum: Self.refreshMinimumKeys)
     }
 
     /// Attention for one decode step of `layer`: `queries` is `[kvHeads, queryHeadsPerKV, headDimension]`;
@@ -477,6 +618,13 @@ public final class KVSession {
             }
         }
         if let error = failures.first { throw error }
+        // The step's queries become training and held-out queries of the head's next refresh.
+        if built, configuration.refreshFraction != nil, configuration.method.needsBuild {
+            for (head, state) in states.enumerated() {
+                state.recordDecodeQueries(UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)]),
+                                          groupSize: g, dimension: d, dtype: configuration.dtype)
+            }
+        }
     }
 
     /// The full attention result (attended positions, statistics) of one KV head's query group.
@@ -497,11 +645,30 @@ public final class KVSession {
     public func checkpoint() throws {
         for layer in 0..<configuration.layers {
             try upkeep(layer: layer, force: true)
-            for state in heads[layer] {
+            // Decode queries recorded since the last append (the last step's) are kept too.
+            let states = heads[layer]
+            let pending = states.flatMap(\.pendingQueries)
+            if !pending.isEmpty {
+                try pending.withUnsafeBufferPointer { queued in
+                    var at = 0
+                    var batch: [KVStore.HeadRows] = []
+                    for state in states where !state.pendingQueries.isEmpty {
+                        batch.append(.queries(state.id, UnsafeBufferPointer(rebasing: queued[at..<(at + state.pendingQueries.count)])))
+                        at += state.pendingQueries.count
+                    }
+                    try store.appendAtomically(batch, allowNonFinite: true)
+                }
+                states.forEach { $0.queriesStored($0.pendingQueries.count / configuration.headDimension) }
+            }
+            for state in states {
+                // The index in use is saved; a refresh still being built is not (resume starts it again).
                 if let index = state.index {
                     try IndexCatalog.save(index, in: store, head: state.id, calibration: state.calibration)
                 }
                 if let record = planRecord { try state.plan?.save(in: store, head: state.id, as: record) }
+                if built, configuration.method.needsBuild {
+                    try state.refreshStatus(fraction: nil, minimum: 0).save(in: store, head: state.id)
+                }
             }
         }
         try store.environment.sync()

@@ -39,6 +39,11 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var landmarkBound: Bool
     /// Keys that left the window are indexed in batches of this many (bounded work per step).
     public var upkeepBatch: Int
+    /// Refresh (issue 25): once the keys a head's index received after its plan was made pass this
+    /// fraction of the keys the plan was made over, the head is planned, budgeted, indexed and
+    /// calibrated again over all its keys, trained on its prefill and decode queries, off the decode
+    /// path; the result replaces the old one at a step boundary. nil: never (plan once, after the prompt).
+    public var refreshFraction: Double?
     /// The store's context id for this sequence.
     public var context: UInt32
     /// Softmax scale applied to q.k; nil means 1/sqrt(headDimension).
@@ -52,7 +57,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
                 ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int = 2, landmarkBound: Bool = false,
-                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9) {
+                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9,
+                refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction) {
         self.layers = layers
         self.kvHeads = kvHeads
         self.queryHeadsPerKV = queryHeadsPerKV
@@ -70,13 +76,14 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.minCollisions = minCollisions
         self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
+        self.refreshFraction = refreshFraction
         self.context = context
         codes = method.readsCodes ? CodeFormat().fitted(to: dtype) : nil
     }
 
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
-        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass, codes
+        case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass, codes, refreshFraction
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
@@ -105,8 +112,42 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         budgetMass = try c.decodeIfPresent(Double.self, forKey: .budgetMass) ?? (method == .auto ? 0.9 : nil)
         codes = try c.decodeIfPresent(CodeFormat.self, forKey: .codes)  // sessions before the tier kept none
         upkeepBatch = try c.decode(Int.self, forKey: .upkeepBatch)
+        // Sessions saved before the refresh get it (it changes no stored data, only upkeep).
+        refreshFraction = c.contains(.refreshFraction) ? try c.decodeIfPresent(Double.self, forKey: .refreshFraction)
+            : SessionConfiguration.defaultRefreshFraction
         context = try c.decode(UInt32.self, forKey: .context)
     }
+
+    /// Encodes every knob; a refresh fraction of none is written as null, so that decoding tells
+    /// it from a configuration saved before the knob existed.
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(layers, forKey: .layers)
+        try c.encode(kvHeads, forKey: .kvHeads)
+        try c.encode(queryHeadsPerKV, forKey: .queryHeadsPerKV)
+        try c.encode(headDimension, forKey: .headDimension)
+        try c.encode(dtype, forKey: .dtype)
+        try c.encode(method, forKey: .method)
+        try c.encode(k, forKey: .k)
+        try c.encode(sinks, forKey: .sinks)
+        try c.encode(window, forKey: .window)
+        try c.encodeIfPresent(ef, forKey: .ef)
+        try c.encodeIfPresent(nprobe, forKey: .nprobe)
+        try c.encodeIfPresent(beam, forKey: .beam)
+        try c.encode(targetRecall, forKey: .targetRecall)
+        try c.encode(minCollisions, forKey: .minCollisions)
+        try c.encode(landmarkBound, forKey: .landmarkBound)
+        try c.encodeIfPresent(scale, forKey: .scale)
+        try c.encodeIfPresent(softCap, forKey: .softCap)
+        try c.encodeIfPresent(budgetMass, forKey: .budgetMass)
+        try c.encodeIfPresent(codes, forKey: .codes)
+        try c.encode(upkeepBatch, forKey: .upkeepBatch)
+        try c.encode(context, forKey: .context)
+        if let refreshFraction { try c.encode(refreshFraction, forKey: .refreshFraction) } else { try c.encodeNil(forKey: .refreshFraction) }
+    }
+
+    /// The refresh fraction by measurement (docs/BENCHMARKS.md "Long generations").
+    public static let defaultRefreshFraction: Double? = 0.5
 
     /// The attention parameters of a decode step under this configuration.
     public var attentionParameters: AttentionParameters {
@@ -128,6 +169,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         }
         guard headDimension <= 65536 else {
             throw SessionError.invalidArgument("head dimension \(headDimension) is out of range 1...65536")
+        }
+        if let refreshFraction, !(refreshFraction > 0 && refreshFraction.isFinite) {
+            throw SessionError.invalidArgument("the refresh fraction must be a positive number, or none to never refresh (got \(refreshFraction))")
         }
         guard upkeepBatch >= 1 else { throw SessionError.invalidArgument("the upkeep batch must be at least 1 (got \(upkeepBatch))") }
         if let problem = codes?.problem(dimension: headDimension, blockSize: KVStore.defaultBlockSize) {

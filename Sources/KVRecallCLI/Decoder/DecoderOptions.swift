@@ -47,6 +47,11 @@ struct DecoderMethodOptions: ParsableArguments {
     var groupSelection: GroupSelection = .union
     @Option(help: "Prefill queries kept per KV head (retrieval graph training, auto's profile, calibration): every-head (each query head's own) or summed (the group's sum per position).")
     var prefillQueries: PrefillQueryRule = .everyHead
+    @Option(help: ArgumentHelp("Long decodes: a head's plan, budget, index and calibration are made again once the keys it indexed during decoding pass this fraction of those it was planned over (trained on the decode queries too); 'none': never.",
+                               valueName: "fraction"))
+    var refreshFraction: String = SessionConfiguration.defaultRefreshFraction.map { "\($0)" } ?? "none"
+    @Flag(help: "Build each refresh within the decode step that starts it (results independent of timing) instead of on a background thread.")
+    var refreshInline = false
 
     func validate() throws {
         _ = try methodList()
@@ -55,6 +60,16 @@ struct DecoderMethodOptions: ParsableArguments {
         if window < 0 { throw ValidationError("--window must be non-negative (got \(window))") }
         if !(targetRecall > 0 && targetRecall <= 1) { throw ValidationError("--target-recall must be in (0, 1] (got \(targetRecall))") }
         if !(budgetMass >= 0 && budgetMass <= 1) { throw ValidationError("--budget-mass must be in [0, 1], 0 for a fixed k (got \(budgetMass))") }
+        _ = try refresh()
+    }
+
+    /// `--refresh-fraction` as the session takes it (nil: never).
+    func refresh() throws -> Double? {
+        if refreshFraction == "none" { return nil }
+        guard let f = Double(refreshFraction), f > 0, f.isFinite else {
+            throw ValidationError("--refresh-fraction must be a positive number or 'none' (got \(refreshFraction))")
+        }
+        return f
     }
 
     func methodList() throws -> [AttentionMethod] {
@@ -76,6 +91,8 @@ struct DecoderMethodOptions: ParsableArguments {
         o.dtype = dtype
         o.groupSelection = groupSelection
         o.prefillQueries = prefillQueries
+        o.refreshFraction = (try? refresh()) ?? nil
+        o.refreshInBackground = !refreshInline
         return o
     }
 }

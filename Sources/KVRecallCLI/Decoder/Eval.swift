@@ -22,19 +22,26 @@ struct Eval: ParsableCommand {
         greedily and must repeat the key. Each trial is prefilled once and answered
         by every method in --method.
 
+        Long generations: --tokens in the thousands after a short --prefill is
+        the benchmark of refreshes (each head's plan and index are made again
+        as decoding appends keys; --refresh-fraction, docs/BENCHMARKS.md).
+
         Several methods (comma-separated, or 'all') share one prefill. Gemma 3
         270M's context is 32768 tokens: --prefill + --tokens, and each --context
         length, must fit.
 
         JSON (--json): perplexity {"method", "prefill_tokens", "scored_tokens",
         "perplexity", "top1_accuracy", "mean_nll", "prefill_s", "index_build_s",
-        "decode_ms_per_token", "global_attention_ms_per_token", "attention": {...}}
+        "decode_ms_per_token", "global_attention_ms_per_token", "refreshes",
+        "heads", "heads_after", "attention": {...}}
         (an array for several methods); passkey {"method", "results": [{"context",
         "trials", "correct"}]} (an array for several methods).
 
         Examples:
           kvrecall eval --text Data/text/short.txt --prefill 1024 --tokens 256 \\
                         --method exact,retrieval --fidelity
+          kvrecall eval --text options.txt --prefill 1024 --tokens 8192 \\
+                        --method retrieval
           kvrecall eval --passkey --context 1024,4096 --trials 4 \\
                         --method exact,retrieval --json
         """
@@ -110,7 +117,7 @@ struct Eval: ParsableCommand {
             let report = try evaluation.score(options: methodOptions.options(for: method), from: prefillState, fidelity: fidelity,
                                               progress: ProgressBar("score \(method.rawValue)").update)
             reports.append(report)
-            note("[\(method.rawValue)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token")
+            note("[\(method.rawValue)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token, \(report.refreshes) refreshes")
         }
         if json {
             print(try jsonString(reports.count == 1 ? reports[0].json : reports.map(\.json) as Any))

@@ -28,6 +28,9 @@ public struct PerplexityReport: Sendable {
     /// Per global layer (named by the model's block: "layer 5 head 0") and KV head: what ran (`auto`'s
     /// policy and why), the index and its calibration.
     public var heads: [String] = []
+    /// The same after the last step (refreshes show there), and the refreshes installed over all heads.
+    public var headsAfter: [String] = []
+    public var refreshes = 0
 
     public var json: [String: Any] {
         var object: [String: Any] = [
@@ -35,6 +38,7 @@ public struct PerplexityReport: Sendable {
             "perplexity": perplexity, "top1_accuracy": top1Accuracy, "mean_nll": meanNLL,
             "prefill_s": prefillSeconds, "index_build_s": indexBuildSeconds, "decode_ms_per_token": decodeMsPerToken,
             "global_attention_ms_per_token": globalAttentionMsPerToken, "heads": heads,
+            "heads_after": headsAfter, "refreshes": refreshes,
         ]
         if let f = fidelity {
             object["attention"] = ["recall": f.recall, "attention_mass": f.attentionMass,
@@ -129,12 +133,18 @@ public struct PerplexityEvaluation {
             stepNanos += monotonicNanos() - start
         }
         let mean = nll / Double(scored)
-        return PerplexityReport(method: options.method.rawValue, prefillTokens: prefill, scoredTokens: scored,
+        let c = sequence.session.configuration
+        var refreshes = 0
+        for l in 0..<c.layers { for h in 0..<c.kvHeads { refreshes += try sequence.session.refreshStatus(layer: l, head: h)?.refreshes ?? 0 } }
+        var report = PerplexityReport(method: options.method.rawValue, prefillTokens: prefill, scoredTokens: scored,
                                 perplexity: exp(mean), top1Accuracy: Double(correct) / Double(scored), meanNLL: mean,
                                 prefillSeconds: prefillState.seconds, indexBuildSeconds: buildSeconds,
                                 decodeMsPerToken: scored > 1 ? Double(stepNanos) / 1e6 / Double(scored - 1) : 0,
                                 globalAttentionMsPerToken: scored > 1 ? Double(sequence.globalAttentionNanos) / 1e6 / Double(scored - 1) : 0,
                                 fidelity: tracker?.result, heads: heads)
+        report.headsAfter = sequence.report()
+        report.refreshes = refreshes
+        return report
     }
 }
 

@@ -28,6 +28,10 @@ public struct DecoderAttentionOptions: Sendable {
     public var prefillQueries: PrefillQueryRule = .everyHead
     /// The session's store directory; nil for a temporary one removed at `close()`.
     public var storeDirectory: String? = nil
+    /// Long decodes: when a head's plan and index are made again (`SessionConfiguration.refreshFraction`; nil: never).
+    public var refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction
+    /// Refreshes built on a background thread (true) or within the step that starts them.
+    public var refreshInBackground = true
     public init() {}
 }
 
@@ -82,9 +86,10 @@ public final class Gemma3Sequence {
                                       headDimension: c.headDimension, dtype: options.dtype, method: options.method,
                                       k: options.k, sinks: options.sinks, window: options.window, ef: options.ef,
                                       nprobe: options.nprobe, beam: options.beam, targetRecall: options.targetRecall,
-                                      budgetMass: options.budgetMass)
+                                      budgetMass: options.budgetMass, refreshFraction: options.refreshFraction)
         sc.context = 0
         session = try KVSession(configuration: sc, directory: options.storeDirectory)
+        session.refreshInBackground = options.refreshInBackground
         session.parameters.scale = c.attentionScale
         session.parameters.search.lsh.minCollisions = options.minCollisions
         session.parameters.groupSelection = options.groupSelection

@@ -1,0 +1,136 @@
+import Foundation
+import KVRecallSupport
+import KVRecallKernels
+import KVRecallFormats
+import KVRecallStorage
+import KVRecallIndexes
+import KVRecallAttention
+import KVRecallPlanning
+
+/// Where a head stands with its refresh (issue 25): how many keys its plan and index were last
+/// made over, how many times the session made them again while decoding, and whether a refresh
+/// is being built now. `report()`, `kvrecall info` and the REPL show it.
+public struct RefreshStatus: Codable, Sendable, Equatable {
+    /// Keys (outside the window) the head's current plan, budget and calibration were made over.
+    public var plannedOver: Int
+    /// Refreshes installed since the session's build (kept across checkpoints and resumes).
+    public var refreshes: Int
+    /// The keys a refresh being built now covers; nil when none is running.
+    public var building: Int?
+    /// The indexed keys at which the next refresh starts; nil when the session never refreshes.
+    public var nextAt: Int?
+    /// Why the last refresh failed (the previous plan and index stayed in use); nil when none did.
+    public var lastFailure: String?
+
+    public init(plannedOver: Int, refreshes: Int, building: Int? = nil, nextAt: Int? = nil, lastFailure: String? = nil) {
+        self.plannedOver = plannedOver
+        self.refreshes = refreshes
+        self.building = building
+        self.nextAt = nextAt
+        self.lastFailure = lastFailure
+    }
+
+    /// One phrase: "refreshed 3 times, planned over 3375 keys, next at 5062" (and a refresh in progress).
+    public var summary: String {
+        var text = refreshes == 0 ? "planned over \(plannedOver) keys" : "refreshed \(refreshes) time\(refreshes == 1 ? "" : "s"), planned over \(plannedOver) keys"
+        if let building { text += ", refreshing over \(building) keys" } else if let nextAt { text += ", next refresh at \(nextAt)" }
+        if let lastFailure { text += " (last refresh failed: \(lastFailure))" }
+        return text
+    }
+
+    /// The record name beside the head's indexes (one JSON section).
+    static let record = "refresh"
+    static let section = "state"
+
+    /// Saves the persistent part (keys planned over, refreshes) for head `id`.
+    func save(in store: KVStore, head id: HeadID) throws {
+        let kept = RefreshStatus(plannedOver: plannedOver, refreshes: refreshes)
+        try store.saveIndex(id, name: Self.record, sections: [Self.section: Array(try JSONEncoder().encode(kept))])
+    }
+
+    /// Head `id`'s saved refresh record, or nil when none was saved (a session checkpointed before
+    /// refreshes existed, or never checkpointed).
+    public static func load(snapshot: StoreSnapshot, head id: HeadID) throws -> RefreshStatus? {
+        guard let sections = try snapshot.index(id, name: record), let bytes = sections[section] else { return nil }
+        do {
+            return try JSONDecoder().decode(RefreshStatus.self, from: Data(bytes.array))
+        } catch {
+            throw IndexError.corrupt("the refresh record of head \(id) is unreadable (\(error)); checkpoint the session again")
+        }
+    }
+}
+
+/// One head's refresh being built on a background thread: the plan, budget, index and
+/// calibration made afresh over the keys `0..<upTo` (all the head's prefill and recorded decode
+/// queries as training and held-out queries), then extended towards the keys the session has
+/// appended meanwhile. The session hands the result to the head at a step boundary; until then
+/// (and if the build fails, or the process dies) the head keeps what it had.
+///
+/// The builder runs at a lower priority (nice `niceness`) with one thread everywhere, so decode
+/// steps keep both cores: it uses the time the decoder leaves.
+final class RefreshJob: @unchecked Sendable {
+    typealias Made = (plan: HeadPlan?, index: (any BuildableIndex)?, calibration: SearchCalibration?)
+    /// Keys the refresh plans and indexes from the start.
+    let upTo: Int
+    private let lock = NSLock()
+    private let done = DispatchSemaphore(value: 0)
+    /// Keys the session wants indexed now (it grows with appends); the builder catches up to it.
+    private var target: Int
+    private var cancelled = false
+    private var outcome: Result<Made, Error>?
+    private var finished = false
+
+    /// How much nicer than the process refresh threads run (capped at 19).
+    static let niceness: Int32 = 5
+
+    init(upTo: Int) {
+        self.upTo = upTo
+        target = upTo
+    }
+
+    /// The session indexed up to `keys` now (the builder extends its index to that before it hands it over).
+    func setTarget(_ keys: Int) { lock.lock(); target = max(target, keys); lock.unlock() }
+
+    var currentTarget: Int { lock.lock(); defer { lock.unlock() }; return target }
+    var isCancelled: Bool { lock.lock(); defer { lock.unlock() }; return cancelled }
+
+    /// The result once the build finished (nil while it runs); the job is spent afterwards.
+    func takeOutcome() -> Result<Made, Error>? {
+        lock.lock(); defer { lock.unlock() }
+        guard finished else { return nil }
+        return outcome
+    }
+
+    /// Asks the builder to stop early (its result is dropped) and waits for it to leave the store.
+    func cancelAndWait() {
+        lock.lock(); cancelled = true; lock.unlock()
+        waitUntilFinished()
+    }
+
+    /// Blocks until the builder finished (the result is then ready for `takeOutcome`).
+    func waitUntilFinished() {
+        done.wait()
+        done.signal()  // later waits return at once
+    }
+
+    /// Runs `build` (it makes the head's plan and index, then catches up to `currentTarget`) on
+    /// a new low-priority thread.
+    func start(_ build: @escaping (RefreshJob) throws -> Made) {
+        let thread = Thread { [self] in
+            // On Linux the nice value is per thread, and 0 names the calling thread: the builder
+            // runs `niceness` nicer than the process (a decoder started with `nice` keeps its margin).
+            errno = 0
+            let base = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
+            setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, min(19, (errno == 0 ? base : 0) + RefreshJob.niceness))
+            let result = Result { try build(self) }
+            lock.lock()
+            outcome = result
+            finished = true
+            lock.unlock()
+            done.signal()
+        }
+        thread.name = "kvrecall-refresh"
+        thread.stackSize = 16 << 20
+        thread.start()
+    }
+}
