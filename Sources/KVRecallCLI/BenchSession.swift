@@ -58,13 +58,7 @@ struct BenchSession: ParsableCommand {
         _ = try refresh()
     }
 
-    func refresh() throws -> Double? {
-        if refreshFraction == "none" { return nil }
-        guard let f = Double(refreshFraction), f > 0, f.isFinite else {
-            throw ValidationError("--refresh-fraction must be a positive number or 'none' (got \(refreshFraction))")
-        }
-        return f
-    }
+    func refresh() throws -> Double? { try parseRefreshFraction(refreshFraction) }
 
     func run() throws {
         BLAS.setThreads(1)

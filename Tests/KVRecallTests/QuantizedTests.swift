@@ -26,6 +26,28 @@ import KVRecallTestSupport
         return (keys, rng.gaussianMatrix(rows: n, dim: d))
     }
 
+    /// The quantized method's median output error against exact attention over the first `groups`
+    /// query groups (`group` rows each) of the store's only head, with `configure`'s parameters.
+    static func medianError(_ store: KVStore, queries: [Float], group g: Int, groups: Int,
+                            _ configure: (inout AttentionParameters) -> Void) throws -> Double {
+        var p = AttentionParameters()
+        configure(&p)
+        return try store.read { snapshot -> Double in
+            let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+            let codes = try #require(try snapshot.codes(HeadID()))
+            let d = keys.dimension
+            var errors: [Double] = []
+            for group in 0..<groups {
+                let one = Array(queries[(group * g * d)..<((group + 1) * g * d)])
+                try one.withUnsafeBufferPointer { q in
+                    let result = try Attention.attendQuantized(queries: q, codes: codes, keys: keys, values: values, parameters: p)
+                    errors.append(Attention.fidelity(of: result, queries: q, keys: keys, values: values, parameters: p).outputError)
+                }
+            }
+            return median(errors)
+        }
+    }
+
     @Test(arguments: [(4, 4, 64), (8, 8, 32), (4, 8, 128), (8, 4, 16), (4, 4, 6), (4, 4, 3)])
     func codesRoundTripWithinHalfAStep(keyBits: Int, valueBits: Int, group: Int) throws {
         let d = 40  // padded to 64: the tail of a run and padding channels
@@ -122,21 +144,7 @@ import KVRecallTestSupport
             queries += (0..<d).map { c in 0.35 * h.keys[target * d + c] + 0.3 * rng.gaussian() }
         }
         func medianError(_ configure: (inout AttentionParameters) -> Void) throws -> Double {
-            var p = AttentionParameters()
-            configure(&p)
-            return try store.read { snapshot -> Double in
-                let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
-                let codes = try #require(try snapshot.codes(HeadID()))
-                var errors: [Double] = []
-                for group in 0..<8 {
-                    let one = Array(queries[(group * g * d)..<((group + 1) * g * d)])
-                    try one.withUnsafeBufferPointer { q in
-                        let result = try Attention.attendQuantized(queries: q, codes: codes, keys: keys, values: values, parameters: p)
-                        errors.append(Attention.fidelity(of: result, queries: q, keys: keys, values: values, parameters: p).outputError)
-                    }
-                }
-                return median(errors)
-            }
+            try Self.medianError(store, queries: queries, group: g, groups: 8, configure)
         }
         let full = try medianError { _ in }
         let noTail = try medianError { $0.quantized.tail = false }
@@ -164,25 +172,13 @@ import KVRecallTestSupport
         let d = keys.shape[1], n = keys.shape[0]
         try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
         try keys.floats().withUnsafeBufferPointer { k in try values.floats().withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        #expect(try store.read { try $0.codes(HeadID())?.positions } == n / 64 * 64, "every complete group is coded")
         let queries = try NPY.read(path: data + "_queries.npy").floats()
         let groups = min(16, queries.count / (4 * d))
         func medianError(_ configure: (inout AttentionParameters) -> Void) throws -> Double {
-            var p = AttentionParameters()
-            p.scale = 0.0625
-            configure(&p)
-            return try store.read { snapshot -> Double in
-                let kv = try snapshot.vectors(HeadID(), .keys), vv = try snapshot.vectors(HeadID(), .values)
-                let codes = try #require(try snapshot.codes(HeadID()))
-                #expect(codes.positions == n / 64 * 64)
-                var errors: [Double] = []
-                for group in 0..<groups {
-                    let one = Array(queries[(group * 4 * d)..<((group + 1) * 4 * d)])
-                    try one.withUnsafeBufferPointer { q in
-                        let result = try Attention.attendQuantized(queries: q, codes: codes, keys: kv, values: vv, parameters: p)
-                        errors.append(Attention.fidelity(of: result, queries: q, keys: kv, values: vv, parameters: p).outputError)
-                    }
-                }
-                return median(errors)
+            try Self.medianError(store, queries: queries, group: 4, groups: groups) { p in
+                p.scale = 0.0625
+                configure(&p)
             }
         }
         let full = try medianError { _ in }

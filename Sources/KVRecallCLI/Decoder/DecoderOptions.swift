@@ -64,13 +64,7 @@ struct DecoderMethodOptions: ParsableArguments {
     }
 
     /// `--refresh-fraction` as the session takes it (nil: never).
-    func refresh() throws -> Double? {
-        if refreshFraction == "none" { return nil }
-        guard let f = Double(refreshFraction), f > 0, f.isFinite else {
-            throw ValidationError("--refresh-fraction must be a positive number or 'none' (got \(refreshFraction))")
-        }
-        return f
-    }
+    func refresh() throws -> Double? { try parseRefreshFraction(refreshFraction) }
 
     func methodList() throws -> [AttentionMethod] {
         try parseMethodList(method, allowed: Self.methods) ?? Self.methods
@@ -95,6 +89,15 @@ struct DecoderMethodOptions: ParsableArguments {
         o.refreshInBackground = !refreshInline
         return o
     }
+}
+
+/// A `--refresh-fraction` value as the session takes it: a positive fraction, or nil for 'none'.
+func parseRefreshFraction(_ text: String) throws -> Double? {
+    if text == "none" { return nil }
+    guard let f = Double(text), f > 0, f.isFinite else {
+        throw ValidationError("--refresh-fraction must be a positive number or 'none' (got \(text))")
+    }
+    return f
 }
 
 /// Writes a line to standard error.
