@@ -192,6 +192,31 @@ def parse_args(argv=None):
     return a
 
 
+def _outputs(a, rng, K, V, keep, hold, Qp, Qd):
+    """The set's arrays: kept keys and values, held-out keys, and the prefill and decode queries
+    scaled so that each query's std of q.k/sqrt(d) over a fixed key sample is the target sharpness."""
+    Kf = np.ascontiguousarray(K[keep])
+    d = Kf.shape[1]
+    samp = Kf[np.linspace(0, len(Kf) - 1, num=min(len(Kf), 8192)).astype(np.int64)].astype(np.float64)
+
+    def calibrate(Q):
+        if len(Q) == 0:
+            return Q.astype(np.float32)
+        sd = (Q @ samp.T).std(axis=1) / np.sqrt(d)
+        target = np.full(len(Q), a.sharpness)
+        if a.sharpness_jitter > 0:
+            target = target * np.exp(a.sharpness_jitter * rng.standard_normal(len(Q)))
+        return (Q * (target / sd)[:, None]).astype(np.float32)
+
+    return {
+        "keys": Kf,
+        "values": np.ascontiguousarray(V[keep]),
+        "prefill_queries": calibrate(Qp),
+        "queries": calibrate(Qd),
+        "key_queries": np.ascontiguousarray(K[hold]),
+    }
+
+
 def generate(a):
     """Returns dict of float32 arrays and a dict of generation facts. Deterministic in a.seed."""
     rng = np.random.default_rng(a.seed)
@@ -268,26 +293,7 @@ def generate(a):
     Qp = make_queries(a.prefill)
     Qd = make_queries(a.queries)
 
-    Kf = np.ascontiguousarray(K[keep])
-    # Calibrate sharpness: per-query std of q.k/sqrt(d) over a fixed key sample.
-    samp = Kf[np.linspace(0, len(Kf) - 1, num=min(len(Kf), 8192)).astype(np.int64)].astype(np.float64)
-
-    def calibrate(Q):
-        if len(Q) == 0:
-            return Q.astype(np.float32)
-        sd = (Q @ samp.T).std(axis=1) / np.sqrt(d)
-        target = np.full(len(Q), a.sharpness)
-        if a.sharpness_jitter > 0:
-            target = target * np.exp(a.sharpness_jitter * rng.standard_normal(len(Q)))
-        return (Q * (target / sd)[:, None]).astype(np.float32)
-
-    out = {
-        "keys": Kf,
-        "values": np.ascontiguousarray(V[keep]),
-        "prefill_queries": calibrate(Qp),
-        "queries": calibrate(Qd),
-        "key_queries": np.ascontiguousarray(K[hold]),
-    }
+    out = _outputs(a, rng, K, V, keep, hold, Qp, Qd)
     facts = {
         "outlier_channels": ch.tolist(),
         "segments": int(nseg),
@@ -440,25 +446,7 @@ def generate_drift(a):
     dpos = ntot + np.arange(a.queries)
     Qd, dtg = make_queries(dpos, np.full(a.queries, ntot - 1))
 
-    Kf = np.ascontiguousarray(K[keep])
-    samp = Kf[np.linspace(0, len(Kf) - 1, num=min(len(Kf), 8192)).astype(np.int64)].astype(np.float64)
-
-    def calibrate(Q):
-        if len(Q) == 0:
-            return Q.astype(np.float32)
-        sd = (Q @ samp.T).std(axis=1) / np.sqrt(d)
-        target = np.full(len(Q), a.sharpness)
-        if a.sharpness_jitter > 0:
-            target = target * np.exp(a.sharpness_jitter * rng.standard_normal(len(Q)))
-        return (Q * (target / sd)[:, None]).astype(np.float32)
-
-    out = {
-        "keys": Kf,
-        "values": np.ascontiguousarray(V[keep]),
-        "prefill_queries": calibrate(Qp),
-        "queries": calibrate(Qd),
-        "key_queries": np.ascontiguousarray(K[hold]),
-    }
+    out = _outputs(a, rng, K, V, keep, hold, Qp, Qd)
     facts = {
         "family": "drift",
         "massive_channels": ch.tolist(),
