@@ -252,10 +252,11 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         }
     }
 
-    @Test(arguments: [AttentionMethod.retrieval, .hnsw, .hip, .landmark, .ivf, .lsh, .tree, .estimate])
-    func everySessionMethodDecodes(method: AttentionMethod) throws {
-        let dir = TemporaryDirectory("tiny-gemma")
-        let tiny = try TinyGemma(directory: dir.path, seed: 19)
+    /// A tiny model's sequence with `method` (k 4, sinks 1, window 2), prefilled with BOS and
+    /// `length` random tokens and its indexes built; the prompt's ids come back with it.
+    static func prefilledSequence(_ dir: TemporaryDirectory, modelSeed: UInt64, kvHeads: Int = 1, method: AttentionMethod,
+                                  promptSeed: UInt64, length: Int) throws -> (Gemma3Sequence, [Int32]) {
+        let tiny = try TinyGemma(directory: dir.path, seed: modelSeed, kvHeads: kvHeads)
         let model = try Gemma3Model(path: tiny.path)
         var options = DecoderAttentionOptions()
         options.method = method
@@ -263,13 +264,20 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
         options.sinks = 1
         options.window = 2
         let sequence = try Gemma3Sequence(model: model, options: options)
-        defer { sequence.close() }
-        // A longer prompt so the index holds keys outside the static part.
         var ids: [Int32] = [2]
-        var rng = SeededRandom(seed: 3)
-        for _ in 0..<300 { ids.append(Int32.random(in: 3..<Int32(TinyGemma.vocabulary), using: &rng)) }
+        var rng = SeededRandom(seed: promptSeed)
+        for _ in 0..<length { ids.append(Int32.random(in: 3..<Int32(TinyGemma.vocabulary), using: &rng)) }
         _ = try sequence.prefill(ids, chunk: 64)
         try sequence.buildIndexes()
+        return (sequence, ids)
+    }
+
+    @Test(arguments: AttentionMethod.allCases)
+    func everySessionMethodDecodes(method: AttentionMethod) throws {
+        // A longer prompt so the index holds keys outside the static part.
+        let dir = TemporaryDirectory("tiny-gemma")
+        let (sequence, ids) = try Self.prefilledSequence(dir, modelSeed: 19, method: method, promptSeed: 3, length: 300)
+        defer { sequence.close(); withExtendedLifetime(dir) {} }
         for t in 0..<5 {
             let logits = try sequence.step(ids[t + 1])
             #expect(logits.count == TinyGemma.vocabulary && logits.allSatisfy(\.isFinite))
@@ -280,20 +288,8 @@ func relativeMaxError(_ a: [Float], _ b: [Double]) -> Double {
     /// block is 1): eval --json's "heads" said "layer 0/1/2" for Gemma 3's blocks 5/11/17.
     @Test func reportNamesTheModelsBlocks() throws {
         let dir = TemporaryDirectory("tiny-gemma")
-        let tiny = try TinyGemma(directory: dir.path, seed: 23, kvHeads: 2)
-        let model = try Gemma3Model(path: tiny.path)
-        var options = DecoderAttentionOptions()
-        options.method = .auto
-        options.k = 4
-        options.sinks = 1
-        options.window = 2
-        let sequence = try Gemma3Sequence(model: model, options: options)
-        defer { sequence.close() }
-        var ids: [Int32] = [2]
-        var rng = SeededRandom(seed: 5)
-        for _ in 0..<200 { ids.append(Int32.random(in: 3..<Int32(TinyGemma.vocabulary), using: &rng)) }
-        _ = try sequence.prefill(ids, chunk: 64)
-        try sequence.buildIndexes()
+        let (sequence, _) = try Self.prefilledSequence(dir, modelSeed: 23, kvHeads: 2, method: .auto, promptSeed: 5, length: 200)
+        defer { sequence.close(); withExtendedLifetime(dir) {} }
         let lines = sequence.report()
         #expect(lines.count == 2 && lines[0].hasPrefix("layer 1 head 0: ") && lines[1].hasPrefix("layer 1 head 1: "), "\(lines)")
         #expect(lines.allSatisfy { !$0.hasPrefix("layer 0") })
