@@ -51,8 +51,11 @@ struct BenchSession: ParsableCommand {
     @Option(help: ArgumentHelp("The method session's refresh fraction (long decodes: plans and indexes made again off the decode path); 'none': never.",
                                valueName: "fraction"))
     var refreshFraction: String = SessionConfiguration.defaultRefreshFraction.map { "\($0)" } ?? "none"
+    @Option(help: "Keys that left the window a head's index takes at once (the session's upkeep batch).")
+    var upkeepBatch: Int = SessionConfiguration.defaultUpkeepBatch
 
     func validate() throws {
+        if upkeepBatch < 1 { throw ValidationError("--upkeep-batch must be at least 1 (got \(upkeepBatch))") }
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
         if trainingQueries < 1 { throw ValidationError("--training-queries must be at least 1 (got \(trainingQueries))") }
         _ = try refresh()
@@ -73,7 +76,7 @@ struct BenchSession: ParsableCommand {
         for m in [AttentionMethod.exact, method] {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
                                               dtype: dtype, method: m, k: k, ef: ef,
-                                              targetRecall: targetRecall, refreshFraction: try refresh())
+                                              upkeepBatch: upkeepBatch, targetRecall: targetRecall, refreshFraction: try refresh())
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
             sessions[sessions.count - 1].parameters.groupSelection = groupSelection
         }

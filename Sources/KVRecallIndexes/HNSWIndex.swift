@@ -37,6 +37,9 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
     private(set) var entryPoint: Int32 = -1
     private(set) var maxLevel = -1
     private var rng: SeededGenerator
+    /// Nodes linked since the last orphan repair (a decode-time add of one key does not pay a
+    /// whole-graph repair; see `add`).
+    private var linkedSinceRepair = 0
     /// Scratch reused across searches (visited stamps for every node are too costly to allocate per query).
     let scratchPool = GraphScratchPool()
 
@@ -233,7 +236,14 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
             count = next
             progress?(count - range.lowerBound, range.count)
         }
-        repairOrphans()
+        // The repair walks the whole graph: after a build at once, during decode-time upkeep
+        // (a key or a few per step) once the nodes linked since the last reach 1/16 of the graph
+        // (at least 64), so its cost per key stays constant and few steps pay it.
+        linkedSinceRepair += range.count
+        if range.lowerBound == 0 || linkedSinceRepair >= max(64, count / 16) {
+            repairOrphans()
+            linkedSinceRepair = 0
+        }
     }
 
     /// Gives layer-0 nodes without an incoming edge one, so they stay reachable: the heuristic

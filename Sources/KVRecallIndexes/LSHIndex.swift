@@ -264,5 +264,6 @@ extension LSHIndex {
     public static let descriptor = IndexDescriptor(
         kind: .lsh, type: LSHIndex.self, knob: nil,
         make: { d, _, p in try LSHIndex(dimension: d, tables: p.tables, bits: p.bits, seed: p.seed, threads: p.threads) },
+        smallestUpkeep: 64,  // every add merges into each table's CSR buckets: O(keys x tables)
         describe: { "min collisions \($0.lsh.minCollisions)" })
 }

@@ -58,6 +58,8 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     /// Per node, the next connectivity slot to overwrite when full (round robin).
     private var connectivityCursor: [UInt8] = []
     private(set) var entries: [Int32] = []
+    /// Squared norms of the keys `insert` has seen (rows 0..<count), extended as keys arrive.
+    private var insertNorms: [Float] = []
     let scratchPool = GraphScratchPool()
 
     public init(dimension: Int, M: Int = 128, queryNeighbours: Int = 100, maxTrainingQueries: Int = 4096,
@@ -654,9 +656,11 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
     private func insert(_ nodes: [Int], keys: VectorView, limit: Int, progress: ((Int) -> Void)?) throws {
         let pool = (0..<threads).map { _ in scratchPool.take(dimension: dimension, capacity: limit) }
         defer { pool.forEach(scratchPool.give) }
-        // Squared norms, so key-to-key search ranks by L2 distance.
-        var norms = [Float](repeating: 0, count: limit)
-        for i in 0..<limit { norms[i] = keys.score(query: rowAsFloats(keys, i, pool[0].vector), row: i) }
+        // Squared norms, so key-to-key search ranks by L2 distance; kept between upkeep calls (keys
+        // are append-only), so a step that inserts one key computes one norm, not the head's.
+        if insertNorms.count > limit { insertNorms.removeLast(insertNorms.count - limit) }
+        for i in insertNorms.count..<limit { insertNorms.append(keys.score(query: rowAsFloats(keys, i, pool[0].vector), row: i)) }
+        let norms = insertNorms
         var next = 0
         while next < nodes.count {
             let batch = min(64, nodes.count - next)

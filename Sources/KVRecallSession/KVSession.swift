@@ -358,8 +358,8 @@ public final class KVSession {
     public func length(layer: Int, head: Int) throws -> Int { try state(layer, head).tokens }
 
     /// Appends `tokens` new tokens to every KV head of `layer`: `keys` and `values` are
-    /// `[kvHeads, tokens, headDimension]`, row-major. Keys that leave the window are indexed in
-    /// batches of `upkeepBatch`.
+    /// `[kvHeads, tokens, headDimension]`, row-major. Keys that leave the window are indexed as
+    /// they leave it (in batches of `upkeepBatch`, more for LSH).
     public func append(layer: Int, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>) throws {
         try checkLayer(layer)
         let d = configuration.headDimension, h = configuration.kvHeads
@@ -445,7 +445,7 @@ public final class KVSession {
             if let index = state.index {
                 let upTo = max(index.count, state.tokens - configuration.window)
                 let pending = upTo - index.count
-                if pending >= configuration.upkeepBatch || (force && pending > 0) {
+                if pending >= upkeepBatch(index) || (force && pending > 0) {
                     try store.read { snapshot in
                         let views = try state.views(in: snapshot)
                         try state.extendIndex(upTo: upTo, keys: views.keys, values: views.values)
@@ -456,6 +456,12 @@ public final class KVSession {
             state.refresh?.setTarget(state.tokens - configuration.window)
             if startRefreshes { try startRefreshIfDue(state) }
         }
+    }
+
+    /// Keys `index` takes at once during upkeep: the configuration's batch, or more for a kind
+    /// whose every add costs the index's size (`IndexDescriptor.smallestUpkeep`).
+    private func upkeepBatch(_ index: any VectorIndex) -> Int {
+        max(configuration.upkeepBatch, index.kind.descriptor?.smallestUpkeep ?? 1)
     }
 
     /// Starts (layer, head)'s refresh once the keys outside its window pass the refresh fraction of
@@ -469,7 +475,7 @@ public final class KVSession {
         let job = RefreshJob(upTo: upTo)
         state.refresh = job
         let store = self.store, id = state.id, method = configuration.method, group = configuration.queryHeadsPerKV
-        let batch = configuration.upkeepBatch, rowsPerPosition = state.recording?.rowsPerPosition
+        let batch = state.index.map(upkeepBatch) ?? configuration.upkeepBatch, rowsPerPosition = state.recording?.rowsPerPosition
         // One thread everywhere: the builder must not take the cores decode steps run on.
         var setup = planning
         setup.attention.threads = 1

@@ -37,7 +37,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var minCollisions: Int
     /// Landmark: rank blocks by Quest's min/max bound instead of the mean key.
     public var landmarkBound: Bool
-    /// Keys that left the window are indexed in batches of this many (bounded work per step).
+    /// Keys that left the window are indexed in batches of this many (`defaultUpkeepBatch`).
     public var upkeepBatch: Int
     /// Refresh (issue 25): once the keys a head's index received after its plan was made pass this
     /// fraction of the keys the plan was made over, the head is planned, budgeted, indexed and
@@ -57,7 +57,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
                 ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int = 2, landmarkBound: Bool = false,
-                upkeepBatch: Int = 64, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9,
+                upkeepBatch: Int = SessionConfiguration.defaultUpkeepBatch, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9,
                 refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction) {
         self.layers = layers
         self.kvHeads = kvHeads
@@ -148,6 +148,11 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     /// The refresh fraction by measurement (docs/BENCHMARKS.md "Long generations").
     public static let defaultRefreshFraction: Double? = 0.5
+    /// Keys that left the window a head's index takes at once: 1, each key as it leaves (batches
+    /// of 64 made one step in 64 pay for 64 inserts: step p99 8x its median; measured in
+    /// docs/BENCHMARKS.md "Step times while refreshing"). LSH takes at least 64 (its adds cost the
+    /// index's size).
+    public static let defaultUpkeepBatch = 1
 
     /// The attention parameters of a decode step under this configuration.
     public var attentionParameters: AttentionParameters {

@@ -49,6 +49,35 @@ import KVRecallTestSupport
         }
     }
 
+    /// By default each key is indexed as it leaves the window (no step pays for a batch of
+    /// inserts); LSH, whose adds rewrite its bucket tables, waits for 64.
+    @Test(arguments: [AttentionMethod.retrieval, .hnsw, .ivf, .lsh])
+    func defaultUpkeepIndexesEachKeyAsItLeavesTheWindow(_ method: AttentionMethod) throws {
+        var rng = SeededRandom(seed: 9)
+        var c = configuration(method)
+        c.upkeepBatch = SessionConfiguration.defaultUpkeepBatch
+        c.refreshFraction = nil
+        let session = try KVSession(configuration: c, directory: nil)
+        defer { session.close() }
+        let (k, v) = (Self.rows(400, &rng), Self.rows(400, &rng))
+        try k.withUnsafeBufferPointer { kb in try v.withUnsafeBufferPointer { vb in try session.append(layer: 0, keys: kb, values: vb) } }
+        let prefill = Self.rows(400, &rng)
+        try prefill.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
+        try session.buildIndexes()
+        let built = try session.indexedCount(layer: 0, head: 0)
+        #expect(built == 400 - c.window)
+        for step in 1...70 {
+            let (k1, v1) = (Self.rows(1, &rng), Self.rows(1, &rng))
+            try k1.withUnsafeBufferPointer { kb in try v1.withUnsafeBufferPointer { vb in try session.append(layer: 0, keys: kb, values: vb) } }
+            let indexed = try session.indexedCount(layer: 0, head: 0)
+            if method == .lsh {
+                #expect(indexed == (step >= 64 ? built + 64 : built), "step \(step)")
+            } else {
+                #expect(indexed == built + step, "step \(step): \(method) took \(indexed - built) of \(step) keys")
+            }
+        }
+    }
+
     @Test func interleavedAppendAndAttendKeepTheIndexUpToDate() throws {
         var rng = SeededRandom(seed: 2)
         let session = try KVSession(configuration: configuration(.hnsw), directory: nil)
