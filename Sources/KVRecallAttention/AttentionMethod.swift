@@ -134,6 +134,13 @@ public final class PreparedMethod: @unchecked Sendable {
     /// the keys): the search was 2.7x slower than exact attention (docs/BENCHMARKS.md).
     public static let exactSelectionFraction = 0.05
 
+    /// Whether the head's calibration found no value of its knob reaching the target recall, and
+    /// the caller left that knob to it: the index cannot find this head's keys.
+    public func cannotServe(_ parameters: SearchParameters) -> Bool {
+        guard let calibration, !calibration.reached else { return false }
+        return !calibration.knob.isSet(in: parameters)
+    }
+
     /// The search parameters a call runs with: the caller's, with the calibrated knob filled in
     /// where the caller left it unset.
     public func searchParameters(_ parameters: SearchParameters) -> SearchParameters {
@@ -173,8 +180,11 @@ public final class PreparedMethod: @unchecked Sendable {
                 if index.count < n { p.window = max(p.window, n - index.count) }
                 // A large k (an adaptive budget on a diffuse head) makes a search score much of the
                 // index through random reads; an exact scan reads the keys in order and is exact.
-                selector = summary == nil && Double(p.k) >= PreparedMethod.exactSelectionFraction * Double(index.count)
-                    ? FlatIndex(keys: keys) : index
+                // So does an index whose calibration found no knob value reaching the target recall
+                // on this head (LSH on Gemma 3's heads: recall@100 below 0.25), unless the caller
+                // set the knob.
+                let scan = Double(p.k) >= PreparedMethod.exactSelectionFraction * Double(index.count) || cannotServe(parameters.search)
+                selector = summary == nil && scan ? FlatIndex(keys: keys) : index
             }
         }
         guard let selector, p.sinks + p.window < n else {

@@ -112,8 +112,8 @@ struct SearchKnobOptions: ParsableArguments {
     var nprobe: Int?
     @Option(parsing: .unconditional, help: "Tree: clusters kept per level (default: calibrated at build, else 8).")
     var beam: Int?
-    @Option(help: "LSH: tables a key must share with the query to be a candidate.")
-    var minCollisions: Int = 2
+    @Option(help: "LSH: tables a key must share with the query to be a candidate (default: calibrated at build, else 2).")
+    var minCollisions: Int?
 
     func validate() throws {
         try validateSettings { try parameters.validate() }
@@ -124,7 +124,7 @@ struct SearchKnobOptions: ParsableArguments {
         p.graph.efSetting = ef
         p.ivf.nprobeSetting = nprobe
         p.tree.beamSetting = beam
-        p.lsh.minCollisions = minCollisions
+        p.lsh.minCollisionsSetting = minCollisions
         return p
     }
 }

@@ -12,6 +12,8 @@ public enum SearchKnob: String, Codable, Sendable {
     case nprobe
     /// Centroid tree: clusters kept per level.
     case beam
+    /// LSH: tables a key must collide in (fewer finds more: its ladder descends).
+    case minCollisions = "min-collisions"
 
     /// The knob of `kind` (its descriptor's), or nil for kinds calibration leaves alone (LSH, landmark, flat, hip).
     public init?(kind: IndexKind) {
@@ -26,6 +28,7 @@ public enum SearchKnob: String, Codable, Sendable {
         case .ef: p.graph.ef = value
         case .nprobe: p.ivf.nprobe = value
         case .beam: p.tree.beam = value
+        case .minCollisions: p.lsh.minCollisions = value
         }
         return p
     }
@@ -36,6 +39,7 @@ public enum SearchKnob: String, Codable, Sendable {
         case .ef: return parameters.graph.efSetting != nil
         case .nprobe: return parameters.ivf.nprobeSetting != nil
         case .beam: return parameters.tree.beamSetting != nil
+        case .minCollisions: return parameters.lsh.minCollisionsSetting != nil
         }
     }
 }
@@ -57,14 +61,16 @@ public struct SearchCalibration: Codable, Equatable, Sendable {
     public var k: Int
     /// Held-out queries measured (never used to train the index).
     public var queries: Int
-    /// False when even the largest value tried stays below the target (`value` is then that largest value).
+    /// False when even the widest value tried (the ladder's last) stays below the target (`value` is
+    /// then that value). The index then cannot find this head's keys: attention selects by an
+    /// exact scan instead (`PreparedMethod`), unless the caller set the knob.
     public var reached: Bool
 
     /// One line for `build`, `info` and the REPL.
     public var summary: String {
         let recallText = String(format: "%.3f", recall) + (standardError.map { String(format: " ± %.3f", $0) } ?? "")
         let scanned = String(format: "%.1f%%", keysScanned * 100)
-        let verdict = reached ? "target \(targetRecall)" : "below target \(targetRecall) at the largest \(knob.rawValue) tried"
+        let verdict = reached ? "target \(targetRecall)" : "below target \(targetRecall) at the widest \(knob.rawValue) tried: selects by an exact scan"
         return "\(knob.rawValue) \(value): recall@\(k) \(recallText), \(scanned) of keys scanned on \(queries) held-out queries (\(verdict))"
     }
 
@@ -116,7 +122,7 @@ public struct CalibrationParameters: Sendable, Equatable {
 }
 
 public enum Calibrator {
-    /// The smallest value of the index's knob whose mean recall@k on `queries` (`m x d`, row-major;
+    /// The first value of the index's ladder (ascending recall) whose mean recall@k on `queries` (`m x d`, row-major;
     /// never seen by the index's training) stays at least `confidence` standard errors above the
     /// target (else the smallest whose mean reaches it), found by bisection over a ladder (recall
     /// grows with each knob). Exact top-k comes from a flat scan of the indexed keys.

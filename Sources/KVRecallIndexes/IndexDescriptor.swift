@@ -18,7 +18,8 @@ public struct IndexDescriptor: Sendable {
     public let make: @Sendable (_ dimension: Int, _ count: Int, _ parameters: IndexBuildParameters) throws -> any BuildableIndex
     /// The knob calibration sets on held-out queries (nil: the kind has none to calibrate).
     public let knob: SearchKnob?
-    /// The knob's candidate values for a built index and k, ascending (empty without a knob).
+    /// The knob's candidate values for a built index and k, in order of rising recall (empty
+    /// without a knob): ascending for ef, nprobe and beam, descending for LSH's min-collisions.
     public let ladder: @Sendable (_ index: any VectorIndex, _ k: Int) -> [Int]
     /// The search parameters this kind reads, in words ("ef 64", "min collisions 2").
     public let describe: @Sendable (SearchParameters) -> String

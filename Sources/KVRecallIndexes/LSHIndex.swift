@@ -260,10 +260,14 @@ final class Counter: @unchecked Sendable {
 }
 
 extension LSHIndex {
-    /// LSH's entry in the catalog: L tables of K bits; no calibrated knob (min-collisions is the caller's).
+    /// LSH's entry in the catalog: L tables of K bits; min-collisions calibrated from 8 down to 1
+    /// (fewer collisions, more candidates). On heads whose queries sit far from their keys (Gemma
+    /// 3's: recall@400 0.03 at 2, 0.21 at 1) no value reaches the target and the head selects by
+    /// an exact scan instead.
     public static let descriptor = IndexDescriptor(
-        kind: .lsh, type: LSHIndex.self, knob: nil,
+        kind: .lsh, type: LSHIndex.self, knob: .minCollisions,
         make: { d, _, p in try LSHIndex(dimension: d, tables: p.tables, bits: p.bits, seed: p.seed, threads: p.threads) },
+        ladder: { index, _ in [8, 6, 4, 3, 2, 1].filter { $0 <= ((index as? LSHIndex)?.tables ?? 1) } },
         smallestUpkeep: 64,  // every add merges into each table's CSR buckets: O(keys x tables)
         describe: { "min collisions \($0.lsh.minCollisions)" })
 }

@@ -86,9 +86,16 @@ public struct TreeSearchParameters: Sendable, Equatable {
 
 /// LSH candidate filter.
 public struct LSHSearchParameters: Sendable, Equatable {
+    /// Collisions required when neither the caller nor the index's calibration sets them.
+    public static let defaultMinCollisions = 2
+    /// Collisions set by the caller; nil leaves them to the index's calibration (`SearchCalibration`).
+    public var minCollisionsSetting: Int?
     /// Tables a key must collide in to be a candidate.
-    public var minCollisions = 2
-    public init(minCollisions: Int = 2) { self.minCollisions = minCollisions }
+    public var minCollisions: Int {
+        get { minCollisionsSetting ?? Self.defaultMinCollisions }
+        set { minCollisionsSetting = newValue }
+    }
+    public init(minCollisions: Int? = nil) { minCollisionsSetting = minCollisions }
     public func validate() throws {
         guard minCollisions >= 1 else {
             throw IndexError.invalidParameter("min-collisions must be at least 1 (got \(minCollisions))")

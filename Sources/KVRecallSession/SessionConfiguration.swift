@@ -33,8 +33,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public var beam: Int?
     /// Recall@k the calibrated ef / nprobe / beam must reach on held-out prefill queries.
     public var targetRecall: Double
-    /// LSH: tables a key must collide in.
-    public var minCollisions: Int
+    /// LSH: tables a key must collide in; nil: calibrated at `buildIndexes` (a head no value
+    /// serves selects by an exact scan).
+    public var minCollisions: Int?
     /// Landmark: rank blocks by Quest's min/max bound instead of the mean key.
     public var landmarkBound: Bool
     /// Keys that left the window are indexed in batches of this many (`defaultUpkeepBatch`).
@@ -56,7 +57,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     public init(layers: Int, kvHeads: Int, queryHeadsPerKV: Int, headDimension: Int, dtype: DType = .f16,
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
-                ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int = 2, landmarkBound: Bool = false,
+                ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int? = nil, landmarkBound: Bool = false,
                 upkeepBatch: Int = SessionConfiguration.defaultUpkeepBatch, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9,
                 refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction) {
         self.layers = layers
@@ -104,7 +105,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         nprobe = try c.decodeIfPresent(Int.self, forKey: .nprobe)
         beam = try c.decodeIfPresent(Int.self, forKey: .beam)
         targetRecall = try c.decodeIfPresent(Double.self, forKey: .targetRecall) ?? 0.95
-        minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions) ?? 2
+        minCollisions = try c.decodeIfPresent(Int.self, forKey: .minCollisions)
         landmarkBound = try c.decodeIfPresent(Bool.self, forKey: .landmarkBound) ?? false
         scale = try c.decodeIfPresent(Float.self, forKey: .scale)
         softCap = try c.decodeIfPresent(Float.self, forKey: .softCap)
@@ -135,7 +136,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         try c.encodeIfPresent(nprobe, forKey: .nprobe)
         try c.encodeIfPresent(beam, forKey: .beam)
         try c.encode(targetRecall, forKey: .targetRecall)
-        try c.encode(minCollisions, forKey: .minCollisions)
+        try c.encodeIfPresent(minCollisions, forKey: .minCollisions)
         try c.encode(landmarkBound, forKey: .landmarkBound)
         try c.encodeIfPresent(scale, forKey: .scale)
         try c.encodeIfPresent(softCap, forKey: .softCap)
@@ -157,7 +158,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     /// The attention parameters of a decode step under this configuration.
     public var attentionParameters: AttentionParameters {
         var p = AttentionParameters(k: k, sinks: sinks, window: window, ef: ef, nprobe: nprobe, beam: beam)
-        p.search.lsh.minCollisions = minCollisions
+        p.search.lsh.minCollisionsSetting = minCollisions
         p.search.landmark.bound = landmarkBound
         p.scale = scale
         p.softCap = softCap

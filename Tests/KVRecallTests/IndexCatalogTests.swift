@@ -290,7 +290,9 @@ import KVRecallTestSupport
             if descriptor.knob == nil {
                 #expect(ladder.isEmpty)
             } else {
-                #expect(!ladder.isEmpty && ladder == ladder.sorted() && Set(ladder).count == ladder.count)
+                // In order of rising recall: wider beams and more probes, fewer required collisions.
+                let rising = descriptor.knob == .minCollisions ? ladder.sorted(by: >) : ladder.sorted()
+                #expect(!ladder.isEmpty && ladder == rising && Set(ladder).count == ladder.count)
             }
             #expect(!descriptor.describe(SearchParameters()).isEmpty)
         }

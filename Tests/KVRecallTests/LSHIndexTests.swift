@@ -31,6 +31,41 @@ import KVRecallTestSupport
         #expect(s2.keysScannedFraction < 0.9)
     }
 
+    /// Calibration walks min-collisions down from 8 (rising recall) and stops at the first value
+    /// reaching the target; a head whose calibration found none is attended with an exact-scan
+    /// selection (recall 1), unless the caller set min-collisions.
+    @Test func calibrationPicksCollisionsAndAHeadNoValueServesIsScanned() throws {
+        let f = try IndexFixture()
+        let index = try build(f, tables: 40, bits: 8)
+        let calibration = try f.withKeys { keys in
+            var parameters = CalibrationParameters()
+            parameters.k = 10
+            return try f.queries.withUnsafeBufferPointer { try Calibrator.calibrate(index, keys: keys, queries: $0, parameters: parameters) }
+        }
+        let c = try #require(calibration)
+        #expect(c.knob == .minCollisions && c.reached && c.recall >= 0.95 && c.value >= 1 && c.value < 8, "\(c.summary)")
+        var strict = SearchParameters(); strict.lsh.minCollisions = 8
+        let (atEight, _) = try f.recall(of: index, k: 100, parameters: strict)
+        var failed = c
+        failed.knob = .minCollisions; failed.value = 8; failed.recall = atEight; failed.reached = false
+        try f.store.read { s in
+            let keys = try s.vectors(f.id, .keys), values = try s.vectors(f.id, .values)
+            let query = UnsafeBufferPointer(rebasing: f.queries.withUnsafeBufferPointer { $0 }[0..<f.d])
+            var p = AttentionParameters(k: 100, sinks: 0, window: 0)
+            p.search.lsh.minCollisions = 8
+            func recall(_ calibration: SearchCalibration, parameters: AttentionParameters) throws -> Double {
+                let prepared = try PreparedMethod(.lsh, index: index, calibration: calibration, keys: keys, values: values)
+                let r = try prepared.attend(query, keys: keys, values: values, parameters: parameters)
+                return Attention.fidelity(of: r, queries: query, keys: keys, values: values, parameters: parameters).recall
+            }
+            // The caller's own min-collisions wins over the calibration: the index answers.
+            #expect(try recall(failed, parameters: p) < 1, "min-collisions 8 finds fewer than the exact top-100")
+            // Left to the calibration, a head it could not serve is scanned.
+            p.search.lsh.minCollisionsSetting = nil
+            #expect(try recall(failed, parameters: p) == 1)
+        }
+    }
+
     @Test func oneTableOneCollisionScoresExactlyTheQueryBucket() throws {
         let f = try IndexFixture(n: 500)
         let index = try build(f, tables: 1, bits: 3)

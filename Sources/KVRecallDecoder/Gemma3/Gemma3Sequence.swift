@@ -16,7 +16,7 @@ public struct DecoderAttentionOptions: Sendable {
     /// Adaptive budget of index methods (`SessionConfiguration.budgetMass`): each head's k is raised
     /// until its neediest query head keeps this much mass; nil keeps k fixed.
     public var budgetMass: Double? = 0.9
-    public var minCollisions = 2
+    public var minCollisions: Int? = nil
     /// How the 4 query heads of the KV head share the selection (default: the union of their own top-k).
     public var groupSelection = GroupSelection.union
     public var dtype: DType = .f16
@@ -91,7 +91,7 @@ public final class Gemma3Sequence {
         session = try KVSession(configuration: sc, directory: options.storeDirectory)
         session.refreshInBackground = options.refreshInBackground
         session.parameters.scale = c.attentionScale
-        session.parameters.search.lsh.minCollisions = options.minCollisions
+        session.parameters.search.lsh.minCollisionsSetting = options.minCollisions
         session.parameters.groupSelection = options.groupSelection
         local = (0..<c.blockCount).map { c.isGlobal($0) ? nil : LocalWindow(window: c.slidingWindow, width: c.kvHeads * c.headDimension) }
         let globals = c.globalBlocks.count
