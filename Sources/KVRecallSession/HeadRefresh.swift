@@ -79,23 +79,41 @@ final class RefreshJob: @unchecked Sendable {
     private var cancelled = false
     private var outcome: Result<Made, Error>?
     private var finished = false
+    /// The builder thread's kernel id (0 until it started), and whether it left the idle class.
+    private var threadID = 0
+    private var escalated = false
 
-    /// How much nicer than the process refresh threads run (capped at 19) where the idle class is refused.
-    static let niceness: Int32 = 19
-
-    /// Puts the calling thread in Linux's idle scheduling class (`SCHED_IDLE`): it runs only on a
-    /// core no other thread wants, and a waking decode thread takes the core at once. With plain
-    /// niceness (nice 5 first) a waking step waited for the builder's time slice: on 2 cores the
-    /// attention p99 was 8.6x its median while refreshing. Where the class is refused, the thread
-    /// runs at nice 19 instead. On Linux both are per thread, and 0 names the calling thread.
+    /// Puts the calling thread in Linux's idle scheduling class: it runs only on a core no other
+    /// thread wants, and a waking decode thread takes the core at once. With plain niceness (nice 5
+    /// before) a waking step waited for the builder's time slice: on 2 cores the attention p99 was
+    /// 8.6x its median while refreshing. Where the class is refused, nice `escalatedNiceness`.
     static func yieldToDecoding() {
-        var parameters = sched_param()
-        let schedIdle: Int32 = 5  // SCHED_IDLE in <linux/sched.h>; Glibc's Swift module does not export it
-        if sched_setscheduler(0, schedIdle, &parameters) == 0 { return }
-        errno = 0
-        let base = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
-        setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, min(19, (errno == 0 ? base : 0) + niceness))
+        if !BackgroundThread.enterIdleClass() { BackgroundThread.renice(escalatedNiceness) }
     }
+
+    /// Moves a builder that the decoder starved (the head grew by half the refresh fraction while
+    /// it waited for idle time: another process keeps the cores busy) from the idle class to
+    /// nice `escalatedNiceness`: it then gets a share of the cores, and finishes. Once per job;
+    /// false when the kernel refused (an unprivileged process whose RLIMIT_NICE forbids leaving
+    /// the idle class: the builder stays there).
+    @discardableResult
+    func escalate() -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard threadID != 0, !escalated, !finished else { return false }
+        escalated = true
+        return BackgroundThread.leaveIdleClass(id: threadID, niceness: RefreshJob.escalatedNiceness)
+    }
+
+    /// Whether the builder left the idle class (`escalate`).
+    var wasEscalated: Bool { lock.lock(); defer { lock.unlock() }; return escalated }
+
+    /// The builder thread's kernel id; 0 before it started.
+    var builderThreadID: Int { lock.lock(); defer { lock.unlock() }; return threadID }
+
+    /// Niceness of a builder outside the idle class (starved, or where the class is refused),
+    /// relative to the process.
+    static let escalatedNiceness: Int32 = 5
 
     init(upTo: Int) {
         self.upTo = upTo
@@ -132,6 +150,9 @@ final class RefreshJob: @unchecked Sendable {
     func start(_ build: @escaping (RefreshJob) throws -> Made) {
         let thread = Thread { [self] in
             RefreshJob.yieldToDecoding()
+            lock.lock()
+            threadID = BackgroundThread.currentID
+            lock.unlock()
             let result = Result { try build(self) }
             lock.lock()
             outcome = result

@@ -454,6 +454,10 @@ public final class KVSession {
             }
             state.followLength(policy: planning.policy)
             state.refresh?.setTarget(state.tokens - configuration.window)
+            if let job = state.refresh, let fraction = configuration.refreshFraction,
+               Double(state.tokens - configuration.window - job.upTo) >= Double(job.upTo) * fraction / 2 {
+                job.escalate()  // starved in the idle class: the head outgrew half a fraction meanwhile
+            }
             if startRefreshes { try startRefreshIfDue(state) }
         }
     }

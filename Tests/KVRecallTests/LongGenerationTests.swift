@@ -183,6 +183,34 @@ import KVRecallTestSupport
 
     /// The refresh fraction round-trips through a stored configuration: none stays none, and a
     /// configuration saved before the knob gets the default.
+    /// The builder runs in the idle scheduling class (a waking decode step takes its core at once),
+    /// and a starved one (the session saw its head outgrow half a fraction) moves to the normal class.
+    @Test func theBuilderIdlesUntilStarvedThenGetsAShare() throws {
+        let job = RefreshJob(upTo: 1000)
+        let release = DispatchSemaphore(value: 0), started = DispatchSemaphore(value: 0)
+        job.start { _ in
+            started.signal()
+            release.wait()
+            return (nil, nil, nil)
+        }
+        started.wait()
+        let tid = pid_t(job.builderThreadID)
+        #expect(tid > 0)
+        let idleClass: Int32 = 5  // SCHED_IDLE
+        #expect(sched_getscheduler(tid) == idleClass, "the builder starts in the idle class")
+        if job.escalate() {
+            #expect(job.wasEscalated && sched_getscheduler(tid) == 0, "escalated: the normal class (SCHED_OTHER)")
+            errno = 0
+            let nice = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid))
+            #expect(errno == 0 && nice >= RefreshJob.escalatedNiceness, "nice \(nice)")
+        } else {
+            #expect(geteuid() != 0, "only an unprivileged process may be refused")
+        }
+        release.signal()
+        job.waitUntilFinished()
+        #expect(job.takeOutcome() != nil)
+    }
+
     @Test func refreshFractionCoding() throws {
         let never = Self.configuration(.retrieval, refresh: nil)
         let decoded = try JSONDecoder().decode(SessionConfiguration.self, from: JSONEncoder().encode(never))

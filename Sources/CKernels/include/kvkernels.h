@@ -164,6 +164,13 @@ void kvr_group_sums(const float *x, size_t groups, size_t group, float *out);
 void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_code_layout *layout, size_t dv, float *out,
                     float *scratch);
 
+/* Background threads (kvthread.c): the calling thread's kernel id; moving the calling thread to
+ * the idle scheduling class (0 on success, else errno); moving thread `tid` back to the normal
+ * class at `niceness` above the process's nice value (0 on success, else errno). */
+long kvr_thread_id(void);
+int kvr_thread_enter_idle(void);
+int kvr_thread_leave_idle(long tid, int niceness);
+
 #ifdef __cplusplus
 }
 #endif

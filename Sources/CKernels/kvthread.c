@@ -1,0 +1,26 @@
+/* Scheduling of background threads (a session's refresh builder, issue 25). Linux's idle class
+ * and per-thread nice values are not reachable from Swift's Glibc module (SCHED_IDLE, gettid). */
+#define _GNU_SOURCE
+#include "kvkernels.h"
+#include <errno.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+long kvr_thread_id(void) { return (long)syscall(SYS_gettid); }
+
+int kvr_thread_enter_idle(void) {
+    struct sched_param none = {0};
+    return sched_setscheduler(0, SCHED_IDLE, &none) == 0 ? 0 : errno;
+}
+
+int kvr_thread_leave_idle(long tid, int niceness) {
+    struct sched_param none = {0};
+    if (sched_setscheduler((pid_t)tid, SCHED_OTHER, &none) != 0) return errno;
+    errno = 0;
+    int base = getpriority(PRIO_PROCESS, 0);
+    if (errno != 0) base = 0;
+    int nice = base + niceness > 19 ? 19 : base + niceness;
+    return setpriority(PRIO_PROCESS, (id_t)tid, nice) == 0 ? 0 : errno;
+}
