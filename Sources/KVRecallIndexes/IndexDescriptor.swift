@@ -23,22 +23,16 @@ public struct IndexDescriptor: Sendable {
     public let ladder: @Sendable (_ index: any VectorIndex, _ k: Int) -> [Int]
     /// The search parameters this kind reads, in words ("ef 64", "min collisions 2").
     public let describe: @Sendable (SearchParameters) -> String
-    /// Fewest keys a decode-time add should take at once: 1 where an add costs per key added (a
-    /// session then indexes each key as it leaves the window, and no step pays for many); more
-    /// where every add rewrites a structure the size of the index (LSH's bucket tables).
-    public let smallestUpkeep: Int
 
     public init(kind: IndexKind, type: any BuildableIndex.Type, knob: SearchKnob?,
                 make: @escaping @Sendable (Int, Int, IndexBuildParameters) throws -> any BuildableIndex,
                 ladder: @escaping @Sendable (any VectorIndex, Int) -> [Int] = { _, _ in [] },
-                smallestUpkeep: Int = 1,
                 describe: @escaping @Sendable (SearchParameters) -> String) {
         self.kind = kind
         self.type = type
         self.knob = knob
         self.make = make
         self.ladder = ladder
-        self.smallestUpkeep = smallestUpkeep
         self.describe = describe
     }
 }

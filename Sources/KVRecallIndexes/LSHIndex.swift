@@ -83,27 +83,49 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         guard n > 0 else { return }
         if !isTrained { try train(keys: keys, range: range) }
         // Hash the new keys in chunks spread over the threads.
-        let codes = UnsafeMutablePointer<UInt16>.allocate(capacity: n * tables)
-        defer { codes.deallocate() }
+        var codes = [UInt16](repeating: 0, count: n * tables)
         let chunkRows = 256
         let done = Counter()
         let plan = ChunkPlan(count: n, chunk: chunkRows, threads: threads)
-        plan.run(scratch: chunkRows * (dimension + projections)) { t, chunks, buffer in
-            let rows = buffer, scratch = buffer + chunkRows * dimension
-            for (_, part) in chunks {
-                let lo = range.lowerBound + part.lowerBound, m = part.count
-                for i in 0..<m {
-                    keys.decodeRow(lo + i, into: rows + i * dimension)
-                    for j in 0..<dimension { rows[i * dimension + j] -= mean[j] }
+        codes.withUnsafeMutableBufferPointer { out in
+            let codes = out.baseAddress!
+            plan.run(scratch: chunkRows * (dimension + projections)) { t, chunks, buffer in
+                let rows = buffer, scratch = buffer + chunkRows * dimension
+                for (_, part) in chunks {
+                    let lo = range.lowerBound + part.lowerBound, m = part.count
+                    for i in 0..<m {
+                        keys.decodeRow(lo + i, into: rows + i * dimension)
+                        for j in 0..<dimension { rows[i * dimension + j] -= mean[j] }
+                    }
+                    self.codes(rows: rows, n: m, scratch: scratch, into: codes + part.lowerBound * tables)
+                    if t == 0 { progress?(min(n, done.add(m * plan.workers)), n) }
                 }
-                self.codes(rows: rows, n: m, scratch: scratch, into: codes + part.lowerBound * tables)
-                if t == 0 { progress?(min(n, done.add(m * plan.workers)), n) }
             }
         }
-        // Merge into each table's CSR buckets (old ids first, so buckets stay in id order).
+        // A few keys (decode-time upkeep) wait in the tail, matched code by code at search; the
+        // tail joins the tables once it reaches 1/16 of them (at least 64 keys), so the merge,
+        // which rewrites every table, costs a constant per key and few steps pay it.
+        tailCodes += codes
+        count = range.upperBound
+        if count - merged >= max(64, merged / 16) { mergeTail() }
+        progress?(n, n)
+    }
+
+    /// Keys in the CSR tables (`0..<merged`); keys `merged..<count` are in the tail.
+    private(set) var merged = 0
+    /// Codes of the tail's keys, `[count - merged, tables]`.
+    private(set) var tailCodes: [UInt16] = []
+
+    /// Moves the tail's keys into each table's CSR buckets (old ids first, so buckets stay in id order).
+    func mergeTail() {
+        let n = count - merged
+        guard n > 0 else { return }
+        let first = merged
         let buckets = 1 << bits
         var newOffsets = bucketOffsets
         var newIDs = bucketIDs
+        tailCodes.withUnsafeBufferPointer { codesBuffer in
+        let codes = codesBuffer.baseAddress!
         newOffsets.withUnsafeMutableBufferPointer { offsetsOut in
             newIDs.withUnsafeMutableBufferPointer { idsOut in
                 ChunkPlan(count: tables, chunk: 1, threads: threads).run { _, owned in for (t, _) in owned {
@@ -121,7 +143,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                     }
                     for i in 0..<n {
                         let b = Int(codes[i * tables + t])
-                        ids[Int(fill[b])] = Int32(range.lowerBound + i)
+                        ids[Int(fill[b])] = Int32(first + i)
                         fill[b] += 1
                     }
                     offsetsOut[t] = offsets
@@ -129,10 +151,11 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                 } }
             }
         }
+        }
         bucketOffsets = newOffsets
         bucketIDs = newIDs
-        count = range.upperBound
-        progress?(n, n)
+        merged = count
+        tailCodes = []
     }
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
@@ -145,6 +168,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         results.stats.keyCount = count
         let need = UInt16(parameters.lsh.minCollisions)
         let computed = Counter()
+        let tail = count - merged
         results.ids.withUnsafeMutableBufferPointer { ids in
             results.scores.withUnsafeMutableBufferPointer { scores in
                 ChunkPlan.contiguous(count: m, threads: parameters.threads).run { _, chunks in
@@ -180,6 +204,18 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                             }
                             hits[i] = 0
                         }
+                        // The tail's keys, code by code.
+                        tailCodes.withUnsafeBufferPointer { tailCodes in code.withUnsafeBufferPointer { code in
+                            for r in 0..<tail {
+                                let row = tailCodes.baseAddress! + r * tables
+                                var collisions: UInt16 = 0
+                                for tb in 0..<tables where row[tb] == code[tb] { collisions += 1 }
+                                if collisions >= need {
+                                    top.push(keys.score(query: query, row: merged + r), merged + r)
+                                    local += 1
+                                }
+                            }
+                        } }
                         for (j, hit) in top.sorted().enumerated() {
                             ids[q * k + j] = hit.id
                             scores[q * k + j] = hit.score
@@ -196,7 +232,9 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
 
     // MARK: Persistence
 
+    /// The tables with the tail merged in (the stored form has no tail).
     public func sections() -> [String: [UInt8]] {
+        mergeTail()
         var meta = ByteWriter()
         for v in [dimension, count, tables, bits] { meta.write(Int64(v)) }
         meta.write(seed)
@@ -239,6 +277,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
             }
         }
         self.count = count
+        merged = count
         mapSnapshot = sections.mapSnapshot
     }
 }
@@ -268,6 +307,5 @@ extension LSHIndex {
         kind: .lsh, type: LSHIndex.self, knob: .minCollisions,
         make: { d, _, p in try LSHIndex(dimension: d, tables: p.tables, bits: p.bits, seed: p.seed, threads: p.threads) },
         ladder: { index, _ in [8, 6, 4, 3, 2, 1].filter { $0 <= ((index as? LSHIndex)?.tables ?? 1) } },
-        smallestUpkeep: 64,  // every add merges into each table's CSR buckets: O(keys x tables)
         describe: { "min collisions \($0.lsh.minCollisions)" })
 }

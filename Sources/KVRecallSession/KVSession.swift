@@ -359,7 +359,7 @@ public final class KVSession {
 
     /// Appends `tokens` new tokens to every KV head of `layer`: `keys` and `values` are
     /// `[kvHeads, tokens, headDimension]`, row-major. Keys that leave the window are indexed as
-    /// they leave it (in batches of `upkeepBatch`, more for LSH).
+    /// they leave it (in batches of `upkeepBatch`).
     public func append(layer: Int, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>) throws {
         try checkLayer(layer)
         let d = configuration.headDimension, h = configuration.kvHeads
@@ -445,7 +445,7 @@ public final class KVSession {
             if let index = state.index {
                 let upTo = max(index.count, state.tokens - configuration.window)
                 let pending = upTo - index.count
-                if pending >= upkeepBatch(index) || (force && pending > 0) {
+                if pending >= configuration.upkeepBatch || (force && pending > 0) {
                     try store.read { snapshot in
                         let views = try state.views(in: snapshot)
                         try state.extendIndex(upTo: upTo, keys: views.keys, values: views.values)
@@ -462,12 +462,6 @@ public final class KVSession {
         }
     }
 
-    /// Keys `index` takes at once during upkeep: the configuration's batch, or more for a kind
-    /// whose every add costs the index's size (`IndexDescriptor.smallestUpkeep`).
-    private func upkeepBatch(_ index: any VectorIndex) -> Int {
-        max(configuration.upkeepBatch, index.kind.descriptor?.smallestUpkeep ?? 1)
-    }
-
     /// Starts (layer, head)'s refresh once the keys outside its window pass the refresh fraction of
     /// those its plan was made over: plan, budget, index and calibration made again over all of
     /// them by `HeadPlanner.prepareHead` (trained on the prefill and recorded decode queries, the
@@ -479,7 +473,7 @@ public final class KVSession {
         let job = RefreshJob(upTo: upTo)
         state.refresh = job
         let store = self.store, id = state.id, method = configuration.method, group = configuration.queryHeadsPerKV
-        let batch = state.index.map(upkeepBatch) ?? configuration.upkeepBatch, rowsPerPosition = state.recording?.rowsPerPosition
+        let batch = configuration.upkeepBatch, rowsPerPosition = state.recording?.rowsPerPosition
         // One thread everywhere: the builder must not take the cores decode steps run on.
         var setup = planning
         setup.attention.threads = 1

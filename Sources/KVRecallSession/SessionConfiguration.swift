@@ -151,8 +151,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     public static let defaultRefreshFraction: Double? = 0.5
     /// Keys that left the window a head's index takes at once: 1, each key as it leaves (batches
     /// of 64 made one step in 64 pay for 64 inserts: step p99 8x its median; measured in
-    /// docs/BENCHMARKS.md "Step times while refreshing"). LSH takes at least 64 (its adds cost the
-    /// index's size).
+    /// docs/BENCHMARKS.md "Step times while refreshing").
     public static let defaultUpkeepBatch = 1
 
     /// The attention parameters of a decode step under this configuration.

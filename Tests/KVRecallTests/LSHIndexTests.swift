@@ -91,6 +91,31 @@ import KVRecallTestSupport
         }
     }
 
+    /// Keys added a few at a time (decode-time upkeep) wait in a tail matched code by code: the
+    /// same candidates as once merged into the tables, and a saved index holds them.
+    @Test func keysInTheTailAreFoundAsInTheTables() throws {
+        let f = try IndexFixture(n: 1500)
+        let index = try build(f, upTo: 1024)
+        try f.withKeys { keys in for i in 1024..<1084 { try index.add(keys: keys, range: i..<(i + 1), progress: nil) } }
+        #expect(index.count == 1084 && index.merged == 1024 && index.tailCodes.count == 60 * index.tables, "60 < 64: all in the tail")
+        let probes = Array(f.keys[(1030 * f.d)..<(1080 * f.d)]) + Array(f.queries.prefix(10 * f.d))
+        var p = SearchParameters(); p.lsh.minCollisions = 2
+        func answers() throws -> [[Int]] {
+            let r = try f.withKeys { keys in try probes.withUnsafeBufferPointer { try index.search($0, k: 20, parameters: p, keys: keys.limited(to: 1084)) } }
+            return (0..<r.queryCount).map { r.hits($0).map(\.id).sorted() }
+        }
+        let fromTail = try answers()
+        #expect(fromTail.prefix(50).enumerated().allSatisfy { $0.element.contains(1030 + $0.offset) }, "each tail key finds itself")
+        try IndexCatalog.save(index, in: f.store, head: f.id)  // its sections merge the tail
+        #expect(index.merged == 1084 && index.tailCodes.isEmpty && index.bucketIDs.allSatisfy { $0.count == 1084 })
+        #expect(try answers() == fromTail)
+        let restored = try IndexCatalog.load(LSHIndex.self, from: try f.store.loadIndex(f.id, name: "lsh"), head: f.id, name: "lsh")
+        #expect(restored.count == 1084 && restored.merged == 1084)
+        // The tail merges once it holds 1/16 of the tables' keys (1084 / 16: 67).
+        try f.withKeys { keys in for i in 1084..<1152 { try index.add(keys: keys, range: i..<(i + 1), progress: nil) } }
+        #expect(index.count == 1152 && index.merged == 1151 && index.tailCodes.count == index.tables)
+    }
+
     @Test func incrementalAddEqualsOneShotBuild() throws {
         let f = try IndexFixture(n: 1200)
         let whole = try build(f)

@@ -49,8 +49,7 @@ import KVRecallTestSupport
         }
     }
 
-    /// By default each key is indexed as it leaves the window (no step pays for a batch of
-    /// inserts); LSH, whose adds rewrite its bucket tables, waits for 64.
+    /// By default each key is indexed as it leaves the window (no step pays for a batch of inserts).
     @Test(arguments: [AttentionMethod.retrieval, .hnsw, .ivf, .lsh])
     func defaultUpkeepIndexesEachKeyAsItLeavesTheWindow(_ method: AttentionMethod) throws {
         var rng = SeededRandom(seed: 9)
@@ -70,11 +69,7 @@ import KVRecallTestSupport
             let (k1, v1) = (Self.rows(1, &rng), Self.rows(1, &rng))
             try k1.withUnsafeBufferPointer { kb in try v1.withUnsafeBufferPointer { vb in try session.append(layer: 0, keys: kb, values: vb) } }
             let indexed = try session.indexedCount(layer: 0, head: 0)
-            if method == .lsh {
-                #expect(indexed == (step >= 64 ? built + 64 : built), "step \(step)")
-            } else {
-                #expect(indexed == built + step, "step \(step): \(method) took \(indexed - built) of \(step) keys")
-            }
+            #expect(indexed == built + step, "step \(step): \(method) took \(indexed - built) of \(step) keys")
         }
     }
 
