@@ -86,23 +86,23 @@ final class RefreshJob: @unchecked Sendable {
     /// Puts the calling thread in Linux's idle scheduling class: it runs only on a core no other
     /// thread wants, and a waking decode thread takes the core at once. With plain niceness (nice 5
     /// before) a waking step waited for the builder's time slice: on 2 cores the attention p99 was
-    /// 8.6x its median while refreshing. Where the class is refused, nice `escalatedNiceness`.
+    /// 8.6x its median while refreshing. Where the class is refused, nice 19.
     static func yieldToDecoding() {
-        if !BackgroundThread.enterIdleClass() { BackgroundThread.renice(escalatedNiceness) }
+        if !BackgroundThread.enterIdleClass() { BackgroundThread.renice(19) }
     }
 
-    /// Moves a builder that the decoder starved (the head grew by half the refresh fraction while
-    /// it waited for idle time: another process keeps the cores busy) from the idle class to
-    /// nice `escalatedNiceness`: it then gets a share of the cores, and finishes. Once per job;
-    /// false when the kernel refused (an unprivileged process whose RLIMIT_NICE forbids leaving
-    /// the idle class: the builder stays there).
+    /// Moves a builder that the decoder starved (its head grew by two refresh fractions while it
+    /// waited for idle time: another process keeps the cores busy) out of the idle class, to nice
+    /// 19: a small share of the cores, which a waking decode thread still preempts, so the refresh
+    /// finishes. Once per job; false when nothing changed or the kernel refused (an unprivileged
+    /// process whose RLIMIT_NICE forbids leaving the idle class: the builder stays there).
     @discardableResult
     func escalate() -> Bool {
         lock.lock()
         defer { lock.unlock() }
         guard threadID != 0, !escalated, !finished else { return false }
         escalated = true
-        return BackgroundThread.leaveIdleClass(id: threadID, niceness: RefreshJob.escalatedNiceness)
+        return BackgroundThread.leaveIdleClass(id: threadID, niceness: 19)
     }
 
     /// Whether the builder left the idle class (`escalate`).
@@ -110,10 +110,6 @@ final class RefreshJob: @unchecked Sendable {
 
     /// The builder thread's kernel id; 0 before it started.
     var builderThreadID: Int { lock.lock(); defer { lock.unlock() }; return threadID }
-
-    /// Niceness of a builder outside the idle class (starved, or where the class is refused),
-    /// relative to the process.
-    static let escalatedNiceness: Int32 = 5
 
     init(upTo: Int) {
         self.upTo = upTo

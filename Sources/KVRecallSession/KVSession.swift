@@ -454,9 +454,9 @@ public final class KVSession {
             }
             state.followLength(policy: planning.policy)
             state.refresh?.setTarget(state.tokens - configuration.window)
-            if let job = state.refresh, let fraction = configuration.refreshFraction,
-               Double(state.tokens - configuration.window - job.upTo) >= Double(job.upTo) * fraction / 2 {
-                job.escalate()  // starved in the idle class: the head outgrew half a fraction meanwhile
+            if let job = state.refresh, let fraction = configuration.refreshFraction {
+                // Starved in the idle class: the head outgrew two whole fractions while the builder waited.
+                if Double(state.tokens - configuration.window - job.upTo) >= 2 * fraction * Double(job.upTo) { job.escalate() }
             }
             if startRefreshes { try startRefreshIfDue(state) }
         }

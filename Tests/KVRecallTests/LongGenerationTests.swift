@@ -198,11 +198,14 @@ import KVRecallTestSupport
         #expect(tid > 0)
         let idleClass: Int32 = 5  // SCHED_IDLE
         #expect(sched_getscheduler(tid) == idleClass, "the builder starts in the idle class")
-        if job.escalate() {
-            #expect(job.wasEscalated && sched_getscheduler(tid) == 0, "escalated: the normal class (SCHED_OTHER)")
+        func nice() -> Int32 {
             errno = 0
-            let nice = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid))
-            #expect(errno == 0 && nice >= RefreshJob.escalatedNiceness, "nice \(nice)")
+            let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid))
+            return errno == 0 ? value : -100
+        }
+        if job.escalate() {
+            #expect(job.wasEscalated && sched_getscheduler(tid) == 0 && nice() == 19, "the normal class at nice 19")
+            #expect(!job.escalate(), "once")
         } else {
             #expect(geteuid() != 0, "only an unprivileged process may be refused")
         }
