@@ -160,6 +160,7 @@ public final class PreparedMethod: @unchecked Sendable {
         if let tailDetail { p.quantized.tailDetail = tailDetail }
         let n = keys.count
         var selector: (any VectorIndex)? = nil
+        var scan = false
         switch effective {
         case .exact:
             break
@@ -183,7 +184,7 @@ public final class PreparedMethod: @unchecked Sendable {
                 // So does an index whose calibration found no knob value reaching the target recall
                 // on this head (LSH on Gemma 3's heads: recall@100 below 0.25), unless the caller
                 // set the knob.
-                let scan = Double(p.k) >= PreparedMethod.exactSelectionFraction * Double(index.count) || cannotServe(parameters.search)
+                scan = Double(p.k) >= PreparedMethod.exactSelectionFraction * Double(index.count) || cannotServe(parameters.search)
                 selector = summary == nil && scan ? FlatIndex(keys: keys) : index
             }
         }
@@ -191,7 +192,8 @@ public final class PreparedMethod: @unchecked Sendable {
             return try Attention.attend(queries: queries, selector: nil, keys: keys, values: values, parameters: p)
         }
         if let summary {
-            return try Attention.attendEstimated(queries: queries, summary: summary, keys: keys, values: values, parameters: p)
+            return try Attention.attendEstimated(queries: queries, summary: summary, keys: keys, values: values, parameters: p,
+                                                 exactZone: scan)
         }
         return try Attention.attend(queries: queries, selector: selector, keys: keys, values: values, parameters: p)
     }

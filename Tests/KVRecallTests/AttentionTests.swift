@@ -173,4 +173,37 @@ import KVRecallTestSupport
         // The estimation zone at least halves the oracle top-100's error on this diffuse head.
         #expect(measured[.estimate]!.1 < oracleError / 2, "estimate \(measured[.estimate]!.1) vs oracle \(oracleError)")
     }
+
+    /// At a budget where the other index methods select by a scan, the estimation zone's retrieval
+    /// zone is each query head's exact top-k positions, taken out of their clusters: at k = n it is
+    /// exact attention, and below it every head's exact top-k is attended, each position once.
+    @Test func estimationWithAnExactZoneAttendsEachHeadsTopKAndCountsEveryPositionOnce() throws {
+        let f = try IndexFixture(n: 2000, d: 16, clusters: 32, queryCount: 4)
+        try f.store.read { s in
+            let keys = try s.vectors(f.id, .keys), values = try s.vectors(f.id, .values)
+            let ivf = try IndexCatalog.build(.ivf, keys: keys, queries: nil, parameters: IndexBuildParameters()) as! IVFIndex
+            let summary = try ClusterSummary(ivf: ivf, keys: keys, values: values)
+            try f.queries.withUnsafeBufferPointer { q in
+                var p = AttentionParameters(k: 2000, sinks: 4, window: 16)
+                let whole = try Attention.attendEstimated(queries: q, summary: summary, keys: keys, values: values, parameters: p, exactZone: true)
+                let exact = try Attention.attend(queries: q, selector: nil, keys: keys, values: values, parameters: p)
+                #expect(whole.estimatedClusters == 0)
+                for (a, b) in zip(whole.heads, exact.heads) {
+                    #expect(zip(a.output, b.output).allSatisfy { abs($0 - $1) < 1e-4 } && abs(a.lse - b.lse) < 1e-3)
+                }
+                p.k = 50
+                let part = try Attention.attendEstimated(queries: q, summary: summary, keys: keys, values: values, parameters: p, exactZone: true)
+                let attended = Set(part.attended)
+                for h in 0..<4 {
+                    let one = UnsafeBufferPointer(rebasing: q[(h * 16)..<((h + 1) * 16)])
+                    let top = try FlatIndex(keys: keys).search(one, k: 70, parameters: SearchParameters(), keys: keys).hits(0).map(\.id)
+                    let outside = top.filter { $0 >= 4 && $0 < 2000 - 16 }.prefix(50)
+                    #expect(outside.allSatisfy(attended.contains), "head \(h)'s exact top-50 is attended")
+                }
+                let estimatedMembers = part.estimated.flatMap { $0 }.map(Int.init)
+                #expect(Set(estimatedMembers).isDisjoint(with: attended) && part.attended.count + estimatedMembers.count == 2000,
+                        "every position once: attended \(part.attended.count), estimated \(estimatedMembers.count)")
+            }
+        }
+    }
 }
