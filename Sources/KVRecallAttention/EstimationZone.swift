@@ -121,13 +121,16 @@ extension Attention {
         var sizes = summary.sizes
         var valueSums = summary.valueSums
         var row = [Float](repeating: 0, count: dv)
-        for i in fixed where i < summary.clusterOf.count {
+        /// Takes position `i` out of its cluster's count and value sum; its cluster, or nil for none.
+        func leaveCluster(_ i: Int) -> Int? {
+            guard i < summary.clusterOf.count, summary.clusterOf[i] >= 0 else { return nil }
             let c = Int(summary.clusterOf[i])
-            guard c >= 0 else { continue }
             sizes[c] -= 1
             values.decodeRow(i, into: &row)
             for j in 0..<dv { valueSums[c * dv + j] -= row[j] }
+            return c
         }
+        for i in fixed { _ = leaveCluster(i) }
         let isStatic = Set(fixed)
         var meanKeys = summary.meanKeys
         var exactRetrieved: [Int]? = nil, exactPicked = Set<Int>()
@@ -146,12 +149,8 @@ extension Attention {
             // The picked positions leave their clusters: count, value sum, and the mean key.
             var removedKeys: [Int: [Float]] = [:], removedCount: [Int: Int] = [:]
             var keyRow = [Float](repeating: 0, count: d)
-            for i in list where i < summary.clusterOf.count {
-                let c = Int(summary.clusterOf[i])
-                guard c >= 0 else { continue }
-                sizes[c] -= 1
-                values.decodeRow(i, into: &row)
-                for j in 0..<dv { valueSums[c * dv + j] -= row[j] }
+            for i in list {
+                guard let c = leaveCluster(i) else { continue }
                 keys.decodeRow(i, into: &keyRow)
                 var sum = removedKeys[c] ?? [Float](repeating: 0, count: d)
                 for j in 0..<d { sum[j] += keyRow[j] }
