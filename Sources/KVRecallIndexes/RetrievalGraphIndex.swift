@@ -270,6 +270,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         // 3. Projection: nearest key of each query linked to the query's other top keys (kept
         // by the occlusion rule), both ways; each key's edges are pruned to `M` once, at the end.
         let norms = squaredNorms(keys)
+        insertNorms = norms  // the upkeep's inserts continue from these
         var isHot = [Bool](repeating: false, count: n)
         for id in truth.ids where id >= 0 { isHot[id] = true }
         var lists = (0..<t).map { q in truth.ids[(q * nq)..<((q + 1) * nq)].filter { $0 >= 0 }.map { Int32($0) } }
@@ -418,16 +419,16 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         return reached
     }
 
-    /// Squared norm of every key.
-    private func squaredNorms(_ keys: VectorView) -> [Float] {
+    /// Squared norm of every key from `start` on (of keys `start..<keys.count`).
+    private func squaredNorms(_ keys: VectorView, from start: Int = 0) -> [Float] {
         let n = keys.count, d = dimension, chunk = 4096
-        var norms = [Float](repeating: 0, count: n)
+        var norms = [Float](repeating: 0, count: max(0, n - start))
         let rows = UnsafeMutablePointer<Float>.allocate(capacity: chunk * d)
         defer { rows.deallocate() }
-        var i = 0
+        var i = start
         while i < n {
             let m = decodeRun(keys, from: i, upTo: min(n, i + chunk), into: rows)
-            for r in 0..<m { norms[i + r] = kvr_dot_f32(rows + r * d, rows + r * d, d) }
+            for r in 0..<m { norms[i - start + r] = kvr_dot_f32(rows + r * d, rows + r * d, d) }
             i += m
         }
         return norms
@@ -659,7 +660,7 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         // Squared norms, so key-to-key search ranks by L2 distance; kept between upkeep calls (keys
         // are append-only), so a step that inserts one key computes one norm, not the head's.
         if insertNorms.count > limit { insertNorms.removeLast(insertNorms.count - limit) }
-        for i in insertNorms.count..<limit { insertNorms.append(keys.score(query: rowAsFloats(keys, i, pool[0].vector), row: i)) }
+        insertNorms += squaredNorms(keys.limited(to: limit), from: insertNorms.count)
         let norms = insertNorms
         var next = 0
         while next < nodes.count {
