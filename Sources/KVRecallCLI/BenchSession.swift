@@ -53,8 +53,11 @@ struct BenchSession: ParsableCommand {
     var refreshFraction: String = SessionConfiguration.defaultRefreshFraction.map { "\($0)" } ?? "none"
     @Option(help: "Keys that left the window a head's index takes at once (the session's upkeep batch).")
     var upkeepBatch: Int = SessionConfiguration.defaultUpkeepBatch
+    @Option(help: "Also list the N slowest steps of the method session: append and attention time, refreshes started or installed then.")
+    var slowest: Int = 0
 
     func validate() throws {
+        if slowest < 0 { throw ValidationError("--slowest must be at least 0 (got \(slowest))") }
         if upkeepBatch < 1 { throw ValidationError("--upkeep-batch must be at least 1 (got \(upkeepBatch))") }
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
         if trainingQueries < 1 { throw ValidationError("--training-queries must be at least 1 (got \(trainingQueries))") }
@@ -112,11 +115,20 @@ struct BenchSession: ParsableCommand {
         print("\(layers) layers x \(kvHeads) KV heads x \(group) query heads, d=\(d), \(dtype.rawValue), context \(context): filled in \(fmt(fillSeconds, 1)) s, \(method) indexes built in \(fmt(buildSeconds, 1)) s")
         var times: [[Double]] = [[], []]
         var stepTimes: [[Double]] = [[], []]  // append (with the index upkeep and refresh installs) + attend
+        var appendTimes: [Double] = []  // the method session's appends, per step
+        var events: [String] = []  // refreshes started or installed during each step (--slowest)
+        func refreshState() throws -> [RefreshStatus?] {
+            guard slowest > 0 else { return [] }
+            var all: [RefreshStatus?] = []
+            for l in 0..<layers { for h in 0..<kvHeads { all.append(try sessions[1].refreshStatus(layer: l, head: h)) } }
+            return all
+        }
         // Fidelity of the method session's first head per layer, at 8 steps spread over the run.
         var recalls: [Double] = [], errors: [Double] = [], oracleErrors: [Double] = []
         let measureEvery = max(1, steps / 8)
         for step in 0..<steps {
             var elapsed = [0.0, 0.0], whole = [0.0, 0.0]
+            let before = try refreshState()
             for layer in 0..<layers {
                 var kBuf = [Float](), vBuf = [Float](), qBuf = [Float]()
                 for head in 0..<kvHeads {
@@ -158,6 +170,15 @@ struct BenchSession: ParsableCommand {
             }
             times[0].append(elapsed[0]); times[1].append(elapsed[1])
             stepTimes[0].append(whole[0]); stepTimes[1].append(whole[1])
+            appendTimes.append(whole[1] - elapsed[1])
+            let after = try refreshState()
+            events.append(zip(before, after).enumerated().compactMap { i, pair -> String? in
+                let (b, a) = pair
+                guard let b, let a else { return nil }
+                if a.refreshes > b.refreshes { return "L\(i / kvHeads)H\(i % kvHeads) installed" }
+                if a.building != nil && b.building == nil { return "L\(i / kvHeads)H\(i % kvHeads) started" }
+                return nil
+            }.joined(separator: ", "))
         }
         let exactMs = median(times[0]) / 1e3, retrievalMs = median(times[1]) / 1e3
         var table = TextTable(["method", "per_token_ms", "per_layer_ms", "speedup", "recall@\(k)", "output_error", "oracle_error"])
@@ -175,6 +196,12 @@ struct BenchSession: ParsableCommand {
         for (label, series) in [("attention", times[1]), ("step (append + attention)", stepTimes[1])] {
             let p50 = median(series), p99 = percentile(series, 0.99)
             print("\(method.rawValue) \(label) ms over \(steps) steps: median \(fmt(p50 / 1e3, 3)), p99 \(fmt(p99 / 1e3, 3)) (\(fmt(p99 / p50, 2))x), max \(fmt((series.max() ?? 0) / 1e3, 2))")
+        }
+        if slowest > 0 {
+            print("slowest \(min(slowest, steps)) steps of \(method.rawValue) (ms): step, append, attention, refreshes")
+            for i in stepTimes[1].indices.sorted(by: { stepTimes[1][$0] > stepTimes[1][$1] }).prefix(slowest) {
+                print("  step \(i): \(fmt(stepTimes[1][i] / 1e3, 3)) = append \(fmt(appendTimes[i] / 1e3, 3)) + attention \(fmt(times[1][i] / 1e3, 3))  \(events[i])")
+            }
         }
         print("refreshes installed: \(refreshes) over \(layers * kvHeads) heads (refresh fraction \(refreshFraction))")
         // What the method session chose per head (auto's policies; every index's calibrated knob).

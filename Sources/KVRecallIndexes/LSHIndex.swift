@@ -52,7 +52,9 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
     /// Codes of `n` centred f32 rows: `[n, tables]`, each the packed sign bits of one table.
     private func codes(rows: UnsafePointer<Float>, n: Int, scratch: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<UInt16>) {
         hyperplanes.withUnsafeBufferPointer { h in
-            BLAS.scoresNT(m: n, n: projections, k: dimension, a: rows, b: h.baseAddress!, c: scratch)
+            // One row (a query, a decode-time key): gemv; a one-row sgemm packs every hyperplane per call.
+            if n == 1 { BLAS.gemv(n: projections, k: dimension, a: h.baseAddress!, x: rows, y: scratch) }
+            else { BLAS.scoresNT(m: n, n: projections, k: dimension, a: rows, b: h.baseAddress!, c: scratch) }
         }
         for r in 0..<n {
             let p = scratch + r * projections
@@ -103,59 +105,90 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
             }
         }
         // A few keys (decode-time upkeep) wait in the tail, matched code by code at search; the
-        // tail joins the tables once it reaches 1/16 of them (at least 64 keys), so the merge,
-        // which rewrites every table, costs a constant per key and few steps pay it.
+        // tail joins the tables once it reaches 1/16 of them (at least 64 keys). The merge rewrites
+        // every table, so it is spread over the next adds a few tables at a time (one step paying
+        // for all 150 tables was a 1 ms spike per head); a large add finishes it at once.
         tailCodes += codes
         count = range.upperBound
-        if count - merged >= max(64, merged / 16) { mergeTail() }
+        if !isMerging, count - merged >= max(64, merged / 16) {
+            mergingUpTo = count
+            tablesPerAdd = n >= 64 ? tables : (tables + mergeSpread(tail: count - merged) - 1) / mergeSpread(tail: count - merged)
+        }
+        if isMerging { mergeTables(n >= 64 ? tables - mergedTables : tablesPerAdd) }
         progress?(n, n)
     }
 
-    /// Keys in the CSR tables (`0..<merged`); keys `merged..<count` are in the tail.
+    /// Keys in every CSR table (`0..<merged`); keys `merged..<count` are in the tail.
     private(set) var merged = 0
+    /// A merge in progress: tables `0..<mergedTables` also hold keys `merged..<mergingUpTo`.
+    private(set) var mergingUpTo = 0
+    private(set) var mergedTables = 0
+    private var tablesPerAdd = 1
     /// Codes of the tail's keys, `[count - merged, tables]`.
     private(set) var tailCodes: [UInt16] = []
 
-    /// Moves the tail's keys into each table's CSR buckets (old ids first, so buckets stay in id order).
+    var isMerging: Bool { mergingUpTo > merged }
+
+    /// The adds a merge of `tail` keys is spread over: half the adds until the next merge is due.
+    private func mergeSpread(tail: Int) -> Int { max(1, max(64, (merged + tail) / 16) / 2) }
+
+    /// Moves the whole tail into the tables (finishing a merge in progress first).
     func mergeTail() {
-        let n = count - merged
-        guard n > 0 else { return }
-        let first = merged
+        if isMerging { mergeTables(tables - mergedTables) }
+        guard count > merged else { return }
+        mergingUpTo = count
+        mergeTables(tables)
+    }
+
+    /// Merges keys `merged..<mergingUpTo` into the next `n` tables (old ids first, so buckets stay
+    /// in id order); once every table holds them, they leave the tail.
+    private func mergeTables(_ n: Int) {
+        let first = merged, newCount = mergingUpTo - merged
+        let range = mergedTables..<min(tables, mergedTables + n)
         let buckets = 1 << bits
-        var newOffsets = bucketOffsets
-        var newIDs = bucketIDs
+        var newOffsets = [[Int32]](repeating: [], count: range.count)
+        var newIDs = [SectionArray<Int32>](repeating: [], count: range.count)
         tailCodes.withUnsafeBufferPointer { codesBuffer in
         let codes = codesBuffer.baseAddress!
         newOffsets.withUnsafeMutableBufferPointer { offsetsOut in
             newIDs.withUnsafeMutableBufferPointer { idsOut in
-                ChunkPlan(count: tables, chunk: 1, threads: threads).run { _, owned in for (t, _) in owned {
+                // Threads only for a merge of many tables at once (a build's add); one step's share runs inline.
+                ChunkPlan(count: range.count, chunk: 1, threads: range.count >= 32 ? threads : 1).run { _, owned in for (i, _) in owned {
+                    let t = range.lowerBound + i
                     var counts = [Int32](repeating: 0, count: buckets)
                     let old = bucketOffsets[t]
                     for b in 0..<buckets { counts[b] = old[b + 1] - old[b] }
-                    for i in 0..<n { counts[Int(codes[i * tables + t])] += 1 }
+                    for r in 0..<newCount { counts[Int(codes[r * tables + t])] += 1 }
                     var offsets = [Int32](repeating: 0, count: buckets + 1)
                     for b in 0..<buckets { offsets[b + 1] = offsets[b] + counts[b] }
                     var ids = [Int32](repeating: 0, count: Int(offsets[buckets]))
                     var fill = offsets
-                    let oldIDs = bucketIDs[t]
-                    for b in 0..<buckets {
-                        for j in Int(old[b])..<Int(old[b + 1]) { ids[Int(fill[b])] = oldIDs[j]; fill[b] += 1 }
+                    bucketIDs[t].withUnsafeBufferPointer { oldIDs in
+                        for b in 0..<buckets {
+                            for j in Int(old[b])..<Int(old[b + 1]) { ids[Int(fill[b])] = oldIDs[j]; fill[b] += 1 }
+                        }
                     }
-                    for i in 0..<n {
-                        let b = Int(codes[i * tables + t])
-                        ids[Int(fill[b])] = Int32(first + i)
+                    for r in 0..<newCount {
+                        let b = Int(codes[r * tables + t])
+                        ids[Int(fill[b])] = Int32(first + r)
                         fill[b] += 1
                     }
-                    offsetsOut[t] = offsets
-                    idsOut[t] = SectionArray(ids)
+                    offsetsOut[i] = offsets
+                    idsOut[i] = SectionArray(ids)
                 } }
             }
         }
         }
-        bucketOffsets = newOffsets
-        bucketIDs = newIDs
-        merged = count
-        tailCodes = []
+        for (i, t) in range.enumerated() {
+            bucketOffsets[t] = newOffsets[i]
+            bucketIDs[t] = newIDs[i]
+        }
+        mergedTables = range.upperBound
+        if mergedTables == tables {
+            tailCodes.removeFirst(newCount * tables)
+            merged = mergingUpTo
+            mergedTables = 0
+        }
     }
 
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,
@@ -195,6 +228,19 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                                 }
                             }
                         }
+                        // The tail's keys, code by code: in every table, or, for keys a merge in
+                        // progress has put into the first tables, in the tables it has not reached.
+                        tailCodes.withUnsafeBufferPointer { tailCodes in code.withUnsafeBufferPointer { code in
+                            for r in 0..<tail {
+                                let id = merged + r
+                                let row = tailCodes.baseAddress! + r * tables
+                                var collisions: UInt16 = 0
+                                for tb in (id < mergingUpTo ? mergedTables : 0)..<tables where row[tb] == code[tb] { collisions += 1 }
+                                guard collisions > 0 else { continue }
+                                if hits[id] == 0 { touched.append(Int32(id)) }
+                                hits[id] &+= collisions
+                            }
+                        } }
                         touched.sort()
                         for id in touched {
                             let i = Int(id)
@@ -204,18 +250,6 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
                             }
                             hits[i] = 0
                         }
-                        // The tail's keys, code by code.
-                        tailCodes.withUnsafeBufferPointer { tailCodes in code.withUnsafeBufferPointer { code in
-                            for r in 0..<tail {
-                                let row = tailCodes.baseAddress! + r * tables
-                                var collisions: UInt16 = 0
-                                for tb in 0..<tables where row[tb] == code[tb] { collisions += 1 }
-                                if collisions >= need {
-                                    top.push(keys.score(query: query, row: merged + r), merged + r)
-                                    local += 1
-                                }
-                            }
-                        } }
                         for (j, hit) in top.sorted().enumerated() {
                             ids[q * k + j] = hit.id
                             scores[q * k + j] = hit.score
@@ -278,6 +312,7 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         }
         self.count = count
         merged = count
+        mergingUpTo = count
         mapSnapshot = sections.mapSnapshot
     }
 }

@@ -111,9 +111,26 @@ import KVRecallTestSupport
         #expect(try answers() == fromTail)
         let restored = try IndexCatalog.load(LSHIndex.self, from: try f.store.loadIndex(f.id, name: "lsh"), head: f.id, name: "lsh")
         #expect(restored.count == 1084 && restored.merged == 1084)
-        // The tail merges once it holds 1/16 of the tables' keys (1084 / 16: 67).
+        // The tail merges once it holds 1/16 of the tables' keys (1084 / 16: 67), a few tables per
+        // add (40 tables over 35 adds: 2 each); mid-merge a search finds what merged tables find.
         try f.withKeys { keys in for i in 1084..<1152 { try index.add(keys: keys, range: i..<(i + 1), progress: nil) } }
-        #expect(index.count == 1152 && index.merged == 1151 && index.tailCodes.count == index.tables)
+        #expect(index.count == 1152 && index.merged == 1084 && index.mergingUpTo == 1151 && index.mergedTables == 4)
+        #expect(index.bucketIDs[3].count == 1151 && index.bucketIDs[4].count == 1084)
+        let probes2 = Array(f.keys[(1090 * f.d)..<(1152 * f.d)]) + Array(f.queries.prefix(20 * f.d))
+        func answers2(_ index: LSHIndex) throws -> [[Int]] {
+            let r = try f.withKeys { keys in try probes2.withUnsafeBufferPointer { try index.search($0, k: 20, parameters: p, keys: keys.limited(to: 1152)) } }
+            return (0..<r.queryCount).map { r.hits($0).map(\.id).sorted() }
+        }
+        let midMerge = try answers2(index)
+        #expect(midMerge.prefix(62).enumerated().allSatisfy { $0.element.contains(1090 + $0.offset) }, "each new key finds itself")
+        let twin = try build(f, upTo: 1024)  // the same keys in one add: merged at once
+        try f.withKeys { try twin.add(keys: $0, range: 1024..<1152, progress: nil) }
+        #expect(twin.merged == 1152 && !twin.isMerging)
+        #expect(try answers2(twin) == midMerge, "tables, tail and a merge in progress answer alike")
+        try f.withKeys { keys in for i in 1152..<1200 { try index.add(keys: keys, range: i..<(i + 1), progress: nil) } }
+        #expect(index.merged == 1151 && !index.isMerging && index.tailCodes.count == 49 * index.tables, "the merge completed within 35 adds")
+        index.mergeTail()
+        #expect(index.merged == 1200 && index.tailCodes.isEmpty && index.bucketIDs.allSatisfy { $0.count == 1200 })
     }
 
     @Test func incrementalAddEqualsOneShotBuild() throws {
