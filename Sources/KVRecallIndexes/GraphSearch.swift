@@ -335,10 +335,13 @@ final class GraphScratch {
             generation: VisitStamp, scores: UnsafeMutablePointer<Float>) {
         let s = state
         if limit > s.pointee.stampCapacity {
+            // Geometric growth: a head that gains a key per decode step would otherwise
+            // reallocate and clear its visited stamps on every step's walk.
+            let capacity = max(limit, s.pointee.stampCapacity + s.pointee.stampCapacity / 2)
             s.pointee.stamps.deallocate()
-            s.pointee.stamps = .allocate(capacity: limit)
-            s.pointee.stamps.initialize(repeating: 0, count: limit)
-            s.pointee.stampCapacity = limit
+            s.pointee.stamps = .allocate(capacity: capacity)
+            s.pointee.stamps.initialize(repeating: 0, count: capacity)
+            s.pointee.stampCapacity = capacity
             s.pointee.generation = 0
         }
         s.pointee.generation &+= 1

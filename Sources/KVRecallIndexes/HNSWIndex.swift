@@ -204,7 +204,8 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
                 upperOffset.append(-1)
             }
         }
-        let pool = (0..<threads).map { _ in GraphScratch(dimension: dimension, capacity: newCount) }
+        let pool = (0..<threads).map { _ in scratchPool.take(dimension: dimension, capacity: newCount) }
+        defer { pool.forEach(scratchPool.give) }
         var next = range.lowerBound
         if count == 0 && next < newCount {
             // The first node is the graph.
@@ -244,6 +245,14 @@ public final class HNSWIndex: BuildableIndex, @unchecked Sendable {
             repairOrphans()
             linkedSinceRepair = 0
         }
+    }
+
+    public func reserveCapacity(keys: Int) {
+        guard count > 0, keys > count else { return }
+        links0.reserveAndTouch(keys * stride0)
+        upperOffset.reserveAndTouch(keys)
+        // Upper layers hold about 1/(M-1) of the nodes: reserve in proportion to what they hold now.
+        upperLinks.reserveAndTouch(upperLinks.count + (upperLinks.count * (keys - count)) / count + 64 * strideUpper)
     }
 
     /// Gives layer-0 nodes without an incoming edge one, so they stay reachable: the heuristic

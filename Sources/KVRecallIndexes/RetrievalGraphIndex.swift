@@ -716,6 +716,16 @@ public final class RetrievalGraphIndex: BuildableIndex, @unchecked Sendable {
         count = newCount
     }
 
+    public func reserveCapacity(keys: Int) {
+        guard count > 0, keys > count else { return }
+        unpack()
+        links.reserveAndTouch(keys * stride)
+        projectionCount.reserveCapacity(keys)
+        localCount.reserveCapacity(keys)
+        connectivityCursor.reserveCapacity(keys)
+        insertNorms.reserveCapacity(keys)
+    }
+
     /// Top-`k` of each query by a beam walk from the entry points; the beam (ef) may be narrower
     /// than k, the results being the best k of every key scored.
     public func search(_ queries: UnsafeBufferPointer<Float>, k: Int, parameters: SearchParameters,

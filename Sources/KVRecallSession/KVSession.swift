@@ -243,7 +243,15 @@ public final class KVSession {
         }
         state.install(plan: made.plan, index: made.index, calibration: made.calibration)
         state.plannedOver = max(0, state.tokens - configuration.window)
+        made.index?.reserveCapacity(keys: reservation(over: state.plannedOver))
         return made.index != nil
+    }
+
+    /// Keys an index built or refreshed over `keys` makes room for at once (off the decode path):
+    /// as many as the head holds when its next refresh is due; none without refreshes.
+    private func reservation(over keys: Int) -> Int {
+        guard let fraction = configuration.refreshFraction else { return 0 }
+        return keys + max(Self.refreshMinimumKeys, Int((Double(keys) * fraction).rounded(.up))) + configuration.window
     }
 
     /// The planning knobs of this session's configuration.
@@ -474,6 +482,7 @@ public final class KVSession {
         state.refresh = job
         let store = self.store, id = state.id, method = configuration.method, group = configuration.queryHeadsPerKV
         let batch = configuration.upkeepBatch, rowsPerPosition = state.recording?.rowsPerPosition
+        let reserve = reservation(over: upTo)
         // One thread everywhere: the builder must not take the cores decode steps run on.
         var setup = planning
         setup.attention.threads = 1
@@ -494,6 +503,7 @@ public final class KVSession {
                     try index.add(keys: try snapshot.vectors(id, .keys).limited(to: want), range: index.count..<want, progress: nil)
                 }
             }
+            made.index?.reserveCapacity(keys: reserve)
             return made
         }
         if !refreshInBackground {

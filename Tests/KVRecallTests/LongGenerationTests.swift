@@ -181,10 +181,10 @@ import KVRecallTestSupport
         try resumed.waitForRefreshes()
     }
 
-    /// The refresh fraction round-trips through a stored configuration: none stays none, and a
-    /// configuration saved before the knob gets the default.
     /// The builder runs in the idle scheduling class (a waking decode step takes its core at once),
-    /// and a starved one (the session saw its head outgrow half a fraction) moves to the normal class.
+    /// and a starved one (the session saw its head outgrow two fractions) moves to the normal class.
+    /// Jobs run one at a time on one thread, each back in the idle class; one cancelled while
+    /// queued never runs.
     @Test func theBuilderIdlesUntilStarvedThenGetsAShare() throws {
         let job = RefreshJob(upTo: 1000)
         let release = DispatchSemaphore(value: 0), started = DispatchSemaphore(value: 0)
@@ -209,9 +209,31 @@ import KVRecallTestSupport
         } else {
             #expect(geteuid() != 0, "only an unprivileged process may be refused")
         }
+        let second = RefreshJob(upTo: 2000), skipped = RefreshJob(upTo: 3000)
+        final class Seen: @unchecked Sendable {
+            let lock = NSLock()
+            var runs = 0, thread: pid_t = 0, schedulingClass: Int32 = -1
+            func record(_ body: (Seen) -> Void) { lock.lock(); body(self); lock.unlock() }
+        }
+        let seen = Seen()
+        second.start { _ in
+            let thread = pid_t(BackgroundThread.currentID)
+            seen.record { $0.runs += 1; $0.thread = thread; $0.schedulingClass = sched_getscheduler(thread) }
+            return (nil, nil, nil)
+        }
+        skipped.start { _ in seen.record { $0.runs += 100 }; return (nil, nil, nil) }
+        var ran: Int { seen.lock.lock(); defer { seen.lock.unlock() }; return seen.runs }
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(ran == 0 && second.takeOutcome() == nil, "the second job waits for the first")
+        skipped.cancelAndWait()  // still queued: returns at once
+        if case .failure(let error)? = skipped.takeOutcome() { #expect(error is RefreshCancelled) } else { Issue.record("no cancellation") }
         release.signal()
         job.waitUntilFinished()
         #expect(job.takeOutcome() != nil)
+        second.waitUntilFinished()
+        seen.record { #expect($0.thread == tid && $0.schedulingClass == idleClass, "the same thread, back in the idle class") }
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(ran == 1, "the cancelled job never ran")
     }
 
     @Test func refreshFractionCoding() throws {

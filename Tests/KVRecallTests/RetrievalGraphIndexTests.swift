@@ -200,6 +200,34 @@ import KVRecallTestSupport
         #expect(r >= 0.95, "recall after adding keys \(r)")
     }
 
+    /// A refresh reserves room off the decode path: the keys added one at a time afterwards never
+    /// move the links (a loaded, packed graph is unpacked by the reservation too), and the graph
+    /// is the one an unreserved index builds.
+    @Test func aReservedGraphTakesDecodeTimeKeysInPlace() throws {
+        let sample = try Sample(keyRows: 3000)
+        let reserved = try sample.build(), plain = try sample.build()
+        try sample.appendRest(from: 3000)
+        reserved.reserveCapacity(keys: 3100)
+        let links = reserved.links.pointer
+        try sample.store.read { s in
+            let keys = try s.vectors(HeadID(), .keys)
+            for i in 3000..<3100 {
+                try reserved.add(keys: keys, range: i..<(i + 1), progress: nil)
+                try plain.add(keys: keys, range: i..<(i + 1), progress: nil)
+            }
+        }
+        #expect(reserved.links.pointer == links, "the links never moved")
+        #expect(reserved.sections() == plain.sections())
+        try IndexCatalog.save(plain, in: sample.store, head: HeadID())
+        try sample.store.read { s in
+            let loaded = try IndexCatalog.load(RetrievalGraphIndex.self, from: try #require(try s.index(HeadID(), name: "retrieval")),
+                                               head: HeadID(), name: "retrieval")
+            #expect(loaded.isPacked)
+            loaded.reserveCapacity(keys: 3200)
+            #expect(!loaded.isPacked && loaded.sections() == plain.sections())
+        }
+    }
+
     @Test func errors() throws {
         let dir = TemporaryDirectory()
         let store = try KVStore(path: dir.path, create: true)
