@@ -113,6 +113,10 @@ typedef struct kvrecall_config {
                                     calibration are made again over all its keys (trained on its prefill and
                                     recorded decode queries) on a background thread and swapped in at a step
                                     boundary. 0: the default (0.5); negative: never refresh. */
+    /* ABI 2, extended a third time: a config of the three earlier ABI-2 sizes is still accepted, with the default. */
+    double target_error;         /* auto: the median output error against exact attention (on a head's held-out
+                                    prefill queries) its plan may reach; the cheapest candidate within it wins,
+                                    exact attention when none is cheaper. 0: the default (0.02). */
 } kvrecall_config;
 
 typedef struct kvrecall_session kvrecall_session;
@@ -133,7 +137,7 @@ typedef void (*kvrecall_log_callback)(int level, const char *message, void *user
 void kvrecall_set_log_callback(kvrecall_log_callback callback, void *user_data);
 
 /* Fills `config` with defaults for the given shape (method retrieval, f16, k 100, sinks 4,
- * window 64, scale 0, soft_cap 0, threads 0, budget_mass 0.9, refresh_fraction 0.5). */
+ * window 64, scale 0, soft_cap 0, threads 0, budget_mass 0.9, refresh_fraction 0.5, target_error 0.02). */
 void kvrecall_config_default(kvrecall_config *config, uint32_t layers, uint32_t kv_heads,
                              uint32_t query_heads_per_kv, uint32_t head_dim);
 

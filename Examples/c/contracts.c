@@ -184,6 +184,29 @@ static void test_configuration(void) {
     back.struct_size = sizeof back;
     EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.refresh_fraction == 0.5, "second ABI-2 caller: default refresh");
     kvrecall_session_close(s);
+    /* auto's target error: 0.02 by default, kept, negative or not finite refused; a caller of the
+     * third ABI-2 size (config without target_error) gets the default. */
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    EXPECT(c.target_error == 0.02, "default target error %g", c.target_error);
+    c.target_error = 0.05;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "target error 0.05");
+    back.struct_size = sizeof back;
+    EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.target_error == 0.05, "target error kept");
+    kvrecall_session_close(s);
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    c.target_error = -0.1;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "target_error"),
+           "negative target error refused");
+    c.target_error = NAN;
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_ERR_ARGUMENT && strstr(kvrecall_last_error(), "target_error"),
+           "NaN target error refused");
+    c = base_config(KVRECALL_METHOD_RETRIEVAL);
+    c.target_error = 0;
+    c.struct_size = offsetof(kvrecall_config, target_error);
+    EXPECT(kvrecall_session_open(&c, NULL, &s) == KVRECALL_OK, "third ABI-2 config size %zu accepted", c.struct_size);
+    back.struct_size = sizeof back;
+    EXPECT(kvrecall_session_get_config(s, &back) == KVRECALL_OK && back.target_error == 0.02, "third ABI-2 caller: default target");
+    kvrecall_session_close(s);
     /* auto: available once the library's AttentionMethod has it; otherwise a clear argument error. */
     c = base_config(KVRECALL_METHOD_AUTO);
     int rc = kvrecall_session_open(&c, NULL, &s);

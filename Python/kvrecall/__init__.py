@@ -118,13 +118,15 @@ class Session:
     methods (at build each head's k is raised, at most to 10% of its keys, until its neediest query
     head keeps this much attention mass with its exact top-k; None: k stays fixed); `refresh_fraction`
     when a head's plan and index are made again during a long decode (once the keys indexed since
-    pass this fraction of those planned over; on a background thread; None: never); `params` may set `ef`, `nprobe`
+    pass this fraction of those planned over; on a background thread; None: never); `target_error`
+    the output error `auto`'s plan for a head may reach against exact attention on its held-out
+    queries (the cheapest candidate within it wins); `params` may set `ef`, `nprobe`
     (search knobs) and `threads` (0: all cores). Calls on one session are serialised by the
     library; separate sessions run in parallel (ctypes releases the GIL during each call).
     """
 
     def __init__(self, layers, kv_heads, query_heads_per_kv, head_dim, *, method="retrieval", dtype="f16", k=100,
-                 sinks=4, window=64, scale=None, soft_cap=None, budget_mass=0.9, refresh_fraction=0.5, path=None, **params):
+                 sinks=4, window=64, scale=None, soft_cap=None, budget_mass=0.9, refresh_fraction=0.5, target_error=0.02, path=None, **params):
         unknown = set(params) - _PARAMS
         if unknown:
             raise TypeError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_PARAMS))}")
@@ -137,6 +139,9 @@ class Session:
         _optional_number("budget_mass", budget_mass, lambda x: 0 < x <= 1, "in (0, 1], or None for a fixed k")
         _optional_number("refresh_fraction", refresh_fraction, lambda x: math.isfinite(x) and x > 0,
                          "finite and positive, or None to never refresh")
+        if target_error is None:
+            raise ValueError("target_error must be finite and positive (got None)")
+        _optional_number("target_error", target_error, lambda x: math.isfinite(x) and x > 0, "finite and positive")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})")
         shape = [_uint("layers", layers, 1), _uint("kv_heads", kv_heads, 1),
@@ -158,6 +163,7 @@ class Session:
         c.soft_cap = 0.0 if soft_cap is None else float(soft_cap)
         c.budget_mass = 0.0 if budget_mass is None else float(budget_mass)
         c.refresh_fraction = -1.0 if refresh_fraction is None else float(refresh_fraction)
+        c.target_error = float(target_error)
         handle = ctypes.c_void_p()
         directory = None if path is None else os.fsencode(path)
         _check(lib.kvrecall_session_open(ctypes.byref(c), directory, ctypes.byref(handle)))
@@ -177,6 +183,7 @@ class Session:
         self.soft_cap = None if config.soft_cap == 0 else config.soft_cap
         self.budget_mass = None if config.budget_mass == 0 else config.budget_mass
         self.refresh_fraction = None if config.refresh_fraction < 0 else config.refresh_fraction
+        self.target_error = config.target_error
 
     @classmethod
     def resume(cls, path):

@@ -72,6 +72,7 @@ class Config(ctypes.Structure):
         ("threads", ctypes.c_uint32),
         ("budget_mass", ctypes.c_float),
         ("refresh_fraction", ctypes.c_double),
+        ("target_error", ctypes.c_double),
     ]
 
 

@@ -88,6 +88,18 @@ def test_refresh_fraction_default_none_and_bad_values():
             kvrecall.Session(1, H, G, D, refresh_fraction=bad)
 
 
+def test_target_error_default_kept_and_bad_values():
+    with kvrecall.Session(1, H, G, D, method="auto") as s:
+        assert s.target_error == 0.02
+    with kvrecall.Session(1, H, G, D, method="auto", target_error=0.05) as s:
+        assert s.target_error == 0.05
+    for bad in (0.0, -0.5, float("inf"), float("nan"), None):
+        with pytest.raises(ValueError, match="target_error"):
+            kvrecall.Session(1, H, G, D, target_error=bad)
+    with pytest.raises(TypeError, match="target_error"):
+        kvrecall.Session(1, H, G, D, target_error="low")
+
+
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_exact_equals_numpy_softmax(scale):
     keys, values = data(500)

@@ -177,15 +177,18 @@ private let configV2Size = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_c
 /// Size of the second ABI-2 `kvrecall_config` (before `refresh_fraction`), still accepted.
 private let configV2bSize = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.refresh_fraction)! + 7) / 8 * 8
 
+/// Size of the third ABI-2 `kvrecall_config` (before `target_error`), still accepted.
+private let configV2cSize = (MemoryLayout<kvrecall_config>.offset(of: \kvrecall_config.target_error)! + 7) / 8 * 8
+
 /// Every accepted `struct_size` of `kvrecall_config`.
-private var configSizes: Set<Int> { [MemoryLayout<kvrecall_config>.size, configV2bSize, configV2Size, configV1Size] }
+private var configSizes: Set<Int> { [MemoryLayout<kvrecall_config>.size, configV2cSize, configV2bSize, configV2Size, configV1Size] }
 
 /// Copies a caller's config of any ABI version into a full one (later fields zero: those
 /// versions' behaviour, e.g. a fixed k).
 private func readConfig(_ config: UnsafePointer<kvrecall_config>) throws -> kvrecall_config {
     let size = UnsafeRawPointer(config).load(as: Int.self)
     guard configSizes.contains(size) else {
-        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2), \(configV2bSize) (ABI 2 before refresh_fraction), \(configV2Size) (ABI 2 before budget_mass) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.struct_size is \(size), this library expects \(MemoryLayout<kvrecall_config>.size) (ABI 2), \(configV2cSize) (ABI 2 before target_error), \(configV2bSize) (ABI 2 before refresh_fraction), \(configV2Size) (ABI 2 before budget_mass) or \(configV1Size) (ABI 1): header mismatch or unset (use kvrecall_config_default)")
     }
     var c = kvrecall_config()
     withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: config, count: size)) }
@@ -217,6 +220,10 @@ private func configuration(_ c: kvrecall_config) throws -> SessionConfiguration 
     }
     s.refreshFraction = c.refresh_fraction == 0 ? SessionConfiguration.defaultRefreshFraction
         : c.refresh_fraction < 0 ? nil : c.refresh_fraction
+    guard c.target_error.isFinite, c.target_error >= 0 else {
+        throw ABIError(KVRECALL_ERR_ARGUMENT, "kvrecall_config.target_error must be finite and positive, or 0 for the default (got \(c.target_error))")
+    }
+    if c.target_error > 0 { s.targetError = c.target_error }
     return s
 }
 
@@ -265,6 +272,7 @@ private func cConfig(_ s: SessionConfiguration, threads: UInt32) -> kvrecall_con
     c.threads = threads
     c.budget_mass = Float(s.budgetMass ?? 0)
     c.refresh_fraction = s.refreshFraction ?? -1
+    c.target_error = s.targetError
     return c
 }
 

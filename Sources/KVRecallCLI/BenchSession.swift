@@ -53,10 +53,13 @@ struct BenchSession: ParsableCommand {
     var refreshFraction: String = SessionConfiguration.defaultRefreshFraction.map { "\($0)" } ?? "none"
     @Option(help: "Keys that left the window a head's index takes at once (the session's upkeep batch).")
     var upkeepBatch: Int = SessionConfiguration.defaultUpkeepBatch
+    @Option(help: "auto: the output error a head's plan may reach against exact attention on its held-out prefill queries.")
+    var targetError: Double = PolicyParameters().targetError
     @Option(help: "Also list the N slowest steps of the method session: append and attention time, refreshes started or installed then.")
     var slowest: Int = 0
 
     func validate() throws {
+        if !(targetError > 0 && targetError.isFinite) { throw ValidationError("--target-error must be a positive number (got \(targetError))") }
         if slowest < 0 { throw ValidationError("--slowest must be at least 0 (got \(slowest))") }
         if upkeepBatch < 1 { throw ValidationError("--upkeep-batch must be at least 1 (got \(upkeepBatch))") }
         if layers < 1 || kvHeads < 1 || group < 1 || context < 256 || steps < 1 { throw ValidationError("sizes must be positive, context >= 256") }
@@ -79,7 +82,8 @@ struct BenchSession: ParsableCommand {
         for m in [AttentionMethod.exact, method] {
             let config = SessionConfiguration(layers: layers, kvHeads: kvHeads, queryHeadsPerKV: group, headDimension: d,
                                               dtype: dtype, method: m, k: k, ef: ef,
-                                              upkeepBatch: upkeepBatch, targetRecall: targetRecall, refreshFraction: try refresh())
+                                              upkeepBatch: upkeepBatch, targetRecall: targetRecall, refreshFraction: try refresh(),
+                                              targetError: targetError)
             sessions.append(try KVSession(configuration: config, directory: base + "/kvrecall-bench-\(m.rawValue)-\(UUID().uuidString)"))
             sessions[sessions.count - 1].parameters.groupSelection = groupSelection
         }

@@ -261,6 +261,7 @@ public final class KVSession {
         setup.calibration.targetRecall = configuration.targetRecall
         setup.calibration.k = configuration.k
         setup.policy.budgetMass = configuration.budgetMass ?? 0  // 0: no budget ever raises k
+        setup.policy.targetError = configuration.targetError
         return setup
     }
 

@@ -45,6 +45,10 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     /// calibrated again over all its keys, trained on its prefill and decode queries, off the decode
     /// path; the result replaces the old one at a step boundary. nil: never (plan once, after the prompt).
     public var refreshFraction: Double?
+    /// `auto` (issue 21): the median output error against exact attention, on a head's held-out
+    /// queries, its plan may reach; the cheapest candidate within it wins (exact when none is
+    /// cheaper). Default `PolicyParameters().targetError`.
+    public var targetError: Double
     /// The store's context id for this sequence.
     public var context: UInt32
     /// Softmax scale applied to q.k; nil means 1/sqrt(headDimension).
@@ -59,7 +63,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
                 method: AttentionMethod = .retrieval, k: Int = 100, sinks: Int = 4, window: Int = 64,
                 ef: Int? = nil, nprobe: Int? = nil, beam: Int? = nil, minCollisions: Int? = nil, landmarkBound: Bool = false,
                 upkeepBatch: Int = SessionConfiguration.defaultUpkeepBatch, context: UInt32 = 0, targetRecall: Double = 0.95, budgetMass: Double? = 0.9,
-                refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction) {
+                refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction,
+                targetError: Double = PolicyParameters().targetError) {
         self.layers = layers
         self.kvHeads = kvHeads
         self.queryHeadsPerKV = queryHeadsPerKV
@@ -78,6 +83,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         self.landmarkBound = landmarkBound
         self.upkeepBatch = upkeepBatch
         self.refreshFraction = refreshFraction
+        self.targetError = targetError
         self.context = context
         codes = method.readsCodes ? CodeFormat().fitted(to: dtype) : nil
     }
@@ -85,6 +91,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     private enum CodingKeys: String, CodingKey {
         case layers, kvHeads, queryHeadsPerKV, headDimension, dtype, method, k, sinks, window, ef, nprobe, beam, minCollisions
         case landmarkBound, upkeepBatch, context, scale, targetRecall, softCap, budgetMass, codes, refreshFraction
+        case targetError
     }
 
     /// Decodes a checkpointed configuration; knobs added later (beam, min-collisions, landmark
@@ -116,6 +123,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         // Sessions saved before the refresh get it (it changes no stored data, only upkeep).
         refreshFraction = c.contains(.refreshFraction) ? try c.decodeIfPresent(Double.self, forKey: .refreshFraction)
             : SessionConfiguration.defaultRefreshFraction
+        targetError = try c.decodeIfPresent(Double.self, forKey: .targetError) ?? PolicyParameters().targetError
         context = try c.decode(UInt32.self, forKey: .context)
     }
 
@@ -145,6 +153,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         try c.encode(upkeepBatch, forKey: .upkeepBatch)
         try c.encode(context, forKey: .context)
         if let refreshFraction { try c.encode(refreshFraction, forKey: .refreshFraction) } else { try c.encodeNil(forKey: .refreshFraction) }
+        try c.encode(targetError, forKey: .targetError)
     }
 
     /// The refresh fraction by measurement (docs/BENCHMARKS.md "Long generations").
@@ -177,6 +186,9 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         }
         if let refreshFraction, !(refreshFraction > 0 && refreshFraction.isFinite) {
             throw SessionError.invalidArgument("the refresh fraction must be a positive number, or none to never refresh (got \(refreshFraction))")
+        }
+        guard targetError > 0 && targetError.isFinite else {
+            throw SessionError.invalidArgument("the target error must be a positive number (got \(targetError))")
         }
         guard upkeepBatch >= 1 else { throw SessionError.invalidArgument("the upkeep batch must be at least 1 (got \(upkeepBatch))") }
         if let problem = codes?.problem(dimension: headDimension, blockSize: KVStore.defaultBlockSize) {

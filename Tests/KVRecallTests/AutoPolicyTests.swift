@@ -106,6 +106,46 @@ import KVRecallTestSupport
         #expect(profile.worstStaticMass < PolicyParameters().streamingMass, "\(profile.summary)")
     }
 
+    /// The session's target error reaches the planner: a target nothing but exact attention meets
+    /// plans exact; a generous one takes the cheapest candidate. Stored, and defaulted for
+    /// sessions saved before the knob.
+    @Test func theSessionsTargetErrorDecidesThePlan() throws {
+        let data = repositoryDataDirectory() + "/minilm"
+        let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
+        let prefill = try NPY.read(path: data + "/prefill_queries.npy")
+        let d = keys.shape[1], n = keys.shape[0]
+        func plan(targetError: Double) throws -> HeadPlan {
+            let configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
+                                                     method: .auto, targetError: targetError)
+            let session = try KVSession(configuration: configuration, directory: nil)
+            defer { session.close() }
+            try keys.floats().withUnsafeBufferPointer { k in
+                try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+            }
+            let rows = Array(prefill.floats().prefix(min(prefill.shape[0], n) * d))
+            try rows.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
+            try session.buildIndexes()
+            return try #require(try session.plan(layer: 0, head: 0))
+        }
+        let strict = try plan(targetError: 1e-9)
+        #expect(strict.policy == .exact, "\(strict.candidateLines)")
+        #expect(strict.reason.contains("1e-09"), "\(strict.reason)")
+        let generous = try plan(targetError: 10)
+        let cheapest = try #require(generous.candidates.min { $0.cost < $1.cost })
+        #expect(generous.policy == cheapest.policy && generous.policy != .exact, "\(generous.candidateLines)")
+
+        var configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: 8, method: .auto, targetError: 0.05)
+        #expect(try JSONDecoder().decode(SessionConfiguration.self, from: JSONEncoder().encode(configuration)) == configuration)
+        var object = try #require(try JSONSerialization.jsonObject(with: JSONEncoder().encode(configuration)) as? [String: Any])
+        object["targetError"] = nil
+        let old = try JSONDecoder().decode(SessionConfiguration.self, from: JSONSerialization.data(withJSONObject: object))
+        #expect(old.targetError == PolicyParameters().targetError)
+        for bad in [0, -0.1, .infinity, .nan] {
+            configuration.targetError = bad
+            #expect(throws: SessionError.self) { try configuration.validate() }
+        }
+    }
+
     @Test func sessionAutoPlansEveryHeadReportsItAndResumesIt() throws {
         let data = repositoryDataDirectory() + "/minilm"
         let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")

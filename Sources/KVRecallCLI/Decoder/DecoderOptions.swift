@@ -52,6 +52,9 @@ struct DecoderMethodOptions: ParsableArguments {
     var refreshFraction: String = SessionConfiguration.defaultRefreshFraction.map { "\($0)" } ?? "none"
     @Flag(help: "Build each refresh within the decode step that starts it (results independent of timing) instead of on a background thread.")
     var refreshInline = false
+    @Option(help: ArgumentHelp("auto: the median output error against exact attention (a head's held-out prefill queries) its plan may reach; the cheapest candidate within it wins, exact attention when none is cheaper.",
+                               valueName: "error"))
+    var targetError: Double = PolicyParameters().targetError
 
     func validate() throws {
         _ = try methodList()
@@ -60,6 +63,7 @@ struct DecoderMethodOptions: ParsableArguments {
         if window < 0 { throw ValidationError("--window must be non-negative (got \(window))") }
         if !(targetRecall > 0 && targetRecall <= 1) { throw ValidationError("--target-recall must be in (0, 1] (got \(targetRecall))") }
         if !(budgetMass >= 0 && budgetMass <= 1) { throw ValidationError("--budget-mass must be in [0, 1], 0 for a fixed k (got \(budgetMass))") }
+        if !(targetError > 0 && targetError.isFinite) { throw ValidationError("--target-error must be a positive number (got \(targetError))") }
         _ = try refresh()
     }
 
@@ -87,6 +91,7 @@ struct DecoderMethodOptions: ParsableArguments {
         o.prefillQueries = prefillQueries
         o.refreshFraction = (try? refresh()) ?? nil
         o.refreshInBackground = !refreshInline
+        o.targetError = targetError
         return o
     }
 }

@@ -32,6 +32,8 @@ public struct DecoderAttentionOptions: Sendable {
     public var refreshFraction: Double? = SessionConfiguration.defaultRefreshFraction
     /// Refreshes built on a background thread (true) or within the step that starts them.
     public var refreshInBackground = true
+    /// `auto`: the output error a head's plan may reach (`SessionConfiguration.targetError`).
+    public var targetError = PolicyParameters().targetError
     public init() {}
 }
 
@@ -86,7 +88,8 @@ public final class Gemma3Sequence {
                                       headDimension: c.headDimension, dtype: options.dtype, method: options.method,
                                       k: options.k, sinks: options.sinks, window: options.window, ef: options.ef,
                                       nprobe: options.nprobe, beam: options.beam, targetRecall: options.targetRecall,
-                                      budgetMass: options.budgetMass, refreshFraction: options.refreshFraction)
+                                      budgetMass: options.budgetMass, refreshFraction: options.refreshFraction,
+                                      targetError: options.targetError)
         sc.context = 0
         session = try KVSession(configuration: sc, directory: options.storeDirectory)
         session.refreshInBackground = options.refreshInBackground
