@@ -110,11 +110,16 @@ public final class LSHIndex: BuildableIndex, @unchecked Sendable {
         // for all 150 tables was a 1 ms spike per head); a large add finishes it at once.
         tailCodes += codes
         count = range.upperBound
-        if !isMerging, count - merged >= max(64, merged / 16) {
-            mergingUpTo = count
-            tablesPerAdd = n >= 64 ? tables : (tables + mergeSpread(tail: count - merged) - 1) / mergeSpread(tail: count - merged)
+        if n >= 64 {  // a large add (a build, a catch-up): everything at once
+            mergeTail()
+        } else {
+            if !isMerging, count - merged >= max(64, merged / 16) {
+                mergingUpTo = count
+                let spread = mergeSpread(tail: count - merged)
+                tablesPerAdd = (tables + spread - 1) / spread
+            }
+            if isMerging { mergeTables(tablesPerAdd) }
         }
-        if isMerging { mergeTables(n >= 64 ? tables - mergedTables : tablesPerAdd) }
         progress?(n, n)
     }
 

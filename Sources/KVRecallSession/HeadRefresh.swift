@@ -159,12 +159,13 @@ final class RefreshJob: @unchecked Sendable {
 
     /// Runs the job on the worker's thread (in the idle class again, whatever the last job left).
     fileprivate func run(_ build: (RefreshJob) throws -> Made) {
+        // Back to the idle class before the job can be escalated (an escalation in between would be undone).
+        RefreshJob.yieldToDecoding()
         lock.lock()
         if finished { lock.unlock(); return }  // cancelled while queued
         started = true
         threadID = BackgroundThread.currentID
         lock.unlock()
-        RefreshJob.yieldToDecoding()
         let result = Result { try build(self) }
         lock.lock()
         outcome = result
@@ -191,9 +192,18 @@ final class RefreshWorker: @unchecked Sendable {
     private let ready = DispatchSemaphore(value: 0)
     private var queue: [(job: RefreshJob, build: (RefreshJob) throws -> RefreshJob.Made)] = []
     private var thread: Thread?
+    /// The process the thread runs in: a child of `fork()` inherits this object but not the
+    /// thread, and starts its own (the parent's queue means nothing there).
+    private var owner: pid_t = 0
 
     func submit(_ job: RefreshJob, _ build: @escaping (RefreshJob) throws -> RefreshJob.Made) {
         lock.lock()
+        if owner != getpid() {
+            owner = getpid()
+            thread = nil
+            queue.removeAll()
+            while ready.wait(timeout: .now()) == .success {}
+        }
         queue.append((job, build))
         if thread == nil {
             let thread = Thread { [self] in work() }

@@ -504,7 +504,7 @@ public final class KVSession {
                     try index.add(keys: try snapshot.vectors(id, .keys).limited(to: want), range: index.count..<want, progress: nil)
                 }
             }
-            made.index?.reserveCapacity(keys: reserve)
+            if !job.isCancelled { made.index?.reserveCapacity(keys: reserve) }
             return made
         }
         if !refreshInBackground {
