@@ -45,9 +45,18 @@ package final class Int32Buffer {
             guard let raw = malloc(bytes) else { fatalError("out of memory for \(bytes) bytes of links") }
             return (raw.bindMemory(to: Int32.self, capacity: capacity), 0)
         }
-        let reserved = roundedToHugePages(max(4 * bytes, 64 << 20))
-        let raw = mmap(nil, reserved + hugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let raw, raw != MAP_FAILED else { fatalError("out of address space for \(bytes) bytes of links") }
+        // Where the kernel refuses the reservation (strict overcommit, an address-space limit), a
+        // mapping of the size asked for, and last malloc: growth copies again, nothing fails.
+        var reserved = roundedToHugePages(max(4 * bytes, 64 << 20))
+        var mapped = mmap(nil, reserved + hugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if mapped == nil || mapped == MAP_FAILED {
+            reserved = roundedToHugePages(bytes)
+            mapped = mmap(nil, reserved + hugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        }
+        guard let raw = mapped, raw != MAP_FAILED else {
+            guard let raw = malloc(bytes) else { fatalError("out of memory for \(bytes) bytes of links") }
+            return (raw.bindMemory(to: Int32.self, capacity: capacity), 0)
+        }
         // Trim the mapping to a 2 MB-aligned start and `reserved` bytes.
         let start = Int(bitPattern: raw), aligned = roundedToHugePages(start)
         if aligned > start { munmap(raw, aligned - start) }
