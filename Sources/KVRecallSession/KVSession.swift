@@ -166,6 +166,9 @@ public final class KVSession {
                             state.install(plan: plan, index: index.index, calibration: index.calibration)
                             // A checkpoint made before refreshes existed: planned over what its index holds.
                             if state.plannedOver == 0 { state.plannedOver = index.index.count }
+                            // Room for the decode to come, now rather than at the first step's add
+                            // (which would unpack or copy the loaded links on the decode path).
+                            index.index.reserveCapacity(keys: reservation(over: max(state.plannedOver, index.index.count)))
                             loaded += 1
                             continue
                         }
