@@ -16,7 +16,9 @@ struct BenchSession: ParsableCommand {
         query groups. Reports per-token attention time over all layers (median), the speed-up, \
         recall@k of the retrieved set against exact top-k, the output error against exact attention \
         and the exact top-k oracle's (sinks + window + each query head's exact top-k; medians over \
-        the first head of each layer at about 8 steps), and resident memory.
+        the first head of each layer at about 8 steps), the tail of the step times (p99 against the \
+        whole run's median and against the median of the 101 steps around each step, beside the \
+        exact session's; --slowest lists the worst steps and the refreshes in them), and resident memory.
 
         Example:
           kvrecall bench session --data Tools/bench/out/synth --layers 4 \\
