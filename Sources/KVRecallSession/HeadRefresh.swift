@@ -157,14 +157,19 @@ final class RefreshJob: @unchecked Sendable {
         RefreshWorker.shared.submit(self, build)
     }
 
-    /// Runs the job on the worker's thread (in the idle class again, whatever the last job left).
-    fileprivate func run(_ build: (RefreshJob) throws -> Made) {
+    /// Runs `build` on the calling thread at its own priority (a refresh built within the step);
+    /// it is never escalated.
+    func runHere(_ build: (RefreshJob) throws -> Made) { run(build, onWorker: false) }
+
+    /// Runs the job on the worker's thread (in the idle class again, whatever the last job left),
+    /// or on the caller's.
+    fileprivate func run(_ build: (RefreshJob) throws -> Made, onWorker: Bool = true) {
         // Back to the idle class before the job can be escalated (an escalation in between would be undone).
-        RefreshJob.yieldToDecoding()
+        if onWorker { RefreshJob.yieldToDecoding() }
         lock.lock()
         if finished { lock.unlock(); return }  // cancelled while queued
         started = true
-        threadID = BackgroundThread.currentID
+        if onWorker { threadID = BackgroundThread.currentID }
         lock.unlock()
         let result = Result { try build(self) }
         lock.lock()

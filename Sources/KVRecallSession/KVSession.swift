@@ -493,7 +493,7 @@ public final class KVSession {
         setup.calibration.threads = 1
         var build = buildParameters
         build.threads = 1
-        job.start { job in
+        let work: (RefreshJob) throws -> RefreshJob.Made = { job in
             let made = try store.read { snapshot in
                 try HeadPlanner.prepareHead(method: method, keys: try snapshot.vectors(id, .keys), values: try snapshot.vectors(id, .values),
                                             codes: try snapshot.codes(id), queries: try snapshot.vectors(id, .queries), group: group,
@@ -510,6 +510,9 @@ public final class KVSession {
             if !job.isCancelled { made.index?.reserveCapacity(keys: reserve) }
             return made
         }
+        // Inline: on this thread at its own priority (an idle-class worker could starve while the
+        // caller waits, e.g. beside other busy threads); in the background: the process's worker.
+        if refreshInBackground { job.start(work) } else { job.runHere(work) }
         if !refreshInBackground {
             job.waitUntilFinished()
             installFinishedRefresh(state)
