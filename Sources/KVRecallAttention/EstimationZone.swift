@@ -262,8 +262,14 @@ extension Attention {
             }
             heads.append(partial)
         }
-        // The members each estimated cluster stands for: static and exactly retrieved ones left it.
-        let estimated = estimatedZone.map { c in summary.members[c].filter { !isStatic.contains(Int($0)) && !exactPicked.contains(Int($0)) } }
+        // The members each estimated cluster stands for: static and exactly retrieved ones left it
+        // (only the clusters they left are filtered: the others' lists are shared, not copied).
+        var left = Set<Int>()
+        for i in fixed where i < summary.clusterOf.count && summary.clusterOf[i] >= 0 { left.insert(Int(summary.clusterOf[i])) }
+        for i in exactPicked where i < summary.clusterOf.count && summary.clusterOf[i] >= 0 { left.insert(Int(summary.clusterOf[i])) }
+        let estimated = estimatedZone.map { c in
+            left.contains(c) ? summary.members[c].filter { !isStatic.contains(Int($0)) && !exactPicked.contains(Int($0)) } : summary.members[c]
+        }
         let stats = SearchStats(distanceComputations: retrieved.count, auxiliaryComputations: summary.clusters, queries: 1, keyCount: n)
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats,
                                estimatedClusters: estimatedZone.count, estimated: estimated)

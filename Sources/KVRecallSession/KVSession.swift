@@ -512,9 +512,10 @@ public final class KVSession {
         }
         // Inline: on this thread at its own priority (an idle-class worker could starve while the
         // caller waits, e.g. beside other busy threads); in the background: the process's worker.
-        if refreshInBackground { job.start(work) } else { job.runHere(work) }
-        if !refreshInBackground {
-            job.waitUntilFinished()
+        if refreshInBackground {
+            job.start(work)
+        } else {
+            job.runHere(work)
             installFinishedRefresh(state)
             if let index = state.index, state.tokens - configuration.window > index.count {
                 try store.read { snapshot in

@@ -96,7 +96,8 @@ extension KVStore {
                 guard let old = try txn.reader.get(vectorsDB, key), old.count >= inBlock * layout.rowBytes else {
                     throw StoreError(.corrupt, "code block \(block) is missing or short", path: path, head: info.id)
                 }
-                for b in 0..<(inBlock * layout.rowBytes) { rows[b] = old[b] }  // copied: the put below invalidates `old`
+                // Copied: the put below invalidates `old`.
+                rows.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: old[0..<(inBlock * layout.rowBytes)])) }
             }
             for j in 0..<take {
                 let first = (group + j) * g
