@@ -441,3 +441,59 @@ void kvr_group_sums(const float *x, size_t groups, size_t group, float *out) {
         out[gi] = s;
     }
 }
+
+/* ---- Coding a group (the append path) ---- */
+
+void kvr_column_ranges(const float *rows, size_t n, size_t d, float *lo, float *hi, float *sum) {
+    memcpy(lo, rows, d * sizeof(float));
+    memcpy(hi, rows, d * sizeof(float));
+    memcpy(sum, rows, d * sizeof(float));
+    for (size_t i = 1; i < n; i++) {
+        const float *row = rows + i * d;
+        for (size_t c = 0; c < d; c++) {
+            float x = row[c];
+            lo[c] = x < lo[c] ? x : lo[c];
+            hi[c] = x > hi[c] ? x : hi[c];
+            sum[c] += x;
+        }
+    }
+}
+
+#if KVR_X86
+FAST static void quantize_columns_fast(const float *rows, size_t n, size_t d, const float *mins, const float *divisors,
+                                       float levels, uint8_t *codes) {
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(levels);
+    for (size_t i = 0; i < n; i++) {
+        const float *row = rows + i * d;
+        uint8_t *out = codes + i * d;
+        size_t c = 0;
+        for (; c + 8 <= d; c += 8) {
+            __m256 q = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(mins + c)), _mm256_loadu_ps(divisors + c));
+            q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_min_ps(_mm256_max_ps(q, zero), top);
+            __m256i v = _mm256_cvtps_epi32(q);                      /* 0..255 in eight int32 */
+            __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            _mm_storel_epi64((__m128i *)(out + c), _mm_packus_epi16(w, w));
+        }
+        for (; c < d; c++) {
+            float q = rintf((row[c] - mins[c]) / divisors[c]);
+            out[c] = (uint8_t)(q < 0 ? 0 : q > levels ? levels : q);
+        }
+    }
+}
+#endif
+
+void kvr_quantize_columns(const float *rows, size_t n, size_t d, const float *mins, const float *divisors,
+                          float levels, uint8_t *codes) {
+#if KVR_X86
+    if (kvr_has_fast_path()) { quantize_columns_fast(rows, n, d, mins, divisors, levels, codes); return; }
+#endif
+    for (size_t i = 0; i < n; i++) {
+        const float *row = rows + i * d;
+        uint8_t *out = codes + i * d;
+        for (size_t c = 0; c < d; c++) {
+            float q = rintf((row[c] - mins[c]) / divisors[c]);
+            out[c] = (uint8_t)(q < 0 ? 0 : q > levels ? levels : q);
+        }
+    }
+}

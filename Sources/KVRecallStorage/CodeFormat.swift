@@ -94,68 +94,108 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
 extension CodeFormat {
     /// Codes one group: `keys` and `values` are `group x d` f32 rows (as stored: already rounded to
     /// the head's dtype); writes one row of `layout(dimension: d).rowBytes` bytes at `out`.
+    /// Runs inside an append's write transaction once per completed group: the passes over the
+    /// rows are vectorised kernels and nothing is allocated per channel.
     public func encodeGroup(keys: UnsafePointer<Float>, values: UnsafePointer<Float>, dimension d: Int,
                             into out: UnsafeMutableRawPointer) {
         let l = layout(dimension: d)
         out.initializeMemory(as: UInt8.self, repeating: 0, count: l.rowBytes)
-        encodeChannels(keys, dimension: d, bits: keyBits, min: out + l.keyMin, step: out + l.keyStep) { i, c, code in
-            Self.put(code, at: c, bits: keyBits, in: (out + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self))
+        // Scratch: `Columns` (6 d floats), then a code per position and channel.
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: 6 * d * 4 + group * d, alignment: 64)
+        defer { scratch.deallocate() }
+        let columns = Columns(base: scratch.assumingMemoryBound(to: Float.self), d: d)
+        let codes = (scratch + 6 * d * 4).assumingMemoryBound(to: UInt8.self)
+
+        encodeChannels(keys, dimension: d, bits: keyBits, columns, codes: codes)
+        writeSteps(columns.mins, count: d, at: out + l.keyMin)
+        writeSteps(columns.steps, count: d, at: out + l.keyStep)
+        for i in 0..<group {
+            let row = codes + i * d, position = (out + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
+            if keyBits == 8 {
+                position.update(from: row, count: d)
+            } else {
+                // Byte j of a 32-channel run holds channel j (low nibble) and j + 16 (high).
+                for c in 0..<d { position[(c / 32) * 16 + (c % 16)] |= c % 32 < 16 ? row[c] : row[c] << 4 }
+            }
         }
-        encodeChannels(values, dimension: d, bits: valueBits, min: out + l.valueMin, step: out + l.valueStep) { i, c, code in
+
+        encodeChannels(values, dimension: d, bits: valueBits, columns, codes: codes)
+        writeSteps(columns.mins, count: d, at: out + l.valueMin)
+        writeSteps(columns.steps, count: d, at: out + l.valueStep)
+        let half = group / 2
+        for c in 0..<d {
             let channel = (out + l.valueCodes + c * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
-            if valueBits == 8 { channel[i] = code } else if i < group / 2 { channel[i] |= code } else { channel[i - group / 2] |= code << 4 }
+            if valueBits == 8 {
+                for i in 0..<group { channel[i] = codes[i * d + c] }
+            } else {
+                // Byte j of a channel holds position j (low nibble) and j + group / 2 (high).
+                for j in 0..<half { channel[j] = codes[j * d + c] | codes[(j + half) * d + c] << 4 }
+            }
         }
-        var mean = [Float](repeating: 0, count: d)
-        for i in 0..<group { for c in 0..<d { mean[c] += values[i * d + c] } }
-        for c in 0..<d { mean[c] /= Float(group) }
-        writeSteps(mean, at: out + l.valueMean)
+        let mean = columns.sums, scale = 1 / Float(group)
+        for c in 0..<d { mean[c] *= scale }
+        writeSteps(mean, count: d, at: out + l.valueMean)
     }
 
-    /// Per channel of `rows` (`group x d`): the group's min (rounded down) and step (rounded up) in
-    /// the stored type, written at `min` and `step`, and each position's code handed to `put`
-    /// (position, channel, code), chosen against the stored min and step so decoding reproduces it.
-    private func encodeChannels(_ rows: UnsafePointer<Float>, dimension d: Int, bits: Int, min minOut: UnsafeMutableRawPointer,
-                                step stepOut: UnsafeMutableRawPointer, put: (Int, Int, UInt8) -> Void) {
-        let levels = Float((1 << bits) - 1)
-        var mins = [Float](repeating: 0, count: d), steps = [Float](repeating: 0, count: d)
-        for c in 0..<d {
-            var lo = Float.infinity, hi = -Float.infinity
-            for i in 0..<group {
-                lo = Swift.min(lo, rows[i * d + c])
-                hi = Swift.max(hi, rows[i * d + c])
-            }
-            mins[c] = roundedStep(lo, down: true)
-            steps[c] = hi > mins[c] ? roundedStep((hi - mins[c]) / levels, down: false) : 0
-            for i in 0..<group {
-                let code = steps[c] > 0 ? Swift.min(levels, Swift.max(0, ((rows[i * d + c] - mins[c]) / steps[c]).rounded())) : 0
-                put(i, c, UInt8(code))
-            }
+    /// Per-channel scratch of `encodeGroup`: five runs of `d` floats, and a sixth after the
+    /// divisors, which serve as `roundSteps`' scratch (1.5 d floats) until they are written.
+    private struct Columns {
+        let mins, highs, sums, steps, divisors: UnsafeMutablePointer<Float>
+        init(base: UnsafeMutablePointer<Float>, d: Int) {
+            mins = base; highs = base + d; sums = base + 2 * d; steps = base + 3 * d; divisors = base + 4 * d
         }
-        writeSteps(mins, at: minOut)
-        writeSteps(steps, at: stepOut)
+    }
+
+    /// Per channel of `rows` (`group x d`): the group's min (rounded down), step (rounded up) and
+    /// sum, the min and step in the stored type, and each position's code into `codes` (`group x d`),
+    /// chosen against the stored min and step so decoding reproduces it. A channel constant over the
+    /// group has step 0 and codes 0 (its min is its value).
+    private func encodeChannels(_ rows: UnsafePointer<Float>, dimension d: Int, bits: Int, _ columns: Columns,
+                                codes: UnsafeMutablePointer<UInt8>) {
+        let levels = Float((1 << bits) - 1)
+        kvr_column_ranges(rows, group, d, columns.mins, columns.highs, columns.sums)
+        roundSteps(columns.mins, count: d, down: true, scratch: UnsafeMutableRawPointer(columns.divisors))
+        for c in 0..<d {
+            let low = columns.mins[c], high = columns.highs[c]
+            columns.steps[c] = high > low ? (high - low) / levels : 0
+        }
+        roundSteps(columns.steps, count: d, down: false, scratch: UnsafeMutableRawPointer(columns.divisors))
+        // A channel whose step is 0 is constant (every value is its min): code 0.
+        for c in 0..<d { columns.divisors[c] = columns.steps[c] > 0 ? columns.steps[c] : 1 }
+        kvr_quantize_columns(rows, group, d, columns.mins, columns.divisors, levels, codes)
     }
 
     /// `x` as the stored type will hold it: a min rounded down and a step rounded up to a
     /// neighbouring f16 (so the codes' range still covers the group), or `x` itself with `wideSteps`.
     func roundedStep(_ x: Float, down: Bool) -> Float {
-        guard !wideSteps else { return x }
-        var value = x, half: UInt16 = 0, back: Float = 0
-        kvr_f32_to_f16(&value, &half, 1)
-        kvr_f16_to_f32(&half, &back, 1)
-        if down && back > x { half = x < 0 ? half &+ 1 : half &- 1 }  // one f16 step towards -inf
-        if !down && back < x { half = x < 0 ? half &- 1 : half &+ 1 }  // one f16 step towards +inf
-        kvr_f16_to_f32(&half, &back, 1)
-        return back
+        var value = x
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2) { scratch in
+            roundSteps(&value, count: 1, down: down, scratch: UnsafeMutableRawPointer(scratch.baseAddress!))
+        }
+        return value
     }
 
-    /// Stores mins, steps or means in the stored type.
-    func writeSteps(_ values: [Float], at out: UnsafeMutableRawPointer) {
-        values.withUnsafeBufferPointer { v in
-            if wideSteps {
-                out.copyMemory(from: v.baseAddress!, byteCount: v.count * 4)
-            } else {
-                kvr_f32_to_f16(v.baseAddress!, out.assumingMemoryBound(to: UInt16.self), v.count)
-            }
+    /// `roundedStep` over `x[0 ..< count]` in place, in three vectorised conversions
+    /// (`scratch`: room for `count` floats and `count` halves).
+    func roundSteps(_ x: UnsafeMutablePointer<Float>, count: Int, down: Bool, scratch: UnsafeMutableRawPointer) {
+        guard !wideSteps, count > 0 else { return }
+        let back = scratch.assumingMemoryBound(to: Float.self), halves = (scratch + 4 * count).assumingMemoryBound(to: UInt16.self)
+        kvr_f32_to_f16(x, halves, count)
+        kvr_f16_to_f32(halves, back, count)
+        for i in 0..<count {
+            let value = x[i]
+            if down && back[i] > value { halves[i] = value < 0 ? halves[i] &+ 1 : halves[i] &- 1 }  // one f16 step towards -inf
+            if !down && back[i] < value { halves[i] = value < 0 ? halves[i] &- 1 : halves[i] &+ 1 }  // towards +inf
+        }
+        kvr_f16_to_f32(halves, x, count)
+    }
+
+    /// Stores `count` mins, steps or means in the stored type.
+    func writeSteps(_ values: UnsafePointer<Float>, count: Int, at out: UnsafeMutableRawPointer) {
+        if wideSteps {
+            out.copyMemory(from: values, byteCount: count * 4)
+        } else {
+            kvr_f32_to_f16(values, out.assumingMemoryBound(to: UInt16.self), count)
         }
     }
 
@@ -166,15 +206,6 @@ extension CodeFormat {
         var half = base.load(fromByteOffset: 2 * i, as: UInt16.self), out: Float = 0
         kvr_f16_to_f32(&half, &out, 1)
         return out
-    }
-
-    /// Writes the key code of channel `c` into a position's key code bytes (4-bit: byte j of a
-    /// 32-channel run holds channels j and j + 16).
-    @inline(__always)
-    static func put(_ code: UInt8, at c: Int, bits: Int, in row: UnsafeMutablePointer<UInt8>) {
-        if bits == 8 { row[c] = code; return }
-        let j = c % 32
-        row[(c / 32) * 16 + j % 16] |= j < 16 ? code : code << 4
     }
 
     /// Position `i` of a group row decoded back to f32 (`d` floats each; tests and diagnostics).

@@ -41,7 +41,7 @@ extension KVStore {
         guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
             throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
         }
-        var info = try KVStore.decodeInfo(raw, path: path)
+        var info = try decodeRecord(raw)
         if let problem = format.problem(dimension: info.dimension, blockSize: info.blockSize) {
             throw StoreError(.invalidArgument, problem, path: path, head: id)
         }

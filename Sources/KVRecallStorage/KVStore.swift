@@ -22,6 +22,8 @@ public final class KVStore: @unchecked Sendable {
     let headsDB: MDB_dbi
     let vectorsDB: MDB_dbi
     let indexesDB: MDB_dbi
+    /// Head records read or written lately, decoded (KVStore+HeadRecords.swift).
+    let records = HeadRecordCache()
 
     /// Opens the store at `path`. With `create`, makes the directory and a new store when none
     /// exists. Fails with `.notAStore` for a directory without a store or with a foreign LMDB
@@ -157,7 +159,7 @@ public final class KVStore: @unchecked Sendable {
         guard let raw = try txn.get(headsDB, StoreKey.head(id)) else {
             throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
         }
-        return try KVStore.decodeInfo(raw, path: path)
+        return try decodeRecord(raw)
     }
 
     static func decodeInfo(_ raw: UnsafeRawBufferPointer, path: String) throws -> HeadInfo {
@@ -169,9 +171,12 @@ public final class KVStore: @unchecked Sendable {
     }
 
     func putInfo(_ txn: WriteTransaction, _ info: HeadInfo) throws {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = .sortedKeys
-        try txn.put(headsDB, StoreKey.head(info.id), Array(try encoder.encode(info)))
+        try txn.put(headsDB, StoreKey.head(info.id), try records.encode(info))
+    }
+
+    /// A head record read in this store, decoded through the cache of records.
+    func decodeRecord(_ raw: UnsafeRawBufferPointer) throws -> HeadInfo {
+        try records.decode(raw, path: path)
     }
 
     /// Creates an empty head. Fails if it exists with a different dimension or dtype;
@@ -190,7 +195,7 @@ public final class KVStore: @unchecked Sendable {
         }
         return try environment.write { txn in
             if let raw = try txn.reader.get(headsDB, StoreKey.head(id)) {
-                let existing = try KVStore.decodeInfo(raw, path: path)
+                let existing = try decodeRecord(raw)
                 guard existing.dimension == dimension, existing.dtype == dtype else {
                     throw StoreError(.shapeMismatch,
                                      "head exists with dimension \(existing.dimension) and dtype \(existing.dtype.rawValue); asked for \(dimension) \(dtype.rawValue)",
@@ -282,7 +287,7 @@ public final class KVStore: @unchecked Sendable {
         guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
             throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
         }
-        var info = try KVStore.decodeInfo(raw, path: path)
+        var info = try decodeRecord(raw)
         for (kind, data) in kinds {
             let slice = UnsafeBufferPointer(rebasing: data[(from * info.dimension)..<((from + rows) * info.dimension)])
             try writeRows(txn, info, kind, start: info.rows(kind), rows: slice)
@@ -322,7 +327,7 @@ public final class KVStore: @unchecked Sendable {
                 guard let raw = try txn.reader.get(headsDB, StoreKey.head(item.id)) else {
                     throw StoreError(.headNotFound, "no head \(item.id) in this store", path: path, head: item.id)
                 }
-                let info = try KVStore.decodeInfo(raw, path: path)
+                let info = try decodeRecord(raw)
                 let d = info.dimension
                 guard let first = item.streams.first, first.1.count % d == 0,
                       item.streams.allSatisfy({ $0.1.count == first.1.count }) else {
@@ -360,7 +365,7 @@ public final class KVStore: @unchecked Sendable {
                 guard let raw = try txn.reader.get(headsDB, StoreKey.head(id)) else {
                     throw StoreError(.headNotFound, "no head \(id) in this store", path: path, head: id)
                 }
-                var info = try KVStore.decodeInfo(raw, path: path)
+                var info = try decodeRecord(raw)
                 var changed = false
                 if info.count > tokens {
                     for kind in [VectorKind.keys, .values] { try cutStream(txn, info, kind, to: tokens) }

@@ -53,6 +53,30 @@ import KVRecallTestSupport
         #expect(try store.heads().map(\.id) == [id])
     }
 
+    /// Head records written on the append path (counts spliced into a cached encoding) are the bytes
+    /// JSONEncoder writes, for metadata that quotes the count keys themselves, and decode back.
+    @Test func headRecordsSplicedAreJSONEncodersBytes() throws {
+        let cache = HeadRecordCache()
+        var info = HeadInfo(id: HeadID(context: 1, layer: 2, head: 3), dimension: 64, dtype: .f16, blockSize: 256, count: 0,
+                            queryCount: 0, metadata: ["count": "0", "note": "\"count\":0, \"queryCount\":0 / é"],
+                            codes: CodeFormat(group: 64))
+        for (count, queries) in [(0, 0), (1, 0), (9, 10), (65_536, 1), (Int(Int32.max) + 5, 123_456)] {
+            info.count = count
+            info.queryCount = queries
+            let bytes = try cache.encode(info)
+            #expect(bytes == (try HeadRecordCache.json(info)))
+            let decoded = try bytes.withUnsafeBytes { try KVStore.decodeInfo($0, path: "test") }
+            #expect(decoded == info)
+            // Read back through a cold cache and the warm one.
+            #expect(try bytes.withUnsafeBytes { try HeadRecordCache().decode($0, path: "test") } == info)
+            #expect(try bytes.withUnsafeBytes { try cache.decode($0, path: "test") } == info)
+        }
+        // Another field changed: a new template.
+        info.metadata["note"] = "changed"
+        info.codes = nil
+        #expect(try cache.encode(info) == (try HeadRecordCache.json(info)))
+    }
+
     @Test func mapGrowsFromATinyMap() throws {
         let dir = TemporaryDirectory()
         var options = Environment.Options()

@@ -164,6 +164,15 @@ void kvr_group_sums(const float *x, size_t groups, size_t group, float *out);
 void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_code_layout *layout, size_t dv, float *out,
                     float *scratch);
 
+/* Coding a group (the append path): per column c < d of rows (n x d, row-major), lo[c] and hi[c]
+ * the column's min and max and sum[c] its sum. n >= 1. */
+void kvr_column_ranges(const float *rows, size_t n, size_t d, float *lo, float *hi, float *sum);
+
+/* codes[i * d + c] = clamp(round-to-even((rows[i * d + c] - mins[c]) / divisors[c]), 0, levels) for
+ * i < n, c < d (levels <= 255; finite input; divisors > 0). */
+void kvr_quantize_columns(const float *rows, size_t n, size_t d, const float *mins, const float *divisors,
+                          float levels, uint8_t *codes);
+
 /* Background threads (kvthread.c): the calling thread's kernel id; moving the calling thread to
  * the idle scheduling class (0 on success, else errno); moving thread `tid` back to the normal
  * class at `niceness` above the process's nice value (0 on success, else errno). */
