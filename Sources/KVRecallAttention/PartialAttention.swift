@@ -94,7 +94,7 @@ package enum AttentionKernel {
         }
         var results = [[PartialAttention]](repeating: [], count: parts)
         results.withUnsafeMutableBufferPointer { out in
-            DispatchQueue.concurrentPerform(iterations: parts) { p in
+            SpinJoin.run(tasks: parts, threads: parts) { p in
                 out[p] = attendPart(queries: queries, g: g, positions: positions, range: (n * p / parts)..<(n * (p + 1) / parts),
                                     keys: keys, values: values, score: score)
             }

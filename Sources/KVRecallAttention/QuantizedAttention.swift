@@ -80,7 +80,7 @@ extension Attention {
         let group = codes.format.group
         var picks = [[[Int]]](repeating: [], count: parts)
         picks.withUnsafeMutableBufferPointer { out in
-            DispatchQueue.concurrentPerform(iterations: parts) { p in
+            SpinJoin.run(tasks: parts, threads: parts) { p in
                 let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
                 scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
                 for h in 0..<g {
@@ -119,14 +119,14 @@ extension Attention {
             // whatever the number of parts.
             var masses = [TailMasses](repeating: TailMasses(), count: parts)
             masses.withUnsafeMutableBufferPointer { out in
-                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                SpinJoin.run(tasks: parts, threads: parts) { p in
                     out[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: groupsOf[p])
                 }
             }
             let plan = TailPlan(masses, exact: heads, groups: codes.count, parameters: q)
             var tails = [[PartialAttention]](repeating: [], count: parts)
             tails.withUnsafeMutableBufferPointer { out in
-                DispatchQueue.concurrentPerform(iterations: parts) { p in
+                SpinJoin.run(tasks: parts, threads: parts) { p in
                     out[p] = tailPartials(scores: scores, g: g, codes: codes, groups: groupsOf[p], dimension: values.dimension,
                                           masses: masses[p], plan: plan)
                 }

@@ -48,7 +48,7 @@ public struct ChunkPlan: Sendable {
         if workers == 1 {
             work(0, chunks(of: 0))
         } else {
-            DispatchQueue.concurrentPerform(iterations: workers) { w in work(w, chunks(of: w)) }
+            SpinJoin.run(tasks: workers, threads: workers) { w in work(w, chunks(of: w)) }
         }
     }
 

@@ -616,26 +616,24 @@ public final class KVSession {
                 let views = try state.views(in: snapshot)
                 return (try state.method(configuration.method, keys: views.keys, values: views.values), views)
             }
-            DispatchQueue.concurrentPerform(iterations: workers) { worker in
-                for head in stride(from: worker, to: h, by: workers) {
-                    do {
-                        let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
-                        let views = ready[head].views
-                        let result = try ready[head].method.attend(group, keys: views.keys, values: views.values, codes: views.codes,
-                                                                   parameters: parameters)
-                        if let j = result.firstNonFiniteHead {  // never NaN for finite input: an error
-                            throw SessionError.invalidArgument("attention of layer \(layer), KV head \(head), query head \(j) \(AttentionResult.notFinite)")
-                        }
-                        for (j, partial) in result.heads.enumerated() {
-                            let at = (head * g + j) * d
-                            partial.output.withUnsafeBufferPointer {
-                                (outputs.baseAddress! + at).update(from: $0.baseAddress!, count: d)
-                            }
-                            lse?[head * g + j] = partial.lse
-                        }
-                    } catch {
-                        failures.record(error)
+            SpinJoin.run(tasks: h, threads: workers) { head in
+                do {
+                    let group = UnsafeBufferPointer(rebasing: queries[(head * g * d)..<((head + 1) * g * d)])
+                    let views = ready[head].views
+                    let result = try ready[head].method.attend(group, keys: views.keys, values: views.values, codes: views.codes,
+                                                               parameters: parameters)
+                    if let j = result.firstNonFiniteHead {  // never NaN for finite input: an error
+                        throw SessionError.invalidArgument("attention of layer \(layer), KV head \(head), query head \(j) \(AttentionResult.notFinite)")
                     }
+                    for (j, partial) in result.heads.enumerated() {
+                        let at = (head * g + j) * d
+                        partial.output.withUnsafeBufferPointer {
+                            (outputs.baseAddress! + at).update(from: $0.baseAddress!, count: d)
+                        }
+                        lse?[head * g + j] = partial.lse
+                    }
+                } catch {
+                    failures.record(error)
                 }
             }
         }

@@ -1,0 +1,44 @@
+import Foundation
+import Testing
+@testable import KVRecallKernels
+
+/// The decode step's fork-join: every task runs exactly once, the caller returns only after the last
+/// one (including tasks a helper claimed and is still running), and joins nest.
+@Suite struct SpinJoinTests {
+    @Test(arguments: [0, 1, 2, 3, 17, 64])
+    func everyTaskRunsOnceWhateverTheThreads(tasks: Int) {
+        for threads in [1, 2, 3, 8] {
+            let runs = UnsafeMutableBufferPointer<Int>.allocate(capacity: max(1, tasks))
+            defer { runs.deallocate() }
+            runs.initialize(repeating: 0)
+            SpinJoin.run(tasks: tasks, threads: threads) { i in runs[i] += 1 }
+            #expect(runs.prefix(tasks).allSatisfy { $0 == 1 }, "tasks \(tasks), threads \(threads)")
+        }
+    }
+
+    /// Tasks that take a while (a helper holds one when the caller runs out of work): each writes
+    /// its slot last, so a caller returning early would see an unwritten slot.
+    @Test func theCallerWaitsForTasksHelpersClaimed() {
+        for _ in 0..<20 {
+            let done = UnsafeMutableBufferPointer<Int>.allocate(capacity: 6)
+            defer { done.deallocate() }
+            done.initialize(repeating: 0)
+            SpinJoin.run(tasks: 6, threads: 3) { i in
+                usleep(UInt32(200 * (i % 3 + 1)))
+                done[i] = i + 1
+            }
+            #expect(Array(done) == [1, 2, 3, 4, 5, 6])
+        }
+    }
+
+    @Test func joinsNest() {
+        let outer = 4, inner = 8
+        let cells = UnsafeMutableBufferPointer<Int>.allocate(capacity: outer * inner)
+        defer { cells.deallocate() }
+        cells.initialize(repeating: 0)
+        SpinJoin.run(tasks: outer, threads: 2) { o in
+            SpinJoin.run(tasks: inner, threads: 2) { i in cells[o * inner + i] += o * inner + i + 1 }
+        }
+        #expect(Array(cells) == Array(1...(outer * inner)))
+    }
+}
