@@ -3,6 +3,7 @@ import CDecoderKernels
 import CKernels
 import Dispatch
 import Foundation
+import KVRecall
 
 /// The forward pass's numeric building blocks over raw row-major buffers. BLAS does the matrix
 /// products (both cores through OpenBLAS's threads); the rest are row loops, parallel over rows
@@ -45,7 +46,9 @@ enum Gemma3Kernels {
             return
         }
         let chunks = min(n, cores * 4)
-        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+        // SpinJoin: a token runs a few hundred of these; each futex sleep and wake-up of
+        // concurrentPerform's caller cost tens of microseconds to a scheduler tick.
+        SpinJoin.run(tasks: chunks, threads: cores) { c in
             let lo = c * n / chunks, hi = (c + 1) * n / chunks
             if lo < hi { body(lo..<hi) }
         }
