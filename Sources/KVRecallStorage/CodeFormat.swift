@@ -165,18 +165,9 @@ extension CodeFormat {
         kvr_quantize_columns(rows, group, d, columns.mins, columns.divisors, levels, codes)
     }
 
-    /// `x` as the stored type will hold it: a min rounded down and a step rounded up to a
-    /// neighbouring f16 (so the codes' range still covers the group), or `x` itself with `wideSteps`.
-    func roundedStep(_ x: Float, down: Bool) -> Float {
-        var value = x
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2) { scratch in
-            roundSteps(&value, count: 1, down: down, scratch: UnsafeMutableRawPointer(scratch.baseAddress!))
-        }
-        return value
-    }
-
-    /// `roundedStep` over `x[0 ..< count]` in place, in three vectorised conversions
-    /// (`scratch`: room for `count` floats and `count` halves).
+    /// `x[0 ..< count]` in place as the stored type will hold them: mins rounded down and steps
+    /// rounded up to a neighbouring f16 (so the codes' range still covers the group), or unchanged
+    /// with `wideSteps`; three vectorised conversions (`scratch`: room for `count` floats and halves).
     func roundSteps(_ x: UnsafeMutablePointer<Float>, count: Int, down: Bool, scratch: UnsafeMutableRawPointer) {
         guard !wideSteps, count > 0 else { return }
         let back = scratch.assumingMemoryBound(to: Float.self), halves = (scratch + 4 * count).assumingMemoryBound(to: UInt16.self)
