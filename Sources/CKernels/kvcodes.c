@@ -445,10 +445,10 @@ void kvr_group_sums(const float *x, size_t groups, size_t group, float *out) {
 /* ---- Coding a group (the append path) ---- */
 
 void kvr_column_ranges(const float *rows, size_t n, size_t d, float *lo, float *hi, float *sum) {
-    memcpy(lo, rows, d * sizeof(float));
-    memcpy(hi, rows, d * sizeof(float));
-    memcpy(sum, rows, d * sizeof(float));
-    for (size_t i = 1; i < n; i++) {
+    /* NaN (a head ingested with non-finite values allowed) never wins a comparison: it is left out
+     * of the range, and a column of nothing but NaN keeps lo = +inf > hi = -inf. */
+    for (size_t c = 0; c < d; c++) { lo[c] = INFINITY; hi[c] = -INFINITY; sum[c] = 0; }
+    for (size_t i = 0; i < n; i++) {
         const float *row = rows + i * d;
         for (size_t c = 0; c < d; c++) {
             float x = row[c];
@@ -457,6 +457,12 @@ void kvr_column_ranges(const float *rows, size_t n, size_t d, float *lo, float *
             sum[c] += x;
         }
     }
+}
+
+/* One code: NaN (and anything below the min) codes 0, as the vector body's max does. */
+static inline uint8_t quantize_one(float x, float min, float divisor, float levels) {
+    float q = rintf((x - min) / divisor);
+    return (uint8_t)(!(q >= 0) ? 0 : q > levels ? levels : q);
 }
 
 #if KVR_X86
@@ -475,10 +481,7 @@ FAST static void quantize_columns_fast(const float *rows, size_t n, size_t d, co
             __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
             _mm_storel_epi64((__m128i *)(out + c), _mm_packus_epi16(w, w));
         }
-        for (; c < d; c++) {
-            float q = rintf((row[c] - mins[c]) / divisors[c]);
-            out[c] = (uint8_t)(q < 0 ? 0 : q > levels ? levels : q);
-        }
+        for (; c < d; c++) out[c] = quantize_one(row[c], mins[c], divisors[c], levels);
     }
 }
 #endif
@@ -491,9 +494,6 @@ void kvr_quantize_columns(const float *rows, size_t n, size_t d, const float *mi
     for (size_t i = 0; i < n; i++) {
         const float *row = rows + i * d;
         uint8_t *out = codes + i * d;
-        for (size_t c = 0; c < d; c++) {
-            float q = rintf((row[c] - mins[c]) / divisors[c]);
-            out[c] = (uint8_t)(q < 0 ? 0 : q > levels ? levels : q);
-        }
+        for (size_t c = 0; c < d; c++) out[c] = quantize_one(row[c], mins[c], divisors[c], levels);
     }
 }

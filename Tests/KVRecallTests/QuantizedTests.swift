@@ -88,6 +88,37 @@ import KVRecallTestSupport
         }
     }
 
+    /// A head ingested with non-finite values allowed: a NaN, even in a group's first position, is
+    /// left out of its channel's range (the other positions still decode within half a step) and codes 0.
+    @Test func aNaNLeavesItsChannelsRangeToTheOtherPositions() {
+        let d = 40, group = 64
+        for wide in [false, true] {
+            let format = CodeFormat(group: group, wideSteps: wide)
+            var h = Self.head(n: group, d: d, seed: 3)
+            h.keys[0] = .nan           // position 0, channel 0
+            h.values[5 * d + 7] = .nan // position 5, channel 7
+            let layout = format.layout(dimension: d)
+            var row = [UInt8](repeating: 0, count: layout.rowBytes)
+            h.keys.withUnsafeBufferPointer { k in
+                h.values.withUnsafeBufferPointer { v in
+                    row.withUnsafeMutableBytes { format.encodeGroup(keys: k.baseAddress!, values: v.baseAddress!, dimension: d, into: $0.baseAddress!) }
+                }
+            }
+            var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
+            row.withUnsafeBytes { r in
+                let keyStep = format.step(r.baseAddress! + layout.keyStep, 0), valueStep = format.step(r.baseAddress! + layout.valueStep, 7)
+                #expect(keyStep.isFinite && valueStep.isFinite)
+                for i in 1..<group {
+                    format.decode(row: r.baseAddress!, position: i, dimension: d, key: &key, value: &value)
+                    #expect(abs(key[0] - h.keys[i * d]) <= keyStep / 2 + 1e-3 * abs(h.keys[i * d]) + 1e-4)
+                    if i != 5 { #expect(abs(value[7] - h.values[i * d + 7]) <= valueStep / 2 + 1e-3 * abs(h.values[i * d + 7]) + 1e-4) }
+                }
+                format.decode(row: r.baseAddress!, position: 0, dimension: d, key: &key, value: &value)
+                #expect(key[0] == format.step(r.baseAddress! + layout.keyMin, 0))  // code 0
+            }
+        }
+    }
+
     /// Codes written a few tokens at a time equal codes built at once; truncation cuts them and
     /// appends continue them.
     @Test func codesStayCurrentThroughAppendsAndTruncation() throws {

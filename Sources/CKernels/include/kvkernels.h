@@ -165,11 +165,11 @@ void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_co
                     float *scratch);
 
 /* Coding a group (the append path): per column c < d of rows (n x d, row-major), lo[c] and hi[c]
- * the column's min and max and sum[c] its sum. n >= 1. */
+ * the column's min and max over its non-NaN values (+inf and -inf when none) and sum[c] its sum. */
 void kvr_column_ranges(const float *rows, size_t n, size_t d, float *lo, float *hi, float *sum);
 
 /* codes[i * d + c] = clamp(round-to-even((rows[i * d + c] - mins[c]) / divisors[c]), 0, levels) for
- * i < n, c < d (levels <= 255; finite input; divisors > 0). */
+ * i < n, c < d (levels <= 255; divisors > 0; NaN codes 0). */
 void kvr_quantize_columns(const float *rows, size_t n, size_t d, const float *mins, const float *divisors,
                           float levels, uint8_t *codes);
 
