@@ -48,6 +48,17 @@ import KVRecallTestSupport
         }
     }
 
+    /// One group row of `format` coding `h` (`group x d` keys and values).
+    static func encoded(_ h: (keys: [Float], values: [Float]), format: CodeFormat, dimension d: Int) -> [UInt8] {
+        var row = [UInt8](repeating: 0, count: format.layout(dimension: d).rowBytes)
+        h.keys.withUnsafeBufferPointer { k in
+            h.values.withUnsafeBufferPointer { v in
+                row.withUnsafeMutableBytes { format.encodeGroup(keys: k.baseAddress!, values: v.baseAddress!, dimension: d, into: $0.baseAddress!) }
+            }
+        }
+        return row
+    }
+
     @Test(arguments: [(4, 4, 64), (8, 8, 32), (4, 8, 128), (8, 4, 16), (4, 4, 6), (4, 4, 3)])
     func codesRoundTripWithinHalfAStep(keyBits: Int, valueBits: Int, group: Int) throws {
         let d = 40  // padded to 64: the tail of a run and padding channels
@@ -59,12 +70,7 @@ import KVRecallTestSupport
             }
             let h = Self.head(n: group, d: d, seed: 1)
             let layout = format.layout(dimension: d)
-            var row = [UInt8](repeating: 0, count: layout.rowBytes)
-            h.keys.withUnsafeBufferPointer { k in
-                h.values.withUnsafeBufferPointer { v in
-                    row.withUnsafeMutableBytes { format.encodeGroup(keys: k.baseAddress!, values: v.baseAddress!, dimension: d, into: $0.baseAddress!) }
-                }
-            }
+            let row = Self.encoded(h, format: format, dimension: d)
             var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
             row.withUnsafeBytes { r in
                 let keyStep = (0..<d).map { format.step(r.baseAddress! + layout.keyStep, $0) }
@@ -98,12 +104,7 @@ import KVRecallTestSupport
             h.keys[0] = .nan           // position 0, channel 0
             h.values[5 * d + 7] = .nan // position 5, channel 7
             let layout = format.layout(dimension: d)
-            var row = [UInt8](repeating: 0, count: layout.rowBytes)
-            h.keys.withUnsafeBufferPointer { k in
-                h.values.withUnsafeBufferPointer { v in
-                    row.withUnsafeMutableBytes { format.encodeGroup(keys: k.baseAddress!, values: v.baseAddress!, dimension: d, into: $0.baseAddress!) }
-                }
-            }
+            let row = Self.encoded(h, format: format, dimension: d)
             var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
             row.withUnsafeBytes { r in
                 let keyStep = format.step(r.baseAddress! + layout.keyStep, 0), valueStep = format.step(r.baseAddress! + layout.valueStep, 7)
