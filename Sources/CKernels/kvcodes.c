@@ -3,9 +3,9 @@
  * Key scores: per group, each query head's q * step is quantized to int8 with one scale, so a
  * position's score is base + scale * (integer dot product of the int8 query with the codes), exact
  * in int32: 32 channels per vpmaddubsw, two positions and four heads at a time.
- * Values: per group and head, the tail weights are quantized to int8 with one scale, and each
- * channel's group of codes (channel-major) meets them in vpmaddubsw: 64 positions per channel in
- * two instructions, eight channels reduced together. */
+ * Values: per group and head, the tail weights are quantized with one scale (u8 for 4-bit codes,
+ * int16 for 8-bit ones), and each channel's group of codes (channel-major) meets them in vpmaddubsw
+ * (vpmaddwd): 64 positions per channel in two (four) instructions, eight channels reduced together. */
 #include "kvkernels.h"
 #include <math.h>
 #include <string.h>
@@ -307,6 +307,78 @@ FAST static void group_values_64(const float *w, size_t g, size_t stride, const 
         }
     }
 }
+
+/* The value pass of one group of 64 positions with 4-bit codes: per head, the weights quantized to
+ * u8 (one scale: the largest maps to 255); eight channels' codes unpacked once to bytes (positions
+ * 0..31, then 32..63); per head and channel two vpmaddubsw (32 positions each, no widening) and one
+ * vpmaddwd, the eight channels reduced together and applied with vector FMAs. Padding channels
+ * (min and step 0) add 0. About half the instructions of the int16 pass; the u8 weights keep 1/255 of
+ * the group's largest (docs/BENCHMARKS.md, "A faster value pass" measures the error it adds). */
+FAST static void group_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                 size_t dv, float *out, float *scratch) {
+    const size_t P = L->padded;
+    float *vmin = scratch, *vstep = scratch + P;
+    read_steps(row + L->value_min, dv, (int)L->wide_steps, vmin);
+    read_steps(row + L->value_step, dv, (int)L->wide_steps, vstep);
+    for (size_t c = dv; c < P; c++) { vmin[c] = 0; vstep[c] = 0; }
+    const uint8_t *codes = row + L->value_codes;
+    __m256i wq[64][2];
+    float scale[64], total[64];
+    size_t live[64], n = 0;
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* packs interleave 4-byte runs */
+    for (size_t h = 0; h < g; h++) {
+        const float *wh = w + h * stride;
+        __m256 x[8];
+        for (size_t k = 0; k < 8; k++) x[k] = _mm256_loadu_ps(wh + 8 * k);
+        const float t = hsum_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])),
+                                              _mm256_add_ps(_mm256_add_ps(x[4], x[5]), _mm256_add_ps(x[6], x[7]))));
+        if (t == 0) continue;
+        const float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
+                                                _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));
+        const __m256 inv = _mm256_set1_ps(255.0f / top);
+        for (size_t half = 0; half < 2; half++) {
+            __m256i v[4];
+            for (size_t k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(x[4 * half + k], inv));
+            const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            wq[n][half] = _mm256_permutevar8x32_epi32(b, order);
+        }
+        /* The min term takes the rounded weights' total too: the rounding then errs by sum_i e_i v_i
+         * (values about centred) rather than by sum_i e_i (v_i - min) (all of one sign). */
+        const __m256i sums = _mm256_add_epi64(_mm256_sad_epu8(wq[n][0], _mm256_setzero_si256()),
+                                              _mm256_sad_epu8(wq[n][1], _mm256_setzero_si256()));
+        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+        const float rounded = (float)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));
+        if (rounded == 0) continue;
+        scale[n] = top / 255.0f;
+        total[n] = rounded * scale[n];
+        live[n++] = h;
+    }
+    if (n == 0) return;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    _Alignas(32) uint8_t unpacked[8][64];
+    for (size_t c = 0; c < P; c += 8) {
+        for (size_t e = 0; e < 8; e++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));
+            _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));
+            _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));
+        }
+        const __m256 lo = _mm256_loadu_ps(vmin + c), st = _mm256_loadu_ps(vstep + c);
+        for (size_t j = 0; j < n; j++) {
+            __m256i acc[8];
+            for (size_t e = 0; e < 8; e++) {
+                const __m256i a = _mm256_maddubs_epi16(wq[j][0], _mm256_load_si256((const __m256i *)unpacked[e]));
+                const __m256i b = _mm256_maddubs_epi16(wq[j][1], _mm256_load_si256((const __m256i *)(unpacked[e] + 32)));
+                acc[e] = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
+            }
+            const __m256 dots = _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));
+            float *o = out + live[j] * P + c;
+            __m256 r = _mm256_fmadd_ps(lo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));
+            r = _mm256_fmadd_ps(_mm256_mul_ps(st, _mm256_set1_ps(scale[j])), dots, r);
+            _mm256_storeu_ps(o, r);
+        }
+    }
+}
+
 #endif
 
 void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t groups,
@@ -354,10 +426,25 @@ void kvr_code_values(const float *w, size_t g, size_t stride, const void *const 
         const float *wg = w + gi * L->group;
         if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1] + L->value_min, L->row_bytes - L->value_min);
 #if KVR_X86
+        if (kvr_has_fast_path() && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch); continue; }
         if (kvr_has_fast_path() && L->group == 64) { group_values_64(wg, g, stride, L, row, dv, out, scratch); continue; }
 #endif
         group_values_portable(wg, g, stride, L, row, dv, out, scratch);
     }
+}
+
+#if KVR_X86
+/* o[c] += t * x[c] for c < 8 * (n / 8); returns how many were done. */
+FAST static size_t add_scaled(float *o, const float *x, size_t n, float t) {
+    const __m256 vt = _mm256_set1_ps(t);
+    size_t c = 0;
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(o + c, _mm256_fmadd_ps(vt, _mm256_loadu_ps(x + c), _mm256_loadu_ps(o + c)));
+    return c;
+}
+#endif
+
+void kvr_prefetch_values(const void *row, const kvr_code_layout *L) {
+    prefetch_bytes((const uint8_t *)row + L->value_min, L->row_bytes - L->value_min);
 }
 
 void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_code_layout *L, size_t dv, float *out,
@@ -367,7 +454,11 @@ void kvr_code_means(const float *totals, size_t g, const void *row, const kvr_co
         const float t = totals[h];
         if (t == 0) continue;
         float *oh = out + h * L->padded;
-        for (size_t c = 0; c < dv; c++) oh[c] += t * scratch[c];
+        size_t c = 0;
+#if KVR_X86
+        if (kvr_has_fast_path()) c = add_scaled(oh, scratch, dv, t);
+#endif
+        for (; c < dv; c++) oh[c] += t * scratch[c];
     }
 }
 

@@ -73,38 +73,50 @@ extension Attention {
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: g * coded)
         defer { scores.deallocate() }
         // The groups split in parts, one per core (flash-decoding's split-K): each part scans its
-        // groups and picks its own best candidates; the union of the parts' picks is cut to each
-        // head's best; each part then attends its share of the tail, merged by log-sum-exp.
+        // groups, picks its own best candidates and (with a tail) turns its scores into weights
+        // and group masses while they are in its cache; the union of the parts' picks is cut to
+        // each head's best, whose weights then leave the tail; each part's share of the tail is
+        // attended from the codes, merged by log-sum-exp.
         let parts = max(1, min(parameters.threads, codes.count / 32))
         let groupsOf = (0..<parts).map { p in (codes.count * p / parts)..<(codes.count * (p + 1) / parts) }
         let group = codes.format.group
-        var picks = [[[Int]]](repeating: [], count: parts)
+        // Per part and head, its picks as (score, position) pair keys.
+        var picks = [[[UInt64]]](repeating: [], count: parts)
+        var masses = [TailMasses](repeating: TailMasses(), count: parts)
         picks.withUnsafeMutableBufferPointer { out in
-            SpinJoin.run(tasks: parts, threads: parts) { p in
-                let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
-                scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
-                for h in 0..<g {
-                    let row = scores + h * coded
-                    score.cap(row + first, count: count)
-                    for i in fixed where i >= first && i < first + count { row[i] = -.infinity }
+            masses.withUnsafeMutableBufferPointer { tailOut in
+                SpinJoin.run(tasks: parts, threads: parts) { p in
+                    let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
+                    scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
+                    for h in 0..<g {
+                        let row = scores + h * coded
+                        score.cap(row + first, count: count)
+                        for i in fixed where i >= first && i < first + count { row[i] = -.infinity }
+                    }
+                    if q.candidates > 0 {
+                        out[p] = (0..<g).map { h in
+                            let row = scores + h * coded
+                            return bestPositions(row + first, count: count, take: q.candidates).map { kvr_pair_key(row[first + $0], Int32(first + $0)) }
+                        }
+                    }
+                    if q.tail { tailOut[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: range) }
                 }
-                out[p] = q.candidates > 0
-                    ? (0..<g).map { h in bestPositions(scores + h * coded + first, count: count, take: q.candidates).map { $0 + first } }
-                    : []
             }
         }
         // Each head's best candidates over all parts, their union attended exactly with the static part.
-        var chosen = Set<Int>()
         var retrieved: [Int] = []
         if q.candidates > 0 {
+            var chosen = [UInt64](repeating: 0, count: (coded + 63) / 64)  // a bit per position
+            var pool = [UInt64](repeating: 0, count: parts * q.candidates)
             for h in 0..<g {
-                let row = scores + h * coded
-                var pool = picks.flatMap { $0[h] }
-                if pool.count > q.candidates {
-                    pool.sort { row[$0] != row[$1] ? row[$0] > row[$1] : $0 < $1 }
-                    pool.removeLast(pool.count - q.candidates)
+                var m = 0
+                for part in picks { for key in part[h] { pool[m] = key; m += 1 } }
+                let k = min(m, q.candidates)
+                if k < m { _ = pool.withUnsafeMutableBufferPointer { kvr_select_u64($0.baseAddress!, m, k) } }
+                for key in pool[0..<k] {
+                    let i = Int(kvr_pair_id(key))
+                    if chosen[i >> 6] & (1 << UInt64(i & 63)) == 0 { chosen[i >> 6] |= 1 << UInt64(i & 63); retrieved.append(i) }
                 }
-                for i in pool where chosen.insert(i).inserted { retrieved.append(i) }
             }
         }
         let attended = (fixed + retrieved).sorted()
@@ -113,22 +125,22 @@ extension Attention {
                                         score: score, parts: parameters.threads)
         }
         if q.tail {
-            for i in retrieved { for h in 0..<g { scores[h * coded + i] = -.infinity } }
-            // Masses first (each part's weights and group sums), then one decision over the whole
-            // head (sharp or not, which groups weigh), then each part's values: the same result
-            // whatever the number of parts.
-            var masses = [TailMasses](repeating: TailMasses(), count: parts)
-            masses.withUnsafeMutableBufferPointer { out in
-                SpinJoin.run(tasks: parts, threads: parts) { p in
-                    out[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: groupsOf[p])
-                }
-            }
+            removeFromTail(retrieved, scores: scores, g: g, coded: coded, group: group, parts: groupsOf, masses: &masses)
+            // One decision over the whole head (sharp or not, which groups weigh), then each
+            // part's values: the same result whatever the number of parts.
             let plan = TailPlan(masses, exact: heads, groups: codes.count, parameters: q)
-            var tails = [[PartialAttention]](repeating: [], count: parts)
+            // The value pass's work is uneven (the groups that weigh cluster), so each part's
+            // groups split in slices that both cores claim as they finish.
+            let slices = groupsOf.enumerated().flatMap { p, range in
+                let k = max(1, min(tailSlicesPerPart, range.count / 8))
+                return (0..<k).map { (part: p, groups: (range.lowerBound + range.count * $0 / k)..<(range.lowerBound + range.count * ($0 + 1) / k)) }
+            }
+            var tails = [[PartialAttention]](repeating: [], count: slices.count)
             tails.withUnsafeMutableBufferPointer { out in
-                SpinJoin.run(tasks: parts, threads: parts) { p in
-                    out[p] = tailPartials(scores: scores, g: g, codes: codes, groups: groupsOf[p], dimension: values.dimension,
-                                          masses: masses[p], plan: plan)
+                SpinJoin.run(tasks: slices.count, threads: parts) { t in
+                    let slice = slices[t]
+                    out[t] = tailPartials(scores: scores, g: g, codes: codes, part: groupsOf[slice.part], groups: slice.groups,
+                                          dimension: values.dimension, masses: masses[slice.part], plan: plan)
                 }
             }
             for h in 0..<g { heads[h] = tails.reduce(heads[h]) { $0.merged(with: $1[h]) } }
@@ -175,6 +187,26 @@ extension Attention {
         return m
     }
 
+    /// Takes attended positions out of the parts' tails: their weights become 0 and leave their
+    /// groups' and parts' masses (the parts' maxima stay as reference points: the weights are
+    /// relative to them, whatever they include). A subtraction that cancels leaves at most a
+    /// float's rounding of the removed weight, far below what decides or shifts anything.
+    static func removeFromTail(_ positions: [Int], scores: UnsafeMutablePointer<Float>, g: Int, coded: Int, group: Int,
+                               parts: [Range<Int>], masses: inout [TailMasses]) {
+        for i in positions {
+            let gi = i / group
+            guard let p = parts.firstIndex(where: { $0.contains(gi) }) else { continue }
+            let count = parts[p].count, j = gi - parts[p].lowerBound
+            for h in 0..<g {
+                let w = scores[h * coded + i]
+                scores[h * coded + i] = 0
+                guard w > 0 else { continue }
+                masses[p].groupMass[h * count + j] = max(0, masses[p].groupMass[h * count + j] - w)
+                masses[p].totals[h] = max(0, masses[p].totals[h] - w)
+            }
+        }
+    }
+
     /// The decisions over a head's whole tail: which heads keep it (not sharp) and, per head, the
     /// mass (relative to its whole tail's maximum) from which a group goes through its value codes.
     struct TailPlan {
@@ -194,17 +226,25 @@ extension Attention {
         }
     }
 
-    /// Each head's attention over one part's tail (`masses` from `tailMasses`), from the codes:
-    /// values from each position's value codes in the groups that weigh (per `plan`), from the
-    /// group's mean value in the others.
-    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, groups: Range<Int>, dimension dv: Int,
-                             masses m: TailMasses, plan: TailPlan) -> [PartialAttention] {
+    /// Slices of a part's groups in the value pass (claimed by whichever core is free).
+    static let tailSlicesPerPart = 4
+
+    /// Each head's attention over `groups` (a slice of `part`, whose masses `m` come from
+    /// `tailMasses`), from the codes: values from each position's value codes in the groups that
+    /// weigh (per `plan`), from the group's mean value in the others.
+    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, part: Range<Int>, groups: Range<Int>,
+                             dimension dv: Int, masses m: TailMasses, plan: TailPlan) -> [PartialAttention] {
         var layout = codes.kernelLayout
-        let coded = codes.positions, group = layout.group, padded = layout.padded, count = groups.count
+        let coded = codes.positions, group = layout.group, padded = layout.padded
+        let count = part.count, offset = groups.lowerBound - part.lowerBound
         let first = groups.lowerBound * group
-        let keeps = (0..<g).map { h in plan.keeps[h] && m.totals[h] > 0 }
+        // Per head, the slice's share of the part's tail weights (their sum: the groups' masses).
+        let totals = (0..<g).map { h in
+            plan.keeps[h] && m.totals[h] > 0 ? (0..<groups.count).reduce(Float(0)) { $0 + m.groupMass[h * count + offset + $1] } : 0
+        }
+        let keeps = totals.map { $0 > 0 }
         guard keeps.contains(true) else { return Array(repeating: .empty(dimension: dv), count: g) }
-        for h in 0..<g where !keeps[h] { (scores + h * coded + first).update(repeating: 0, count: count * group) }
+        for h in 0..<g where !keeps[h] { (scores + h * coded + first).update(repeating: 0, count: groups.count * group) }
         // A group's mass relative to the head's maximum over the whole tail.
         let rescale = (0..<g).map { h in keeps[h] ? exp(m.maxima[h] - plan.maximum[h]) : 0 }
         var sum = [Float](repeating: 0, count: g * padded), scratch = [Float](repeating: 0, count: 2 * padded)
@@ -212,13 +252,22 @@ extension Attention {
         var row: UnsafeRawPointer? = nil
         sum.withUnsafeMutableBufferPointer { s in
             scratch.withUnsafeMutableBufferPointer { t in
-                for j in 0..<count {
+                let detailed = (0..<groups.count).map { j in
+                    (0..<g).contains { h in keeps[h] && m.groupMass[h * count + offset + j] * rescale[h] >= plan.detailFloor[h] }
+                }
+                var ahead = 0  // the next detailed group, whose codes are fetched while this one is read
+                for j in 0..<groups.count {
                     row = codes.row(groups.lowerBound + j)
-                    let detailed = (0..<g).contains { h in keeps[h] && m.groupMass[h * count + j] * rescale[h] >= plan.detailFloor[h] }
-                    if detailed {
+                    let mass = offset + j
+                    if ahead <= j {
+                        ahead = j + 1
+                        while ahead < groups.count && !detailed[ahead] { ahead += 1 }
+                        if ahead < groups.count { kvr_prefetch_values(codes.row(groups.lowerBound + ahead), &layout) }
+                    }
+                    if detailed[j] {
                         kvr_code_values(scores + first + j * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)
                     } else {
-                        for h in 0..<g { masses[h] = keeps[h] ? m.groupMass[h * count + j] : 0 }
+                        for h in 0..<g { masses[h] = keeps[h] ? m.groupMass[h * count + mass] : 0 }
                         kvr_code_means(masses, g, row, &layout, dv, s.baseAddress!, t.baseAddress!)
                     }
                 }
@@ -226,8 +275,8 @@ extension Attention {
         }
         return (0..<g).map { h in
             guard keeps[h] else { return .empty(dimension: dv) }
-            let inv = 1 / m.totals[h]
-            return PartialAttention(output: (0..<dv).map { sum[h * padded + $0] * inv }, lse: m.maxima[h] + log(m.totals[h]))
+            let inv = 1 / totals[h]
+            return PartialAttention(output: (0..<dv).map { sum[h * padded + $0] * inv }, lse: m.maxima[h] + log(totals[h]))
         }
     }
 
@@ -242,3 +291,4 @@ extension Attention {
         return out[0..<k].map { Int($0) }
     }
 }
+

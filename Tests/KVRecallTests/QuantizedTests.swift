@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 import Testing
 @testable import KVRecall
@@ -116,6 +117,46 @@ import KVRecallTestSupport
                 }
                 format.decode(row: r.baseAddress!, position: 0, dimension: d, key: &key, value: &value)
                 #expect(key[0] == format.step(r.baseAddress! + layout.keyMin, 0))  // code 0
+            }
+        }
+    }
+
+    /// The value pass's kernel (u8 weights x 4-bit codes, int16 weights x 8-bit ones) against the
+    /// weighted sum of the decoded values, for 1, 4 and 5 heads (one all zero, skipped) and a
+    /// dimension with padding channels: within its weights' rounding (a channel or position out of
+    /// place would be off by the output's own size).
+    @Test(arguments: [4, 8])
+    func theValuePassIsTheWeightedSumOfTheDecodedValues(valueBits: Int) throws {
+        let d = 80, group = 64  // padded to 96
+        let format = CodeFormat(keyBits: 4, valueBits: valueBits, group: group)
+        let l = format.layout(dimension: d)
+        let row = Self.encoded(Self.head(n: group, d: d, seed: 5), format: format, dimension: d)
+        var rng = SeededRandom(seed: 9)
+        for g in [1, 4, 5] {
+            var w = (0..<(g * group)).map { _ in exp(rng.gaussian()) }  // a diffuse tail's weights within a group
+            if g == 5 { for i in 0..<group { w[2 * group + i] = 0 } }
+            var out = [Float](repeating: 0, count: g * l.padded), scratch = [Float](repeating: 0, count: 2 * l.padded)
+            var expected = [Double](repeating: 0, count: g * d)
+            row.withUnsafeBytes { r in
+                var layout = kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
+                                             value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes,
+                                             row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
+                                             padded: l.padded, group: group, key_bits: 4, value_bits: valueBits, wide_steps: 0)
+                var pointer: UnsafeRawPointer? = r.baseAddress
+                kvr_code_values(w, g, group, &pointer, 1, &layout, d, &out, &scratch)
+                var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
+                for i in 0..<group {
+                    format.decode(row: r.baseAddress!, position: i, dimension: d, key: &key, value: &value)
+                    for h in 0..<g { for c in 0..<d { expected[h * d + c] += Double(w[h * group + i]) * Double(value[c]) } }
+                }
+            }
+            for h in 0..<g {
+                let got = (0..<d).map { Double(out[h * l.padded + $0]) }, want = Array(expected[(h * d)..<((h + 1) * d)])
+                let norm = sqrt(want.map { $0 * $0 }.reduce(0, +))
+                if norm == 0 { #expect(got.allSatisfy { $0 == 0 }); continue }
+                let error = sqrt(zip(got, want).map { ($0 - $1) * ($0 - $1) }.reduce(0, +)) / norm
+                #expect(error < (valueBits == 4 ? 0.01 : 0.001), "heads \(g), head \(h): relative error \(error)")
+                #expect((d..<l.padded).allSatisfy { out[h * l.padded + $0] == 0 })  // padding channels add nothing
             }
         }
     }

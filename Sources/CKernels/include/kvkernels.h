@@ -142,8 +142,8 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
 
 /* The weighted sums of decoded value codes for g heads: with w[h * stride + gi * group + i] >= 0 the
  * weight of position i of group gi (a head whose group weights are all 0 is skipped), out[h * padded
- * + c] += sum_i w * value_ic, for c < dv. The weights are quantized to int8 per head and group.
- * scratch: 2 * padded floats. */
+ * + c] += sum_i w * value_ic, for c < dv. The weights are quantized per head and group: to u8 for
+ * 4-bit value codes, to int16 for 8-bit ones. scratch: 2 * padded floats. */
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
                      const kvr_code_layout *layout, size_t dv, float *out, float *scratch);
 
@@ -158,6 +158,10 @@ size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *o
 
 /* out[gi] = sum of x[gi * group, (gi + 1) * group) for gi < groups. */
 void kvr_group_sums(const float *x, size_t groups, size_t group, float *out);
+
+/* Starts fetching a group row's value part (steps, means and codes) into the caches: the value pass
+ * calls it for the next group it will read while it works on this one. */
+void kvr_prefetch_values(const void *row, const kvr_code_layout *layout);
 
 /* A light group through its mean value: out[h * padded + c] += totals[h] * mean_c for c < dv.
  * scratch: padded floats. */
