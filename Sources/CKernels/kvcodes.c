@@ -116,35 +116,59 @@ FAST static inline __m256i reduce8(__m256i a0, __m256i a1, __m256i a2, __m256i a
     return _mm256_add_epi32(lo, hi);
 }
 
-/* prepare_portable, eight channels at a time (d a multiple of 8). */
+/* 32 floats times inv, rounded to nearest even, as 32 int8 in order (|x * inv| <= 127). */
+FAST static inline void store_q8_32(const __m256 *x, __m256 inv, int8_t *out) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* packs interleave 4-byte runs */
+    const __m256i a = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x[0], inv)), _mm256_cvtps_epi32(_mm256_mul_ps(x[1], inv)));
+    const __m256i b = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x[2], inv)), _mm256_cvtps_epi32(_mm256_mul_ps(x[3], inv)));
+    _mm256_storeu_si256((__m256i *)out, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
+}
+
+/* prepare_portable, eight channels at a time (d a multiple of 8): the steps converted once per
+ * group, four heads per pass over them (bases and ranges), then each head's int8 query written 32
+ * channels per store. The same bytes as one head at a time. */
 FAST static void prepare_fast(const float *q, size_t g, size_t d, const kvr_code_layout *L, const uint8_t *row,
                               int8_t *q8, float *scales, float *bases, float *scratch) {
-    float *kmin = scratch, *kstep = scratch + L->padded, *qs = scratch + 2 * L->padded;
+    float *kmin = scratch, *kstep = scratch + L->padded;
     read_steps(row + L->key_min, d, (int)L->wide_steps, kmin);
     read_steps(row + L->key_step, d, (int)L->wide_steps, kstep);
     const float limit = L->key_bits == 8 ? 63.0f : 127.0f;
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (size_t h = 0; h < g; h++) {
-        const float *qh = q + h * d;
-        __m256 b = _mm256_setzero_ps(), top = _mm256_setzero_ps();
+    const size_t d32 = d & ~(size_t)31;
+    for (size_t h0 = 0; h0 < g; h0 += 4) {
+        const size_t hn = g - h0 < 4 ? g - h0 : 4;
+        const float *qh[4];
+        for (size_t t = 0; t < 4; t++) qh[t] = q + (h0 + (t < hn ? t : 0)) * d;  /* a short tile repeats its first head */
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0, m0 = b0, m1 = b0, m2 = b0, m3 = b0;
         for (size_t j = 0; j < d; j += 8) {
-            __m256 x = _mm256_loadu_ps(qh + j);
-            b = _mm256_fmadd_ps(x, _mm256_loadu_ps(kmin + j), b);
-            __m256 v = _mm256_mul_ps(x, _mm256_loadu_ps(kstep + j));
-            _mm256_storeu_ps(qs + j, v);
-            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
+            const __m256 lo = _mm256_loadu_ps(kmin + j), st = _mm256_loadu_ps(kstep + j);
+            __m256 x;
+            x = _mm256_loadu_ps(qh[0] + j); b0 = _mm256_fmadd_ps(x, lo, b0); m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, _mm256_mul_ps(x, st)));
+            x = _mm256_loadu_ps(qh[1] + j); b1 = _mm256_fmadd_ps(x, lo, b1); m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, _mm256_mul_ps(x, st)));
+            x = _mm256_loadu_ps(qh[2] + j); b2 = _mm256_fmadd_ps(x, lo, b2); m2 = _mm256_max_ps(m2, _mm256_andnot_ps(sign, _mm256_mul_ps(x, st)));
+            x = _mm256_loadu_ps(qh[3] + j); b3 = _mm256_fmadd_ps(x, lo, b3); m3 = _mm256_max_ps(m3, _mm256_andnot_ps(sign, _mm256_mul_ps(x, st)));
         }
-        float t = hmax_ps(top);
-        __m256 inv = _mm256_set1_ps(t > 0 ? limit / t : 0);
-        int8_t *out = q8 + h * L->padded;
-        for (size_t j = 0; j < d; j += 8) {
-            __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(qs + j), inv));  /* round to nearest even */
-            __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-            _mm_storel_epi64((__m128i *)(out + j), _mm_packs_epi16(w, w));
+        const __m256 bs[4] = {b0, b1, b2, b3}, ms[4] = {m0, m1, m2, m3};
+        for (size_t t = 0; t < hn; t++) {
+            const size_t h = h0 + t;
+            const float top = hmax_ps(ms[t]);
+            const __m256 inv = _mm256_set1_ps(top > 0 ? limit / top : 0);
+            int8_t *out = q8 + h * L->padded;
+            size_t j = 0;
+            for (; j < d32; j += 32) {
+                __m256 x[4];
+                for (size_t k = 0; k < 4; k++) x[k] = _mm256_mul_ps(_mm256_loadu_ps(qh[t] + j + 8 * k), _mm256_loadu_ps(kstep + j + 8 * k));
+                store_q8_32(x, inv, out + j);
+            }
+            for (; j < d; j += 8) {
+                __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(qh[t] + j), _mm256_loadu_ps(kstep + j)), inv));
+                __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+                _mm_storel_epi64((__m128i *)(out + j), _mm_packs_epi16(w, w));
+            }
+            for (j = d; j < L->padded; j++) out[j] = 0;
+            scales[h] = top > 0 ? top / limit : 0;
+            bases[h] = hsum_ps(bs[t]);
         }
-        for (size_t j = d; j < L->padded; j++) out[j] = 0;
-        scales[h] = t > 0 ? t / limit : 0;
-        bases[h] = hsum_ps(b);
     }
 }
 
