@@ -199,6 +199,36 @@ import KVRecallTestSupport
         #expect(try rows(store) == rows(reference))
     }
 
+    /// Attended positions leave the tail by subtraction (the masses are computed in the scan's task,
+    /// before the candidates are known): the masses and zeroed weights equal those of a tail that
+    /// never held them (scores -inf), once both are put on the same reference maximum.
+    @Test func attendedPositionsLeaveTheTailsMasses() {
+        let g = 2, group = 8, groups = 6, coded = group * groups
+        var rng = SeededRandom(seed: 4)
+        let raw = (0..<(g * coded)).map { _ in 3 * rng.gaussian() }
+        let parts = [0..<2, 2..<groups]
+        // The head's three best positions and one from the first part: with the maxima among them.
+        let removed = Array(Set((0..<coded).sorted { raw[$0] > raw[$1] }.prefix(3) + [5])).sorted()
+        var scores = raw, without = raw
+        for i in removed { for h in 0..<g { without[h * coded + i] = -.infinity } }
+        var masses = parts.map { Attention.tailMasses(scores: &scores, g: g, coded: coded, group: group, groups: $0) }
+        let expected = parts.map { Attention.tailMasses(scores: &without, g: g, coded: coded, group: group, groups: $0) }
+        Attention.removeFromTail(removed, scores: &scores, g: g, coded: coded, group: group, parts: parts, masses: &masses)
+        for (p, range) in parts.enumerated() {
+            for h in 0..<g {
+                let shift = exp(expected[p].maxima[h] - masses[p].maxima[h])  // to the subtracted masses' reference
+                #expect(abs(masses[p].totals[h] - expected[p].totals[h] * shift) <= 1e-5 * max(1, masses[p].totals[h]))
+                for j in 0..<range.count {
+                    let got = masses[p].groupMass[h * range.count + j], want = expected[p].groupMass[h * range.count + j] * shift
+                    #expect(abs(got - want) <= 1e-5 * max(1, got), "part \(p), head \(h), group \(j)")
+                }
+                for i in range.lowerBound * group..<range.upperBound * group {
+                    #expect(abs(scores[h * coded + i] - without[h * coded + i] * shift) <= 1e-5)
+                }
+            }
+        }
+    }
+
     /// On a head whose attention spreads (soft queries) the method's error is small, and it grows
     /// when the coded tail is dropped or when no candidate is scored exactly.
     @Test func quantizedAttentionIsCloseToExactBecauseOfCandidatesAndTail() throws {
