@@ -129,8 +129,7 @@ package enum AttentionKernel {
         for h in 0..<g {
             let row = scores + h * len
             score.cap(row, count: len)
-            var m = -Float.infinity
-            for i in 0..<len { m = max(m, row[i]) }
+            let m = kvr_max(row, len)  // vectorised: a scalar Swift loop here was a tenth of exact's time
             maxima[h] = m
             totals[h] = kvr_exp_sub(row, len, m)
         }
