@@ -262,20 +262,24 @@ FAST static void key_dots_u8(const int8_t *q8, size_t g, const kvr_code_layout *
     }
 }
 
-/* The value pass of one group of 64 positions (4- or 8-bit codes): per head, the weights quantized
- * to int16 (one scale: the largest weight maps to 32767, so a weight 1e-4 of it keeps 3 digits; int8
- * lost the small tail weights of a group and doubled the error on real heads); then per pair of
- * channels, each channel's 64 codes widened once and multiplied with every head's weights
- * (vpmaddwd, 16 positions per instruction), the eight dot products reduced together. */
-FAST static void group_values_64(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+/* A group row's value mins and steps as f32 into scratch (2 * padded floats), padding channels 0. */
+static void value_steps(const uint8_t *row, const kvr_code_layout *L, size_t dv, float *scratch) {
+    read_steps(row + L->value_min, dv, (int)L->wide_steps, scratch);
+    read_steps(row + L->value_step, dv, (int)L->wide_steps, scratch + L->padded);
+    for (size_t c = dv; c < L->padded; c++) { scratch[c] = 0; scratch[L->padded + c] = 0; }
+}
+
+/* The value pass of one group of 64 positions with 8-bit codes (4-bit ones: group_values_u4): per
+ * head, the weights quantized to int16 (one scale: the largest weight maps to 32767, so a weight 1e-4
+ * of it keeps 3 digits); then per pair of channels, each channel's 64 codes widened once and
+ * multiplied with every head's weights (vpmaddwd, 16 positions per instruction), the eight dot
+ * products reduced together. */
+FAST static void group_values_u8(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
                                  size_t dv, float *out, float *scratch) {
     const size_t P = L->padded;
-    float *vmin = scratch, *vstep = scratch + P;
-    read_steps(row + L->value_min, dv, (int)L->wide_steps, vmin);
-    read_steps(row + L->value_step, dv, (int)L->wide_steps, vstep);
+    const float *vmin = scratch, *vstep = scratch + P;
+    value_steps(row, L, dv, scratch);
     const uint8_t *codes = row + L->value_codes;
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    const int wide = L->value_bits == 8;
     for (size_t h0 = 0; h0 < g; h0 += 4) {
         const size_t hn = g - h0 < 4 ? g - h0 : 4;
         __m256i w16[4][4];      /* head t, positions 16k..16k+15 */
@@ -307,15 +311,7 @@ FAST static void group_values_64(const float *w, size_t g, size_t stride, const 
             for (size_t e = 0; e < 2; e++) {
                 const size_t ch = c + e < dv ? c + e : c;  /* an odd last channel repeats (its result is not kept) */
                 const uint8_t *cc = codes + ch * L->value_code_bytes;
-                __m256i lo, hi;  /* positions 0..31 and 32..63 as bytes */
-                if (wide) {
-                    lo = _mm256_loadu_si256((const __m256i *)cc);
-                    hi = _mm256_loadu_si256((const __m256i *)(cc + 32));
-                } else {
-                    __m256i b = _mm256_loadu_si256((const __m256i *)cc);
-                    lo = _mm256_and_si256(b, nibble);
-                    hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-                }
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)cc), hi = _mm256_loadu_si256((const __m256i *)(cc + 32));
                 const __m256i x0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), x1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
                 const __m256i x2 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), x3 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
                 for (size_t t = 0; t < 4; t++) {
@@ -341,10 +337,8 @@ FAST static void group_values_64(const float *w, size_t g, size_t stride, const 
 FAST static void group_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
                                  size_t dv, float *out, float *scratch) {
     const size_t P = L->padded;
-    float *vmin = scratch, *vstep = scratch + P;
-    read_steps(row + L->value_min, dv, (int)L->wide_steps, vmin);
-    read_steps(row + L->value_step, dv, (int)L->wide_steps, vstep);
-    for (size_t c = dv; c < P; c++) { vmin[c] = 0; vstep[c] = 0; }
+    const float *vmin = scratch, *vstep = scratch + P;
+    value_steps(row, L, dv, scratch);
     const uint8_t *codes = row + L->value_codes;
     __m256i wq[64][2];
     float scale[64], total[64];
@@ -451,7 +445,7 @@ void kvr_code_values(const float *w, size_t g, size_t stride, const void *const 
         if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1] + L->value_min, L->row_bytes - L->value_min);
 #if KVR_X86
         if (kvr_has_fast_path() && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch); continue; }
-        if (kvr_has_fast_path() && L->group == 64) { group_values_64(wg, g, stride, L, row, dv, out, scratch); continue; }
+        if (kvr_has_fast_path() && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch); continue; }
 #endif
         group_values_portable(wg, g, stride, L, row, dv, out, scratch);
     }
