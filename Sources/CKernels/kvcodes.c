@@ -176,8 +176,10 @@ FAST static void prepare_fast(const float *q, size_t g, size_t d, const kvr_code
 FAST static size_t max_fast(const float *x, size_t n, float *m) {
     __m256 a = _mm256_set1_ps(-INFINITY), b = a;
     size_t i = 0;
-    for (; i + 16 <= n; i += 16) { a = _mm256_max_ps(a, _mm256_loadu_ps(x + i)); b = _mm256_max_ps(b, _mm256_loadu_ps(x + i + 8)); }
-    for (; i + 8 <= n; i += 8) a = _mm256_max_ps(a, _mm256_loadu_ps(x + i));
+    /* maxps returns its second operand when either is NaN: the running maximum goes second, so a NaN
+     * score is passed over (as the scalar tail's comparison does). */
+    for (; i + 16 <= n; i += 16) { a = _mm256_max_ps(_mm256_loadu_ps(x + i), a); b = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), b); }
+    for (; i + 8 <= n; i += 8) a = _mm256_max_ps(_mm256_loadu_ps(x + i), a);
     *m = hmax_ps(_mm256_max_ps(a, b));
     return i;
 }

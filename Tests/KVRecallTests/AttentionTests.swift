@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 import Testing
 @testable import KVRecall
@@ -11,6 +12,20 @@ import Testing
 import KVRecallTestSupport
 
 @Suite struct AttentionTests {
+    /// The per-head maximum score behind exact attention and the quantized tail passes over a NaN
+    /// wherever it sits (first, in the vector body, in the scalar tail), as the Swift loop it replaced
+    /// did: a NaN maximum would turn every weight into the same constant.
+    @Test func theMaximumScorePassesOverNaN() {
+        for n in [1, 7, 8, 16, 17, 40] {
+            for at in 0..<n {
+                var x = (0..<n).map { Float($0 % 5) - 2 }
+                let want = x.enumerated().filter { $0.offset != at }.map(\.element).max() ?? -.infinity
+                x[at] = .nan
+                #expect(kvr_max(x, n) == want, "n \(n), NaN at \(at)")
+            }
+        }
+    }
+
     /// Naive softmax attention in double precision over `positions`.
     static func naive(query: [Float], keys: [Float], values: [Float], d: Int, positions: [Int], scale: Double) -> (out: [Double], lse: Double) {
         let scores = positions.map { i in (0..<d).reduce(0.0) { $0 + Double(query[$1]) * Double(keys[i * d + $1]) } * scale }

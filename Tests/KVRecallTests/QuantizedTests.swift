@@ -155,7 +155,7 @@ import KVRecallTestSupport
                 let norm = sqrt(want.map { $0 * $0 }.reduce(0, +))
                 if norm == 0 { #expect(got.allSatisfy { $0 == 0 }); continue }
                 let error = sqrt(zip(got, want).map { ($0 - $1) * ($0 - $1) }.reduce(0, +)) / norm
-                #expect(error < (valueBits == 4 ? 0.01 : 0.001), "heads \(g), head \(h): relative error \(error)")
+                #expect(error < (valueBits == 4 ? 0.015 : 0.001), "heads \(g), head \(h): relative error \(error)")
                 #expect((d..<l.padded).allSatisfy { out[h * l.padded + $0] == 0 })  // padding channels add nothing
             }
         }

@@ -142,12 +142,12 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
 
 /* The weighted sums of decoded value codes for g heads: with w[h * stride + gi * group + i] >= 0 the
  * weight of position i of group gi (a head whose group weights are all 0 is skipped), out[h * padded
- * + c] += sum_i w * value_ic, for c < dv. The weights are quantized per head and group: to u8 for
- * 4-bit value codes, to int16 for 8-bit ones. scratch: 2 * padded floats. */
+ * + c] += sum_i w * value_ic, for c < dv, g <= 64. The weights are quantized per head and group: to
+ * u8 for 4-bit value codes, to int16 for 8-bit ones. scratch: 2 * padded floats. */
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
                      const kvr_code_layout *layout, size_t dv, float *out, float *scratch);
 
-/* The largest of x[0, n) (-inf for n == 0; NaN-free input), vectorised. */
+/* The largest of x[0, n) (-inf for n == 0 or all NaN; NaN values are passed over), vectorised. */
 float kvr_max(const float *x, size_t n);
 
 /* The best `take` of scores[0, n) (ties to the lower position; -inf never taken) as positions in
