@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Could the quantized method scan fewer key channels? A low-rank key scan on real heads (issue 21).
+
+The quantized step's key scan costs one multiply-add per channel, position and query head; scanning r of
+d channels in a rotated basis (Loki's idea) would cut it by d / r. This measures what that costs in
+fidelity before any code is written, with exact vectors (no 4-bit codes), so the figures are what a
+low-rank scan loses on its own:
+
+  for each decode query head, approximate scores from the keys' projection on r basis vectors (plus
+  the key mean's exact contribution) pick the best 128 positions beyond sinks (4) and window (64);
+  those are attended exactly, and every other position contributes with its approximate weight and
+  its exact value (the quantized method's tail), all in one softmax; against exact attention:
+
+  recall  share of the exact top-128 among the 128 picked;
+  error   ||o - o_exact|| / ||o_exact||, median over the query heads.
+
+Bases: 'pca', the keys' principal components; 'qpca', the components of the keys' covariance in the
+metric of the prefill queries' second moment (what matters for q . k when queries are anisotropic).
+
+Usage: lowrank_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--groups 16] [--scale 0.0625]
+(the folder `Tools/bench/capture32k.sh` writes: layerNN_{keys,values,queries,prefill_queries}.npy).
+"""
+import argparse
+
+import numpy as np
+
+
+def study(folder, layer, groups, scale, ranks):
+    load = lambda name: np.load(f"{folder}/layer{layer}_{name}.npy").astype(np.float32)
+    keys, values, queries, prefill = load("keys"), load("values"), load("queries"), load("prefill_queries")
+    n, d = keys.shape
+    mean = keys.mean(0)
+    centred = keys - mean
+    cov = centred.T @ centred / n
+    pca = np.linalg.eigh(cov)[1][:, ::-1]
+    # q . k = (M^-T q) . (M k) with Cq = M^T M: principal components of M C M^T in that metric.
+    metric = np.linalg.cholesky(prefill.T @ prefill / len(prefill) + 1e-6 * np.eye(d)).T
+    qpca = np.linalg.eigh(metric @ cov @ metric.T)[1][:, ::-1]
+    to_metric = np.linalg.inv(metric).T
+    results = {}
+    fixed = np.zeros(n, bool)
+    fixed[:4] = True
+    fixed[-64:] = True
+    for row in range(min(groups * 4, len(queries))):
+        q = queries[row]
+        s = keys @ q * scale
+        top = s.max()
+        w = np.exp(s - top)
+        exact = w @ values / w.sum()
+        best = set(np.argsort(-np.where(fixed, -np.inf, s))[:128])
+        for name in ("pca", "qpca"):
+            for r in ranks:
+                if name == "pca":
+                    basis = pca[:, :r]
+                    approx = ((centred @ basis) @ (basis.T @ q) + mean @ q) * scale
+                else:
+                    basis = qpca[:, :r]
+                    approx = (((centred @ metric.T) @ basis) @ (basis.T @ (to_metric @ q)) + mean @ q) * scale
+                picked = np.argsort(-np.where(fixed, -np.inf, approx))[:128]
+                attended = fixed.copy()
+                attended[picked] = True
+                tail = np.exp(approx - top)
+                tail[attended] = 0
+                out = (np.where(attended, w, 0) @ values + tail @ values) / (np.where(attended, w, 0).sum() + tail.sum())
+                error = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+                results.setdefault((name, r), []).append((len(best & set(picked)) / 128, error))
+    for (name, r), rows in sorted(results.items()):
+        a = np.array(rows)
+        print(f"layer {layer}  {name:4s} r {r:3d} of {d}: recall@128 {np.median(a[:, 0]):.3f}  median error {np.median(a[:, 1]):.4f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dir", default="Tools/bench/out/gemma32k")
+    p.add_argument("--layers", default="05,11,17")
+    p.add_argument("--groups", type=int, default=16, help="decode query groups (of 4 heads) per layer")
+    p.add_argument("--scale", type=float, default=0.0625, help="softmax scale (Gemma 3: 1/16)")
+    p.add_argument("--ranks", default="32,64,128")
+    a = p.parse_args()
+    for layer in a.layers.split(","):
+        study(a.dir, layer, a.groups, a.scale, [int(r) for r in a.ranks.split(",")])
+
+
+if __name__ == "__main__":
+    main()
