@@ -17,7 +17,11 @@ low-rank scan loses on its own:
 Bases: 'pca', the keys' principal components; 'qpca', the components of the keys' covariance in the
 metric of the prefill queries' second moment (what matters for q . k when queries are anisotropic).
 
-Usage: lowrank_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--groups 16] [--scale 0.0625]
+With --bounds it measures the other way to scan less, skipping whole groups of 64 positions by a
+Quest-style bound (each channel's min and max over the group, which the codes store): the share of
+groups whose bounded mass, summed from the smallest, stays below 1e-3 / 1e-4 of the head's total.
+
+Usage: lowrank_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--groups 16] [--scale 0.0625] [--bounds]
 (the folder `Tools/bench/capture32k.sh` writes: layerNN_{keys,values,queries,prefill_queries}.npy).
 """
 import argparse
@@ -69,6 +73,26 @@ def study(folder, layer, groups, scale, ranks):
         print(f"layer {layer}  {name:4s} r {r:3d} of {d}: recall@128 {np.median(a[:, 0]):.3f}  median error {np.median(a[:, 1]):.4f}")
 
 
+def bounds(folder, layer, groups, scale):
+    keys = np.load(f"{folder}/layer{layer}_keys.npy").astype(np.float32)
+    queries = np.load(f"{folder}/layer{layer}_queries.npy").astype(np.float32)
+    n, d = keys.shape
+    grouped = keys[: n // 64 * 64].reshape(-1, 64, d)
+    low, high = grouped.min(1), grouped.max(1)
+    shares = {1e-3: [], 1e-4: []}
+    for row in range(min(groups * 4, len(queries))):
+        q = queries[row]
+        s = keys @ q * scale
+        top = s.max()
+        total = np.exp(s - top).sum()
+        bound = 64 * np.exp(np.minimum(np.maximum(low * q, high * q).sum(1) * scale - top, 0))
+        cumulative = np.cumsum(np.sort(bound))
+        for eps in shares:
+            shares[eps].append(np.searchsorted(cumulative, eps * total) / len(bound))
+    print(f"layer {layer}  groups skippable by their bound: "
+          + ", ".join(f"{np.median(v):.3f} at {eps:g} of the mass" for eps, v in shares.items()))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dir", default="Tools/bench/out/gemma32k")
@@ -76,9 +100,13 @@ def main():
     p.add_argument("--groups", type=int, default=16, help="decode query groups (of 4 heads) per layer")
     p.add_argument("--scale", type=float, default=0.0625, help="softmax scale (Gemma 3: 1/16)")
     p.add_argument("--ranks", default="32,64,128")
+    p.add_argument("--bounds", action="store_true", help="measure group skipping by per-channel bounds instead")
     a = p.parse_args()
     for layer in a.layers.split(","):
-        study(a.dir, layer, a.groups, a.scale, [int(r) for r in a.ranks.split(",")])
+        if a.bounds:
+            bounds(a.dir, layer, a.groups, a.scale)
+        else:
+            study(a.dir, layer, a.groups, a.scale, [int(r) for r in a.ranks.split(",")])
 
 
 if __name__ == "__main__":
