@@ -116,12 +116,13 @@ FAST static inline __m256i reduce8(__m256i a0, __m256i a1, __m256i a2, __m256i a
     return _mm256_add_epi32(lo, hi);
 }
 
-/* 32 floats times inv, rounded to nearest even, as 32 int8 in order (|x * inv| <= 127). */
-FAST static inline void store_q8_32(const __m256 *x, __m256 inv, int8_t *out) {
+/* 32 floats x[0..3] times inv, rounded to nearest even, as 32 bytes in order: int8 (saturating) or,
+ * with `unsigned_bytes`, u8 (|x * inv| within the type's range). */
+FAST static inline __m256i bytes32(const __m256 *x, __m256 inv, int unsigned_bytes) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* packs interleave 4-byte runs */
     const __m256i a = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x[0], inv)), _mm256_cvtps_epi32(_mm256_mul_ps(x[1], inv)));
     const __m256i b = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x[2], inv)), _mm256_cvtps_epi32(_mm256_mul_ps(x[3], inv)));
-    _mm256_storeu_si256((__m256i *)out, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
+    return _mm256_permutevar8x32_epi32(unsigned_bytes ? _mm256_packus_epi16(a, b) : _mm256_packs_epi16(a, b), order);
 }
 
 /* prepare_portable, eight channels at a time (d a multiple of 8): the steps converted once per
@@ -158,7 +159,7 @@ FAST static void prepare_fast(const float *q, size_t g, size_t d, const kvr_code
             for (; j < d32; j += 32) {
                 __m256 x[4];
                 for (size_t k = 0; k < 4; k++) x[k] = _mm256_mul_ps(_mm256_loadu_ps(qh[t] + j + 8 * k), _mm256_loadu_ps(kstep + j + 8 * k));
-                store_q8_32(x, inv, out + j);
+                _mm256_storeu_si256((__m256i *)(out + j), bytes32(x, inv, 0));
             }
             for (; j < d; j += 8) {
                 __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(qh[t] + j), _mm256_loadu_ps(kstep + j)), inv));
@@ -345,7 +346,6 @@ FAST static void group_values_u4(const float *w, size_t g, size_t stride, const 
     __m256i wq[64][2];
     float scale[64], total[64];
     size_t live[64], n = 0;
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* packs interleave 4-byte runs */
     for (size_t h = 0; h < g; h++) {
         const float *wh = w + h * stride;
         __m256 x[8];
@@ -356,12 +356,8 @@ FAST static void group_values_u4(const float *w, size_t g, size_t stride, const 
         const float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
                                                 _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));
         const __m256 inv = _mm256_set1_ps(255.0f / top);
-        for (size_t half = 0; half < 2; half++) {
-            __m256i v[4];
-            for (size_t k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(x[4 * half + k], inv));
-            const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-            wq[n][half] = _mm256_permutevar8x32_epi32(b, order);
-        }
+        wq[n][0] = bytes32(x, inv, 1);
+        wq[n][1] = bytes32(x + 4, inv, 1);
         /* The min term takes the rounded weights' total too: the rounding then errs by sum_i e_i v_i
          * (values about centred) rather than by sum_i e_i (v_i - min) (all of one sign). */
         const __m256i sums = _mm256_add_epi64(_mm256_sad_epu8(wq[n][0], _mm256_setzero_si256()),
