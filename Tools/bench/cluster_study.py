@@ -47,10 +47,11 @@ Usage: cluster_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--grou
 (the folder `Tools/bench/capture32k.sh` writes: layerNN_{keys,values,queries,prefill_queries}.npy).
 Only numpy; set OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 to keep it on one core.
 """
-import argparse
 import time
 
 import numpy as np
+
+import capture_study
 
 SINKS, WINDOW, BEST, SIZE = 4, 64, 128, 64
 RANK = 8  # part 2: per-cluster covariance rank of the 'rN' estimator
@@ -230,7 +231,7 @@ def estimates(p, q, s, w, top, static, best, values, shares, scale, exact):
 
 def study(folder, layer, groups, scale, clusters, iters, seed, shares, parts):
     t0 = time.time()
-    load = lambda name: np.load(f"{folder}/layer{layer}_{name}.npy").astype(np.float32)
+    load = lambda name: capture_study.load(folder, layer, name)
     keys, values, queries, prefill = load("keys"), load("values"), load("queries"), load("prefill_queries")
     n, d = keys.shape
     k = clusters or n // SIZE
@@ -302,11 +303,7 @@ def study(folder, layer, groups, scale, clusters, iters, seed, shares, parts):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dir", default="Tools/bench/out/gemma32k")
-    p.add_argument("--layers", default="05,11,17")
-    p.add_argument("--groups", type=int, default=16, help="decode query groups (of 4 heads) per layer")
-    p.add_argument("--scale", type=float, default=0.0625, help="softmax scale (Gemma 3: 1/16)")
+    p = capture_study.parser(__doc__)
     p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default n / 64)")
     p.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
     p.add_argument("--seed", type=int, default=0, help="k-means initialisation seed")

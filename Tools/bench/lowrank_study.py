@@ -24,13 +24,14 @@ groups whose bounded mass, summed from the smallest, stays below 1e-3 / 1e-4 of 
 Usage: lowrank_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--groups 16] [--scale 0.0625] [--bounds]
 (the folder `Tools/bench/capture32k.sh` writes: layerNN_{keys,values,queries,prefill_queries}.npy).
 """
-import argparse
 
 import numpy as np
 
+import capture_study
+
 
 def study(folder, layer, groups, scale, ranks):
-    load = lambda name: np.load(f"{folder}/layer{layer}_{name}.npy").astype(np.float32)
+    load = lambda name: capture_study.load(folder, layer, name)
     keys, values, queries, prefill = load("keys"), load("values"), load("queries"), load("prefill_queries")
     n, d = keys.shape
     mean = keys.mean(0)
@@ -74,8 +75,8 @@ def study(folder, layer, groups, scale, ranks):
 
 
 def bounds(folder, layer, groups, scale):
-    keys = np.load(f"{folder}/layer{layer}_keys.npy").astype(np.float32)
-    queries = np.load(f"{folder}/layer{layer}_queries.npy").astype(np.float32)
+    keys = capture_study.load(folder, layer, "keys")
+    queries = capture_study.load(folder, layer, "queries")
     n, d = keys.shape
     grouped = keys[: n // 64 * 64].reshape(-1, 64, d)
     low, high = grouped.min(1), grouped.max(1)
@@ -94,11 +95,7 @@ def bounds(folder, layer, groups, scale):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dir", default="Tools/bench/out/gemma32k")
-    p.add_argument("--layers", default="05,11,17")
-    p.add_argument("--groups", type=int, default=16, help="decode query groups (of 4 heads) per layer")
-    p.add_argument("--scale", type=float, default=0.0625, help="softmax scale (Gemma 3: 1/16)")
+    p = capture_study.parser(__doc__)
     p.add_argument("--ranks", default="32,64,128")
     p.add_argument("--bounds", action="store_true", help="measure group skipping by per-channel bounds instead")
     a = p.parse_args()
