@@ -32,16 +32,20 @@ public struct QuantizedParameters: Sendable, Equatable {
     }
 }
 
-extension CodeView {
-    /// The C kernels' description of this view's group rows.
-    var kernelLayout: kvr_code_layout {
-        let l = layout
+extension CodeFormat {
+    /// The C kernels' description of this format's group rows for heads of dimension `d`.
+    func kernelLayout(dimension d: Int) -> kvr_code_layout {
+        let l = layout(dimension: d)
         return kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
                                value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes, row_bytes: l.rowBytes,
                                key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, padded: l.padded,
-                               group: l.group, key_bits: format.keyBits, value_bits: format.valueBits,
-                               wide_steps: format.wideSteps ? 1 : 0)
+                               group: l.group, key_bits: keyBits, value_bits: valueBits, wide_steps: wideSteps ? 1 : 0)
     }
+}
+
+extension CodeView {
+    /// The C kernels' description of this view's group rows.
+    var kernelLayout: kvr_code_layout { format.kernelLayout(dimension: info.dimension) }
 }
 
 extension Attention {
@@ -234,8 +238,17 @@ extension Attention {
     /// weigh (per `plan`), from the group's mean value in the others.
     static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, codes: CodeView, part: Range<Int>, groups: Range<Int>,
                              dimension dv: Int, masses m: TailMasses, plan: TailPlan) -> [PartialAttention] {
-        var layout = codes.kernelLayout
-        let coded = codes.positions, group = layout.group, padded = layout.padded
+        tailPartials(scores: scores, g: g, stride: codes.positions, layout: codes.kernelLayout, row: { codes.row($0) }, part: part,
+                     groups: groups, dimension: dv, masses: m, plan: plan)
+    }
+
+    /// `tailPartials` over any code rows: group `j`'s row is `row(j)`, its scores at `j * group` of
+    /// each head's `stride`.
+    static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, stride coded: Int, layout: kvr_code_layout,
+                             row codeRow: (Int) -> UnsafeRawPointer, part: Range<Int>, groups: Range<Int>,
+                             dimension dv: Int, masses m: TailMasses, plan: TailPlan) -> [PartialAttention] {
+        var layout = layout
+        let group = layout.group, padded = layout.padded
         let count = part.count, offset = groups.lowerBound - part.lowerBound
         let first = groups.lowerBound * group
         // Per head, the slice's share of the part's tail weights (their sum: the groups' masses).
@@ -257,12 +270,12 @@ extension Attention {
                 }
                 var ahead = 0  // the next detailed group, whose codes are fetched while this one is read
                 for j in 0..<groups.count {
-                    row = codes.row(groups.lowerBound + j)
+                    row = codeRow(groups.lowerBound + j)
                     let mass = offset + j
                     if ahead <= j {
                         ahead = j + 1
                         while ahead < groups.count && !detailed[ahead] { ahead += 1 }
-                        if ahead < groups.count { kvr_prefetch_values(codes.row(groups.lowerBound + ahead), &layout) }
+                        if ahead < groups.count { kvr_prefetch_values(codeRow(groups.lowerBound + ahead), &layout) }
                     }
                     if detailed[j] {
                         kvr_code_values(scores + first + j * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)

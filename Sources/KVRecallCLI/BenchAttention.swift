@@ -51,6 +51,8 @@ struct BenchAttention: ParsableCommand {
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
     @OptionGroup var budget: BudgetOptions
     @OptionGroup var quantized: QuantizedOptions
+    @Option(help: ArgumentHelp("Also time the quantized method over the head's positions regrouped by key similarity, scanning this share of the groups and estimating the others (an experiment toward issue 21: built in memory from the head's prefill queries, not stored; docs/BENCHMARKS.md).", valueName: "share"))
+    var clustered: Double?
     @Flag(help: "Evict the caches before every timed call (a 96 MB read), as a decoder's other layers do: the head is read from memory, not from the last-level cache.")
     var cold = false
     @Flag(help: "Print JSON.")
@@ -61,6 +63,7 @@ struct BenchAttention: ParsableCommand {
             throw ValidationError("--group, --limit, --passes and --threads must be at least 1")
         }
         _ = try methods()
+        if let clustered, !(clustered > 0 && clustered <= 1) { throw ValidationError("--clustered must be in (0, 1] (got \(clustered))") }
     }
 
     func methods() throws -> [AttentionMethod] {
@@ -107,6 +110,14 @@ struct BenchAttention: ParsableCommand {
                 if let exactMs { line["vs_exact"] = ms / exactMs }
                 lines.append(line)
             }
+            if let share = clustered {
+                var line = try timeClustered(share: share, snapshot: snapshot, keys: keys, values: vals, queries: values,
+                                             parameters: parameters, groups: groups, evict: evict)
+                let ms = line["median_ms"] as! Double
+                line["vs_floor"] = ms / floorMs
+                if let exactMs { line["vs_exact"] = ms / exactMs }
+                lines.append(line)
+            }
             return lines
         }
         if json {
@@ -128,6 +139,34 @@ struct BenchAttention: ParsableCommand {
                        fmt((line["keys_scanned_fraction"] as! Double) * 100, 1) + "%"])
         }
         print(table.render())
+    }
+
+    /// `--clustered`: the head's positions clustered and coded in memory (timed apart), then each
+    /// query group attended through them (best of `passes`) and its error against exact attention
+    /// (the mean over the group's heads; the median over the groups, as for the methods).
+    func timeClustered(share: Double, snapshot: StoreSnapshot, keys: VectorView, values: VectorView, queries: [Float],
+                       parameters: AttentionParameters, groups: Int, evict: (() -> Void)?) throws -> [String: Any] {
+        let d = keys.dimension
+        let clusters = try ClusteredCodes(keys: keys, values: values, queries: try snapshot.vectors(headOptions.id, .queries),
+                                          format: CodeFormat(), sinks: parameters.sinks, window: parameters.window, threads: threads)
+        var micros: [Double] = [], errors: [Double] = [], scanned: [Double] = []
+        for gi in 0..<groups {
+            let slice = Array(queries[(gi * group * d)..<((gi + 1) * group * d)])
+            try slice.withUnsafeBufferPointer { qb in
+                let exact = try Attention.attend(queries: qb, selector: nil, keys: keys, values: values, parameters: parameters)
+                var result: Result<AttentionResult, Error>?
+                micros.append(best(of: passes, before: evict) {
+                    result = Result { try Attention.attendClustered(queries: qb, clusters: clusters, keys: keys, values: values,
+                                                                    parameters: parameters, scanShare: share) }
+                })
+                let r = try result!.get()
+                errors.append((0..<group).reduce(0.0) { $0 + relativeError(r.heads[$1].output, exact.heads[$1].output) } / Double(group))
+                scanned.append(Double(r.stats.auxiliaryComputations) / Double(group * keys.count))
+            }
+        }
+        return ["method": "quantized, clusters (scan \(fmt(share * 100, 0))%; built in \(fmt(clusters.buildSeconds, 1)) s)",
+                "effective": "quantized", "median_ms": median(micros) / 1e3, "median_output_error": median(errors),
+                "keys_scanned_fraction": median(scanned), "build_s": clusters.buildSeconds]
     }
 
     /// The median over groups of each group's best pass (`micros` holds passes + 1 timings per

@@ -339,3 +339,79 @@ import KVRecallTestSupport
         #expect(try resumed.store.read { try $0.codes(HeadID())?.count } == 2100 / 64)
     }
 }
+
+/// Positions regrouped by key similarity (`ClusteredCodes`, the `bench attention --clustered`
+/// experiment): the estimated masses follow the groups' true masses because of their covariance
+/// term, and the method answers close to exact attention when it scans every group.
+@Suite struct ClusteredCodesTests {
+    static func store(layer: String) throws -> (TemporaryDirectory, KVStore, queries: [Float], d: Int) {
+        let data = repositoryDataDirectory() + "/gemma3/layer\(layer)"
+        let dir = TemporaryDirectory("kvrecall-clustered")
+        let store = try KVStore(path: dir.path, create: true)
+        let keys = try NPY.read(path: data + "_keys.npy"), values = try NPY.read(path: data + "_values.npy")
+        let d = keys.shape[1]
+        try store.createHead(HeadID(), dimension: d, dtype: .f16)
+        try keys.floats().withUnsafeBufferPointer { k in try values.floats().withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        try NPY.read(path: data + "_prefill_queries.npy").floats().withUnsafeBufferPointer { try store.appendQueries(HeadID(), queries: $0) }
+        return (dir, store, try NPY.read(path: data + "_queries.npy").floats(), d)
+    }
+
+    @Test func estimatedMassesFollowTheGroupsTrueMasses() throws {
+        let (dir, store, queries, d) = try Self.store(layer: "11")
+        defer { store.close(); _ = dir }
+        let s: Float = 0.0625
+        let (full, centroid) = try store.read { snapshot -> (Double, Double) in
+            let keys = try snapshot.vectors(HeadID(), .keys)
+            let clusters = try ClusteredCodes(keys: keys, values: try snapshot.vectors(HeadID(), .values),
+                                              queries: try snapshot.vectors(HeadID(), .queries), format: CodeFormat(), sinks: 4, window: 64)
+            #expect(clusters.counts.reduce(0, +) == clusters.covered.count, "every covered position is in one group")
+            #expect(Set(clusters.positions.filter { $0 >= 0 }).count == clusters.covered.count)
+            let g = 16
+            let estimate = queries.withUnsafeBufferPointer { clusters.logMasses(queries: $0.baseAddress!, g: g, scale: s) }
+            var misses: [Double] = [], centroidMisses: [Double] = []
+            for h in 0..<g {
+                let q = Array(queries[(h * d)..<((h + 1) * d)])
+                for j in 0..<clusters.groups {
+                    let members = (0..<clusters.counts[j]).map { Int(clusters.positions[j * 64 + $0]) }
+                    let scores = members.map { i in q.withUnsafeBufferPointer { s * keys.score(query: $0.baseAddress!, row: i) } }
+                    let top = scores.max()!
+                    let truth = top + log(scores.reduce(Float(0)) { $0 + exp($1 - top) })
+                    var mean: Float = 0
+                    for c in 0..<d { mean += q[c] * clusters.means[j * d + c] }
+                    misses.append(Double(abs(estimate[h * clusters.groups + j] - truth)))
+                    centroidMisses.append(Double(abs(log(Float(members.count)) + s * mean - truth)))
+                }
+            }
+            return (median(misses), median(centroidMisses))
+        }
+        #expect(full < 0.5, "median |log estimated - log true mass| \(full)")
+        #expect(full < 0.7 * centroid, "the covariance term must improve on the centroid alone: \(full) against \(centroid)")
+    }
+
+    @Test func scanningEveryGroupIsCloseToExact() throws {
+        let (dir, store, queries, d) = try Self.store(layer: "05")
+        defer { store.close(); _ = dir }
+        var p = AttentionParameters()
+        p.scale = 0.0625
+        let errors = try store.read { snapshot -> (all: Double, quarter: Double, noTail: Double) in
+            let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+            let clusters = try ClusteredCodes(keys: keys, values: values, queries: try snapshot.vectors(HeadID(), .queries),
+                                              format: CodeFormat(), sinks: p.sinks, window: p.window)
+            func medianError(share: Double, tail: Bool = true) throws -> Double {
+                var q = p
+                q.quantized.tail = tail
+                return median(try (0..<8).map { group in
+                    let one = Array(queries[(group * 4 * d)..<((group + 1) * 4 * d)])
+                    return try one.withUnsafeBufferPointer { qb in
+                        let result = try Attention.attendClustered(queries: qb, clusters: clusters, keys: keys, values: values,
+                                                                   parameters: q, scanShare: share)
+                        return Attention.fidelity(of: result, queries: qb, keys: keys, values: values, parameters: q).outputError
+                    }
+                })
+            }
+            return (try medianError(share: 1), try medianError(share: 0.25), try medianError(share: 0.25, tail: false))
+        }
+        #expect(errors.all < 0.01, "every group scanned: median error \(errors.all)")
+        #expect(errors.quarter < 0.7 * errors.noTail, "a quarter scanned with the estimates \(errors.quarter) against candidates alone \(errors.noTail)")
+    }
+}
