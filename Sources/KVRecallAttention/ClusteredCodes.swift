@@ -13,7 +13,7 @@ import KVRecallIndexes
 /// (m clusters) in the metric of the prefill queries' second moment C (y = k L with C = L L^T: a squared
 /// distance is the mean squared score difference over those queries); each cluster's members, in
 /// position order, fill groups of the code format's size, coded like groups of the positional tier
-/// (a group's empty slots hold its mean key and value, and are never scored). Per group, its keys'
+/// (a group's empty slots hold its mean key and value; their scores are set to -inf). Per group, its keys'
 /// mean and covariance (in the queries' top directions, plus a per-channel rest) let a step
 /// estimate the group's softmax mass without scanning it: members x exp(s q.mean + s^2 / 2 q^T Cov q),
 /// a Gaussian score's mean of exp. Groups cut from a run of the cluster-sorted positions instead
@@ -39,8 +39,10 @@ public final class ClusteredCodes: @unchecked Sendable {
     /// Per group its members' mean value (`groups x dimension`): the groups not scanned in one product.
     public let valueMeans: [Float]
     public let rank: Int
-    /// Directions of the basis.
-    static let rank = 16
+    /// Directions of the basis (32 measured no better than 16).
+    static let basisDirections = 16
+    /// The head the groups code.
+    public let head: HeadID
     public let buildSeconds: Double
     let layout: kvr_code_layout
     private let rows: UnsafeMutableRawPointer
@@ -59,9 +61,13 @@ public final class ClusteredCodes: @unchecked Sendable {
         let format = requested.fitted(to: keys.dtype)
         let size = format.group
         if let problem = format.problem(dimension: d, blockSize: keys.blockSize) { throw IndexError.invalidParameter(problem) }
-        guard values.count == n, values.dimension == d else { throw IndexError.corrupt("head has \(n) keys but \(values.count) values") }
-        guard queries.count >= 16, queries.dimension == d else {
-            throw IndexError.invalidParameter("clustering needs the head's prefill queries (at least 16 of dimension \(d); the head has \(queries.count))")
+        guard values.count == n else { throw IndexError.corrupt("head has \(n) keys but \(values.count) values") }
+        guard values.dimension == d else { throw IndexError.dimensionMismatch(expected: d, actual: values.dimension) }
+        guard queries.dimension == d else {
+            throw IndexError.invalidParameter("the head's prefill queries have dimension \(queries.dimension), its keys \(d)")
+        }
+        guard queries.count >= 16 else {
+            throw IndexError.invalidParameter("clustering needs at least 16 of the head's prefill queries (it has \(queries.count)): they define the metric")
         }
         let first = min(max(0, sinks), n)
         // As many clusters as whole groups the positions fill (a cluster's groups: its members in runs of `size`).
@@ -69,6 +75,7 @@ public final class ClusteredCodes: @unchecked Sendable {
         guard m >= 2 else { throw IndexError.invalidParameter("too few positions outside sinks and window to cluster (\(n) keys)") }
         covered = first..<(first + m * size)
         dimension = d
+        head = keys.info.id
         self.format = format
         layout = format.kernelLayout(dimension: d)
 
@@ -76,15 +83,14 @@ public final class ClusteredCodes: @unchecked Sendable {
         // The metric's factor: C = Q^T Q / r (plus a little of its trace), C = L L^T.
         let count = queries.count
         let q = queries.decode(rows: 0..<count)
-        var qt = [Float](repeating: 0, count: d * count)
-        for i in 0..<count { for c in 0..<d { qt[c * count + i] = q[i * d + c] } }
-        var second = [Float](repeating: 0, count: d * d)
-        BLAS.scoresNT(m: d, n: d, k: count, a: qt, b: qt, c: &second, alpha: 1 / Float(count))
-        let factor = try Self.cholesky(second, d)
+        // Summed in double: with fewer queries than d the moment is singular, and float rounding
+        // left eigenvalues below the regularisation's (layer 5 with 16-200 queries did not factor).
+        let moment = q.withUnsafeBufferPointer { BLAS.secondMoment($0.baseAddress!, rows: count, dimension: d) }
+        let second = moment.map { Float($0) }
+        let factor = try Self.cholesky(moment, d, queries: count)
         var metric = [Float](repeating: 0, count: m * size * d)
         BLAS.gemm(m: m * size, n: d, k: d, a: k, b: factor, c: &metric)
-        var options = KMeans.Options(k: m, metric: .l2, iterations: 20, seed: seed, threads: threads)
-        options.maxPointsPerCentroid = max(options.maxPointsPerCentroid, size * 4)
+        let options = KMeans.Options(k: m, metric: .l2, iterations: 20, seed: seed, threads: threads)
         let labels = try KMeans.train(metric, dimension: d, options: options).labels
         // Each cluster in groups of at most `size` of its members (in position order); a group's
         // empty slots are coded as its members' mean key and value (so the stored mean value is
@@ -100,7 +106,7 @@ public final class ClusteredCodes: @unchecked Sendable {
         logCounts = counts.map { log(Float($0)) }
         positions = pieces.flatMap { piece in piece.map { Int32(first + $0) } + Array(repeating: Int32(-1), count: size - piece.count) }
 
-        let r = min(Self.rank, d)
+        let r = min(Self.basisDirections, d)
         let u = Self.principalDirections(second, d, rank: r)
         let G = groups
         rows = UnsafeMutableRawPointer.allocate(byteCount: G * layout.row_bytes, alignment: 64)
@@ -196,17 +202,19 @@ public final class ClusteredCodes: @unchecked Sendable {
     }
 
     /// The lower factor L of a symmetric positive semi-definite `a` (`d x d`), L L^T = a + eps I
-    /// (eps: 1e-6 of the mean diagonal, so a rank-deficient second moment still factors).
-    static func cholesky(_ a: [Float], _ d: Int) throws -> [Float] {
-        let trace = (0..<d).reduce(0.0) { $0 + Double(a[$1 * d + $1]) }
-        let eps = max(1e-12, 1e-6 * trace / Double(d))
+    /// (eps: 1e-6 of the largest diagonal entry, so a rank-deficient moment still factors).
+    static func cholesky(_ a: [Double], _ d: Int, queries: Int) throws -> [Float] {
+        let largest = (0..<d).map { a[$0 * d + $0] }.max() ?? 0
+        let eps = max(1e-12, 1e-6 * largest)
         var l = [Double](repeating: 0, count: d * d)
         for i in 0..<d {
             for j in 0...i {
-                var s = Double(a[i * d + j]) + (i == j ? eps : 0)
+                var s = a[i * d + j] + (i == j ? eps : 0)
                 for t in 0..<j { s -= l[i * d + t] * l[j * d + t] }
                 if i == j {
-                    guard s > 0, s.isFinite else { throw IndexError.invalidParameter("the prefill queries' second moment is not positive definite") }
+                    guard s > 0, s.isFinite else {
+                        throw IndexError.invalidParameter("the second moment of the head's \(queries) prefill queries (dimension \(d)) does not factor: are they finite?")
+                    }
                     l[i * d + i] = s.squareRoot()
                 } else {
                     l[i * d + j] = s / l[j * d + j]
@@ -219,17 +227,26 @@ public final class ClusteredCodes: @unchecked Sendable {
 
 extension Attention {
     /// The quantized method over `clusters`: each group's mass estimated from its keys' mean and
-    /// variance, the groups of the largest estimated shares (`scanShare` of them, over the query
-    /// heads) scanned through their codes, each head's best `candidates` of them attended exactly
-    /// with the positions the groups do not hold, the other scanned positions through their codes
-    /// (the quantized tail), every group not scanned through its estimate and its mean value; all
-    /// merged by log-sum-exp. No soft cap (the estimates assume raw scores).
+    /// covariance; the groups of the largest estimated shares for any query head, as many slots as
+    /// `scanShare` of the covered positions (every group at 1), scanned through their codes; each
+    /// head's best `candidates` of them attended exactly with the positions the groups do not hold,
+    /// the other scanned positions through their codes (the quantized tail), every group not
+    /// scanned through its estimated mass and its mean value; all merged by log-sum-exp. With `tail`
+    /// off, only the exact part (no scanned tail, no estimates). No soft cap (the estimates assume
+    /// raw scores).
     public static func attendClustered(queries: UnsafeBufferPointer<Float>, clusters: ClusteredCodes, keys: VectorView,
                                        values: VectorView, parameters: AttentionParameters, scanShare: Double) throws -> AttentionResult {
         let d = keys.dimension, n = keys.count
         guard queries.count % d == 0, queries.count > 0 else { throw IndexError.dimensionMismatch(expected: d, actual: queries.count) }
-        guard clusters.dimension == d, clusters.covered.upperBound <= n, values.count == n else {
-            throw IndexError.corrupt("the clusters cover positions \(clusters.covered) of a head of \(n)")
+        guard clusters.head == keys.info.id else {
+            throw IndexError.invalidParameter("these clusters code head \(clusters.head), not head \(keys.info.id)")
+        }
+        guard clusters.dimension == d, values.dimension == d else {
+            throw IndexError.dimensionMismatch(expected: clusters.dimension, actual: values.dimension == clusters.dimension ? d : values.dimension)
+        }
+        guard values.count == n else { throw IndexError.corrupt("head has \(n) keys but \(values.count) values") }
+        guard clusters.covered.upperBound <= n else {
+            throw IndexError.corrupt("the clusters cover positions \(clusters.covered) of a head of \(n): the head was cut; cluster it again")
         }
         let g = queries.count / d
         guard g <= 64 else { throw IndexError.invalidParameter("at most 64 query heads per KV head (got \(g))") }
@@ -242,8 +259,9 @@ extension Attention {
 
         let estimate = clusters.logMasses(queries: queries.baseAddress!, g: g, scale: s)
         // A group's share of its head's estimated mass, the largest over the heads, ranks it.
-        // Groups scanned: as many slots as `scanShare` of the covered positions.
-        let budget = max(1, min(G, Int((scanShare * Double(clusters.covered.count / size)).rounded(.up))))
+        // Groups scanned: as many slots as `scanShare` of the covered positions (empty slots count),
+        // every group at 1.
+        let budget = scanShare >= 1 ? G : max(1, min(G, Int((scanShare * Double(clusters.covered.count / size)).rounded(.up))))
         var share = [Float](repeating: -.infinity, count: G)
         var row = [Float](repeating: 0, count: G)
         for h in 0..<g {
@@ -357,6 +375,9 @@ extension Attention {
             }
         }
         let stats = SearchStats(distanceComputations: attended.count * g, auxiliaryComputations: (stride + G) * g, queries: g, keyCount: n)
-        return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
+        var result = AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
+        result.estimatedClusters = skipped.count
+        result.estimated = skipped.map { j in Array(clusters.positions[(j * size)..<(j * size + clusters.counts[j])]) }
+        return result
     }
 }

@@ -51,7 +51,7 @@ struct BenchAttention: ParsableCommand {
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
     @OptionGroup var budget: BudgetOptions
     @OptionGroup var quantized: QuantizedOptions
-    @Option(help: ArgumentHelp("Also time the quantized method over the head's positions regrouped by key similarity, scanning this share of the groups and estimating the others (an experiment toward issue 21: built in memory from the head's prefill queries, not stored; docs/BENCHMARKS.md).", valueName: "share"))
+    @Option(help: ArgumentHelp("Also time the quantized method over the head's positions regrouped by key similarity, scanning as many group slots as this share of its positions (1: every group) and estimating the others (an experiment toward issue 21: built in memory from the head's prefill queries, not stored; docs/BENCHMARKS.md).", valueName: "share"))
     var clustered: Double?
     @Flag(help: "Evict the caches before every timed call (a 96 MB read), as a decoder's other layers do: the head is read from memory, not from the last-level cache.")
     var cold = false
@@ -148,7 +148,8 @@ struct BenchAttention: ParsableCommand {
                        parameters: AttentionParameters, groups: Int, evict: (() -> Void)?) throws -> [String: Any] {
         let d = keys.dimension
         let clusters = try ClusteredCodes(keys: keys, values: values, queries: try snapshot.vectors(headOptions.id, .queries),
-                                          format: CodeFormat(), sinks: parameters.sinks, window: parameters.window, threads: threads)
+                                          format: keys.info.codes ?? CodeFormat(), sinks: parameters.sinks, window: parameters.window,
+                                          threads: threads)
         var micros: [Double] = [], errors: [Double] = [], scanned: [Double] = []
         for gi in 0..<groups {
             let slice = Array(queries[(gi * group * d)..<((gi + 1) * group * d)])

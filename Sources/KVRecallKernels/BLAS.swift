@@ -23,6 +23,16 @@ public enum BLAS {
                     alpha, a, Int32(k), b, Int32(n), beta, c, Int32(n))
     }
 
+    /// The second moment X^T X / n of `n` rows of `d` floats (row-major), accumulated in double
+    /// (`d x d`, row-major): a singular moment's zero eigenvalues stay near zero.
+    public static func secondMoment(_ x: UnsafePointer<Float>, rows n: Int, dimension d: Int) -> [Double] {
+        let wide = (0..<(n * d)).map { Double(x[$0]) }
+        var out = [Double](repeating: 0, count: d * d)
+        cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(d), Int32(d), Int32(n),
+                    1 / Double(max(1, n)), wide, Int32(d), wide, Int32(d), 0, &out, Int32(d))
+        return out
+    }
+
     /// y[n] = A[n x k] * x[k] (row-major): one query against n rows.
     @inline(__always)
     public static func gemv(n: Int, k: Int, a: UnsafePointer<Float>, x: UnsafePointer<Float>,

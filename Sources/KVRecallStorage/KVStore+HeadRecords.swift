@@ -44,10 +44,10 @@ final class HeadRecordCache: @unchecked Sendable {
 
     /// The head record `raw` decoded (from the cache when these bytes were read or written before).
     func decode(_ raw: UnsafeRawBufferPointer, path: String) throws -> HeadInfo {
-        let bytes = [UInt8](raw)
-        if let info = lock.withLock({ decoded[RecordBytes(bytes)] }) { return info }
+        let key = RecordBytes([UInt8](raw))
+        if let info = lock.withLock({ decoded[key] }) { return info }
         let info = try KVStore.decodeInfo(raw, path: path)
-        remember(bytes, info)
+        remember(key, info)
         return info
     }
 
@@ -70,7 +70,7 @@ final class HeadRecordCache: @unchecked Sendable {
         } else {
             bytes = try Self.json(info)
         }
-        remember(bytes, info)
+        remember(RecordBytes(bytes), info)
         return bytes
     }
 
@@ -98,10 +98,10 @@ final class HeadRecordCache: @unchecked Sendable {
         return try spliced == json(probe) ? pieces : nil
     }
 
-    private func remember(_ bytes: [UInt8], _ info: HeadInfo) {
+    private func remember(_ key: RecordBytes, _ info: HeadInfo) {
         lock.withLock {
             if decoded.count >= capacity { decoded.removeAll(keepingCapacity: true) }
-            decoded[RecordBytes(bytes)] = info
+            decoded[key] = info
         }
     }
 }

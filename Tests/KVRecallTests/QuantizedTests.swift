@@ -342,7 +342,8 @@ import KVRecallTestSupport
 
 /// Positions regrouped by key similarity (`ClusteredCodes`, the `bench attention --clustered`
 /// experiment): the estimated masses follow the groups' true masses because of their covariance
-/// term, and the method answers close to exact attention when it scans every group.
+/// term, the groups not scanned reach the output through them, the method answers close to exact
+/// attention when it scans every group, and whatever the number of cores.
 @Suite struct ClusteredCodesTests {
     static func store(layer: String) throws -> (TemporaryDirectory, KVStore, queries: [Float], d: Int) {
         let data = repositoryDataDirectory() + "/gemma3/layer\(layer)"
@@ -372,7 +373,7 @@ import KVRecallTestSupport
             for h in 0..<g {
                 let q = Array(queries[(h * d)..<((h + 1) * d)])
                 for j in 0..<clusters.groups {
-                    let members = (0..<clusters.counts[j]).map { Int(clusters.positions[j * 64 + $0]) }
+                    let members = (0..<clusters.counts[j]).map { Int(clusters.positions[j * clusters.format.group + $0]) }
                     let scores = members.map { i in q.withUnsafeBufferPointer { s * keys.score(query: $0.baseAddress!, row: i) } }
                     let top = scores.max()!
                     let truth = top + log(scores.reduce(Float(0)) { $0 + exp($1 - top) })
@@ -413,5 +414,66 @@ import KVRecallTestSupport
         }
         #expect(errors.all < 0.01, "every group scanned: median error \(errors.all)")
         #expect(errors.quarter < 0.7 * errors.noTail, "a quarter scanned with the estimates \(errors.quarter) against candidates alone \(errors.noTail)")
+    }
+
+    /// A head whose covered positions hold a few distinct keys, each 64 times (shuffled): every
+    /// group is one key, its estimated mass is its true mass and its mean value the weighted one.
+    static func repeatedKeys(distinct: Int, d: Int, seed: UInt64) throws -> (TemporaryDirectory, KVStore) {
+        var rng = SeededRandom(seed: seed)
+        let n = 4 + 64 * distinct + 64
+        let distinctKeys = rng.gaussianMatrix(rows: distinct, dim: d).map { $0 * 2 }
+        var order = (0..<(64 * distinct)).map { $0 % distinct }
+        order.shuffle(using: &rng)
+        var keys = rng.gaussianMatrix(rows: n, dim: d)
+        for (i, k) in order.enumerated() { for c in 0..<d { keys[(4 + i) * d + c] = distinctKeys[k * d + c] } }
+        let values = rng.gaussianMatrix(rows: n, dim: d)
+        let dir = TemporaryDirectory("kvrecall-clustered-synthetic")
+        let store = try KVStore(path: dir.path, create: true)
+        try store.createHead(HeadID(), dimension: d, dtype: .f32)
+        try keys.withUnsafeBufferPointer { k in try values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        try rng.gaussianMatrix(rows: 64, dim: d).withUnsafeBufferPointer { try store.appendQueries(HeadID(), queries: $0) }
+        return (dir, store)
+    }
+
+    static func outputs(_ store: KVStore, queries: [Float], share: Double, threads: Int) throws -> (result: [[Float]], error: Double) {
+        var p = AttentionParameters()
+        p.threads = threads
+        return try store.read { snapshot in
+            let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+            let clusters = try ClusteredCodes(keys: keys, values: values, queries: try snapshot.vectors(HeadID(), .queries),
+                                              format: CodeFormat(), sinks: p.sinks, window: p.window)
+            let result = try queries.withUnsafeBufferPointer {
+                try Attention.attendClustered(queries: $0, clusters: clusters, keys: keys, values: values, parameters: p, scanShare: share)
+            }
+            let error = queries.withUnsafeBufferPointer {
+                Attention.fidelity(of: result, queries: $0, keys: keys, values: values, parameters: p).outputError
+            }
+            return (result.heads.map(\.output), error)
+        }
+    }
+
+    @Test func groupsNotScannedReachTheOutputThroughTheirEstimates() throws {
+        let d = 32
+        let (dir, store) = try Self.repeatedKeys(distinct: 24, d: d, seed: 7)
+        defer { store.close(); _ = dir }
+        var rng = SeededRandom(seed: 8)
+        let queries = rng.gaussianMatrix(rows: 4, dim: d)
+        let quarter = try Self.outputs(store, queries: queries, share: 0.25, threads: 1).error
+        let all = try Self.outputs(store, queries: queries, share: 1, threads: 1).error
+        #expect(quarter < 0.02, "a quarter scanned, the rest through exact estimates: error \(quarter)")
+        #expect(quarter < all + 0.01, "estimated groups \(quarter) against every group scanned \(all)")
+    }
+
+    @Test func theResultDoesNotDependOnTheCores() throws {
+        let d = 32
+        let (dir, store) = try Self.repeatedKeys(distinct: 80, d: d, seed: 9)
+        defer { store.close(); _ = dir }
+        var rng = SeededRandom(seed: 10)
+        let queries = rng.gaussianMatrix(rows: 4, dim: d)
+        for share in [1.0, 0.5] {
+            let one = try Self.outputs(store, queries: queries, share: share, threads: 1).result
+            let two = try Self.outputs(store, queries: queries, share: share, threads: 2).result
+            for h in 0..<4 { #expect(relativeError(two[h], one[h]) < 1e-4, "share \(share), head \(h)") }
+        }
     }
 }
