@@ -302,30 +302,13 @@ extension Attention {
                     for (t, j) in range.enumerated() where clusters.counts[scanned[j]] < size {
                         for h in 0..<g { (scores + h * stride + first + t * size + clusters.counts[scanned[j]]).update(repeating: -.infinity, count: size - clusters.counts[scanned[j]]) }
                     }
-                    if q.candidates > 0 {
-                        out[p] = (0..<g).map { h in
-                            let row = scores + h * stride
-                            return bestPositions(row + first, count: count, take: q.candidates).map { kvr_pair_key(row[first + $0], Int32(first + $0)) }
-                        }
-                    }
+                    if q.candidates > 0 { out[p] = partPicks(scores: scores, g: g, stride: stride, first: first, count: count, take: q.candidates) }
                     if q.tail { tailOut[p] = tailMasses(scores: scores, g: g, coded: stride, group: size, groups: range) }
                 }
             }
         }
         // Each head's best candidates over the parts (slots), attended exactly with the fixed positions.
-        var slots: [Int] = []
-        if q.candidates > 0 {
-            var chosen = [Bool](repeating: false, count: stride)
-            for h in 0..<g {
-                var pool = picks.flatMap { $0[h] }
-                let k = min(pool.count, q.candidates)
-                if k < pool.count { _ = pool.withUnsafeMutableBufferPointer { kvr_select_u64($0.baseAddress!, $0.count, k) } }
-                for key in pool[0..<k] {
-                    let slot = Int(kvr_pair_id(key))
-                    if !chosen[slot] { chosen[slot] = true; slots.append(slot) }
-                }
-            }
-        }
+        let slots = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: stride) : []
         let retrieved = slots.map { Int(clusters.positions[scanned[$0 / size] * size + $0 % size]) }
         let attended = (fixed + retrieved).sorted()
         var heads = attended.withUnsafeBufferPointer {
@@ -339,10 +322,7 @@ extension Attention {
         // The scanned groups' tail, as the quantized method's.
         removeFromTail(slots, scores: scores, g: g, coded: stride, group: size, parts: groupsOf, masses: &masses)
         let plan = TailPlan(masses, exact: heads, groups: budget, parameters: q)
-        let slices = groupsOf.enumerated().flatMap { p, range in
-            let k = max(1, min(tailSlicesPerPart, range.count / 8))
-            return (0..<k).map { (part: p, groups: (range.lowerBound + range.count * $0 / k)..<(range.lowerBound + range.count * ($0 + 1) / k)) }
-        }
+        let slices = tailSlices(groupsOf)
         var tails = [[PartialAttention]](repeating: [], count: slices.count)
         tails.withUnsafeMutableBufferPointer { out in
             SpinJoin.run(tasks: slices.count, threads: parts) { t in

@@ -97,32 +97,13 @@ extension Attention {
                         score.cap(row + first, count: count)
                         for i in fixed where i >= first && i < first + count { row[i] = -.infinity }
                     }
-                    if q.candidates > 0 {
-                        out[p] = (0..<g).map { h in
-                            let row = scores + h * coded
-                            return bestPositions(row + first, count: count, take: q.candidates).map { kvr_pair_key(row[first + $0], Int32(first + $0)) }
-                        }
-                    }
+                    if q.candidates > 0 { out[p] = partPicks(scores: scores, g: g, stride: coded, first: first, count: count, take: q.candidates) }
                     if q.tail { tailOut[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: range) }
                 }
             }
         }
         // Each head's best candidates over all parts, their union attended exactly with the static part.
-        var retrieved: [Int] = []
-        if q.candidates > 0 {
-            var chosen = [UInt64](repeating: 0, count: (coded + 63) / 64)  // a bit per position
-            var pool = [UInt64](repeating: 0, count: parts * q.candidates)
-            for h in 0..<g {
-                var m = 0
-                for part in picks { for key in part[h] { pool[m] = key; m += 1 } }
-                let k = min(m, q.candidates)
-                if k < m { _ = pool.withUnsafeMutableBufferPointer { kvr_select_u64($0.baseAddress!, m, k) } }
-                for key in pool[0..<k] {
-                    let i = Int(kvr_pair_id(key))
-                    if chosen[i >> 6] & (1 << UInt64(i & 63)) == 0 { chosen[i >> 6] |= 1 << UInt64(i & 63); retrieved.append(i) }
-                }
-            }
-        }
+        let retrieved = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: coded) : []
         let attended = (fixed + retrieved).sorted()
         var heads = attended.withUnsafeBufferPointer {
             AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
@@ -135,10 +116,7 @@ extension Attention {
             let plan = TailPlan(masses, exact: heads, groups: codes.count, parameters: q)
             // The value pass's work is uneven (the groups that weigh cluster), so each part's
             // groups split in slices that both cores claim as they finish.
-            let slices = groupsOf.enumerated().flatMap { p, range in
-                let k = max(1, min(tailSlicesPerPart, range.count / 8))
-                return (0..<k).map { (part: p, groups: (range.lowerBound + range.count * $0 / k)..<(range.lowerBound + range.count * ($0 + 1) / k)) }
-            }
+            let slices = tailSlices(groupsOf)
             var tails = [[PartialAttention]](repeating: [], count: slices.count)
             tails.withUnsafeMutableBufferPointer { out in
                 SpinJoin.run(tasks: slices.count, threads: parts) { t in
@@ -232,6 +210,42 @@ extension Attention {
 
     /// Slices of a part's groups in the value pass (claimed by whichever core is free).
     static let tailSlicesPerPart = 4
+
+    /// The value pass's slices: each part's groups in up to `tailSlicesPerPart` runs of at least 8.
+    static func tailSlices(_ parts: [Range<Int>]) -> [(part: Int, groups: Range<Int>)] {
+        parts.enumerated().flatMap { p, range in
+            let k = max(1, min(tailSlicesPerPart, range.count / 8))
+            return (0..<k).map { (part: p, groups: (range.lowerBound + range.count * $0 / k)..<(range.lowerBound + range.count * ($0 + 1) / k)) }
+        }
+    }
+
+    /// One part's picks: per head its best `take` of `scores[h * stride + first ..< + count]` as
+    /// (score, index) pair keys.
+    static func partPicks(scores: UnsafeMutablePointer<Float>, g: Int, stride: Int, first: Int, count: Int, take: Int) -> [[UInt64]] {
+        (0..<g).map { h in
+            let row = scores + h * stride
+            return bestPositions(row + first, count: count, take: take).map { kvr_pair_key(row[first + $0], Int32(first + $0)) }
+        }
+    }
+
+    /// Each head's best `take` over the parts' picks (`picks[part][head]`), their union in the order
+    /// found (indices below `below`).
+    static func unionOfBest(_ picks: [[[UInt64]]], g: Int, take: Int, below: Int) -> [Int] {
+        var union: [Int] = []
+        var chosen = [UInt64](repeating: 0, count: (below + 63) / 64)  // a bit per index
+        var pool = [UInt64](repeating: 0, count: picks.count * take)
+        for h in 0..<g {
+            var m = 0
+            for part in picks { for key in part[h] { pool[m] = key; m += 1 } }
+            let k = min(m, take)
+            if k < m { _ = pool.withUnsafeMutableBufferPointer { kvr_select_u64($0.baseAddress!, m, k) } }
+            for key in pool[0..<k] {
+                let i = Int(kvr_pair_id(key))
+                if chosen[i >> 6] & (1 << UInt64(i & 63)) == 0 { chosen[i >> 6] |= 1 << UInt64(i & 63); union.append(i) }
+            }
+        }
+        return union
+    }
 
     /// Each head's attention over `groups` (a slice of `part`, whose masses `m` come from
     /// `tailMasses`), from the codes: values from each position's value codes in the groups that

@@ -435,6 +435,12 @@ import KVRecallTestSupport
         return (dir, store)
     }
 
+    /// A GQA group's four query heads of dimension 32.
+    static func queries(seed: UInt64) -> [Float] {
+        var rng = SeededRandom(seed: seed)
+        return rng.gaussianMatrix(rows: 4, dim: 32)
+    }
+
     static func outputs(_ store: KVStore, queries: [Float], share: Double, threads: Int) throws -> (result: [[Float]], error: Double) {
         var p = AttentionParameters()
         p.threads = threads
@@ -453,11 +459,9 @@ import KVRecallTestSupport
     }
 
     @Test func groupsNotScannedReachTheOutputThroughTheirEstimates() throws {
-        let d = 32
-        let (dir, store) = try Self.repeatedKeys(distinct: 24, d: d, seed: 7)
+        let (dir, store) = try Self.repeatedKeys(distinct: 24, d: 32, seed: 7)
         defer { store.close(); _ = dir }
-        var rng = SeededRandom(seed: 8)
-        let queries = rng.gaussianMatrix(rows: 4, dim: d)
+        let queries = Self.queries(seed: 8)
         let quarter = try Self.outputs(store, queries: queries, share: 0.25, threads: 1).error
         let all = try Self.outputs(store, queries: queries, share: 1, threads: 1).error
         #expect(quarter < 0.02, "a quarter scanned, the rest through exact estimates: error \(quarter)")
@@ -465,11 +469,9 @@ import KVRecallTestSupport
     }
 
     @Test func theResultDoesNotDependOnTheCores() throws {
-        let d = 32
-        let (dir, store) = try Self.repeatedKeys(distinct: 80, d: d, seed: 9)
+        let (dir, store) = try Self.repeatedKeys(distinct: 80, d: 32, seed: 9)
         defer { store.close(); _ = dir }
-        var rng = SeededRandom(seed: 10)
-        let queries = rng.gaussianMatrix(rows: 4, dim: d)
+        let queries = Self.queries(seed: 10)
         for share in [1.0, 0.5] {
             let one = try Self.outputs(store, queries: queries, share: share, threads: 1).result
             let two = try Self.outputs(store, queries: queries, share: share, threads: 2).result
