@@ -34,18 +34,20 @@ public struct QuantizedParameters: Sendable, Equatable {
 
 extension CodeFormat {
     /// The C kernels' description of this format's group rows for heads of dimension `d`.
-    func kernelLayout(dimension d: Int) -> kvr_code_layout {
-        let l = layout(dimension: d)
-        return kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
-                               value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes, row_bytes: l.rowBytes,
-                               key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, padded: l.padded,
-                               group: l.group, key_bits: keyBits, value_bits: valueBits, wide_steps: wideSteps ? 1 : 0)
+    func kernelLayout(dimension d: Int) -> kvr_code_layout { kernelLayout(layout(dimension: d)) }
+
+    /// The C kernels' description of group rows laid out as `l` (this format's layout).
+    func kernelLayout(_ l: Layout) -> kvr_code_layout {
+        kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
+                        value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes, row_bytes: l.rowBytes,
+                        key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, padded: l.padded,
+                        group: l.group, key_bits: keyBits, value_bits: valueBits, wide_steps: wideSteps ? 1 : 0)
     }
 }
 
 extension CodeView {
     /// The C kernels' description of this view's group rows.
-    var kernelLayout: kvr_code_layout { format.kernelLayout(dimension: info.dimension) }
+    var kernelLayout: kvr_code_layout { format.kernelLayout(layout) }
 }
 
 extension Attention {
