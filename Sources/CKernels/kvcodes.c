@@ -244,6 +244,50 @@ FAST static void key_dots_u4(const int8_t *q8, size_t g, const kvr_code_layout *
     }
 }
 
+/* key_dots_u4 with AVX-512 VNNI (padded a multiple of 64, group of 4): a 64-channel chunk of a
+ * position's codes (32 bytes) is broadcast to both halves of a vector, the upper half shifted by 4
+ * and both masked, so its 128-bit lanes hold channels [0-15, 32-47, 16-31, 48-63] of the chunk; the
+ * four heads' int8 queries are permuted to that order once per group. VPDPBUSD sums 4 products per
+ * int32 lane (no int16 stage, so any d), 4 positions x 4 heads accumulate in 16 vectors, reduced
+ * together. The same integers as key_dots_u4. */
+VNNI static void key_dots_u4_vnni(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
+    const size_t P = L->padded, G = L->group, chunks = P / 64, stride = L->key_code_bytes;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    /* position p's lane 4p + t (head t) -> lane 4t + p, so each head's four positions are one 128-bit lane */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _Alignas(64) int8_t qp[4][256];
+    for (size_t h0 = 0; h0 < g; h0 += 4) {
+        for (size_t t = 0; t < 4; t++)
+            for (size_t k = 0; k < chunks; k++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(q8 + (h0 + t) * P + 64 * k));
+                _mm512_store_si512((void *)(qp[t] + 64 * k), _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0)));
+            }
+        for (size_t i = 0; i < G; i += 4) {
+            __m512i acc[16];
+            for (size_t a = 0; a < 16; a++) acc[a] = _mm512_setzero_si512();
+            for (size_t k = 0; k < chunks; k++) {
+                const __m512i w0 = _mm512_load_si512((const void *)(qp[0] + 64 * k)), w1 = _mm512_load_si512((const void *)(qp[1] + 64 * k));
+                const __m512i w2 = _mm512_load_si512((const void *)(qp[2] + 64 * k)), w3 = _mm512_load_si512((const void *)(qp[3] + 64 * k));
+                for (size_t p = 0; p < 4; p++) {
+                    const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (i + p) * stride + 32 * k));
+                    const __m512i x = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(b), shifts), nibble);
+                    acc[4 * p] = _mm512_dpbusd_epi32(acc[4 * p], x, w0);
+                    acc[4 * p + 1] = _mm512_dpbusd_epi32(acc[4 * p + 1], x, w1);
+                    acc[4 * p + 2] = _mm512_dpbusd_epi32(acc[4 * p + 2], x, w2);
+                    acc[4 * p + 3] = _mm512_dpbusd_epi32(acc[4 * p + 3], x, w3);
+                }
+            }
+            const __m512i s = _mm512_permutexvar_epi32(order, kvr_reduce16_epi32(acc));
+            for (size_t t = 0; t < 4 && h0 + t < g; t++) {
+                const __m128i lane = t == 0 ? _mm512_castsi512_si128(s) : t == 1 ? _mm512_extracti32x4_epi32(s, 1)
+                                   : t == 2 ? _mm512_extracti32x4_epi32(s, 2) : _mm512_extracti32x4_epi32(s, 3);
+                _mm_storeu_si128((__m128i *)(dots + (h0 + t) * G + i), lane);
+            }
+        }
+    }
+}
+
 /* 8-bit key codes: 32 channels per load; the query is limited to +-63 so a pair never saturates. */
 FAST static void key_dots_u8(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
     const size_t runs = L->padded / 32;
@@ -333,69 +377,90 @@ FAST static void group_values_u8(const float *w, size_t g, size_t stride, const 
 
 /* The value pass of one group of 64 positions with 4-bit codes: per head, the weights quantized to
  * u8 (one scale: the largest maps to 255); eight channels' codes unpacked once to bytes (positions
- * 0..31, then 32..63); per head and channel two vpmaddubsw (32 positions each, no widening) and one
- * vpmaddwd, the eight channels reduced together and applied with vector FMAs. Padding channels
- * (min and step 0) add 0. About half the instructions of the int16 pass; the u8 weights keep 1/255 of
- * the group's largest (docs/BENCHMARKS.md, "A faster value pass" measures the error it adds). */
-FAST static void group_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
-                                 size_t dv, float *out, float *scratch) {
-    const size_t P = L->padded;
-    const float *vmin = scratch, *vstep = scratch + P;
-    value_steps(row, L, dv, scratch);
-    const uint8_t *codes = row + L->value_codes;
-    __m256i wq[64][2];
-    float scale[64], total[64];
-    size_t live[64], n = 0;
-    for (size_t h = 0; h < g; h++) {
-        const float *wh = w + h * stride;
-        __m256 x[8];
-        for (size_t k = 0; k < 8; k++) x[k] = _mm256_loadu_ps(wh + 8 * k);
-        const float t = hsum_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])),
-                                              _mm256_add_ps(_mm256_add_ps(x[4], x[5]), _mm256_add_ps(x[6], x[7]))));
-        if (t == 0) continue;
-        const float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
-                                                _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));
-        const __m256 inv = _mm256_set1_ps(255.0f / top);
-        wq[n][0] = bytes32(x, inv, 1);
-        wq[n][1] = bytes32(x + 4, inv, 1);
-        /* The min term takes the rounded weights' total too: the rounding then errs by sum_i e_i v_i
-         * (values about centred) rather than by sum_i e_i (v_i - min) (all of one sign). */
-        const __m256i sums = _mm256_add_epi64(_mm256_sad_epu8(wq[n][0], _mm256_setzero_si256()),
-                                              _mm256_sad_epu8(wq[n][1], _mm256_setzero_si256()));
-        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
-        const float rounded = (float)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));
-        if (rounded == 0) continue;
-        scale[n] = top / 255.0f;
-        total[n] = rounded * scale[n];
-        live[n++] = h;
-    }
-    if (n == 0) return;
-    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    _Alignas(32) uint8_t unpacked[8][64];
-    for (size_t c = 0; c < P; c += 8) {
-        for (size_t e = 0; e < 8; e++) {
-            const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));
-            _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));
-            _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));
-        }
-        const __m256 lo = _mm256_loadu_ps(vmin + c), st = _mm256_loadu_ps(vstep + c);
-        for (size_t j = 0; j < n; j++) {
-            __m256i acc[8];
-            for (size_t e = 0; e < 8; e++) {
-                const __m256i a = _mm256_maddubs_epi16(wq[j][0], _mm256_load_si256((const __m256i *)unpacked[e]));
-                const __m256i b = _mm256_maddubs_epi16(wq[j][1], _mm256_load_si256((const __m256i *)(unpacked[e] + 32)));
-                acc[e] = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
-            }
-            const __m256 dots = _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));
-            float *o = out + live[j] * P + c;
-            __m256 r = _mm256_fmadd_ps(lo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));
-            r = _mm256_fmadd_ps(_mm256_mul_ps(st, _mm256_set1_ps(scale[j])), dots, r);
-            _mm256_storeu_ps(o, r);
-        }
-    }
+ * 0..31, then 32..63); per head and channel the 64 u8 x code products summed into 8 int32 lanes by
+ * DOT64 (AVX2: two vpmaddubsw, one vpaddw and one vpmaddwd; VNNI: two VPDPBUSD), the eight channels
+ * reduced together and applied with vector FMAs. Padding channels (min and step 0) add 0. The u8
+ * weights keep 1/255 of the group's largest (docs/BENCHMARKS.md, "A faster value pass" measures the
+ * error it adds). Both bodies give the same integers. */
+#define DEFINE_GROUP_VALUES_U4(NAME, ATTR, DOT64)                                                                             \
+ATTR static void NAME(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,                  \
+                      size_t dv, float *out, float *scratch) {                                                                \
+    const size_t P = L->padded;                                                                                               \
+    const float *vmin = scratch, *vstep = scratch + P;                                                                        \
+    value_steps(row, L, dv, scratch);                                                                                         \
+    const uint8_t *codes = row + L->value_codes;                                                                              \
+    __m256i wq[64][2];                                                                                                        \
+    float scale[64], total[64];                                                                                               \
+    size_t live[64], n = 0;                                                                                                   \
+    for (size_t h = 0; h < g; h++) {                                                                                          \
+        const float *wh = w + h * stride;                                                                                     \
+        __m256 x[8];                                                                                                          \
+        for (size_t k = 0; k < 8; k++) x[k] = _mm256_loadu_ps(wh + 8 * k);                                                    \
+        const float t = hsum_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])),            \
+                                              _mm256_add_ps(_mm256_add_ps(x[4], x[5]), _mm256_add_ps(x[6], x[7]))));          \
+        if (t == 0) continue;                                                                                                 \
+        const float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),          \
+                                                _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));        \
+        const __m256 inv = _mm256_set1_ps(255.0f / top);                                                                      \
+        wq[n][0] = bytes32(x, inv, 1);                                                                                        \
+        wq[n][1] = bytes32(x + 4, inv, 1);                                                                                    \
+        /* The min term takes the rounded weights' total too: the rounding then errs by sum_i e_i v_i                         \
+         * (values about centred) rather than by sum_i e_i (v_i - min) (all of one sign). */                                  \
+        const __m256i sums = _mm256_add_epi64(_mm256_sad_epu8(wq[n][0], _mm256_setzero_si256()),                              \
+                                              _mm256_sad_epu8(wq[n][1], _mm256_setzero_si256()));                             \
+        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));                    \
+        const float rounded = (float)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));                                      \
+        if (rounded == 0) continue;                                                                                           \
+        scale[n] = top / 255.0f;                                                                                              \
+        total[n] = rounded * scale[n];                                                                                        \
+        live[n++] = h;                                                                                                        \
+    }                                                                                                                         \
+    if (n == 0) return;                                                                                                       \
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                               \
+    _Alignas(32) uint8_t unpacked[8][64];                                                                                     \
+    for (size_t c = 0; c < P; c += 8) {                                                                                       \
+        for (size_t e = 0; e < 8; e++) {                                                                                      \
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));                   \
+            _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));                                          \
+            _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));             \
+        }                                                                                                                     \
+        const __m256 lo = _mm256_loadu_ps(vmin + c), st = _mm256_loadu_ps(vstep + c);                                         \
+        for (size_t j = 0; j < n; j++) {                                                                                      \
+            __m256i acc[8];                                                                                                   \
+            for (size_t e = 0; e < 8; e++) {                                                                                  \
+                acc[e] = DOT64(wq[j][0], wq[j][1], _mm256_load_si256((const __m256i *)unpacked[e]),                           \
+                               _mm256_load_si256((const __m256i *)(unpacked[e] + 32)), ones);                                 \
+            }                                                                                                                 \
+            const __m256 dots = _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));  \
+            float *o = out + live[j] * P + c;                                                                                 \
+            __m256 r = _mm256_fmadd_ps(lo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));                                     \
+            r = _mm256_fmadd_ps(_mm256_mul_ps(st, _mm256_set1_ps(scale[j])), dots, r);                                        \
+            _mm256_storeu_ps(o, r);                                                                                           \
+        }                                                                                                                     \
+    }                                                                                                                         \
 }
 
+FAST static inline __m256i dot64_avx2(__m256i w0, __m256i w1, __m256i c0, __m256i c1, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, c0), _mm256_maddubs_epi16(w1, c1)), ones);
+}
+VNNI static inline __m256i dot64_vnni(__m256i w0, __m256i w1, __m256i c0, __m256i c1, __m256i ones) {
+    (void)ones;
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, c0), w1, c1);
+}
+DEFINE_GROUP_VALUES_U4(group_values_u4, FAST, dot64_avx2)
+DEFINE_GROUP_VALUES_U4(group_values_u4_vnni, VNNI, dot64_vnni)
+
 #endif
+
+/* Per thread, so a test comparing the bodies does not change what other threads run. */
+static _Thread_local int codes_cap = 2;
+
+int kvr_codes_path(void) {
+    int best = kvr_has_vnni() ? 2 : (kvr_has_fast_path() ? 1 : 0);
+    return best < codes_cap ? best : codes_cap;
+}
+
+void kvr_cap_codes_path(int cap) { codes_cap = cap < 0 ? 0 : cap; }
 
 void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t groups,
                      const kvr_code_layout *L, float scale, float *out, size_t stride, int8_t *q8, int32_t *dots,
@@ -403,8 +468,9 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
     float scales[64], bases[64];
     const size_t g4 = (g + 3) & ~(size_t)3;
 #if KVR_X86
-    const int fast = kvr_has_fast_path();
-    const int u4 = fast && L->key_bits == 4 && L->padded <= 256 && L->group % 2 == 0;
+    const int path = kvr_codes_path(), fast = path >= 1;
+    const int u4v = path == 2 && L->key_bits == 4 && L->padded % 64 == 0 && L->padded <= 256 && L->group % 4 == 0;
+    const int u4 = u4v || (fast && L->key_bits == 4 && L->padded <= 256 && L->group % 2 == 0);
     if (u4) memset(q8 + g * L->padded, 0, (g4 - g) * L->padded);  /* the fourth-head tiles' padding */
 #endif
     for (size_t gi = 0; gi < groups; gi++) {
@@ -417,7 +483,8 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
 #endif
             prepare_portable(q, g, d, L, row, q8, scales, bases, scratch);
 #if KVR_X86
-        if (u4) key_dots_u4(q8, g, L, codes, dots);
+        if (u4v) key_dots_u4_vnni(q8, g, L, codes, dots);
+        else if (u4) key_dots_u4(q8, g, L, codes, dots);
         else if (fast && L->key_bits == 8) key_dots_u8(q8, g, L, codes, dots);
         else
 #endif
@@ -437,13 +504,17 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
 
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
                      const kvr_code_layout *L, size_t dv, float *out, float *scratch) {
+#if KVR_X86
+    const int path = kvr_codes_path();
+#endif
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const float *wg = w + gi * L->group;
         if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1] + L->value_min, L->row_bytes - L->value_min);
 #if KVR_X86
-        if (kvr_has_fast_path() && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch); continue; }
-        if (kvr_has_fast_path() && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch); continue; }
+        if (path == 2 && L->group == 64 && L->value_bits == 4) { group_values_u4_vnni(wg, g, stride, L, row, dv, out, scratch); continue; }
+        if (path >= 1 && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch); continue; }
+        if (path >= 1 && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch); continue; }
 #endif
         group_values_portable(wg, g, stride, L, row, dv, out, scratch);
     }

@@ -413,23 +413,6 @@ FAST static size_t scan_u8s8_avx2(const int8_t *q, const uint8_t *codes, const i
     return kept;
 }
 
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-
-/* Sums of the 16 lanes of each of 16 vectors: out lane i = sum of v[i] (transpose-reduce tree). */
-VNNI static inline __m512i reduce16_epi32(const __m512i *v) {
-    __m512i p[8], t[4];
-    for (int i = 0; i < 8; i++)   /* per 128-bit block: [v2i 0+2, v2i+1 0+2, v2i 1+3, v2i+1 1+3] */
-        p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)   /* per block: the block's sum for v4i .. v4i+3 */
-        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_epi64(p[2 * i], p[2 * i + 1]));
-    __m512i u0 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    __m512i u1 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* AVX-512 VNNI: 16 rows at a time, 64 code bytes x 64 query bytes per VPDPBUSD into each row's
  * accumulator (the tail of d masked), the 16 accumulators reduced together, scores formed and
  * filtered 16 at a time, kept rows compress-stored. Rows past n in the last group read nothing. */
@@ -469,7 +452,7 @@ VNNI static size_t scan_u8s8_vnni(const int8_t *q, const uint8_t *codes, const i
                     acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_maskz_loadu_epi8(m, g + i * d + c * 64), qv);
             }
         }
-        __m512i sums = reduce16_epi32(acc);
+        __m512i sums = kvr_reduce16_epi32(acc);
         __m512 sc = _mm512_fmadd_ps(vscale, _mm512_cvtepi32_ps(sums), vbase);
         __mmask16 valid = (__mmask16)(rows == 16 ? 0xFFFF : ((1u << rows) - 1u));
         __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, sc, vthr, _CMP_GE_OQ);
@@ -507,13 +490,17 @@ static int detect_vnni(void) { return 0; }
 
 static int vnni_state = -1, u8s8_cap = 2;
 
-int kvr_u8s8_path(void) {
+int kvr_has_vnni(void) {
     int s = __atomic_load_n(&vnni_state, __ATOMIC_RELAXED);
     if (s < 0) {
         s = detect_vnni();
         __atomic_store_n(&vnni_state, s, __ATOMIC_RELAXED);
     }
-    int best = s ? 2 : (kvr_has_fast_path() ? 1 : 0), cap = __atomic_load_n(&u8s8_cap, __ATOMIC_RELAXED);
+    return s;
+}
+
+int kvr_u8s8_path(void) {
+    int best = kvr_has_vnni() ? 2 : (kvr_has_fast_path() ? 1 : 0), cap = __atomic_load_n(&u8s8_cap, __ATOMIC_RELAXED);
     return best < cap ? best : cap;
 }
 

@@ -161,6 +161,51 @@ import KVRecallTestSupport
         }
     }
 
+    /// The scans' bodies this CPU has (AVX-512 VNNI, AVX2, portable), lowered in turn on this thread:
+    /// VNNI and AVX2 give the same scores and value sums bit for bit (the same integers, the same
+    /// epilogue); the portable scores agree to float rounding.
+    @Test func theScanBodiesAgree() throws {
+        let best = kvr_codes_path()
+        defer { kvr_cap_codes_path(2) }
+        var rng = SeededRandom(seed: 21)
+        for d in [64, 80, 128, 256] {
+            let group = 64, format = CodeFormat(keyBits: 4, valueBits: 4, group: group)
+            let l = format.layout(dimension: d)
+            let rows = (0..<3).map { Self.encoded(Self.head(n: group, d: d, seed: 40 + UInt64($0)), format: format, dimension: d) }
+            for g in [1, 4, 6] {
+                let q = rng.gaussianMatrix(rows: g, dim: d)
+                let w = (0..<(g * 3 * group)).map { _ in exp(2 * rng.gaussian()) }
+                func run(cap: Int32) -> (scores: [Float], values: [Float]) {
+                    kvr_cap_codes_path(cap)
+                    #expect(kvr_codes_path() == min(cap, best))
+                    var scores = [Float](repeating: 0, count: g * 3 * group), values = [Float](repeating: 0, count: g * l.padded)
+                    var q8 = [Int8](repeating: 0, count: (g + 3) / 4 * 4 * l.padded), dots = [Int32](repeating: 0, count: g * group)
+                    var scratch = [Float](repeating: 0, count: 3 * l.padded)
+                    var layout = kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
+                                                 value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes,
+                                                 row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
+                                                 padded: l.padded, group: group, key_bits: 4, value_bits: 4, wide_steps: 0)
+                    rows[0].withUnsafeBytes { r0 in
+                        rows[1].withUnsafeBytes { r1 in
+                            rows[2].withUnsafeBytes { r2 in
+                                var pointers: [UnsafeRawPointer?] = [r0.baseAddress, r1.baseAddress, r2.baseAddress]
+                                kvr_code_scores(q, g, d, &pointers, 3, &layout, 0.0625, &scores, 3 * group, &q8, &dots, &scratch)
+                                kvr_code_values(w, g, 3 * group, &pointers, 3, &layout, d, &values, &scratch)
+                            }
+                        }
+                    }
+                    return (scores, values)
+                }
+                let vnni = run(cap: 2), avx2 = run(cap: 1), portable = run(cap: 0)
+                #expect(vnni.scores == avx2.scores, "d \(d) heads \(g): scores")
+                #expect(vnni.values == avx2.values, "d \(d) heads \(g): value sums")
+                let worst = zip(avx2.scores, portable.scores).map { abs($0 - $1) / max(1, abs($1)) }.max() ?? 0
+                #expect(worst < 1e-5, "d \(d) heads \(g): AVX2 and portable scores differ by \(worst)")
+                #expect(avx2.scores.contains { $0 != 0 })
+            }
+        }
+    }
+
     /// Codes written a few tokens at a time equal codes built at once; truncation cuts them and
     /// appends continue them.
     @Test func codesStayCurrentThroughAppendsAndTruncation() throws {

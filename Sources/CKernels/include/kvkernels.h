@@ -132,6 +132,14 @@ typedef struct kvr_code_layout {
     size_t wide_steps; /* mins, steps and means: 1 f32, 0 f16 */
 } kvr_code_layout;
 
+/* Which bodies the quantized tier's scans (kvr_code_scores, kvr_code_values) use: 2 AVX-512 VNNI,
+ * 1 AVX2, 0 portable: the best the CPU has, at most the calling thread's cap set by kvr_cap_codes_path
+ * (2 by default; tests lower it to compare the bodies, which give the same integers). kvr_has_vnni: 1 when the CPU
+ * has AVX-512 F/BW/VL with VNNI. */
+int kvr_codes_path(void);
+void kvr_cap_codes_path(int cap);
+int kvr_has_vnni(void);
+
 /* Approximate scores of g <= 64 queries (g x d f32) against every position of `groups` group rows:
  * out[h * stride + gi * group + i] = scale * (q_h . decoded key i of group gi), the query times each
  * group's steps quantized to int8 (one scale per head and group). Scratch: q8 holds
