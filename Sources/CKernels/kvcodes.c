@@ -17,6 +17,16 @@ static inline void prefetch_bytes(const uint8_t *p, size_t bytes) {
     for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
 }
 
+/* Part `step` of `steps` of [p, p + bytes) fetched into the caches: a kernel fetches the next group's
+ * row a few lines per step of its own loop, so that the fetches overlap its work instead of queueing
+ * in one burst ahead of it (cold, on AMD Zen 4: the key scan 1.3x and the value pass 1.7x faster than
+ * with the whole row requested at once; docs/BENCHMARKS.md). p may be NULL. */
+static inline void prefetch_part(const uint8_t *p, size_t bytes, size_t step, size_t steps) {
+    if (!p) return;
+    const size_t lines = (bytes + 63) / 64, per = (lines + steps - 1) / steps;
+    for (size_t l = step * per; l < (step + 1) * per && l < lines; l++) __builtin_prefetch(p + 64 * l, 0, 3);
+}
+
 /* Mins, steps or means [0, n) of a group row as f32. */
 static void read_steps(const uint8_t *base, size_t n, int wide, float *out) {
     if (wide) { memcpy(out, base, n * sizeof(float)); return; }
@@ -212,12 +222,14 @@ FAST static inline __m256i key_run_u4(const uint8_t *c, __m256i nibble) {
 /* 4-bit keys with at most 256 channels (8 runs: the int16 sums stay below 15 * 127 * 2 * 8):
  * two positions and four heads (q8 padded to a multiple of 4 heads with zeros) at a time, the
  * int8 query runs loaded once for both positions, eight dot products reduced together. */
-FAST static void key_dots_u4(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
+FAST static void key_dots_u4(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots,
+                             const uint8_t *next, size_t next_bytes) {
     const size_t runs = L->padded / 32, P = L->padded, G = L->group;
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (size_t h0 = 0; h0 < g; h0 += 4) {
         const int8_t *q0 = q8 + h0 * P, *q1 = q0 + P, *q2 = q1 + P, *q3 = q2 + P;
         for (size_t i = 0; i < G; i += 2) {
+            if (h0 == 0) prefetch_part(next, next_bytes, i / 2, G / 2);
             const uint8_t *c0 = codes + i * L->key_code_bytes, *c1 = c0 + L->key_code_bytes;
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (size_t r = 0; r < runs; r++) {
@@ -250,7 +262,8 @@ FAST static void key_dots_u4(const int8_t *q8, size_t g, const kvr_code_layout *
  * four heads' int8 queries are permuted to that order once per group. VPDPBUSD sums 4 products per
  * int32 lane (no int16 stage, so any d), 4 positions x 4 heads accumulate in 16 vectors, reduced
  * together. The same integers as key_dots_u4. */
-VNNI static void key_dots_u4_vnni(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots) {
+VNNI static void key_dots_u4_vnni(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes, int32_t *dots,
+                                  const uint8_t *next, size_t next_bytes) {
     const size_t P = L->padded, G = L->group, chunks = P / 64, stride = L->key_code_bytes;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
@@ -264,6 +277,7 @@ VNNI static void key_dots_u4_vnni(const int8_t *q8, size_t g, const kvr_code_lay
                 _mm512_store_si512((void *)(qp[t] + 64 * k), _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0)));
             }
         for (size_t i = 0; i < G; i += 4) {
+            if (h0 == 0) prefetch_part(next, next_bytes, i / 4, G / 4);
             __m512i acc[16];
             for (size_t a = 0; a < 16; a++) acc[a] = _mm512_setzero_si512();
             for (size_t k = 0; k < chunks; k++) {
@@ -322,7 +336,7 @@ static void value_steps(const uint8_t *row, const kvr_code_layout *L, size_t dv,
  * multiplied with every head's weights (vpmaddwd, 16 positions per instruction), the eight dot
  * products reduced together. */
 FAST static void group_values_u8(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
-                                 size_t dv, float *out, float *scratch) {
+                                 size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
     const size_t P = L->padded;
     const float *vmin = scratch, *vstep = scratch + P;
     value_steps(row, L, dv, scratch);
@@ -352,8 +366,9 @@ FAST static void group_values_u8(const float *w, size_t g, size_t stride, const 
                 w16[t][k] = _mm256_permute4x64_epi64(p, 0xD8);  /* packs interleaves the 128-bit lanes */
             }
         }
-        if (!any) continue;
+        if (!any) { if (h0 == 0) prefetch_part(next, next_bytes, 0, 1); continue; }
         for (size_t c = 0; c < dv; c += 2) {
+            if (h0 == 0) prefetch_part(next, next_bytes, c / 2, (dv + 1) / 2);
             __m256i acc[8];
             for (size_t e = 0; e < 2; e++) {
                 const size_t ch = c + e < dv ? c + e : c;  /* an odd last channel repeats (its result is not kept) */
@@ -375,80 +390,135 @@ FAST static void group_values_u8(const float *w, size_t g, size_t stride, const 
     }
 }
 
-/* The value pass of one group of 64 positions with 4-bit codes: per head, the weights quantized to
- * u8 (one scale: the largest maps to 255); eight channels' codes unpacked once to bytes (positions
- * 0..31, then 32..63); per head and channel the 64 u8 x code products summed into 8 int32 lanes by
- * DOT64 (AVX2: two vpmaddubsw, one vpaddw and one vpmaddwd; VNNI: two VPDPBUSD), the eight channels
- * reduced together and applied with vector FMAs. Padding channels (min and step 0) add 0. The u8
- * weights keep 1/255 of the group's largest (docs/BENCHMARKS.md, "A faster value pass" measures the
- * error it adds). Both bodies give the same integers. */
-#define DEFINE_GROUP_VALUES_U4(NAME, ATTR, DOT64)                                                                             \
-ATTR static void NAME(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,                  \
-                      size_t dv, float *out, float *scratch) {                                                                \
-    const size_t P = L->padded;                                                                                               \
-    const float *vmin = scratch, *vstep = scratch + P;                                                                        \
-    value_steps(row, L, dv, scratch);                                                                                         \
-    const uint8_t *codes = row + L->value_codes;                                                                              \
-    __m256i wq[64][2];                                                                                                        \
-    float scale[64], total[64];                                                                                               \
-    size_t live[64], n = 0;                                                                                                   \
-    for (size_t h = 0; h < g; h++) {                                                                                          \
-        const float *wh = w + h * stride;                                                                                     \
-        __m256 x[8];                                                                                                          \
-        for (size_t k = 0; k < 8; k++) x[k] = _mm256_loadu_ps(wh + 8 * k);                                                    \
-        const float t = hsum_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])),            \
-                                              _mm256_add_ps(_mm256_add_ps(x[4], x[5]), _mm256_add_ps(x[6], x[7]))));          \
-        if (t == 0) continue;                                                                                                 \
-        const float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),          \
-                                                _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));        \
-        const __m256 inv = _mm256_set1_ps(255.0f / top);                                                                      \
-        wq[n][0] = bytes32(x, inv, 1);                                                                                        \
-        wq[n][1] = bytes32(x + 4, inv, 1);                                                                                    \
-        /* The min term takes the rounded weights' total too: the rounding then errs by sum_i e_i v_i                         \
-         * (values about centred) rather than by sum_i e_i (v_i - min) (all of one sign). */                                  \
-        const __m256i sums = _mm256_add_epi64(_mm256_sad_epu8(wq[n][0], _mm256_setzero_si256()),                              \
-                                              _mm256_sad_epu8(wq[n][1], _mm256_setzero_si256()));                             \
-        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));                    \
-        const float rounded = (float)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));                                      \
-        if (rounded == 0) continue;                                                                                           \
-        scale[n] = top / 255.0f;                                                                                              \
-        total[n] = rounded * scale[n];                                                                                        \
-        live[n++] = h;                                                                                                        \
-    }                                                                                                                         \
-    if (n == 0) return;                                                                                                       \
-    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                               \
-    _Alignas(32) uint8_t unpacked[8][64];                                                                                     \
-    for (size_t c = 0; c < P; c += 8) {                                                                                       \
-        for (size_t e = 0; e < 8; e++) {                                                                                      \
-            const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));                   \
-            _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));                                          \
-            _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));             \
-        }                                                                                                                     \
-        const __m256 lo = _mm256_loadu_ps(vmin + c), st = _mm256_loadu_ps(vstep + c);                                         \
-        for (size_t j = 0; j < n; j++) {                                                                                      \
-            __m256i acc[8];                                                                                                   \
-            for (size_t e = 0; e < 8; e++) {                                                                                  \
-                acc[e] = DOT64(wq[j][0], wq[j][1], _mm256_load_si256((const __m256i *)unpacked[e]),                           \
-                               _mm256_load_si256((const __m256i *)(unpacked[e] + 32)), ones);                                 \
-            }                                                                                                                 \
-            const __m256 dots = _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));  \
-            float *o = out + live[j] * P + c;                                                                                 \
-            __m256 r = _mm256_fmadd_ps(lo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));                                     \
-            r = _mm256_fmadd_ps(_mm256_mul_ps(st, _mm256_set1_ps(scale[j])), dots, r);                                        \
-            _mm256_storeu_ps(o, r);                                                                                           \
-        }                                                                                                                     \
-    }                                                                                                                         \
+/* A group's tail weights per head quantized to u8 (one scale: the largest maps to 255), 32 positions
+ * per vector: wq[j] for the j-th head whose weights are not all 0 (live[j]), with its scale and the
+ * rounded weights' total; returns how many heads are live. */
+FAST static inline size_t quantize_weights_u8(const float *w, size_t g, size_t stride, __m256i (*wq)[2], float *scale,
+                                              float *total, size_t *live) {
+    size_t n = 0;
+    for (size_t h = 0; h < g; h++) {
+        const float *wh = w + h * stride;
+        __m256 x[8];
+        for (size_t k = 0; k < 8; k++) x[k] = _mm256_loadu_ps(wh + 8 * k);
+        const float t = hsum_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])),
+                                              _mm256_add_ps(_mm256_add_ps(x[4], x[5]), _mm256_add_ps(x[6], x[7]))));
+        if (t == 0) continue;
+        const float top = hmax_ps(_mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
+                                                _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7]))));
+        const __m256 inv = _mm256_set1_ps(255.0f / top);
+        wq[n][0] = bytes32(x, inv, 1);
+        wq[n][1] = bytes32(x + 4, inv, 1);
+        /* The min term takes the rounded weights' total too: the rounding then errs by sum_i e_i v_i
+         * (values about centred) rather than by sum_i e_i (v_i - min) (all of one sign). */
+        const __m256i sums = _mm256_add_epi64(_mm256_sad_epu8(wq[n][0], _mm256_setzero_si256()),
+                                              _mm256_sad_epu8(wq[n][1], _mm256_setzero_si256()));
+        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+        const float rounded = (float)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));
+        if (rounded == 0) continue;
+        scale[n] = top / 255.0f;
+        total[n] = rounded * scale[n];
+        live[n++] = h;
+    }
+    return n;
 }
 
-FAST static inline __m256i dot64_avx2(__m256i w0, __m256i w1, __m256i c0, __m256i c1, __m256i ones) {
-    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, c0), _mm256_maddubs_epi16(w1, c1)), ones);
+/* The value pass of one group of 64 positions with 4-bit codes: per head, the weights quantized to
+ * u8 (one scale: the largest maps to 255); eight channels' codes unpacked once to bytes (positions
+ * 0..31, then 32..63); per head and channel two vpmaddubsw (32 positions each, no widening) and one
+ * vpmaddwd, the eight channels reduced together and applied with vector FMAs. Padding channels
+ * (min and step 0) add 0. About half the instructions of the int16 pass; the u8 weights keep 1/255 of
+ * the group's largest (docs/BENCHMARKS.md, "A faster value pass" measures the error it adds). */
+FAST static void group_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                 size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
+    const size_t P = L->padded;
+    const float *vmin = scratch, *vstep = scratch + P;
+    value_steps(row, L, dv, scratch);
+    const uint8_t *codes = row + L->value_codes;
+    __m256i wq[64][2];
+    float scale[64], total[64];
+    size_t live[64];
+    const size_t n = quantize_weights_u8(w, g, stride, wq, scale, total, live);
+    if (n == 0) { prefetch_part(next, next_bytes, 0, 1); return; }
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    _Alignas(32) uint8_t unpacked[8][64];
+    for (size_t c = 0; c < P; c += 8) {
+        prefetch_part(next, next_bytes, c / 8, P / 8);
+        for (size_t e = 0; e < 8; e++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));
+            _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));
+            _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));
+        }
+        const __m256 lo = _mm256_loadu_ps(vmin + c), st = _mm256_loadu_ps(vstep + c);
+        for (size_t j = 0; j < n; j++) {
+            __m256i acc[8];
+            for (size_t e = 0; e < 8; e++) {
+                const __m256i a = _mm256_maddubs_epi16(wq[j][0], _mm256_load_si256((const __m256i *)unpacked[e]));
+                const __m256i b = _mm256_maddubs_epi16(wq[j][1], _mm256_load_si256((const __m256i *)(unpacked[e] + 32)));
+                acc[e] = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
+            }
+            const __m256 dots = _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));
+            float *o = out + live[j] * P + c;
+            __m256 r = _mm256_fmadd_ps(lo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));
+            r = _mm256_fmadd_ps(_mm256_mul_ps(st, _mm256_set1_ps(scale[j])), dots, r);
+            _mm256_storeu_ps(o, r);
+        }
+    }
 }
-VNNI static inline __m256i dot64_vnni(__m256i w0, __m256i w1, __m256i c0, __m256i c1, __m256i ones) {
-    (void)ones;
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, c0), w1, c1);
+
+/* group_values_u4 with AVX-512 VNNI and no horizontal sums: eight channels' code rows (32 bytes each)
+ * transposed as 4-byte words, so that word k of every row (positions 4k..4k+3 in its low nibbles,
+ * 32+4k.. in its high ones) sits in one vector with a lane per channel; VPDPBUSD with the head's four
+ * u8 weights of those positions broadcast then accumulates each channel in its own lane. Four heads
+ * at a time, two chains each. The same integers as group_values_u4. */
+VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                      size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
+    const size_t P = L->padded;
+    const float *vmin = scratch, *vstep = scratch + P;
+    value_steps(row, L, dv, scratch);
+    const uint8_t *codes = row + L->value_codes;
+    __m256i wq[64][2];
+    float scale[64], total[64];
+    size_t live[64];
+    const size_t n = quantize_weights_u8(w, g, stride, wq, scale, total, live);
+    if (n == 0) { prefetch_part(next, next_bytes, 0, 1); return; }
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (size_t c = 0; c < P; c += 8) {
+        prefetch_part(next, next_bytes, c / 8, P / 8);
+        __m256i r[8], s[8], t[8], lo[8], hi[8];
+        for (size_t e = 0; e < 8; e++) r[e] = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));
+        /* 8 x 8 words, per 128-bit half: s pairs rows' words, t gathers four rows' words, the permutes join the halves */
+        for (size_t e = 0; e < 8; e += 2) { s[e] = _mm256_unpacklo_epi32(r[e], r[e + 1]); s[e + 1] = _mm256_unpackhi_epi32(r[e], r[e + 1]); }
+        for (size_t e = 0; e < 8; e += 4) {
+            t[e] = _mm256_unpacklo_epi64(s[e], s[e + 2]); t[e + 1] = _mm256_unpackhi_epi64(s[e], s[e + 2]);
+            t[e + 2] = _mm256_unpacklo_epi64(s[e + 1], s[e + 3]); t[e + 3] = _mm256_unpackhi_epi64(s[e + 1], s[e + 3]);
+        }
+        for (size_t k = 0; k < 4; k++) {  /* t[k] (rows 0-3) and t[k + 4] (rows 4-7): words k and k + 4 */
+            const __m256i a = _mm256_permute2x128_si256(t[k], t[k + 4], 0x20), b = _mm256_permute2x128_si256(t[k], t[k + 4], 0x31);
+            lo[k] = _mm256_and_si256(a, nibble); hi[k] = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
+            lo[k + 4] = _mm256_and_si256(b, nibble); hi[k + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+        }
+        const __m256 vlo = _mm256_loadu_ps(vmin + c), vst = _mm256_loadu_ps(vstep + c);
+        for (size_t j0 = 0; j0 < n; j0 += 4) {
+            const size_t jn = n - j0 < 4 ? n - j0 : 4;
+            __m256i a[4][2];
+            for (size_t u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_si256();
+            for (size_t k = 0; k < 8; k++)
+                for (size_t u = 0; u < jn; u++) {
+                    const int32_t *w0 = (const int32_t *)&wq[j0 + u][0], *w1 = (const int32_t *)&wq[j0 + u][1];
+                    a[u][0] = _mm256_dpbusd_epi32(a[u][0], _mm256_set1_epi32(w0[k]), lo[k]);
+                    a[u][1] = _mm256_dpbusd_epi32(a[u][1], _mm256_set1_epi32(w1[k]), hi[k]);
+                }
+            for (size_t u = 0; u < jn; u++) {
+                const size_t j = j0 + u;
+                const __m256 dots = _mm256_cvtepi32_ps(_mm256_add_epi32(a[u][0], a[u][1]));
+                float *o = out + live[j] * P + c;
+                __m256 v = _mm256_fmadd_ps(vlo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));
+                v = _mm256_fmadd_ps(_mm256_mul_ps(vst, _mm256_set1_ps(scale[j])), dots, v);
+                _mm256_storeu_ps(o, v);
+            }
+        }
+    }
 }
-DEFINE_GROUP_VALUES_U4(group_values_u4, FAST, dot64_avx2)
-DEFINE_GROUP_VALUES_U4(group_values_u4_vnni, VNNI, dot64_vnni)
 
 #endif
 
@@ -476,15 +546,20 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const uint8_t *codes = row + L->key_codes;
-        if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1], L->value_min);  /* the next group's keys */
+        const uint8_t *next = gi + 1 < groups ? (const uint8_t *)rows[gi + 1] : NULL;  /* its keys are fetched during this one */
+#if KVR_X86
+        if (!u4) if (next) prefetch_bytes(next, L->value_min);
+#else
+        if (next) prefetch_bytes(next, L->value_min);
+#endif
 #if KVR_X86
         if (fast && d % 8 == 0) prepare_fast(q, g, d, L, row, q8, scales, bases, scratch);
         else
 #endif
             prepare_portable(q, g, d, L, row, q8, scales, bases, scratch);
 #if KVR_X86
-        if (u4v) key_dots_u4_vnni(q8, g, L, codes, dots);
-        else if (u4) key_dots_u4(q8, g, L, codes, dots);
+        if (u4v) key_dots_u4_vnni(q8, g, L, codes, dots, next, L->value_min);
+        else if (u4) key_dots_u4(q8, g, L, codes, dots, next, L->value_min);
         else if (fast && L->key_bits == 8) key_dots_u8(q8, g, L, codes, dots);
         else
 #endif
@@ -503,19 +578,22 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
 }
 
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
-                     const kvr_code_layout *L, size_t dv, float *out, float *scratch) {
+                     const kvr_code_layout *L, size_t dv, float *out, float *scratch, const void *after) {
 #if KVR_X86
     const int path = kvr_codes_path();
 #endif
+    const size_t part = L->row_bytes - L->value_min;
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const float *wg = w + gi * L->group;
-        if (gi + 1 < groups) prefetch_bytes((const uint8_t *)rows[gi + 1] + L->value_min, L->row_bytes - L->value_min);
+        const void *following = gi + 1 < groups ? rows[gi + 1] : after;
+        const uint8_t *next = following ? (const uint8_t *)following + L->value_min : NULL;  /* fetched during this group */
 #if KVR_X86
-        if (path == 2 && L->group == 64 && L->value_bits == 4) { group_values_u4_vnni(wg, g, stride, L, row, dv, out, scratch); continue; }
-        if (path >= 1 && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch); continue; }
-        if (path >= 1 && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch); continue; }
+        if (path == 2 && L->group == 64 && L->value_bits == 4) { group_values_u4_vnni(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+        if (path >= 1 && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+        if (path >= 1 && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
 #endif
+        if (next) prefetch_bytes(next, part);
         group_values_portable(wg, g, stride, L, row, dv, out, scratch);
     }
 }

@@ -284,17 +284,17 @@ extension Attention {
                 let detailed = (0..<groups.count).map { j in
                     (0..<g).contains { h in keeps[h] && m.groupMass[h * count + offset + j] * rescale[h] >= plan.detailFloor[h] }
                 }
-                var ahead = 0  // the next detailed group, whose codes are fetched while this one is read
+                // The next detailed group's codes are fetched while this one is read (the first one's before).
+                var ahead = detailed.firstIndex(of: true) ?? groups.count
+                if ahead < groups.count { kvr_prefetch_values(codeRow(groups.lowerBound + ahead), &layout) }
                 for j in 0..<groups.count {
                     row = codeRow(groups.lowerBound + j)
                     let mass = offset + j
-                    if ahead <= j {
+                    if detailed[j] {
                         ahead = j + 1
                         while ahead < groups.count && !detailed[ahead] { ahead += 1 }
-                        if ahead < groups.count { kvr_prefetch_values(codeRow(groups.lowerBound + ahead), &layout) }
-                    }
-                    if detailed[j] {
-                        kvr_code_values(scores + first + j * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!)
+                        let after = ahead < groups.count ? codeRow(groups.lowerBound + ahead) : nil
+                        kvr_code_values(scores + first + j * group, g, coded, &row, 1, &layout, dv, s.baseAddress!, t.baseAddress!, after)
                     } else {
                         for h in 0..<g { masses[h] = keeps[h] ? m.groupMass[h * count + mass] : 0 }
                         kvr_code_means(masses, g, row, &layout, dv, s.baseAddress!, t.baseAddress!)

@@ -143,7 +143,7 @@ import KVRecallTestSupport
                                              row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
                                              padded: l.padded, group: group, key_bits: 4, value_bits: valueBits, wide_steps: 0)
                 var pointer: UnsafeRawPointer? = r.baseAddress
-                kvr_code_values(w, g, group, &pointer, 1, &layout, d, &out, &scratch)
+                kvr_code_values(w, g, group, &pointer, 1, &layout, d, &out, &scratch, nil)
                 var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
                 for i in 0..<group {
                     format.decode(row: r.baseAddress!, position: i, dimension: d, key: &key, value: &value)
@@ -190,7 +190,7 @@ import KVRecallTestSupport
                             rows[2].withUnsafeBytes { r2 in
                                 var pointers: [UnsafeRawPointer?] = [r0.baseAddress, r1.baseAddress, r2.baseAddress]
                                 kvr_code_scores(q, g, d, &pointers, 3, &layout, 0.0625, &scores, 3 * group, &q8, &dots, &scratch)
-                                kvr_code_values(w, g, 3 * group, &pointers, 3, &layout, d, &values, &scratch)
+                                kvr_code_values(w, g, 3 * group, &pointers, 3, &layout, d, &values, &scratch, nil)
                             }
                         }
                     }

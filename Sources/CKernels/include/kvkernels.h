@@ -151,9 +151,11 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
 /* The weighted sums of decoded value codes for g heads: with w[h * stride + gi * group + i] >= 0 the
  * weight of position i of group gi (a head whose group weights are all 0 is skipped), out[h * padded
  * + c] += sum_i w * value_ic, for c < dv, g <= 64. The weights are quantized per head and group: to
- * u8 for 4-bit value codes, to int16 for 8-bit ones. scratch: 2 * padded floats. */
+ * u8 for 4-bit value codes, to int16 for 8-bit ones. scratch: 2 * padded floats. Each row's value part
+ * is fetched while the row before it is read; `after` (NULL for none) is the row whose value part is
+ * fetched during the last one: the caller's next row to read. */
 void kvr_code_values(const float *w, size_t g, size_t stride, const void *const *rows, size_t groups,
-                     const kvr_code_layout *layout, size_t dv, float *out, float *scratch);
+                     const kvr_code_layout *layout, size_t dv, float *out, float *scratch, const void *after);
 
 /* The largest of x[0, n) (-inf for n == 0 or all NaN; NaN values are passed over), vectorised. */
 float kvr_max(const float *x, size_t n);
