@@ -77,7 +77,7 @@ FAST static inline float hsum1(__m256 v) {
 #define PF 8
 static inline void prefetch_row(const void *p, size_t bytes) {
     const char *c = (const char *)p;
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 0);
+    for (size_t off = 0; off < bytes; off += 64) KVR_PREFETCH(c + off);
 }
 
 /* Scores of four query heads against two rows at a time (8 accumulators in registers), then one

@@ -14,7 +14,7 @@
 
 /* Starts fetching [p, p + bytes) (the next group row, while this one is scanned). */
 static inline void prefetch_bytes(const uint8_t *p, size_t bytes) {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+    for (size_t off = 0; off < bytes; off += 64) KVR_PREFETCH(p + off);
 }
 
 /* Part `step` of `steps` of [p, p + bytes) fetched into the caches: a kernel fetches the next group's
@@ -24,7 +24,7 @@ static inline void prefetch_bytes(const uint8_t *p, size_t bytes) {
 static inline void prefetch_part(const uint8_t *p, size_t bytes, size_t step, size_t steps) {
     if (!p) return;
     const size_t lines = (bytes + 63) / 64, per = (lines + steps - 1) / steps;
-    for (size_t l = step * per; l < (step + 1) * per && l < lines; l++) __builtin_prefetch(p + 64 * l, 0, 3);
+    for (size_t l = step * per; l < (step + 1) * per && l < lines; l++) KVR_PREFETCH(p + 64 * l);
 }
 
 /* Mins, steps or means [0, n) of a group row as f32. */
