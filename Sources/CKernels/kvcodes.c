@@ -422,6 +422,31 @@ FAST static inline size_t quantize_weights_u8(const float *w, size_t g, size_t s
     return n;
 }
 
+/* A 4-bit value pass's state for one group: the live heads' u8 weights (32 positions per vector), their
+ * scales and rounded totals (quantize_weights_u8). */
+typedef struct {
+    __m256i wq[64][2];
+    float scale[64], total[64];
+    size_t live[64], n;
+} values_u4;
+
+/* The start of a 4-bit value pass: the group's value mins and steps into scratch, its weights quantized;
+ * returns how many heads are live, 0 (nothing left to do) after fetching `next`. */
+FAST static inline size_t begin_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                          size_t dv, float *scratch, values_u4 *st, const uint8_t *next, size_t next_bytes) {
+    value_steps(row, L, dv, scratch);
+    st->n = quantize_weights_u8(w, g, stride, st->wq, st->scale, st->total, st->live);
+    if (st->n == 0) prefetch_part(next, next_bytes, 0, 1);
+    return st->n;
+}
+
+/* o[0..7] += min * total + step * scale * dots: eight channels of live head j from their integer dots. */
+FAST static inline void apply_dots(float *o, __m256 vmin, __m256 vstep, const values_u4 *st, size_t j, __m256 dots) {
+    __m256 r = _mm256_fmadd_ps(vmin, _mm256_set1_ps(st->total[j]), _mm256_loadu_ps(o));
+    r = _mm256_fmadd_ps(_mm256_mul_ps(vstep, _mm256_set1_ps(st->scale[j])), dots, r);
+    _mm256_storeu_ps(o, r);
+}
+
 /* The value pass of one group of 64 positions with 4-bit codes: per head, the weights quantized to
  * u8 (one scale: the largest maps to 255); eight channels' codes unpacked once to bytes (positions
  * 0..31, then 32..63); per head and channel two vpmaddubsw (32 positions each, no widening) and one
@@ -430,15 +455,11 @@ FAST static inline size_t quantize_weights_u8(const float *w, size_t g, size_t s
  * the group's largest (docs/BENCHMARKS.md, "A faster value pass" measures the error it adds). */
 FAST static void group_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
                                  size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
-    const size_t P = L->padded;
+    values_u4 st;
+    if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
+    const size_t P = L->padded, n = st.n;
     const float *vmin = scratch, *vstep = scratch + P;
-    value_steps(row, L, dv, scratch);
     const uint8_t *codes = row + L->value_codes;
-    __m256i wq[64][2];
-    float scale[64], total[64];
-    size_t live[64];
-    const size_t n = quantize_weights_u8(w, g, stride, wq, scale, total, live);
-    if (n == 0) { prefetch_part(next, next_bytes, 0, 1); return; }
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     _Alignas(32) uint8_t unpacked[8][64];
     for (size_t c = 0; c < P; c += 8) {
@@ -448,19 +469,16 @@ FAST static void group_values_u4(const float *w, size_t g, size_t stride, const 
             _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));
             _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));
         }
-        const __m256 lo = _mm256_loadu_ps(vmin + c), st = _mm256_loadu_ps(vstep + c);
+        const __m256 lo = _mm256_loadu_ps(vmin + c), step = _mm256_loadu_ps(vstep + c);
         for (size_t j = 0; j < n; j++) {
             __m256i acc[8];
             for (size_t e = 0; e < 8; e++) {
-                const __m256i a = _mm256_maddubs_epi16(wq[j][0], _mm256_load_si256((const __m256i *)unpacked[e]));
-                const __m256i b = _mm256_maddubs_epi16(wq[j][1], _mm256_load_si256((const __m256i *)(unpacked[e] + 32)));
+                const __m256i a = _mm256_maddubs_epi16(st.wq[j][0], _mm256_load_si256((const __m256i *)unpacked[e]));
+                const __m256i b = _mm256_maddubs_epi16(st.wq[j][1], _mm256_load_si256((const __m256i *)(unpacked[e] + 32)));
                 acc[e] = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
             }
-            const __m256 dots = _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));
-            float *o = out + live[j] * P + c;
-            __m256 r = _mm256_fmadd_ps(lo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));
-            r = _mm256_fmadd_ps(_mm256_mul_ps(st, _mm256_set1_ps(scale[j])), dots, r);
-            _mm256_storeu_ps(o, r);
+            apply_dots(out + st.live[j] * P + c, lo, step, &st, j,
+                       _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7])));
         }
     }
 }
@@ -472,15 +490,11 @@ FAST static void group_values_u4(const float *w, size_t g, size_t stride, const 
  * at a time, two chains each. The same integers as group_values_u4. */
 VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
                                       size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
-    const size_t P = L->padded;
+    values_u4 st;
+    if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
+    const size_t P = L->padded, n = st.n;
     const float *vmin = scratch, *vstep = scratch + P;
-    value_steps(row, L, dv, scratch);
     const uint8_t *codes = row + L->value_codes;
-    __m256i wq[64][2];
-    float scale[64], total[64];
-    size_t live[64];
-    const size_t n = quantize_weights_u8(w, g, stride, wq, scale, total, live);
-    if (n == 0) { prefetch_part(next, next_bytes, 0, 1); return; }
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     for (size_t c = 0; c < P; c += 8) {
         prefetch_part(next, next_bytes, c / 8, P / 8);
@@ -504,17 +518,12 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
             for (size_t u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_si256();
             for (size_t k = 0; k < 8; k++)
                 for (size_t u = 0; u < jn; u++) {
-                    const int32_t *w0 = (const int32_t *)&wq[j0 + u][0], *w1 = (const int32_t *)&wq[j0 + u][1];
+                    const int32_t *w0 = (const int32_t *)&st.wq[j0 + u][0], *w1 = (const int32_t *)&st.wq[j0 + u][1];
                     a[u][0] = _mm256_dpbusd_epi32(a[u][0], _mm256_set1_epi32(w0[k]), lo[k]);
                     a[u][1] = _mm256_dpbusd_epi32(a[u][1], _mm256_set1_epi32(w1[k]), hi[k]);
                 }
             for (size_t u = 0; u < jn; u++) {
-                const size_t j = j0 + u;
-                const __m256 dots = _mm256_cvtepi32_ps(_mm256_add_epi32(a[u][0], a[u][1]));
-                float *o = out + live[j] * P + c;
-                __m256 v = _mm256_fmadd_ps(vlo, _mm256_set1_ps(total[j]), _mm256_loadu_ps(o));
-                v = _mm256_fmadd_ps(_mm256_mul_ps(vst, _mm256_set1_ps(scale[j])), dots, v);
-                _mm256_storeu_ps(o, v);
+                apply_dots(out + st.live[j0 + u] * P + c, vlo, vst, &st, j0 + u, _mm256_cvtepi32_ps(_mm256_add_epi32(a[u][0], a[u][1])));
             }
         }
     }
