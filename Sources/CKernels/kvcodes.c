@@ -423,11 +423,13 @@ FAST static inline size_t quantize_weights_u8(const float *w, size_t g, size_t s
 }
 
 /* A 4-bit value pass's state for one group: the live heads' u8 weights (32 positions per vector), their
- * scales and rounded totals (quantize_weights_u8). */
+ * scales and rounded totals (quantize_weights_u8), the value mins and steps as f32 and the codes. */
 typedef struct {
     __m256i wq[64][2];
     float scale[64], total[64];
     size_t live[64], n;
+    const float *vmin, *vstep;
+    const uint8_t *codes;
 } values_u4;
 
 /* The start of a 4-bit value pass: the group's value mins and steps into scratch, its weights quantized;
@@ -435,16 +437,20 @@ typedef struct {
 FAST static inline size_t begin_values_u4(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
                                           size_t dv, float *scratch, values_u4 *st, const uint8_t *next, size_t next_bytes) {
     value_steps(row, L, dv, scratch);
+    st->vmin = scratch;
+    st->vstep = scratch + L->padded;
+    st->codes = row + L->value_codes;
     st->n = quantize_weights_u8(w, g, stride, st->wq, st->scale, st->total, st->live);
     if (st->n == 0) prefetch_part(next, next_bytes, 0, 1);
     return st->n;
 }
 
-/* o[0..7] += min * total + step * scale * dots: eight channels of live head j from their integer dots. */
-FAST static inline void apply_dots(float *o, __m256 vmin, __m256 vstep, const values_u4 *st, size_t j, __m256 dots) {
-    __m256 r = _mm256_fmadd_ps(vmin, _mm256_set1_ps(st->total[j]), _mm256_loadu_ps(o));
-    r = _mm256_fmadd_ps(_mm256_mul_ps(vstep, _mm256_set1_ps(st->scale[j])), dots, r);
-    _mm256_storeu_ps(o, r);
+/* o[c..c+7] += min * total + step * scale * dots: channels c..c+7 of live head j (o its output row)
+ * from their integer dots. */
+FAST static inline void apply_dots(float *o, size_t c, const values_u4 *st, size_t j, __m256 dots) {
+    __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(st->vmin + c), _mm256_set1_ps(st->total[j]), _mm256_loadu_ps(o + c));
+    r = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(st->vstep + c), _mm256_set1_ps(st->scale[j])), dots, r);
+    _mm256_storeu_ps(o + c, r);
 }
 
 /* The value pass of one group of 64 positions with 4-bit codes: per head, the weights quantized to
@@ -457,27 +463,24 @@ FAST static void group_values_u4(const float *w, size_t g, size_t stride, const 
                                  size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
     values_u4 st;
     if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
-    const size_t P = L->padded, n = st.n;
-    const float *vmin = scratch, *vstep = scratch + P;
-    const uint8_t *codes = row + L->value_codes;
+    const size_t P = L->padded;
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     _Alignas(32) uint8_t unpacked[8][64];
     for (size_t c = 0; c < P; c += 8) {
         prefetch_part(next, next_bytes, c / 8, P / 8);
         for (size_t e = 0; e < 8; e++) {
-            const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(st.codes + (c + e) * L->value_code_bytes));
             _mm256_store_si256((__m256i *)unpacked[e], _mm256_and_si256(b, nibble));
             _mm256_store_si256((__m256i *)(unpacked[e] + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble));
         }
-        const __m256 lo = _mm256_loadu_ps(vmin + c), step = _mm256_loadu_ps(vstep + c);
-        for (size_t j = 0; j < n; j++) {
+        for (size_t j = 0; j < st.n; j++) {
             __m256i acc[8];
             for (size_t e = 0; e < 8; e++) {
                 const __m256i a = _mm256_maddubs_epi16(st.wq[j][0], _mm256_load_si256((const __m256i *)unpacked[e]));
                 const __m256i b = _mm256_maddubs_epi16(st.wq[j][1], _mm256_load_si256((const __m256i *)(unpacked[e] + 32)));
                 acc[e] = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
             }
-            apply_dots(out + st.live[j] * P + c, lo, step, &st, j,
+            apply_dots(out + st.live[j] * P, c, &st, j,
                        _mm256_cvtepi32_ps(reduce8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7])));
         }
     }
@@ -492,14 +495,12 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
                                       size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
     values_u4 st;
     if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
-    const size_t P = L->padded, n = st.n;
-    const float *vmin = scratch, *vstep = scratch + P;
-    const uint8_t *codes = row + L->value_codes;
+    const size_t P = L->padded;
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     for (size_t c = 0; c < P; c += 8) {
         prefetch_part(next, next_bytes, c / 8, P / 8);
         __m256i r[8], s[8], t[8], lo[8], hi[8];
-        for (size_t e = 0; e < 8; e++) r[e] = _mm256_loadu_si256((const __m256i *)(codes + (c + e) * L->value_code_bytes));
+        for (size_t e = 0; e < 8; e++) r[e] = _mm256_loadu_si256((const __m256i *)(st.codes + (c + e) * L->value_code_bytes));
         /* 8 x 8 words, per 128-bit half: s pairs rows' words, t gathers four rows' words, the permutes join the halves */
         for (size_t e = 0; e < 8; e += 2) { s[e] = _mm256_unpacklo_epi32(r[e], r[e + 1]); s[e + 1] = _mm256_unpackhi_epi32(r[e], r[e + 1]); }
         for (size_t e = 0; e < 8; e += 4) {
@@ -511,9 +512,8 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
             lo[k] = _mm256_and_si256(a, nibble); hi[k] = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
             lo[k + 4] = _mm256_and_si256(b, nibble); hi[k + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
         }
-        const __m256 vlo = _mm256_loadu_ps(vmin + c), vst = _mm256_loadu_ps(vstep + c);
-        for (size_t j0 = 0; j0 < n; j0 += 4) {
-            const size_t jn = n - j0 < 4 ? n - j0 : 4;
+        for (size_t j0 = 0; j0 < st.n; j0 += 4) {
+            const size_t jn = st.n - j0 < 4 ? st.n - j0 : 4;
             __m256i a[4][2];
             for (size_t u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_si256();
             for (size_t k = 0; k < 8; k++)
@@ -523,7 +523,7 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
                     a[u][1] = _mm256_dpbusd_epi32(a[u][1], _mm256_set1_epi32(w1[k]), hi[k]);
                 }
             for (size_t u = 0; u < jn; u++) {
-                apply_dots(out + st.live[j0 + u] * P + c, vlo, vst, &st, j0 + u, _mm256_cvtepi32_ps(_mm256_add_epi32(a[u][0], a[u][1])));
+                apply_dots(out + st.live[j0 + u] * P, c, &st, j0 + u, _mm256_cvtepi32_ps(_mm256_add_epi32(a[u][0], a[u][1])));
             }
         }
     }
