@@ -531,36 +531,23 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
 
 #endif
 
-/* Per thread, so a test comparing the bodies does not change what other threads run. */
-static _Thread_local int codes_cap = 2;
-
-int kvr_codes_path(void) {
-    int best = kvr_has_vnni() ? 2 : (kvr_has_fast_path() ? 1 : 0);
-    return best < codes_cap ? best : codes_cap;
-}
-
-void kvr_cap_codes_path(int cap) { codes_cap = cap < 0 ? 0 : cap; }
-
 void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t groups,
                      const kvr_code_layout *L, float scale, float *out, size_t stride, int8_t *q8, int32_t *dots,
                      float *scratch) {
     float scales[64], bases[64];
     const size_t g4 = (g + 3) & ~(size_t)3;
+    int u4 = 0;  /* a 4-bit key body, which fetches the next group itself */
 #if KVR_X86
     const int path = kvr_codes_path(), fast = path >= 1;
     const int u4v = path == 2 && L->key_bits == 4 && L->padded % 64 == 0 && L->padded <= 256 && L->group % 4 == 0;
-    const int u4 = u4v || (fast && L->key_bits == 4 && L->padded <= 256 && L->group % 2 == 0);
+    u4 = u4v || (fast && L->key_bits == 4 && L->padded <= 256 && L->group % 2 == 0);
     if (u4) memset(q8 + g * L->padded, 0, (g4 - g) * L->padded);  /* the fourth-head tiles' padding */
 #endif
     for (size_t gi = 0; gi < groups; gi++) {
         const uint8_t *row = (const uint8_t *)rows[gi];
         const uint8_t *codes = row + L->key_codes;
         const uint8_t *next = gi + 1 < groups ? (const uint8_t *)rows[gi + 1] : NULL;  /* its keys are fetched during this one */
-#if KVR_X86
-        if (!u4) if (next) prefetch_bytes(next, L->value_min);
-#else
-        if (next) prefetch_bytes(next, L->value_min);
-#endif
+        if (!u4 && next) prefetch_bytes(next, L->value_min);
 #if KVR_X86
         if (fast && d % 8 == 0) prepare_fast(q, g, d, L, row, q8, scales, bases, scratch);
         else

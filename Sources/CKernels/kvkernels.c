@@ -499,10 +499,23 @@ int kvr_has_vnni(void) {
     return s;
 }
 
+/* 2 AVX-512 VNNI, 1 AVX2, 0 portable: the best bodies this CPU has. */
+static int best_path(void) { return kvr_has_vnni() ? 2 : (kvr_has_fast_path() ? 1 : 0); }
+
 int kvr_u8s8_path(void) {
-    int best = kvr_has_vnni() ? 2 : (kvr_has_fast_path() ? 1 : 0), cap = __atomic_load_n(&u8s8_cap, __ATOMIC_RELAXED);
+    int best = best_path(), cap = __atomic_load_n(&u8s8_cap, __ATOMIC_RELAXED);
     return best < cap ? best : cap;
 }
+
+/* Per thread, so a test comparing the quantized scans' bodies does not change what other threads run. */
+static _Thread_local int codes_cap = 2;
+
+int kvr_codes_path(void) {
+    int best = best_path();
+    return best < codes_cap ? best : codes_cap;
+}
+
+void kvr_cap_codes_path(int cap) { codes_cap = cap < 0 ? 0 : cap; }
 
 void kvr_cap_u8s8_path(int cap) { __atomic_store_n(&u8s8_cap, cap < 0 ? 0 : cap, __ATOMIC_RELAXED); }
 
