@@ -265,11 +265,16 @@ public struct HeadPlan: Codable, Equatable, Sendable {
 
     /// The measured candidates, one line each ("quantized 256: error 0.004, 410 us per step").
     public var candidateLines: [String] {
-        candidates.map { c in
-            let chosen = c.policy == policy && c.setting == (policy == .quantized ? exactCandidates : k)
-                && (policy != .quantized || c.tailDetail == tailDetail)
-            return c.summary + (chosen ? "  <- chosen" : "")
-        }
+        candidates.map { c in c.summary + (isChosen(c) ? "  <- chosen" : "") }
+    }
+
+    /// The measured candidate this plan runs (nil for a plan taken without measuring).
+    public var chosenCandidate: PlanCandidate? { candidates.first(where: isChosen) }
+
+    /// Whether `c` is the plan's policy at the plan's setting (and, quantized, its tail detail).
+    func isChosen(_ c: PlanCandidate) -> Bool {
+        c.policy == policy && c.setting == (policy == .quantized ? exactCandidates : k)
+            && (policy != .quantized || c.tailDetail == tailDetail)
     }
 }
 

@@ -170,7 +170,7 @@ import KVRecallTestSupport
             let plan = try #require(try session.plan(layer: 0, head: 0))
             // The plan measured exact among its candidates and chose one within the target, no slower.
             let exact = try #require(plan.candidates.first { $0.policy == .exact })
-            let chosen = try #require(plan.candidates.first { $0.policy == plan.policy })
+            let chosen = try #require(plan.chosenCandidate)
             #expect(chosen.error <= PolicyParameters().targetError && chosen.cost <= exact.cost, "\(plan.candidateLines)")
             #expect(plan.candidates.contains { $0.policy == .quantized }, "a session with auto keeps codes")
             #expect(session.report().count == 1 && session.report()[0].contains(plan.policy.rawValue))
@@ -298,7 +298,7 @@ import KVRecallTestSupport
         }
         // The plan chose a candidate within the target error, measured no slower than exact.
         let exact = try #require(plan.candidates.first { $0.policy == .exact })
-        let chosen = try #require(plan.candidates.first { $0.policy == plan.policy })
+        let chosen = try #require(plan.chosenCandidate)
         #expect(chosen.error <= PolicyParameters().targetError && chosen.cost <= exact.cost, "\(plan.candidateLines)")
         #expect(built.calibration?.reached == true, "\(built.calibration?.summary ?? "not calibrated")")
         try IndexCatalog.save(built.index, in: store, head: HeadID(), calibration: built.calibration)
