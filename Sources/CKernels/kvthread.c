@@ -8,14 +8,29 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* Whether the calling thread made itself a background thread (the idle class or a nicer value). */
+static __thread int background;
+
 long kvr_thread_id(void) { return (long)syscall(SYS_gettid); }
 
+int kvr_thread_is_background(void) { return background; }
+
+void kvr_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 int kvr_thread_enter_idle(void) {
+    background = 1;
     struct sched_param none = {0};
     return sched_setscheduler(0, SCHED_IDLE, &none) == 0 ? 0 : errno;
 }
 
 int kvr_thread_leave_idle(long tid, int niceness) {
+    if (tid == kvr_thread_id()) background = 1;
     struct sched_param none = {0};
     if (sched_setscheduler((pid_t)tid, SCHED_OTHER, &none) != 0) return errno;
     errno = 0;

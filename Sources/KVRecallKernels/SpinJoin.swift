@@ -1,14 +1,21 @@
+import CKernels
 import Dispatch
 import Foundation
 import Synchronization
 
-/// A fork-join for the few independent tasks of one decode step (a layer's KV heads). Every thread,
-/// the caller included, claims tasks until none is left, so a helper that starts late costs only
-/// parallelism; the caller then spins, without giving up its core, until the tasks other threads
-/// claimed are done. Why not `concurrentPerform`: its caller sleeps on a futex while a helper
-/// finishes, a background builder (the idle class) takes the core, and the caller's wake-up
-/// waited out a scheduler tick (4 ms at HZ 250) on 2-vCPU VMs whose scheduler packs threads
-/// (docs/BENCHMARKS.md, "Long generations").
+/// A fork-join for the few independent tasks of one decode step (a layer's KV heads, a head's
+/// parts). Every thread, the caller included, claims tasks until none is left, so a helper that
+/// starts late costs only parallelism; the caller then spins, without giving up its core, until the
+/// tasks other threads claimed are done. Why not `concurrentPerform`: its caller sleeps on a futex
+/// while a helper finishes, a background builder (the idle class) takes the core, and the caller's
+/// wake-up waited out a scheduler tick (4 ms at HZ 250) on 2-vCPU VMs whose scheduler packs
+/// threads (docs/BENCHMARKS.md, "Long generations").
+///
+/// The helpers are the threads of `HelperPool`, which spin a short while after each join before
+/// they sleep: a decode step's joins come tens of microseconds apart, and a helper woken through
+/// GCD for each one started 20-50 us late (median 33 us on a 2-vCPU VM), a quarter of what the
+/// parallel part of a quantized step gains (docs/BENCHMARKS.md, "A spinning helper pool"). A join
+/// started while the pool serves another one, or from a background thread, takes GCD helpers.
 public enum SpinJoin {
     /// Runs `body(i)` for every `i` in `0..<tasks` on the calling thread and up to `threads - 1`
     /// helpers; returns when every call returned. A wait longer than 2 ms (a build's long chunk,
@@ -20,7 +27,9 @@ public enum SpinJoin {
         }
         withoutActuallyEscaping(body) { escapable in
             let state = State(tasks: tasks, body: escapable)
-            for _ in 1..<min(threads, tasks) {
+            let helpers = min(threads, tasks) - 1
+            let pooled = HelperPool.shared.start(state, helpers: helpers)
+            for _ in pooled..<helpers {
                 DispatchQueue.global(qos: .userInitiated).async { state.work() }
             }
             state.work()
@@ -31,10 +40,11 @@ public enum SpinJoin {
                 if spins >= 1024 && DispatchTime.now().uptimeNanoseconds - start > 2_000_000 { usleep(50) }
             }
             state.body = nil  // a helper starting now claims nothing and never reads it
+            if pooled > 0 { HelperPool.shared.finish() }
         }
     }
 
-    private final class State: @unchecked Sendable {
+    final class State: @unchecked Sendable {
         let tasks: Int
         let next = Atomic<Int>(0)
         let done = Atomic<Int>(0)
@@ -56,6 +66,88 @@ public enum SpinJoin {
                 }
                 done.wrappingAdd(1, ordering: .releasing)
             }
+        }
+    }
+}
+
+/// Threads that serve one `SpinJoin` at a time (one fewer than the cores): after a join a helper
+/// spins for `spinNanoseconds` on the join counter, so the next join of the same step finds it
+/// running, then sleeps on a condition until a join wakes it.
+final class HelperPool: @unchecked Sendable {
+    static let shared = HelperPool(size: max(0, ProcessInfo.processInfo.activeProcessorCount - 1))
+
+    /// How long an idle helper spins before it sleeps: longer than the gaps between a decode
+    /// step's joins, short enough that an idle process gives its cores back at once.
+    static let spinNanoseconds: UInt64 = 200_000
+
+    let size: Int
+    /// Whether a join holds the pool.
+    private let busy = Atomic<Bool>(false)
+    /// Bumped when a join starts; helpers wait for it to change.
+    private let generation = Atomic<Int>(0)
+    private let sleepers = Atomic<Int>(0)
+    private let condition = NSCondition()
+    // Guarded by `condition`.
+    private var job: SpinJoin.State?
+    private var seats = 0
+    private var started = 0
+
+    init(size: Int) { self.size = size }
+
+    /// Hands `state` to up to `helpers` pool threads; returns how many it promised (0: the pool
+    /// serves another join, or the caller is a background thread whose work must not run at the
+    /// helpers' normal priority).
+    func start(_ state: SpinJoin.State, helpers: Int) -> Int {
+        let wanted = min(helpers, size)
+        guard wanted > 0, kvr_thread_is_background() == 0,
+              busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return 0 }
+        condition.lock()
+        while started < wanted {
+            let first = generation.load(ordering: .relaxed)
+            let thread = Thread { [self] in serve(after: first) }
+            thread.qualityOfService = .userInitiated
+            thread.name = "kvrecall-helper"
+            thread.start()
+            started += 1
+        }
+        job = state
+        seats = wanted
+        generation.wrappingAdd(1, ordering: .releasing)
+        if sleepers.load(ordering: .relaxed) > 0 { condition.broadcast() }
+        condition.unlock()
+        return wanted
+    }
+
+    /// Releases the pool after the join's tasks are done (helpers may still be leaving `work`).
+    func finish() {
+        condition.lock()
+        job = nil
+        seats = 0
+        condition.unlock()
+        busy.store(false, ordering: .releasing)
+    }
+
+    private func serve(after first: Int) {
+        var seen = first
+        while true {
+            let start = DispatchTime.now().uptimeNanoseconds
+            var spins = 0
+            while generation.load(ordering: .acquiring) == seen {
+                kvr_cpu_relax()
+                spins += 1
+                guard spins & 255 == 0, DispatchTime.now().uptimeNanoseconds - start > Self.spinNanoseconds else { continue }
+                condition.lock()
+                sleepers.wrappingAdd(1, ordering: .relaxed)
+                while generation.load(ordering: .acquiring) == seen { condition.wait() }
+                sleepers.wrappingSubtract(1, ordering: .relaxed)
+                condition.unlock()
+            }
+            condition.lock()
+            seen = generation.load(ordering: .acquiring)
+            let state = seats > 0 ? job : nil
+            if state != nil { seats -= 1 }
+            condition.unlock()
+            state?.work()
         }
     }
 }
