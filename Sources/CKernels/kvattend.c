@@ -302,6 +302,15 @@ void kvr_group_accumulate(const float *w, size_t g, size_t stride, const void *c
     group_accumulate_portable(w, g, stride, rows, n, dv, dtype, out);
 }
 
+float kvr_exp_sub_groups(float *x, size_t groups, size_t group, float m, float *sums) {
+    float total = 0;
+    for (size_t gi = 0; gi < groups; gi++) {
+        sums[gi] = kvr_exp_sub(x + gi * group, group, m);
+        total += sums[gi];
+    }
+    return total;
+}
+
 float kvr_exp_sub(float *x, size_t n, float m) {
 #if KVR_X86
     if (kvr_has_fast_path()) return exp_sub_fast(x, n, m);

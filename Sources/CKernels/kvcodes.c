@@ -195,15 +195,6 @@ FAST static size_t max_fast(const float *x, size_t n, float *m) {
     return i;
 }
 
-/* The sum of x[0, 8 * (n / 8)) into *s; returns how many were read. */
-FAST static size_t sum_fast(const float *x, size_t n, float *s) {
-    __m256 a = _mm256_setzero_ps();
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
-    *s = hsum_ps(a);
-    return i;
-}
-
 /* o[i] = a * dots[i] + b, eight at a time; returns how many were written. */
 FAST static size_t scale_dots(const int32_t *dots, size_t n, float a, float b, float *o) {
     const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
@@ -679,19 +670,6 @@ size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *o
     if (k < m) kvr_select_u64(keys, m, k);
     for (size_t i = 0; i < k; i++) out[i] = kvr_pair_id(keys[i]);
     return k;
-}
-
-void kvr_group_sums(const float *x, size_t groups, size_t group, float *out) {
-    for (size_t gi = 0; gi < groups; gi++) {
-        const float *p = x + gi * group;
-        float s = 0;
-        size_t i = 0;
-#if KVR_X86
-        if (kvr_has_fast_path()) i = sum_fast(p, group, &s);
-#endif
-        for (; i < group; i++) s += p[i];
-        out[gi] = s;
-    }
 }
 
 /* ---- Coding a group (the append path) ---- */

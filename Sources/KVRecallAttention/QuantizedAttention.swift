@@ -164,8 +164,7 @@ extension Attention {
                 let top = kvr_max(row, count * group)
                 m.maxima[h] = top
                 guard top > -.infinity else { row.update(repeating: 0, count: count * group); continue }
-                m.totals[h] = kvr_exp_sub(row, count * group, top)
-                kvr_group_sums(row, count, group, mass.baseAddress! + h * count)
+                m.totals[h] = kvr_exp_sub_groups(row, count, group, top, mass.baseAddress! + h * count)
             }
         }
         return m

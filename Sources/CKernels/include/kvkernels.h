@@ -119,6 +119,9 @@ void kvr_group_accumulate(const float *w, size_t g, size_t stride, const void *c
 /* x[i] = exp(x[i] - m) for i < n (x[i] <= m; -inf gives 0), vectorised; returns the sum. */
 float kvr_exp_sub(float *x, size_t n, float m);
 
+/* kvr_exp_sub over `groups` runs of `group` values, each run's sum into sums[gi]; returns their sum. */
+float kvr_exp_sub_groups(float *x, size_t groups, size_t group, float m, float *sums);
+
 /* Reads bytes [p, p + bytes) and folds them into a word (so the reads cannot be skipped): the
  * memory floor an attention pass over the same bytes is measured against. */
 uint64_t kvr_read_bytes(const void *p, size_t bytes);
@@ -165,9 +168,6 @@ float kvr_max(const float *x, size_t n);
  * read off a sample (every stride-th score) keeps about twice `take` candidates for the final
  * selection; a sample that misjudged falls back to all. keys: room for n. */
 size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *out, uint64_t *keys);
-
-/* out[gi] = sum of x[gi * group, (gi + 1) * group) for gi < groups. */
-void kvr_group_sums(const float *x, size_t groups, size_t group, float *out);
 
 /* Starts fetching a group row's value part (steps, means and codes) into the caches: the value pass
  * calls it for the next group it will read while it works on this one. */
