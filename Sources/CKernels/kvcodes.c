@@ -477,49 +477,6 @@ FAST static void group_values_u4(const float *w, size_t g, size_t stride, const 
     }
 }
 
-/* group_values_u4 with AVX-512 VNNI and no horizontal sums: eight channels' code rows (32 bytes each)
- * transposed as 4-byte words, so that word k of every row (positions 4k..4k+3 in its low nibbles,
- * 32+4k.. in its high ones) sits in one vector with a lane per channel; VPDPBUSD with the head's four
- * u8 weights of those positions broadcast then accumulates each channel in its own lane. Four heads
- * at a time, two chains each. The same integers as group_values_u4. */
-VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
-                                      size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
-    values_u4 st;
-    if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
-    const size_t P = L->padded;
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    for (size_t c = 0; c < P; c += 8) {
-        prefetch_part(next, next_bytes, c / 8, P / 8);
-        __m256i r[8], s[8], t[8], lo[8], hi[8];
-        for (size_t e = 0; e < 8; e++) r[e] = _mm256_loadu_si256((const __m256i *)(st.codes + (c + e) * L->value_code_bytes));
-        /* 8 x 8 words, per 128-bit half: s pairs rows' words, t gathers four rows' words, the permutes join the halves */
-        for (size_t e = 0; e < 8; e += 2) { s[e] = _mm256_unpacklo_epi32(r[e], r[e + 1]); s[e + 1] = _mm256_unpackhi_epi32(r[e], r[e + 1]); }
-        for (size_t e = 0; e < 8; e += 4) {
-            t[e] = _mm256_unpacklo_epi64(s[e], s[e + 2]); t[e + 1] = _mm256_unpackhi_epi64(s[e], s[e + 2]);
-            t[e + 2] = _mm256_unpacklo_epi64(s[e + 1], s[e + 3]); t[e + 3] = _mm256_unpackhi_epi64(s[e + 1], s[e + 3]);
-        }
-        for (size_t k = 0; k < 4; k++) {  /* t[k] (rows 0-3) and t[k + 4] (rows 4-7): words k and k + 4 */
-            const __m256i a = _mm256_permute2x128_si256(t[k], t[k + 4], 0x20), b = _mm256_permute2x128_si256(t[k], t[k + 4], 0x31);
-            lo[k] = _mm256_and_si256(a, nibble); hi[k] = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
-            lo[k + 4] = _mm256_and_si256(b, nibble); hi[k + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-        }
-        for (size_t j0 = 0; j0 < st.n; j0 += 4) {
-            const size_t jn = st.n - j0 < 4 ? st.n - j0 : 4;
-            __m256i a[4][2];
-            for (size_t u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_si256();
-            for (size_t k = 0; k < 8; k++)
-                for (size_t u = 0; u < jn; u++) {
-                    const int32_t *w0 = (const int32_t *)&st.wq[j0 + u][0], *w1 = (const int32_t *)&st.wq[j0 + u][1];
-                    a[u][0] = _mm256_dpbusd_epi32(a[u][0], _mm256_set1_epi32(w0[k]), lo[k]);
-                    a[u][1] = _mm256_dpbusd_epi32(a[u][1], _mm256_set1_epi32(w1[k]), hi[k]);
-                }
-            for (size_t u = 0; u < jn; u++) {
-                apply_dots(out + st.live[j0 + u] * P, c, &st, j0 + u, _mm256_cvtepi32_ps(_mm256_add_epi32(a[u][0], a[u][1])));
-            }
-        }
-    }
-}
-
 /* Eight channels' code rows (32 bytes each, at codes + (c + e) * stride) as eight vectors of their 4-byte
  * words: out[k] lane e = word k of row e (group_values_u4_vnni's transpose). */
 VNNI static inline void words_8x8(const uint8_t *codes, size_t stride, __m256i *out) {
@@ -536,13 +493,17 @@ VNNI static inline void words_8x8(const uint8_t *codes, size_t stride, __m256i *
     }
 }
 
-/* group_values_u4_vnni sixteen channels at a time in 512-bit vectors (padded a multiple of 16): half
- * the multiply-adds and broadcasts per channel. The same integers. */
-VNNI static void group_values_u4_vnni16(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+/* group_values_u4 with AVX-512 VNNI and no horizontal sums, sixteen channels per step: their code rows
+ * (32 bytes each) transposed as 4-byte words (two 8 x 8 transposes joined), so that word k of every row
+ * (positions 4k..4k+3 in its low nibbles, 32+4k.. in its high ones) sits in one 512-bit vector with a
+ * lane per channel; VPDPBUSD with the head's four u8 weights of those positions broadcast then
+ * accumulates each channel in its own lane. Four heads at a time, two chains each. The same integers as
+ * group_values_u4; 1.27x faster than the same in 256-bit vectors (eight channels per step) on Zen 4. */
+VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
                                         size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
     values_u4 st;
     if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
-    const size_t P = L->padded, S = L->value_code_bytes;
+    const size_t P = L->padded, S = L->value_code_bytes;  /* padded: a multiple of 32 */
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (size_t c = 0; c < P; c += 16) {
         prefetch_part(next, next_bytes, c / 16, P / 16);
@@ -630,7 +591,6 @@ void kvr_code_values(const float *w, size_t g, size_t stride, const void *const 
         const void *following = gi + 1 < groups ? rows[gi + 1] : after;
         const uint8_t *next = following ? (const uint8_t *)following + L->value_min : NULL;  /* fetched during this group */
 #if KVR_X86
-        if (path == 2 && L->group == 64 && L->value_bits == 4 && L->padded % 16 == 0) { group_values_u4_vnni16(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
         if (path == 2 && L->group == 64 && L->value_bits == 4) { group_values_u4_vnni(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
         if (path >= 1 && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
         if (path >= 1 && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
