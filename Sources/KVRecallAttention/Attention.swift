@@ -88,6 +88,24 @@ public struct AttentionResult: Sendable {
 
 public enum Attention {
     /// The static part of a context of `n` positions: sinks then window, ascending, no duplicates.
+    /// The positions of `a` and `b` (disjoint, each below `n`) in increasing order: a bit per
+    /// position, read out in order (a decode step's few hundred attended rows, without a sort).
+    static func sortedPositions(_ a: [Int], _ b: [Int], below n: Int) -> [Int] {
+        var bits = [UInt64](repeating: 0, count: (n + 63) / 64)
+        for i in a { bits[i >> 6] |= 1 << UInt64(i & 63) }
+        for i in b { bits[i >> 6] |= 1 << UInt64(i & 63) }
+        var out: [Int] = []
+        out.reserveCapacity(a.count + b.count)
+        for (w, word) in bits.enumerated() where word != 0 {
+            var rest = word
+            while rest != 0 {
+                out.append(w << 6 | rest.trailingZeroBitCount)
+                rest &= rest - 1
+            }
+        }
+        return out
+    }
+
     public static func staticPositions(count n: Int, sinks: Int, window: Int) -> [Int] {
         let head = 0..<min(max(0, sinks), n)
         let tail = max(head.upperBound, n - max(0, window))..<n
@@ -174,7 +192,7 @@ public enum Attention {
                 }
             }
         }
-        let attended = (fixed + retrieved).sorted()
+        let attended = sortedPositions(fixed, retrieved, below: n)
         // One pass over the attended rows scores every head of the group (each row read once).
         let heads = attended.withUnsafeBufferPointer {
             AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,

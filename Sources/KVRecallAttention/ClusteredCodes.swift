@@ -310,7 +310,7 @@ extension Attention {
         // Each head's best candidates over the parts (slots), attended exactly with the fixed positions.
         let slots = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: stride) : []
         let retrieved = slots.map { Int(clusters.positions[scanned[$0 / size] * size + $0 % size]) }
-        let attended = (fixed + retrieved).sorted()
+        let attended = sortedPositions(fixed, retrieved, below: n)
         var heads = attended.withUnsafeBufferPointer {
             AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
                                         score: score, parts: parameters.threads)
@@ -332,7 +332,7 @@ extension Attention {
                                       masses: masses[slice.part], plan: plan)
             }
         }
-        for h in 0..<g { heads[h] = tails.reduce(heads[h]) { $0.merged(with: $1[h]) } }
+        for h in 0..<g { heads[h] = PartialAttention.merged([heads[h]] + tails.map { $0[h] }) }
         // The groups not scanned: estimated mass times mean value, as one product of the heads'
         // masses (0 for the scanned groups) with the groups' mean values.
         if !skipped.isEmpty {

@@ -232,7 +232,7 @@ extension Attention {
         }
         let inRetrieval = Set(retrievedClusters)
         let estimatedZone = Array(ranked.filter { !inRetrieval.contains($0) }.prefix(estimation.clusters ?? Int.max))
-        let attended = (fixed + retrieved).sorted()
+        let attended = sortedPositions(fixed, retrieved, below: n)
         // The estimation zone as one partial per head: with s_c the scaled score of cluster c's
         // mean key, the clusters' merged output is sum_c exp(s_c - M) valueSum_c / sum_c exp(s_c - M) n_c.
         let zoneMeans = estimatedZone.flatMap { c in meanKeys[(c * d)..<((c + 1) * d)] }

@@ -38,6 +38,22 @@ public struct PartialAttention: Equatable, Sendable {
         for j in out.indices { out[j] = wa * output[j] + wb * other.output[j] }
         return PartialAttention(output: out, lse: m + Float(log(total)))
     }
+
+    /// The partial over the union of many disjoint sets, in one pass (one output written, where
+    /// merging them pairwise writes one per pair).
+    public static func merged(_ parts: [PartialAttention]) -> PartialAttention {
+        let live = parts.filter { $0.lse > -.infinity }
+        guard live.count > 1 else { return live.first ?? parts.first ?? .empty(dimension: 0) }
+        let m = live.map(\.lse).max()!
+        let weights = live.map { exp(Double($0.lse - m)) }
+        let total = weights.reduce(0, +)
+        var out = [Float](repeating: 0, count: live[0].output.count)
+        for (part, w) in zip(live, weights) {
+            let f = Float(w / total)
+            for j in out.indices { out[j] += f * part.output[j] }
+        }
+        return PartialAttention(output: out, lse: m + Float(log(total)))
+    }
 }
 
 /// What a raw inner product q.k becomes before the softmax: scaled, then optionally soft-capped
@@ -99,7 +115,7 @@ package enum AttentionKernel {
                                     keys: keys, values: values, score: score)
             }
         }
-        return (0..<g).map { h in results.dropFirst().reduce(results[0][h]) { $0.merged(with: $1[h]) } }
+        return (0..<g).map { h in PartialAttention.merged(results.map { $0[h] }) }
     }
 
     /// One part: positions `range` of `positions` (or of every position). Rows are handed to the

@@ -106,7 +106,7 @@ extension Attention {
         }
         // Each head's best candidates over all parts, their union attended exactly with the static part.
         let retrieved = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: coded) : []
-        let attended = (fixed + retrieved).sorted()
+        let attended = sortedPositions(fixed, retrieved, below: n)
         var heads = attended.withUnsafeBufferPointer {
             AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
                                         score: score, parts: parameters.threads)
@@ -127,7 +127,7 @@ extension Attention {
                                           dimension: values.dimension, masses: masses[slice.part], plan: plan)
                 }
             }
-            for h in 0..<g { heads[h] = tails.reduce(heads[h]) { $0.merged(with: $1[h]) } }
+            for h in 0..<g { heads[h] = PartialAttention.merged([heads[h]] + tails.map { $0[h] }) }
         }
         let stats = SearchStats(distanceComputations: attended.count * g, auxiliaryComputations: coded * g, queries: g, keyCount: n)
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
@@ -176,17 +176,26 @@ extension Attention {
     /// float's rounding of the removed weight, far below what decides or shifts anything.
     static func removeFromTail(_ positions: [Int], scores: UnsafeMutablePointer<Float>, g: Int, coded: Int, group: Int,
                                parts: [Range<Int>], masses: inout [TailMasses]) {
-        for i in positions {
-            let gi = i / group
-            guard let p = parts.firstIndex(where: { $0.contains(gi) }) else { continue }
-            let count = parts[p].count, j = gi - parts[p].lowerBound
-            for h in 0..<g {
-                let w = scores[h * coded + i]
-                scores[h * coded + i] = 0
-                guard w > 0 else { continue }
-                masses[p].groupMass[h * count + j] = max(0, masses[p].groupMass[h * count + j] - w)
-                masses[p].totals[h] = max(0, masses[p].totals[h] - w)
+        guard !positions.isEmpty else { return }
+        for p in parts.indices {
+            let range = parts[p], count = range.count
+            var m = masses[p]
+            masses[p] = TailMasses()  // the part's arrays stay uniquely referenced while written
+            m.groupMass.withUnsafeMutableBufferPointer { mass in
+                m.totals.withUnsafeMutableBufferPointer { totals in
+                    for i in positions where range.contains(i / group) {
+                        let j = i / group - range.lowerBound
+                        for h in 0..<g {
+                            let w = scores[h * coded + i]
+                            scores[h * coded + i] = 0
+                            guard w > 0 else { continue }
+                            mass[h * count + j] = max(0, mass[h * count + j] - w)
+                            totals[h] = max(0, totals[h] - w)
+                        }
+                    }
+                }
             }
+            masses[p] = m
         }
     }
 
