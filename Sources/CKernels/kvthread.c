@@ -15,6 +15,12 @@ long kvr_thread_id(void) { return (long)syscall(SYS_gettid); }
 
 int kvr_thread_is_background(void) { return background; }
 
+int kvr_thread_set_background(int on) {
+    const int was = background;
+    background = on;
+    return was;
+}
+
 void kvr_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();

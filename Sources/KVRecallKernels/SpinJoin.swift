@@ -15,7 +15,8 @@ import Synchronization
 /// they sleep: a decode step's joins come tens of microseconds apart, and a helper woken through
 /// GCD for each one started 20-50 us late (median 33 us on a 2-vCPU VM), a quarter of what the
 /// parallel part of a quantized step gains (docs/BENCHMARKS.md, "A spinning helper pool"). A join
-/// started while the pool serves another one, or from a background thread, takes GCD helpers.
+/// started while the pool serves another one, from a background thread or one of its tasks, or in a
+/// forked child takes GCD helpers.
 public enum SpinJoin {
     /// Runs `body(i)` for every `i` in `0..<tasks` on the calling thread and up to `threads - 1`
     /// helpers; returns when every call returned. A wait longer than 2 ms (a build's long chunk,
@@ -29,8 +30,16 @@ public enum SpinJoin {
             let state = State(tasks: tasks, body: escapable)
             let helpers = min(threads, tasks) - 1
             let pooled = HelperPool.shared.start(state, helpers: helpers)
+            // A background caller's tasks stay background work on GCD's threads too: a join nested in
+            // them must not hold the pool (at the helpers' priority) for a build's long chunks.
+            let background = kvr_thread_is_background() != 0
             for _ in pooled..<helpers {
-                DispatchQueue.global(qos: .userInitiated).async { state.work() }
+                DispatchQueue.global(qos: .userInitiated).async {
+                    guard background else { state.work(); return }
+                    let was = kvr_thread_set_background(1)
+                    state.work()
+                    _ = kvr_thread_set_background(was)
+                }
             }
             state.work()
             let start = DispatchTime.now().uptimeNanoseconds
@@ -81,6 +90,9 @@ final class HelperPool: @unchecked Sendable {
     static let spinNanoseconds: UInt64 = 200_000
 
     let size: Int
+    /// The process the helpers belong to: a forked child has none of them (and may have inherited
+    /// `condition` locked), so its joins take GCD helpers.
+    private let owner = getpid()
     /// Whether a join holds the pool.
     private let busy = Atomic<Bool>(false)
     /// Bumped when a join starts; helpers wait for it to change.
@@ -99,7 +111,7 @@ final class HelperPool: @unchecked Sendable {
     /// helpers' normal priority).
     func start(_ state: SpinJoin.State, helpers: Int) -> Int {
         let wanted = min(helpers, size)
-        guard wanted > 0, kvr_thread_is_background() == 0,
+        guard wanted > 0, kvr_thread_is_background() == 0, getpid() == owner,
               busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return 0 }
         condition.lock()
         while started < wanted {

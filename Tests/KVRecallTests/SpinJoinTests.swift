@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 import Testing
 @testable import KVRecallKernels
@@ -40,5 +41,40 @@ import Testing
             SpinJoin.run(tasks: inner, threads: 2) { i in cells[o * inner + i] += o * inner + i + 1 }
         }
         #expect(Array(cells) == Array(1...(outer * inner)))
+    }
+
+    /// Joins from several threads at once: one holds the helper pool, the others take GCD helpers;
+    /// every task of every join runs once and no join hangs.
+    @Test func joinsFromSeveralThreadsAtOnce() {
+        let callers = 4, joins = 200, tasks = 5
+        let runs = UnsafeMutableBufferPointer<Int>.allocate(capacity: callers * joins * tasks)
+        defer { runs.deallocate() }
+        runs.initialize(repeating: 0)
+        DispatchQueue.concurrentPerform(iterations: callers) { c in
+            for j in 0..<joins {
+                SpinJoin.run(tasks: tasks, threads: 2) { i in runs[(c * joins + j) * tasks + i] += 1 }
+            }
+        }
+        #expect(runs.allSatisfy { $0 == 1 })
+    }
+
+    /// A background thread's join (a refresh's build) never runs its tasks on the pool's helpers,
+    /// which run at the normal priority: every task runs on a thread marked background.
+    @Test func aBackgroundThreadsTasksStayBackground() {
+        let tasks = 8
+        nonisolated(unsafe) let marks = UnsafeMutableBufferPointer<Int32>.allocate(capacity: tasks)
+        defer { marks.deallocate() }
+        marks.initialize(repeating: -1)
+        let finished = DispatchSemaphore(value: 0)
+        Thread {
+            _ = kvr_thread_set_background(1)
+            SpinJoin.run(tasks: tasks, threads: 2) { i in
+                usleep(1000)  // long enough that a helper claims some
+                marks[i] = kvr_thread_is_background()
+            }
+            finished.signal()
+        }.start()
+        #expect(finished.wait(timeout: .now() + 30) == .success)
+        #expect(Array(marks) == Array(repeating: 1, count: tasks))
     }
 }

@@ -190,11 +190,13 @@ void kvr_quantize_columns(const float *rows, size_t n, size_t d, const float *mi
 /* Background threads (kvthread.c): the calling thread's kernel id; moving the calling thread to
  * the idle scheduling class (0 on success, else errno); moving thread `tid` back to the normal
  * class at `niceness` above the process's nice value (0 on success, else errno); whether the calling
- * thread made itself a background thread by either (1) or not (0); a spin-wait loop's pause. */
+ * thread made itself a background thread by either (1) or not (0); marking the calling thread as running
+ * a background thread's work (or not), returning the previous mark; a spin-wait loop's pause. */
 long kvr_thread_id(void);
 int kvr_thread_enter_idle(void);
 int kvr_thread_leave_idle(long tid, int niceness);
 int kvr_thread_is_background(void);
+int kvr_thread_set_background(int on);
 void kvr_cpu_relax(void);
 
 #ifdef __cplusplus
