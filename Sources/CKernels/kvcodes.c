@@ -500,7 +500,7 @@ VNNI static inline void words_8x8(const uint8_t *codes, size_t stride, __m256i *
  * accumulates each channel in its own lane. Four heads at a time, two chains each. The same integers as
  * group_values_u4; 1.27x faster than the same in 256-bit vectors (eight channels per step) on Zen 4. */
 VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
-                                        size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
+                                      size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
     values_u4 st;
     if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
     const size_t P = L->padded, S = L->value_code_bytes;  /* padded: a multiple of 32 */

@@ -8,7 +8,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* Whether the calling thread made itself a background thread (the idle class or a nicer value). */
+/* Whether the calling thread made itself a background thread (the idle class or a nicer value) or runs
+ * a background thread's tasks (kvr_thread_set_background). */
 static __thread int background;
 
 long kvr_thread_id(void) { return (long)syscall(SYS_gettid); }
