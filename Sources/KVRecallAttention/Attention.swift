@@ -87,7 +87,6 @@ public struct AttentionResult: Sendable {
 }
 
 public enum Attention {
-    /// The static part of a context of `n` positions: sinks then window, ascending, no duplicates.
     /// The positions of `a` and `b` (disjoint, each below `n`) in increasing order: a bit per
     /// position, read out in order (a decode step's few hundred attended rows, without a sort).
     static func sortedPositions(_ a: [Int], _ b: [Int], below n: Int) -> [Int] {
@@ -106,6 +105,7 @@ public enum Attention {
         return out
     }
 
+    /// The static part of a context of `n` positions: sinks then window, ascending, no duplicates.
     public static func staticPositions(count n: Int, sinks: Int, window: Int) -> [Int] {
         let head = 0..<min(max(0, sinks), n)
         let tail = max(head.upperBound, n - max(0, window))..<n

@@ -27,17 +27,7 @@ public struct PartialAttention: Equatable, Sendable {
     }
 
     /// The partial over the union of two disjoint sets.
-    public func merged(with other: PartialAttention) -> PartialAttention {
-        if other.lse == -.infinity { return self }
-        if lse == -.infinity { return other }
-        let m = max(lse, other.lse)
-        let a = exp(Double(lse - m)), b = exp(Double(other.lse - m))
-        let total = a + b
-        let wa = Float(a / total), wb = Float(b / total)
-        var out = output
-        for j in out.indices { out[j] = wa * output[j] + wb * other.output[j] }
-        return PartialAttention(output: out, lse: m + Float(log(total)))
-    }
+    public func merged(with other: PartialAttention) -> PartialAttention { Self.merged([self, other]) }
 
     /// The partial over the union of many disjoint sets, in one pass (one output written, where
     /// merging them pairwise writes one per pair).

@@ -29,10 +29,11 @@ public enum SpinJoin {
         withoutActuallyEscaping(body) { escapable in
             let state = State(tasks: tasks, body: escapable)
             let helpers = min(threads, tasks) - 1
-            let pooled = HelperPool.shared.start(state, helpers: helpers)
-            // A background caller's tasks stay background work on GCD's threads too: a join nested in
-            // them must not hold the pool (at the helpers' priority) for a build's long chunks.
+            // A background caller's tasks never run on the pool's helpers (their priority is normal),
+            // and stay background work on GCD's threads too: a join nested in them must not hold the
+            // pool for a build's long chunks.
             let background = kvr_thread_is_background() != 0
+            let pooled = background ? 0 : HelperPool.shared.start(state, helpers: helpers)
             for _ in pooled..<helpers {
                 DispatchQueue.global(qos: .userInitiated).async {
                     guard background else { state.work(); return }
@@ -107,11 +108,10 @@ final class HelperPool: @unchecked Sendable {
     init(size: Int) { self.size = size }
 
     /// Hands `state` to up to `helpers` pool threads; returns how many it promised (0: the pool
-    /// serves another join, or the caller is a background thread whose work must not run at the
-    /// helpers' normal priority).
+    /// serves another join, or this is a forked child).
     func start(_ state: SpinJoin.State, helpers: Int) -> Int {
         let wanted = min(helpers, size)
-        guard wanted > 0, kvr_thread_is_background() == 0, getpid() == owner,
+        guard wanted > 0, getpid() == owner,
               busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return 0 }
         condition.lock()
         while started < wanted {
