@@ -5,7 +5,7 @@ import KVRecallInterface
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List a store's heads: dimension, dtype, counts, bytes, indexes (and the keys each covers when fewer than the head's), auto's policy per head and each index's calibrated search knob.",
+        abstract: "List a store's heads: dimension, dtype, counts, bytes, indexes (and the keys each covers when fewer than the head's), the quantized tier's code format, auto's policy per head and each index's calibrated search knob.",
         discussion: "Example: kvrecall info --store s --json"
     )
 
@@ -59,6 +59,10 @@ struct Info: ParsableCommand {
                  "vector_bytes": (2 * h.count + h.queryCount) * h.bytesPerVector,
                  "indexes": (indexes[h.id] ?? []).sorted(),
                  "index_coverage": coverage[h.id] ?? [:],
+                 "codes": h.codes.map { f -> [String: Any] in
+                     ["key_bits": f.keyBits, "value_bits": f.valueBits, "group": f.group, "key_order": f.keyOrder.rawValue,
+                      "coded_groups": h.codedGroups, "bytes_per_position": f.bytesPerPosition(dimension: h.dimension)]
+                 } ?? NSNull(),
                  "auto": plans[h.id].map { p -> [String: Any] in
                      var o: [String: Any] = ["policy": p.policy.rawValue, "reason": p.reason]
                      if let f = p.profile {
@@ -90,6 +94,7 @@ struct Info: ParsableCommand {
         }
         print(table.render())
         for h in heads {
+            if let f = h.codes { print("\(h.id) codes: \(h.codedGroups) groups, \(f)") }
             if let plan = plans[h.id] {
                 print("\(h.id) auto: \(plan.summary)")
                 for line in plan.candidateLines { print("  candidate \(line)") }

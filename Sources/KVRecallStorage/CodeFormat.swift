@@ -16,16 +16,29 @@ import KVRecallFormats
 /// One group is one row of the head's code stream (S: f16, or f32 with `wideSteps`; P: the
 /// dimension rounded up to 32, padding channels code 0 and never count):
 ///
-///     key min [P] S | key step [P] S | key codes [group][P * keyBits / 8]      (position-major)
+///     key min [P] S | key step [P] S | key codes (group x P x keyBits / 8 bytes, below)
 ///     value min [P] S | value step [P] S | value mean [P] S
 ///     value codes [P][group * valueBits / 8]                                  (channel-major)
 ///
-/// Key codes of a position pack 32 channels in 16 bytes (4 bits): byte j holds channel j in its low
-/// nibble and j + 16 in its high one, so a scan splits a 16-byte load into 32 channels in order.
-/// Value codes of a channel pack the group's positions the same way: byte j holds position j low
-/// and j + group / 2 high, so the value pass reads a channel's group in one load and multiplies it
-/// with the group's weights as bytes.
+/// 4-bit key codes are in channel blocks (`KeyOrder.channelBlocks`, the default): [P / 8][group][4
+/// bytes], byte k of a position's word holding channel 8b + k in its low nibble and 8b + 4 + k in its
+/// high one, so one vector load holds one block of 8 or 16 consecutive positions and a head's dot
+/// products accumulate in its lanes, a position each, with no reduction (1.6-2x faster scans than
+/// position by position). Stores coded before kept `KeyOrder.positions`: [group][P / 2], a
+/// position's 32 channels in 16 bytes, byte j holding channel j low and j + 16 high; they are read
+/// as they are, and `kvrecall codes` re-codes them. 8-bit key codes are position by position.
+/// Value codes of a channel pack the group's positions: byte j holds position j low and j + group / 2
+/// high, so the value pass reads a channel's group in one load and multiplies it with the group's
+/// weights as bytes.
 public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible {
+    /// How 4-bit key codes are laid out in a group row.
+    public enum KeyOrder: String, Codable, Sendable {
+        /// A position's channels together (the layout before channel blocks; still read).
+        case positions
+        /// Blocks of 8 channels, each block's positions together (the default).
+        case channelBlocks
+    }
+
     /// Bits per key code and per value code: 4 or 8.
     public var keyBits: Int
     public var valueBits: Int
@@ -34,13 +47,32 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
     /// Mins, steps and means as f32 (heads stored in f32 or bf16, whose values may pass f16's
     /// range) or as f16 (heads stored in f16: every value, so every min, step and mean, fits).
     public var wideSteps: Bool
+    /// The order of 4-bit key codes (8-bit ones are position by position whatever it says).
+    public var keyOrder: KeyOrder
 
-    public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, wideSteps: Bool = false) {
+    public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, wideSteps: Bool = false,
+                keyOrder: KeyOrder = .channelBlocks) {
         self.keyBits = keyBits
         self.valueBits = valueBits
         self.group = group
         self.wideSteps = wideSteps
+        self.keyOrder = keyOrder
     }
+
+    private enum CodingKeys: String, CodingKey { case keyBits, valueBits, group, wideSteps, keyOrder }
+
+    /// A record written before channel blocks has no key order: its codes are position by position.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        keyBits = try c.decode(Int.self, forKey: .keyBits)
+        valueBits = try c.decode(Int.self, forKey: .valueBits)
+        group = try c.decode(Int.self, forKey: .group)
+        wideSteps = try c.decode(Bool.self, forKey: .wideSteps)
+        keyOrder = try c.decodeIfPresent(KeyOrder.self, forKey: .keyOrder) ?? .positions
+    }
+
+    /// Whether the key codes are 4-bit in channel blocks.
+    public var keyBlocks: Bool { keyBits == 4 && keyOrder == .channelBlocks }
 
     /// The format for a head stored in `dtype`: f16 steps for an f16 head, f32 otherwise.
     public func fitted(to dtype: DType) -> CodeFormat {
@@ -54,6 +86,7 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
 
     public var description: String {
         "keys and values \(keyBits)- and \(valueBits)-bit per channel in groups of \(group) positions"
+            + (keyBits == 4 && !keyBlocks ? " (keys position by position, the layout before channel blocks: `kvrecall codes` re-codes them)" : "")
     }
 
     /// The error naming what is wrong with this format for a head, or nil.
@@ -75,6 +108,8 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
         /// Bytes of one position's key codes, and of one channel's value codes.
         public let keyCodeBytes: Int, valueCodeBytes: Int
         public let padded: Int, group: Int
+        /// 4-bit key codes in channel blocks (`KeyOrder.channelBlocks`).
+        public let keyBlocks: Bool
     }
 
     public func layout(dimension d: Int) -> Layout {
@@ -84,7 +119,7 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
         let valueCodes = valueMean + s * p
         return Layout(keyMin: keyMin, keyStep: keyStep, keyCodes: keyCodes, valueMin: valueMin, valueStep: valueStep,
                       valueMean: valueMean, valueCodes: valueCodes, rowBytes: valueCodes + p * vb, keyCodeBytes: kb,
-                      valueCodeBytes: vb, padded: p, group: group)
+                      valueCodeBytes: vb, padded: p, group: group, keyBlocks: keyBlocks)
     }
 
     /// Bytes per position of codes, steps and means.
@@ -109,8 +144,14 @@ extension CodeFormat {
         encodeChannels(keys, dimension: d, bits: keyBits, columns, codes: codes)
         writeSteps(columns.mins, count: d, at: out + l.keyMin)
         writeSteps(columns.steps, count: d, at: out + l.keyStep)
-        for i in 0..<group {
-            let row = codes + i * d, position = (out + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
+        let keyCodes = (out + l.keyCodes).assumingMemoryBound(to: UInt8.self)
+        for i in 0..<group where keyBlocks {
+            // Block c / 8, position i's word, byte c % 4: channel 8b + k (low nibble) and 8b + 4 + k (high).
+            let row = codes + i * d
+            for c in 0..<d { keyCodes[(c / 8) * group * 4 + i * 4 + c % 4] |= c % 8 < 4 ? row[c] : row[c] << 4 }
+        }
+        for i in 0..<group where !keyBlocks {
+            let row = codes + i * d, position = keyCodes + i * l.keyCodeBytes
             if keyBits == 8 {
                 position.update(from: row, count: d)
             } else {
@@ -203,11 +244,14 @@ extension CodeFormat {
     public func decode(row: UnsafeRawPointer, position i: Int, dimension d: Int,
                        key: UnsafeMutablePointer<Float>, value: UnsafeMutablePointer<Float>) {
         let l = layout(dimension: d)
-        let keyCodes = (row + l.keyCodes + i * l.keyCodeBytes).assumingMemoryBound(to: UInt8.self)
+        let keyCodes = (row + l.keyCodes).assumingMemoryBound(to: UInt8.self)
         for c in 0..<d {
             let code: UInt8
-            if keyBits == 8 { code = keyCodes[c] } else {
-                let byte = keyCodes[(c / 32) * 16 + (c % 32) % 16]
+            if keyBits == 8 { code = keyCodes[i * l.keyCodeBytes + c] } else if keyBlocks {
+                let byte = keyCodes[(c / 8) * group * 4 + i * 4 + c % 4]
+                code = c % 8 < 4 ? byte & 0x0F : byte >> 4
+            } else {
+                let byte = keyCodes[i * l.keyCodeBytes + (c / 32) * 16 + (c % 32) % 16]
                 code = c % 32 < 16 ? byte & 0x0F : byte >> 4
             }
             key[c] = step(row + l.keyMin, c) + step(row + l.keyStep, c) * Float(code)

@@ -64,33 +64,35 @@ import KVRecallTestSupport
     func codesRoundTripWithinHalfAStep(keyBits: Int, valueBits: Int, group: Int) throws {
         let d = 40  // padded to 64: the tail of a run and padding channels
         for wide in [false, true] {
-            let format = CodeFormat(keyBits: keyBits, valueBits: valueBits, group: group, wideSteps: wide)
-            guard format.problem(dimension: d, blockSize: 256) == nil else {
-                #expect(group == 6 || group == 3)  // not dividing the block, or odd: refused, named
-                return
-            }
-            let h = Self.head(n: group, d: d, seed: 1)
-            let layout = format.layout(dimension: d)
-            let row = Self.encoded(h, format: format, dimension: d)
-            var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
-            row.withUnsafeBytes { r in
-                let keyStep = (0..<d).map { format.step(r.baseAddress! + layout.keyStep, $0) }
-                let valueStep = (0..<d).map { format.step(r.baseAddress! + layout.valueStep, $0) }
-                for i in 0..<group {
-                    format.decode(row: r.baseAddress!, position: i, dimension: d, key: &key, value: &value)
+            for order in [CodeFormat.KeyOrder.channelBlocks, .positions] {
+                let format = CodeFormat(keyBits: keyBits, valueBits: valueBits, group: group, wideSteps: wide, keyOrder: order)
+                guard format.problem(dimension: d, blockSize: 256) == nil else {
+                    #expect(group == 6 || group == 3)  // not dividing the block, or odd: refused, named
+                    return
+                }
+                let h = Self.head(n: group, d: d, seed: 1)
+                let layout = format.layout(dimension: d)
+                let row = Self.encoded(h, format: format, dimension: d)
+                var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
+                row.withUnsafeBytes { r in
+                    let keyStep = (0..<d).map { format.step(r.baseAddress! + layout.keyStep, $0) }
+                    let valueStep = (0..<d).map { format.step(r.baseAddress! + layout.valueStep, $0) }
+                    for i in 0..<group {
+                        format.decode(row: r.baseAddress!, position: i, dimension: d, key: &key, value: &value)
+                        for c in 0..<d {
+                            #expect(abs(key[c] - h.keys[i * d + c]) <= keyStep[c] / 2 + 1e-3 * abs(h.keys[i * d + c]) + 1e-4)
+                            #expect(abs(value[c] - h.values[i * d + c]) <= valueStep[c] / 2 + 1e-4)
+                        }
+                    }
+                    // The stored mean value of the group.
                     for c in 0..<d {
-                        #expect(abs(key[c] - h.keys[i * d + c]) <= keyStep[c] / 2 + 1e-3 * abs(h.keys[i * d + c]) + 1e-4)
-                        #expect(abs(value[c] - h.values[i * d + c]) <= valueStep[c] / 2 + 1e-4)
+                        let mean = (0..<group).map { h.values[$0 * d + c] }.reduce(0, +) / Float(group)
+                        #expect(abs(format.step(r.baseAddress! + layout.valueMean, c) - mean) <= 1e-3 * max(1, abs(mean)))
                     }
                 }
-                // The stored mean value of the group.
-                for c in 0..<d {
-                    let mean = (0..<group).map { h.values[$0 * d + c] }.reduce(0, +) / Float(group)
-                    #expect(abs(format.step(r.baseAddress! + layout.valueMean, c) - mean) <= 1e-3 * max(1, abs(mean)))
+                if keyBits == 4 && valueBits == 4 && !wide {  // a fraction of f16 keys and values (of the padded width)
+                    #expect(Double(layout.rowBytes) / Double(group) < 0.35 * Double(2 * layout.padded * 2))
                 }
-            }
-            if keyBits == 4 && valueBits == 4 && !wide {  // a fraction of f16 keys and values (of the padded width)
-                #expect(Double(layout.rowBytes) / Double(group) < 0.35 * Double(2 * layout.padded * 2))
             }
         }
     }
@@ -121,6 +123,19 @@ import KVRecallTestSupport
         }
     }
 
+    /// A head record written before channel blocks names no key order: its codes are read position
+    /// by position; a format written now keeps its order through the record.
+    @Test func aRecordWithoutAKeyOrderIsPositionByPosition() throws {
+        let old = #"{"group":64,"keyBits":4,"valueBits":4,"wideSteps":false}"#
+        let decoded = try JSONDecoder().decode(CodeFormat.self, from: Data(old.utf8))
+        #expect(decoded.keyOrder == .positions && !decoded.keyBlocks && !decoded.layout(dimension: 64).keyBlocks)
+        #expect(decoded.description.contains("kvrecall codes"))
+        let now = CodeFormat()
+        #expect(now.keyBlocks && !now.description.contains("kvrecall codes"))
+        #expect(try JSONDecoder().decode(CodeFormat.self, from: JSONEncoder().encode(now)) == now)
+        #expect(!CodeFormat(keyBits: 8).keyBlocks)  // 8-bit keys stay position by position
+    }
+
     /// The value pass's kernel (u8 weights x 4-bit codes, int16 weights x 8-bit ones) against the
     /// weighted sum of the decoded values, for 1, 4 and 5 heads (one all zero, skipped) and a
     /// dimension with padding channels: within its weights' rounding (a channel or position out of
@@ -141,7 +156,8 @@ import KVRecallTestSupport
                 var layout = kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
                                              value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes,
                                              row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
-                                             padded: l.padded, group: group, key_bits: 4, value_bits: valueBits, wide_steps: 0)
+                                             padded: l.padded, group: group, key_bits: 4, value_bits: valueBits, wide_steps: 0,
+                                             key_blocks: l.keyBlocks ? 1 : 0)
                 var pointer: UnsafeRawPointer? = r.baseAddress
                 kvr_code_values(w, g, group, &pointer, 1, &layout, d, &out, &scratch, nil)
                 var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
@@ -161,30 +177,40 @@ import KVRecallTestSupport
         }
     }
 
-    /// The scans' bodies this CPU has (AVX-512 VNNI, AVX2, portable), lowered in turn on this thread:
-    /// VNNI and AVX2 give the same scores and value sums bit for bit (the same integers, the same
-    /// epilogue); the portable scores agree to float rounding.
-    @Test func theScanBodiesAgree() throws {
+    /// The scans' bodies this CPU has (AVX-512 VNNI, AVX2, portable), lowered in turn on this thread,
+    /// for both orders of the key codes: VNNI and AVX2 give the same scores and value sums bit for bit
+    /// (the same integers, the same epilogue); the portable scores agree to float rounding; and the
+    /// same codes in the other key order give the same scores and sums. Groups of 16 and
+    /// 8 take the AVX2 channel-block body on a VNNI CPU, and dimensions above 256 the channel-block
+    /// bodies only (the position-order ones stop at 256).
+    @Test(arguments: [CodeFormat.KeyOrder.channelBlocks, .positions])
+    func theScanBodiesAgree(keyOrder: CodeFormat.KeyOrder) throws {
         let best = kvr_codes_path()
         defer { kvr_cap_codes_path(2) }
         var rng = SeededRandom(seed: 21)
-        for d in [64, 80, 128, 256] {
-            let group = 64, format = CodeFormat(keyBits: 4, valueBits: 4, group: group)
+        let shapes = [(64, 64), (80, 64), (128, 64), (256, 64), (128, 32), (96, 16), (64, 8), (320, 64), (512, 64)]
+        for (d, group) in shapes where keyOrder == .channelBlocks || d <= 256 {
+            let format = CodeFormat(keyBits: 4, valueBits: 4, group: group, keyOrder: keyOrder)
             let l = format.layout(dimension: d)
-            let rows = (0..<3).map { Self.encoded(Self.head(n: group, d: d, seed: 40 + UInt64($0)), format: format, dimension: d) }
+            let heads = (0..<3).map { Self.head(n: group, d: d, seed: 40 + UInt64($0)) }
+            // The same codes in the other key order, where that order has bodies for this shape.
+            var other = format
+            other.keyOrder = keyOrder == .positions ? .channelBlocks : .positions
             for g in [1, 4, 6] {
                 let q = rng.gaussianMatrix(rows: g, dim: d)
                 let w = (0..<(g * 3 * group)).map { _ in exp(2 * rng.gaussian()) }
-                func run(cap: Int32) -> (scores: [Float], values: [Float]) {
+                func run(cap: Int32, format: CodeFormat = format) -> (scores: [Float], values: [Float]) {
                     kvr_cap_codes_path(cap)
                     #expect(kvr_codes_path() == min(cap, best))
+                    let l = format.layout(dimension: d), rows = heads.map { Self.encoded($0, format: format, dimension: d) }
                     var scores = [Float](repeating: 0, count: g * 3 * group), values = [Float](repeating: 0, count: g * l.padded)
                     var q8 = [Int8](repeating: 0, count: (g + 3) / 4 * 4 * l.padded), dots = [Int32](repeating: 0, count: g * group)
                     var scratch = [Float](repeating: 0, count: 3 * l.padded)
                     var layout = kvr_code_layout(key_min: l.keyMin, key_step: l.keyStep, key_codes: l.keyCodes, value_min: l.valueMin,
                                                  value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes,
                                                  row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
-                                                 padded: l.padded, group: group, key_bits: 4, value_bits: 4, wide_steps: 0)
+                                                 padded: l.padded, group: group, key_bits: 4, value_bits: 4, wide_steps: 0,
+                                                 key_blocks: l.keyBlocks ? 1 : 0)
                     rows[0].withUnsafeBytes { r0 in
                         rows[1].withUnsafeBytes { r1 in
                             rows[2].withUnsafeBytes { r2 in
@@ -202,6 +228,11 @@ import KVRecallTestSupport
                 let worst = zip(avx2.scores, portable.scores).map { abs($0 - $1) / max(1, abs($1)) }.max() ?? 0
                 #expect(worst < 1e-5, "d \(d) heads \(g): AVX2 and portable scores differ by \(worst)")
                 #expect(avx2.scores.contains { $0 != 0 })
+                if d <= 256 {
+                    let reordered = run(cap: 2, format: other)
+                    #expect(reordered.scores == vnni.scores, "d \(d) heads \(g): the two key orders' scores")
+                    #expect(reordered.values == vnni.values, "d \(d) heads \(g): the two key orders' value sums")
+                }
             }
         }
     }

@@ -133,6 +133,9 @@ typedef struct kvr_code_layout {
     size_t row_bytes, key_code_bytes, value_code_bytes; /* a position's key codes, a channel's value codes */
     size_t padded, group, key_bits, value_bits;
     size_t wide_steps; /* mins, steps and means: 1 f32, 0 f16 */
+    size_t key_blocks; /* 4-bit key codes: 1 in blocks of 8 channels, each block's positions consecutive
+                        * (4 bytes each: byte k holds channel 8b + k low and 8b + 4 + k high); 0 position by
+                        * position (32 channels in 16 bytes: byte j holds channel j low and j + 16 high) */
 } kvr_code_layout;
 
 /* Which bodies the quantized tier's scans (kvr_code_scores, kvr_code_values) use: 2 AVX-512 VNNI,
