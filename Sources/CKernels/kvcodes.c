@@ -51,9 +51,15 @@ static inline int32_t query_word(const int8_t *q) {
     return w;
 }
 
-static inline unsigned value_code(const uint8_t *channel, size_t i, size_t group, size_t bits) {
-    if (bits == 8) return channel[i];
-    return i < group / 2 ? (channel[i] & 0x0F) : (channel[i - group / 2] >> 4);
+/* Value code of position i, channel c, in a group's value codes (either order of 4-bit codes). */
+static inline unsigned value_code(const kvr_code_layout *L, const uint8_t *codes, size_t i, size_t c) {
+    if (L->value_bits == 8) return codes[c * L->value_code_bytes + i];
+    if (L->value_blocks) {
+        uint8_t b = codes[(i / 8) * L->padded * 4 + c * 4 + (i % 4)];
+        return (i % 8) < 4 ? (b & 0x0F) : (b >> 4);
+    }
+    const uint8_t *channel = codes + c * L->value_code_bytes;
+    return i < L->group / 2 ? (channel[i] & 0x0F) : (channel[i - L->group / 2] >> 4);
 }
 
 /* Per head: the int8 query for one group's key steps (padded channels 0), its scale and base.
@@ -103,9 +109,8 @@ static void group_values_portable(const float *w, size_t g, size_t stride, const
         for (size_t i = 0; i < L->group; i++) total += wh[i];
         if (total == 0) continue;
         for (size_t c = 0; c < dv; c++) {
-            const uint8_t *channel = row + L->value_codes + c * L->value_code_bytes;
             float s = 0;
-            for (size_t i = 0; i < L->group; i++) s += wh[i] * (float)value_code(channel, i, L->group, L->value_bits);
+            for (size_t i = 0; i < L->group; i++) s += wh[i] * (float)value_code(L, row + L->value_codes, i, c);
             out[h * L->padded + c] += vmin[c] * total + vstep[c] * s;
         }
     }
@@ -342,7 +347,7 @@ FAST static void key_dots_u4_blocks(const int8_t *q8, size_t g, const kvr_code_l
 /* key_dots_u4_blocks with AVX-512 VNNI (group of 32k): sixteen positions per vector, two vectors (32
  * positions) and four heads at a time in 16 accumulators. The high nibbles are masked in place (16 times
  * their code) and their sums shifted down at the end: VPDPBUSD has no int16 stage, so no shift per block.
- * On Zen 4, 1.6-2.1x faster than key_dots_u4_vnni at 256-128 channels (Tools/bench/key_blocks.c). */
+ * On Zen 4, 1.6-2.1x faster than key_dots_u4_vnni at 256-128 channels (Tools/bench/code_blocks.c). */
 VNNI static void key_dots_u4_blocks_vnni(const int8_t *q8, size_t g, const kvr_code_layout *L, const uint8_t *codes,
                                          int32_t *dots, const uint8_t *next, size_t next_bytes) {
     const size_t P = L->padded, G = L->group, blocks = P / 8, stride = 4 * G;
@@ -617,6 +622,80 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
     }
 }
 
+/* Four u8 weights as one word (positions 8b..8b+3 or 8b+4..8b+7 of a head's quantized weights). */
+static inline int32_t weight_word(const __m256i *wq, size_t at) {
+    int32_t w;
+    memcpy(&w, (const uint8_t *)wq + at, 4);
+    return w;
+}
+
+/* The 4-bit value pass with codes in position blocks (value_blocks, group of 64): one load holds a block
+ * of 8 positions for 8 (AVX2) or 16 (VNNI) channels, a channel per 32-bit lane, so the codes meet a
+ * head's broadcast u8 weight words with no transpose: AVX2 vpmaddubsw (int16 for two blocks at most:
+ * 2 * 2 * 2 * 255 * 15 < 32768, then widened); VNNI VPDPBUSD, four heads at a time, low and high nibbles
+ * in separate accumulators (two chains per head). The same integers as group_values_u4. */
+FAST static void group_values_u4_blocks(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                        size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
+    values_u4 st;
+    if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
+    const size_t P = L->padded, blocks = L->group / 8;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (size_t c = 0; c < P; c += 8) {
+        prefetch_part(next, next_bytes, c / 8, P / 8);
+        for (size_t j0 = 0; j0 < st.n; j0 += 4) {
+            const size_t jn = st.n - j0 < 4 ? st.n - j0 : 4;
+            __m256i acc[4];
+            for (size_t u = 0; u < 4; u++) acc[u] = _mm256_setzero_si256();
+            for (size_t b0 = 0; b0 < blocks; b0 += 2) {
+                __m256i s16[4];
+                for (size_t u = 0; u < 4; u++) s16[u] = _mm256_setzero_si256();
+                for (size_t b = b0; b < b0 + 2; b++) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(st.codes + b * P * 4 + c * 4));
+                    const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+                    for (size_t u = 0; u < jn; u++) {
+                        const __m256i *wq = st.wq[j0 + u];
+                        s16[u] = _mm256_add_epi16(s16[u], _mm256_add_epi16(
+                            _mm256_maddubs_epi16(_mm256_set1_epi32(weight_word(wq, 8 * b)), lo),
+                            _mm256_maddubs_epi16(_mm256_set1_epi32(weight_word(wq, 8 * b + 4)), hi)));
+                    }
+                }
+                for (size_t u = 0; u < jn; u++) acc[u] = _mm256_add_epi32(acc[u], _mm256_madd_epi16(s16[u], ones));
+            }
+            for (size_t u = 0; u < jn; u++) apply_dots(out + st.live[j0 + u] * P, c, &st, j0 + u, _mm256_cvtepi32_ps(acc[u]));
+        }
+    }
+}
+
+VNNI static void group_values_u4_blocks_vnni(const float *w, size_t g, size_t stride, const kvr_code_layout *L, const uint8_t *row,
+                                             size_t dv, float *out, float *scratch, const uint8_t *next, size_t next_bytes) {
+    values_u4 st;
+    if (!begin_values_u4(w, g, stride, L, row, dv, scratch, &st, next, next_bytes)) return;
+    const size_t P = L->padded, blocks = L->group / 8;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (size_t c = 0; c < P; c += 16) {
+        prefetch_part(next, next_bytes, c / 16, P / 16);
+        for (size_t j0 = 0; j0 < st.n; j0 += 4) {
+            const size_t jn = st.n - j0 < 4 ? st.n - j0 : 4;
+            __m512i lo_acc[4], hi_acc[4];
+            for (size_t u = 0; u < 4; u++) lo_acc[u] = hi_acc[u] = _mm512_setzero_si512();
+            for (size_t b = 0; b < blocks; b++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(st.codes + b * P * 4 + c * 4));
+                const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
+                for (size_t u = 0; u < jn; u++) {
+                    const __m256i *wq = st.wq[j0 + u];
+                    lo_acc[u] = _mm512_dpbusd_epi32(lo_acc[u], _mm512_set1_epi32(weight_word(wq, 8 * b)), lo);
+                    hi_acc[u] = _mm512_dpbusd_epi32(hi_acc[u], _mm512_set1_epi32(weight_word(wq, 8 * b + 4)), hi);
+                }
+            }
+            for (size_t u = 0; u < jn; u++) {
+                const __m512i sum = _mm512_add_epi32(lo_acc[u], hi_acc[u]);
+                apply_dots(out + st.live[j0 + u] * P, c, &st, j0 + u, _mm256_cvtepi32_ps(_mm512_castsi512_si256(sum)));
+                apply_dots(out + st.live[j0 + u] * P, c + 8, &st, j0 + u, _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(sum, 1)));
+            }
+        }
+    }
+}
+
 #endif
 
 void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows, size_t groups,
@@ -677,9 +756,14 @@ void kvr_code_values(const float *w, size_t g, size_t stride, const void *const 
         const void *following = gi + 1 < groups ? rows[gi + 1] : after;
         const uint8_t *next = following ? (const uint8_t *)following + L->value_min : NULL;  /* fetched during this group */
 #if KVR_X86
-        if (path == 2 && L->group == 64 && L->value_bits == 4) { group_values_u4_vnni(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
-        if (path >= 1 && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
-        if (path >= 1 && L->group == 64) { group_values_u8(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+        if (L->value_blocks && L->value_bits == 4) {
+            if (path == 2 && L->group == 64) { group_values_u4_blocks_vnni(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+            if (path >= 1 && L->group == 64) { group_values_u4_blocks(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+        } else {
+            if (path == 2 && L->group == 64 && L->value_bits == 4) { group_values_u4_vnni(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+            if (path >= 1 && L->group == 64 && L->value_bits == 4) { group_values_u4(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
+        }
+        if (path >= 1 && L->group == 64 && L->value_bits == 8) { group_values_u8(wg, g, stride, L, row, dv, out, scratch, next, part); continue; }
 #endif
         if (next) prefetch_bytes(next, part);
         group_values_portable(wg, g, stride, L, row, dv, out, scratch);

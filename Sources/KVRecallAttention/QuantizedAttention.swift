@@ -42,7 +42,7 @@ extension CodeFormat {
                         value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes, row_bytes: l.rowBytes,
                         key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes, padded: l.padded,
                         group: l.group, key_bits: keyBits, value_bits: valueBits, wide_steps: wideSteps ? 1 : 0,
-                        key_blocks: l.keyBlocks ? 1 : 0)
+                        key_blocks: l.keyBlocks ? 1 : 0, value_blocks: l.valueBlocks ? 1 : 0)
     }
 }
 

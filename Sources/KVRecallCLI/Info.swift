@@ -60,7 +60,7 @@ struct Info: ParsableCommand {
                  "indexes": (indexes[h.id] ?? []).sorted(),
                  "index_coverage": coverage[h.id] ?? [:],
                  "codes": h.codes.map { f -> [String: Any] in
-                     ["key_bits": f.keyBits, "value_bits": f.valueBits, "group": f.group, "key_order": f.keyOrder.rawValue,
+                     ["key_bits": f.keyBits, "value_bits": f.valueBits, "group": f.group, "order": f.order.rawValue,
                       "coded_groups": h.codedGroups, "bytes_per_position": f.bytesPerPosition(dimension: h.dimension)]
                  } ?? NSNull(),
                  "auto": plans[h.id].map { p -> [String: Any] in

@@ -16,27 +16,27 @@ import KVRecallFormats
 /// One group is one row of the head's code stream (S: f16, or f32 with `wideSteps`; P: the
 /// dimension rounded up to 32, padding channels code 0 and never count):
 ///
-///     key min [P] S | key step [P] S | key codes (group x P x keyBits / 8 bytes, below)
-///     value min [P] S | value step [P] S | value mean [P] S
-///     value codes [P][group * valueBits / 8]                                  (channel-major)
+///     key min [P] S | key step [P] S | key codes (group x P x keyBits / 8 bytes)
+///     value min [P] S | value step [P] S | value mean [P] S | value codes (P x group x valueBits / 8 bytes)
 ///
-/// 4-bit key codes are in channel blocks (`KeyOrder.channelBlocks`, the default): [P / 8][group][4
-/// bytes], byte k of a position's word holding channel 8b + k in its low nibble and 8b + 4 + k in its
-/// high one, so one vector load holds one block of 8 or 16 consecutive positions and a head's dot
-/// products accumulate in its lanes, a position each, with no reduction (1.6-2x faster scans than
-/// position by position). Stores coded before kept `KeyOrder.positions`: [group][P / 2], a
-/// position's 32 channels in 16 bytes, byte j holding channel j low and j + 16 high; they are read
-/// as they are, and `kvrecall codes` re-codes them. 8-bit key codes are position by position.
-/// Value codes of a channel pack the group's positions: byte j holds position j low and j + group / 2
-/// high, so the value pass reads a channel's group in one load and multiplies it with the group's
-/// weights as bytes.
+/// 4-bit codes are in blocks (`Order.blocks`, the default), laid out for a scan whose 32-bit lanes are
+/// positions (keys) or channels (values), so a vector load meets a head's broadcast query or weight
+/// words with no reduction and no transpose:
+///   - keys [P / 8][group][4 bytes]: byte k of a position's word holds channel 8b + k in its low nibble
+///     and 8b + 4 + k in its high one (1.6-2x faster key scans than position by position);
+///   - values [group / 8][P][4 bytes]: byte k of a channel's word holds position 8b + k low and
+///     8b + 4 + k high (a 1.2-1.4x faster value pass than channel by channel).
+/// Heads coded before kept `Order.positions`: keys [group][P / 2] (a position's 32 channels in 16
+/// bytes, byte j holding channel j low and j + 16 high) and values [P][group / 2] (byte j of a channel
+/// holding position j low and j + group / 2 high); they are read as they are, and `kvrecall codes`
+/// re-codes them. 8-bit codes are always keys position by position and values channel by channel.
 public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible {
-    /// How 4-bit key codes are laid out in a group row.
-    public enum KeyOrder: String, Codable, Sendable {
-        /// A position's channels together (the layout before channel blocks; still read).
+    /// How 4-bit codes are laid out in a group row.
+    public enum Order: String, Codable, Sendable {
+        /// Keys position by position and values channel by channel (the layout before blocks; still read).
         case positions
-        /// Blocks of 8 channels, each block's positions together (the default).
-        case channelBlocks
+        /// Keys in blocks of 8 channels and values in blocks of 8 positions (the default).
+        case blocks
     }
 
     /// Bits per key code and per value code: 4 or 8.
@@ -47,32 +47,34 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
     /// Mins, steps and means as f32 (heads stored in f32 or bf16, whose values may pass f16's
     /// range) or as f16 (heads stored in f16: every value, so every min, step and mean, fits).
     public var wideSteps: Bool
-    /// The order of 4-bit key codes (8-bit ones are position by position whatever it says).
-    public var keyOrder: KeyOrder
+    /// The layout of 4-bit codes (8-bit ones keep the position order whatever it says).
+    public var order: Order
 
     public init(keyBits: Int = 4, valueBits: Int = 4, group: Int = 64, wideSteps: Bool = false,
-                keyOrder: KeyOrder = .channelBlocks) {
+                order: Order = .blocks) {
         self.keyBits = keyBits
         self.valueBits = valueBits
         self.group = group
         self.wideSteps = wideSteps
-        self.keyOrder = keyOrder
+        self.order = order
     }
 
-    private enum CodingKeys: String, CodingKey { case keyBits, valueBits, group, wideSteps, keyOrder }
+    private enum CodingKeys: String, CodingKey { case keyBits, valueBits, group, wideSteps, order }
 
-    /// A record written before channel blocks has no key order: its codes are position by position.
+    /// A record written before blocks names no order: its codes are in position order.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         keyBits = try c.decode(Int.self, forKey: .keyBits)
         valueBits = try c.decode(Int.self, forKey: .valueBits)
         group = try c.decode(Int.self, forKey: .group)
         wideSteps = try c.decode(Bool.self, forKey: .wideSteps)
-        keyOrder = try c.decodeIfPresent(KeyOrder.self, forKey: .keyOrder) ?? .positions
+        order = try c.decodeIfPresent(Order.self, forKey: .order) ?? .positions
     }
 
-    /// Whether the key codes are 4-bit in channel blocks.
-    public var keyBlocks: Bool { keyBits == 4 && keyOrder == .channelBlocks }
+    /// Whether the key codes are 4-bit in blocks of channels.
+    public var keyBlocks: Bool { keyBits == 4 && order == .blocks }
+    /// Whether the value codes are 4-bit in blocks of positions (a group of a multiple of 8).
+    public var valueBlocks: Bool { valueBits == 4 && order == .blocks && group % 8 == 0 }
 
     /// The format for a head stored in `dtype`: f16 steps for an f16 head, f32 otherwise.
     public func fitted(to dtype: DType) -> CodeFormat {
@@ -86,7 +88,7 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
 
     public var description: String {
         "keys and values \(keyBits)- and \(valueBits)-bit per channel in groups of \(group) positions"
-            + (keyBits == 4 && !keyBlocks ? " (keys position by position, the layout before channel blocks: `kvrecall codes` re-codes them)" : "")
+            + (order == .positions && (keyBits == 4 || valueBits == 4) ? " (in position order, the layout before blocks: `kvrecall codes` re-codes them)" : "")
     }
 
     /// The error naming what is wrong with this format for a head, or nil.
@@ -108,8 +110,8 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
         /// Bytes of one position's key codes, and of one channel's value codes.
         public let keyCodeBytes: Int, valueCodeBytes: Int
         public let padded: Int, group: Int
-        /// 4-bit key codes in channel blocks (`KeyOrder.channelBlocks`).
-        public let keyBlocks: Bool
+        /// 4-bit key codes in blocks of channels, 4-bit value codes in blocks of positions (`Order.blocks`).
+        public let keyBlocks: Bool, valueBlocks: Bool
     }
 
     public func layout(dimension d: Int) -> Layout {
@@ -119,7 +121,7 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
         let valueCodes = valueMean + s * p
         return Layout(keyMin: keyMin, keyStep: keyStep, keyCodes: keyCodes, valueMin: valueMin, valueStep: valueStep,
                       valueMean: valueMean, valueCodes: valueCodes, rowBytes: valueCodes + p * vb, keyCodeBytes: kb,
-                      valueCodeBytes: vb, padded: p, group: group, keyBlocks: keyBlocks)
+                      valueCodeBytes: vb, padded: p, group: group, keyBlocks: keyBlocks, valueBlocks: valueBlocks)
     }
 
     /// Bytes per position of codes, steps and means.
@@ -163,9 +165,14 @@ extension CodeFormat {
         encodeChannels(values, dimension: d, bits: valueBits, columns, codes: codes)
         writeSteps(columns.mins, count: d, at: out + l.valueMin)
         writeSteps(columns.steps, count: d, at: out + l.valueStep)
-        let half = group / 2
-        for c in 0..<d {
-            let channel = (out + l.valueCodes + c * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
+        let half = group / 2, valueCodes = (out + l.valueCodes).assumingMemoryBound(to: UInt8.self)
+        for i in 0..<group where valueBlocks {
+            // Block i / 8, channel c's word, byte i % 4: position 8b + k (low nibble) and 8b + 4 + k (high).
+            let row = codes + i * d
+            for c in 0..<d { valueCodes[(i / 8) * l.padded * 4 + c * 4 + i % 4] |= i % 8 < 4 ? row[c] : row[c] << 4 }
+        }
+        for c in 0..<d where !valueBlocks {
+            let channel = valueCodes + c * l.valueCodeBytes
             if valueBits == 8 {
                 for i in 0..<group { channel[i] = codes[i * d + c] }
             } else {
@@ -256,9 +263,15 @@ extension CodeFormat {
             }
             key[c] = step(row + l.keyMin, c) + step(row + l.keyStep, c) * Float(code)
         }
+        let valueCodes = (row + l.valueCodes).assumingMemoryBound(to: UInt8.self)
         for c in 0..<d {
-            let channel = (row + l.valueCodes + c * l.valueCodeBytes).assumingMemoryBound(to: UInt8.self)
-            let code: UInt8 = valueBits == 8 ? channel[i] : i < group / 2 ? channel[i] & 0x0F : channel[i - group / 2] >> 4
+            let channel = valueCodes + c * l.valueCodeBytes, code: UInt8
+            if valueBlocks {
+                let byte = valueCodes[(i / 8) * l.padded * 4 + c * 4 + i % 4]
+                code = i % 8 < 4 ? byte & 0x0F : byte >> 4
+            } else {
+                code = valueBits == 8 ? channel[i] : i < group / 2 ? channel[i] & 0x0F : channel[i - group / 2] >> 4
+            }
             value[c] = step(row + l.valueMin, c) + step(row + l.valueStep, c) * Float(code)
         }
     }

@@ -64,8 +64,8 @@ import KVRecallTestSupport
     func codesRoundTripWithinHalfAStep(keyBits: Int, valueBits: Int, group: Int) throws {
         let d = 40  // padded to 64: the tail of a run and padding channels
         for wide in [false, true] {
-            for order in [CodeFormat.KeyOrder.channelBlocks, .positions] {
-                let format = CodeFormat(keyBits: keyBits, valueBits: valueBits, group: group, wideSteps: wide, keyOrder: order)
+            for order in [CodeFormat.Order.blocks, .positions] {
+                let format = CodeFormat(keyBits: keyBits, valueBits: valueBits, group: group, wideSteps: wide, order: order)
                 guard format.problem(dimension: d, blockSize: 256) == nil else {
                     #expect(group == 6 || group == 3)  // not dividing the block, or odd: refused, named
                     return
@@ -123,17 +123,18 @@ import KVRecallTestSupport
         }
     }
 
-    /// A head record written before channel blocks names no key order: its codes are read position
-    /// by position; a format written now keeps its order through the record.
-    @Test func aRecordWithoutAKeyOrderIsPositionByPosition() throws {
+    /// A head record written before blocks names no order: its codes are read in position order; a
+    /// format written now keeps its order through the record.
+    @Test func aRecordWithoutAnOrderIsInPositionOrder() throws {
         let old = #"{"group":64,"keyBits":4,"valueBits":4,"wideSteps":false}"#
         let decoded = try JSONDecoder().decode(CodeFormat.self, from: Data(old.utf8))
-        #expect(decoded.keyOrder == .positions && !decoded.keyBlocks && !decoded.layout(dimension: 64).keyBlocks)
+        #expect(decoded.order == .positions && !decoded.keyBlocks && !decoded.valueBlocks)
+        #expect(!decoded.layout(dimension: 64).keyBlocks && !decoded.layout(dimension: 64).valueBlocks)
         #expect(decoded.description.contains("kvrecall codes"))
         let now = CodeFormat()
-        #expect(now.keyBlocks && !now.description.contains("kvrecall codes"))
+        #expect(now.keyBlocks && now.valueBlocks && !now.description.contains("kvrecall codes"))
         #expect(try JSONDecoder().decode(CodeFormat.self, from: JSONEncoder().encode(now)) == now)
-        #expect(!CodeFormat(keyBits: 8).keyBlocks)  // 8-bit keys stay position by position
+        #expect(!CodeFormat(keyBits: 8).keyBlocks && !CodeFormat(valueBits: 8).valueBlocks)  // 8-bit codes keep position order
     }
 
     /// The value pass's kernel (u8 weights x 4-bit codes, int16 weights x 8-bit ones) against the
@@ -157,7 +158,7 @@ import KVRecallTestSupport
                                              value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes,
                                              row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
                                              padded: l.padded, group: group, key_bits: 4, value_bits: valueBits, wide_steps: 0,
-                                             key_blocks: l.keyBlocks ? 1 : 0)
+                                             key_blocks: l.keyBlocks ? 1 : 0, value_blocks: l.valueBlocks ? 1 : 0)
                 var pointer: UnsafeRawPointer? = r.baseAddress
                 kvr_code_values(w, g, group, &pointer, 1, &layout, d, &out, &scratch, nil)
                 var key = [Float](repeating: 0, count: d), value = [Float](repeating: 0, count: d)
@@ -178,24 +179,24 @@ import KVRecallTestSupport
     }
 
     /// The scans' bodies this CPU has (AVX-512 VNNI, AVX2, portable), lowered in turn on this thread,
-    /// for both orders of the key codes: VNNI and AVX2 give the same scores and value sums bit for bit
+    /// for both orders of the codes: VNNI and AVX2 give the same scores and value sums bit for bit
     /// (the same integers, the same epilogue); the portable scores agree to float rounding; and the
     /// same codes in the other key order give the same scores and sums. Groups of 16 and
     /// 8 take the AVX2 channel-block body on a VNNI CPU, and dimensions above 256 the channel-block
     /// bodies only (the position-order ones stop at 256).
-    @Test(arguments: [CodeFormat.KeyOrder.channelBlocks, .positions])
-    func theScanBodiesAgree(keyOrder: CodeFormat.KeyOrder) throws {
+    @Test(arguments: [CodeFormat.Order.blocks, .positions])
+    func theScanBodiesAgree(order: CodeFormat.Order) throws {
         let best = kvr_codes_path()
         defer { kvr_cap_codes_path(2) }
         var rng = SeededRandom(seed: 21)
         let shapes = [(64, 64), (80, 64), (128, 64), (256, 64), (128, 32), (96, 16), (64, 8), (320, 64), (512, 64)]
-        for (d, group) in shapes where keyOrder == .channelBlocks || d <= 256 {
-            let format = CodeFormat(keyBits: 4, valueBits: 4, group: group, keyOrder: keyOrder)
+        for (d, group) in shapes where order == .blocks || d <= 256 {
+            let format = CodeFormat(keyBits: 4, valueBits: 4, group: group, order: order)
             let l = format.layout(dimension: d)
             let heads = (0..<3).map { Self.head(n: group, d: d, seed: 40 + UInt64($0)) }
-            // The same codes in the other key order, where that order has bodies for this shape.
+            // The same codes in the other order, where that order has bodies for this shape.
             var other = format
-            other.keyOrder = keyOrder == .positions ? .channelBlocks : .positions
+            other.order = order == .positions ? .blocks : .positions
             for g in [1, 4, 6] {
                 let q = rng.gaussianMatrix(rows: g, dim: d)
                 let w = (0..<(g * 3 * group)).map { _ in exp(2 * rng.gaussian()) }
@@ -210,7 +211,7 @@ import KVRecallTestSupport
                                                  value_step: l.valueStep, value_mean: l.valueMean, value_codes: l.valueCodes,
                                                  row_bytes: l.rowBytes, key_code_bytes: l.keyCodeBytes, value_code_bytes: l.valueCodeBytes,
                                                  padded: l.padded, group: group, key_bits: 4, value_bits: 4, wide_steps: 0,
-                                                 key_blocks: l.keyBlocks ? 1 : 0)
+                                                 key_blocks: l.keyBlocks ? 1 : 0, value_blocks: l.valueBlocks ? 1 : 0)
                     rows[0].withUnsafeBytes { r0 in
                         rows[1].withUnsafeBytes { r1 in
                             rows[2].withUnsafeBytes { r2 in
@@ -230,8 +231,8 @@ import KVRecallTestSupport
                 #expect(avx2.scores.contains { $0 != 0 })
                 if d <= 256 {
                     let reordered = run(cap: 2, format: other)
-                    #expect(reordered.scores == vnni.scores, "d \(d) heads \(g): the two key orders' scores")
-                    #expect(reordered.values == vnni.values, "d \(d) heads \(g): the two key orders' value sums")
+                    #expect(reordered.scores == vnni.scores, "d \(d) heads \(g): the two orders' scores")
+                    #expect(reordered.values == vnni.values, "d \(d) heads \(g): the two orders' value sums")
                 }
             }
         }

@@ -136,6 +136,9 @@ typedef struct kvr_code_layout {
     size_t key_blocks; /* 4-bit key codes: 1 in blocks of 8 channels, each block's positions consecutive
                         * (4 bytes each: byte k holds channel 8b + k low and 8b + 4 + k high); 0 position by
                         * position (32 channels in 16 bytes: byte j holds channel j low and j + 16 high) */
+    size_t value_blocks; /* 4-bit value codes: 1 in blocks of 8 positions, each block's channels consecutive
+                          * (4 bytes each: byte k holds position 8b + k low and 8b + 4 + k high); 0 channel by
+                          * channel (byte j of a channel holds position j low and j + group / 2 high) */
 } kvr_code_layout;
 
 /* Which bodies the quantized tier's scans (kvr_code_scores, kvr_code_values) use: 2 AVX-512 VNNI,
