@@ -1,4 +1,5 @@
 import CKernels
+import Foundation
 
 /// Evicts the last-level cache by reading a buffer twice or more its size, touching every line:
 /// what a decoder's other layers do to a head's keys, values and codes between two of its steps.
@@ -17,5 +18,14 @@ public final class CacheEvictor: @unchecked Sendable {
 
     deinit { buffer.deallocate() }
 
-    public func evict() { _ = kvr_read_bytes(buffer, bytes) }
+    /// Reads the buffer over `threads` cores (by default all of them, as a decoder's other layers run):
+    /// through `SpinJoin`, so the pool's helpers are as awake when a timed call starts as after a
+    /// decoder's layer. Read on one thread, the eviction's few milliseconds parked them, and each timed
+    /// call's first join waited 86-102 us for a helper to wake (docs/BENCHMARKS.md, "Codes in blocks").
+    public func evict(threads: Int = ProcessInfo.processInfo.activeProcessorCount) {
+        let parts = 16, chunk = bytes / parts
+        SpinJoin.run(tasks: parts, threads: max(1, threads)) { i in
+            _ = kvr_read_bytes(buffer + i * chunk, i == parts - 1 ? bytes - i * chunk : chunk)
+        }
+    }
 }
