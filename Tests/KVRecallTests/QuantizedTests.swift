@@ -137,6 +137,38 @@ import KVRecallTestSupport
         #expect(!CodeFormat(keyBits: 8).keyBlocks && !CodeFormat(valueBits: 8).valueBlocks)  // 8-bit codes keep position order
     }
 
+    /// A head coded in position order (a store written before blocks) is attended through its own
+    /// order: the quantized method gives the same outputs as the same head coded in blocks, and
+    /// `buildCodes` (what `kvrecall codes` runs) re-codes it in blocks.
+    @Test func aHeadCodedInPositionOrderAttendsAsBefore() throws {
+        let d = 256, n = 2048, g = 4
+        let h = Self.head(n: n, d: d, seed: 12)
+        var rng = SeededRandom(seed: 13)
+        let queries = (0..<(g * d)).map { _ in 0.2 * rng.gaussian() }
+        func outputs(_ order: CodeFormat.Order, recode: Bool = false) throws -> (output: [Float], order: CodeFormat.Order?) {
+            let dir = TemporaryDirectory()
+            let store = try KVStore(path: dir.path, create: true)
+            defer { store.close() }
+            try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat(order: order))
+            try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+            if recode { try store.buildCodes(HeadID(), format: CodeFormat()) }
+            return try store.read { snapshot in
+                let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+                let codes = try #require(try snapshot.codes(HeadID()))
+                let result = try queries.withUnsafeBufferPointer {
+                    try Attention.attendQuantized(queries: $0, codes: codes, keys: keys, values: values, parameters: AttentionParameters())
+                }
+                return (result.heads.flatMap(\.output), codes.format.order)
+            }
+        }
+        let blocks = try outputs(.blocks), positions = try outputs(.positions), recoded = try outputs(.positions, recode: true)
+        #expect(positions.order == .positions && blocks.order == .blocks && recoded.order == .blocks)
+        let asBefore = positions.output == blocks.output, recodedAlike = recoded.output == blocks.output
+        #expect(asBefore, "a head in position order attends differently from the same head in blocks")
+        #expect(recodedAlike, "the re-coded head attends differently")
+        #expect(blocks.output.contains { $0 != 0 })
+    }
+
     /// The value pass's kernel (u8 weights x 4-bit codes, int16 weights x 8-bit ones) against the
     /// weighted sum of the decoded values, for 1, 4 and 5 heads (one all zero, skipped) and a
     /// dimension with padding channels: within its weights' rounding (a channel or position out of
