@@ -82,11 +82,11 @@ struct Info: ParsableCommand {
                       "keys_scanned_fraction": c.keysScanned, "k": c.k, "queries": c.queries, "reached": c.reached]
                  }] as [String: Any]
             }
-            print(try jsonString(["path": store.path, "format_version": Int(KVStore.formatVersion),
+            print(try jsonString(["path": store.path, "format_version": Int(try store.recordedVersion()),
                                   "bytes_on_disk": bytes, "heads": list]))
             return
         }
-        print("store \(store.path): format \(KVStore.formatVersion), \(heads.count) heads, \(bytes) bytes on disk")
+        print("store \(store.path): format \(try store.recordedVersion()), \(heads.count) heads, \(bytes) bytes on disk")
         var table = TextTable(["head", "d", "dtype", "keys", "prefill_q", "vector_bytes", "indexes"])
         for h in heads {
             table.add([h.id.description, "\(h.dimension)", h.dtype.rawValue, "\(h.count)", "\(h.queryCount)",

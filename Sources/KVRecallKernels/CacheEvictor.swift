@@ -22,9 +22,12 @@ public final class CacheEvictor: @unchecked Sendable {
     /// through `SpinJoin`, so the pool's helpers are as awake when a timed call starts as after a
     /// decoder's layer. Read on one thread, the eviction's few milliseconds parked them, and each timed
     /// call's first join waited 86-102 us for a helper to wake (docs/BENCHMARKS.md, "Codes in blocks").
+    /// A background thread (a refresh's planner, idle class) reads alone: its work never takes the
+    /// cores a decode step uses.
     public func evict(threads: Int = ProcessInfo.processInfo.activeProcessorCount) {
         let parts = 16, chunk = bytes / parts
-        SpinJoin.run(tasks: parts, threads: max(1, threads)) { i in
+        let cores = kvr_thread_is_background() != 0 ? 1 : max(1, threads)
+        SpinJoin.run(tasks: parts, threads: cores) { i in
             _ = kvr_read_bytes(buffer + i * chunk, i == parts - 1 ? bytes - i * chunk : chunk)
         }
     }

@@ -82,7 +82,11 @@ public final class KVSession {
         guard let stored = try? JSONDecoder().decode(SessionConfiguration.self, from: Data(raw.utf8)) else {
             throw SessionError.invalidArgument("\(store.path) holds a session configuration this build cannot read")
         }
-        guard stored != configuration else { return }
+        // The code order only shapes heads created from now on; existing heads keep theirs in their
+        // records (a session written before codes in blocks stored none: position order).
+        var asked = configuration
+        if let order = stored.codes?.order, asked.codes != nil { asked.codes?.order = order }
+        guard stored != asked else { return }
         let mine = try JSONSerialization.jsonObject(with: JSONEncoder().encode(configuration)) as? [String: Any] ?? [:]
         let theirs = try JSONSerialization.jsonObject(with: JSONEncoder().encode(stored)) as? [String: Any] ?? [:]
         let differing = Set(mine.keys).union(theirs.keys).sorted().filter { key in

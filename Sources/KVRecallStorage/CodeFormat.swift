@@ -71,8 +71,11 @@ public struct CodeFormat: Codable, Equatable, Sendable, CustomStringConvertible 
         order = try c.decodeIfPresent(Order.self, forKey: .order) ?? .positions
     }
 
-    /// Whether the key codes are 4-bit in blocks of channels.
-    public var keyBlocks: Bool { keyBits == 4 && order == .blocks }
+    /// Whether the key codes are 4-bit in blocks of channels (a group of a multiple of 8: the blocks'
+    /// scan bodies read 8 or 32 positions at a time; other groups keep the position order's bodies).
+    public var keyBlocks: Bool { keyBits == 4 && order == .blocks && group % 8 == 0 }
+    /// Whether any codes are in blocks (a store holding them is format version 2).
+    public var inBlocks: Bool { keyBlocks || valueBlocks }
     /// Whether the value codes are 4-bit in blocks of positions (a group of a multiple of 8).
     public var valueBlocks: Bool { valueBits == 4 && order == .blocks && group % 8 == 0 }
 

@@ -46,6 +46,7 @@ extension KVStore {
             throw StoreError(.invalidArgument, problem, path: path, head: id)
         }
         _ = try txn.deletePrefix(vectorsDB, StoreKey.codePrefix(id))
+        if format.inBlocks { try require(version: 2, txn) }
         info.codes = format.fitted(to: info.dtype)
         try writeCodes(txn, info, groups: 0..<(info.count / format.group))
         try putInfo(txn, info)

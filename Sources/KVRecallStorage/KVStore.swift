@@ -11,8 +11,12 @@ import KVRecallFormats
 /// `vectors` (blocks of `blockSize` vectors keyed by head, kind and block number) and
 /// `indexes` (persisted index sections).
 public final class KVStore: @unchecked Sendable {
-    /// On-disk format version this build reads and writes.
-    public static let formatVersion: UInt32 = 1
+    /// On-disk format version this build reads. A store is written at version 1 and raised to 2 when
+    /// it first holds codes in blocks (`CodeFormat.Order.blocks`), which a build reading version 1
+    /// would scan in position order: it refuses such a store instead of attending through garbage.
+    public static let formatVersion: UInt32 = 2
+    /// The version a store is created at.
+    static let baseVersion: UInt32 = 1
     static let magic = "KVRecall store"
     public static let defaultBlockSize = 256
 
@@ -78,7 +82,7 @@ public final class KVStore: @unchecked Sendable {
                 handles = try env.openDatabases(names, create: true, initialize: { txn, dbis in
                     try txn.put(dbis[0], Array("magic".utf8), Array(KVStore.magic.utf8))
                     var version = [UInt8]()
-                    StoreKey.appendBE(&version, KVStore.formatVersion)
+                    StoreKey.appendBE(&version, KVStore.baseVersion)
                     try txn.put(dbis[0], Array("version".utf8), version)
                 })
             }
@@ -130,6 +134,25 @@ public final class KVStore: @unchecked Sendable {
                              "store format version \(version) is not supported by this build (it reads version \(KVStore.formatVersion)); upgrade kvrecall",
                              path: path)
         }
+    }
+
+    /// The store's format version as recorded.
+    func storedVersion(_ reader: ReadTransaction) throws -> UInt32 {
+        guard let raw = try reader.get(metaDB, Array("version".utf8)), raw.count == 4 else {
+            throw StoreError(.corrupt, "the format version record is missing or malformed", path: path)
+        }
+        return raw.reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+    }
+
+    /// The store's format version as recorded (1, or 2 once it holds codes in blocks).
+    public func recordedVersion() throws -> UInt32 { try environment.read { try storedVersion($0) } }
+
+    /// Raises the store's recorded version to `version` (inside the write that needs it).
+    func require(version: UInt32, _ txn: WriteTransaction) throws {
+        guard try storedVersion(txn.reader) < version else { return }
+        var raw = [UInt8]()
+        StoreKey.appendBE(&raw, version)
+        try txn.put(metaDB, Array("version".utf8), raw)
     }
 
     /// Closes the environment; every transaction must have ended.
@@ -205,6 +228,7 @@ public final class KVStore: @unchecked Sendable {
             }
             let info = HeadInfo(id: id, dimension: dimension, dtype: dtype, blockSize: blockSize,
                                 count: 0, queryCount: 0, metadata: metadata, codes: codes?.fitted(to: dtype))
+            if let codes, codes.inBlocks { try require(version: 2, txn) }
             try putInfo(txn, info)
             return info
         }

@@ -169,6 +169,47 @@ import KVRecallTestSupport
         #expect(blocks.output.contains { $0 != 0 })
     }
 
+    /// A store stays format version 1 (what builds before codes in blocks read) until it holds codes
+    /// in blocks, which raise it to 2 in the same write, so such a build refuses the store instead of
+    /// scanning the blocks in position order; codes in position order leave it at 1.
+    @Test func codesInBlocksRaiseTheStoreVersion() throws {
+        let d = 64, h = Self.head(n: 128, d: d, seed: 14)
+        func version(_ store: KVStore) throws -> UInt32 { try store.environment.read { try store.storedVersion($0) } }
+        for order in [CodeFormat.Order.positions, .blocks] {
+            for viaRecode in [false, true] {
+                let dir = TemporaryDirectory()
+                let store = try KVStore(path: dir.path, create: true)
+                defer { store.close() }
+                #expect(try version(store) == 1)
+                try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: viaRecode ? nil : CodeFormat(order: order))
+                try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+                if viaRecode { try store.buildCodes(HeadID(), format: CodeFormat(order: order)) }
+                #expect(try version(store) == (order == .blocks ? 2 : 1), "\(order), \(viaRecode ? "recoded" : "created")")
+            }
+        }
+    }
+
+    /// A session stored before codes in blocks (its configuration's codes name no order: position
+    /// order) reopens with today's default configuration (blocks): the order only shapes new heads.
+    @Test func aSessionStoredInPositionOrderReopens() throws {
+        let dir = TemporaryDirectory()
+        var old = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 2, headDimension: 32, method: .quantized)
+        old.codes?.order = .positions
+        let h = Self.head(n: 200, d: 32, seed: 15)
+        do {
+            let session = try KVSession(configuration: old, directory: dir.path)
+            try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) } }
+            session.close()
+        }
+        let now = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 2, headDimension: 32, method: .quantized)
+        #expect(now.codes?.order == .blocks)
+        let reopened = try KVSession(configuration: now, directory: dir.path)
+        reopened.close()
+        var other = now
+        other.headDimension = 64  // a real difference is still refused
+        #expect(throws: (any Error).self) { try KVSession(configuration: other, directory: dir.path) }
+    }
+
     /// The value pass's kernel (u8 weights x 4-bit codes, int16 weights x 8-bit ones) against the
     /// weighted sum of the decoded values, for 1, 4 and 5 heads (one all zero, skipped) and a
     /// dimension with padding channels: within its weights' rounding (a channel or position out of

@@ -990,7 +990,9 @@ func makeFaultStore(_ path: String) throws -> (keys: [Float], ids: [HeadID]) {
         _ = try makeFaultStore(future)
         do {
             let store = try KVStore(path: future)
-            try store.environment.write { txn in try txn.put(store.metaDB, Array("version".utf8), [0, 0, 0, 2]) }
+            try store.environment.write { txn in
+                try txn.put(store.metaDB, Array("version".utf8), [0, 0, 0, UInt8(KVStore.formatVersion + 1)])
+            }
             store.close()
         }
         let plainFile = dir.path + "/plain"
