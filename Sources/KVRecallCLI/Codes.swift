@@ -28,6 +28,10 @@ struct Codes: ParsableCommand {
         beside the vectors; later ingests keep them current.
         A store written before the tier gets its codes here (a session keeps
         them from its first token). Recoding with another format replaces them.
+        Heads coded before 4-bit codes were laid out in blocks keep their older
+        order, which still works but scans slower (`kvrecall info` names it):
+        recoding them lays them out in blocks (and marks the store format 2,
+        which builds before blocks refuse to open).
 
         Example:
           kvrecall codes --store s --layer 5
