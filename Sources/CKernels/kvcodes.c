@@ -44,10 +44,11 @@ static inline unsigned key_code(const kvr_code_layout *L, const uint8_t *codes, 
     return (c % 32) < 16 ? (b & 0x0F) : (b >> 4);
 }
 
-/* Four int8 query channels as one word (the broadcast operand of the channel-block bodies). */
-static inline int32_t query_word(const int8_t *q) {
+/* Four bytes as one word: four int8 query channels or four u8 weights, the broadcast operand of the
+ * block bodies. */
+static inline int32_t word_at(const void *p) {
     int32_t w;
-    memcpy(&w, q, 4);
+    memcpy(&w, p, 4);
     return w;
 }
 
@@ -330,8 +331,8 @@ FAST static void key_dots_u4_blocks(const int8_t *q8, size_t g, const kvr_code_l
                     const __m256i x = _mm256_loadu_si256((const __m256i *)(codes + b * stride + 4 * i));
                     const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
 #define KVR_HEAD_BLOCK(a, q) a = _mm256_add_epi16(a, _mm256_add_epi16(                                        \
-        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(query_word(q + 8 * b))),                                   \
-        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(query_word(q + 8 * b + 4)))))
+        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(word_at(q + 8 * b))),                                   \
+        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(word_at(q + 8 * b + 4)))))
                     KVR_HEAD_BLOCK(a0, q0); KVR_HEAD_BLOCK(a1, q1); KVR_HEAD_BLOCK(a2, q2); KVR_HEAD_BLOCK(a3, q3);
 #undef KVR_HEAD_BLOCK
                 }
@@ -364,7 +365,7 @@ VNNI static void key_dots_u4_blocks_vnni(const int8_t *q8, size_t g, const kvr_c
                 const __m512i l0 = _mm512_and_si512(x0, low), h0v = _mm512_and_si512(x0, high);
                 const __m512i l1 = _mm512_and_si512(x1, low), h1v = _mm512_and_si512(x1, high);
                 for (size_t t = 0; t < 4; t++) {
-                    const __m512i wl = _mm512_set1_epi32(query_word(q[t] + 8 * b)), wh = _mm512_set1_epi32(query_word(q[t] + 8 * b + 4));
+                    const __m512i wl = _mm512_set1_epi32(word_at(q[t] + 8 * b)), wh = _mm512_set1_epi32(word_at(q[t] + 8 * b + 4));
                     a[2 * t] = _mm512_dpbusd_epi32(a[2 * t], l0, wl);
                     a[2 * t + 1] = _mm512_dpbusd_epi32(a[2 * t + 1], h0v, wh);
                     a[8 + 2 * t] = _mm512_dpbusd_epi32(a[8 + 2 * t], l1, wl);
@@ -622,13 +623,6 @@ VNNI static void group_values_u4_vnni(const float *w, size_t g, size_t stride, c
     }
 }
 
-/* Four u8 weights as one word (positions 8b..8b+3 or 8b+4..8b+7 of a head's quantized weights). */
-static inline int32_t weight_word(const __m256i *wq, size_t at) {
-    int32_t w;
-    memcpy(&w, (const uint8_t *)wq + at, 4);
-    return w;
-}
-
 /* The 4-bit value pass with codes in position blocks (value_blocks, group of 64): one load holds a block
  * of 8 positions for 8 (AVX2) or 16 (VNNI) channels, a channel per 32-bit lane, so the codes meet a
  * head's broadcast u8 weight words with no transpose: AVX2 vpmaddubsw (int16 for two blocks at most:
@@ -655,8 +649,8 @@ FAST static void group_values_u4_blocks(const float *w, size_t g, size_t stride,
                     for (size_t u = 0; u < jn; u++) {
                         const __m256i *wq = st.wq[j0 + u];
                         s16[u] = _mm256_add_epi16(s16[u], _mm256_add_epi16(
-                            _mm256_maddubs_epi16(_mm256_set1_epi32(weight_word(wq, 8 * b)), lo),
-                            _mm256_maddubs_epi16(_mm256_set1_epi32(weight_word(wq, 8 * b + 4)), hi)));
+                            _mm256_maddubs_epi16(_mm256_set1_epi32(word_at((const uint8_t *)wq + 8 * b)), lo),
+                            _mm256_maddubs_epi16(_mm256_set1_epi32(word_at((const uint8_t *)wq + 8 * b + 4)), hi)));
                     }
                 }
                 for (size_t u = 0; u < jn; u++) acc[u] = _mm256_add_epi32(acc[u], _mm256_madd_epi16(s16[u], ones));
@@ -683,8 +677,8 @@ VNNI static void group_values_u4_blocks_vnni(const float *w, size_t g, size_t st
                 const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
                 for (size_t u = 0; u < jn; u++) {
                     const __m256i *wq = st.wq[j0 + u];
-                    lo_acc[u] = _mm512_dpbusd_epi32(lo_acc[u], _mm512_set1_epi32(weight_word(wq, 8 * b)), lo);
-                    hi_acc[u] = _mm512_dpbusd_epi32(hi_acc[u], _mm512_set1_epi32(weight_word(wq, 8 * b + 4)), hi);
+                    lo_acc[u] = _mm512_dpbusd_epi32(lo_acc[u], _mm512_set1_epi32(word_at((const uint8_t *)wq + 8 * b)), lo);
+                    hi_acc[u] = _mm512_dpbusd_epi32(hi_acc[u], _mm512_set1_epi32(word_at((const uint8_t *)wq + 8 * b + 4)), hi);
                 }
             }
             for (size_t u = 0; u < jn; u++) {

@@ -150,14 +150,12 @@ extension CodeFormat {
         writeSteps(columns.mins, count: d, at: out + l.keyMin)
         writeSteps(columns.steps, count: d, at: out + l.keyStep)
         let keyCodes = (out + l.keyCodes).assumingMemoryBound(to: UInt8.self)
-        for i in 0..<group where keyBlocks {
-            // Block c / 8, position i's word, byte c % 4: channel 8b + k (low nibble) and 8b + 4 + k (high).
-            let row = codes + i * d
-            for c in 0..<d { keyCodes[(c / 8) * group * 4 + i * 4 + c % 4] |= c % 8 < 4 ? row[c] : row[c] << 4 }
-        }
-        for i in 0..<group where !keyBlocks {
+        for i in 0..<group {
             let row = codes + i * d, position = keyCodes + i * l.keyCodeBytes
-            if keyBits == 8 {
+            if keyBlocks {
+                // Block c / 8, position i's word, byte c % 4: channel 8b + k (low nibble) and 8b + 4 + k (high).
+                for c in 0..<d { keyCodes[(c / 8) * group * 4 + i * 4 + c % 4] |= c % 8 < 4 ? row[c] : row[c] << 4 }
+            } else if keyBits == 8 {
                 position.update(from: row, count: d)
             } else {
                 // Byte j of a 32-channel run holds channel j (low nibble) and j + 16 (high).
@@ -169,18 +167,21 @@ extension CodeFormat {
         writeSteps(columns.mins, count: d, at: out + l.valueMin)
         writeSteps(columns.steps, count: d, at: out + l.valueStep)
         let half = group / 2, valueCodes = (out + l.valueCodes).assumingMemoryBound(to: UInt8.self)
-        for i in 0..<group where valueBlocks {
-            // Block i / 8, channel c's word, byte i % 4: position 8b + k (low nibble) and 8b + 4 + k (high).
-            let row = codes + i * d
-            for c in 0..<d { valueCodes[(i / 8) * l.padded * 4 + c * 4 + i % 4] |= i % 8 < 4 ? row[c] : row[c] << 4 }
-        }
-        for c in 0..<d where !valueBlocks {
-            let channel = valueCodes + c * l.valueCodeBytes
-            if valueBits == 8 {
-                for i in 0..<group { channel[i] = codes[i * d + c] }
-            } else {
-                // Byte j of a channel holds position j (low nibble) and j + group / 2 (high).
-                for j in 0..<half { channel[j] = codes[j * d + c] | codes[(j + half) * d + c] << 4 }
+        if valueBlocks {
+            for i in 0..<group {
+                // Block i / 8, channel c's word, byte i % 4: position 8b + k (low nibble) and 8b + 4 + k (high).
+                let row = codes + i * d
+                for c in 0..<d { valueCodes[(i / 8) * l.padded * 4 + c * 4 + i % 4] |= i % 8 < 4 ? row[c] : row[c] << 4 }
+            }
+        } else {
+            for c in 0..<d {
+                let channel = valueCodes + c * l.valueCodeBytes
+                if valueBits == 8 {
+                    for i in 0..<group { channel[i] = codes[i * d + c] }
+                } else {
+                    // Byte j of a channel holds position j (low nibble) and j + group / 2 (high).
+                    for j in 0..<half { channel[j] = codes[j * d + c] | codes[(j + half) * d + c] << 4 }
+                }
             }
         }
         let mean = columns.sums, scale = 1 / Float(group)

@@ -125,10 +125,7 @@ public final class KVStore: @unchecked Sendable {
         guard let magic = try txn.get(meta, Array("magic".utf8)), Array(magic) == Array(KVStore.magic.utf8) else {
             throw StoreError(.notAStore, "an LMDB environment that is not a KVRecall store (no magic record)", path: path)
         }
-        guard let raw = try txn.get(meta, Array("version".utf8)), raw.count == 4 else {
-            throw StoreError(.corrupt, "the format version record is missing or malformed", path: path)
-        }
-        let version = raw.reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        let version = try recordedVersion(txn, meta: meta, path: path)
         guard version <= KVStore.formatVersion, version >= 1 else {
             throw StoreError(.unsupportedVersion,
                              "store format version \(version) is not supported by this build (it reads version \(KVStore.formatVersion)); upgrade kvrecall",
@@ -136,13 +133,16 @@ public final class KVStore: @unchecked Sendable {
         }
     }
 
-    /// The store's format version as recorded.
-    func storedVersion(_ reader: ReadTransaction) throws -> UInt32 {
-        guard let raw = try reader.get(metaDB, Array("version".utf8)), raw.count == 4 else {
+    /// The format version record of `meta` (a big-endian u32).
+    private static func recordedVersion(_ reader: ReadTransaction, meta: MDB_dbi, path: String) throws -> UInt32 {
+        guard let raw = try reader.get(meta, Array("version".utf8)), raw.count == 4 else {
             throw StoreError(.corrupt, "the format version record is missing or malformed", path: path)
         }
         return raw.reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
     }
+
+    /// The store's format version as recorded.
+    func storedVersion(_ reader: ReadTransaction) throws -> UInt32 { try Self.recordedVersion(reader, meta: metaDB, path: path) }
 
     /// The store's format version as recorded (1, or 2 once it holds codes in blocks).
     public func recordedVersion() throws -> UInt32 { try environment.read { try storedVersion($0) } }

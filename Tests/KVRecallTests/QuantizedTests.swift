@@ -265,7 +265,6 @@ import KVRecallTestSupport
         let shapes = [(64, 64), (80, 64), (128, 64), (256, 64), (128, 32), (96, 16), (64, 8), (320, 64), (512, 64)]
         for (d, group) in shapes where order == .blocks || d <= 256 {
             let format = CodeFormat(keyBits: 4, valueBits: 4, group: group, order: order)
-            let l = format.layout(dimension: d)
             let heads = (0..<3).map { Self.head(n: group, d: d, seed: 40 + UInt64($0)) }
             // The same codes in the other order, where that order has bodies for this shape.
             var other = format
