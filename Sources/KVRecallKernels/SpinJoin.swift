@@ -18,6 +18,14 @@ import Synchronization
 /// started while the pool serves another one, from a background thread or one of its tasks, or in a
 /// forked child takes GCD helpers.
 public enum SpinJoin {
+    /// Tells the helpers a join is coming: a sleeping helper takes tens of microseconds to wake
+    /// (a futex wake-up), which a caller about to join after other work (a decode step's store
+    /// commit, its setup) overlaps with that work by calling this first. A decoder's global layer
+    /// found the helpers asleep at nearly every attend: between its last projection and the
+    /// attend, the append's commit outlasts their spin (docs/BENCHMARKS.md, "Helpers woken before
+    /// the step").
+    public static func wakeHelpers() { HelperPool.shared.wake() }
+
     /// Runs `body(i)` for every `i` in `0..<tasks` on the calling thread and up to `threads - 1`
     /// helpers; returns when every call returned. A wait longer than 2 ms (a build's long chunk,
     /// not a decode step) sleeps 50 us between checks instead of holding the core.
@@ -99,6 +107,8 @@ final class HelperPool: @unchecked Sendable {
     /// Bumped when a join starts; helpers wait for it to change.
     private let generation = Atomic<Int>(0)
     private let sleepers = Atomic<Int>(0)
+    /// Bumped by `wake()` (under `condition`): sleeping helpers spin again.
+    private let alarms = Atomic<Int>(0)
     private let condition = NSCondition()
     // Guarded by `condition`.
     private var job: SpinJoin.State?
@@ -130,6 +140,19 @@ final class HelperPool: @unchecked Sendable {
         return wanted
     }
 
+    /// Sets sleeping helpers spinning for another `spinNanoseconds`, so a join that follows soon
+    /// finds them running; costs an atomic load when none sleeps.
+    func wake() {
+        guard size > 0, sleepers.load(ordering: .relaxed) > 0, getpid() == owner else { return }
+        condition.lock()
+        alarms.wrappingAdd(1, ordering: .relaxed)
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Helpers asleep now (tests).
+    var sleeping: Int { sleepers.load(ordering: .relaxed) }
+
     /// Releases the pool after the join's tasks are done (helpers may still be leaving `work`).
     func finish() {
         condition.lock()
@@ -144,15 +167,18 @@ final class HelperPool: @unchecked Sendable {
         while true {
             let start = DispatchTime.now().uptimeNanoseconds
             var spins = 0
+            var spinningSince = start
             while generation.load(ordering: .acquiring) == seen {
                 kvr_cpu_relax()
                 spins += 1
-                guard spins & 255 == 0, DispatchTime.now().uptimeNanoseconds - start > Self.spinNanoseconds else { continue }
+                guard spins & 255 == 0, DispatchTime.now().uptimeNanoseconds - spinningSince > Self.spinNanoseconds else { continue }
                 condition.lock()
+                let alarm = alarms.load(ordering: .relaxed)
                 sleepers.wrappingAdd(1, ordering: .relaxed)
-                while generation.load(ordering: .acquiring) == seen { condition.wait() }
+                while generation.load(ordering: .acquiring) == seen, alarms.load(ordering: .relaxed) == alarm { condition.wait() }
                 sleepers.wrappingSubtract(1, ordering: .relaxed)
                 condition.unlock()
+                spinningSince = DispatchTime.now().uptimeNanoseconds  // woken by a join or by `wake()`
             }
             condition.lock()
             seen = generation.load(ordering: .acquiring)

@@ -378,6 +378,7 @@ public final class KVSession {
     /// they leave it (in batches of `upkeepBatch`).
     public func append(layer: Int, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>) throws {
         try checkLayer(layer)
+        SpinJoin.wakeHelpers()  // an attend usually follows the commit
         let d = configuration.headDimension, h = configuration.kvHeads
         guard keys.count == values.count, keys.count > 0, keys.count % (h * d) == 0 else {
             throw SessionError.invalidArgument("keys and values must both hold [\(h) heads, tokens, \(d)] floats (got \(keys.count) and \(values.count))")
@@ -594,6 +595,7 @@ public final class KVSession {
     public func attend(layer: Int, queries: UnsafeBufferPointer<Float>, into outputs: UnsafeMutableBufferPointer<Float>,
                        lse: UnsafeMutableBufferPointer<Float>?) throws {
         try checkLayer(layer)
+        SpinJoin.wakeHelpers()
         let d = configuration.headDimension, h = configuration.kvHeads, g = configuration.queryHeadsPerKV
         guard queries.count == h * g * d else {
             throw SessionError.invalidArgument("queries must hold [\(h) KV heads, \(g) query heads, \(d)] = \(h * g * d) floats (got \(queries.count))")
