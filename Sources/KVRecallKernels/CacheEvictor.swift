@@ -31,4 +31,16 @@ public final class CacheEvictor: @unchecked Sendable {
             _ = kvr_read_bytes(buffer + i * chunk, i == parts - 1 ? bytes - i * chunk : chunk)
         }
     }
+
+    /// Reads the buffer round and round, 256 KB at a time starting at chunk `lane`, until `done()`:
+    /// the memory traffic of a KV head attended on another core at the same time.
+    public func stream(lane: Int, until done: () -> Bool) {
+        let chunk = 256 << 10, chunks = bytes / chunk
+        guard chunks > 0 else { return }
+        var c = lane % chunks
+        while !done() {
+            _ = kvr_read_bytes(buffer + c * chunk, chunk)
+            c = (c + 1) % chunks
+        }
+    }
 }

@@ -265,6 +265,7 @@ public final class KVSession {
     private var planning: HeadPlanner.Setup {
         var setup = HeadPlanner.Setup(attention: parameters)
         setup.attention.threads = max(1, threads / configuration.kvHeads)  // as a decode step runs each head
+        setup.concurrentHeads = max(1, min(threads, configuration.kvHeads))  // and as many at once
         setup.calibration.targetRecall = configuration.targetRecall
         setup.calibration.k = configuration.k
         setup.policy.budgetMass = configuration.budgetMass ?? 0  // 0: no budget ever raises k
@@ -495,6 +496,7 @@ public final class KVSession {
         // One thread everywhere: the builder must not take the cores decode steps run on.
         var setup = planning
         setup.attention.threads = 1
+        setup.concurrentHeads = 1
         setup.calibration.threads = 1
         var build = buildParameters
         build.threads = 1

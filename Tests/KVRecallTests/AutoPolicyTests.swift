@@ -8,6 +8,7 @@ import Testing
 @testable import KVRecallIndexes
 @testable import KVRecallAttention
 @testable import KVRecallSession
+@testable import KVRecallPlanning
 import KVRecallTestSupport
 @testable import KVRecallInterface
 
@@ -220,6 +221,21 @@ import KVRecallTestSupport
         let groups = try runCLI(["build", "--store", store, "--index", "auto", "--group", "3", "--quiet"])
         #expect(groups.status != 0 && groups.stderr.contains("not whole groups of 3 query heads"), "\(groups.stderr)")
         #expect(try runCLI(["build", "--store", store, "--index", "hnsw", "--target-recall", "1.5"]).stderr.contains("target recall must be in (0, 1]"))
+    }
+
+    /// A candidate timed beside a memory load (as beside a session's other KV heads): the load
+    /// stops when the timed call returns, the call's error comes back, and the time is the call's.
+    @Test func aCandidateIsTimedBesideALoad() throws {
+        struct Refused: Error {}
+        let load = CacheEvictor(bytes: 4 << 20)
+        let nothing = AttentionResult(heads: [], retrieved: [], attended: [], stats: SearchStats())
+        let micros = try HeadPlanner.microseconds({ usleep(20_000); return nothing }, concurrent: 2, load: load)
+        #expect(micros >= 20_000 && micros < 5_000_000)
+        #expect(throws: Refused.self) {
+            _ = try HeadPlanner.microseconds({ throw Refused() }, concurrent: 3, load: load)
+        }
+        // Without a load (a head timed warm) it is the call alone.
+        #expect(try HeadPlanner.microseconds({ usleep(5_000); return nothing }, concurrent: 2, load: nil) >= 5_000)
     }
 }
 
