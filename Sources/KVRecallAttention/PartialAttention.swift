@@ -32,15 +32,24 @@ public struct PartialAttention: Equatable, Sendable {
     /// The partial over the union of many disjoint sets, in one pass (one output written, where
     /// merging them pairwise writes one per pair).
     public static func merged(_ parts: [PartialAttention]) -> PartialAttention {
-        let live = parts.filter { $0.lse > -.infinity }
-        guard live.count > 1 else { return live.first ?? parts.first ?? .empty(dimension: 0) }
-        let m = live.map(\.lse).max()!
-        let weights = live.map { exp(Double($0.lse - m)) }
-        let total = weights.reduce(0, +)
-        var out = [Float](repeating: 0, count: live[0].output.count)
-        for (part, w) in zip(live, weights) {
-            let f = Float(w / total)
-            for j in out.indices { out[j] += f * part.output[j] }
+        var m = -Float.infinity, live = 0, last = -1
+        for (i, part) in parts.enumerated() where part.lse > -.infinity {
+            m = max(m, part.lse)
+            live += 1
+            last = i
+        }
+        guard live > 1 else { return last >= 0 ? parts[last] : parts.first ?? .empty(dimension: 0) }
+        var total = 0.0
+        for part in parts where part.lse > -.infinity { total += exp(Double(part.lse - m)) }
+        // Without intermediate arrays: a quantized step merges a dozen partials per query head.
+        var out = [Float](repeating: 0, count: parts[last].output.count)
+        out.withUnsafeMutableBufferPointer { o in
+            for part in parts where part.lse > -.infinity {
+                let f = Float(exp(Double(part.lse - m)) / total)
+                part.output.withUnsafeBufferPointer { x in
+                    for j in 0..<o.count { o[j] += f * x[j] }
+                }
+            }
         }
         return PartialAttention(output: out, lse: m + Float(log(total)))
     }

@@ -108,27 +108,47 @@ extension Attention {
         // Each head's best candidates over all parts, their union attended exactly with the static part.
         let retrieved = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: coded) : []
         let attended = sortedPositions(fixed, retrieved, below: n)
-        var heads = attended.withUnsafeBufferPointer {
-            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
-                                        score: score, parts: parameters.threads)
-        }
+        var heads: [PartialAttention]
         if q.tail {
-            removeFromTail(retrieved, scores: scores, g: g, coded: coded, group: group, parts: groupsOf, masses: &masses)
+            // The retrieved positions are attended beside the tail's value pass, in one join: the
+            // first latency-bound (rows at random), the second streaming. Whether a head is sharp
+            // is decided before, from the static part attended exactly and the retrieved
+            // positions' code scores (the weights they leave the tail with).
+            let fixedPart = fixed.withUnsafeBufferPointer {
+                AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values, score: score)
+            }
+            let removed = removeFromTail(retrieved, scores: scores, g: g, coded: coded, group: group, parts: groupsOf, masses: &masses)
+            let exactLSE = (0..<g).map { h in
+                logSumExp([fixedPart[h].lse] + removed.indices.map { p in masses[p].maxima[h] + log(removed[p][h]) })
+            }
             // One decision over the whole head (sharp or not, which groups weigh), then each
             // part's values: the same result whatever the number of parts.
-            let plan = TailPlan(masses, exact: heads, groups: codes.count, parameters: q)
+            let plan = TailPlan(masses, exactLSE: exactLSE, groups: codes.count, parameters: q)
             // The value pass's work is uneven (the groups that weigh cluster), so each part's
             // groups split in slices that both cores claim as they finish.
             let slices = tailSlices(groupsOf)
-            var tails = [[PartialAttention]](repeating: [], count: slices.count)
+            let chosen = retrieved.sorted()
+            let first = chosen.isEmpty ? 0 : 1
+            var tails = [[PartialAttention]](repeating: [], count: first + slices.count)
             tails.withUnsafeMutableBufferPointer { out in
-                SpinJoin.run(tasks: slices.count, threads: parts) { t in
-                    let slice = slices[t]
+                SpinJoin.run(tasks: out.count, threads: parts) { t in
+                    guard t >= first else {
+                        out[t] = chosen.withUnsafeBufferPointer {
+                            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values, score: score)
+                        }
+                        return
+                    }
+                    let slice = slices[t - first]
                     out[t] = tailPartials(scores: scores, g: g, codes: codes, part: groupsOf[slice.part], groups: slice.groups,
                                           dimension: values.dimension, masses: masses[slice.part], plan: plan)
                 }
             }
-            for h in 0..<g { heads[h] = PartialAttention.merged([heads[h]] + tails.map { $0[h] }) }
+            heads = (0..<g).map { h in PartialAttention.merged([fixedPart[h]] + tails.map { $0[h] }) }
+        } else {
+            heads = attended.withUnsafeBufferPointer {
+                AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                            score: score, parts: parameters.threads)
+            }
         }
         let stats = SearchStats(distanceComputations: attended.count * g, auxiliaryComputations: coded * g, queries: g, keyCount: n)
         return AttentionResult(heads: heads, retrieved: retrieved, attended: attended, stats: stats)
@@ -175,9 +195,12 @@ extension Attention {
     /// groups' and parts' masses (the parts' maxima stay as reference points: the weights are
     /// relative to them, whatever they include). A subtraction that cancels leaves at most a
     /// float's rounding of the removed weight, far below what decides or shifts anything.
+    /// Returns, per part and head, the weight taken out (relative to the part's maximum).
+    @discardableResult
     static func removeFromTail(_ positions: [Int], scores: UnsafeMutablePointer<Float>, g: Int, coded: Int, group: Int,
-                               parts: [Range<Int>], masses: inout [TailMasses]) {
-        guard !positions.isEmpty else { return }
+                               parts: [Range<Int>], masses: inout [TailMasses]) -> [[Float]] {
+        var removed = [[Float]](repeating: Array(repeating: 0, count: g), count: parts.count)
+        guard !positions.isEmpty else { return removed }
         for p in parts.indices {
             let range = parts[p], count = range.count
             var m = masses[p]
@@ -190,6 +213,7 @@ extension Attention {
                             let w = scores[h * coded + i]
                             scores[h * coded + i] = 0
                             guard w > 0 else { continue }
+                            removed[p][h] += w
                             mass[h * count + j] = max(0, mass[h * count + j] - w)
                             totals[h] = max(0, totals[h] - w)
                         }
@@ -198,6 +222,7 @@ extension Attention {
             }
             masses[p] = m
         }
+        return removed
     }
 
     /// The decisions over a head's whole tail: which heads keep it (not sharp) and, per head, the
@@ -206,14 +231,19 @@ extension Attention {
         var maximum: [Float], keeps: [Bool], detailFloor: [Float]
 
         init(_ parts: [TailMasses], exact: [PartialAttention], groups: Int, parameters q: QuantizedParameters) {
-            let g = exact.count
+            self.init(parts, exactLSE: exact.map(\.lse), groups: groups, parameters: q)
+        }
+
+        /// `exactLSE`: per head, the log-sum-exp of the scores the exact part holds (or an estimate).
+        init(_ parts: [TailMasses], exactLSE: [Float], groups: Int, parameters q: QuantizedParameters) {
+            let g = exactLSE.count
             maximum = (0..<g).map { h in parts.map { $0.maxima[h] }.max() ?? -.infinity }
             keeps = Array(repeating: false, count: g)
             detailFloor = Array(repeating: .infinity, count: g)
             for h in 0..<g where maximum[h] > -.infinity {
                 let total = parts.reduce(Float(0)) { $0 + ($1.totals[h] > 0 ? $1.totals[h] * exp($1.maxima[h] - maximum[h]) : 0) }
                 // A head whose tail holds less than `tailFloor` of its exact part's mass is sharp.
-                keeps[h] = total > 0 && maximum[h] + log(total) - exact[h].lse >= log(q.tailFloor)
+                keeps[h] = total > 0 && maximum[h] + log(total) - exactLSE[h] >= log(q.tailFloor)
                 detailFloor[h] = q.tailDetail * total / Float(groups)
             }
         }
@@ -267,6 +297,10 @@ extension Attention {
                      groups: groups, dimension: dv, masses: m, plan: plan)
     }
 
+    /// How many groups ahead the value pass fetches a light group's mean value: cold, a tail read
+    /// mostly through means (tail detail 8) took 100-110 us unfetched, 72-80 us fetched 4 ahead.
+    static let meansAhead = 4
+
     /// `tailPartials` over any code rows: group `j`'s row is `row(j)`, its scores at `j * group` of
     /// each head's `stride`.
     static func tailPartials(scores: UnsafeMutablePointer<Float>, g: Int, stride coded: Int, layout: kvr_code_layout,
@@ -293,12 +327,21 @@ extension Attention {
                 let detailed = (0..<groups.count).map { j in
                     (0..<g).contains { h in keeps[h] && m.groupMass[h * count + offset + j] * rescale[h] >= plan.detailFloor[h] }
                 }
-                // The next detailed group's codes are fetched while this one is read (the first one's before).
+                // The next detailed group's codes are fetched while this one is read (the first one's before),
+                // and the mean value of the light group `meansAhead` further on: each sits in its own row,
+                // a page or more from the last, and waited out a page walk and a miss when read unfetched.
                 var ahead = detailed.firstIndex(of: true) ?? groups.count
                 if ahead < groups.count { kvr_prefetch_values(codeRow(groups.lowerBound + ahead), &layout) }
+                let meanBytes = layout.value_codes - layout.value_mean
+                for j in 0..<min(Self.meansAhead, groups.count) where !detailed[j] {
+                    kvr_prefetch(codeRow(groups.lowerBound + j) + layout.value_mean, meanBytes)
+                }
                 for j in 0..<groups.count {
                     row = codeRow(groups.lowerBound + j)
                     let mass = offset + j
+                    if j + Self.meansAhead < groups.count, !detailed[j + Self.meansAhead] {
+                        kvr_prefetch(codeRow(groups.lowerBound + j + Self.meansAhead) + layout.value_mean, meanBytes)
+                    }
                     if detailed[j] {
                         ahead = j + 1
                         while ahead < groups.count && !detailed[ahead] { ahead += 1 }

@@ -411,6 +411,42 @@ import KVRecallTestSupport
         #expect(abs(threads - full) < 1e-4)
     }
 
+    /// A sharp head (its tail holds less than `tailFloor` of its exact part's mass, decided before
+    /// the candidates are attended, from their code scores) drops its tail: the output is exact
+    /// attention over the attended positions alone. With no floor the tail is kept and moves it.
+    @Test func aSharpHeadDropsItsTail() throws {
+        let d = 64, n = 6000, g = 4
+        let h = Self.head(n: n, d: d, seed: 5)
+        let dir = TemporaryDirectory()
+        let store = try KVStore(path: dir.path, create: true)
+        defer { store.close() }
+        try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
+        try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        var rng = SeededRandom(seed: 11)
+        // Aimed at one key: the tail holds about 0.1% of the mass (it moves the output by ~1e-3).
+        let target = 2500
+        let queries = (0..<g).flatMap { _ in (0..<d).map { c in 1.4 * h.keys[target * d + c] + 0.1 * rng.gaussian() } }
+        try store.read { snapshot in
+            let keys = try snapshot.vectors(HeadID(), .keys), values = try snapshot.vectors(HeadID(), .values)
+            let codes = try #require(try snapshot.codes(HeadID()))
+            try queries.withUnsafeBufferPointer { q in
+                func gap(floor: Float) throws -> Float {
+                    var p = AttentionParameters()
+                    p.quantized.tailFloor = floor
+                    let result = try Attention.attendQuantized(queries: q, codes: codes, keys: keys, values: values, parameters: p)
+                    let alone = result.attended.withUnsafeBufferPointer {
+                        AttentionKernel.attendGroup(queries: q.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                                    score: ScoreTransform(p, dimension: d))
+                    }
+                    return zip(result.heads, alone).map { a, b in zip(a.output, b.output).map { abs($0 - $1) }.max() ?? 0 }.max() ?? 0
+                }
+                let dropped = try gap(floor: 0.002), kept = try gap(floor: 0)
+                #expect(dropped < 1e-5, "the default floor drops a sharp head's tail (gap \(dropped))")
+                #expect(kept > 1e-4, "no floor: the tail is attended (gap \(kept))")
+            }
+        }
+    }
+
     /// Real Gemma 3 global-layer heads (Data/gemma3, 1024 tokens, whole groups of 4, Gemma's scale):
     /// the method is within 0.01 of exact attention (0.002 measured), and dropping the coded tail or
     /// the exact candidates costs over five times that (0.04-0.065 and 0.026-0.030 measured).
