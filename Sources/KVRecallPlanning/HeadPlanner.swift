@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 import Synchronization
 import KVRecallSupport
@@ -211,14 +212,19 @@ public enum HeadPlanner {
             _ = try run()
             return Double(monotonicNanos() - t0) / 1e3
         }
-        let finished = Atomic<Bool>(false)
+        let streaming = Atomic<Int>(0), finished = Atomic<Bool>(false)
         var micros = 0.0
         var failure: Error?
         SpinJoin.run(tasks: concurrent, threads: concurrent) { i in
             guard i == 0 else {
+                streaming.wrappingAdd(1, ordering: .releasing)
                 load.stream(lane: i * 64) { finished.load(ordering: .acquiring) }
                 return
             }
+            // The call starts once the load runs on every other core: a helper that started late
+            // (or never: the call then runs alone after 10 ms) would leave it timed alone.
+            let deadline = monotonicNanos() + 10_000_000
+            while streaming.load(ordering: .acquiring) < concurrent - 1, monotonicNanos() < deadline { kvr_cpu_relax() }
             let t0 = monotonicNanos()
             do { _ = try run() } catch { failure = error }
             micros = Double(monotonicNanos() - t0) / 1e3
