@@ -27,6 +27,15 @@ import KVRecallTestSupport
         return (keys, rng.gaussianMatrix(rows: n, dim: d))
     }
 
+    /// A store holding `h` as its only head (f16, coded in the default format).
+    static func store(holding h: (keys: [Float], values: [Float]), dimension d: Int) throws -> (TemporaryDirectory, KVStore) {
+        let dir = TemporaryDirectory()
+        let store = try KVStore(path: dir.path, create: true)
+        try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
+        try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        return (dir, store)
+    }
+
     /// The quantized method's median output error against exact attention over the first `groups`
     /// query groups (`group` rows each) of the store's only head, with `configure`'s parameters.
     static func medianError(_ store: KVStore, queries: [Float], group g: Int, groups: Int,
@@ -383,11 +392,8 @@ import KVRecallTestSupport
     @Test func quantizedAttentionIsCloseToExactBecauseOfCandidatesAndTail() throws {
         let d = 64, n = 6000, g = 4
         let h = Self.head(n: n, d: d, seed: 3)
-        let dir = TemporaryDirectory()
-        let store = try KVStore(path: dir.path, create: true)
-        defer { store.close() }
-        try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
-        try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        let (dir, store) = try Self.store(holding: h, dimension: d)
+        defer { store.close(); _ = dir }
         var rng = SeededRandom(seed: 9)
         // Queries aimed at a few keys each (a sharp part) on top of a soft spread.
         var queries: [Float] = []
@@ -417,11 +423,8 @@ import KVRecallTestSupport
     @Test func aSharpHeadDropsItsTail() throws {
         let d = 64, n = 6000, g = 4
         let h = Self.head(n: n, d: d, seed: 5)
-        let dir = TemporaryDirectory()
-        let store = try KVStore(path: dir.path, create: true)
-        defer { store.close() }
-        try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
-        try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
+        let (dir, store) = try Self.store(holding: h, dimension: d)
+        defer { store.close(); _ = dir }
         var rng = SeededRandom(seed: 11)
         // Aimed at one key: the tail holds about 0.1% of the mass (it moves the output by ~1e-3).
         let target = 2500
