@@ -27,13 +27,14 @@ import KVRecallTestSupport
         return (keys, rng.gaussianMatrix(rows: n, dim: d))
     }
 
-    /// A store holding `h` as its only head (f16, coded in the default format).
-    static func store(holding h: (keys: [Float], values: [Float]), dimension d: Int) throws -> (TemporaryDirectory, KVStore) {
+    /// `head(n:d:seed:)` as the only head of a new store (f16, coded in the default format).
+    static func codedHead(n: Int, d: Int, seed: UInt64) throws -> (head: (keys: [Float], values: [Float]), TemporaryDirectory, KVStore) {
+        let h = head(n: n, d: d, seed: seed)
         let dir = TemporaryDirectory()
         let store = try KVStore(path: dir.path, create: true)
         try store.createHead(HeadID(), dimension: d, dtype: .f16, codes: CodeFormat())
         try h.keys.withUnsafeBufferPointer { k in try h.values.withUnsafeBufferPointer { v in try store.append(HeadID(), keys: k, values: v) } }
-        return (dir, store)
+        return (h, dir, store)
     }
 
     /// The quantized method's median output error against exact attention over the first `groups`
@@ -391,8 +392,7 @@ import KVRecallTestSupport
     /// when the coded tail is dropped or when no candidate is scored exactly.
     @Test func quantizedAttentionIsCloseToExactBecauseOfCandidatesAndTail() throws {
         let d = 64, n = 6000, g = 4
-        let h = Self.head(n: n, d: d, seed: 3)
-        let (dir, store) = try Self.store(holding: h, dimension: d)
+        let (h, dir, store) = try Self.codedHead(n: n, d: d, seed: 3)
         defer { store.close(); _ = dir }
         var rng = SeededRandom(seed: 9)
         // Queries aimed at a few keys each (a sharp part) on top of a soft spread.
@@ -422,8 +422,7 @@ import KVRecallTestSupport
     /// attention over the attended positions alone. With no floor the tail is kept and moves it.
     @Test func aSharpHeadDropsItsTail() throws {
         let d = 64, n = 6000, g = 4
-        let h = Self.head(n: n, d: d, seed: 5)
-        let (dir, store) = try Self.store(holding: h, dimension: d)
+        let (h, dir, store) = try Self.codedHead(n: n, d: d, seed: 5)
         defer { store.close(); _ = dir }
         var rng = SeededRandom(seed: 11)
         // Aimed at one key: the tail holds about 0.1% of the mass (it moves the output by ~1e-3).
