@@ -47,6 +47,7 @@ public struct PartialAttention: Equatable, Sendable {
             for part in parts where part.lse > -.infinity {
                 let f = Float(exp(Double(part.lse - m)) / total)
                 part.output.withUnsafeBufferPointer { x in
+                    precondition(x.count == o.count, "partials of different dimensions (\(x.count) and \(o.count)) cannot merge")
                     for j in 0..<o.count { o[j] += f * x[j] }
                 }
             }

@@ -115,7 +115,8 @@ extension Attention {
             // is decided before, from the static part attended exactly and the retrieved
             // positions' code scores (the weights they leave the tail with).
             let fixedPart = fixed.withUnsafeBufferPointer {
-                AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values, score: score)
+                AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                            score: score, parts: parameters.threads)
             }
             let removed = removeFromTail(retrieved, scores: scores, g: g, coded: coded, group: group, parts: groupsOf, masses: &masses)
             let exactLSE = (0..<g).map { h in

@@ -1,5 +1,6 @@
 import CKernels
 import Foundation
+import Synchronization
 
 /// Evicts the last-level cache by reading a buffer twice or more its size, touching every line:
 /// what a decoder's other layers do to a head's keys, values and codes between two of its steps.
@@ -9,6 +10,8 @@ public final class CacheEvictor: @unchecked Sendable {
     /// Bytes read per eviction (96 MB: three times this machine's 32 MB L3).
     public let bytes: Int
     private let buffer: UnsafeMutableRawPointer
+    /// Chunks `stream` has read (tests).
+    let streamed = Atomic<Int>(0)
 
     public init(bytes: Int = 96 << 20) {
         self.bytes = bytes
@@ -41,6 +44,7 @@ public final class CacheEvictor: @unchecked Sendable {
         while !done() {
             _ = kvr_read_bytes(buffer + c * chunk, chunk)
             c = (c + 1) % chunks
+            streamed.wrappingAdd(1, ordering: .relaxed)
         }
     }
 }

@@ -109,6 +109,8 @@ final class HelperPool: @unchecked Sendable {
     private let sleepers = Atomic<Int>(0)
     /// Bumped by `wake()` (under `condition`): sleeping helpers spin again.
     private let alarms = Atomic<Int>(0)
+    /// Times a helper left its sleep for an alarm (tests).
+    let alarmed = Atomic<Int>(0)
     private let condition = NSCondition()
     // Guarded by `condition`.
     private var job: SpinJoin.State?
@@ -176,6 +178,7 @@ final class HelperPool: @unchecked Sendable {
                 let alarm = alarms.load(ordering: .relaxed)
                 sleepers.wrappingAdd(1, ordering: .relaxed)
                 while generation.load(ordering: .acquiring) == seen, alarms.load(ordering: .relaxed) == alarm { condition.wait() }
+                if generation.load(ordering: .acquiring) == seen { alarmed.wrappingAdd(1, ordering: .relaxed) }
                 sleepers.wrappingSubtract(1, ordering: .relaxed)
                 condition.unlock()
                 spinningSince = DispatchTime.now().uptimeNanoseconds  // woken by a join or by `wake()`

@@ -265,7 +265,7 @@ public final class KVSession {
     private var planning: HeadPlanner.Setup {
         var setup = HeadPlanner.Setup(attention: parameters)
         setup.attention.threads = max(1, threads / configuration.kvHeads)  // as a decode step runs each head
-        setup.concurrentHeads = max(1, min(threads, configuration.kvHeads))  // and as many at once
+        setup.concurrentHeads = max(1, min(threads, configuration.kvHeads, ProcessInfo.processInfo.activeProcessorCount))  // and as many at once
         setup.calibration.targetRecall = configuration.targetRecall
         setup.calibration.k = configuration.k
         setup.policy.budgetMass = configuration.budgetMass ?? 0  // 0: no budget ever raises k
@@ -379,7 +379,7 @@ public final class KVSession {
     /// they leave it (in batches of `upkeepBatch`).
     public func append(layer: Int, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>) throws {
         try checkLayer(layer)
-        SpinJoin.wakeHelpers()  // an attend usually follows the commit
+        if threads > 1 { SpinJoin.wakeHelpers() }  // an attend usually follows the commit
         let d = configuration.headDimension, h = configuration.kvHeads
         guard keys.count == values.count, keys.count > 0, keys.count % (h * d) == 0 else {
             throw SessionError.invalidArgument("keys and values must both hold [\(h) heads, tokens, \(d)] floats (got \(keys.count) and \(values.count))")
@@ -597,7 +597,7 @@ public final class KVSession {
     public func attend(layer: Int, queries: UnsafeBufferPointer<Float>, into outputs: UnsafeMutableBufferPointer<Float>,
                        lse: UnsafeMutableBufferPointer<Float>?) throws {
         try checkLayer(layer)
-        SpinJoin.wakeHelpers()
+        if threads > 1 { SpinJoin.wakeHelpers() }
         let d = configuration.headDimension, h = configuration.kvHeads, g = configuration.queryHeadsPerKV
         guard queries.count == h * g * d else {
             throw SessionError.invalidArgument("queries must hold [\(h) KV heads, \(g) query heads, \(d)] = \(h * g * d) floats (got \(queries.count))")

@@ -229,8 +229,18 @@ import KVRecallTestSupport
         struct Refused: Error {}
         let load = CacheEvictor(bytes: 4 << 20)
         let nothing = AttentionResult(heads: [], retrieved: [], attended: [], stats: SearchStats())
-        let micros = try HeadPlanner.microseconds({ usleep(20_000); return nothing }, concurrent: 2, load: load)
-        #expect(micros >= 20_000 && micros < 5_000_000)
+        // The call runs while the load streams: it sees the load's count grow.
+        var streamedMeanwhile = 0
+        let micros = try HeadPlanner.microseconds({
+            let before = load.streamed.load(ordering: .relaxed)
+            let deadline = monotonicNanos() + 5_000_000_000
+            while load.streamed.load(ordering: .relaxed) < before + 2, monotonicNanos() < deadline { usleep(1000) }
+            streamedMeanwhile = load.streamed.load(ordering: .relaxed) - before
+            usleep(20_000)
+            return nothing
+        }, concurrent: 2, load: load)
+        #expect(streamedMeanwhile >= 2, "the load streams while the call runs")
+        #expect(micros >= 20_000 && micros < 10_000_000)
         #expect(throws: Refused.self) {
             _ = try HeadPlanner.microseconds({ throw Refused() }, concurrent: 3, load: load)
         }

@@ -78,24 +78,25 @@ import Testing
         #expect(Array(marks) == Array(repeating: 1, count: tasks))
     }
 
-    /// `wake()` sets a sleeping helper spinning again, for its spin time, after which it sleeps
-    /// again (a pool of its own: other tests' joins wake the shared one).
+    /// `wake()` sets a sleeping helper spinning again (it leaves its sleep without a join), after
+    /// which it sleeps again (a pool of its own: other tests' joins wake the shared one).
     @Test func wakeSetsASleepingHelperSpinning() {
         let pool = HelperPool(size: 1)
         let state = SpinJoin.State(tasks: 1, body: { _ in })
         #expect(pool.start(state, helpers: 1) == 1)
         state.work()
         pool.finish()
-        func eventually(_ sleeping: Int) -> Bool {
-            let deadline = DispatchTime.now().uptimeNanoseconds + 5_000_000_000
-            while DispatchTime.now().uptimeNanoseconds < deadline { if pool.sleeping == sleeping { return true } }
+        func eventually(_ condition: () -> Bool) -> Bool {
+            let deadline = DispatchTime.now().uptimeNanoseconds + 10_000_000_000
+            while DispatchTime.now().uptimeNanoseconds < deadline { if condition() { return true }; usleep(100) }
             return false
         }
-        #expect(eventually(1), "the helper sleeps after its spin")
+        #expect(eventually { pool.sleeping == 1 }, "the helper sleeps after its spin")
+        #expect(pool.alarmed.load(ordering: .relaxed) == 0)
         pool.wake()
-        #expect(eventually(0), "woken, it spins")
-        #expect(eventually(1), "and sleeps again")
+        #expect(eventually { pool.alarmed.load(ordering: .relaxed) == 1 }, "woken without a join")
+        #expect(eventually { pool.sleeping == 1 }, "and asleep again after its spin")
         pool.wake()
-        #expect(eventually(0), "a second wake-up works too")
+        #expect(eventually { pool.alarmed.load(ordering: .relaxed) == 2 }, "a second wake-up works too")
     }
 }
