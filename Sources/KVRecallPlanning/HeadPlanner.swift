@@ -204,8 +204,9 @@ public enum HeadPlanner {
     /// Microseconds one call of `run` takes, with `load` (when given) streaming memory on
     /// `concurrent - 1` other cores meanwhile: a session's KV heads attend in parallel, one per
     /// core, and contend for memory. Timed alone, a 128K head's quantized step looked 2.2x cheaper
-    /// than it ran beside the other head (docs/BENCHMARKS.md, "Planning under contention"). Copies
-    /// of the call itself would not do: they read the same bytes and share them in the cache.
+    /// than it ran beside the other head (docs/BENCHMARKS.md, "Helpers woken before the step, planning
+    /// beside a load, candidates beside the tail"). Copies of the call itself would not do: they
+    /// read the same bytes and share them in the cache.
     static func microseconds(_ run: () throws -> AttentionResult, concurrent: Int, load: CacheEvictor?) throws -> Double {
         guard concurrent > 1, let load else {
             let t0 = monotonicNanos()
@@ -272,7 +273,8 @@ public enum HeadPlanner {
         /// `budgetMass` 0: no adaptive budget (k stays fixed).
         public var policy = PolicyParameters()
         /// KV heads a decode step attends at once, one per core (a session's heads per layer, up to
-        /// its threads): `auto` times each candidate while as many copies of it run beside it.
+        /// its threads and the cores): `auto` times each candidate while the other `concurrentHeads - 1`
+        /// cores stream memory, as those heads would (with cold timing only).
         public var concurrentHeads = 1
         public init(attention: AttentionParameters) { self.attention = attention }
     }
