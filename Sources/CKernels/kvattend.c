@@ -261,6 +261,46 @@ FAST static float exp_sub_fast(float *x, size_t n, float m) {
     return s;
 }
 
+/* exp_nonpositive in 512-bit vectors: the same operations, so the same value in every lane. */
+VNNI static inline __m512 exp_nonpositive16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3365f);
+    const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    return _mm512_maskz_mov_ps((__mmask16)~below, y);
+}
+
+/* kvr_exp_sub_groups for groups of a multiple of 16 values, 16 lanes at a time and no call per group
+ * (the tail weights of a quantized step: 128K exps per 32K head of four query heads). */
+VNNI static float exp_sub_groups_vnni(float *x, size_t groups, size_t group, float m, float *sums) {
+    const __m512 mv = _mm512_set1_ps(m);
+    float total = 0;
+    for (size_t gi = 0; gi < groups; gi++) {
+        float *xg = x + gi * group;
+        __m512 acc = _mm512_setzero_ps();
+        for (size_t i = 0; i < group; i += 16) {
+            const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(xg + i), mv));
+            _mm512_storeu_ps(xg + i, e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        sums[gi] = _mm512_reduce_add_ps(acc);
+        total += sums[gi];
+    }
+    return total;
+}
+
 FAST static uint64_t read_bytes_fast(const void *p, size_t bytes) {
     const char *c = (const char *)p;
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -309,6 +349,9 @@ void kvr_group_accumulate(const float *w, size_t g, size_t stride, const void *c
 }
 
 float kvr_exp_sub_groups(float *x, size_t groups, size_t group, float m, float *sums) {
+#if KVR_X86
+    if (group % 16 == 0 && kvr_codes_path() == 2) return exp_sub_groups_vnni(x, groups, group, m, sums);
+#endif
     float total = 0;
     for (size_t gi = 0; gi < groups; gi++) {
         sums[gi] = kvr_exp_sub(x + gi * group, group, m);

@@ -615,6 +615,48 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
         }
     }
 
+    /// The quantized step's picks: the best `take` scores whatever the floor the sample gives
+    /// (ranks below 64 kept in a sorted buffer, larger ones by selection, a misjudged floor
+    /// falling back to every score), ties to the lower position, -inf never taken.
+    @Test func bestPositionsAreTheBestScores() {
+        var rng = SeededRandom(seed: 8)
+        for n in [1, 40, 2048, 16384, 40000] {
+            // Gaussian scores, a few repeated values, some -inf, and a sharp head's few large ones.
+            var scores = (0..<n).map { _ in rng.gaussian() }
+            for i in stride(from: 0, to: n, by: 7) { scores[i] = -.infinity }
+            for i in stride(from: 3, to: n, by: 11) { scores[i] = 0.5 }
+            if n > 100 { for i in 0..<5 { scores[(i * 7919 + 1) % n] = 30 + Float(i) } }
+            let finite = scores.indices.filter { scores[$0] > -.infinity }
+            let ranked = finite.sorted { scores[$0] != scores[$1] ? scores[$0] > scores[$1] : $0 < $1 }
+            for take in [1, 5, 64, 128, 700, n + 3] {
+                var out = [Int32](repeating: -1, count: take), keys = [UInt64](repeating: 0, count: n)
+                let k = kvr_best_positions(scores, n, take, &out, &keys)
+                #expect(k == min(take, finite.count), "n \(n) take \(take)")
+                #expect(Set(out.prefix(k).map(Int.init)) == Set(ranked.prefix(k)), "n \(n) take \(take)")
+            }
+        }
+    }
+
+    @Test func groupedExpIsExpAndSumsEachGroup() {
+        var rng = SeededRandom(seed: 9)
+        for group in [64, 48, 7] {
+            let groups = 37
+            var x = (0..<(groups * group)).map { _ in -abs(rng.gaussian()) * 12 }
+            x[5] = -.infinity
+            x[group + 1] = -200  // below exp's range: 0
+            let m: Float = 0.25
+            let expected = x.map { expf($0 - m) }
+            var sums = [Float](repeating: -1, count: groups)
+            let total = kvr_exp_sub_groups(&x, groups, group, m, &sums)
+            for i in x.indices { #expect(abs(x[i] - expected[i]) <= 1e-6 * expected[i] + 1e-30, "group \(group) i \(i)") }
+            for gi in 0..<groups {
+                let want = expected[(gi * group)..<((gi + 1) * group)].reduce(0, +)
+                #expect(abs(sums[gi] - want) <= 1e-5 * want, "group \(group) sum \(gi)")
+            }
+            #expect(abs(total - sums.reduce(0, +)) <= 1e-5 * total)
+        }
+    }
+
     @Test func quantizedQueryScoresStayWithinTheRoundingBound() throws {
         let f = try ClusteredFixture(n: 2048, d: 48, queryCount: 8)
         let index = try IVFIndexTests.build(f)
