@@ -200,53 +200,6 @@ FAST static void prepare_fast(const float *q, size_t g, size_t d, const kvr_code
     }
 }
 
-/* prepare_fast with AVX-512 (d a multiple of 16): the query times the steps, their maxima and the int8
- * query 16 channels at a time (saturating int32 -> int8 in one conversion, as packs twice do); the
- * bases still summed eight lanes at a time, so the scores are the same floats as prepare_fast's. */
-VNNI static void prepare_vnni(const float *q, size_t g, size_t d, const kvr_code_layout *L, const uint8_t *row,
-                              int8_t *q8, float *scales, float *bases, float *scratch) {
-    float *kmin = scratch, *kstep = scratch + L->padded;
-    read_steps(row + L->key_min, d, (int)L->wide_steps, kmin);
-    read_steps(row + L->key_step, d, (int)L->wide_steps, kstep);
-    const float limit = L->key_bits == 8 ? 63.0f : 127.0f;
-    for (size_t h0 = 0; h0 < g; h0 += 4) {
-        const size_t hn = g - h0 < 4 ? g - h0 : 4;
-        const float *qh[4];
-        for (size_t t = 0; t < 4; t++) qh[t] = q + (h0 + (t < hn ? t : 0)) * d;
-        __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-        __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
-        for (size_t j = 0; j < d; j += 16) {
-            const __m512 st = _mm512_loadu_ps(kstep + j);
-            m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_mul_ps(_mm512_loadu_ps(qh[0] + j), st)));
-            m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_mul_ps(_mm512_loadu_ps(qh[1] + j), st)));
-            m2 = _mm512_max_ps(m2, _mm512_abs_ps(_mm512_mul_ps(_mm512_loadu_ps(qh[2] + j), st)));
-            m3 = _mm512_max_ps(m3, _mm512_abs_ps(_mm512_mul_ps(_mm512_loadu_ps(qh[3] + j), st)));
-            for (size_t k = j; k < j + 16; k += 8) {
-                const __m256 lo = _mm256_loadu_ps(kmin + k);
-                b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[0] + k), lo, b0);
-                b1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[1] + k), lo, b1);
-                b2 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[2] + k), lo, b2);
-                b3 = _mm256_fmadd_ps(_mm256_loadu_ps(qh[3] + k), lo, b3);
-            }
-        }
-        const __m256 bs[4] = {b0, b1, b2, b3};
-        const __m512 ms[4] = {m0, m1, m2, m3};
-        for (size_t t = 0; t < hn; t++) {
-            const size_t h = h0 + t;
-            const float top = _mm512_reduce_max_ps(ms[t]);
-            const __m512 inv = _mm512_set1_ps(top > 0 ? limit / top : 0);
-            int8_t *out = q8 + h * L->padded;
-            for (size_t j = 0; j < d; j += 16) {
-                const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(qh[t] + j), _mm512_loadu_ps(kstep + j));
-                _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv))));
-            }
-            for (size_t j = d; j < L->padded; j++) out[j] = 0;
-            scales[h] = top > 0 ? top / limit : 0;
-            bases[h] = hsum_ps(bs[t]);
-        }
-    }
-}
-
 /* The maximum of x[0, 8 * (n / 8)) into *m; returns how many were read. */
 FAST static size_t max_fast(const float *x, size_t n, float *m) {
     __m256 a = _mm256_set1_ps(-INFINITY), b = a;
@@ -759,8 +712,7 @@ void kvr_code_scores(const float *q, size_t g, size_t d, const void *const *rows
         const uint8_t *next = gi + 1 < groups ? (const uint8_t *)rows[gi + 1] : NULL;  /* its keys are fetched during this one */
         if (!u4 && next) prefetch_bytes(next, L->value_min);
 #if KVR_X86
-        if (path == 2 && d % 16 == 0) prepare_vnni(q, g, d, L, row, q8, scales, bases, scratch);
-        else if (fast && d % 8 == 0) prepare_fast(q, g, d, L, row, q8, scales, bases, scratch);
+        if (fast && d % 8 == 0) prepare_fast(q, g, d, L, row, q8, scales, bases, scratch);
         else
 #endif
             prepare_portable(q, g, d, L, row, q8, scales, bases, scratch);
