@@ -620,12 +620,17 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
     /// falling back to every score), ties to the lower position, -inf never taken.
     @Test func bestPositionsAreTheBestScores() {
         var rng = SeededRandom(seed: 8)
-        for n in [1, 40, 2048, 16384, 40000] {
+        for n in [1, 40, 2048, 16384, 16385, 40000] {
             // Gaussian scores, a few repeated values, some -inf, and a sharp head's few large ones.
             var scores = (0..<n).map { _ in rng.gaussian() }
             for i in stride(from: 0, to: n, by: 7) { scores[i] = -.infinity }
             for i in stride(from: 3, to: n, by: 11) { scores[i] = 0.5 }
             if n > 100 { for i in 0..<5 { scores[(i * 7919 + 1) % n] = 30 + Float(i) } }
+            if n == 16384 {
+                // The sampled positions (every 16th) hold the best scores: the sample's floor leaves fewer
+                // than `take` above it, and the picks fall back to every score.
+                for i in stride(from: 0, to: n, by: 16) { scores[i] = 50 + Float(i % 997) / 100 }
+            }
             let finite = scores.indices.filter { scores[$0] > -.infinity }
             let ranked = finite.sorted { scores[$0] != scores[$1] ? scores[$0] > scores[$1] : $0 < $1 }
             for take in [1, 5, 64, 128, 700, n + 3] {
@@ -639,13 +644,14 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
 
     @Test func groupedExpIsExpAndSumsEachGroup() {
         var rng = SeededRandom(seed: 9)
-        for group in [64, 48, 7] {
+        defer { kvr_cap_codes_path(2) }
+        for group in [64, 48, 40, 7] {
             let groups = 37
             var x = (0..<(groups * group)).map { _ in -abs(rng.gaussian()) * 12 }
             x[5] = -.infinity
             x[group + 1] = -200  // below exp's range: 0
             let m: Float = 0.25
-            let expected = x.map { expf($0 - m) }
+            let expected = x.map { expf($0 - m) }, input = x
             var sums = [Float](repeating: -1, count: groups)
             let total = kvr_exp_sub_groups(&x, groups, group, m, &sums)
             for i in x.indices { #expect(abs(x[i] - expected[i]) <= 1e-6 * expected[i] + 1e-30, "group \(group) i \(i)") }
@@ -654,6 +660,16 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
                 #expect(abs(sums[gi] - want) <= 1e-5 * want, "group \(group) sum \(gi)")
             }
             #expect(abs(total - sums.reduce(0, +)) <= 1e-5 * total)
+            // The 512-bit body gives the AVX2 body's values element by element (the same operations).
+            if group % 16 == 0 && kvr_codes_path() == 2 {
+                var wide = input, narrow = input
+                var s1 = [Float](repeating: 0, count: groups), s2 = s1
+                _ = kvr_exp_sub_groups(&wide, groups, group, m, &s1)
+                kvr_cap_codes_path(1)
+                _ = kvr_exp_sub_groups(&narrow, groups, group, m, &s2)
+                kvr_cap_codes_path(2)
+                #expect(wide.map(\.bitPattern) == narrow.map(\.bitPattern), "group \(group)")
+            }
         }
     }
 

@@ -1,8 +1,9 @@
 /* The quantized step's per-group kernels on one core, warm (docs/BENCHMARKS.md, tenth session): the
  * picks (kvr_best_positions over 4 heads x 16K scores, one part of a 32K head), the tail weights (the
- * maximum and kvr_exp_sub_groups over the same scores), and the value pass (kvr_code_values over 256
- * groups of 64 positions at 256 channels, 4-bit codes in blocks, for 1, 2 and 4 heads: what a group
- * costs whatever it reads, and per head). Scores are Gaussian with a few large ones (a sharp head's);
+ * maximum and kvr_exp_sub_groups over the same scores), the key scan (kvr_code_scores over 256 groups
+ * of 64 positions at 256 channels, 4-bit codes in blocks, 4 heads: each group's query preparation and
+ * dot products) and the value pass (kvr_code_values over the same groups for 1, 2 and 4 heads: what a
+ * group costs whatever it reads, and per head). Scores are Gaussian with a few large ones (a sharp head's);
  * codes random.
  *
  * Build from the repository root:

@@ -8,7 +8,7 @@ bytes read (4-bit codes: 1.5 KB of steps and means plus 8 KB of codes per group;
   - groups chosen by mass (any head's mass >= detail x its mean group mass: the quantized method's rule),
   - the same share of groups chosen by the error their mean would make (an oracle),
   - blocks of 8 positions chosen by mass (unread positions through the group's mean less the read ones),
-  - means over 32, 16 or 8 positions instead of 64.
+  - means over 32, 16 or 8 positions instead of 64 (their bytes are not counted: "value bytes nan").
 
     python3 Tools/bench/value_detail_study.py [capture dir: Tools/bench/out/gemma32k] [layers: 05 11 17]
 """

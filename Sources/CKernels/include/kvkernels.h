@@ -141,7 +141,8 @@ typedef struct kvr_code_layout {
                           * channel (byte j of a channel holds position j low and j + group / 2 high) */
 } kvr_code_layout;
 
-/* Which bodies the quantized tier's scans (kvr_code_scores, kvr_code_values) use: 2 AVX-512 VNNI,
+/* Which bodies the quantized tier's scans (kvr_code_scores, kvr_code_values, and kvr_exp_sub_groups for
+ * the tail weights) use: 2 AVX-512 VNNI,
  * 1 AVX2, 0 portable: the best the CPU has, at most the calling thread's cap set by kvr_cap_codes_path
  * (2 by default; tests lower it to compare the bodies, which give the same integers). kvr_has_vnni: 1 when the CPU
  * has AVX-512 F/BW/VL with VNNI. */
