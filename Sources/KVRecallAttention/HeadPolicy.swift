@@ -169,6 +169,13 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// Decode steps an index build is paid back over: its build time / horizon counts against its
     /// time per step (an index does not pay on a short generation).
     public var decodeHorizon = 4096
+    /// The fraction of its keys a head grows by before it is planned and built again (a session's
+    /// refresh fraction); nil when it never is. A plan then serves that many decode steps and pays
+    /// one build in them, whichever candidate wins (the planner builds an index candidate to time
+    /// it), so a build is spread over the longer of `decodeHorizon` and that lifetime.
+    public var replanFraction: Double? = nil
+    /// Fewest keys a head grows by before it is planned again (a session's refresh minimum).
+    public var replanMinimumKeys = 256
     /// Exact candidates per query head the quantized method is tried with, ascending, each with
     /// every tail detail of `quantizedDetails` (cheaper tails for heads whose error allows them).
     public var quantizedCandidates = [64, 128, 256, 512]
@@ -195,6 +202,17 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
         guard decodeHorizon >= 1, timedGroups >= 1, timingPasses >= 1, quantizedCandidates.allSatisfy({ $0 >= 1 }) else {
             throw IndexError.invalidParameter("decode horizon, timed groups, timing passes and quantized candidates must be positive")
         }
+        if let replanFraction, !(replanFraction > 0 && replanFraction.isFinite) {
+            throw IndexError.invalidParameter("the re-plan fraction must be positive and finite, or nil (got \(replanFraction))")
+        }
+    }
+
+    /// The decode steps a build on `keys` keys is spread over: `decodeHorizon`, or the plan's
+    /// lifetime under `replanFraction` when that is longer (a 128K head re-planned at +50% serves
+    /// 65536 steps).
+    public func buildHorizon(keys: Int) -> Int {
+        guard let replanFraction else { return decodeHorizon }
+        return max(decodeHorizon, replanMinimumKeys, Int((Double(keys) * replanFraction).rounded(.up)))
     }
 
     /// The k a retrieval head needs: the smallest budget whose mass reaches `budgetMass` (at most
@@ -291,7 +309,8 @@ public struct PlanCandidate: Codable, Equatable, Sendable {
     public var micros: Double
     /// Seconds its index took to build (0 without one).
     public var buildSeconds: Double
-    /// What the choice compares: time per step plus the build spread over the decode horizon.
+    /// What the choice compares: time per step plus the build spread over the horizon
+    /// (`PolicyParameters.buildHorizon(keys:)`).
     public var cost: Double
 
     public init(policy: HeadPolicy, setting: Int?, error: Double, micros: Double, buildSeconds: Double, cost: Double) {

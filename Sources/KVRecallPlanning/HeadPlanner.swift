@@ -64,7 +64,7 @@ public enum HeadPlanner {
     /// (`group` rows per position), every candidate's median output error against exact attention
     /// and its median time per decode step: exact, streaming, the quantized method at a few numbers
     /// of exact candidates (when the head keeps `codes`), the retrieval graph with the head's budget
-    /// (built over keys `0..<indexUpTo`, its build spread over `policy.decodeHorizon` steps, when
+    /// (built over keys `0..<indexUpTo`, its build spread over `policy.buildHorizon(keys:)` steps, when
     /// it holds at least `policy.minimumIndexedKeys`), and for a head that looks diffuse the
     /// estimation zone over an IVF index. The cheapest candidate within `policy.targetError` wins;
     /// exact is one of them, so no plan is measured slower than exact attention. A large head is
@@ -178,10 +178,11 @@ public enum HeadPlanner {
                 }
             }
         }
+        let horizon = policy.buildHorizon(keys: upTo)
         let measured = candidates.map { c -> PlanCandidate in
             let micros = median(c.micros)
             var candidate = PlanCandidate(policy: c.policy, setting: c.setting, error: median(c.errors), micros: micros,
-                                          buildSeconds: c.buildSeconds, cost: micros + c.buildSeconds * 1e6 / Double(policy.decodeHorizon))
+                                          buildSeconds: c.buildSeconds, cost: micros + c.buildSeconds * 1e6 / Double(horizon))
             candidate.tailDetail = c.detail
             return candidate
         }
@@ -192,6 +193,7 @@ public enum HeadPlanner {
         var reason = chosen.policy == .exact
             ? "no candidate within the target error \(policy.targetError) is cheaper than exact attention (\(String(format: "%.0f", exact.micros)) us per step)"
             : "\(chosen.policy.rawValue)\(chosen.setting.map { " \($0)" } ?? "")\(chosen.tailDetail.map { " detail \(String(format: "%g", $0))" } ?? ""): error \(String(format: "%.4f", chosen.error)) within the target \(policy.targetError), \(String(format: "%.0f", chosen.cost)) us per step against exact's \(String(format: "%.0f", exact.micros)) us (\(String(format: "%.2f", chosen.cost / max(exact.micros, 1e-9)))x)"
+        if chosen.buildSeconds > 0 { reason += "; its build (\(String(format: "%.2f", chosen.buildSeconds)) s) spread over \(horizon) steps" }
         if chosen.policy == .retrieval, let raised = policy.raisedK(for: profile) { reason += "; \(raised.reason)" }
         var plan = HeadPlan(policy: chosen.policy, profile: profile, reason: reason,
                             k: chosen.policy == .retrieval ? chosen.setting : nil)

@@ -270,6 +270,8 @@ public final class KVSession {
         setup.calibration.k = configuration.k
         setup.policy.budgetMass = configuration.budgetMass ?? 0  // 0: no budget ever raises k
         setup.policy.targetError = configuration.targetError
+        setup.policy.replanFraction = configuration.refreshFraction  // a plan serves until its head's refresh
+        setup.policy.replanMinimumKeys = Self.refreshMinimumKeys
         return setup
     }
 

@@ -147,6 +147,45 @@ import KVRecallTestSupport
         }
     }
 
+    /// An index candidate's build counts against it spread over the decode horizon, or over the
+    /// plan's lifetime when the head is planned again as it grows (a session's refresh) and that
+    /// is longer: at +50% a 128K head's plan serves 65536 steps.
+    @Test func aBuildIsSpreadOverThePlansLifetime() throws {
+        var policy = PolicyParameters()
+        #expect(policy.buildHorizon(keys: 131072) == policy.decodeHorizon)
+        policy.replanFraction = 0.5
+        #expect(policy.buildHorizon(keys: 131072) == 65536)
+        #expect(policy.buildHorizon(keys: 2000) == policy.decodeHorizon, "a short context keeps the decode horizon")
+        policy.decodeHorizon = 1
+        #expect(policy.buildHorizon(keys: 100) == policy.replanMinimumKeys)
+        for bad in [0, -1, .infinity, .nan] {
+            policy.replanFraction = bad
+            #expect(throws: IndexError.self) { try policy.validate() }
+        }
+
+        let dir = TemporaryDirectory("kvrecall-build-horizon")
+        let store = try Self.minilmStore(dir)
+        defer { store.close() }
+        func retrieval(replan: Double?) throws -> PlanCandidate {
+            var policy = PolicyParameters()
+            policy.minimumIndexedKeys = 0  // the 4096-key sample tries the graph
+            policy.budgetMass = 0  // at k 100 (a raised k would select by a scan, and not be built)
+            policy.timedGroups = 2
+            policy.replanFraction = replan
+            let plan = try store.read { s in
+                try HeadPlanner.plan(keys: try s.vectors(HeadID(), .keys), values: try s.vectors(HeadID(), .values),
+                                     queries: try s.vectors(HeadID(), .queries), group: 1, calibration: CalibrationParameters(),
+                                     attention: AttentionParameters(), policy: policy, build: IndexBuildParameters()).plan
+            }
+            return try #require(plan.candidates.first { $0.policy == .retrieval }, "\(plan.candidateLines)")
+        }
+        for (replan, horizon) in [(nil, 4096.0), (8.0, 8.0 * 4096)] as [(Double?, Double)] {
+            let c = try retrieval(replan: replan)
+            #expect(c.buildSeconds > 0)
+            #expect(abs(c.cost - (c.micros + c.buildSeconds * 1e6 / horizon)) <= 1e-6 * c.cost, "\(c.summary)")
+        }
+    }
+
     @Test func sessionAutoPlansEveryHeadReportsItAndResumesIt() throws {
         let data = repositoryDataDirectory() + "/minilm"
         let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
