@@ -70,6 +70,19 @@ struct RealModelTests {
             let scanned = try #require((report["attention"] as? [String: Any])?["keys_scanned_fraction"] as? Double)
             #expect(scanned <= 1)
         }
+        // Methods scored in turn, token by token, score what each scores alone.
+        let alone = try runExecutable(kvrecallReleaseExecutable(),
+                                      ["eval", "--text", Self.shortText, "--prefill", "400", "--tokens", "4", "--method", "quantized", "--json"])
+        #expect(alone.status == 0, "\(alone.stderr)")
+        let together = try runExecutable(kvrecallReleaseExecutable(),
+                                         ["eval", "--text", Self.shortText, "--prefill", "400", "--tokens", "4", "--method", "exact,quantized", "--json"])
+        #expect(together.status == 0, "\(together.stderr)")
+        let one = try #require(try JSONSerialization.jsonObject(with: Data(alone.stdout.utf8)) as? [String: Any])
+        let pair = try #require(try JSONSerialization.jsonObject(with: Data(together.stdout.utf8)) as? [[String: Any]])
+        #expect(pair.map { $0["method"] as? String } == ["exact", "quantized"])
+        let nll = try #require(one["mean_nll"] as? Double), pairNLL = try #require(pair.last?["mean_nll"] as? Double)
+        let exactNLL = try #require(pair.first?["mean_nll"] as? Double)
+        #expect(nll == pairNLL && nll != exactNLL, "alone \(nll), in turn \(pairNLL), exact \(exactNLL)")
     }
 
     @Test func passkeyIsFoundInAThousandTokens() throws {

@@ -26,7 +26,9 @@ struct Eval: ParsableCommand {
         the benchmark of refreshes (each head's plan and index are made again
         as decoding appends keys; --refresh-fraction, docs/BENCHMARKS.md).
 
-        Several methods (comma-separated, or 'all') share one prefill. Gemma 3
+        Several methods (comma-separated, or 'all') share one prefill and are
+        scored token by token in turn (each token decoded by every method
+        before the next), so their ms/token meet the same load. Gemma 3
         270M's context is 32768 tokens: --prefill + --tokens, and each --context
         length, must fit.
 
@@ -112,12 +114,10 @@ struct Eval: ParsableCommand {
         }
         let prefillState = try evaluation.runPrefill(progress: ProgressBar("prefill").update)
         note("prefill: \(prefill!) tokens in \(fmt(prefillState.seconds, 2)) s")
-        var reports: [PerplexityReport] = []
-        for method in methods {
-            let report = try evaluation.score(options: methodOptions.options(for: method), from: prefillState, fidelity: fidelity,
-                                              progress: ProgressBar("score \(method.rawValue)").update)
-            reports.append(report)
-            note("[\(method.rawValue)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token, \(report.refreshes) refreshes")
+        let reports = try evaluation.score(methods: try methods.map(methodOptions.options(for:)), from: prefillState, fidelity: fidelity,
+                                           progress: ProgressBar("score \(methods.map(\.rawValue).joined(separator: ","))").update)
+        for report in reports {
+            note("[\(report.method)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token, \(report.refreshes) refreshes")
         }
         if json {
             print(try jsonString(reports.count == 1 ? reports[0].json : reports.map(\.json) as Any))

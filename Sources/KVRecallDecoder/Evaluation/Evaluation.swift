@@ -76,7 +76,7 @@ func seconds(since start: UInt64) -> Double { Double(monotonicNanos() - start) /
 /// Perplexity evaluation: prefill `ids[0..<prefill]` once with exact attention, then for each
 /// method build its indexes and score `ids[prefill..<prefill+scored]` teacher-forced, one decode
 /// step per token (each token predicted from everything before it, the first from the prefill's
-/// last position).
+/// last position); several methods step token by token in turn.
 public struct PerplexityEvaluation {
     public let model: Gemma3Model
     public let ids: [Int32]
@@ -106,45 +106,89 @@ public struct PerplexityEvaluation {
     /// Scores one method from a shared prefill.
     public func score(options: DecoderAttentionOptions, from prefillState: PrefilledPrompt,
                       fidelity: Bool, progress: ((Int, Int) -> Void)? = nil) throws -> PerplexityReport {
-        let sequence = try Gemma3Sequence(model: model, options: options, restoring: prefillState.state)
-        defer { sequence.close() }
-        let buildStart = monotonicNanos()
-        try sequence.buildIndexes()
-        let buildSeconds = seconds(since: buildStart)
-        let heads = sequence.report()
-        var tracker: FidelityTracker? = nil
-        if fidelity {
-            let t = FidelityTracker(session: sequence.session)
-            tracker = t
-            sequence.decodeObserver = { layer, queries, _ in try t.observe(layer: layer, queries: queries) }
-        }
-        var nll = 0.0, correct = 0
-        var logits = prefillState.logits
-        var stepNanos: UInt64 = 0
+        try score(methods: [options], from: prefillState, fidelity: fidelity, progress: progress)[0]
+    }
+
+    /// Scores several methods from a shared prefill, their decode steps interleaved: each token is
+    /// stepped by every method in turn (the order rotating by one each token), so that the methods'
+    /// times per token share the machine's load alike, where one method's run after another's
+    /// would meet a different load (the layers no method touches drifted by 3-5 ms per token
+    /// between consecutive runs). Each method's indexes are built before the first step.
+    public func score(methods: [DecoderAttentionOptions], from prefillState: PrefilledPrompt,
+                      fidelity: Bool, progress: ((Int, Int) -> Void)? = nil) throws -> [PerplexityReport] {
+        let runs = try methods.map { try MethodRun(model: model, options: $0, from: prefillState, fidelity: fidelity) }
+        defer { for run in runs { run.sequence.close() } }
         for t in 0..<scored {
             let target = Int(ids[prefill + t])
-            let r = negativeLogLikelihood(logits[...], target: target)
-            nll += r.nll
-            if r.top1 { correct += 1 }
+            for run in runs { run.score(target: target) }
             progress?(t + 1, scored)
             guard t + 1 < scored else { break }
-            let start = monotonicNanos()
-            logits = try sequence.step(ids[prefill + t])
-            stepNanos += monotonicNanos() - start
+            for i in 0..<runs.count { try runs[(t + i) % runs.count].step(ids[prefill + t]) }
         }
-        let mean = nll / Double(scored)
-        let c = sequence.session.configuration
-        var refreshes = 0
-        for l in 0..<c.layers { for h in 0..<c.kvHeads { refreshes += try sequence.session.refreshStatus(layer: l, head: h)?.refreshes ?? 0 } }
-        var report = PerplexityReport(method: options.method.rawValue, prefillTokens: prefill, scoredTokens: scored,
-                                perplexity: exp(mean), top1Accuracy: Double(correct) / Double(scored), meanNLL: mean,
-                                prefillSeconds: prefillState.seconds, indexBuildSeconds: buildSeconds,
-                                decodeMsPerToken: scored > 1 ? Double(stepNanos) / 1e6 / Double(scored - 1) : 0,
-                                globalAttentionMsPerToken: scored > 1 ? Double(sequence.globalAttentionNanos) / 1e6 / Double(scored - 1) : 0,
-                                fidelity: tracker?.result, heads: heads)
-        report.headsAfter = sequence.report()
-        report.refreshes = refreshes
-        return report
+        return try runs.map { run in
+            let mean = run.nll / Double(scored)
+            let c = run.sequence.session.configuration
+            var refreshes = 0
+            for l in 0..<c.layers { for h in 0..<c.kvHeads { refreshes += try run.sequence.session.refreshStatus(layer: l, head: h)?.refreshes ?? 0 } }
+            var report = PerplexityReport(method: run.options.method.rawValue, prefillTokens: prefill, scoredTokens: scored,
+                                          perplexity: exp(mean), top1Accuracy: Double(run.correct) / Double(scored), meanNLL: mean,
+                                          prefillSeconds: prefillState.seconds, indexBuildSeconds: run.buildSeconds,
+                                          decodeMsPerToken: scored > 1 ? Double(run.stepNanos) / 1e6 / Double(scored - 1) : 0,
+                                          globalAttentionMsPerToken: scored > 1 ? Double(run.sequence.globalAttentionNanos) / 1e6 / Double(scored - 1) : 0,
+                                          fidelity: run.tracker?.result, heads: run.heads)
+            report.headsAfter = run.sequence.report()
+            report.refreshes = refreshes
+            return report
+        }
+    }
+}
+
+/// One method's teacher-forced run: its sequence restored from the prefill, indexes built, and the
+/// sums its report needs.
+private final class MethodRun {
+    let options: DecoderAttentionOptions
+    let sequence: Gemma3Sequence
+    let buildSeconds: Double
+    let heads: [String]
+    let tracker: FidelityTracker?
+    var logits: [Float]
+    var nll = 0.0, correct = 0
+    var stepNanos: UInt64 = 0
+
+    init(model: Gemma3Model, options: DecoderAttentionOptions, from prefillState: PrefilledPrompt, fidelity: Bool) throws {
+        self.options = options
+        sequence = try Gemma3Sequence(model: model, options: options, restoring: prefillState.state)
+        do {
+            let buildStart = monotonicNanos()
+            try sequence.buildIndexes()
+            buildSeconds = seconds(since: buildStart)
+        } catch {
+            sequence.close()
+            throw error
+        }
+        heads = sequence.report()
+        if fidelity {
+            let t = FidelityTracker(session: sequence.session)
+            sequence.decodeObserver = { layer, queries, _ in try t.observe(layer: layer, queries: queries) }
+            tracker = t
+        } else {
+            tracker = nil
+        }
+        logits = prefillState.logits
+    }
+
+    /// Adds the current logits' loss for `target`.
+    func score(target: Int) {
+        let r = negativeLogLikelihood(logits[...], target: target)
+        nll += r.nll
+        if r.top1 { correct += 1 }
+    }
+
+    /// One decode step of `token`, timed.
+    func step(_ token: Int32) throws {
+        let start = monotonicNanos()
+        logits = try sequence.step(token)
+        stepNanos += monotonicNanos() - start
     }
 }
 
