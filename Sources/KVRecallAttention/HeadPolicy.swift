@@ -167,12 +167,13 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// must stay within; the cheapest candidate that does is chosen (exact always does).
     public var targetError = 0.02
     /// Decode steps an index build is paid back over: its build time / horizon counts against its
-    /// time per step (an index does not pay on a short generation).
+    /// time per step (an index does not pay on a short generation). See `buildHorizon(keys:)`.
     public var decodeHorizon = 4096
     /// The fraction of its keys a head grows by before it is planned and built again (a session's
-    /// refresh fraction); nil when it never is. A plan then serves that many decode steps and pays
-    /// one build in them, whichever candidate wins (the planner builds an index candidate to time
-    /// it), so a build is spread over the longer of `decodeHorizon` and that lifetime.
+    /// refresh fraction); nil when it never is. A plan then serves that many decode steps, so a
+    /// build is charged over the longer of `decodeHorizon` and that lifetime: a model of what an
+    /// index costs per step of its life. (The planner builds an index candidate to time it, at
+    /// every re-plan, so the build itself is paid whichever candidate wins.)
     public var replanFraction: Double? = nil
     /// Fewest keys a head grows by before it is planned again (a session's refresh minimum).
     public var replanMinimumKeys = 256
@@ -202,8 +203,8 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
         guard decodeHorizon >= 1, timedGroups >= 1, timingPasses >= 1, quantizedCandidates.allSatisfy({ $0 >= 1 }) else {
             throw IndexError.invalidParameter("decode horizon, timed groups, timing passes and quantized candidates must be positive")
         }
-        if let replanFraction, !(replanFraction > 0 && replanFraction.isFinite) {
-            throw IndexError.invalidParameter("the re-plan fraction must be positive and finite, or nil (got \(replanFraction))")
+        if let replanFraction, !(replanFraction > 0 && replanFraction <= 1e6) {
+            throw IndexError.invalidParameter("the re-plan fraction must be positive, at most 1e6, or nil (got \(replanFraction))")
         }
     }
 
@@ -212,7 +213,7 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// 65536 steps).
     public func buildHorizon(keys: Int) -> Int {
         guard let replanFraction else { return decodeHorizon }
-        return max(decodeHorizon, replanMinimumKeys, Int((Double(keys) * replanFraction).rounded(.up)))
+        return max(decodeHorizon, replanMinimumKeys, Int(min(Double(Int32.max), (Double(keys) * replanFraction).rounded(.up))))
     }
 
     /// The k a retrieval head needs: the smallest budget whose mass reaches `budgetMass` (at most

@@ -158,6 +158,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
 
     /// The refresh fraction by measurement (docs/BENCHMARKS.md "Long generations").
     public static let defaultRefreshFraction: Double? = 0.5
+    /// The largest refresh fraction taken (a head's keys times it stays an integer); none never refreshes.
+    public static let maximumRefreshFraction = 1e6
     /// Keys that left the window a head's index takes at once: 1, each key as it leaves (batches
     /// of 64 made one step in 64 pay for 64 inserts: step p99 8x its median; measured in
     /// docs/BENCHMARKS.md "Step times while refreshing").
@@ -184,8 +186,8 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
         guard headDimension <= 65536 else {
             throw SessionError.invalidArgument("head dimension \(headDimension) is out of range 1...65536")
         }
-        if let refreshFraction, !(refreshFraction > 0 && refreshFraction.isFinite) {
-            throw SessionError.invalidArgument("the refresh fraction must be a positive number, or none to never refresh (got \(refreshFraction))")
+        if let refreshFraction, !(refreshFraction > 0 && refreshFraction <= Self.maximumRefreshFraction) {
+            throw SessionError.invalidArgument("the refresh fraction must be a positive number up to \(Int(Self.maximumRefreshFraction)), or none to never refresh (got \(refreshFraction))")
         }
         guard targetError > 0 && targetError.isFinite else {
             throw SessionError.invalidArgument("the target error must be a positive number (got \(targetError))")

@@ -186,6 +186,32 @@ import KVRecallTestSupport
         }
     }
 
+    /// A session charges an index candidate's build over its plan's lifetime: refresh fraction x
+    /// the keys planned over, when longer than the decode horizon.
+    @Test func aSessionSpreadsABuildOverItsRefreshInterval() throws {
+        let data = repositoryDataDirectory() + "/minilm"
+        let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
+        let prefill = try NPY.read(path: data + "/prefill_queries.npy")
+        let d = keys.shape[1], n = keys.shape[0]
+        let configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
+                                                 method: .auto, refreshFraction: 4)
+        let session = try KVSession(configuration: configuration, directory: nil)
+        defer { session.close() }
+        try keys.floats().withUnsafeBufferPointer { k in
+            try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+        }
+        let rows = Array(prefill.floats().prefix(min(prefill.shape[0], n) * d))
+        try rows.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
+        try session.buildIndexes()
+        let plan = try #require(try session.plan(layer: 0, head: 0))
+        // The diffuse MiniLM head tries the estimation zone over an IVF index it builds.
+        let built = try #require(plan.candidates.first { $0.buildSeconds > 0 }, "\(plan.candidateLines)")
+        let plannedOver = try #require(try session.refreshStatus(layer: 0, head: 0)).plannedOver
+        let horizon = Double(plannedOver * 4)
+        #expect(horizon > Double(PolicyParameters().decodeHorizon))
+        #expect(abs(built.cost - (built.micros + built.buildSeconds * 1e6 / horizon)) <= 1e-6 * built.cost, "\(built.summary)")
+    }
+
     @Test func sessionAutoPlansEveryHeadReportsItAndResumesIt() throws {
         let data = repositoryDataDirectory() + "/minilm"
         let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")

@@ -246,7 +246,11 @@ import KVRecallTestSupport
         let old = try JSONDecoder().decode(SessionConfiguration.self, from: JSONSerialization.data(withJSONObject: object))
         #expect(old.refreshFraction == SessionConfiguration.defaultRefreshFraction)
         var bad = never
-        bad.refreshFraction = 0
-        #expect(throws: SessionError.self) { try bad.validate() }
+        for fraction in [0, -1, .infinity, .nan, 1e20] {
+            bad.refreshFraction = fraction
+            #expect(throws: SessionError.self) { try bad.validate() }
+        }
+        bad.refreshFraction = SessionConfiguration.maximumRefreshFraction
+        try bad.validate()
     }
 }

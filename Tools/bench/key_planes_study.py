@@ -3,8 +3,8 @@
 The 4-bit key codes (per group of 64 positions and channel: min and step over the keys less their mean)
 split in two 2-bit planes, the high bits and the low bits, hold the same bytes. A scan of the high plane
 alone scores every position with half the key bytes; the low plane then refines the groups that weigh
-(by the coarse scores' mass, the rule the value pass uses for its detail), where a refined score is the
-4-bit score exactly. On exact values (only the scores' effect is measured), for query groups of 4 heads:
+(by the coarse scores' mass over all positions: the value pass's detail rule counts only the tail, so this
+refines a little more than that rule would), where a refined score is the 4-bit score exactly. On exact values (only the scores' effect is measured), for query groups of 4 heads:
 the tail is every position but sinks (4), window (64) and the union of each head's top `C` by the
 approximate score, which are attended exactly. Prints the median relative output error against exact
 attention of

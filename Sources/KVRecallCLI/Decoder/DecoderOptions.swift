@@ -99,8 +99,8 @@ struct DecoderMethodOptions: ParsableArguments {
 /// A `--refresh-fraction` value as the session takes it: a positive fraction, or nil for 'none'.
 func parseRefreshFraction(_ text: String) throws -> Double? {
     if text == "none" { return nil }
-    guard let f = Double(text), f > 0, f.isFinite else {
-        throw ValidationError("--refresh-fraction must be a positive number or 'none' (got \(text))")
+    guard let f = Double(text), f > 0, f <= SessionConfiguration.maximumRefreshFraction else {
+        throw ValidationError("--refresh-fraction must be a positive number up to \(Int(SessionConfiguration.maximumRefreshFraction)) or 'none' (got \(text))")
     }
     return f
 }

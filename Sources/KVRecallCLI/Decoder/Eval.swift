@@ -28,7 +28,10 @@ struct Eval: ParsableCommand {
 
         Several methods (comma-separated, or 'all') share one prefill and are
         scored token by token in turn (each token decoded by every method
-        before the next), so their ms/token meet the same load. Gemma 3
+        before the next), so their ms/token meet the same load; each method's
+        data then leaves the caches between its steps, and background refreshes
+        of one method run beside the others' steps (--sequential: one method
+        after another). Gemma 3
         270M's context is 32768 tokens: --prefill + --tokens, and each --context
         length, must fit.
 
@@ -58,6 +61,8 @@ struct Eval: ParsableCommand {
     var tokens: Int?
     @Flag(help: "Also measure attention fidelity against exact attention (slower).")
     var fidelity = false
+    @Flag(help: "Perplexity: score the methods one after another instead of token by token in turn (each method's background refreshes then run beside its own steps only).")
+    var sequential = false
     @Flag(help: "Run the passkey test instead of perplexity.")
     var passkey = false
     @Option(help: "Passkey: context lengths in tokens, comma-separated.")
@@ -114,10 +119,20 @@ struct Eval: ParsableCommand {
         }
         let prefillState = try evaluation.runPrefill(progress: ProgressBar("prefill").update)
         note("prefill: \(prefill!) tokens in \(fmt(prefillState.seconds, 2)) s")
-        let reports = try evaluation.score(methods: try methods.map(methodOptions.options(for:)), from: prefillState, fidelity: fidelity,
-                                           progress: ProgressBar("score \(methods.map(\.rawValue).joined(separator: ","))").update)
-        for report in reports {
+        func noteScore(_ report: PerplexityReport) {
             note("[\(report.method)] perplexity \(fmt(report.perplexity, 3)), top-1 \(fmt(report.top1Accuracy, 3)), index build \(fmt(report.indexBuildSeconds, 2)) s, \(fmt(report.decodeMsPerToken, 1)) ms/token, \(report.refreshes) refreshes")
+        }
+        var reports: [PerplexityReport] = []
+        if sequential {
+            for method in methods {
+                reports.append(try evaluation.score(options: methodOptions.options(for: method), from: prefillState, fidelity: fidelity,
+                                                    progress: ProgressBar("score \(method.rawValue)").update))
+                noteScore(reports.last!)
+            }
+        } else {
+            reports = try evaluation.score(methods: try methods.map(methodOptions.options(for:)), from: prefillState, fidelity: fidelity,
+                                           progress: ProgressBar("score \(methods.map(\.rawValue).joined(separator: ","))").update)
+            reports.forEach(noteScore)
         }
         if json {
             print(try jsonString(reports.count == 1 ? reports[0].json : reports.map(\.json) as Any))

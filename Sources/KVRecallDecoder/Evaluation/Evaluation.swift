@@ -113,11 +113,13 @@ public struct PerplexityEvaluation {
     /// stepped by every method in turn (the order rotating by one each token), so that the methods'
     /// times per token share the machine's load alike, where one method's run after another's
     /// would meet a different load (the layers no method touches drifted by 3-5 ms per token
-    /// between consecutive runs). Each method's indexes are built before the first step.
+    /// between consecutive runs). Each method's indexes are built before the first step. A
+    /// method's background refreshes run beside the others' steps too.
     public func score(methods: [DecoderAttentionOptions], from prefillState: PrefilledPrompt,
                       fidelity: Bool, progress: ((Int, Int) -> Void)? = nil) throws -> [PerplexityReport] {
-        let runs = try methods.map { try MethodRun(model: model, options: $0, from: prefillState, fidelity: fidelity) }
-        defer { for run in runs { run.sequence.close() } }
+        var runs: [MethodRun] = []
+        defer { for run in runs { run.sequence.close() } }  // also those made before one that failed
+        for options in methods { runs.append(try MethodRun(model: model, options: options, from: prefillState, fidelity: fidelity)) }
         for t in 0..<scored {
             let target = Int(ids[prefill + t])
             for run in runs { run.score(target: target) }
