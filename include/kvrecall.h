@@ -112,7 +112,7 @@ typedef struct kvrecall_config {
                                     fraction of those its plan was made over, its plan, budget, index and
                                     calibration are made again over all its keys (trained on its prefill and
                                     recorded decode queries) on a background thread and swapped in at a step
-                                    boundary. 0: the default (0.5); negative: never refresh. */
+                                    boundary. At most 1e6. 0: the default (0.5); negative: never refresh. */
     /* ABI 2, extended a third time: a config of the three earlier ABI-2 sizes is still accepted, with the default. */
     double target_error;         /* auto: the median output error against exact attention (on a head's held-out
                                     prefill queries) its plan may reach; the cheapest candidate within it wins,

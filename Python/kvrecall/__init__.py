@@ -137,8 +137,8 @@ class Session:
         _optional_number("scale", scale, lambda x: math.isfinite(x) and x > 0, "finite and positive")
         _optional_number("soft_cap", soft_cap, lambda x: math.isfinite(x) and x > 0, "finite and positive")
         _optional_number("budget_mass", budget_mass, lambda x: 0 < x <= 1, "in (0, 1], or None for a fixed k")
-        _optional_number("refresh_fraction", refresh_fraction, lambda x: math.isfinite(x) and x > 0,
-                         "finite and positive, or None to never refresh")
+        _optional_number("refresh_fraction", refresh_fraction, lambda x: 0 < x <= 1e6,
+                         "positive and at most 1e6, or None to never refresh")
         if target_error is None:
             raise ValueError("target_error must be finite and positive (got None)")
         _optional_number("target_error", target_error, lambda x: math.isfinite(x) and x > 0, "finite and positive")

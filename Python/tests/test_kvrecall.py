@@ -83,7 +83,7 @@ def test_refresh_fraction_default_none_and_bad_values():
         assert s.refresh_fraction is None
     with kvrecall.Session(1, H, G, D, refresh_fraction=0.25) as s:
         assert s.refresh_fraction == 0.25
-    for bad in (0.0, -0.5, float("inf")):
+    for bad in (0.0, -0.5, float("inf"), float("nan"), 1e20):
         with pytest.raises(ValueError, match="refresh_fraction"):
             kvrecall.Session(1, H, G, D, refresh_fraction=bad)
 
