@@ -15,6 +15,28 @@ import KVRecallTestSupport
 /// `auto`: per-head profiles and policies, and search knobs calibrated at build.
 @Suite struct AutoPolicyTests {
     /// The MiniLM sample (real keys, values and prefill queries of one BERT head) in a store.
+    /// A session (made by `configuration` for the head dimension) over the MiniLM sample as one
+    /// head, its prefill queries appended and its indexes built.
+    static func builtMiniLMSession(_ configuration: (Int) -> SessionConfiguration) throws -> KVSession {
+        let data = repositoryDataDirectory() + "/minilm"
+        let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
+        let prefill = try NPY.read(path: data + "/prefill_queries.npy")
+        let d = keys.shape[1], n = keys.shape[0]
+        let session = try KVSession(configuration: configuration(d), directory: nil)
+        do {
+            try keys.floats().withUnsafeBufferPointer { k in
+                try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+            }
+            let rows = Array(prefill.floats().prefix(min(prefill.shape[0], n) * d))
+            try rows.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
+            try session.buildIndexes()
+        } catch {
+            session.close()
+            throw error
+        }
+        return session
+    }
+
     static func minilmStore(_ dir: TemporaryDirectory) throws -> KVStore {
         let data = repositoryDataDirectory() + "/minilm"
         let store = try KVStore(path: dir.path, create: true)
@@ -111,21 +133,12 @@ import KVRecallTestSupport
     /// plans exact; a generous one takes the cheapest candidate. Stored, and defaulted for
     /// sessions saved before the knob.
     @Test func theSessionsTargetErrorDecidesThePlan() throws {
-        let data = repositoryDataDirectory() + "/minilm"
-        let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
-        let prefill = try NPY.read(path: data + "/prefill_queries.npy")
-        let d = keys.shape[1], n = keys.shape[0]
         func plan(targetError: Double) throws -> HeadPlan {
-            let configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
-                                                     method: .auto, targetError: targetError)
-            let session = try KVSession(configuration: configuration, directory: nil)
-            defer { session.close() }
-            try keys.floats().withUnsafeBufferPointer { k in
-                try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+            let session = try Self.builtMiniLMSession { d in
+                SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
+                                     method: .auto, targetError: targetError)
             }
-            let rows = Array(prefill.floats().prefix(min(prefill.shape[0], n) * d))
-            try rows.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
-            try session.buildIndexes()
+            defer { session.close() }
             return try #require(try session.plan(layer: 0, head: 0))
         }
         let strict = try plan(targetError: 1e-9)
@@ -189,20 +202,11 @@ import KVRecallTestSupport
     /// A session charges an index candidate's build over its plan's lifetime: refresh fraction x
     /// the keys planned over, when longer than the decode horizon.
     @Test func aSessionSpreadsABuildOverItsRefreshInterval() throws {
-        let data = repositoryDataDirectory() + "/minilm"
-        let keys = try NPY.read(path: data + "/keys.npy"), values = try NPY.read(path: data + "/values.npy")
-        let prefill = try NPY.read(path: data + "/prefill_queries.npy")
-        let d = keys.shape[1], n = keys.shape[0]
-        let configuration = SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
-                                                 method: .auto, refreshFraction: 4)
-        let session = try KVSession(configuration: configuration, directory: nil)
-        defer { session.close() }
-        try keys.floats().withUnsafeBufferPointer { k in
-            try values.floats().withUnsafeBufferPointer { v in try session.append(layer: 0, keys: k, values: v) }
+        let session = try Self.builtMiniLMSession { d in
+            SessionConfiguration(layers: 1, kvHeads: 1, queryHeadsPerKV: 1, headDimension: d, dtype: .f32,
+                                 method: .auto, refreshFraction: 4)
         }
-        let rows = Array(prefill.floats().prefix(min(prefill.shape[0], n) * d))
-        try rows.withUnsafeBufferPointer { try session.appendPrefillQueries(layer: 0, queries: $0) }
-        try session.buildIndexes()
+        defer { session.close() }
         let plan = try #require(try session.plan(layer: 0, head: 0))
         // The diffuse MiniLM head tries the estimation zone over an IVF index it builds.
         let built = try #require(plan.candidates.first { $0.buildSeconds > 0 }, "\(plan.candidateLines)")
