@@ -130,7 +130,7 @@ struct Eval: ParsableCommand {
                 noteScore(reports.last!)
             }
         } else {
-            reports = try evaluation.score(methods: try methods.map(methodOptions.options(for:)), from: prefillState, fidelity: fidelity,
+            reports = try evaluation.score(methods: methods.map(methodOptions.options(for:)), from: prefillState, fidelity: fidelity,
                                            progress: ProgressBar("score \(methods.map(\.rawValue).joined(separator: ","))").update)
             reports.forEach(noteScore)
         }
