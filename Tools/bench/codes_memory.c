@@ -5,7 +5,10 @@
  * a 9728-byte value part, per 64 positions) with caches evicted before each pass: only the key parts
  * (what the key scan reads), the same bytes contiguous, and the whole rows. Part 2 runs the real
  * kernels (kvr_code_scores over every group, then kvr_code_values over every group with positive
- * weights) for each body this CPU has (AVX-512 VNNI, AVX2), warm and cold.
+ * weights) for each body this CPU has (AVX-512 VNNI, AVX2), warm and cold. Part 3 runs the key scan
+ * of the blocks order (the stores' default) over all 256 channels and over the first 128 (half the key
+ * bytes: what a scan of 2-bit planes would read), warm and cold: does the cold scan follow its bytes?
+ * Run two copies at once to see it beside another core's scan, as a quantized step's two parts run.
  *
  * Build from the repository root (the kernels are compiled in):
  *   clang -O2 -I Sources/CKernels/include -I Sources/CKernels -o /tmp/codes_memory \
@@ -110,6 +113,24 @@ int main(int argc, char **argv) {
                    scan[0] * 1e6, scan[0] * 1e9 / (double)(groups * G), scan[1] * 1e6, values[0] * 1e6, values[1] * 1e6);
         }
         kvr_cap_codes_path(2);
+        kvr_code_layout B = L, H;
+        B.key_blocks = 1; B.value_blocks = 1;
+        H = B;  /* the first 16 key blocks (4 KB per row) and half the mins and steps */
+        H.padded = P / 2; H.key_code_bytes = P / 4; H.value_min = H.key_codes + G * (P / 4);
+        double t[2][2] = {{1e9, 1e9}, {1e9, 1e9}};
+        for (int r = 0; r < 5; r++)
+            for (int half = 0; half < 2; half++)
+                for (int cold = 0; cold < 2; cold++) {
+                    if (cold) evict();
+                    double t0 = now();
+                    kvr_code_scores(q, g, half ? P / 2 : P, pointers, groups, half ? &H : &B, 0.0625f, scores, groups * G, q8,
+                                    dots, scratch);
+                    double e = now() - t0;
+                    if (e < t[half][cold]) t[half][cold] = e;
+                }
+        printf("round %ld, blocks order: key scan of 256 channels warm %.0f us, cold %.0f us; of 128 warm %.0f us, "
+               "cold %.0f us (cold 128/256: %.2f)\n", round + 1, t[0][0] * 1e6, t[0][1] * 1e6, t[1][0] * 1e6, t[1][1] * 1e6,
+               t[1][1] / t[0][1]);
     }
     return 0;
 }
