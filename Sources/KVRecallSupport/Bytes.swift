@@ -75,7 +75,7 @@ public struct SectionBytes: @unchecked Sendable {
     /// A copy of `bytes`, in a buffer aligned like an LMDB overflow page (so its arrays are views too).
     public init(copying bytes: some Collection<UInt8>) {
         let buffer = AlignedBytes(count: bytes.count)
-        _ = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: bytes.count).copyBytes(from: bytes)
+        UnsafeMutableRawBufferPointer(start: buffer.pointer, count: bytes.count).copyBytes(from: bytes)
         self.init(view: UnsafeRawBufferPointer(start: buffer.pointer, count: bytes.count), owner: buffer)
     }
 
