@@ -10,7 +10,10 @@ approximate score, which are attended exactly. Prints the median relative output
 attention of
   - the 4-bit scan (today's scores), a 3-bit scan (the top three bits) and the 2-bit high plane alone;
   - the high plane with the low plane read for groups whose coarse mass is >= detail x the mean group
-    mass of some head, and the share of groups refined (key bytes read: 0.5 + 0.5 x share of today's).
+    mass of some head, and the share of groups refined (key bytes read: 0.5 + 0.5 x share of today's);
+  - then the whole step (4-bit value codes for the groups that weigh, group means for the others), its
+    error and the bytes it reads against exact's f16 keys and values (their inverse: a bytes-only cap on
+    the speed-up), with today's scan and with the planes.
 
     python3 Tools/bench/key_planes_study.py synthetic DIR [C]    (DIR/keys.npy, values.npy, queries.npy)
     python3 Tools/bench/key_planes_study.py capture DIR LAYER [C] (DIR/layerLL_{keys,values,queries}.npy)
@@ -48,6 +51,84 @@ def attend(qh, s_exact, s_approx, v, n, c):
     mixed[:, exact] = s_exact[:, exact]
     w = np.exp(mixed - mixed.max(1, keepdims=True))
     return (w @ v) / w.sum(1, keepdims=True)
+
+
+def value_codes(v):
+    """Values through their 4-bit codes (per group and channel: min and step) and each group's mean."""
+    n, d = v.shape
+    vg = v.reshape(n // G, G, d)
+    lo, hi = vg.min(1, keepdims=True), vg.max(1, keepdims=True)
+    step = (hi - lo) / 15
+    step[step == 0] = 1
+    return (lo + step * np.clip(np.rint((vg - lo) / step), 0, 15)).reshape(n, d), vg.mean(1)
+
+
+def step_output(s_exact, s_approx, v, v4, means, c, detail):
+    """The whole quantized step: sinks, window and each head's top c by s_approx attended exactly; the tail
+    weighted by s_approx, through value codes in the groups whose tail mass is >= detail x the mean group's
+    for some head, through the group's mean value in the others. Returns the output and the detailed share."""
+    heads, n = s_exact.shape
+    ng = n // G
+    exact = set(range(SINKS)) | set(range(n - WINDOW, n))
+    for h in range(heads):
+        exact |= set(np.argpartition(-s_approx[h], c)[:c].tolist())
+    exact = np.array(sorted(exact))
+    mixed = s_approx.copy()
+    mixed[:, exact] = s_exact[:, exact]
+    w = np.exp(mixed - mixed.max(1, keepdims=True))
+    tail = w.copy()
+    tail[:, exact] = 0
+    mass = tail.reshape(heads, ng, G).sum(2)
+    detailed = (mass >= detail * mass.mean(1, keepdims=True)).any(0)
+    out = w[:, exact] @ v[exact]
+    rows = np.repeat(detailed, G)
+    out += tail[:, rows] @ v4[rows]
+    out += mass[:, ~detailed] @ means[~detailed]
+    return out / w.sum(1, keepdims=True), detailed.mean()
+
+
+def step_bytes(d, refined, detailed):
+    """Bytes read per position against exact's f16 keys and values (4d): key codes (4-bit, or the high plane
+    plus the low plane of the refined groups) with their f16 mins and steps per group of 64, value codes of
+    the detailed groups with theirs, and every other group's f16 mean."""
+    keys = d / 16 + (d / 2 if refined is None else d / 4 + refined * d / 4)
+    values = detailed * (d / 2 + d / 16) + (1 - detailed) * d / 32
+    return (keys + values) / (4 * d)
+
+
+def step_study(k, v, q, c, groups):
+    """Error and bytes of the whole step, 4-bit scan or planes, at a few value details."""
+    n = k.shape[0] // G * G
+    k, v = k[:n], v[:n]
+    d, ng, scale = k.shape[1], n // G, 1 / np.sqrt(k.shape[1])
+    mean, lo, step, code = codes(k)
+    k4 = keys_from(mean, lo, step, code)
+    k2 = keys_from(mean, lo, step, 4 * np.floor(code / 4) + 1.5)
+    v4, means = value_codes(v)
+    picks = np.linspace(0, q.shape[0] // HEADS - 1, groups).astype(int)
+    rows = {}
+    for gi in picks:
+        qg = q[gi * HEADS:(gi + 1) * HEADS]
+        s = qg @ k.T * scale
+        w = np.exp(s - s.max(1, keepdims=True))
+        exact = (w @ v) / w.sum(1, keepdims=True)
+        s4, s2 = qg @ k4.T * scale, qg @ k2.T * scale
+        coarse = np.exp(s2 - s2.max(1, keepdims=True)).reshape(HEADS, ng, G).sum(2)
+        variants = [("4-bit scan", None, s4)]
+        for x in (1, 2):
+            heavy = (coarse >= x * coarse.mean(1, keepdims=True)).any(0)
+            sa = s2.reshape(HEADS, ng, G).copy()
+            sa[:, heavy] = s4.reshape(HEADS, ng, G)[:, heavy]
+            variants.append((f"planes, refine {x}", heavy.mean(), sa.reshape(HEADS, n)))
+        for name, refined, sa in variants:
+            for detail in (0.5, 2, 8):
+                o, share = step_output(s, sa, v, v4, means, c, detail)
+                e = np.median(np.linalg.norm(o - exact, axis=1) / np.linalg.norm(exact, axis=1))
+                rows.setdefault((name, detail), []).append((e, step_bytes(d, refined, share)))
+    print(f"  the whole step (value codes for groups with tail mass >= detail x mean, means for the others):")
+    for (name, detail), r in rows.items():
+        e, b = np.median([x[0] for x in r]), np.median([x[1] for x in r])
+        print(f"  {name:>18}, detail {detail:>3}: median output error {e:.4f}, bytes {b:.3f} of exact's (cap {1 / b:.1f}x)")
 
 
 def study(k, v, q, c=128, groups=10):
@@ -105,6 +186,7 @@ def main():
     print(f"{sys.argv[2]} {sys.argv[3] if sys.argv[1] == 'capture' else ''}: {k.shape[0]} keys x {k.shape[1]}, "
           f"{HEADS} heads per group, top {c} exact")
     study(k, v, q, c)
+    step_study(k, v, q, c, 10)
 
 
 if __name__ == "__main__":
