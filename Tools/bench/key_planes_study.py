@@ -41,15 +41,22 @@ def keys_from(mean, lo, step, levels):
     return (lo + step * levels).reshape(-1, mean.shape[0]) + mean
 
 
-def attend(qh, s_exact, s_approx, v, n, c):
-    """Output of the exact part (sinks, window, each head's top c by s_approx) plus the tail by s_approx."""
+def weights(s_exact, s_approx, c):
+    """The positions attended exactly (sinks, window, each head's top c by s_approx) and every position's
+    weight: exact scores there, s_approx elsewhere, relative to each head's maximum."""
+    n = s_exact.shape[1]
     exact = set(range(SINKS)) | set(range(n - WINDOW, n))
-    for h in range(qh):
+    for h in range(s_exact.shape[0]):
         exact |= set(np.argpartition(-s_approx[h], c)[:c].tolist())
     exact = np.array(sorted(exact))
     mixed = s_approx.copy()
     mixed[:, exact] = s_exact[:, exact]
-    w = np.exp(mixed - mixed.max(1, keepdims=True))
+    return exact, np.exp(mixed - mixed.max(1, keepdims=True))
+
+
+def attend(s_exact, s_approx, v, c):
+    """Output of the exact part plus the tail by s_approx (values exact)."""
+    _, w = weights(s_exact, s_approx, c)
     return (w @ v) / w.sum(1, keepdims=True)
 
 
@@ -69,13 +76,7 @@ def step_output(s_exact, s_approx, v, v4, means, c, detail):
     for some head, through the group's mean value in the others. Returns the output and the detailed share."""
     heads, n = s_exact.shape
     ng = n // G
-    exact = set(range(SINKS)) | set(range(n - WINDOW, n))
-    for h in range(heads):
-        exact |= set(np.argpartition(-s_approx[h], c)[:c].tolist())
-    exact = np.array(sorted(exact))
-    mixed = s_approx.copy()
-    mixed[:, exact] = s_exact[:, exact]
-    w = np.exp(mixed - mixed.max(1, keepdims=True))
+    exact, w = weights(s_exact, s_approx, c)
     tail = w.copy()
     tail[:, exact] = 0
     mass = tail.reshape(heads, ng, G).sum(2)
@@ -155,14 +156,14 @@ def study(k, v, q, c=128, groups=10):
         exact = (w @ v) / w.sum(1, keepdims=True)
         s4, s3, s2 = (qg @ kk.T * scale for kk in (k4, k3, k2))
         for name, sa in (("4-bit", s4), ("3-bit", s3), ("2-bit", s2)):
-            errors[name].append(error(attend(HEADS, s, sa, v, n, c), exact))
+            errors[name].append(error(attend(s, sa, v, c), exact))
         mass = np.exp(s2 - s2.max(1, keepdims=True)).reshape(HEADS, ng, G).sum(2)
         for x in details:
             heavy = (mass >= x * mass.mean(1, keepdims=True)).any(0)
             shares[x].append(heavy.mean())
             sa = s2.reshape(HEADS, ng, G).copy()
             sa[:, heavy] = s4.reshape(HEADS, ng, G)[:, heavy]
-            errors[f"refine {x}"].append(error(attend(HEADS, s, sa.reshape(HEADS, n), v, n, c), exact))
+            errors[f"refine {x}"].append(error(attend(s, sa.reshape(HEADS, n), v, c), exact))
     for name, e in errors.items():
         line = f"  {name:>10}: median output error {np.median(e):.4f}"
         if name.startswith("refine"):
