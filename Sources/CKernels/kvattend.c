@@ -227,21 +227,33 @@ DEFINE_GROUP_ACCUMULATE(group_accumulate_f16, load8_f16)
 DEFINE_GROUP_ACCUMULATE(group_accumulate_bf16, load8_bf16)
 
 /* exp(x) for x <= 0 (softmax weights after subtracting the maximum), Cephes' range reduction and
- * polynomial: relative error about 2e-7; -inf gives 0, and so does anything below -87. */
+ * polynomial: relative error about 2e-7; -inf gives 0, and so does anything below -87. The constants
+ * are shared by the 256- and 512-bit bodies, which give the same value in every lane. */
+#define KVR_EXP_LOW (-87.3365f)
+#define KVR_EXP_LOG2E 1.44269504088896341f
+#define KVR_EXP_LN2_HI 0.693359375f
+#define KVR_EXP_LN2_LO (-2.12194440e-4f)
+#define KVR_EXP_P0 1.9875691500e-4f
+#define KVR_EXP_P1 1.3981999507e-3f
+#define KVR_EXP_P2 8.3334519073e-3f
+#define KVR_EXP_P3 4.1665795894e-2f
+#define KVR_EXP_P4 1.6666665459e-1f
+#define KVR_EXP_P5 5.0000001201e-1f
+
 FAST static inline __m256 exp_nonpositive(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3365f);
+    const __m256 lo = _mm256_set1_ps(KVR_EXP_LOW);
     __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lo);
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(KVR_EXP_LOG2E)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(KVR_EXP_LN2_HI), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(KVR_EXP_LN2_LO), x);
+    __m256 y = _mm256_set1_ps(KVR_EXP_P0);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(KVR_EXP_P1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(KVR_EXP_P2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(KVR_EXP_P3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(KVR_EXP_P4));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(KVR_EXP_P5));
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
@@ -263,19 +275,19 @@ FAST static float exp_sub_fast(float *x, size_t n, float m) {
 
 /* exp_nonpositive in 512-bit vectors: the same operations, so the same value in every lane. */
 VNNI static inline __m512 exp_nonpositive16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3365f);
+    const __m512 lo = _mm512_set1_ps(KVR_EXP_LOW);
     const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_max_ps(x, lo);
-    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(KVR_EXP_LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(KVR_EXP_LN2_HI), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(KVR_EXP_LN2_LO), x);
+    __m512 y = _mm512_set1_ps(KVR_EXP_P0);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(KVR_EXP_P1));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(KVR_EXP_P2));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(KVR_EXP_P3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(KVR_EXP_P4));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(KVR_EXP_P5));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
     y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));

@@ -175,6 +175,8 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
     /// index costs per step of its life. (The planner builds an index candidate to time it, at
     /// every re-plan, so the build itself is paid whichever candidate wins.)
     public var replanFraction: Double? = nil
+    /// The largest `replanFraction` taken (a head's keys times it stays an integer).
+    public static let maximumReplanFraction = 1e6
     /// Fewest keys a head grows by before it is planned again (a session's refresh minimum).
     public var replanMinimumKeys = 256
     /// Exact candidates per query head the quantized method is tried with, ascending, each with
@@ -203,8 +205,8 @@ public struct PolicyParameters: Sendable, Equatable, Codable {
         guard decodeHorizon >= 1, timedGroups >= 1, timingPasses >= 1, quantizedCandidates.allSatisfy({ $0 >= 1 }) else {
             throw IndexError.invalidParameter("decode horizon, timed groups, timing passes and quantized candidates must be positive")
         }
-        if let replanFraction, !(replanFraction > 0 && replanFraction <= 1e6) {
-            throw IndexError.invalidParameter("the re-plan fraction must be positive, at most 1e6, or nil (got \(replanFraction))")
+        if let replanFraction, !(replanFraction > 0 && replanFraction <= Self.maximumReplanFraction) {
+            throw IndexError.invalidParameter("the re-plan fraction must be positive, at most \(Self.maximumReplanFraction), or nil (got \(replanFraction))")
         }
     }
 

@@ -159,7 +159,7 @@ public struct SessionConfiguration: Codable, Equatable, Sendable {
     /// The refresh fraction by measurement (docs/BENCHMARKS.md "Long generations").
     public static let defaultRefreshFraction: Double? = 0.5
     /// The largest refresh fraction taken (a head's keys times it stays an integer); none never refreshes.
-    public static let maximumRefreshFraction = 1e6
+    public static let maximumRefreshFraction = PolicyParameters.maximumReplanFraction  // it becomes the planner's re-plan fraction
     /// Keys that left the window a head's index takes at once: 1, each key as it leaves (batches
     /// of 64 made one step in 64 pay for 64 inserts: step p99 8x its median; measured in
     /// docs/BENCHMARKS.md "Step times while refreshing").
