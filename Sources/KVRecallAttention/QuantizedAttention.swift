@@ -90,9 +90,19 @@ extension Attention {
         // Per part and head, its picks as (score, position) pair keys.
         var picks = [[[UInt64]]](repeating: [], count: parts)
         var masses = [TailMasses](repeating: TailMasses(), count: parts)
+        // With a tail, the static part is attended exactly in the same join, as its last task: the
+        // core that finishes its scan first takes it (the tail's plan needs its log-sum-exp).
+        var fixedPart: [PartialAttention] = []
         picks.withUnsafeMutableBufferPointer { out in
             masses.withUnsafeMutableBufferPointer { tailOut in
-                SpinJoin.run(tasks: parts, threads: parts) { p in
+                SpinJoin.run(tasks: parts + (q.tail ? 1 : 0), threads: parts) { p in
+                    guard p < parts else {
+                        fixedPart = fixed.withUnsafeBufferPointer {
+                            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                                        score: score)
+                        }
+                        return
+                    }
                     let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
                     scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
                     for h in 0..<g {
@@ -112,12 +122,8 @@ extension Attention {
         if q.tail {
             // The retrieved positions are attended beside the tail's value pass, in one join: the
             // first latency-bound (rows at random), the second streaming. Whether a head is sharp
-            // is decided before, from the static part attended exactly and the retrieved
-            // positions' code scores (the weights they leave the tail with).
-            let fixedPart = fixed.withUnsafeBufferPointer {
-                AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
-                                            score: score, parts: parameters.threads)
-            }
+            // is decided before, from the static part attended exactly (in the scan's join) and
+            // the retrieved positions' code scores (the weights they leave the tail with).
             let removed = removeFromTail(retrieved, scores: scores, g: g, coded: coded, group: group, parts: groupsOf, masses: &masses)
             let exactLSE = (0..<g).map { h in
                 logSumExp([fixedPart[h].lse] + removed.indices.map { p in masses[p].maxima[h] + log(removed[p][h]) })
