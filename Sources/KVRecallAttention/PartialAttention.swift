@@ -32,21 +32,33 @@ public struct PartialAttention: Equatable, Sendable {
     /// The partial over the union of many disjoint sets, in one pass (one output written, where
     /// merging them pairwise writes one per pair).
     public static func merged(_ parts: [PartialAttention]) -> PartialAttention {
+        merged(count: parts.count) { parts[$0] }
+    }
+
+    /// The partial over the union of `count` disjoint sets, the `i`th being `part(i)`: one pass
+    /// and no intermediate arrays (a quantized step merges ten partials per query head).
+    static func merged(count: Int, _ part: (Int) -> PartialAttention) -> PartialAttention {
         var m = -Float.infinity, live = 0, last = -1
-        for (i, part) in parts.enumerated() where part.lse > -.infinity {
-            m = max(m, part.lse)
+        for i in 0..<count {
+            let lse = part(i).lse
+            guard lse > -.infinity else { continue }
+            m = max(m, lse)
             live += 1
             last = i
         }
-        guard live > 1 else { return last >= 0 ? parts[last] : parts.first ?? .empty(dimension: 0) }
+        guard live > 1 else { return last >= 0 ? part(last) : count > 0 ? part(0) : .empty(dimension: 0) }
+        // Each partial's share exp(lse - m), computed once.
+        var shares = [Double](repeating: 0, count: count)
         var total = 0.0
-        for part in parts where part.lse > -.infinity { total += exp(Double(part.lse - m)) }
-        // Without intermediate arrays: a quantized step merges a dozen partials per query head.
-        var out = [Float](repeating: 0, count: parts[last].output.count)
+        for i in 0..<count where part(i).lse > -.infinity {
+            shares[i] = exp(Double(part(i).lse - m))
+            total += shares[i]
+        }
+        var out = [Float](repeating: 0, count: part(last).output.count)
         out.withUnsafeMutableBufferPointer { o in
-            for part in parts where part.lse > -.infinity {
-                let f = Float(exp(Double(part.lse - m)) / total)
-                part.output.withUnsafeBufferPointer { x in
+            for i in 0..<count where shares[i] > 0 {
+                let f = Float(shares[i] / total)
+                part(i).output.withUnsafeBufferPointer { x in
                     precondition(x.count == o.count, "partials of different dimensions (\(x.count) and \(o.count)) cannot merge")
                     for j in 0..<o.count { o[j] += f * x[j] }
                 }

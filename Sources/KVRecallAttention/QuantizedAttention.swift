@@ -90,33 +90,41 @@ extension Attention {
         // Per part and head, its picks as (score, position) pair keys.
         var picks = [[[UInt64]]](repeating: [], count: parts)
         var masses = [TailMasses](repeating: TailMasses(), count: parts)
+        // Per part, its picked positions with every head's tail weight there.
+        var picked = [PickedWeights](repeating: PickedWeights(), count: parts)
         // With a tail, the static part is attended exactly in the same join, as its last task: the
         // core that finishes its scan first takes it (the tail's plan needs its log-sum-exp).
         var fixedPart: [PartialAttention] = []
         picks.withUnsafeMutableBufferPointer { out in
-            masses.withUnsafeMutableBufferPointer { tailOut in
-                SpinJoin.run(tasks: parts + (q.tail ? 1 : 0), threads: parts) { p in
-                    guard p < parts else {
-                        fixedPart = fixed.withUnsafeBufferPointer {
-                            AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
-                                                        score: score)
+            picked.withUnsafeMutableBufferPointer { pickedOut in
+                masses.withUnsafeMutableBufferPointer { tailOut in
+                    SpinJoin.run(tasks: parts + (q.tail ? 1 : 0), threads: parts) { p in
+                        guard p < parts else {
+                            fixedPart = fixed.withUnsafeBufferPointer {
+                                AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
+                                                            score: score)
+                            }
+                            return
                         }
-                        return
+                        let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
+                        scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
+                        for h in 0..<g {
+                            let row = scores + h * coded
+                            score.cap(row + first, count: count)
+                            for i in fixed where i >= first && i < first + count { row[i] = -.infinity }
+                        }
+                        if q.candidates > 0 { out[p] = partPicks(scores: scores, g: g, stride: coded, first: first, count: count, take: q.candidates) }
+                        if q.tail {
+                            tailOut[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: range)
+                            if q.candidates > 0 { pickedOut[p] = pickedWeights(out[p], scores: scores, g: g, stride: coded, first: first, count: count) }
+                        }
                     }
-                    let range = groupsOf[p], first = range.lowerBound * group, count = range.count * group
-                    scan(queries.baseAddress!, g: g, codes: codes, groups: range, score: score, into: scores)
-                    for h in 0..<g {
-                        let row = scores + h * coded
-                        score.cap(row + first, count: count)
-                        for i in fixed where i >= first && i < first + count { row[i] = -.infinity }
-                    }
-                    if q.candidates > 0 { out[p] = partPicks(scores: scores, g: g, stride: coded, first: first, count: count, take: q.candidates) }
-                    if q.tail { tailOut[p] = tailMasses(scores: scores, g: g, coded: coded, group: group, groups: range) }
                 }
             }
         }
         // Each head's best candidates over all parts, their union attended exactly with the static part.
-        let retrieved = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: coded) : []
+        var chosenBits: [UInt64] = []
+        let retrieved = q.candidates > 0 ? unionOfBest(picks, g: g, take: q.candidates, below: coded, bits: &chosenBits) : []
         let attended = sortedPositions(fixed, retrieved, below: n)
         var heads: [PartialAttention]
         if q.tail {
@@ -124,7 +132,10 @@ extension Attention {
             // first latency-bound (rows at random), the second streaming. Whether a head is sharp
             // is decided before, from the static part attended exactly (in the scan's join) and
             // the retrieved positions' code scores (the weights they leave the tail with).
-            let removed = removeFromTail(retrieved, scores: scores, g: g, coded: coded, group: group, parts: groupsOf, masses: &masses)
+            // Their weights leave the masses here, from the records the parts took; the scores
+            // themselves are zeroed by the value pass's slices (the parts' cores' data, read at
+            // random from one core they cost 11-15 us cold).
+            let removed = removeFromMasses(picked, chosen: chosenBits, g: g, group: group, parts: groupsOf, masses: &masses)
             let exactLSE = (0..<g).map { h in
                 logSumExp([fixedPart[h].lse] + removed.indices.map { p in masses[p].maxima[h] + log(removed[p][h]) })
             }
@@ -134,7 +145,7 @@ extension Attention {
             // The value pass's work is uneven (the groups that weigh cluster), so each part's
             // groups split in slices that both cores claim as they finish.
             let slices = tailSlices(groupsOf)
-            let chosen = retrieved.sorted()
+            let chosen = sortedPositions([], retrieved, below: coded)
             let first = chosen.isEmpty ? 0 : 1
             var tails = [[PartialAttention]](repeating: [], count: first + slices.count)
             tails.withUnsafeMutableBufferPointer { out in
@@ -146,11 +157,12 @@ extension Attention {
                         return
                     }
                     let slice = slices[t - first]
+                    zero(chosen, in: (slice.groups.lowerBound * group)..<(slice.groups.upperBound * group), scores: scores, g: g, stride: coded)
                     out[t] = tailPartials(scores: scores, g: g, codes: codes, part: groupsOf[slice.part], groups: slice.groups,
                                           dimension: values.dimension, masses: masses[slice.part], plan: plan)
                 }
             }
-            heads = (0..<g).map { h in PartialAttention.merged([fixedPart[h]] + tails.map { $0[h] }) }
+            heads = (0..<g).map { h in PartialAttention.merged(count: 1 + tails.count) { $0 == 0 ? fixedPart[h] : tails[$0 - 1][h] } }
         } else {
             heads = attended.withUnsafeBufferPointer {
                 AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
@@ -232,6 +244,84 @@ extension Attention {
         return removed
     }
 
+    /// One part's picked positions (ascending, each once over the part's heads) and every head's
+    /// weight there (`g` per position, from the part's weights in `scores`): what the tail loses
+    /// when they are attended exactly, read by the part's own core.
+    struct PickedWeights {
+        var positions: [Int32] = [], weights: [Float] = []
+    }
+
+    static func pickedWeights(_ picks: [[UInt64]], scores: UnsafeMutablePointer<Float>, g: Int, stride: Int, first: Int,
+                              count: Int) -> PickedWeights {
+        var bits = [UInt64](repeating: 0, count: (count + 63) / 64)  // a bit per position of the part
+        for head in picks { for key in head { let i = Int(kvr_pair_id(key)) - first; bits[i >> 6] |= 1 << UInt64(i & 63) } }
+        var out = PickedWeights()
+        out.positions.reserveCapacity(picks.reduce(0) { $0 + $1.count })
+        for (w, word) in bits.enumerated() where word != 0 {
+            var rest = word
+            while rest != 0 {
+                out.positions.append(Int32(first + (w << 6 | rest.trailingZeroBitCount)))
+                rest &= rest - 1
+            }
+        }
+        out.weights = [Float](unsafeUninitializedCapacity: out.positions.count * g) { buffer, written in
+            for (k, i) in out.positions.enumerated() { for h in 0..<g { buffer[k * g + h] = scores[h * stride + Int(i)] } }
+            written = out.positions.count * g
+        }
+        return out
+    }
+
+    /// `removeFromTail`'s accounting from the parts' records: the weights of the positions set in
+    /// `chosen` (a bit per position) leave their groups' and parts' masses; the scores are left
+    /// as they are (`zero` clears them). Returns, per part and head, the weight taken out.
+    static func removeFromMasses(_ picked: [PickedWeights], chosen: [UInt64], g: Int, group: Int, parts: [Range<Int>],
+                                 masses: inout [TailMasses]) -> [[Float]] {
+        var removed = [[Float]](repeating: Array(repeating: 0, count: g), count: parts.count)
+        for p in parts.indices where !picked[p].positions.isEmpty {
+            let range = parts[p], count = range.count
+            var m = masses[p]
+            masses[p] = TailMasses()  // the part's arrays stay uniquely referenced while written
+            var out = removed[p]
+            m.groupMass.withUnsafeMutableBufferPointer { mass in
+                m.totals.withUnsafeMutableBufferPointer { totals in
+                    out.withUnsafeMutableBufferPointer { taken in
+                        chosen.withUnsafeBufferPointer { bits in
+                            picked[p].positions.withUnsafeBufferPointer { positions in
+                                picked[p].weights.withUnsafeBufferPointer { weights in
+                                    for k in positions.indices {
+                                        let i = Int(positions[k])
+                                        guard bits[i >> 6] & (1 << UInt64(i & 63)) != 0 else { continue }
+                                        let j = i / group - range.lowerBound
+                                        for h in 0..<g {
+                                            let w = weights[k * g + h]
+                                            guard w > 0 else { continue }
+                                            taken[h] += w
+                                            mass[h * count + j] = max(0, mass[h * count + j] - w)
+                                            totals[h] = max(0, totals[h] - w)
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            removed[p] = out
+            masses[p] = m
+        }
+        return removed
+    }
+
+    /// Zeroes every head's score (`g` rows of `stride`) at the positions of `sorted` inside `range`.
+    static func zero(_ sorted: [Int], in range: Range<Int>, scores: UnsafeMutablePointer<Float>, g: Int, stride: Int) {
+        var lo = 0, hi = sorted.count
+        while lo < hi { let mid = (lo + hi) / 2; if sorted[mid] < range.lowerBound { lo = mid + 1 } else { hi = mid } }
+        while lo < sorted.count && sorted[lo] < range.upperBound {
+            for h in 0..<g { scores[h * stride + sorted[lo]] = 0 }
+            lo += 1
+        }
+    }
+
     /// The decisions over a head's whole tail: which heads keep it (not sharp) and, per head, the
     /// mass (relative to its whole tail's maximum) from which a group goes through its value codes.
     struct TailPlan {
@@ -279,17 +369,33 @@ extension Attention {
     /// Each head's best `take` over the parts' picks (`picks[part][head]`), their union in the order
     /// found (indices below `below`).
     static func unionOfBest(_ picks: [[[UInt64]]], g: Int, take: Int, below: Int) -> [Int] {
+        var bits: [UInt64] = []
+        return unionOfBest(picks, g: g, take: take, below: below, bits: &bits)
+    }
+
+    /// `unionOfBest`, with the union as a bit per index below `below` in `chosen`.
+    static func unionOfBest(_ picks: [[[UInt64]]], g: Int, take: Int, below: Int, bits chosen: inout [UInt64]) -> [Int] {
         var union: [Int] = []
-        var chosen = [UInt64](repeating: 0, count: (below + 63) / 64)  // a bit per index
-        var pool = [UInt64](repeating: 0, count: picks.count * take)
-        for h in 0..<g {
-            var m = 0
-            for part in picks { for key in part[h] { pool[m] = key; m += 1 } }
-            let k = min(m, take)
-            if k < m { _ = pool.withUnsafeMutableBufferPointer { kvr_select_u64($0.baseAddress!, m, k) } }
-            for key in pool[0..<k] {
-                let i = Int(kvr_pair_id(key))
-                if chosen[i >> 6] & (1 << UInt64(i & 63)) == 0 { chosen[i >> 6] |= 1 << UInt64(i & 63); union.append(i) }
+        union.reserveCapacity(g * take)
+        chosen = [UInt64](repeating: 0, count: (below + 63) / 64)
+        let pool = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, picks.count * take))  // a part picks at most `take` per head
+        defer { pool.deallocate() }
+        chosen.withUnsafeMutableBufferPointer { bits in
+            for h in 0..<g {
+                var m = 0
+                for part in picks where h < part.count {
+                    part[h].withUnsafeBufferPointer { keys in
+                        guard let base = keys.baseAddress else { return }
+                        (pool + m).update(from: base, count: keys.count)
+                        m += keys.count
+                    }
+                }
+                let k = min(m, take)
+                if k < m { _ = kvr_select_u64(pool, m, k) }
+                for j in 0..<k {
+                    let i = Int(kvr_pair_id(pool[j]))
+                    if bits[i >> 6] & (1 << UInt64(i & 63)) == 0 { bits[i >> 6] |= 1 << UInt64(i & 63); union.append(i) }
+                }
             }
         }
         return union

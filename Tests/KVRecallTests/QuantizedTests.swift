@@ -388,6 +388,47 @@ import KVRecallTestSupport
         }
     }
 
+    /// The step takes the attended positions out of the tail from records its parts kept (each
+    /// picked position with every head's weight), then zeroes their scores in the value pass's
+    /// slices: the same masses, removed weights and scores as removing them from the scores.
+    @Test func partsRecordsTakeTheAttendedPositionsOutOfTheTail() {
+        let g = 2, group = 8, groups = 6, coded = group * groups, take = 3
+        var rng = SeededRandom(seed: 7)
+        let raw = (0..<(g * coded)).map { _ in 3 * rng.gaussian() }
+        let parts = [0..<2, 2..<groups]
+        var fromScores = raw, fromRecords = raw
+        let picks = parts.map { range in
+            fromRecords.withUnsafeMutableBufferPointer {
+                Attention.partPicks(scores: $0.baseAddress!, g: g, stride: coded, first: range.lowerBound * group,
+                                    count: range.count * group, take: take)
+            }
+        }
+        var expected = parts.map { Attention.tailMasses(scores: &fromScores, g: g, coded: coded, group: group, groups: $0) }
+        var masses = parts.map { Attention.tailMasses(scores: &fromRecords, g: g, coded: coded, group: group, groups: $0) }
+        let picked = parts.indices.map { p in
+            fromRecords.withUnsafeMutableBufferPointer {
+                Attention.pickedWeights(picks[p], scores: $0.baseAddress!, g: g, stride: coded, first: parts[p].lowerBound * group,
+                                        count: parts[p].count * group)
+            }
+        }
+        var bits: [UInt64] = []
+        let union = Attention.unionOfBest(picks, g: g, take: take, below: coded, bits: &bits)
+        #expect(picked.reduce(0) { $0 + $1.positions.count } > union.count)  // some picks are not attended
+        let want = Attention.removeFromTail(union, scores: &fromScores, g: g, coded: coded, group: group, parts: parts, masses: &expected)
+        let got = Attention.removeFromMasses(picked, chosen: bits, g: g, group: group, parts: parts, masses: &masses)
+        fromRecords.withUnsafeMutableBufferPointer {
+            Attention.zero(union.sorted(), in: 0..<coded, scores: $0.baseAddress!, g: g, stride: coded)
+        }
+        #expect(fromRecords == fromScores)
+        for p in parts.indices {
+            for h in 0..<g {
+                #expect(abs(got[p][h] - want[p][h]) <= 1e-6 * max(1, want[p][h]))
+                #expect(abs(masses[p].totals[h] - expected[p].totals[h]) <= 1e-6 * max(1, expected[p].totals[h]))
+            }
+            for (a, b) in zip(masses[p].groupMass, expected[p].groupMass) { #expect(abs(a - b) <= 1e-6 * max(1, b)) }
+        }
+    }
+
     /// On a head whose attention spreads (soft queries) the method's error is small, and it grows
     /// when the coded tail is dropped or when no candidate is scored exactly.
     @Test func quantizedAttentionIsCloseToExactBecauseOfCandidatesAndTail() throws {
