@@ -834,20 +834,34 @@ static size_t collect_pairs(const float *x, size_t n, float floor, uint64_t *key
 }
 
 /* The (rank + 1)-th smallest pair key of the sample scores[0], scores[stride], ... (rank < 64 and
- * fewer than the samples): the best rank + 1 kept sorted as they come, most samples rejected by one
- * comparison (a selection over the whole sample took twice as long). */
+ * fewer than the samples): the best rank + 1 kept in a max-heap as they come, most samples rejected
+ * by one comparison with its root (a selection over the whole sample took twice as long). A heap,
+ * not a sorted run: scores that rise along the positions (a head's recency) make nearly every sample
+ * a new best, and a sorted run shifted all of its keys for each. */
 static uint64_t sample_floor_key(const float *scores, size_t n, size_t stride, size_t rank) {
-    uint64_t best[64];
+    uint64_t heap[64];
     size_t m = 0;
     const size_t keep = rank + 1;
     for (size_t i = 0; i < n; i += stride) {
         const uint64_t key = kvr_pair_key(scores[i], (int32_t)i);
-        if (m == keep && key >= best[m - 1]) continue;
-        size_t j = m < keep ? m++ : m - 1;
-        while (j > 0 && best[j - 1] > key) { best[j] = best[j - 1]; j--; }
-        best[j] = key;
+        if (m < keep) {  /* sift up */
+            size_t j = m++;
+            while (j > 0 && heap[(j - 1) / 2] < key) { heap[j] = heap[(j - 1) / 2]; j = (j - 1) / 2; }
+            heap[j] = key;
+            continue;
+        }
+        if (key >= heap[0]) continue;
+        size_t j = 0;  /* the root replaced: sift down */
+        while (2 * j + 1 < m) {
+            size_t c = 2 * j + 1;
+            if (c + 1 < m && heap[c + 1] > heap[c]) c++;
+            if (heap[c] <= key) break;
+            heap[j] = heap[c];
+            j = c;
+        }
+        heap[j] = key;
     }
-    return best[keep - 1];
+    return heap[0];
 }
 
 size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *out, uint64_t *keys) {

@@ -358,11 +358,16 @@ extension Attention {
     }
 
     /// One part's picks: per head its best `take` of `scores[h * stride + first ..< + count]` as
-    /// (score, index) pair keys.
+    /// (score, index) pair keys, in no particular order (ties to the lower position; -inf never
+    /// taken): a selection over 64-bit pair keys, O(count).
     static func partPicks(scores: UnsafeMutablePointer<Float>, g: Int, stride: Int, first: Int, count: Int, take: Int) -> [[UInt64]] {
-        (0..<g).map { h in
+        let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, count))  // one buffer for every head
+        defer { keys.deallocate() }
+        var best = [Int32](repeating: 0, count: take)
+        return (0..<g).map { h in
             let row = scores + h * stride
-            return bestPositions(row + first, count: count, take: take).map { kvr_pair_key(row[first + $0], Int32(first + $0)) }
+            let k = best.withUnsafeMutableBufferPointer { kvr_best_positions(row + first, count, take, $0.baseAddress!, keys) }
+            return best[0..<k].map { kvr_pair_key(row[first + Int($0)], Int32(first) + $0) }
         }
     }
 
@@ -472,17 +477,6 @@ extension Attention {
             let inv = 1 / totals[h]
             return PartialAttention(output: (0..<dv).map { sum[h * padded + $0] * inv }, lse: m.maxima[h] + log(totals[h]))
         }
-    }
-
-    /// The `take` best positions of `count` scores (ties to the lower position; -inf never taken),
-    /// in no particular order: a selection over 64-bit (score, position) keys, O(count).
-    static func bestPositions(_ scores: UnsafePointer<Float>, count: Int, take: Int) -> [Int] {
-        guard take > 0, count > 0 else { return [] }
-        let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: count)
-        defer { keys.deallocate() }
-        var out = [Int32](repeating: 0, count: take)
-        let k = out.withUnsafeMutableBufferPointer { kvr_best_positions(scores, count, take, $0.baseAddress!, keys) }
-        return out[0..<k].map { Int($0) }
     }
 }
 

@@ -616,7 +616,7 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
     }
 
     /// The quantized step's picks: the best `take` scores whatever the floor the sample gives
-    /// (ranks below 64 kept in a sorted buffer, larger ones by selection, a misjudged floor
+    /// (ranks below 64 kept in a heap, larger ones by selection, a misjudged floor
     /// falling back to every score), ties to the lower position, -inf never taken.
     @Test func bestPositionsAreTheBestScores() {
         var rng = SeededRandom(seed: 8)
@@ -626,6 +626,8 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
             for i in stride(from: 0, to: n, by: 7) { scores[i] = -.infinity }
             for i in stride(from: 3, to: n, by: 11) { scores[i] = 0.5 }
             if n > 100 { for i in 0..<5 { scores[(i * 7919 + 1) % n] = 30 + Float(i) } }
+            // Scores that rise along the positions (a head's recency): every sample a new best.
+            if n == 40000 { for i in 0..<n where scores[i] > -.infinity && scores[i] < 30 { scores[i] += Float(i) / 2000 } }
             if n == 16384 {
                 // The sampled positions (every 16th) hold the best scores: the sample's floor leaves fewer
                 // than `take` above it, and the picks fall back to every score.
