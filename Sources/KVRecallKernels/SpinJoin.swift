@@ -111,6 +111,9 @@ final class HelperPool: @unchecked Sendable {
     private let alarms = Atomic<Int>(0)
     /// Times a helper left its sleep for an alarm (tests).
     let alarmed = Atomic<Int>(0)
+    /// When `wake()` was last called (uptime nanoseconds): a spinning helper spins on for
+    /// `spinNanoseconds` from it.
+    private let wokenAt = Atomic<UInt64>(0)
     private let condition = NSCondition()
     // Guarded by `condition`.
     private var job: SpinJoin.State?
@@ -142,10 +145,16 @@ final class HelperPool: @unchecked Sendable {
         return wanted
     }
 
-    /// Sets sleeping helpers spinning for another `spinNanoseconds`, so a join that follows soon
-    /// finds them running; costs an atomic load when none sleeps.
+    /// Sets sleeping helpers spinning, and spinning ones spinning on, for another `spinNanoseconds`,
+    /// so a join that follows soon finds them running; costs a clock read and two atomics when none
+    /// sleeps.
     func wake() {
-        guard size > 0, sleepers.load(ordering: .relaxed) > 0, getpid() == owner else { return }
+        guard size > 0 else { return }
+        // Spinning helpers spin on from now: a decode step's append calls this before its commit
+        // (a few hundred microseconds), and helpers that went to sleep meanwhile cost its attend a
+        // futex wake (14 us on the caller in a 2-vCPU VM) and their own wake-up.
+        wokenAt.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
+        guard sleepers.load(ordering: .relaxed) > 0, getpid() == owner else { return }
         condition.lock()
         alarms.wrappingAdd(1, ordering: .relaxed)
         condition.broadcast()
@@ -173,7 +182,9 @@ final class HelperPool: @unchecked Sendable {
             while generation.load(ordering: .acquiring) == seen {
                 kvr_cpu_relax()
                 spins += 1
-                guard spins & 255 == 0, DispatchTime.now().uptimeNanoseconds - spinningSince > Self.spinNanoseconds else { continue }
+                guard spins & 255 == 0 else { continue }
+                let now = DispatchTime.now().uptimeNanoseconds
+                guard now - max(spinningSince, min(now, wokenAt.load(ordering: .relaxed))) > Self.spinNanoseconds else { continue }
                 condition.lock()
                 let alarm = alarms.load(ordering: .relaxed)
                 sleepers.wrappingAdd(1, ordering: .relaxed)

@@ -147,7 +147,7 @@ extension StoreSnapshot {
     public func codes(_ id: HeadID) throws -> CodeView? {
         let info = try store.info(txn, id)
         guard info.codes != nil else { return nil }
-        return try CodeView(txn: txn, db: store.vectorsDB, info: info, path: store.path, keeping: [])
+        return try CodeView(txn: txn, db: store.vectorsDB, info: info, path: store.path, keeping: [][...])
     }
 
     /// `previous` brought up to `count` positions without reading its whole block table (see
@@ -160,7 +160,7 @@ extension StoreSnapshot {
         info.count = count
         let full = previous.count / previous.groupsPerBlock
         return try CodeView(txn: txn, db: store.vectorsDB, info: info, path: store.path,
-                            keeping: Array(previous.blocks.prefix(full)))
+                            keeping: previous.blocks.prefix(full))
     }
 }
 
@@ -176,7 +176,7 @@ public struct CodeView {
     public let groupsPerBlock: Int
     public let blocks: [UnsafeRawPointer]
 
-    init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, path: String, keeping kept: [UnsafeRawPointer]) throws {
+    init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, path: String, keeping kept: ArraySlice<UnsafeRawPointer>) throws {
         guard let format = info.codes else {
             throw StoreError(.invalidArgument, "head \(info.id) keeps no codes", path: path, head: info.id)
         }

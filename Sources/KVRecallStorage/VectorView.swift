@@ -37,13 +37,13 @@ public struct VectorView {
     @usableFromInline let rowBytes: Int
 
     init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String) throws {
-        try self.init(txn: txn, db: db, info: info, kind: kind, path: path, keeping: [])
+        try self.init(txn: txn, db: db, info: info, kind: kind, path: path, keeping: [][...])
     }
 
     /// A view whose first blocks are `kept` (pointers known to be valid in `txn`'s map) and whose
     /// other blocks, up to `info`'s row count, are read from `txn`.
     private init(txn: ReadTransaction, db: MDB_dbi, info: HeadInfo, kind: VectorKind, path: String,
-                 keeping kept: [UnsafeRawPointer]) throws {
+                 keeping kept: ArraySlice<UnsafeRawPointer>) throws {
         self.info = info
         self.kind = kind
         self.snapshot = txn.mapIdentity
@@ -75,7 +75,7 @@ public struct VectorView {
         var info = previous.info
         if previous.kind == .queries { info.queryCount = count } else { info.count = count }
         let full = previous.count / previous.blockSize
-        try self.init(txn: txn, db: db, info: info, kind: previous.kind, path: path, keeping: Array(previous.blocks.prefix(full)))
+        try self.init(txn: txn, db: db, info: info, kind: previous.kind, path: path, keeping: previous.blocks.prefix(full))
     }
 
     /// The rows copied into one heap allocation (same dtype and block layout), for index builds:
@@ -220,7 +220,7 @@ final class BlockTable {
     let pointer: UnsafeMutablePointer<UnsafeRawPointer>
     init(_ blocks: [UnsafeRawPointer]) {
         pointer = .allocate(capacity: max(1, blocks.count))
-        for (i, b) in blocks.enumerated() { (pointer + i).initialize(to: b) }
+        blocks.withUnsafeBufferPointer { if let base = $0.baseAddress { pointer.initialize(from: base, count: $0.count) } }
     }
     deinit { pointer.deallocate() }
 }
@@ -229,10 +229,14 @@ extension ReadTransaction {
     /// The map addresses of a stream's blocks: `kept` (already known) followed by blocks
     /// `kept.count..<expected` read from `db` (keys `key(b)`, all under `prefix`), each present in
     /// order and holding at least `bytes(b)`. Errors name the stream (`what`) and add `advice`.
-    func blockTable(_ db: MDB_dbi, prefix: [UInt8], key: (UInt32) -> [UInt8], keeping kept: [UnsafeRawPointer], expected: Int,
-                    bytes: (Int) -> Int, what: String, advice: String, path: String, head: HeadID) throws -> [UnsafeRawPointer] {
-        var table = kept
-        table.reserveCapacity(expected)
+    /// (A session continues its views at every decode step: the kept blocks are copied once, into a
+    /// table sized for all of them.)
+    func blockTable(_ db: MDB_dbi, prefix: [UInt8], key: (UInt32) -> [UInt8], keeping kept: ArraySlice<UnsafeRawPointer>,
+                    expected: Int, bytes: (Int) -> Int, what: String, advice: String, path: String,
+                    head: HeadID) throws -> [UnsafeRawPointer] {
+        var table: [UnsafeRawPointer] = []
+        table.reserveCapacity(Swift.max(expected, kept.count))
+        table.append(contentsOf: kept)
         if table.count < expected {
             try scan(db, prefix: prefix, from: key(UInt32(table.count))) { key, value in
                 let number = Int(StoreKey.decodeBlockNumber(key))

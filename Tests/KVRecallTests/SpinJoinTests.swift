@@ -99,4 +99,34 @@ import Testing
         pool.wake()
         #expect(eventually { pool.alarmed.load(ordering: .relaxed) == 2 }, "a second wake-up works too")
     }
+
+    /// `wake()` keeps a spinning helper spinning: called more often than the spin lasts, for 25
+    /// times that long, the helper never sleeps (a decode step's append wakes the helpers before
+    /// its commit, which may outlast their spin). A trial in which this thread itself paused for
+    /// half a spin or more between two calls (a loaded machine) proves nothing and is run again.
+    @Test func wakeKeepsASpinningHelperSpinning() {
+        let pool = HelperPool(size: 1)
+        let spin = HelperPool.spinNanoseconds
+        var conclusive = false
+        for _ in 0..<20 where !conclusive {
+            let state = SpinJoin.State(tasks: 1, body: { _ in })
+            guard pool.start(state, helpers: 1) == 1 else { continue }
+            state.work()
+            pool.finish()
+            let start = DispatchTime.now().uptimeNanoseconds
+            var last = start, longestGap: UInt64 = 0, slept = false
+            while last - start < 25 * spin {
+                pool.wake()
+                if pool.sleeping > 0 { slept = true }
+                usleep(20)
+                let now = DispatchTime.now().uptimeNanoseconds
+                longestGap = max(longestGap, now - last)
+                last = now
+            }
+            guard longestGap < spin / 2 else { continue }
+            conclusive = true
+            #expect(!slept, "the helper slept although woken every \(longestGap / 1000) us at most")
+        }
+        #expect(conclusive, "every trial was interrupted")
+    }
 }
