@@ -35,8 +35,9 @@ public struct PartialAttention: Equatable, Sendable {
         merged(count: parts.count) { parts[$0] }
     }
 
-    /// The partial over the union of `count` disjoint sets, the `i`th being `part(i)`: one pass
-    /// and no intermediate arrays (a quantized step merges ten partials per query head).
+    /// The partial over the union of `count` disjoint sets, the `i`th being `part(i)`: one output
+    /// written and each share computed once, without gathering the partials into an array (a
+    /// quantized step merges ten partials per query head).
     static func merged(count: Int, _ part: (Int) -> PartialAttention) -> PartialAttention {
         var m = -Float.infinity, live = 0, last = -1
         for i in 0..<count {

@@ -98,7 +98,8 @@ extension Attention {
         picks.withUnsafeMutableBufferPointer { out in
             picked.withUnsafeMutableBufferPointer { pickedOut in
                 masses.withUnsafeMutableBufferPointer { tailOut in
-                    SpinJoin.run(tasks: parts + (q.tail ? 1 : 0), threads: parts) { p in
+                    let tasks = parts + (q.tail ? 1 : 0)
+                SpinJoin.run(tasks: tasks, threads: max(1, min(parameters.threads, tasks))) { p in
                         guard p < parts else {
                             fixedPart = fixed.withUnsafeBufferPointer {
                                 AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
@@ -361,6 +362,7 @@ extension Attention {
     /// (score, index) pair keys, in no particular order (ties to the lower position; -inf never
     /// taken): a selection over 64-bit pair keys, O(count).
     static func partPicks(scores: UnsafeMutablePointer<Float>, g: Int, stride: Int, first: Int, count: Int, take: Int) -> [[UInt64]] {
+        guard take > 0, count > 0 else { return Array(repeating: [], count: g) }
         let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, count))  // one buffer for every head
         defer { keys.deallocate() }
         var best = [Int32](repeating: 0, count: take)
@@ -391,7 +393,7 @@ extension Attention {
                 for part in picks where h < part.count {
                     part[h].withUnsafeBufferPointer { keys in
                         guard let base = keys.baseAddress else { return }
-                        (pool + m).update(from: base, count: keys.count)
+                        (pool + m).initialize(from: base, count: keys.count)
                         m += keys.count
                     }
                 }

@@ -88,14 +88,15 @@ public enum SpinJoin {
     }
 }
 
-/// Threads that serve one `SpinJoin` at a time (one fewer than the cores): after a join a helper
-/// spins for `spinNanoseconds` on the join counter, so the next join of the same step finds it
-/// running, then sleeps on a condition until a join wakes it.
+/// Threads that serve one `SpinJoin` at a time (one fewer than the cores): after a join, or after
+/// the last `wake()`, a helper spins for `spinNanoseconds` on the join counter, so the next join of
+/// the same step finds it running, then sleeps on a condition until a join or `wake()` wakes it.
 final class HelperPool: @unchecked Sendable {
     static let shared = HelperPool(size: max(0, ProcessInfo.processInfo.activeProcessorCount - 1))
 
-    /// How long an idle helper spins before it sleeps: longer than the gaps between a decode
-    /// step's joins, short enough that an idle process gives its cores back at once.
+    /// How long an idle helper spins (after a join or a `wake()`) before it sleeps: longer than the
+    /// gaps between a decode step's joins, short enough that an idle process gives its cores back
+    /// at once.
     static let spinNanoseconds: UInt64 = 200_000
 
     let size: Int
@@ -153,8 +154,8 @@ final class HelperPool: @unchecked Sendable {
         // Spinning helpers spin on from now: a decode step's append calls this before its commit
         // (a few hundred microseconds), and helpers that went to sleep meanwhile cost its attend a
         // futex wake (14 us on the caller in a 2-vCPU VM) and their own wake-up.
-        wokenAt.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
-        guard sleepers.load(ordering: .relaxed) > 0, getpid() == owner else { return }
+        wokenAt.store(DispatchTime.now().uptimeNanoseconds, ordering: .sequentiallyConsistent)
+        guard sleepers.load(ordering: .sequentiallyConsistent) > 0, getpid() == owner else { return }
         condition.lock()
         alarms.wrappingAdd(1, ordering: .relaxed)
         condition.broadcast()
@@ -183,11 +184,17 @@ final class HelperPool: @unchecked Sendable {
                 kvr_cpu_relax()
                 spins += 1
                 guard spins & 255 == 0 else { continue }
-                let now = DispatchTime.now().uptimeNanoseconds
-                guard now - max(spinningSince, min(now, wokenAt.load(ordering: .relaxed))) > Self.spinNanoseconds else { continue }
+                let now = DispatchTime.now().uptimeNanoseconds, woken = wokenAt.load(ordering: .sequentiallyConsistent)
+                guard now - max(spinningSince, min(now, woken)) > Self.spinNanoseconds else { continue }
                 condition.lock()
                 let alarm = alarms.load(ordering: .relaxed)
-                sleepers.wrappingAdd(1, ordering: .relaxed)
+                sleepers.wrappingAdd(1, ordering: .sequentiallyConsistent)
+                // A `wake()` between the check and here saw no sleeper and sent no alarm: spin on.
+                guard wokenAt.load(ordering: .sequentiallyConsistent) == woken else {
+                    sleepers.wrappingSubtract(1, ordering: .relaxed)
+                    condition.unlock()
+                    continue
+                }
                 while generation.load(ordering: .acquiring) == seen, alarms.load(ordering: .relaxed) == alarm { condition.wait() }
                 if generation.load(ordering: .acquiring) == seen { alarmed.wrappingAdd(1, ordering: .relaxed) }
                 sleepers.wrappingSubtract(1, ordering: .relaxed)

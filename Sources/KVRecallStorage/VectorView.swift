@@ -229,8 +229,8 @@ extension ReadTransaction {
     /// The map addresses of a stream's blocks: `kept` (already known) followed by blocks
     /// `kept.count..<expected` read from `db` (keys `key(b)`, all under `prefix`), each present in
     /// order and holding at least `bytes(b)`. Errors name the stream (`what`) and add `advice`.
-    /// (A session continues its views at every decode step: the kept blocks are copied once, into a
-    /// table sized for all of them.)
+    /// (A session continues its views at every decode step: the kept blocks go into a table sized
+    /// for all of them in one copy.)
     func blockTable(_ db: MDB_dbi, prefix: [UInt8], key: (UInt32) -> [UInt8], keeping kept: ArraySlice<UnsafeRawPointer>,
                     expected: Int, bytes: (Int) -> Int, what: String, advice: String, path: String,
                     head: HeadID) throws -> [UnsafeRawPointer] {
