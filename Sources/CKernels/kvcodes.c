@@ -838,7 +838,7 @@ static size_t collect_pairs(const float *x, size_t n, float floor, uint64_t *key
  * by one comparison with its root (a selection over the whole sample took twice as long). A heap,
  * not a sorted run: scores that rise along the positions (a head's recency) make nearly every sample
  * a new best, and a sorted run shifted all of its keys for each. */
-static uint64_t sample_floor_key(const float *scores, size_t n, size_t stride, size_t rank) {
+uint64_t kvr_sample_floor_key(const float *scores, size_t n, size_t stride, size_t rank) {
     uint64_t heap[64];
     size_t m = 0;
     const size_t keep = rank + 1;
@@ -872,7 +872,7 @@ size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *o
     if (stride > 1) {
         size_t samples = (n + stride - 1) / stride, rank = 2 * take / stride + 8;
         if (rank < samples && rank < 64) {
-            floor = kvr_pair_score(sample_floor_key(scores, n, stride, rank));
+            floor = kvr_pair_score(kvr_sample_floor_key(scores, n, stride, rank));
         } else if (rank < samples) {
             samples = 0;
             for (size_t i = 0; i < n; i += stride) keys[samples++] = kvr_pair_key(scores[i], (int32_t)i);

@@ -644,6 +644,22 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
         }
     }
 
+    /// The picks' floor is the sample's (rank + 1)-th best pair key, as a sort of the sample says,
+    /// whatever order the scores come in (rising along the positions, falling, random, repeated).
+    @Test func thePicksFloorIsTheSamplesRankedKey() {
+        var rng = SeededRandom(seed: 12)
+        let n = 16384
+        let orders: [(String, (Int) -> Float)] = [("random", { _ in rng.gaussian() }), ("rising", { Float($0) / 100 }),
+                                                  ("falling", { -Float($0) / 100 }), ("repeated", { Float($0 % 3) })]
+        for (name, score) in orders {
+            let scores = (0..<n).map(score)
+            for (stride, rank) in [(16, 0), (16, 23), (16, 63), (7, 40), (1000, 15)] {
+                let sample = Swift.stride(from: 0, to: n, by: stride).map { kvr_pair_key(scores[$0], Int32($0)) }.sorted()
+                #expect(kvr_sample_floor_key(scores, n, stride, rank) == sample[rank], "\(name), stride \(stride), rank \(rank)")
+            }
+        }
+    }
+
     @Test func groupedExpIsExpAndSumsEachGroup() {
         var rng = SeededRandom(seed: 9)
         defer { kvr_cap_codes_path(2) }
