@@ -1,5 +1,6 @@
 /* The quantized step's per-group kernels on one core, warm (docs/BENCHMARKS.md, tenth session): the
- * picks (kvr_best_positions over 4 heads x 16K scores, one part of a 32K head), the tail weights (the
+ * picks (kvr_best_positions over 4 heads x 16K scores, one part of a 32K head; again with the scores rising along
+ * the positions, twelfth session), the tail weights (the
  * maximum and kvr_exp_sub_groups over the same scores), the key scan (kvr_code_scores over 256 groups
  * of 64 positions at 256 channels, 4-bit codes in blocks, 4 heads: each group's query preparation and
  * dot products) and the value pass (kvr_code_values over the same groups for 1, 2 and 4 heads: what a
@@ -46,6 +47,16 @@ int main(void) {
         best = e < best ? e : best;
     }
     printf("picks, %d heads x %d scores, take %d: %.1f us\n", HEADS, N, TAKE, best);
+    /* The same scores rising by 16 over the part (a head's recency): every sample of the floor a new best. */
+    for (size_t i = 0; i < (size_t)HEADS * N; i++) work[i] = scores[i] + 16.0f * (float)(i % N) / N;
+    best = 1e30;
+    for (int r = 0; r < PASSES; r++) {
+        const double t = now_us();
+        for (size_t h = 0; h < HEADS; h++) kvr_best_positions(work + h * N, N, TAKE, out, keys);
+        const double e = now_us() - t;
+        best = e < best ? e : best;
+    }
+    printf("picks over rising scores: %.1f us\n", best);
     best = 1e30;
     for (int r = 0; r < PASSES; r++) {
         memcpy(work, scores, sizeof(float) * HEADS * N);
