@@ -839,6 +839,7 @@ static size_t collect_pairs(const float *x, size_t n, float floor, uint64_t *key
  * not a sorted run: scores that rise along the positions (a head's recency) make nearly every sample
  * a new best, and a sorted run shifted all of its keys for each. */
 uint64_t kvr_sample_floor_key(const float *scores, size_t n, size_t stride, size_t rank) {
+    if (rank >= 64 || stride == 0 || n == 0) return UINT64_MAX;  /* no floor: every score passes */
     uint64_t heap[64];
     size_t m = 0;
     const size_t keep = rank + 1;

@@ -93,8 +93,12 @@ public enum Attention {
         var bits = [UInt64](repeating: 0, count: (n + 63) / 64)
         for i in a { bits[i >> 6] |= 1 << UInt64(i & 63) }
         for i in b { bits[i >> 6] |= 1 << UInt64(i & 63) }
+        return setBits(bits)
+    }
+
+    /// The indices of the set bits of `bits` (bit `i & 63` of word `i >> 6`), ascending.
+    static func setBits(_ bits: [UInt64]) -> [Int] {
         var out: [Int] = []
-        out.reserveCapacity(a.count + b.count)
         for (w, word) in bits.enumerated() where word != 0 {
             var rest = word
             while rest != 0 {

@@ -99,7 +99,7 @@ extension Attention {
             picked.withUnsafeMutableBufferPointer { pickedOut in
                 masses.withUnsafeMutableBufferPointer { tailOut in
                     let tasks = parts + (q.tail ? 1 : 0)
-                SpinJoin.run(tasks: tasks, threads: max(1, min(parameters.threads, tasks))) { p in
+                    SpinJoin.run(tasks: tasks, threads: max(1, min(parameters.threads, tasks))) { p in
                         guard p < parts else {
                             fixedPart = fixed.withUnsafeBufferPointer {
                                 AttentionKernel.attendGroup(queries: queries.baseAddress!, g: g, positions: $0, keys: keys, values: values,
@@ -146,7 +146,7 @@ extension Attention {
             // The value pass's work is uneven (the groups that weigh cluster), so each part's
             // groups split in slices that both cores claim as they finish.
             let slices = tailSlices(groupsOf)
-            let chosen = sortedPositions([], retrieved, below: coded)
+            let chosen = setBits(chosenBits)
             let first = chosen.isEmpty ? 0 : 1
             var tails = [[PartialAttention]](repeating: [], count: first + slices.count)
             tails.withUnsafeMutableBufferPointer { out in
@@ -257,14 +257,7 @@ extension Attention {
         var bits = [UInt64](repeating: 0, count: (count + 63) / 64)  // a bit per position of the part
         for head in picks { for key in head { let i = Int(kvr_pair_id(key)) - first; bits[i >> 6] |= 1 << UInt64(i & 63) } }
         var out = PickedWeights()
-        out.positions.reserveCapacity(picks.reduce(0) { $0 + $1.count })
-        for (w, word) in bits.enumerated() where word != 0 {
-            var rest = word
-            while rest != 0 {
-                out.positions.append(Int32(first + (w << 6 | rest.trailingZeroBitCount)))
-                rest &= rest - 1
-            }
-        }
+        out.positions = setBits(bits).map { Int32(first + $0) }
         out.weights = [Float](unsafeUninitializedCapacity: out.positions.count * g) { buffer, written in
             for (k, i) in out.positions.enumerated() { for h in 0..<g { buffer[k * g + h] = scores[h * stride + Int(i)] } }
             written = out.positions.count * g

@@ -657,6 +657,8 @@ func meanRecall(_ got: SearchResults, _ exact: SearchResults) -> Double {
                 let sample = Swift.stride(from: 0, to: n, by: stride).map { kvr_pair_key(scores[$0], Int32($0)) }.sorted()
                 #expect(kvr_sample_floor_key(scores, n, stride, rank) == sample[rank], "\(name), stride \(stride), rank \(rank)")
             }
+            #expect(kvr_sample_floor_key(scores, n, 16, 64) == .max)  // beyond the kept ranks: no floor
+            #expect(kvr_sample_floor_key(scores, n, 0, 3) == .max)
         }
     }
 

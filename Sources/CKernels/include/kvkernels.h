@@ -177,8 +177,9 @@ float kvr_max(const float *x, size_t n);
 size_t kvr_best_positions(const float *scores, size_t n, size_t take, int32_t *out, uint64_t *keys);
 
 /* kvr_best_positions' floor: the (rank + 1)-th smallest pair key of the sample scores[0],
- * scores[stride], ... (rank < 64 and below the sample's size). Exported for its tests: the picks
- * are right whatever floor it gives, only slower when it errs. */
+ * scores[stride], ... (the largest when the sample holds fewer); UINT64_MAX (no floor) for rank >= 64,
+ * stride 0 or n 0. Exported for its tests: the picks are right whatever floor it gives, only slower
+ * when it errs. */
 uint64_t kvr_sample_floor_key(const float *scores, size_t n, size_t stride, size_t rank);
 
 /* Starts fetching a group row's value part (steps, means and codes) into the caches: the value pass
