@@ -163,16 +163,22 @@ DEFINE_GROUP_SCORES(group_scores_f32, load8_f32)
 DEFINE_GROUP_SCORES(group_scores_f16, load8_f16)
 DEFINE_GROUP_SCORES(group_scores_bf16, load8_bf16)
 
-/* out[h][c] += sum_i w[h][i] v_i[c]: rows in runs of 32 (they stay in L1 while the dimensions are
- * swept 16 at a time), four heads' 2 x 8 accumulators in registers. */
+/* Rows per run of the value pass. 16 rather than 32: a run's rows (8 KB of 256 f16 dimensions) are read
+ * in fewer sweeps' strides and the next run's prefetches spread over as many sweeps arrive sooner; on AMD
+ * Zen 3, cold, exact attention of a 32K head 0.93x its time with 32 (45 paired runs, docs/BENCHMARKS.md,
+ * fourteenth session); 8 was no better cold and slower warm. */
+#define KVR_VALUE_RUN 16
+
+/* out[h][c] += sum_i w[h][i] v_i[c]: rows in runs of KVR_VALUE_RUN (they stay in L1 while the dimensions
+ * are swept 16 at a time), four heads' 2 x 8 accumulators in registers. */
 #define DEFINE_GROUP_ACCUMULATE(NAME, LOAD)                                                                  \
 FAST static void NAME(const float *w, size_t g, size_t stride, const void *const *rows, size_t n, size_t dv, \
                       int dtype, float *out) {                                                               \
-    const size_t d16 = dv & ~(size_t)15, rb = dv * (dtype == KVR_DTYPE_F32 ? 4 : 2);                         \
-    /* the next run's 32 rows are prefetched over the run's sweeps of 16 dimensions: `ahead` per sweep */   \
-    const size_t sweeps = d16 / 16 ? d16 / 16 : 1, ahead = (32 + sweeps - 1) / sweeps;                      \
-    for (size_t start = 0; start < n; start += 32) {                                                         \
-        const size_t end = start + 32 < n ? start + 32 : n;                                                  \
+    const size_t d16 = dv & ~(size_t)15, rb = dv * (dtype == KVR_DTYPE_F32 ? 4 : 2), R = KVR_VALUE_RUN;      \
+    /* the next run's rows are prefetched over the run's sweeps of 16 dimensions: `ahead` per sweep */       \
+    const size_t sweeps = d16 / 16 ? d16 / 16 : 1, ahead = (R + sweeps - 1) / sweeps;                       \
+    for (size_t start = 0; start < n; start += R) {                                                          \
+        const size_t end = start + R < n ? start + R : n;                                                    \
         size_t h = 0;                                                                                        \
         for (; h + 4 <= g; h += 4) {                                                                         \
             const float *w0 = w + h * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;      \
