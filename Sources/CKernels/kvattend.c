@@ -163,10 +163,9 @@ DEFINE_GROUP_SCORES(group_scores_f32, load8_f32)
 DEFINE_GROUP_SCORES(group_scores_f16, load8_f16)
 DEFINE_GROUP_SCORES(group_scores_bf16, load8_bf16)
 
-/* Rows per run of the value pass. 16 rather than 32: a run's rows (8 KB of 256 f16 dimensions) are read
- * in fewer sweeps' strides and the next run's prefetches spread over as many sweeps arrive sooner; on AMD
- * Zen 3, cold, exact attention of a 32K head 0.93x its time with 32 (45 paired runs, docs/BENCHMARKS.md,
- * fourteenth session); 8 was no better cold and slower warm. */
+/* Rows per run of the value pass, measured: on AMD Zen 3, cold, exact attention of a 32K x 256 f16 head
+ * takes 0.93x its time with runs of 32 (45 paired runs; docs/BENCHMARKS.md, fourteenth session); runs of 8
+ * were no faster cold and slower warm, runs of 64 slower. */
 #define KVR_VALUE_RUN 16
 
 /* out[h][c] += sum_i w[h][i] v_i[c]: rows in runs of KVR_VALUE_RUN (they stay in L1 while the dimensions
