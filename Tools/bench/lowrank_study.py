@@ -17,11 +17,17 @@ low-rank scan loses on its own:
 Bases: 'pca', the keys' principal components; 'qpca', the components of the keys' covariance in the
 metric of the prefill queries' second moment (what matters for q . k when queries are anisotropic).
 
+With --per-query the channels are chosen for each query instead (SparQ's idea, in the codes' blocks of 8
+channels so that a scan could skip whole blocks): the r channels of the blocks with the largest sum of
+|q_c| sigma_c (sigma_c the keys' spread in channel c; 'q' ranks by |q_c| alone), the dropped channels
+contributing through the key mean.
+
 With --bounds it measures the other way to scan less, skipping whole groups of 64 positions by a
 Quest-style bound (each channel's min and max over the group, which the codes store): the share of
 groups whose bounded mass, summed from the smallest, stays below 1e-3 / 1e-4 of the head's total.
 
-Usage: lowrank_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--groups 16] [--scale 0.0625] [--bounds]
+Usage: lowrank_study.py --dir Tools/bench/out/gemma32k --layers 05,11,17 [--groups 16] [--scale 0.0625]
+       [--ranks 32,64,128] [--bounds | --per-query]
 (the folder `Tools/bench/capture32k.sh` writes: layerNN_{keys,values,queries,prefill_queries}.npy).
 """
 
@@ -74,6 +80,44 @@ def study(folder, layer, groups, scale, ranks):
         print(f"layer {layer}  {name:4s} r {r:3d} of {d}: recall@128 {np.median(a[:, 0]):.3f}  median error {np.median(a[:, 1]):.4f}")
 
 
+def per_query(folder, layer, groups, scale, ranks, block=8):
+    load = lambda name: capture_study.load(folder, layer, name)
+    keys, values, queries = load("keys"), load("values"), load("queries")
+    n, d = keys.shape
+    mean = keys.mean(0)
+    sigma = np.sqrt(((keys - mean) ** 2).mean(0))
+    fixed = np.zeros(n, bool)
+    fixed[:4] = True
+    fixed[-64:] = True
+    results = {}
+    for row in range(min(groups * 4, len(queries))):
+        q = queries[row]
+        s = keys @ q * scale
+        top = s.max()
+        w = np.exp(s - top)
+        exact = w @ values / w.sum()
+        best = set(np.argsort(-np.where(fixed, -np.inf, s))[:128])
+        for name, weight in (("q", np.ones(d)), ("qsigma", sigma)):
+            importance = (np.abs(q) * weight).reshape(-1, block).sum(1)
+            for r in ranks:
+                chosen = np.zeros(d, bool)
+                for b in np.argsort(-importance)[: r // block]:
+                    chosen[b * block:(b + 1) * block] = True
+                approx = (keys[:, chosen] @ q[chosen] + mean[~chosen] @ q[~chosen]) * scale
+                picked = np.argsort(-np.where(fixed, -np.inf, approx))[:128]
+                attended = fixed.copy()
+                attended[picked] = True
+                tail = np.exp(approx - top)
+                tail[attended] = 0
+                out = (np.where(attended, w, 0) @ values + tail @ values) / (np.where(attended, w, 0).sum() + tail.sum())
+                error = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+                results.setdefault((name, r), []).append((len(best & set(picked)) / 128, error))
+    for (name, r), rows in sorted(results.items()):
+        a = np.array(rows)
+        print(f"layer {layer}  per query, {name:6s} r {r:3d} of {d}: recall@128 {np.median(a[:, 0]):.3f}  "
+              f"median error {np.median(a[:, 1]):.4f}  p90 {np.percentile(a[:, 1], 90):.4f}")
+
+
 def bounds(folder, layer, groups, scale):
     keys = capture_study.load(folder, layer, "keys")
     queries = capture_study.load(folder, layer, "queries")
@@ -98,10 +142,13 @@ def main():
     p = capture_study.parser(__doc__)
     p.add_argument("--ranks", default="32,64,128")
     p.add_argument("--bounds", action="store_true", help="measure group skipping by per-channel bounds instead")
+    p.add_argument("--per-query", action="store_true", help="choose the channels per query (blocks of 8) instead")
     a = p.parse_args()
     for layer in a.layers.split(","):
         if a.bounds:
             bounds(a.dir, layer, a.groups, a.scale)
+        elif a.per_query:
+            per_query(a.dir, layer, a.groups, a.scale, [int(r) for r in a.ranks.split(",")])
         else:
             study(a.dir, layer, a.groups, a.scale, [int(r) for r in a.ranks.split(",")])
 
