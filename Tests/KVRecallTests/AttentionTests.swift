@@ -42,35 +42,47 @@ import KVRecallTestSupport
     /// Exact attention's two group kernels (the scores of `g` query heads against rows, the weighted
     /// sums of value rows) equal their definition for every stored type, head tiling (4 at a time and
     /// single heads after), dimension (the 8- and 16-wide bodies' scalar tails) and row count (the value
-    /// pass's runs and the remainder after the last whole one).
+    /// pass's runs and the remainder after the last whole one; none). The rows are gathered through
+    /// pointers in shuffled order at unaligned addresses, as a part's positions are, and the score and
+    /// weight rows have a stride longer than the part, whose padding stays untouched.
     @Test func theGroupKernelsEqualTheirDefinition() {
         var rng = SeededRandom(seed: 31)
+        let shapes = [(1, 8, 1), (4, 256, 100), (6, 40, 17), (3, 24, 16), (4, 16, 15), (5, 256, 33), (4, 72, 64),
+                      (4, 20, 9), (2, 12, 5), (8, 48, 35), (4, 16, 0)]
         for dtype in [KVR_DTYPE_F32, KVR_DTYPE_F16, KVR_DTYPE_BF16] {
-            for (g, d, n) in [(1, 8, 1), (4, 256, 100), (6, 40, 17), (3, 24, 16), (4, 16, 15), (5, 256, 33), (4, 72, 64), (4, 20, 9), (2, 12, 5)] {
+            for (g, d, n) in shapes {
                 // Values exactly representable in every type, so the reference reads what the kernel reads.
                 let rows = (0..<n).map { _ in (0..<d).map { _ in Float(Int(rng.next() % 64) - 32) / 16 } }
-                let q = (0..<(g * d)).map { _ in Float(rng.gaussian()) }, w = (0..<(g * n)).map { _ in Float(rng.next() % 100) / 100 }
-                let flat: [UInt8] = rows.flatMap { row -> [UInt8] in
+                let q = (0..<(g * d)).map { _ in Float(rng.gaussian()) }
+                let stride = n + 3, pad: Float = -7
+                var w = [Float](repeating: 0, count: g * stride)
+                for h in 0..<g { for i in 0..<n { w[h * stride + i] = Float(rng.next() % 100) / 100 } }
+                let rowBytes = d * (dtype == KVR_DTYPE_F32 ? 4 : 2), offset = 4  // rows 4 bytes past any 32-byte boundary
+                var flat = [UInt8](repeating: 0, count: offset + n * rowBytes)
+                let order = (0..<n).shuffled(using: &rng)  // row i is stored at slot order[i]
+                for i in 0..<n {
+                    let encoded: [UInt8]
                     switch dtype {
-                    case KVR_DTYPE_F32: return row.withUnsafeBytes { Array($0) }
-                    case KVR_DTYPE_F16: return row.map { FloatBits.f16(from: $0) }.withUnsafeBytes { Array($0) }
-                    default: return row.map { UInt16($0.bitPattern >> 16) }.withUnsafeBytes { Array($0) }
+                    case KVR_DTYPE_F32: encoded = rows[i].withUnsafeBytes { Array($0) }
+                    case KVR_DTYPE_F16: encoded = rows[i].map { FloatBits.f16(from: $0) }.withUnsafeBytes { Array($0) }
+                    default: encoded = rows[i].map { UInt16($0.bitPattern >> 16) }.withUnsafeBytes { Array($0) }
                     }
+                    flat.replaceSubrange((offset + order[i] * rowBytes)..<(offset + (order[i] + 1) * rowBytes), with: encoded)
                 }
-                let rowBytes = flat.count / n
-                var scores = [Float](repeating: 0, count: g * n), sums = [Float](repeating: 1, count: g * d)
+                var scores = [Float](repeating: pad, count: g * stride), sums = [Float](repeating: 1, count: g * d)
                 flat.withUnsafeBytes { raw in
-                    let pointers: [UnsafeRawPointer?] = (0..<n).map { UnsafeRawPointer(raw.baseAddress! + $0 * rowBytes) }
-                    kvr_group_scores(q, g, d, pointers, n, Int32(dtype), 0.5, &scores, n)
-                    kvr_group_accumulate(w, g, n, pointers, n, d, Int32(dtype), &sums)
+                    let pointers: [UnsafeRawPointer?] = (0..<n).map { UnsafeRawPointer(raw.baseAddress! + offset + order[$0] * rowBytes) }
+                    kvr_group_scores(q, g, d, pointers, n, Int32(dtype), 0.5, &scores, stride)
+                    kvr_group_accumulate(w, g, stride, pointers, n, d, Int32(dtype), &sums)
                 }
                 for h in 0..<g {
                     for i in 0..<n {
                         let want = 0.5 * (0..<d).reduce(0.0) { $0 + Double(q[h * d + $1]) * Double(rows[i][$1]) }
-                        #expect(abs(Double(scores[h * n + i]) - want) < 1e-4 * max(1, abs(want)), "type \(dtype) g \(g) d \(d) n \(n): score")
+                        #expect(abs(Double(scores[h * stride + i]) - want) < 1e-4 * max(1, abs(want)), "type \(dtype) g \(g) d \(d) n \(n): score")
                     }
+                    #expect(scores[(h * stride + n)..<((h + 1) * stride)].allSatisfy { $0 == pad }, "type \(dtype) g \(g) d \(d) n \(n): padding")
                     for c in 0..<d {
-                        let want = 1 + (0..<n).reduce(0.0) { $0 + Double(w[h * n + $1]) * Double(rows[$1][c]) }
+                        let want = 1 + (0..<n).reduce(0.0) { $0 + Double(w[h * stride + $1]) * Double(rows[$1][c]) }
                         #expect(abs(Double(sums[h * d + c]) - want) < 1e-4 * max(1, abs(want)), "type \(dtype) g \(g) d \(d) n \(n): sum")
                     }
                 }

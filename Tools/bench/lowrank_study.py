@@ -84,6 +84,7 @@ def per_query(folder, layer, groups, scale, ranks, block=8):
     load = lambda name: capture_study.load(folder, layer, name)
     keys, values, queries = load("keys"), load("values"), load("queries")
     n, d = keys.shape
+    assert d % block == 0 and all(r % block == 0 for r in ranks), f"ranks and dimension must be multiples of {block}"
     mean = keys.mean(0)
     sigma = np.sqrt(((keys - mean) ** 2).mean(0))
     fixed = np.zeros(n, bool)
