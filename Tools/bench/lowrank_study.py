@@ -36,6 +36,37 @@ import numpy as np
 import capture_study
 
 
+def static_positions(n):
+    """Sinks (4) and window (64) as a mask: attended exactly whatever the scan says."""
+    fixed = np.zeros(n, bool)
+    fixed[:4] = True
+    fixed[-64:] = True
+    return fixed
+
+
+def decode_queries(keys, values, queries, groups, scale, fixed):
+    """Per decode query head: the query, its exact scores, their maximum, weights, exact output and top-128."""
+    for row in range(min(groups * 4, len(queries))):
+        q = queries[row]
+        s = keys @ q * scale
+        top = s.max()
+        w = np.exp(s - top)
+        yield q, s, top, w, w @ values / w.sum(), set(np.argsort(-np.where(fixed, -np.inf, s))[:128])
+
+
+def scored(approx, s, top, w, exact, best, fixed, values):
+    """Recall@128 and output error of attending the best 128 by `approx` (beyond sinks and window) exactly and
+    every other position with its approximate weight and exact value, in one softmax (s: the exact scores,
+    top their maximum, w their weights exp(s - top), exact the exact output, best the exact top-128)."""
+    picked = np.argsort(-np.where(fixed, -np.inf, approx))[:128]
+    attended = fixed.copy()
+    attended[picked] = True
+    tail = np.exp(approx - top)
+    tail[attended] = 0
+    out = (np.where(attended, w, 0) @ values + tail @ values) / (np.where(attended, w, 0).sum() + tail.sum())
+    return len(best & set(picked)) / 128, np.linalg.norm(out - exact) / np.linalg.norm(exact)
+
+
 def study(folder, layer, groups, scale, ranks):
     load = lambda name: capture_study.load(folder, layer, name)
     keys, values, queries, prefill = load("keys"), load("values"), load("queries"), load("prefill_queries")
@@ -49,16 +80,8 @@ def study(folder, layer, groups, scale, ranks):
     qpca = np.linalg.eigh(metric @ cov @ metric.T)[1][:, ::-1]
     to_metric = np.linalg.inv(metric).T
     results = {}
-    fixed = np.zeros(n, bool)
-    fixed[:4] = True
-    fixed[-64:] = True
-    for row in range(min(groups * 4, len(queries))):
-        q = queries[row]
-        s = keys @ q * scale
-        top = s.max()
-        w = np.exp(s - top)
-        exact = w @ values / w.sum()
-        best = set(np.argsort(-np.where(fixed, -np.inf, s))[:128])
+    fixed = static_positions(n)
+    for q, s, top, w, exact, best in decode_queries(keys, values, queries, groups, scale, fixed):
         for name in ("pca", "qpca"):
             for r in ranks:
                 if name == "pca":
@@ -67,14 +90,7 @@ def study(folder, layer, groups, scale, ranks):
                 else:
                     basis = qpca[:, :r]
                     approx = (((centred @ metric.T) @ basis) @ (basis.T @ (to_metric @ q)) + mean @ q) * scale
-                picked = np.argsort(-np.where(fixed, -np.inf, approx))[:128]
-                attended = fixed.copy()
-                attended[picked] = True
-                tail = np.exp(approx - top)
-                tail[attended] = 0
-                out = (np.where(attended, w, 0) @ values + tail @ values) / (np.where(attended, w, 0).sum() + tail.sum())
-                error = np.linalg.norm(out - exact) / np.linalg.norm(exact)
-                results.setdefault((name, r), []).append((len(best & set(picked)) / 128, error))
+                results.setdefault((name, r), []).append(scored(approx, s, top, w, exact, best, fixed, values))
     for (name, r), rows in sorted(results.items()):
         a = np.array(rows)
         print(f"layer {layer}  {name:4s} r {r:3d} of {d}: recall@128 {np.median(a[:, 0]):.3f}  median error {np.median(a[:, 1]):.4f}")
@@ -87,17 +103,9 @@ def per_query(folder, layer, groups, scale, ranks, block=8):
     assert d % block == 0 and all(r % block == 0 for r in ranks), f"ranks and dimension must be multiples of {block}"
     mean = keys.mean(0)
     sigma = np.sqrt(((keys - mean) ** 2).mean(0))
-    fixed = np.zeros(n, bool)
-    fixed[:4] = True
-    fixed[-64:] = True
+    fixed = static_positions(n)
     results = {}
-    for row in range(min(groups * 4, len(queries))):
-        q = queries[row]
-        s = keys @ q * scale
-        top = s.max()
-        w = np.exp(s - top)
-        exact = w @ values / w.sum()
-        best = set(np.argsort(-np.where(fixed, -np.inf, s))[:128])
+    for q, s, top, w, exact, best in decode_queries(keys, values, queries, groups, scale, fixed):
         for name, weight in (("q", np.ones(d)), ("qsigma", sigma)):
             importance = (np.abs(q) * weight).reshape(-1, block).sum(1)
             for r in ranks:
@@ -105,14 +113,7 @@ def per_query(folder, layer, groups, scale, ranks, block=8):
                 for b in np.argsort(-importance)[: r // block]:
                     chosen[b * block:(b + 1) * block] = True
                 approx = (keys[:, chosen] @ q[chosen] + mean[~chosen] @ q[~chosen]) * scale
-                picked = np.argsort(-np.where(fixed, -np.inf, approx))[:128]
-                attended = fixed.copy()
-                attended[picked] = True
-                tail = np.exp(approx - top)
-                tail[attended] = 0
-                out = (np.where(attended, w, 0) @ values + tail @ values) / (np.where(attended, w, 0).sum() + tail.sum())
-                error = np.linalg.norm(out - exact) / np.linalg.norm(exact)
-                results.setdefault((name, r), []).append((len(best & set(picked)) / 128, error))
+                results.setdefault((name, r), []).append(scored(approx, s, top, w, exact, best, fixed, values))
     for (name, r), rows in sorted(results.items()):
         a = np.array(rows)
         print(f"layer {layer}  per query, {name:6s} r {r:3d} of {d}: recall@128 {np.median(a[:, 0]):.3f}  "
