@@ -177,14 +177,14 @@ FAST static void NAME(const float *w, size_t g, size_t stride, const void *const
     /* the next run's rows are prefetched over the run's sweeps of 16 dimensions: `ahead` per sweep */       \
     const size_t sweeps = d16 / 16 ? d16 / 16 : 1, ahead = (R + sweeps - 1) / sweeps;                       \
     for (size_t start = 0; start < n; start += R) {                                                          \
-        const size_t end = start + R < n ? start + R : n;                                                    \
+        const size_t end = start + R < n ? start + R : n, next = end + R < n ? end + R : n;  /* the next run */ \
         size_t h = 0;                                                                                        \
         for (; h + 4 <= g; h += 4) {                                                                         \
             const float *w0 = w + h * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;      \
             float *o0 = out + h * dv, *o1 = o0 + dv, *o2 = o1 + dv, *o3 = o2 + dv;                           \
             for (size_t c = 0; c < d16; c += 16) {                                                           \
                 /* the next run's rows, spread so that they arrive before they are read            */   \
-                for (size_t i = end + ahead * (c / 16); i < end + ahead * (c / 16) + ahead && i < end + R && i < n; i++) prefetch_row(rows[i], rb); \
+                for (size_t i = end + ahead * (c / 16); i < end + ahead * (c / 16) + ahead && i < next; i++) prefetch_row(rows[i], rb); \
                 __m256 a00 = _mm256_loadu_ps(o0 + c), a01 = _mm256_loadu_ps(o0 + c + 8);                     \
                 __m256 a10 = _mm256_loadu_ps(o1 + c), a11 = _mm256_loadu_ps(o1 + c + 8);                     \
                 __m256 a20 = _mm256_loadu_ps(o2 + c), a21 = _mm256_loadu_ps(o2 + c + 8);                     \
@@ -207,7 +207,7 @@ FAST static void NAME(const float *w, size_t g, size_t stride, const void *const
             float *oh = out + h * dv;                                                                        \
             for (size_t c = 0; c < d16; c += 16) {                                                           \
                 if (h + 1 == g)                                                                              \
-                    for (size_t i = end + ahead * (c / 16); i < end + ahead * (c / 16) + ahead && i < end + R && i < n; i++) prefetch_row(rows[i], rb); \
+                    for (size_t i = end + ahead * (c / 16); i < end + ahead * (c / 16) + ahead && i < next; i++) prefetch_row(rows[i], rb); \
                 __m256 a0 = _mm256_loadu_ps(oh + c), a1 = _mm256_loadu_ps(oh + c + 8);                       \
                 for (size_t i = start; i < end; i++) {                                                       \
                     __m256 b = _mm256_broadcast_ss(wh + i);                                                  \

@@ -49,7 +49,7 @@ import KVRecallTestSupport
         var rng = SeededRandom(seed: 31)
         let shapes = [(1, 8, 1), (4, 256, 100), (6, 40, 17), (3, 24, 16), (4, 16, 15), (5, 256, 33), (4, 72, 64),
                       (4, 20, 9), (2, 12, 5), (8, 48, 35), (4, 16, 0)]
-        for dtype in [KVR_DTYPE_F32, KVR_DTYPE_F16, KVR_DTYPE_BF16] {
+        for (dtype, stored) in [(KVR_DTYPE_F32, TensorDType.f32), (KVR_DTYPE_F16, .f16), (KVR_DTYPE_BF16, .bf16)] {
             for (g, d, n) in shapes {
                 // Values exactly representable in every type, so the reference reads what the kernel reads.
                 let rows = (0..<n).map { _ in (0..<d).map { _ in Float(Int(rng.next() % 64) - 32) / 16 } }
@@ -57,16 +57,11 @@ import KVRecallTestSupport
                 let stride = n + 3, pad: Float = -7
                 var w = [Float](repeating: 0, count: g * stride)
                 for h in 0..<g { for i in 0..<n { w[h * stride + i] = Float(rng.next() % 100) / 100 } }
-                let rowBytes = d * (dtype == KVR_DTYPE_F32 ? 4 : 2), offset = 4  // rows 4 bytes past any 32-byte boundary
+                let rowBytes = d * stored.byteWidth, offset = 4  // rows 4 bytes past any 32-byte boundary
                 var flat = [UInt8](repeating: 0, count: offset + n * rowBytes)
                 let order = (0..<n).shuffled(using: &rng)  // row i is stored at slot order[i]
                 for i in 0..<n {
-                    let encoded: [UInt8]
-                    switch dtype {
-                    case KVR_DTYPE_F32: encoded = rows[i].withUnsafeBytes { Array($0) }
-                    case KVR_DTYPE_F16: encoded = rows[i].map { FloatBits.f16(from: $0) }.withUnsafeBytes { Array($0) }
-                    default: encoded = rows[i].map { UInt16($0.bitPattern >> 16) }.withUnsafeBytes { Array($0) }
-                    }
+                    let encoded = Tensor(name: "row", shape: [1, d], dtype: stored, floats: rows[i]).data
                     flat.replaceSubrange((offset + order[i] * rowBytes)..<(offset + (order[i] + 1) * rowBytes), with: encoded)
                 }
                 var scores = [Float](repeating: pad, count: g * stride), sums = [Float](repeating: 1, count: g * d)
