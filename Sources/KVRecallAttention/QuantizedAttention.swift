@@ -193,6 +193,20 @@ extension Attention {
     /// group's share (`g x groups.count`), the weights exp(s - max) left in `scores`.
     struct TailMasses {
         var maxima: [Float] = [], totals: [Float] = [], groupMass: [Float] = []
+
+        /// Runs `body` with `remove(weight, head, group)`, which takes a head's weight at one of the
+        /// part's `count` groups out of that group's and the part's mass (a subtraction that cancels
+        /// stops at 0).
+        mutating func removing(groups count: Int, _ body: (_ remove: (Float, Int, Int) -> Void) -> Void) {
+            groupMass.withUnsafeMutableBufferPointer { mass in
+                totals.withUnsafeMutableBufferPointer { totals in
+                    body { w, h, j in
+                        mass[h * count + j] = max(0, mass[h * count + j] - w)
+                        totals[h] = max(0, totals[h] - w)
+                    }
+                }
+            }
+        }
     }
 
     static func tailMasses(scores: UnsafeMutablePointer<Float>, g: Int, coded: Int, group: Int, groups: Range<Int>) -> TailMasses {
@@ -222,25 +236,20 @@ extension Attention {
         var removed = [[Float]](repeating: Array(repeating: 0, count: g), count: parts.count)
         guard !positions.isEmpty else { return removed }
         for p in parts.indices {
-            let range = parts[p], count = range.count
-            var m = masses[p]
-            masses[p] = TailMasses()  // the part's arrays stay uniquely referenced while written
-            m.groupMass.withUnsafeMutableBufferPointer { mass in
-                m.totals.withUnsafeMutableBufferPointer { totals in
-                    for i in positions where range.contains(i / group) {
-                        let j = i / group - range.lowerBound
-                        for h in 0..<g {
-                            let w = scores[h * coded + i]
-                            scores[h * coded + i] = 0
-                            guard w > 0 else { continue }
-                            removed[p][h] += w
-                            mass[h * count + j] = max(0, mass[h * count + j] - w)
-                            totals[h] = max(0, totals[h] - w)
-                        }
+            let range = parts[p]
+            var taken = removed[p]
+            masses[p].removing(groups: range.count) { remove in
+                for i in positions where range.contains(i / group) {
+                    for h in 0..<g {
+                        let w = scores[h * coded + i]
+                        scores[h * coded + i] = 0
+                        guard w > 0 else { continue }
+                        taken[h] += w
+                        remove(w, h, i / group - range.lowerBound)
                     }
                 }
             }
-            masses[p] = m
+            removed[p] = taken
         }
         return removed
     }
@@ -272,36 +281,27 @@ extension Attention {
                                  masses: inout [TailMasses]) -> [[Float]] {
         var removed = [[Float]](repeating: Array(repeating: 0, count: g), count: parts.count)
         for p in parts.indices where !picked[p].positions.isEmpty {
-            let range = parts[p], count = range.count
-            var m = masses[p]
-            masses[p] = TailMasses()  // the part's arrays stay uniquely referenced while written
-            var out = removed[p]
-            m.groupMass.withUnsafeMutableBufferPointer { mass in
-                m.totals.withUnsafeMutableBufferPointer { totals in
-                    out.withUnsafeMutableBufferPointer { taken in
-                        chosen.withUnsafeBufferPointer { bits in
-                            picked[p].positions.withUnsafeBufferPointer { positions in
-                                picked[p].weights.withUnsafeBufferPointer { weights in
-                                    for k in positions.indices {
-                                        let i = Int(positions[k])
-                                        guard bits[i >> 6] & (1 << UInt64(i & 63)) != 0 else { continue }
-                                        let j = i / group - range.lowerBound
-                                        for h in 0..<g {
-                                            let w = weights[k * g + h]
-                                            guard w > 0 else { continue }
-                                            taken[h] += w
-                                            mass[h * count + j] = max(0, mass[h * count + j] - w)
-                                            totals[h] = max(0, totals[h] - w)
-                                        }
-                                    }
+            let range = parts[p]
+            var taken = removed[p]
+            masses[p].removing(groups: range.count) { remove in
+                chosen.withUnsafeBufferPointer { bits in
+                    picked[p].positions.withUnsafeBufferPointer { positions in
+                        picked[p].weights.withUnsafeBufferPointer { weights in
+                            for k in positions.indices {
+                                let i = Int(positions[k])
+                                guard bits[i >> 6] & (1 << UInt64(i & 63)) != 0 else { continue }
+                                for h in 0..<g {
+                                    let w = weights[k * g + h]
+                                    guard w > 0 else { continue }
+                                    taken[h] += w
+                                    remove(w, h, i / group - range.lowerBound)
                                 }
                             }
                         }
                     }
                 }
             }
-            removed[p] = out
-            masses[p] = m
+            removed[p] = taken
         }
         return removed
     }
