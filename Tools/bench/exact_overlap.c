@@ -7,17 +7,24 @@
  * If the passes overlapped their reads with their arithmetic, cold would be near max(read, warm); where it is
  * near read + warm, the core computes and waits in turn (docs/BENCHMARKS.md, thirteenth session).
  *
+ * With a third argument 2, two threads run every measurement at once, each over its half of the rows (and
+ * its own warm rows), as a decode step's two parts do; the figures are then ns per position of the whole
+ * (wall time over all rows), so the floor's line is the two-core floor (fifteenth session).
+ *
  * Build from the repository root:
  *   clang -O2 -I Sources/CKernels/include -I Sources/CKernels -o /tmp/exact_overlap \
- *       Tools/bench/exact_overlap.c Sources/CKernels/kvkernels.c -lm
- *   /tmp/exact_overlap [rows: 65536] [warm rows: 384]
+ *       Tools/bench/exact_overlap.c Sources/CKernels/kvkernels.c Sources/CKernels/kvcodes.c \
+ *       Sources/CKernels/kvthread.c -lm -lpthread
+ *   /tmp/exact_overlap [rows: 65536] [warm rows: 384] [threads: 1 or 2]
  * Prints ns per position (one key row and one value row, four heads): medians of 11 interleaved rounds. */
 #include "../../Sources/CKernels/kvattend.c"
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
-enum { D = 256, HEADS = 4, CHUNK = 256, ROUNDS = 11 };
+enum { D = 256, HEADS = 4, CHUNK = 256, ROUNDS = 11, WARM_REPEATS = 32 };
 
 static double now(void) {
     struct timespec t;
@@ -46,10 +53,66 @@ static void values_pass(const float *w, const void **rows, size_t n, float *out)
         kvr_group_accumulate(w + st, HEADS, n, rows + st, n - st < CHUNK ? n - st : CHUNK, D, KVR_DTYPE_F16, out);
 }
 
+/* One measured operation over a thread's share of the rows. */
+enum op { READ, WARM_SCORES, WARM_VALUES, COLD_SCORES, SOFTMAX, COLD_VALUES };
+struct share {
+    enum op op;
+    const void **krows, **vrows;
+    const uint16_t *keys, *values;
+    size_t n, warm_n;
+    const float *q;
+    float *s, *out;
+    uint64_t sink;
+};
+
+static void *run_share(void *arg) {
+    struct share *t = arg;
+    switch (t->op) {
+    case READ: t->sink ^= kvr_read_bytes(t->keys, t->n * D * 2) ^ kvr_read_bytes(t->values, t->n * D * 2); break;
+    case WARM_SCORES: for (int k = 0; k < WARM_REPEATS; k++) scores_pass(t->q, t->krows, t->warm_n, t->s); break;
+    case WARM_VALUES: for (int k = 0; k < WARM_REPEATS; k++) values_pass(t->s, t->vrows, t->warm_n, t->out); break;
+    case COLD_SCORES: scores_pass(t->q, t->krows, t->n, t->s); break;
+    case SOFTMAX:  /* between the passes, as AttentionKernel.attendPart: each head's maximum, then its weights */
+        for (size_t h = 0; h < HEADS; h++) t->sink += (uint64_t)kvr_exp_sub(t->s + h * t->n, t->n, kvr_max(t->s + h * t->n, t->n));
+        break;
+    case COLD_VALUES: values_pass(t->s, t->vrows, t->n, t->out); break;
+    }
+    return NULL;
+}
+
+/* The second share's thread, started once and kept spinning between operations (a decode step's
+ * helper is kept awake the same way: a sleeping vCPU takes tens of microseconds to wake). */
+static struct share *helper_share;
+static _Atomic int helper_go, helper_done;
+
+static void *helper_loop(void *arg) {
+    (void)arg;
+    for (int seen = 0;;) {
+        int go;
+        while ((go = helper_go) == seen) __builtin_ia32_pause();
+        if (go < 0) return NULL;
+        run_share(helper_share);
+        seen = go;
+        helper_done = go;
+    }
+}
+
+/* Runs `op` on every share at once (the first on this thread) and returns the wall time. */
+static double run_all(struct share *shares, int threads, enum op op) {
+    static int round;
+    for (int t = 0; t < threads; t++) shares[t].op = op;
+    const double t0 = now();
+    if (threads > 1) helper_go = ++round;
+    run_share(&shares[0]);
+    if (threads > 1) while (helper_done != round) __builtin_ia32_pause();
+    return now() - t0;
+}
+
 int main(int argc, char **argv) {
     const size_t n = argc > 1 ? (size_t)atol(argv[1]) : 65536, warm_n = argc > 2 ? (size_t)atol(argv[2]) : 384;
-    if (n < CHUNK || warm_n < 2 || warm_n > n) {
-        fprintf(stderr, "usage: exact_overlap [rows >= %d] [warm rows, 2..rows]\n", CHUNK);
+    const int threads = argc > 3 ? atoi(argv[3]) : 1;
+    if (n < 2 * CHUNK || warm_n < 2 || warm_n > n / 2 || threads < 1 || threads > 2) {
+        fprintf(stderr, "usage: exact_overlap [rows >= %d] [warm rows, 2..rows/2] [threads: 1 or 2]\n", 2 * CHUNK);
         return 2;
     }
     junk = malloc(junk_bytes);
@@ -71,40 +134,55 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < HEADS * D; i++) q[i] = rand() / (float)RAND_MAX - 0.5f;
     for (size_t i = 0; i < HEADS * n; i++) s[i] = rand() / (float)RAND_MAX;  /* weights for the value pass */
 
-    double read[ROUNDS], warm_s[ROUNDS], warm_v[ROUNDS], cold_s[ROUNDS], cold_v[ROUNDS];
+    /* Each thread's share: its half of the rows, its own scores (HEADS rows of its row count) and sums. */
+    struct share shares[2];
+    float *out2 = calloc(HEADS * D, sizeof(float)), *s2 = malloc(HEADS * n * sizeof(float));
+    if (!out2 || !s2) { fprintf(stderr, "exact_overlap: out of memory\n"); return 1; }
+    for (int t = 0; t < threads; t++) {
+        const size_t first = n * t / threads, count = n * (t + 1) / threads - first;
+        shares[t] = (struct share){.krows = krows + first, .vrows = vrows + first, .keys = keys + first * D,
+                                   .values = values + first * D, .n = count, .warm_n = warm_n, .q = q,
+                                   .s = t ? s2 : s, .out = t ? out2 : out};
+    }
+
+    pthread_t helper;
+    if (threads > 1) {
+        helper_share = &shares[1];
+        if (pthread_create(&helper, NULL, helper_loop, NULL) != 0) {
+            fprintf(stderr, "exact_overlap: cannot start a thread\n");
+            return 1;
+        }
+    }
+
+    double read[ROUNDS], warm_s[ROUNDS], warm_v[ROUNDS], cold_s[ROUNDS], soft[ROUNDS], cold_v[ROUNDS];
     uint64_t sink = 0;
+    const double warm_rows = (double)WARM_REPEATS * (double)warm_n * threads;
     for (int r = 0; r < ROUNDS; r++) {
         evict();
-        double t = now();
-        sink ^= kvr_read_bytes(keys, n * D * 2) ^ kvr_read_bytes(values, n * D * 2);
-        read[r] = (now() - t) / (double)n;
+        read[r] = run_all(shares, threads, READ) / (double)n;
 
-        scores_pass(q, krows, warm_n, s);  /* brings the warm rows into the L2 */
-        t = now();
-        for (int k = 0; k < 8; k++) scores_pass(q, krows, warm_n, s);
-        warm_s[r] = (now() - t) / (8.0 * (double)warm_n);
-        values_pass(s, vrows, warm_n, out);
-        t = now();
-        for (int k = 0; k < 8; k++) values_pass(s, vrows, warm_n, out);
-        warm_v[r] = (now() - t) / (8.0 * (double)warm_n);
+        run_all(shares, threads, WARM_SCORES);  /* brings the warm rows into the L2 */
+        warm_s[r] = run_all(shares, threads, WARM_SCORES) / warm_rows;
+        run_all(shares, threads, WARM_VALUES);
+        warm_v[r] = run_all(shares, threads, WARM_VALUES) / warm_rows;
 
         evict();
-        t = now();
-        scores_pass(q, krows, n, s);
-        cold_s[r] = (now() - t) / (double)n;
-        for (size_t i = 0; i < HEADS * n; i++) s[i] = 0.5f;  /* keep the weights finite whatever the scores */
+        cold_s[r] = run_all(shares, threads, COLD_SCORES) / (double)n;
+        soft[r] = run_all(shares, threads, SOFTMAX) / (double)n;
+        for (size_t i = 0; i < HEADS * n; i++) s[i] = s2[i] = 0.5f;  /* keep the weights finite whatever the scores */
         evict();
-        t = now();
-        values_pass(s, vrows, n, out);
-        cold_v[r] = (now() - t) / (double)n;
+        cold_v[r] = run_all(shares, threads, COLD_VALUES) / (double)n;
     }
-    double *all[5] = {read, warm_s, warm_v, cold_s, cold_v};
-    for (int k = 0; k < 5; k++) qsort(all[k], ROUNDS, sizeof(double), by_value);
+    if (threads > 1) { helper_go = -1; pthread_join(helper, NULL); }
+    for (int t = 0; t < threads; t++) sink ^= shares[t].sink;
+    double *all[6] = {read, warm_s, warm_v, cold_s, soft, cold_v};
+    for (int k = 0; k < 6; k++) qsort(all[k], ROUNDS, sizeof(double), by_value);
     const int m = ROUNDS / 2;
-    printf("%zu rows x %d f16 (keys and values %zu MB each), %d heads, one core, ns per position (medians of %d):\n",
-           n, D, n * D * 2 >> 20, HEADS, ROUNDS);
+    printf("%zu rows x %d f16 (keys and values %zu MB each), %d heads, %s, ns per position (medians of %d):\n",
+           n, D, n * D * 2 >> 20, HEADS, threads > 1 ? "two threads, half the rows each" : "one core", ROUNDS);
     printf("  read keys and values (the floor's kernel)   %6.1f\n", read[m] * 1e9);
     printf("  score pass: warm %6.1f, cold %6.1f\n", warm_s[m] * 1e9, cold_s[m] * 1e9);
+    printf("  softmax between them (maxima, exponentials): %.1f\n", soft[m] * 1e9);
     printf("  value pass: warm %6.1f, cold %6.1f\n", warm_v[m] * 1e9, cold_v[m] * 1e9);
     printf("  both passes: warm %.1f + read %.1f = %.1f; max %.1f; cold %.1f\n", (warm_s[m] + warm_v[m]) * 1e9, read[m] * 1e9,
            (warm_s[m] + warm_v[m] + read[m]) * 1e9, (warm_s[m] + warm_v[m] > read[m] ? warm_s[m] + warm_v[m] : read[m]) * 1e9,
