@@ -13,8 +13,7 @@
  *
  * Build from the repository root:
  *   clang -O2 -I Sources/CKernels/include -I Sources/CKernels -o /tmp/exact_overlap \
- *       Tools/bench/exact_overlap.c Sources/CKernels/kvkernels.c Sources/CKernels/kvcodes.c \
- *       Sources/CKernels/kvthread.c -lm -lpthread
+ *       Tools/bench/exact_overlap.c Sources/CKernels/kvkernels.c Sources/CKernels/kvcodes.c -lm -lpthread
  *   /tmp/exact_overlap [rows: 65536] [warm rows: 384] [threads: 1 or 2]
  * Prints ns per position (one key row and one value row, four heads): medians of 11 interleaved rounds. */
 #include "../../Sources/CKernels/kvattend.c"
@@ -34,8 +33,10 @@ static double now(void) {
 
 static unsigned char *junk;
 static const size_t junk_bytes = (size_t)128 << 20;  /* four times a 32 MB L3 */
-static void evict(void) {
-    for (size_t i = 0; i < junk_bytes; i += 64) junk[i]++;
+/* Touches part `t` of `parts` of the junk: run by every thread at once, so that each core's own L2 is
+ * evicted too (Zen's L3 is a victim cache: a read on one core leaves the other's L2 as it was). */
+static void evict_part(size_t t, size_t parts) {
+    for (size_t i = junk_bytes * t / parts; i < junk_bytes * (t + 1) / parts; i += 64) junk[i]++;
 }
 
 static int by_value(const void *a, const void *b) {
@@ -54,9 +55,10 @@ static void values_pass(const float *w, const void **rows, size_t n, float *out)
 }
 
 /* One measured operation over a thread's share of the rows. */
-enum op { READ, WARM_SCORES, WARM_VALUES, COLD_SCORES, SOFTMAX, COLD_VALUES };
+enum op { EVICT, READ, WARM_SCORES, WARM_VALUES, COLD_SCORES, SOFTMAX, COLD_VALUES };
 struct share {
-    enum op op;
+    _Alignas(64) enum op op;  /* a cache line of its own per share */
+    size_t index, shares;
     const void **krows, **vrows;
     const uint16_t *keys, *values;
     size_t n, warm_n;
@@ -68,6 +70,7 @@ struct share {
 static void *run_share(void *arg) {
     struct share *t = arg;
     switch (t->op) {
+    case EVICT: evict_part(t->index, t->shares); break;
     case READ: t->sink ^= kvr_read_bytes(t->keys, t->n * D * 2) ^ kvr_read_bytes(t->values, t->n * D * 2); break;
     case WARM_SCORES: for (int k = 0; k < WARM_REPEATS; k++) scores_pass(t->q, t->krows, t->warm_n, t->s); break;
     case WARM_VALUES: for (int k = 0; k < WARM_REPEATS; k++) values_pass(t->s, t->vrows, t->warm_n, t->out); break;
@@ -99,24 +102,25 @@ static void *helper_loop(void *arg) {
 
 /* Runs `op` on every share at once (the first on this thread) and returns the wall time. */
 static double run_all(struct share *shares, int threads, enum op op) {
-    static int round;
+    static int issued;
     for (int t = 0; t < threads; t++) shares[t].op = op;
     const double t0 = now();
-    if (threads > 1) helper_go = ++round;
+    if (threads > 1) helper_go = ++issued;
     run_share(&shares[0]);
-    if (threads > 1) while (helper_done != round) __builtin_ia32_pause();
+    if (threads > 1) while (helper_done != issued) __builtin_ia32_pause();
     return now() - t0;
 }
 
 int main(int argc, char **argv) {
     const size_t n = argc > 1 ? (size_t)atol(argv[1]) : 65536, warm_n = argc > 2 ? (size_t)atol(argv[2]) : 384;
     const int threads = argc > 3 ? atoi(argv[3]) : 1;
-    if (n < 2 * CHUNK || warm_n < 2 || warm_n > n / 2 || threads < 1 || threads > 2) {
-        fprintf(stderr, "usage: exact_overlap [rows >= %d] [warm rows, 2..rows/2] [threads: 1 or 2]\n", 2 * CHUNK);
+    if (threads < 1 || threads > 2 || n < (size_t)threads * CHUNK || warm_n < 2 || warm_n > n / (size_t)threads) {
+        fprintf(stderr, "usage: exact_overlap [rows >= 256 per thread] [warm rows, 2..rows per thread] [threads: 1 or 2]\n");
         return 2;
     }
     junk = malloc(junk_bytes);
-    uint16_t *keys = aligned_alloc(4096, n * D * 2), *values = aligned_alloc(4096, n * D * 2);
+    const size_t bytes = (n * D * 2 + 4095) & ~(size_t)4095;  /* aligned_alloc wants a multiple of the alignment */
+    uint16_t *keys = aligned_alloc(4096, bytes), *values = aligned_alloc(4096, bytes);
     const void **krows = malloc(n * sizeof(void *)), **vrows = malloc(n * sizeof(void *));
     float *q = malloc(HEADS * D * sizeof(float)), *s = malloc(HEADS * n * sizeof(float)), *out = calloc(HEADS * D, sizeof(float));
     if (!junk || !keys || !values || !krows || !vrows || !q || !s || !out) {
@@ -136,11 +140,11 @@ int main(int argc, char **argv) {
 
     /* Each thread's share: its half of the rows, its own scores (HEADS rows of its row count) and sums. */
     struct share shares[2];
-    float *out2 = calloc(HEADS * D, sizeof(float)), *s2 = malloc(HEADS * n * sizeof(float));
+    float *out2 = calloc(HEADS * D, sizeof(float)), *s2 = threads > 1 ? malloc(HEADS * n * sizeof(float)) : s;
     if (!out2 || !s2) { fprintf(stderr, "exact_overlap: out of memory\n"); return 1; }
     for (int t = 0; t < threads; t++) {
         const size_t first = n * t / threads, count = n * (t + 1) / threads - first;
-        shares[t] = (struct share){.krows = krows + first, .vrows = vrows + first, .keys = keys + first * D,
+        shares[t] = (struct share){.index = (size_t)t, .shares = (size_t)threads, .krows = krows + first, .vrows = vrows + first, .keys = keys + first * D,
                                    .values = values + first * D, .n = count, .warm_n = warm_n, .q = q,
                                    .s = t ? s2 : s, .out = t ? out2 : out};
     }
@@ -158,7 +162,7 @@ int main(int argc, char **argv) {
     uint64_t sink = 0;
     const double warm_rows = (double)WARM_REPEATS * (double)warm_n * threads;
     for (int r = 0; r < ROUNDS; r++) {
-        evict();
+        run_all(shares, threads, EVICT);
         read[r] = run_all(shares, threads, READ) / (double)n;
 
         run_all(shares, threads, WARM_SCORES);  /* brings the warm rows into the L2 */
@@ -166,11 +170,11 @@ int main(int argc, char **argv) {
         run_all(shares, threads, WARM_VALUES);
         warm_v[r] = run_all(shares, threads, WARM_VALUES) / warm_rows;
 
-        evict();
+        run_all(shares, threads, EVICT);
         cold_s[r] = run_all(shares, threads, COLD_SCORES) / (double)n;
         soft[r] = run_all(shares, threads, SOFTMAX) / (double)n;
-        for (size_t i = 0; i < HEADS * n; i++) s[i] = s2[i] = 0.5f;  /* keep the weights finite whatever the scores */
-        evict();
+        for (size_t i = 0; i < HEADS * n; i++) s[i] = s2[i] = 0.5f;  /* finite weights whatever the scores (s2 is s on one thread) */
+        run_all(shares, threads, EVICT);
         cold_v[r] = run_all(shares, threads, COLD_VALUES) / (double)n;
     }
     if (threads > 1) { helper_go = -1; pthread_join(helper, NULL); }
