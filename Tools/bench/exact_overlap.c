@@ -17,8 +17,7 @@
  *   /tmp/exact_overlap [rows: 65536] [warm rows: 384] [threads: 1 or 2]
  * Prints ns per position (one key row and one value row, four heads): medians of 11 interleaved rounds. */
 #include "../../Sources/CKernels/kvattend.c"
-#include <pthread.h>
-#include <stdatomic.h>
+#include "spin_pair.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -67,7 +66,7 @@ struct share {
     uint64_t sink;
 };
 
-static void *run_share(void *arg) {
+static void run_share(void *arg) {
     struct share *t = arg;
     switch (t->op) {
     case EVICT: evict_part(t->index, t->shares); break;
@@ -80,34 +79,14 @@ static void *run_share(void *arg) {
         break;
     case COLD_VALUES: values_pass(t->s, t->vrows, t->n, t->out); break;
     }
-    return NULL;
 }
 
-/* The second share's thread, started once and kept spinning between operations (a decode step's
- * helper is kept awake the same way: a sleeping vCPU takes tens of microseconds to wake). */
-static struct share *helper_share;
-static _Atomic int helper_go, helper_done;
-
-static void *helper_loop(void *arg) {
-    (void)arg;
-    for (int seen = 0;;) {
-        int go;
-        while ((go = helper_go) == seen) __builtin_ia32_pause();
-        if (go < 0) return NULL;
-        run_share(helper_share);
-        seen = go;
-        helper_done = go;
-    }
-}
-
-/* Runs `op` on every share at once (the first on this thread) and returns the wall time. */
+/* Runs `op` on every share at once (the second on the spinning helper) and returns the wall time. */
 static double run_all(struct share *shares, int threads, enum op op) {
-    static int issued;
     for (int t = 0; t < threads; t++) shares[t].op = op;
     const double t0 = now();
-    if (threads > 1) helper_go = ++issued;
-    run_share(&shares[0]);
-    if (threads > 1) while (helper_done != issued) __builtin_ia32_pause();
+    if (threads > 1) spin_pair_run(run_share, &shares[0], &shares[1]);
+    else run_share(&shares[0]);
     return now() - t0;
 }
 
@@ -149,13 +128,9 @@ int main(int argc, char **argv) {
                                    .s = t ? s2 : s, .out = t ? out2 : out};
     }
 
-    pthread_t helper;
-    if (threads > 1) {
-        helper_share = &shares[1];
-        if (pthread_create(&helper, NULL, helper_loop, NULL) != 0) {
-            fprintf(stderr, "exact_overlap: cannot start a thread\n");
-            return 1;
-        }
+    if (threads > 1 && spin_pair_start() != 0) {
+        fprintf(stderr, "exact_overlap: cannot start a thread\n");
+        return 1;
     }
 
     double read[ROUNDS], warm_s[ROUNDS], warm_v[ROUNDS], cold_s[ROUNDS], soft[ROUNDS], cold_v[ROUNDS];
@@ -177,7 +152,7 @@ int main(int argc, char **argv) {
         run_all(shares, threads, EVICT);
         cold_v[r] = run_all(shares, threads, COLD_VALUES) / (double)n;
     }
-    if (threads > 1) { helper_go = -1; pthread_join(helper, NULL); }
+    if (threads > 1) spin_pair_stop();
     for (int t = 0; t < threads; t++) sink ^= shares[t].sink;
     double *all[6] = {read, warm_s, warm_v, cold_s, soft, cold_v};
     for (int k = 0; k < 6; k++) qsort(all[k], ROUNDS, sizeof(double), by_value);

@@ -10,8 +10,7 @@
  *
  * Arguments: work per step (loop iterations; 300000 is ~0.35 ms on one 3 GHz core), threads (1 or 2).
  */
-#include <pthread.h>
-#include <stdatomic.h>
+#include "spin_pair.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -20,7 +19,6 @@ enum { STEPS = 3000, WINDOW = 101, SIZE = 1 << 20 };
 
 static float data[SIZE];
 static long work;
-static atomic_int started, finished;
 static volatile double sink;
 
 static double micros(void) {
@@ -35,16 +33,7 @@ static double compute(long n) {
     return s;
 }
 
-static void *helper(void *unused) {
-    (void)unused;
-    for (int seen = 0;;) {
-        while (atomic_load(&started) == seen) {}
-        seen = atomic_load(&started);
-        sink = compute(work / 2);
-        atomic_fetch_add(&finished, 1);
-    }
-    return NULL;
-}
+static void half_step(void *result) { *(double *)result = compute(work / 2); }
 
 static int ascending(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -59,16 +48,14 @@ int main(int argc, char **argv) {
     work = atol(argv[1]);
     int threads = atoi(argv[2]);
     for (int i = 0; i < SIZE; i++) data[i] = (float)i;
-    pthread_t thread;
-    if (threads == 2 && pthread_create(&thread, NULL, helper, NULL) != 0) { perror("pthread_create"); return 1; }
+    if (threads == 2 && spin_pair_start() != 0) { perror("pthread_create"); return 1; }
     static double step[STEPS], local[STEPS], window[WINDOW];
     for (int i = 0; i < STEPS; i++) {
         double t0 = micros();
         if (threads == 2) {
-            int target = atomic_load(&finished) + 1;
-            atomic_fetch_add(&started, 1);
-            sink = compute(work / 2);
-            while (atomic_load(&finished) < target) {}
+            double halves[2];
+            spin_pair_run(half_step, &halves[0], &halves[1]);
+            sink = halves[0] + halves[1];
         } else {
             sink = compute(work);
         }
